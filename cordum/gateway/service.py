@@ -1,0 +1,5 @@
+"""cordum-api-gateway: lands with the governed job path."""
+
+from cordum.runtime.service import not_available
+
+main = not_available("cordum-api-gateway", "lands with the governed job path")

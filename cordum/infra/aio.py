@@ -1,0 +1,138 @@
+"""The Trio/asyncio bridge: the only place that knows trio-asyncio exists.
+
+Each crossing costs tens of microseconds and is a scheduling point (DESIGN.md §4.1), so hot paths
+go through `Batcher`, which turns many Trio-side requests into one crossing per batch: while one
+batch runs on the asyncio side, the next one fills up (group commit).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Sequence, TypeVar
+
+import trio
+import trio_asyncio
+
+from cordum.runtime.log import get_logger
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = get_logger("aio")
+
+
+@asynccontextmanager
+async def open_bridge() -> AsyncIterator[None]:
+    """One asyncio loop for the whole process, inside the service's root nursery."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+def aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Make an asyncio coroutine function awaitable from Trio (one crossing per call)."""
+    return trio_asyncio.aio_as_trio(fn)
+
+
+def trio_from_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Make a Trio async function awaitable from asyncio code (used by servers' handlers)."""
+    return trio_asyncio.trio_as_aio(fn)
+
+
+def timeout_left() -> float | None:
+    """Seconds to the current Trio deadline, for asyncio APIs that take timeouts."""
+    deadline = trio.current_effective_deadline()
+    if math.isinf(deadline):
+        return None
+    return max(deadline - trio.current_time(), 0.001)
+
+
+class _Waiter(Generic[R]):
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher(Generic[T, R]):
+    """Group commit across the bridge.
+
+    `run_batch` is an asyncio coroutine function taking a list of items and returning one result
+    (or exception instance) per item, in order. `submit` waits for its item's result;
+    `submit_nowait` is fire-and-forget (failures are logged). `run` is the flusher task.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_batch: int = 1024,
+    ) -> None:
+        self.name = name
+        self._run_batch = aio(run_batch)
+        self._max_batch = max_batch
+        self._items: list[tuple[T, _Waiter[R] | None]] = []
+        self._wakeup = trio.Event()
+        self._closed = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self.batches = 0
+        self.items_sent = 0
+
+    async def submit(self, item: T) -> R:
+        waiter: _Waiter[R] = _Waiter()
+        self._enqueue(item, waiter)
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result  # type: ignore[return-value]
+
+    def submit_nowait(self, item: T) -> None:
+        self._enqueue(item, None)
+
+    def _enqueue(self, item: T, waiter: _Waiter[R] | None) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError(f"{self.name} is closed")
+        self._items.append((item, waiter))
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wakeup.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._items:
+                self._idle.set()
+                if self._closed:
+                    return
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            batch = self._items[: self._max_batch]
+            del self._items[: self._max_batch]
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[T, _Waiter[R] | None]]) -> None:
+        self.batches += 1
+        self.items_sent += len(batch)
+        try:
+            results: Sequence[R | BaseException] = await self._run_batch([item for item, _ in batch])
+        except Exception as exc:  # the whole batch failed (connection lost, ...)
+            results = [exc] * len(batch)
+        for (item, waiter), result in zip(batch, results):
+            if waiter is None:
+                if isinstance(result, BaseException):
+                    log.warning("batch.item_failed", batcher=self.name, error=repr(result))
+                continue
+            if isinstance(result, BaseException):
+                waiter.error = result
+            else:
+                waiter.result = result
+            waiter.done.set()
+
+    async def drain(self) -> None:
+        """Stop taking items and wait until everything queued has been sent."""
+        self._closed = True
+        self._wakeup.set()
+        await self._idle.wait()

@@ -1,0 +1,383 @@
+"""NATS and JetStream, Trio-native.
+
+Two ways to receive, as the guide's subject matrix says:
+- `consume(subject, queue)`: work distribution. With JetStream, all replicas of a queue group
+  share one pull durable `dur_<queue>__<subject>`, so each message goes to exactly one replica and
+  is redelivered if that replica dies before acking. Without JetStream: a core NATS queue group.
+- `subscribe(subject)`: broadcast over core NATS; every replica gets every message.
+
+Publishing goes through a `Batcher`: concurrent publishes share one bridge crossing, and the
+JetStream acks of a batch are awaited together. Acks, naks and terms of received messages are
+batched the same way. Durable subjects (the ones a stream stores) are published through JetStream
+and awaited until the stream has stored them; broadcast subjects are plain core NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import nats
+import trio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import api as js_api
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+
+from cordum.infra.aio import Batcher, aio
+from cordum.infra.config import Settings
+from cordum.protocol import subjects
+from cordum.runtime.log import get_logger
+
+log = get_logger("bus")
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+_PUBLISH_ACK_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    subject: str
+    data: bytes
+    msg_id: str | None = None
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Action:
+    kind: str  # "ack" | "nak" | "term" | "progress"
+    msg: NatsMsg
+    delay: float | None = None
+
+
+class Message:
+    """A received message. Acks are queued and sent in batches (they are fire-and-forget in
+    JetStream anyway); on core NATS they are no-ops."""
+
+    __slots__ = ("subject", "data", "headers", "reply", "num_delivered", "stream_seq", "_raw", "_bus", "_settled")
+
+    def __init__(self, raw: NatsMsg, bus: "Bus", *, jetstream: bool) -> None:
+        self.subject = raw.subject
+        self.data = raw.data
+        self.headers = raw.headers
+        self.reply = raw.reply
+        self._raw = raw if jetstream else None
+        self._bus = bus
+        self._settled = False
+        if jetstream:
+            meta = raw.metadata
+            self.num_delivered = meta.num_delivered
+            self.stream_seq = meta.sequence.stream
+        else:
+            self.num_delivered = 1
+            self.stream_seq = None
+
+    @property
+    def is_jetstream(self) -> bool:
+        return self._raw is not None
+
+    def _settle(self, kind: str, delay: float | None = None) -> None:
+        if self._raw is None or (self._settled and kind != "progress"):
+            return
+        if kind != "progress":
+            self._settled = True
+        try:
+            self._bus._acks.submit_nowait(_Action(kind, self._raw, delay))
+        except trio.ClosedResourceError:
+            pass  # the bus is closing: unsettled messages are redelivered after the ack wait
+
+    async def ack(self) -> None:
+        self._settle("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self._settle("nak", delay)
+
+    async def term(self) -> None:
+        self._settle("term")
+
+    async def in_progress(self) -> None:
+        self._settle("progress")
+
+
+class Bus:
+    def __init__(self, nc: NatsClient, settings: Settings) -> None:
+        self._nc = nc
+        self._js = nc.jetstream() if settings.nats_use_jetstream else None
+        self._settings = settings
+        self._publisher: Batcher[Outgoing, None] = Batcher("publish", self._publish_batch)
+        self._acks: Batcher[_Action, None] = Batcher("acks", self._ack_batch)
+        self.dropped = 0  # broadcast messages dropped because a subscriber fell behind
+
+    @property
+    def jetstream(self) -> bool:
+        return self._js is not None
+
+    def _uses_jetstream(self, subject: str) -> bool:
+        return self._js is not None and subjects.is_durable_subject(subject)
+
+    # ---- publishing -------------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, data: bytes, *, msg_id: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish one message; for a durable subject, returns once the stream stored it."""
+        await self._publisher.submit(Outgoing(subject, data, msg_id, headers))
+
+    def publish_nowait(self, subject: str, data: bytes, *, headers: Mapping[str, str] | None = None) -> None:
+        """Fire-and-forget (heartbeats, progress): queued for the next batch."""
+        self._publisher.submit_nowait(Outgoing(subject, data, None, headers))
+
+    async def publish_many(self, items: Sequence[Outgoing]) -> list[BaseException | None]:
+        """Publish many in one crossing; returns one error (or None) per item."""
+        return list(await aio(self._publish_batch)(list(items)))
+
+    async def _publish_batch(self, items: list[Outgoing]) -> list[BaseException | None]:
+        results: list[BaseException | None] = [None] * len(items)
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        for i, item in enumerate(items):
+            headers = dict(item.headers) if item.headers else {}
+            if item.msg_id:
+                headers[MSG_ID_HEADER] = item.msg_id
+            try:
+                if self._uses_jetstream(item.subject):
+                    assert self._js is not None
+                    future = await self._js.publish_async(item.subject, item.data, headers=headers or None)
+                    pending.append((i, future))
+                else:
+                    await self._nc.publish(item.subject, item.data, headers=headers or None)
+            except Exception as exc:
+                results[i] = exc
+        if pending:
+            futures = [f for _, f in pending]
+            _, not_done = await asyncio.wait(futures, timeout=_PUBLISH_ACK_TIMEOUT)
+            for i, future in pending:
+                if future in not_done:
+                    future.cancel()
+                    results[i] = TimeoutError(f"no JetStream ack for {items[i].subject} within {_PUBLISH_ACK_TIMEOUT}s")
+                elif future.exception() is not None:
+                    results[i] = future.exception()
+        return results
+
+    async def _ack_batch(self, actions: list[_Action]) -> list[BaseException | None]:
+        results: list[BaseException | None] = []
+        for action in actions:
+            try:
+                if action.kind == "ack":
+                    await action.msg.ack()
+                elif action.kind == "nak":
+                    await action.msg.nak(delay=action.delay)
+                elif action.kind == "term":
+                    await action.msg.term()
+                else:
+                    await action.msg.in_progress()
+                results.append(None)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    # ---- receiving --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self, subject: str, *, queue: str | None = None, capacity: int = 10_000
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Message]]:
+        """Core NATS: broadcast (no queue) or a core queue group. Messages are handed over
+        without a bridge crossing: the asyncio-side callback feeds a Trio channel."""
+        send, receive = trio.open_memory_channel[Message](capacity)
+
+        async def on_message(raw: NatsMsg) -> None:
+            try:
+                send.send_nowait(Message(raw, self, jetstream=False))
+            except trio.WouldBlock:
+                self.dropped += 1
+                if self.dropped % 1000 == 1:
+                    log.warning("bus.slow_subscriber", subject=subject, dropped=self.dropped)
+            except trio.ClosedResourceError:
+                pass
+
+        sub = await aio(self._nc.subscribe)(subject, queue=queue or "", cb=on_message)
+        try:
+            yield receive
+        finally:
+            send.close()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await aio(sub.unsubscribe)()
+                except Exception as exc:
+                    log.debug("bus.unsubscribe_failed", subject=subject, error=repr(exc))
+
+    @asynccontextmanager
+    async def consume(
+        self, subject: str, queue: str, *, batch: int = 64, fetch_timeout: float = 2.0
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Message]]:
+        """Work distribution: each message to exactly one member of `queue`."""
+        if not self._uses_jetstream(subject):
+            async with self.subscribe(subject, queue=queue) as receive:
+                yield receive
+            return
+        durable = subjects.durable_name(queue, subject)
+        stream = subjects.stream_for(subject)
+        psub = await aio(self._bind_durable)(stream, durable, subject)
+        send, receive = trio.open_memory_channel[Message](batch)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, psub, send, batch, fetch_timeout)
+                try:
+                    yield receive
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Give back what was fetched but not handled, so another replica gets it now
+            # instead of after the ack wait.
+            leftovers = []
+            while True:
+                try:
+                    leftovers.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            for msg in leftovers:
+                await msg.nak()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await aio(self._release_pull)(psub)
+                except Exception as exc:
+                    log.debug("bus.pull_release_failed", durable=durable, error=repr(exc))
+
+    async def _pump(self, psub: Any, send: trio.MemorySendChannel[Message], batch: int, timeout: float) -> None:
+        fetch = aio(self._fetch)
+        async with send:
+            while True:
+                try:
+                    raws = await fetch(psub, batch, timeout)
+                except Exception as exc:  # connection trouble: back off, the client reconnects
+                    log.warning("bus.fetch_failed", error=repr(exc))
+                    await trio.sleep(1)
+                    continue
+                for raw in raws:
+                    await send.send(Message(raw, self, jetstream=True))
+
+    @staticmethod
+    async def _fetch(psub: Any, batch: int, timeout: float) -> list[NatsMsg]:
+        try:
+            return await psub.fetch(batch, timeout=timeout)
+        except TimeoutError:  # nats-py raises the builtin on an idle fetch (DESIGN.md §4.3)
+            return []
+
+    async def _release_pull(self, psub: Any) -> None:
+        queue = psub._sub._pending_queue
+        while not queue.empty():
+            raw = queue.get_nowait()
+            if raw.reply and not JetStreamContext.is_status_msg(raw):
+                try:
+                    await raw.nak()
+                except Exception:
+                    pass
+        await psub.unsubscribe()
+
+    async def _bind_durable(self, stream: str, durable: str, subject: str) -> Any:
+        assert self._js is not None
+        await self._ensure_consumer(stream, durable, subject)
+        return await self._js.pull_subscribe_bind(durable=durable, stream=stream)
+
+    async def _ensure_consumer(self, stream: str, durable: str, subject: str) -> None:
+        config = js_api.ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subject,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=self._settings.nats_js_ack_wait,
+            max_ack_pending=2048,
+            max_deliver=100,
+            # A new durable starts from messages published from now on; the well-known
+            # durables are created together with the streams so nothing falls in between.
+            deliver_policy=js_api.DeliverPolicy.NEW,
+        )
+        assert self._js is not None
+        try:
+            await self._js.consumer_info(stream, durable)
+        except NotFoundError:
+            try:
+                await self._js.add_consumer(stream, config)
+            except BadRequestError as exc:  # another replica created it first
+                if "already" not in str(exc).lower():
+                    raise
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    async def ensure_streams(self) -> None:
+        if self._js is not None:
+            await aio(self._ensure_streams)()
+
+    async def _ensure_streams(self) -> None:
+        assert self._js is not None
+        for spec in subjects.STREAMS:
+            name, stream_subjects = spec.name, spec.subjects
+            config = js_api.StreamConfig(
+                name=name,
+                subjects=list(stream_subjects),
+                retention=js_api.RetentionPolicy.LIMITS,
+                storage=js_api.StorageType.FILE,
+                max_age=self._settings.nats_js_max_age,
+                num_replicas=self._settings.nats_js_replicas,
+                duplicate_window=120.0,
+            )
+            try:
+                await self._js.stream_info(name)
+            except NotFoundError:
+                try:
+                    await self._js.add_stream(config)
+                    log.info("bus.stream_created", stream=name, subjects=list(stream_subjects))
+                    continue
+                except BadRequestError as exc:
+                    if "already" not in str(exc).lower():
+                        raise
+            await self._js.update_stream(config)
+        for queue, subject in subjects.WELL_KNOWN_DURABLES:
+            await self._ensure_consumer(subjects.stream_for(subject), subjects.durable_name(queue, subject), subject)
+
+    async def flush(self) -> None:
+        """Wait until everything queued has left this process."""
+        await self._publisher.drain()
+        await self._acks.drain()
+        await aio(self._nc.flush)()
+
+
+@asynccontextmanager
+async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
+    """Connect (reconnecting forever), create the streams, run the batchers; drain on exit."""
+
+    async def _connect() -> NatsClient:
+        return await nats.connect(
+            settings.nats_url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=2,
+            ping_interval=30,
+            connect_timeout=5,
+            allow_reconnect=True,
+        )
+
+    nc = await aio(_connect)()
+    bus = Bus(nc, settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(bus._publisher.run)
+            await nursery.start(bus._acks.run)
+            try:
+                await bus.ensure_streams()
+                yield bus
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    try:
+                        await bus.flush()
+                    except Exception as exc:
+                        log.warning("bus.flush_failed", error=repr(exc))
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                await aio(nc.drain)()
+            except Exception as exc:
+                log.debug("bus.close_failed", error=repr(exc))

@@ -1,0 +1,173 @@
+"""gRPC over grpclib, with Trio on both ends.
+
+Server: implement the service as a plain object whose methods are Trio `async def Method(request)
+-> reply`, and serve it with the grpclib base class generated from the .proto. `drain()` makes new
+calls fail with UNAVAILABLE, waits for in-flight calls to finish, then closes the server (grpclib's
+own `close()` would cancel them, DESIGN.md §4.4).
+
+Client: `await client.call("Check", request)`; the call's timeout is the caller's Trio deadline
+(or `timeout=`), so deadlines pass through instead of being re-invented per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import trio
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.server import Server, Stream
+
+from cordum.infra.aio import aio, timeout_left, trio_from_aio
+from cordum.runtime.log import get_logger
+
+log = get_logger("grpc")
+
+
+class RpcError(Exception):
+    """A gRPC status; raise it from a service method, catch it around a client call."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+def _handlers_of(base: type, impl: object, server: "GrpcServer") -> dict[str, Handler]:
+    """The grpclib mapping of `base` with each method routed to `impl`'s Trio method."""
+    placeholders = {name: (lambda self, stream: None) for name in getattr(base, "__abstractmethods__", ())}
+    concrete = type(f"_{base.__name__}Routes", (base,), placeholders)()
+    handlers = {}
+    for path, handler in concrete.__mapping__().items():
+        if handler.cardinality is not Cardinality.UNARY_UNARY:
+            raise ValueError(f"{path}: only unary calls are supported")
+        method = getattr(impl, path.rsplit("/", 1)[1])
+        handlers[path] = Handler(server._unary(path, method), handler.cardinality, handler.request_type, handler.reply_type)
+    return handlers
+
+
+class _Servable:
+    def __init__(self, mapping: dict[str, Handler]) -> None:
+        self._mapping = mapping
+
+    def __mapping__(self) -> Mapping[str, Handler]:
+        return self._mapping
+
+
+class GrpcServer:
+    def __init__(self, services: Sequence[tuple[type, object]]) -> None:
+        self._services = services
+        self._server: Server | None = None
+        self._draining = False
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closed = trio.Event()
+        self.port: int | None = None
+
+    def _unary(self, path: str, method: Any) -> Any:
+        call_trio = trio_from_aio(method)
+
+        async def handle(stream: Stream) -> None:
+            if self._draining:
+                raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
+            self._inflight += 1
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            try:
+                request = await stream.recv_message()
+                try:
+                    reply = await call_trio(request)
+                except RpcError as exc:
+                    raise GRPCError(Status[exc.code], exc.message) from None
+                except (GRPCError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    log.error("grpc.handler_failed", path=path, error=repr(exc))
+                    raise GRPCError(Status.INTERNAL, "internal error") from None
+                await stream.send_message(reply)
+            finally:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._idle.set()
+
+        return handle
+
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until drained or cancelled; reports the bound port."""
+        self.port = await aio(self._start)(host, port)
+        log.info("grpc.listening", host=host, port=self.port)
+        task_status.started(self.port)
+        try:
+            await self._closed.wait()
+        finally:
+            if not self._closed.is_set():
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await aio(self._close)()
+
+    async def _start(self, host: str, port: int) -> int:
+        mapping: dict[str, Handler] = {}
+        for base, impl in self._services:
+            mapping.update(_handlers_of(base, impl, self))
+        self._server = Server([_Servable(mapping)])
+        await self._server.start(host, port)
+        sockets = self._server._server.sockets  # type: ignore[union-attr]
+        return sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._closed.set()
+
+    async def drain(self) -> None:
+        """New calls → UNAVAILABLE; wait for in-flight calls (bounded by the caller's deadline)."""
+        self._draining = True
+        await self._idle.wait()
+        await aio(self._close)()
+
+
+class GrpcClient:
+    def __init__(self, channel: Channel, stub: Any) -> None:
+        self._channel = channel
+        self._stub = stub
+        self._calls: dict[str, Any] = {}
+
+    async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        bridged = self._calls.get(method)
+        if bridged is None:
+            bridged = self._calls[method] = aio(self._invoke)
+        if timeout is None:
+            timeout = timeout_left()
+        return await bridged(method, request, timeout)
+
+    async def _invoke(self, method: str, request: Any, timeout: float | None) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout)
+        except GRPCError as exc:
+            raise RpcError(exc.status.name, exc.message or "") from None
+        except asyncio.TimeoutError:
+            raise RpcError("DEADLINE_EXCEEDED", f"{method} timed out") from None
+        except (StreamTerminatedError, ConnectionError, OSError) as exc:
+            raise RpcError("UNAVAILABLE", str(exc) or type(exc).__name__) from None
+
+
+@asynccontextmanager
+async def open_grpc_client(stub_class: type, host: str, port: int) -> AsyncIterator[GrpcClient]:
+    channel = await aio(_make_channel)(host, port)
+    try:
+        yield GrpcClient(channel, stub_class(channel))
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await aio(_close_channel)(channel)
+
+
+async def _make_channel(host: str, port: int) -> Channel:
+    return Channel(host, port)
+
+
+async def _close_channel(channel: Channel) -> None:
+    channel.close()

@@ -1,0 +1,55 @@
+"""Prometheus metrics where every series carries `pod` = the instance id.
+
+Code declares metrics as usual on `metrics.registry`; the `pod` label is added at exposition, to
+every sample including the process and platform collectors, so no call site can forget it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _PodLabelled(Collector):
+    def __init__(self, inner: CollectorRegistry, pod: str) -> None:
+        self._inner = inner
+        self._pod = pod
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                labels["pod"] = self._pod
+                labelled.samples.append(sample._replace(labels=labels))
+            yield labelled
+
+
+class Metrics:
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self._exposed = CollectorRegistry(auto_describe=False)
+        self._exposed.register(_PodLabelled(self.registry, instance_id))
+
+    def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+        return Counter(name, doc, list(labels), registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
+        return Gauge(name, doc, list(labels), registry=self.registry)
+
+    def histogram(self, name: str, doc: str, labels: Iterable[str] = (), buckets: Iterable[float] | None = None) -> Histogram:
+        kwargs = {"buckets": list(buckets)} if buckets is not None else {}
+        return Histogram(name, doc, list(labels), registry=self.registry, **kwargs)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self._exposed)

@@ -1,0 +1,112 @@
+"""Serve a bus subject with a packet handler, without ever dying on a bad message.
+
+- Undecodable bytes are counted (`cordum_bus_malformed_packets_total`), logged and terminated:
+  redelivering the same bytes cannot help.
+- A handler raising `Retry(delay)` gets the message redelivered after `delay`.
+- Any other handler error is logged, counted, and the message redelivered with backoff until it
+  has been tried `max_deliveries` times; then it is terminated, and `on_poison` (e.g. a DLQ write)
+  runs first, so the message is recorded rather than dropped.
+- Handlers run concurrently up to `concurrency`; a message is acked only after its handler
+  returned, so a replica that dies mid-handler leaves it to be redelivered to another.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import trio
+
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.infra.bus import Bus, Message
+from cordum.infra.metrics import Metrics
+from cordum.protocol.packets import PacketError, decode
+from cordum.runtime.log import get_logger
+
+log = get_logger("consumer")
+
+Handler = Callable[[BusPacket, Message], Awaitable[None]]
+PoisonHook = Callable[[BusPacket, Message, BaseException], Awaitable[None]]
+
+
+class Retry(Exception):
+    """Raised by a handler: try this message again after `delay` seconds."""
+
+    def __init__(self, delay: float, reason: str = "") -> None:
+        super().__init__(reason or f"retry in {delay}s")
+        self.delay = delay
+
+
+class ConsumerMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.malformed = metrics.counter(
+            "cordum_bus_malformed_packets_total", "Bus messages that were not valid CAP packets", ["subject"]
+        )
+        self.handler_errors = metrics.counter(
+            "cordum_bus_handler_errors_total", "Bus handler failures (message redelivered)", ["subject"]
+        )
+        self.handled = metrics.counter("cordum_bus_messages_handled_total", "Bus messages handled", ["subject"])
+
+
+async def serve_packets(
+    bus: Bus,
+    subject: str,
+    handler: Handler,
+    counters: ConsumerMetrics,
+    *,
+    queue: str | None = None,
+    concurrency: int = 64,
+    max_deliveries: int = 5,
+    on_poison: PoisonHook | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Consume `subject` (queue group if `queue`, else broadcast) until cancelled."""
+    limiter = trio.CapacityLimiter(concurrency)
+    source = bus.consume(subject, queue) if queue else bus.subscribe(subject)
+    async with source as messages, trio.open_nursery() as nursery:
+        task_status.started()
+        async for msg in messages:
+            await limiter.acquire_on_behalf_of(msg)
+            nursery.start_soon(_handle, msg, subject, handler, counters, limiter, max_deliveries, on_poison)
+
+
+async def _handle(
+    msg: Message,
+    subject: str,
+    handler: Handler,
+    counters: ConsumerMetrics,
+    limiter: trio.CapacityLimiter,
+    max_deliveries: int,
+    on_poison: PoisonHook | None,
+) -> None:
+    try:
+        try:
+            packet = decode(msg.data)
+        except PacketError as exc:
+            counters.malformed.labels(subject=subject).inc()
+            log.warning("bus.malformed_packet", subject=msg.subject, size=len(msg.data), error=str(exc))
+            await msg.term()
+            return
+        try:
+            await handler(packet, msg)
+        except Retry as retry:
+            await msg.nak(retry.delay)
+            return
+        except Exception as exc:
+            counters.handler_errors.labels(subject=subject).inc()
+            log.error("bus.handler_failed", subject=msg.subject, deliveries=msg.num_delivered, error=repr(exc))
+            if msg.num_delivered >= max_deliveries:
+                if on_poison is not None:
+                    try:
+                        await on_poison(packet, msg, exc)
+                    except Exception as hook_exc:
+                        log.error("bus.poison_hook_failed", subject=msg.subject, error=repr(hook_exc))
+                        await msg.nak(5.0)
+                        return
+                await msg.term()
+            else:
+                await msg.nak(min(0.5 * 2 ** (msg.num_delivered - 1), 30.0))
+            return
+        counters.handled.labels(subject=subject).inc()
+        await msg.ack()
+    finally:
+        limiter.release_on_behalf_of(msg)

@@ -1,0 +1,157 @@
+"""TTL leases in Redis with fencing tokens: the guide's TryAcquireLock/ReleaseLock, made safe
+against paused holders.
+
+- acquire: SET NX PX with a unique holder value, in one script that also INCRs the lock's fence
+  counter and returns it: a grant always carries a token larger than every earlier grant's.
+- renew: compare-and-PEXPIRE, every TTL/3 while held.
+- release: compare-and-DEL, so a holder never deletes a lease that expired and went to another.
+- A holder keeps a local, conservative validity deadline (send time of its last successful
+  renewal + TTL - margin). When renewals fail or report the lease gone, the protected work is
+  cancelled before that deadline passes, i.e. before anyone else can have been granted the lease.
+  Writes the lease protects carry its fence (`cordum.store.fencing`), so even a holder that was
+  paused past expiry cannot overwrite its successor's work.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import trio
+
+from cordum.infra.redis import Redis, RedisError, RedisUnavailable
+from cordum.runtime.identity import holder_token
+from cordum.runtime.log import get_logger
+from cordum.store import keys
+
+log = get_logger("lease")
+
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local fence = redis.call('INCR', KEYS[2])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+redis.call('SET', KEYS[1], ARGV[1] .. '#' .. fence, 'PX', ARGV[2])
+return fence
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Fence counters outlive any record they protect (job data is kept for days, not weeks).
+FENCE_TTL_MS = 30 * 24 * 3600 * 1000
+
+
+class LeaseUnavailable(Exception):
+    """Someone else holds the lease."""
+
+
+class LeaseLost(Exception):
+    """The lease expired or was taken while held; the protected work was cancelled."""
+
+
+@dataclass
+class Lease:
+    key: str
+    value: str
+    fence: int
+    ttl: float
+    valid_until: float  # trio clock; conservative local bound on the server-side expiry
+    lost: bool = False
+    _body: trio.CancelScope | None = field(default=None, repr=False)
+
+    @property
+    def margin(self) -> float:
+        # Room for clock-rate differences and the time to cancel the protected work.
+        return min(self.ttl / 10, 1.0)
+
+
+class Leases:
+    def __init__(self, redis: Redis, instance_id: str) -> None:
+        self._redis = redis
+        self._instance_id = instance_id
+        self._acquire = redis.script(_ACQUIRE)
+        self._renew = redis.script(_RENEW)
+        self._release = redis.script(_RELEASE)
+
+    async def try_acquire(self, key: str, ttl: float) -> Lease | None:
+        holder = holder_token(self._instance_id)
+        sent = trio.current_time()
+        fence = int(await self._acquire([key, keys.fence_counter(key)], [holder, _ms(ttl), FENCE_TTL_MS]))
+        if fence == 0:
+            return None
+        lease = Lease(key, f"{holder}#{fence}", fence, ttl, 0.0)
+        lease.valid_until = sent + ttl - lease.margin
+        return lease
+
+    async def renew(self, lease: Lease) -> bool:
+        sent = trio.current_time()
+        if int(await self._renew([lease.key], [lease.value, _ms(lease.ttl)])) != 1:
+            return False
+        lease.valid_until = sent + lease.ttl - lease.margin
+        return True
+
+    async def release(self, lease: Lease) -> bool:
+        return int(await self._release([lease.key], [lease.value])) == 1
+
+    @asynccontextmanager
+    async def hold(self, key: str, ttl: float) -> AsyncIterator[Lease]:
+        """Hold `key` for the body; renewed at TTL/3; the body is cancelled if the lease is lost
+        (then `LeaseLost` is raised); released on every exit path."""
+        lease = await self.try_acquire(key, ttl)
+        if lease is None:
+            raise LeaseUnavailable(key)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as body:
+                    lease._body = body
+                    nursery.start_soon(self.keep, lease)
+                    yield lease
+                nursery.cancel_scope.cancel()
+        finally:
+            if not lease.lost:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await self.release(lease)
+                    except (RedisError, *RedisUnavailable) as exc:
+                        log.warning("lease.release_failed", key=key, error=repr(exc))
+        if lease.lost:
+            raise LeaseLost(key)
+
+    async def keep(self, lease: Lease) -> None:
+        """Renew until cancelled; on loss, mark the lease and cancel its body."""
+        interval = lease.ttl / 3
+        next_renewal = trio.current_time() + interval
+        while True:
+            await trio.sleep_until(min(next_renewal, lease.valid_until))
+            if trio.current_time() >= lease.valid_until:
+                self._lose(lease, "validity ran out before a renewal succeeded")
+                return
+            try:
+                with trio.move_on_at(lease.valid_until):
+                    if not await self.renew(lease):
+                        self._lose(lease, "lease held by another holder or expired")
+                        return
+                next_renewal = trio.current_time() + interval
+            except (RedisError, *RedisUnavailable) as exc:
+                log.warning("lease.renew_failed", key=lease.key, error=repr(exc))
+                next_renewal = trio.current_time() + min(interval / 4, 0.5)
+
+    def _lose(self, lease: Lease, why: str) -> None:
+        lease.lost = True
+        log.warning("lease.lost", key=lease.key, fence=lease.fence, reason=why)
+        if lease._body is not None:
+            lease._body.cancel()
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)

@@ -1,0 +1,143 @@
+"""Real servers for every test: one redis-server and one nats-server (JetStream) per session on
+free loopback ports, a trio-asyncio loop per test, and helpers to run service processes."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from cordum.dev.servers import ServerProcess, start_nats, start_redis
+from cordum.infra.aio import open_bridge
+from cordum.infra.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROCS = ROOT / "tests" / "procs"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_nats(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_env(redis_server: ServerProcess, nats_server: ServerProcess) -> dict[str, str]:
+    """Environment for a process of ours talking to the session's servers."""
+    return {"REDIS_URL": redis_server.url, "NATS_URL": nats_server.url, "REDIS_MIN_IDLE_CONNS": "1"}
+
+
+@pytest.fixture
+def settings(server_env: dict[str, str]) -> Settings:
+    return load_settings({**server_env, "CORDUM_INSTANCE_ID": f"test-{uuid.uuid4().hex[:6]}"})
+
+
+@pytest.fixture
+async def aio_loop() -> None:
+    # One asyncio loop per test (DESIGN.md §4.8): redis-py and nats-py bind to it.
+    async with open_bridge():
+        yield
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Every Trio test gets the loop first (an autouse async fixture would break sync tests).
+    for item in items:
+        if inspect.iscoroutinefunction(getattr(item, "function", None)) and "aio_loop" not in item.fixturenames:
+            item.fixturenames.insert(0, "aio_loop")
+
+
+@pytest.fixture
+async def redis(aio_loop: None, settings: Settings):
+    from cordum.infra.redis import open_redis
+
+    async with open_redis(settings) as client:
+        await client.flushdb()
+        yield client
+
+
+@pytest.fixture
+async def bus(aio_loop: None, settings: Settings):
+    from cordum.infra.bus import open_bus
+
+    async with open_bus(settings, name="tests") as client:
+        yield client
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Proc:
+    """A child process of a test, with stdout/stderr captured to files."""
+
+    name: str
+    popen: subprocess.Popen
+    out: Path
+    err: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def lines(self, stream: str = "out") -> list[str]:
+        path = self.out if stream == "out" else self.err
+        return path.read_text().splitlines() if path.exists() else []
+
+    def events(self) -> list[dict]:
+        """The structured JSON log lines the process wrote to stderr."""
+        found = []
+        for line in self.lines("err"):
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path, server_env: dict[str, str]):
+    """spawn(name, script_or_module_args, env=...) starts `python <args>` and kills it at the end."""
+    procs: list[Proc] = []
+
+    def start(name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+        out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        full_env = {**os.environ, **server_env, "CORDUM_INSTANCE_ID": name, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
+        with out.open("w") as fo, err.open("w") as fe:
+            popen = subprocess.Popen([sys.executable, *args], stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
+                                     env=full_env, cwd=ROOT)
+        proc = Proc(name, popen, out, err)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
