@@ -14,9 +14,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 OUT="${1:-$ROOT}"
 
+# Absolute paths: we cd into proto/ below.
+PYTHON="$("$PYTHON" -c 'import sys; print(sys.executable)')"
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 # grpclib's protoc plugin (protoc-gen-grpclib_python) is installed beside the interpreter.
-BIN="$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')"
-export PATH="$BIN:$PATH"
+export PATH="$(dirname "$PYTHON"):$PATH"
 
 MESSAGES=(
   cordum/agent/v1/job.proto
@@ -33,7 +35,6 @@ SERVICES=(
   cordum/v1/context.proto
 )
 
-mkdir -p "$OUT"
 cd "$ROOT/proto"
 "$PYTHON" -m grpc_tools.protoc -I. --python_out="$OUT" --pyi_out="$OUT" "${MESSAGES[@]}"
 "$PYTHON" -m grpc_tools.protoc -I. --grpclib_python_out="$OUT" "${SERVICES[@]}"

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from cordum.dev.servers import ServerProcess, start_nats, start_redis
-from cordum.infra.aio import open_bridge
+from cordum.infra.aio import run_with_bridge
 from cordum.infra.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,22 +50,16 @@ def settings(server_env: dict[str, str]) -> Settings:
     return load_settings({**server_env, "CORDUM_INSTANCE_ID": f"test-{uuid.uuid4().hex[:6]}"})
 
 
-@pytest.fixture
-async def aio_loop() -> None:
-    # One asyncio loop per test (DESIGN.md §4.8): redis-py and nats-py bind to it.
-    async with open_bridge():
-        yield
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Every Trio test gets the loop first (an autouse async fixture would break sync tests).
+    # Every async test runs under Trio with one asyncio loop for the whole test, opened before
+    # any fixture (DESIGN.md §4.8): redis-py and nats-py bind to it.
     for item in items:
-        if inspect.iscoroutinefunction(getattr(item, "function", None)) and "aio_loop" not in item.fixturenames:
-            item.fixturenames.insert(0, "aio_loop")
+        if inspect.iscoroutinefunction(getattr(item, "function", None)):
+            item.add_marker(pytest.mark.trio(run=run_with_bridge))
 
 
 @pytest.fixture
-async def redis(aio_loop: None, settings: Settings):
+async def redis(settings: Settings):
     from cordum.infra.redis import open_redis
 
     async with open_redis(settings) as client:
@@ -74,7 +68,7 @@ async def redis(aio_loop: None, settings: Settings):
 
 
 @pytest.fixture
-async def bus(aio_loop: None, settings: Settings):
+async def bus(settings: Settings):
     from cordum.infra.bus import open_bus
 
     async with open_bus(settings, name="tests") as client:

@@ -28,6 +28,11 @@ async def open_bridge() -> AsyncIterator[None]:
         yield
 
 
+def run_with_bridge(fn: Callable[..., Awaitable[T]], *args: Any, **trio_run_options: Any) -> T:
+    """`trio.run` with the asyncio loop already open (for test runners and one-shot tools)."""
+    return trio_asyncio.run(fn, *args, **trio_run_options)
+
+
 def aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Make an asyncio coroutine function awaitable from Trio (one crossing per call)."""
     return trio_asyncio.aio_as_trio(fn)

@@ -68,4 +68,5 @@ def not_available(name: str, issue: str) -> Callable[[], None]:
         print(f"{name}: not available yet ({issue})", file=sys.stderr)
         sys.exit(1)
 
+    main.not_available = True  # type: ignore[attr-defined]  # the local stack skips these
     return main

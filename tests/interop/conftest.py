@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
-from sdk_env import ensure_sdk_python
+from .sdk_env import ensure_sdk_python
 
 CODEC = Path(__file__).with_name("sdk_codec.py")
 
@@ -44,7 +43,3 @@ def sdk(sdk_python: Path) -> SdkCall:
 @pytest.fixture(scope="session")
 def sdk_descriptors(sdk: SdkCall) -> dict:
     return sdk("describe")
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()

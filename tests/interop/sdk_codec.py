@@ -3,6 +3,9 @@
     python sdk_codec.py describe   -> JSON descriptors of the SDK's CAP files
     python sdk_codec.py decode     stdin: [{"type": full_name, "b64": ...}] -> [MessageToDict]
     python sdk_codec.py encode     stdin: [{"type": full_name, "dict": {...}}] -> [{"type", "b64"}]
+    python sdk_codec.py validate   stdin: [b64 BusPacket] -> [[error, ...]] per the SDK's
+                                   cap.validate.validate_bus_packet, which SDK workers apply to
+                                   every packet they receive (failures are dropped)
 
 ``describe`` prints {"messages": {full_name: {"file": ..., "fields": {name: [number, type,
 label, type_name, oneof]}}}, "enums": {full_name: {value_name: number}}, "services":
@@ -121,8 +124,17 @@ def main(argv: list[str]) -> None:
             }
             for item in json.load(sys.stdin)
         ]
+    elif mode == "validate":
+        from cap.validate import validate_bus_packet
+
+        packet_class = _message_class("cordum.agent.v1.BusPacket")
+        result = [
+            [f"{e.field}: {e.message}"
+             for e in validate_bus_packet(packet_class.FromString(base64.b64decode(item)))]
+            for item in json.load(sys.stdin)
+        ]
     else:
-        raise SystemExit(f"usage: {argv[0]} describe|decode|encode")
+        raise SystemExit(f"usage: {argv[0]} describe|decode|encode|validate")
     json.dump(result, sys.stdout)
 
 

@@ -4,7 +4,8 @@ Our .proto files define the CAP v2.13.1 field set; the SDK is newer. Checked her
 * our descriptors are a subset of the SDK's with identical number/type/label/type/oneof, and
   what we leave out is exactly the list of newer-CAP fields below (so nothing is forgotten);
 * every payload kind, fully populated, encoded by us decodes with the SDK to the same values,
-  and the SDK's encoding of those values decodes with ours to the same values.
+  and the SDK's encoding of those values decodes with ours to the same values;
+* packets made by our ``new_packet`` pass the envelope checks SDK workers apply on receipt.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from cordum.agent.v1 import (
     safety_pb2,
 )
 from cordum.protocol import new_packet
-from conftest import b64
-from sdk_codec import describe_files
+from .sdk_codec import describe_files
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +61,10 @@ NEWER_FIELDS = {
     P + "PolicyCheckRequest": {"identity", "input_ref"},
     P + "PolicyCheckResponse": {"redacted_context_ref", "identity"},
 }
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 # --- fully populated samples ------------------------------------------------------------------
@@ -300,3 +304,49 @@ def test_newer_sdk_fields_survive_our_round_trip(sdk):
     assert ours.job_request.job_id == "j" and _unknown_count(ours) == 2
     (back,) = sdk("decode", [{"type": P + "BusPacket", "b64": b64(ours.SerializeToString())}])
     assert back == newer
+
+
+# --- the SDK's receive-side validation --------------------------------------------------------
+def test_new_packet_output_passes_sdk_validation(sdk):
+    """SDK workers silently drop packets failing cap.validate.validate_bus_packet: trace_id,
+    sender_id, created_at present, protocol_version == 1, and per-payload rules (JobCancel needs
+    requested_by; JobResult.worker_id, Heartbeat.worker_id and Handshake.component_id must equal
+    sender_id; a structured alert's source_component must equal sender_id)."""
+    packets = [
+        new_packet(_job_request(), sender_id="cordum-scheduler", trace_id="trace-1"),
+        new_packet(job_pb2.JobRequest(job_id="j", topic="job.default"), sender_id="cordum-scheduler"),
+        new_packet(
+            job_pb2.JobCancel(job_id="j", reason="user", requested_by="api-gateway"),
+            sender_id="api-gateway", trace_id="j",
+        ),
+        new_packet(
+            job_pb2.JobResult(job_id="j", status=job_pb2.JOB_STATUS_SUCCEEDED, worker_id="w1"),
+            sender_id="w1",
+        ),
+        new_packet(
+            handshake_pb2.Handshake(component_id="cordum-scheduler-0", supported_versions=[1],
+                                    role=handshake_pb2.COMPONENT_ROLE_SCHEDULER),
+            sender_id="cordum-scheduler-0",
+        ),
+        new_packet(
+            alert_pb2.SystemAlert(message="config changed", details={"scope": "system"},
+                                  severity=alert_pb2.ALERT_SEVERITY_INFO,
+                                  error_code_enum=job_pb2.ERROR_CODE_JOB_INVALID_INPUT,
+                                  source_component="api-gateway"),
+            sender_id="api-gateway",
+        ),
+    ]
+    errors = sdk("validate", [b64(p.SerializeToString()) for p in packets])
+    assert errors == [[] for _ in packets]
+
+
+def test_sdk_validation_catches_what_workers_would_drop(sdk):
+    bad = [
+        new_packet(job_pb2.JobCancel(job_id="j"), sender_id="api-gateway"),  # no requested_by
+        new_packet(job_pb2.JobRequest(job_id="j"), sender_id="s"),  # no topic
+        new_packet(job_pb2.JobRequest(job_id="j", topic="job.x"), sender_id="s", trace_id=""),
+    ]
+    errors = sdk("validate", [b64(p.SerializeToString()) for p in bad])
+    assert ["job_cancel.requested_by: must not be empty"] == errors[0]
+    assert ["topic: must not be empty"] == errors[1]
+    assert ["trace_id: must not be empty"] == errors[2]

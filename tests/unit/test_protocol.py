@@ -230,6 +230,31 @@ def test_streams():
             subjects.validate_subject(subject, wildcards=True)
 
 
+def test_stream_for():
+    for subject in ("sys.job.submit", "sys.job.result", "sys.job.cancel", "sys.job.dlq",
+                    "sys.audit.export"):
+        assert subjects.stream_for(subject) == "CORDUM_SYS"
+    for subject in ("job.default", "job.a.b", "worker.w1.jobs"):
+        assert subjects.stream_for(subject) == "CORDUM_JOBS"
+    for subject in ("sys.heartbeat", "sys.job.progress", "worker.a.b.jobs"):
+        with pytest.raises(ValueError, match="no stream stores"):
+            subjects.stream_for(subject)
+
+
+def test_well_known_durables():
+    assert set(subjects.WELL_KNOWN_DURABLES) == {
+        ("cordum-scheduler", "sys.job.submit"),
+        ("cordum-scheduler", "sys.job.result"),
+        ("cordum-scheduler", "sys.job.cancel"),
+        ("cordum-workflow-engine", "sys.job.result"),
+        ("cordum-gateway", "sys.job.dlq"),
+        ("audit-exporters", "sys.audit.export"),
+    }
+    for queue, subject in subjects.WELL_KNOWN_DURABLES:
+        assert subjects.stream_for(subject) == "CORDUM_SYS"
+        assert subjects.durable_name(queue, subject).startswith("dur_")
+
+
 @pytest.mark.parametrize(
     "subject",
     ["sys.job.submit", "sys.job.result", "sys.job.cancel", "sys.job.dlq", "sys.audit.export",

@@ -1,0 +1,89 @@
+"""Leases against a real redis-server: acquire, renew, expiry, takeover, fencing."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from cordum.runtime.lease import LeaseLost, Leases, LeaseUnavailable
+from cordum.store import keys
+from cordum.store.fencing import FencedHashes, StaleFence
+from tests.conftest import unique
+
+
+async def test_acquire_is_exclusive_and_fences_increase(redis):
+    a, b = Leases(redis, "replica-a"), Leases(redis, "replica-b")
+    key = unique("cordum:test:lock")
+    first = await a.try_acquire(key, 5)
+    assert first is not None and first.fence == 1
+    assert await b.try_acquire(key, 5) is None
+    stored = await redis.get(key)
+    assert stored == first.value and stored.startswith("replica-a/") and stored.endswith("#1")
+    assert await a.release(first)
+    second = await b.try_acquire(key, 5)
+    assert second is not None and second.fence == 2
+    # The fence counter shares the lock's slot and outlives the lock.
+    assert await redis.get(keys.fence_counter(key)) == "2"
+    assert 0 < await redis.pttl(keys.fence_counter(key))
+
+
+async def test_release_and_renew_are_compare_and_set(redis):
+    a, b = Leases(redis, "replica-a"), Leases(redis, "replica-b")
+    key = unique("cordum:test:lock")
+    lease = await a.try_acquire(key, 0.2)
+    await trio.sleep(0.3)  # expires on the server
+    taken = await b.try_acquire(key, 5)
+    assert taken is not None and taken.fence > lease.fence
+    # The old holder can neither renew nor delete its successor's lease.
+    assert not await a.renew(lease)
+    assert not await a.release(lease)
+    assert await redis.get(key) == taken.value
+
+
+async def test_renewal_keeps_the_lease_past_its_ttl(redis):
+    leases, rival = Leases(redis, "holder"), Leases(redis, "rival")
+    key = unique("cordum:test:lock")
+    async with leases.hold(key, 0.6) as lease:
+        await trio.sleep(1.5)  # 2.5 TTLs: only renewal keeps it
+        assert await redis.get(key) == lease.value
+        assert await rival.try_acquire(key, 1) is None
+    assert await redis.get(key) is None  # released on exit
+    assert await rival.try_acquire(key, 1) is not None
+
+
+async def test_hold_raises_when_taken(redis):
+    leases = Leases(redis, "holder")
+    key = unique("cordum:test:lock")
+    async with leases.hold(key, 5):
+        with pytest.raises(LeaseUnavailable):
+            async with leases.hold(key, 5):
+                pass
+
+
+async def test_losing_the_lease_cancels_the_protected_work(redis):
+    leases = Leases(redis, "holder")
+    key = unique("cordum:test:lock")
+    reached_end = False
+    with pytest.raises(LeaseLost):
+        async with leases.hold(key, 0.6):
+            # An operator deletes the lock (or it expired and went elsewhere): the next
+            # renewal finds it gone and the body must be cancelled.
+            await redis.delete(key)
+            await trio.sleep(5)
+            reached_end = True
+    assert not reached_end
+
+
+async def test_stale_holder_fenced_write_is_rejected(redis):
+    a, b = Leases(redis, "paused"), Leases(redis, "successor")
+    store = FencedHashes(redis)
+    key, record = unique("cordum:test:lock"), unique("test:record")
+    stale = await a.try_acquire(key, 0.2)
+    await store.hset(record, stale.fence, {"state": "RUNNING", "by": "paused"})
+    await trio.sleep(0.3)  # the holder "pauses" past its TTL
+    fresh = await b.try_acquire(key, 5)
+    await store.hset(record, fresh.fence, {"state": "SUCCEEDED", "by": "successor"})
+    with pytest.raises(StaleFence) as rejected:
+        await store.hset(record, stale.fence, {"state": "FAILED", "by": "paused"})
+    assert rejected.value.current == fresh.fence
+    assert await redis.hgetall(record) == {"_fence": str(fresh.fence), "state": "SUCCEEDED", "by": "successor"}

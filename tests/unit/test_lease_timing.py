@@ -1,0 +1,82 @@
+"""The lease keeper's timing, on a MockClock: renewal cadence and stepping down before expiry.
+
+The Redis side of leases is tested against a real server (tests/integration/test_leases.py);
+here only the clock matters, so the renew call is scripted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from cordum.runtime.lease import Lease, Leases
+
+
+class ScriptedLeases(Leases):
+    def __init__(self, outcomes: list[object]) -> None:  # no Redis: renew is scripted
+        self.outcomes = outcomes
+        self.renewals: list[float] = []
+
+    async def renew(self, lease: Lease) -> bool:
+        sent = trio.current_time()
+        self.renewals.append(sent)
+        outcome = self.outcomes.pop(0) if self.outcomes else True
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome:
+            lease.valid_until = sent + lease.ttl - lease.margin
+        return bool(outcome)
+
+
+def _lease(ttl: float) -> Lease:
+    lease = Lease("k", "v#1", 1, ttl, 0.0)
+    lease.valid_until = trio.current_time() + ttl - lease.margin
+    return lease
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_renews_every_third_of_the_ttl(clock):
+    leases = ScriptedLeases([])
+    lease = _lease(30.0)
+    with trio.move_on_after(100):
+        await leases.keep(lease)
+    assert not lease.lost
+    gaps = [b - a for a, b in zip([0.0] + leases.renewals, leases.renewals)]
+    assert gaps and all(gap == pytest.approx(10.0) for gap in gaps)
+
+
+async def test_steps_down_before_expiry_when_redis_is_unreachable(clock):
+    leases = ScriptedLeases([ConnectionError("redis down")] * 1000)
+    lease = _lease(30.0)
+    with trio.CancelScope() as body:
+        lease._body = body
+        await leases.keep(lease)
+    assert lease.lost and body.cancel_called
+    # Cancelled at the local validity deadline: strictly before the server could expire it.
+    assert trio.current_time() == pytest.approx(30.0 - lease.margin)
+    assert trio.current_time() < 30.0
+    # It kept retrying quickly once renewal started failing.
+    assert len(leases.renewals) > 5
+
+
+async def test_steps_down_at_once_when_the_lease_is_gone(clock):
+    leases = ScriptedLeases([True, False])
+    lease = _lease(9.0)
+    await leases.keep(lease)
+    assert lease.lost
+    assert leases.renewals == pytest.approx([3.0, 6.0])
+
+
+async def test_one_failed_renewal_is_retried_without_losing_the_lease(clock):
+    leases = ScriptedLeases([ConnectionError("blip"), True])
+    lease = _lease(9.0)
+    with trio.move_on_after(20):
+        await leases.keep(lease)
+    assert not lease.lost
+    assert leases.renewals[0] == pytest.approx(3.0)
+    assert leases.renewals[1] < 4.0  # retried quickly, not a whole interval later
