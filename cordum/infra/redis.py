@@ -120,6 +120,7 @@ def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConne
         decode_responses=True,
         socket_connect_timeout=5,
         health_check_interval=30,
+        client_name=f"cordum:{settings.instance_id}",  # CLIENT LIST shows which replica is which
     )
     return aredis.Redis(connection_pool=pool), pool
 

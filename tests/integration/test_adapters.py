@@ -1,0 +1,175 @@
+"""The Redis and NATS adapters against the real servers."""
+
+from __future__ import annotations
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from cordum.agent.v1.job_pb2 import JobResult
+from cordum.infra.bus import Outgoing
+from cordum.infra.config import load_settings
+from cordum.infra.metrics import Metrics
+from cordum.infra.redis import open_redis
+from cordum.protocol.packets import encode, new_packet
+from cordum.runtime.consumer import ConsumerMetrics, Retry, serve_packets
+from tests.conftest import unique
+
+
+# ---- Redis ------------------------------------------------------------------------------------
+
+
+async def test_pool_is_bounded_and_kept_warm(server_env, redis):
+    env = {**server_env, "REDIS_POOL_SIZE": "3", "REDIS_MIN_IDLE_CONNS": "2", "CORDUM_INSTANCE_ID": unique("pool")}
+    settings = load_settings(env)
+
+    async def connections() -> int:
+        clients = await redis.client_list()
+        return sum(1 for c in clients if c.get("name") == f"cordum:{settings.instance_id}")
+
+    async with open_redis(settings) as pooled:
+        assert await connections() == 2  # warm before the first request
+        peak = 0
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):  # five concurrent blocking calls on a pool of three
+                nursery.start_soon(pooled.execute, "BLPOP", unique("empty"), "0.5")
+            await trio.sleep(0.2)
+            peak = await connections()
+        assert peak == 3
+    assert await connections() == 0  # closed on exit
+
+
+async def test_cancelled_call_leaves_the_client_usable(redis):
+    with trio.move_on_after(0.1) as scope:
+        await redis.execute("BLPOP", unique("nothing"), "5")
+    assert scope.cancelled_caught
+    await redis.set("after-cancel", "fine")
+    assert await redis.get("after-cancel") == "fine"
+
+
+async def test_script_survives_a_script_flush(redis):
+    script = redis.script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    key = unique("counter")
+    assert await script([key], [2]) == 2
+    await redis.execute("SCRIPT", "FLUSH")  # the server forgets it: NOSCRIPT → reload
+    assert await script([key], [3]) == 5
+
+
+async def test_pipeline_is_one_round_trip_with_errors_in_place(redis):
+    before = redis.round_trips
+    key = unique("k")
+    results = await redis.pipeline([("SET", key, "v"), ("INCR", key), ("GET", key)])
+    assert redis.round_trips == before + 1
+    assert results[0] is True and results[2] == "v"
+    assert "not an integer" in str(results[1])
+
+
+# ---- NATS / JetStream ---------------------------------------------------------------------------
+
+
+async def test_many_concurrent_publishes_share_bridge_crossings(bus):
+    queue = unique("q")
+    async with bus.consume("sys.job.submit", queue) as messages:
+        before = bus._publisher.batches
+        async with trio.open_nursery() as nursery:
+            for n in range(200):
+                nursery.start_soon(bus.publish, "sys.job.submit", f"{queue}-{n}".encode())
+        crossings = bus._publisher.batches - before
+        assert crossings < 20, crossings  # 200 publishes, a handful of crossings
+        got = set()
+        with trio.fail_after(10):
+            while len(got) < 200:
+                msg = await messages.receive()
+                got.add(msg.data)
+                await msg.ack()
+        assert len(got) == 200
+
+
+async def test_msg_id_deduplicates_within_the_window(bus):
+    queue, msg_id = unique("q"), unique("jobreq")
+    async with bus.consume("sys.job.submit", queue) as messages:
+        errors = await bus.publish_many([Outgoing("sys.job.submit", b"first", msg_id=msg_id),
+                                         Outgoing("sys.job.submit", b"again", msg_id=msg_id),
+                                         Outgoing("sys.job.submit", b"other", msg_id=unique("x"))])
+        assert errors == [None, None, None]
+        received = []
+        with trio.move_on_after(1.5):
+            async for msg in messages:
+                received.append(msg.data)
+                await msg.ack()
+        assert received == [b"first", b"other"]
+
+
+async def test_nak_with_delay_redelivers_and_term_does_not(bus):
+    queue = unique("q")
+    async with bus.consume("sys.job.result", queue) as messages:
+        await bus.publish("sys.job.result", b"retry-me")
+        await bus.publish("sys.job.result", b"poison")
+        seen: list[tuple[bytes, int, float]] = []
+        with trio.move_on_after(3):
+            async for msg in messages:
+                seen.append((msg.data, msg.num_delivered, trio.current_time()))
+                if msg.data == b"poison":
+                    await msg.term()
+                elif msg.num_delivered == 1:
+                    await msg.nak(delay=0.5)
+                else:
+                    await msg.ack()
+        retried = [s for s in seen if s[0] == b"retry-me"]
+        assert [s[1] for s in retried] == [1, 2]
+        assert retried[1][2] - retried[0][2] >= 0.45  # redelivered after the delay, not at once
+        assert [s[1] for s in seen if s[0] == b"poison"] == [1]
+
+
+async def test_unhandled_fetched_messages_go_back_on_close(bus):
+    queue = unique("q")
+    async with bus.consume("sys.job.cancel", queue, batch=8) as messages:
+        for n in range(5):
+            await bus.publish("sys.job.cancel", f"m{n}".encode())
+        first = await messages.receive()
+        await first.ack()
+        await trio.sleep(0.3)  # the pump has fetched the rest
+    # Another member of the group gets the other four now, not after the 30 s ack wait.
+    async with bus.consume("sys.job.cancel", queue) as messages:
+        rest = []
+        with trio.fail_after(5):
+            while len(rest) < 4:
+                msg = await messages.receive()
+                rest.append(msg.data)
+                await msg.ack()
+    assert sorted(rest) == [b"m1", b"m2", b"m3", b"m4"]
+
+
+async def test_malformed_packets_are_counted_and_the_consumer_keeps_going(bus, settings):
+    queue, metrics = unique("q"), Metrics(settings.instance_id)
+    counters = ConsumerMetrics(metrics)
+    handled: list[str] = []
+    attempts: dict[str, int] = {}
+
+    async def handler(packet, msg) -> None:
+        job_id = packet.job_result.job_id
+        attempts[job_id] = attempts.get(job_id, 0) + 1
+        if job_id == "flaky" and attempts[job_id] == 1:
+            raise Retry(0.2)
+        if job_id == "broken" and attempts[job_id] == 1:
+            raise RuntimeError("handler bug")
+        handled.append(job_id)
+
+    def result(job_id: str) -> bytes:
+        return encode(new_packet(JobResult(job_id=job_id, worker_id="w", status=5), sender_id="w"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_packets(
+            bus, "sys.job.result", handler, counters, queue=queue, task_status=task_status))
+        await bus.publish("sys.job.result", b"\xff\x00 not protobuf")
+        await bus.publish("sys.job.result", b"")
+        for job_id in ("ok-1", "flaky", "broken", "ok-2"):
+            await bus.publish("sys.job.result", result(job_id))
+        with trio.fail_after(10):
+            while sorted(handled) != ["broken", "flaky", "ok-1", "ok-2"]:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    samples = {(s.name, s.labels.get("subject")): (s.value, s.labels.get("pod"))
+               for family in text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples}
+    assert samples[("cordum_bus_malformed_packets_total", "sys.job.result")] == (2.0, settings.instance_id)
+    assert samples[("cordum_bus_handler_errors_total", "sys.job.result")] == (1.0, settings.instance_id)
+    assert attempts == {"ok-1": 1, "flaky": 2, "broken": 2, "ok-2": 1}

@@ -1,0 +1,74 @@
+"""Configuration validation and the `pod` label, without servers."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cordum.infra.config import ConfigError, load_settings, parse_duration, parse_listen_addr
+from cordum.infra.metrics import Metrics
+from cordum.runtime import log
+
+
+def test_defaults_follow_the_guide():
+    settings = load_settings({"CORDUM_INSTANCE_ID": "pod-a"})
+    assert (settings.redis_pool_size, settings.redis_min_idle_conns) == (20, 5)
+    assert settings.redis_rate_limit is True
+    assert (settings.mcp_transport, settings.mcp_http_addr) == ("stdio", ("0.0.0.0", 8090))
+    assert settings.safety_decision_cache_ttl == 0
+    assert settings.safety_decision_cache_max_size == 10000
+    assert settings.shutdown_timeout == 15
+    assert settings.nats_use_jetstream is True
+    assert settings.instance_id == "pod-a"
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("REDIS_POOL_SIZE", "lots", "REDIS_POOL_SIZE='lots' is invalid: expected an integer"),
+        ("REDIS_POOL_SIZE", "0", "expected an integer between 1 and 10000"),
+        ("REDIS_MIN_IDLE_CONNS", "50", "must not exceed REDIS_POOL_SIZE=20"),
+        ("REDIS_RATE_LIMIT", "maybe", "REDIS_RATE_LIMIT='maybe' is invalid: expected one of true/false"),
+        ("MCP_TRANSPORT", "grpc", "MCP_TRANSPORT='grpc' is invalid: expected one of 'stdio', 'http'"),
+        ("MCP_HTTP_ADDR", "8090", "MCP_HTTP_ADDR='8090' is invalid: expected host:port"),
+        ("AUDIT_TRANSPORT", "kafka", "AUDIT_TRANSPORT='kafka' is invalid"),
+        ("SAFETY_DECISION_CACHE_TTL", "soon", "expected a duration"),
+        ("SAFETY_DECISION_CACHE_MAX_SIZE", "-1", "SAFETY_DECISION_CACHE_MAX_SIZE='-1' is invalid"),
+        ("REDIS_URL", "localhost:6379", "REDIS_URL='localhost:6379' is invalid: expected a URL starting with redis://"),
+        ("NATS_URL", "http://x", "NATS_URL='http://x' is invalid"),
+        ("NATS_USE_JETSTREAM", "si", "NATS_USE_JETSTREAM='si' is invalid"),
+        ("CORDUM_SHUTDOWN_TIMEOUT", "0s", "expected a duration greater than zero"),
+        ("CORDUM_INSTANCE_ID", "two words", "must not contain spaces"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_what_is_allowed(name, value, message):
+    with pytest.raises(ConfigError) as error:
+        load_settings({name: value})
+    assert message in str(error.value)
+
+
+def test_parsers():
+    assert parse_duration("250ms") == 0.25 and parse_duration("2m") == 120 and parse_duration("7") == 7
+    assert parse_listen_addr(":8090") == ("0.0.0.0", 8090)
+    assert parse_listen_addr("127.0.0.1:81") == ("127.0.0.1", 81)
+    assert load_settings({"REDIS_RATE_LIMIT": "no"}).redis_rate_limit is False
+    assert load_settings({"REDIS_RATE_LIMIT": "0"}).redis_rate_limit is False
+
+
+def test_every_series_carries_the_pod_label():
+    metrics = Metrics("scheduler-2")
+    metrics.counter("cordum_jobs_total", "jobs", ["topic"]).labels(topic="job.default").inc()
+    metrics.gauge("cordum_test_gauge", "g").set(3)
+    metrics.histogram("cordum_test_seconds", "h").observe(0.1)
+    families = list(text_string_to_metric_families(metrics.exposition().decode()))
+    names = {f.name for f in families}
+    assert {"cordum_jobs", "process_resident_memory_bytes", "python_info"} <= names
+    samples = [s for f in families for s in f.samples]
+    assert samples and all(s.labels.get("pod") == "scheduler-2" for s in samples)
+
+
+def test_logs_never_show_secrets(capsys):
+    log.configure(service="t", instance="i")
+    log.get_logger("x").info("connect", redis_url="redis://:hunter2@db:6379/0", api_key="s3cret", user="bob")
+    line = capsys.readouterr().err
+    assert "hunter2" not in line and "s3cret" not in line and '"user":"bob"' in line
