@@ -1,6 +1,7 @@
 """Trio-native Redis on top of redis-py's asyncio client.
 
 - `redis.get(...)`, `redis.hset(...)`, … : any redis-py command, awaited from Trio (one crossing).
+- `redis.execute("GET", key)`: a raw command; concurrent ones are auto-pipelined.
 - `redis.pipeline([...])`: many commands, one round trip and one crossing.
 - `redis.script(lua)`: registered once; called with EVALSHA and reloaded on NOSCRIPT.
 The pool holds at most `REDIS_POOL_SIZE` connections and keeps `REDIS_MIN_IDLE_CONNS` warm.
@@ -20,7 +21,7 @@ from redis.exceptions import RedisError as _RedisError
 from redis.exceptions import ResponseError as _ResponseError
 from redis.exceptions import TimeoutError as _TimeoutError
 
-from cordum.infra.aio import aio
+from cordum.infra.aio import Batcher, aio
 from cordum.infra.config import Settings
 from cordum.runtime.log import get_logger
 
@@ -32,6 +33,7 @@ RedisUnavailable = (_ConnectionError, _TimeoutError, OSError)
 ResponseError = _ResponseError
 
 Command = Sequence[Any]
+_BLOCKING = {"BLPOP", "BRPOP", "BLMOVE", "BZPOPMIN", "BZPOPMAX", "BLMPOP", "BZMPOP", "XREAD", "XREADGROUP", "WAIT"}
 
 
 class Script:
@@ -55,6 +57,7 @@ class Redis:
     def __init__(self, client: aredis.Redis, pool: aredis.ConnectionPool) -> None:
         self._client = client
         self._pool = pool
+        self._batcher: Batcher[Command, Any] = Batcher("redis", self._execute_batch, max_batch=256)
         self.round_trips = 0  # counted for the benchmark's per-job figures
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
@@ -72,9 +75,17 @@ class Redis:
         return call
 
     async def execute(self, *args: Any) -> Any:
-        """A raw command: `await redis.execute("SET", key, value, "NX")`."""
+        """A raw command: `await redis.execute("SET", key, value, "NX")`. Concurrent calls are
+        auto-pipelined: they share one bridge crossing and one round trip (blocking commands,
+        which would hold up their batch, go alone)."""
+        if str(args[0]).upper() in _BLOCKING:
+            self.round_trips += 1
+            return await aio(self._client.execute_command)(*args)
+        return await self._batcher.submit(args)
+
+    async def _execute_batch(self, commands: list[Command]) -> list[Any]:
         self.round_trips += 1
-        return await aio(self._client.execute_command)(*args)
+        return await self._run_pipeline(commands, False)
 
     async def pipeline(self, commands: Sequence[Command], *, transaction: bool = False) -> list[Any]:
         """Run raw commands in one round trip; errors come back in place of results."""
@@ -134,7 +145,12 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
         await redis.ping()
         if settings.redis_min_idle_conns:
             await aio(_warm)(pool, settings.redis_min_idle_conns)
-        yield redis
+        async with trio.open_nursery() as nursery:
+            await nursery.start(redis._batcher.run)
+            try:
+                yield redis
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -9,7 +10,7 @@ from cordum.agent.v1.job_pb2 import JobResult
 from cordum.infra.bus import Outgoing
 from cordum.infra.config import load_settings
 from cordum.infra.metrics import Metrics
-from cordum.infra.redis import open_redis
+from cordum.infra.redis import ResponseError, open_redis
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.consumer import ConsumerMetrics, Retry, serve_packets
 from tests.conftest import unique
@@ -173,3 +174,18 @@ async def test_malformed_packets_are_counted_and_the_consumer_keeps_going(bus, s
     assert samples[("cordum_bus_malformed_packets_total", "sys.job.result")] == (2.0, settings.instance_id)
     assert samples[("cordum_bus_handler_errors_total", "sys.job.result")] == (1.0, settings.instance_id)
     assert attempts == {"ok-1": 1, "flaky": 2, "broken": 2, "ok-2": 1}
+
+
+async def test_concurrent_commands_are_auto_pipelined(redis):
+    key = unique("counter")
+    before = redis.round_trips
+    async with trio.open_nursery() as nursery:
+        for _ in range(100):
+            nursery.start_soon(redis.execute, "INCR", key)
+    assert await redis.get(key) == "100"
+    assert redis.round_trips - before < 20  # 100 commands, a handful of round trips
+    # An error reaches only the command that caused it.
+    await redis.set(key + ":text", "abc")
+    with pytest.raises(ResponseError):
+        await redis.execute("INCR", key + ":text")
+    assert await redis.execute("GET", key) == "100"
