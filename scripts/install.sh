@@ -51,6 +51,9 @@ if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; 
     fi
     apt_install redis-server
     if [ -n "$made_policy" ]; then as_root rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+    if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+        say "redis-server is still missing after apt-get install redis-server"; exit 1
+    fi
     if [ -d /run/systemd/system ]; then
         as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
     elif command -v update-rc.d >/dev/null 2>&1; then

@@ -85,9 +85,3 @@ class Lifecycle:
                         log.warning("signal.ignored", signal=name, reason="shutdown already in progress")
                         continue
                     nursery.start_soon(self.shutdown, f"signal {name}")
-
-    def close_scope(self) -> trio.CancelScope:
-        """A shielded scope for release/close in `finally`, bounded by the shutdown deadline
-        (or a short grace when the service stops for another reason)."""
-        deadline = self.deadline if self.started.is_set() else trio.current_time() + CLOSE_RESERVE * 2
-        return trio.CancelScope(shield=True, deadline=max(deadline, trio.current_time() + 0.2))
