@@ -48,6 +48,8 @@ class LeaderElection:
                 log.warning("leader.stepped_down", key=self.key)
             except (RedisError, *RedisUnavailable) as exc:
                 log.warning("leader.campaign_failed", key=self.key, error=repr(exc))
+            except Exception as exc:  # a bug in one pass of the loop must not kill the replica
+                log.error("leader.work_failed", key=self.key, error=repr(exc))
             finally:
                 self.is_leader = False
             await trio.sleep(self.poll)

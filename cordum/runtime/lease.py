@@ -111,12 +111,19 @@ class Leases:
         if lease is None:
             raise LeaseUnavailable(key)
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.CancelScope() as body:
-                    lease._body = body
-                    nursery.start_soon(self.keep, lease)
-                    yield lease
-                nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    with trio.CancelScope() as body:
+                        lease._body = body
+                        nursery.start_soon(self.keep, lease)
+                        yield lease
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The keeper never raises, so a group holds the body's one exception: give the
+                # caller that exception itself, as if no nursery were involved.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         finally:
             if not lease.lost:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):

@@ -87,3 +87,49 @@ async def test_stale_holder_fenced_write_is_rejected(redis):
         await store.hset(record, stale.fence, {"state": "FAILED", "by": "paused"})
     assert rejected.value.current == fresh.fence
     assert await redis.hgetall(record) == {"_fence": str(fresh.fence), "state": "SUCCEEDED", "by": "successor"}
+
+
+async def test_errors_from_the_body_come_out_unwrapped_and_release_the_lease(redis):
+    leases = Leases(redis, "holder")
+    key = unique("cordum:test:lock")
+    with pytest.raises(KeyError):
+        async with leases.hold(key, 5):
+            raise KeyError("boom")
+    assert await redis.get(key) is None
+
+
+async def test_leader_election_runs_one_loop_and_hands_over_on_release(redis):
+    from cordum.runtime.leader import LeaderElection, every
+
+    key = unique("cordum:test:leader")
+    ticks: list[tuple[str, float]] = []
+
+    def step(name: str):
+        async def tick(lease) -> None:
+            ticks.append((name, trio.current_time()))
+        return every(0.05, tick)
+
+    elections = {name: LeaderElection(Leases(redis, name), key, ttl=1.2) for name in ("a", "b")}
+    async with trio.open_nursery() as nursery:
+        scopes = {}
+        for name, election in elections.items():
+            scopes[name] = trio.CancelScope()
+
+            async def campaign(name=name, election=election) -> None:
+                with scopes[name]:
+                    await election.run(step(name))
+
+            nursery.start_soon(campaign)
+        await trio.sleep(1.5)
+        first = ticks[0][0]
+        assert {name for name, _ in ticks} == {first}  # only the leader's loop ran
+        stopped_at = trio.current_time()
+        scopes[first].cancel()  # graceful stop: the lease is released on the way out
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    other = "b" if first == "a" else "a"
+    taken_over = [t for name, t in ticks if name == other]
+    assert taken_over, "the other replica never took over"
+    assert taken_over[0] - stopped_at < 0.5  # at its next poll, not after a TTL
+    assert all(t < stopped_at + 0.01 for name, t in ticks if name == first)
+    assert elections[other].terms == 1
