@@ -1,0 +1,83 @@
+"""Ingress validation of bus packets (spec §1.5, CAP `ValidateJobRequest` / `ValidateJobResult`).
+
+Pure functions over the protobuf messages: they return a list of human-readable problems, each
+naming the offending field; an empty list means the message is accepted. The scheduler logs the
+problems, counts `validation_rejections_total`, and ACKs (drops) the packet.
+"""
+
+from __future__ import annotations
+
+from cordum.agent.v1 import job_pb2
+
+MAX_LIST_ENTRIES = 1000  # labels / risk_tags / requires
+MAX_BUDGET_TOKENS = 10_000_000_000  # 1e10; larger is rejected, exactly 1e10 is accepted
+PRIORITY_MIN = 0
+PRIORITY_MAX = 3
+TENANT_ENV_KEY = "tenant_id"
+
+_BUDGET_TOKEN_FIELDS = ("max_input_tokens", "max_output_tokens", "max_total_tokens")
+
+
+def validate_job_request(req: job_pb2.JobRequest) -> list[str]:
+    """Problems with a JobRequest taken off `sys.job.submit` (empty list = valid)."""
+    problems: list[str] = []
+    if req.job_id == "":
+        problems.append("job_id is empty")
+    if req.topic == "":
+        problems.append("topic is empty")
+    if not PRIORITY_MIN <= int(req.priority) <= PRIORITY_MAX:
+        problems.append(f"priority {int(req.priority)} is outside {PRIORITY_MIN}..{PRIORITY_MAX}")
+    if req.step_index < 0:
+        problems.append(f"step_index {req.step_index} is negative")
+
+    counted = [("labels", len(req.labels))]
+    if req.HasField("meta"):
+        counted += [
+            ("meta.labels", len(req.meta.labels)),
+            ("meta.risk_tags", len(req.meta.risk_tags)),
+            ("meta.requires", len(req.meta.requires)),
+        ]
+    for name, count in counted:
+        if count > MAX_LIST_ENTRIES:
+            problems.append(f"{name} has {count} entries (max {MAX_LIST_ENTRIES})")
+
+    if req.HasField("budget"):
+        for name in _BUDGET_TOKEN_FIELDS:
+            value = getattr(req.budget, name)
+            if value < 0:
+                problems.append(f"budget.{name} {value} is negative")
+            elif value > MAX_BUDGET_TOKENS:
+                problems.append(f"budget.{name} {value} exceeds {MAX_BUDGET_TOKENS}")
+        if req.budget.deadline_ms < 0:
+            problems.append(f"budget.deadline_ms {req.budget.deadline_ms} is negative")
+
+    problems.extend(tenant_problems(req))
+    return problems
+
+
+def tenant_problems(req: job_pb2.JobRequest) -> list[str]:
+    """The tenant cross-check: `tenant_id` and `env["tenant_id"]` both set and different → drop."""
+    env_tenant = req.env.get(TENANT_ENV_KEY, "")
+    if req.tenant_id and env_tenant and req.tenant_id != env_tenant:
+        return [
+            f"tenant_id {req.tenant_id!r} does not match env[{TENANT_ENV_KEY!r}] {env_tenant!r}"
+        ]
+    return []
+
+
+def validate_job_result(res: job_pb2.JobResult) -> list[str]:
+    """Problems with a JobResult taken off `sys.job.result` (empty list = valid).
+
+    A result without worker_id (the gateway's synthetic CANCELLED result, DLQ-style results) is
+    rejected here on purpose: those exist for other listeners, not for the scheduler.
+    """
+    problems: list[str] = []
+    if res.job_id == "":
+        problems.append("job_id is empty")
+    if int(res.status) == job_pb2.JobStatus.JOB_STATUS_UNSPECIFIED:
+        problems.append("status is JOB_STATUS_UNSPECIFIED")
+    if res.worker_id == "":
+        problems.append("worker_id is empty")
+    if res.execution_ms < 0:
+        problems.append(f"execution_ms {res.execution_ms} is negative")
+    return problems
