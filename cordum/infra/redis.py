@@ -36,6 +36,13 @@ Command = Sequence[Any]
 _BLOCKING = {"BLPOP", "BRPOP", "BLMOVE", "BZPOPMIN", "BZPOPMAX", "BLMPOP", "BZMPOP", "XREAD", "XREADGROUP", "WAIT"}
 
 
+def score_pairs(reply: Sequence[Any]) -> list[tuple[str, float]]:
+    """A WITHSCORES reply as (member, score) pairs, whichever shape redis-py returned it in."""
+    if reply and isinstance(reply[0], (list, tuple)):
+        return [(member, float(score)) for member, score in reply]
+    return [(member, float(score)) for member, score in zip(reply[::2], reply[1::2])]
+
+
 class Script:
     """A Lua script registered with the server; `await script(keys, args)`."""
 

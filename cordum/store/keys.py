@@ -36,3 +36,75 @@ def fence_counter(lock_key: str) -> str:
     """The fencing-token counter of a lock. Tagged with the whole lock key, so it hashes to the
     lock's own slot (a key without braces hashes as a whole) and one script can touch both."""
     return "{" + lock_key + "}:fence"
+
+
+# ---- jobs (spec cordum-jobpath §2.4) ----------------------------------------------------------
+JOB_RECENT = "job:recent"
+JOB_DEADLINE = "job:deadline"
+
+
+def job_meta(job_id: str) -> str:
+    return f"job:meta:{job_id}"
+
+
+def job_state(job_id: str) -> str:
+    """Legacy mirror of the state, kept for operators' scripts."""
+    return f"job:state:{job_id}"
+
+
+def job_request(job_id: str) -> str:
+    return f"job:req:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    return f"job:events:{job_id}"
+
+
+def job_decisions(job_id: str) -> str:
+    return f"job:decisions:{job_id}"
+
+
+def job_index(state: str) -> str:
+    return f"job:index:{state.lower()}"
+
+
+def tenant_recent(tenant: str) -> str:
+    """Our addition: each tenant's recently updated jobs, so listings never scan other tenants."""
+    return f"job:recent:tenant:{tenant}"
+
+
+def tenant_active(tenant: str) -> str:
+    return f"job:tenant:active:{tenant}"
+
+
+def trace(trace_id: str) -> str:
+    return f"trace:{trace_id}"
+
+
+def worker_jobs(worker_id: str) -> str:
+    return f"worker:jobs:{worker_id}"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    return f"job:idempotency:{tenant}:{key}"
+
+
+def context(job_id: str) -> str:
+    return f"ctx:{job_id}"
+
+
+def result(job_id: str) -> str:
+    return f"res:{job_id}"
+
+
+# ---- DLQ ---------------------------------------------------------------------------------------
+DLQ_INDEX = "dlq:index"
+
+
+def dlq_entry(job_id: str) -> str:
+    return f"dlq:entry:{job_id}"
+
+
+# ---- configuration documents -------------------------------------------------------------------
+def config_doc(scope: str, scope_id: str) -> str:
+    return f"cfg:{scope}:{scope_id}"

@@ -1,0 +1,116 @@
+"""The dead-letter queue: one JSON entry per job (`dlq:entry:<id>`, TTL 30 days) and an index
+(`dlq:index`, score = created unix seconds) capped at `max_size`, oldest evicted first.
+Entries carry the job's tenant, so every read is filtered to the caller's tenant.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from cordum.infra.redis import Redis, score_pairs
+from cordum.store import keys
+
+ENTRY_TTL = 30 * 24 * 3600
+MAX_SIZE = 10_000
+
+
+def dlq_entry(
+    *, job_id: str, tenant: str, topic: str, status: str, reason: str, reason_code: str,
+    last_state: str = "", attempts: int = 0, created: float | None = None,
+) -> dict[str, Any]:
+    created = time.time() if created is None else created
+    return {
+        "job_id": job_id, "tenant": tenant, "topic": topic, "status": status, "reason": reason,
+        "reason_code": reason_code, "last_state": last_state, "attempts": attempts,
+        "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z"),
+        "created_unix": int(created),
+    }
+
+
+class DlqStore:
+    def __init__(self, redis: Redis, *, entry_ttl: int = ENTRY_TTL, max_size: int = MAX_SIZE) -> None:
+        self._redis = redis
+        self.entry_ttl = entry_ttl
+        self.max_size = max_size
+
+    async def put(self, entry: dict[str, Any]) -> None:
+        """Write (or overwrite) the entry for its job and index it; trims the oldest past max."""
+        job_id = entry["job_id"]
+        _, _, size = await self._redis.pipeline([
+            ("SET", keys.dlq_entry(job_id), json.dumps(entry, separators=(",", ":")), "EX", self.entry_ttl),
+            ("ZADD", keys.DLQ_INDEX, entry.get("created_unix", int(time.time())), job_id),
+            ("ZCARD", keys.DLQ_INDEX),
+        ])
+        if isinstance(size, int) and size > self.max_size:
+            oldest = await self._redis.execute("ZRANGE", keys.DLQ_INDEX, 0, size - self.max_size - 1)
+            await self._remove(oldest)
+
+    async def get(self, job_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
+        text = await self._redis.execute("GET", keys.dlq_entry(job_id))
+        if text is None:
+            return None
+        entry = json.loads(text)
+        if tenant is not None and entry.get("tenant") != tenant:
+            return None
+        return entry
+
+    async def delete(self, job_id: str) -> bool:
+        removed = await self._remove([job_id])
+        return removed > 0
+
+    async def _remove(self, job_ids: list[str]) -> int:
+        if not job_ids:
+            return 0
+        results = await self._redis.pipeline(
+            [("DEL", *[keys.dlq_entry(j) for j in job_ids]), ("ZREM", keys.DLQ_INDEX, *job_ids)]
+        )
+        return int(results[0]) if isinstance(results[0], int) else 0
+
+    async def page(self, tenant: str, *, limit: int = 100, cursor: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first; `cursor` is a created-at bound in unix seconds (exclusive of later)."""
+        high = "+inf" if cursor is None else str(cursor)
+        found: list[dict[str, Any]] = []
+        stale: list[str] = []
+        last_score: int | None = None
+        while len(found) < limit:
+            flat = await self._redis.execute(
+                "ZREVRANGEBYSCORE", keys.DLQ_INDEX, high, "-inf", "WITHSCORES", "LIMIT", 0, limit * 2
+            )
+            if not flat:
+                break
+            pairs = score_pairs(flat)
+            texts = await self._redis.pipeline([("GET", keys.dlq_entry(job_id)) for job_id, _ in pairs])
+            for (job_id, score), text in zip(pairs, texts):
+                last_score = int(float(score))
+                if text is None:
+                    stale.append(job_id)  # expired entry: prune its index member lazily
+                    continue
+                entry = json.loads(text)
+                if entry.get("tenant") == tenant:
+                    found.append(entry)
+                    if len(found) == limit:
+                        break
+            high = "(" + str(last_score)
+            if len(pairs) < limit * 2:
+                break
+        if stale:
+            await self._redis.execute("ZREM", keys.DLQ_INDEX, *stale)
+        next_cursor = int(found[-1]["created_unix"]) - 1 if len(found) == limit else None
+        return found, next_cursor
+
+    async def cleanup(self, batch: int = 500) -> int:
+        """Drop index members whose entry expired; returns how many."""
+        removed, start = 0, 0
+        while True:
+            ids = await self._redis.execute("ZRANGE", keys.DLQ_INDEX, start, start + batch - 1)
+            if not ids:
+                return removed
+            exists = await self._redis.pipeline([("EXISTS", keys.dlq_entry(j)) for j in ids])
+            gone = [j for j, e in zip(ids, exists) if not e]
+            if gone:
+                await self._redis.execute("ZREM", keys.DLQ_INDEX, *gone)
+                removed += len(gone)
+            start += batch - len(gone)

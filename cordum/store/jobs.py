@@ -1,0 +1,374 @@
+"""The job store: Redis layout of spec cordum-jobpath §2.4, with guarded, fenced transitions.
+
+Every state change is one Lua script on the job's own hash (`job:meta:<id>`, a single key, so it
+runs unchanged on Redis Cluster): it checks the transition table and the fencing token, writes the
+new state and fields, and returns the previous state. The indexes (`job:index:<state>`, recent,
+tenant-active, deadline, events, legacy state mirror) follow in one pipeline: idempotent upserts
+and removals, so a crash between the two steps leaves an index stale but never the job itself; the
+readers of indexes (reconciler, replayer, listings) always re-check the hash.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from google.protobuf import json_format
+
+from cordum.agent.v1.job_pb2 import JobRequest
+from cordum.infra.redis import Redis, score_pairs
+from cordum.store import keys
+from cordum.store.jobstate import TERMINAL, TRANSITIONS, JobState, parse_state
+
+DAY = 24 * 3600
+META_TTL = 7 * DAY
+DATA_TTL = DAY
+IDEMPOTENCY_TTL = 90 * DAY
+RECENT_MAX = 1000
+TENANT_RECENT_MAX = 10_000
+
+_NON_TERMINAL = [s for s in JobState if s not in TERMINAL]
+
+# KEYS[1] job:meta:<id>
+# ARGV[1] to-state ("" = fields only)  ARGV[2] allowed from-states, comma separated, "" entry = no
+# state yet  ARGV[3] fence (0 = unfenced)  ARGV[4] now µs  ARGV[5] ttl s  ARGV[6..] field, value
+_UPDATE = """
+local cur = redis.call('HGET', KEYS[1], 'state') or ''
+local to = ARGV[1]
+if to ~= '' then
+  if not string.find(ARGV[2], ',' .. cur .. ',', 1, true) then
+    return {'INVALID', cur}
+  end
+elseif cur == '' then
+  return {'MISSING', cur}
+end
+local fence = tonumber(ARGV[3])
+local held = tonumber(redis.call('HGET', KEYS[1], '_fence') or '0')
+if fence > 0 then
+  if fence < held then return {'STALE', cur, tostring(held)} end
+  redis.call('HSET', KEYS[1], '_fence', ARGV[3])
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if to == 'SCHEDULED' and cur ~= 'SCHEDULED' then attempts = attempts + 1 end
+if to ~= '' then
+  redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[4], 'attempts', attempts)
+end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {'OK', cur, tostring(attempts), redis.call('HGET', KEYS[1], 'tenant') or ''}
+"""
+
+
+class JobStoreError(Exception):
+    pass
+
+
+class JobNotFound(JobStoreError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class InvalidTransition(JobStoreError):
+    def __init__(self, job_id: str, current: str, target: str) -> None:
+        super().__init__(f"job {job_id}: invalid transition {current or '(none)'} -> {target}")
+        self.job_id = job_id
+        self.current = parse_state(current)
+        self.target = target
+
+
+class StaleFence(JobStoreError):
+    def __init__(self, job_id: str, fence: int, held: int) -> None:
+        super().__init__(f"job {job_id}: write with fence {fence} rejected, fence {held} already wrote")
+        self.job_id = job_id
+        self.fence = fence
+        self.held = held
+
+
+@dataclass(frozen=True)
+class Transition:
+    job_id: str
+    previous: JobState | None
+    state: JobState
+    attempts: int
+    tenant: str
+
+
+def now_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if isinstance(value, bool):
+        return "true" if value else ""
+    return str(value)
+
+
+JSON_FIELDS = frozenset({"labels", "risk_tags", "requires", "safety_remediations", "safety_constraints"})
+
+
+def decode_meta(raw: Mapping[str, str]) -> dict[str, Any]:
+    """A meta hash as Python values (JSON fields parsed, numbers as ints)."""
+    meta: dict[str, Any] = dict(raw)
+    for name in JSON_FIELDS & meta.keys():
+        try:
+            meta[name] = json.loads(meta[name]) if meta[name] else None
+        except ValueError:
+            pass
+    for name in ("attempts", "updated_at", "deadline_unix", "_fence"):
+        if meta.get(name, "").lstrip("-").isdigit():
+            meta[name] = int(meta[name])
+    return meta
+
+
+def request_to_json(request: JobRequest) -> str:
+    return json_format.MessageToJson(request, preserving_proto_field_name=True, indent=None)
+
+
+def request_from_json(text: str) -> JobRequest:
+    return json_format.Parse(text, JobRequest(), ignore_unknown_fields=True)
+
+
+class JobStore:
+    def __init__(self, redis: Redis, *, meta_ttl: int = META_TTL, data_ttl: int = DATA_TTL) -> None:
+        self._redis = redis
+        self._update = redis.script(_UPDATE)
+        self.meta_ttl = meta_ttl
+        self.data_ttl = data_ttl
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        request: JobRequest,
+        fields: Mapping[str, Any],
+        context: Any = None,
+    ) -> Transition:
+        """Create a job in `state` with its meta, request snapshot, trace and (optional) input
+        context. Raises InvalidTransition if the job already exists."""
+        transition = await self.transition(job_id, state, fields=fields, allowed_from=[None])
+        commands: list[tuple[Any, ...]] = [("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)]
+        if context is not None:
+            commands.append(("SET", keys.context(job_id), json.dumps(context), "EX", self.data_ttl))
+        trace_id = str(fields.get("trace_id") or "")
+        if trace_id:
+            commands += [("SADD", keys.trace(trace_id), job_id), ("EXPIRE", keys.trace(trace_id), self.meta_ttl)]
+        await self._redis.pipeline(commands)
+        return transition
+
+    async def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        fence: int = 0,
+        fields: Mapping[str, Any] | None = None,
+        allowed_from: Iterable[JobState | None] | None = None,
+        event: Mapping[str, Any] | None = None,
+    ) -> Transition:
+        """Move `job_id` to `to` if the table (or `allowed_from`, which narrows or replaces it)
+        allows it from the current state, and the fence is not older than the last fenced write."""
+        sources = _allowed_sources(to) if allowed_from is None else set(allowed_from)
+        reply = await self._run_update(job_id, to.value, sources, fence, fields)
+        previous, attempts, tenant = parse_state(reply[1]), int(reply[2]), reply[3]
+        ts = now_us()
+        await self._redis.pipeline(self._index_commands(job_id, previous, to, tenant, ts, event))
+        return Transition(job_id, previous, to, attempts, tenant)
+
+    async def cancel(self, job_id: str, reason: str) -> Transition:
+        """CANCELLED unless already terminal (bypasses the table, spec §2.8); the returned
+        transition's state is the job's state afterwards."""
+        try:
+            return await self.transition(
+                job_id, JobState.CANCELLED, allowed_from=_NON_TERMINAL,
+                fields={"failure_reason": reason}, event={"reason": reason},
+            )
+        except InvalidTransition as exc:
+            if exc.current is None:
+                raise JobNotFound(job_id) from None
+            meta = await self.get(job_id)
+            return Transition(job_id, exc.current, exc.current, int(meta.get("attempts", 0)) if meta else 0,
+                              meta.get("tenant", "") if meta else "")
+
+    async def set_fields(self, job_id: str, fields: Mapping[str, Any], *, fence: int = 0) -> None:
+        """Update fields of an existing job (no state change), fenced like a transition."""
+        await self._run_update(job_id, "", set(), fence, fields)
+
+    async def _run_update(
+        self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None
+    ) -> list[str]:
+        allowed = "," + ",".join("" if s is None else s.value for s in sources) + ","
+        args: list[Any] = [to, allowed, fence, now_us(), self.meta_ttl]
+        for name, value in (fields or {}).items():
+            args += [name, _encode(value)]
+        reply = await self._update([keys.job_meta(job_id)], args)
+        status = reply[0]
+        if status == "OK":
+            return reply
+        if status == "MISSING":
+            raise JobNotFound(job_id)
+        if status == "STALE":
+            raise StaleFence(job_id, fence, int(reply[2]))
+        raise InvalidTransition(job_id, reply[1], to)
+
+    def _index_commands(
+        self, job_id: str, previous: JobState | None, to: JobState, tenant: str, ts: int,
+        event: Mapping[str, Any] | None,
+    ) -> list[tuple[Any, ...]]:
+        record = {"ts": ts, "state": to.value, **({"ctx": dict(event)} if event else {})}
+        commands: list[tuple[Any, ...]] = [
+            ("SET", keys.job_state(job_id), to.value, "EX", self.meta_ttl),
+            ("ZADD", keys.job_index(to.value), ts, job_id),
+            ("ZADD", keys.JOB_RECENT, ts, job_id),
+            ("ZREMRANGEBYRANK", keys.JOB_RECENT, 0, -RECENT_MAX - 1),
+            ("RPUSH", keys.job_events(job_id), json.dumps(record, separators=(",", ":"))),
+            ("EXPIRE", keys.job_events(job_id), self.meta_ttl),
+        ]
+        if previous is not None and previous != to:
+            commands.append(("ZREM", keys.job_index(previous.value), job_id))
+        if tenant:
+            commands += [
+                ("ZADD", keys.tenant_recent(tenant), ts, job_id),
+                ("ZREMRANGEBYRANK", keys.tenant_recent(tenant), 0, -TENANT_RECENT_MAX - 1),
+                ("SREM" if to in TERMINAL else "SADD", keys.tenant_active(tenant), job_id),
+            ]
+        if to in TERMINAL:
+            commands.append(("ZREM", keys.JOB_DEADLINE, job_id))
+        return commands
+
+    async def set_deadline(self, job_id: str, deadline_us: int, *, fence: int = 0) -> None:
+        await self.set_fields(job_id, {"deadline_unix": deadline_us}, fence=fence)
+        await self._redis.execute("ZADD", keys.JOB_DEADLINE, deadline_us, job_id)
+
+    async def store_request(self, job_id: str, request: JobRequest) -> None:
+        await self._redis.execute("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)
+
+    async def add_decision(self, job_id: str, record: Mapping[str, Any]) -> None:
+        await self._redis.pipeline([
+            ("RPUSH", keys.job_decisions(job_id), json.dumps(record, separators=(",", ":"), default=str)),
+            ("EXPIRE", keys.job_decisions(job_id), self.meta_ttl),
+        ])
+
+    async def record_worker_job(self, worker_id: str, job_id: str) -> None:
+        key = keys.worker_jobs(worker_id)
+        await self._redis.pipeline([("ZADD", key, now_us(), job_id), ("ZREMRANGEBYRANK", key, 0, -RECENT_MAX - 1)])
+
+    # ---- idempotency ---------------------------------------------------------------------------
+
+    async def reserve_idempotency(self, tenant: str, key: str, job_id: str) -> str | None:
+        """Claim `key` for `job_id`; returns None when claimed, else the job that holds it."""
+        name = keys.idempotency(tenant, key)
+        reserved, holder = await self._redis.pipeline([
+            ("SET", name, job_id, "NX", "EX", IDEMPOTENCY_TTL), ("GET", name),
+        ])
+        return None if reserved else holder
+
+    async def lookup_idempotency(self, tenant: str, key: str) -> str | None:
+        return await self._redis.execute("GET", keys.idempotency(tenant, key))
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    async def get(self, job_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
+        """The job's meta, or None if unknown — or owned by another tenant when `tenant` is given
+        (so another tenant's job looks exactly like a missing one)."""
+        raw = await self._redis.execute("HGETALL", keys.job_meta(job_id))
+        if not raw or "state" not in raw:
+            return None
+        if tenant is not None and raw.get("tenant", "") != tenant:
+            return None
+        meta = decode_meta(raw)
+        meta["id"] = job_id
+        return meta
+
+    async def get_many(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        raws = await self._redis.pipeline([("HGETALL", keys.job_meta(j)) for j in job_ids])
+        found: list[dict[str, Any] | None] = []
+        for job_id, raw in zip(job_ids, raws):
+            if isinstance(raw, dict) and "state" in raw:
+                meta = decode_meta(raw)
+                meta["id"] = job_id
+                found.append(meta)
+            else:
+                found.append(None)
+        return found
+
+    async def state(self, job_id: str) -> JobState | None:
+        return parse_state(await self._redis.execute("HGET", keys.job_meta(job_id), "state") or None)
+
+    async def get_request(self, job_id: str) -> JobRequest | None:
+        text = await self._redis.execute("GET", keys.job_request(job_id))
+        return request_from_json(text) if text else None
+
+    async def get_context(self, job_id: str) -> Any:
+        text = await self._redis.execute("GET", keys.context(job_id))
+        return None if text is None else json.loads(text)
+
+    async def get_result(self, job_id: str) -> Any:
+        text = await self._redis.execute("GET", keys.result(job_id))
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    async def events(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in await self._redis.execute("LRANGE", keys.job_events(job_id), 0, -1)]
+
+    async def decisions(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(d) for d in await self._redis.execute("LRANGE", keys.job_decisions(job_id), 0, -1)]
+
+    async def list(
+        self, tenant: str, *, state: str | None = None, topic: str | None = None, limit: int = 50,
+        cursor: int | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first from the tenant's recent set; `cursor` is an updated_at (µs) bound."""
+        high = "+inf" if cursor is None else str(cursor)
+        found: list[dict[str, Any]] = []
+        while len(found) < limit:
+            ids = await self._redis.execute(
+                "ZREVRANGEBYSCORE", keys.tenant_recent(tenant), high, "-inf", "WITHSCORES", "LIMIT", 0, limit * 2
+            )
+            if not ids:
+                break
+            pairs = score_pairs(ids)
+            metas = await self.get_many([job_id for job_id, _ in pairs])
+            for meta in metas:
+                if meta is None or (state and meta["state"] != state) or (topic and meta.get("topic") != topic):
+                    continue
+                found.append(meta)
+                if len(found) == limit:
+                    break
+            high = "(" + str(int(float(pairs[-1][1])))
+            if len(pairs) < limit * 2:
+                break
+        next_cursor = int(found[-1]["updated_at"]) - 1 if len(found) == limit else None
+        return found, next_cursor
+
+    async def ids_in_state(self, state: JobState, *, updated_before_us: int, limit: int = 200) -> list[str]:
+        return await self._redis.execute(
+            "ZRANGEBYSCORE", keys.job_index(state.value), "-inf", updated_before_us, "LIMIT", 0, limit
+        )
+
+    async def due_deadlines(self, now: int, limit: int = 200) -> list[str]:
+        return await self._redis.execute("ZRANGEBYSCORE", keys.JOB_DEADLINE, "-inf", now, "LIMIT", 0, limit)
+
+    async def active_count(self, tenant: str) -> int:
+        return int(await self._redis.execute("SCARD", keys.tenant_active(tenant)))
+
+    async def drop_from_index(self, state: JobState, job_id: str) -> None:
+        """Repair a stale index entry (the hash says the job moved on)."""
+        await self._redis.execute("ZREM", keys.job_index(state.value), job_id)
+
+
+def _allowed_sources(to: JobState) -> set[JobState | None]:
+    return {source for source, targets in TRANSITIONS.items() if to in targets}

@@ -1,0 +1,186 @@
+"""The job, DLQ and config stores against a real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from cordum.agent.v1.job_pb2 import JobRequest
+from cordum.store import keys
+from cordum.store.config import ConfigStore, RevisionConflict
+from cordum.store.dlq import DlqStore, dlq_entry
+from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, StaleFence
+from cordum.store.jobstate import JobState as S
+from tests.conftest import unique
+
+
+async def _new_job(store: JobStore, tenant: str = "acme", **fields) -> str:
+    job_id = unique("job")
+    request = JobRequest(job_id=job_id, topic="job.default", tenant_id=tenant)
+    await store.create(job_id, S.PENDING, request=request,
+                       fields={"topic": "job.default", "tenant": tenant, "trace_id": "t-" + job_id, **fields},
+                       context={"prompt": "hi"})
+    return job_id
+
+
+async def test_create_writes_meta_request_context_and_indexes(redis):
+    store = JobStore(redis)
+    job_id = await _new_job(store, labels={"env": "dev"})
+    meta = await store.get(job_id)
+    assert meta["state"] == "PENDING" and meta["tenant"] == "acme" and meta["labels"] == {"env": "dev"}
+    assert (await store.get_request(job_id)).topic == "job.default"
+    assert await store.get_context(job_id) == {"prompt": "hi"}
+    assert await redis.zscore(keys.job_index("pending"), job_id) is not None
+    assert await redis.sismember(keys.tenant_active("acme"), job_id)
+    assert await redis.get(keys.job_state(job_id)) == "PENDING"
+    assert job_id in await redis.smembers(keys.trace("t-" + job_id))
+    with pytest.raises(InvalidTransition):  # creating twice is refused
+        await _new_job_with_id(store, job_id)
+
+
+async def _new_job_with_id(store: JobStore, job_id: str) -> None:
+    await store.create(job_id, S.PENDING, request=JobRequest(job_id=job_id), fields={"tenant": "acme"})
+
+
+async def test_transitions_follow_the_table_and_move_indexes(redis):
+    store = JobStore(redis)
+    job_id = await _new_job(store)
+    t = await store.transition(job_id, S.SCHEDULED)
+    assert (t.previous, t.state, t.attempts) == (S.PENDING, S.SCHEDULED, 1)
+    await store.transition(job_id, S.DISPATCHED)
+    await store.transition(job_id, S.RUNNING)
+    await store.transition(job_id, S.SUCCEEDED, fields={"result_ptr": "redis://res:" + job_id})
+    with pytest.raises(InvalidTransition) as invalid:
+        await store.transition(job_id, S.FAILED)  # terminal: no regression
+    assert invalid.value.current == S.SUCCEEDED
+    assert await redis.zscore(keys.job_index("running"), job_id) is None
+    assert await redis.zscore(keys.job_index("succeeded"), job_id) is not None
+    assert not await redis.sismember(keys.tenant_active("acme"), job_id)
+    assert [e["state"] for e in await store.events(job_id)] == ["PENDING", "SCHEDULED", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+    assert (await store.get(job_id))["result_ptr"] == "redis://res:" + job_id
+
+
+async def test_concurrent_duplicate_results_make_one_terminal_transition(redis):
+    store = JobStore(redis)
+    job_id = await _new_job(store)
+    for state in (S.SCHEDULED, S.DISPATCHED, S.RUNNING):
+        await store.transition(job_id, state)
+    outcomes: list[str] = []
+
+    async def complete() -> None:
+        try:
+            await store.transition(job_id, S.SUCCEEDED)
+            outcomes.append("won")
+        except InvalidTransition:
+            outcomes.append("refused")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(complete)
+    assert sorted(outcomes) == ["refused"] * 9 + ["won"]
+
+
+async def test_fenced_writes_reject_an_older_fence(redis):
+    store = JobStore(redis)
+    job_id = await _new_job(store)
+    await store.transition(job_id, S.SCHEDULED, fence=7)
+    with pytest.raises(StaleFence) as stale:
+        await store.transition(job_id, S.DISPATCHED, fence=6)  # a paused former lock holder
+    assert stale.value.held == 7
+    assert await store.state(job_id) == S.SCHEDULED
+    await store.transition(job_id, S.DISPATCHED, fence=8)
+    with pytest.raises(StaleFence):
+        await store.set_fields(job_id, {"worker_id": "late"}, fence=7)
+
+
+async def test_cancel_is_idempotent_and_respects_terminal_states(redis):
+    store = JobStore(redis)
+    job_id = await _new_job(store)
+    first = await store.cancel(job_id, "cancelled via api")
+    assert (first.previous, first.state) == (S.PENDING, S.CANCELLED)
+    again = await store.cancel(job_id, "again")
+    assert again.state == S.CANCELLED and again.previous == S.CANCELLED
+    with pytest.raises(JobNotFound):
+        await store.cancel(unique("missing"), "x")
+
+
+async def test_reads_are_scoped_to_the_tenant(redis):
+    store = JobStore(redis)
+    mine, theirs = await _new_job(store, "tenant-a"), await _new_job(store, "tenant-b")
+    assert await store.get(mine, tenant="tenant-a") is not None
+    assert await store.get(theirs, tenant="tenant-a") is None  # looks exactly like a missing job
+    items, _ = await store.list("tenant-a", limit=50)
+    assert mine in [i["id"] for i in items] and theirs not in [i["id"] for i in items]
+
+
+async def test_listing_pages_newest_first(redis):
+    store = JobStore(redis)
+    tenant = unique("tenant")
+    ids = [await _new_job(store, tenant) for _ in range(5)]
+    page1, cursor = await store.list(tenant, limit=3)
+    page2, end = await store.list(tenant, limit=3, cursor=cursor)
+    assert [i["id"] for i in page1 + page2] == ids[::-1] and end is None
+    running = ids[0]
+    for state in (S.SCHEDULED, S.DISPATCHED, S.RUNNING):
+        await store.transition(running, state)
+    only, _ = await store.list(tenant, state="RUNNING")
+    assert [i["id"] for i in only] == [running]
+
+
+async def test_idempotency_key_is_claimed_once(redis):
+    store = JobStore(redis)
+    key = unique("idem")
+    claims = []
+
+    async def claim(job_id: str) -> None:
+        claims.append((job_id, await store.reserve_idempotency("acme", key, job_id)))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(claim, f"job-{n}")
+    winners = [job for job, holder in claims if holder is None]
+    assert len(winners) == 1
+    assert {holder for _, holder in claims if holder is not None} == {winners[0]}
+    assert await store.reserve_idempotency("other-tenant", key, "job-x") is None  # keys are per tenant
+
+
+async def test_dlq_entries_page_per_tenant_and_trim(redis):
+    dlq = DlqStore(redis, max_size=5)
+    tenant = unique("tenant")
+    for n in range(7):
+        await dlq.put(dlq_entry(job_id=f"{tenant}-{n}", tenant=tenant, topic="job.default",
+                                status="JOB_STATUS_FAILED", reason="boom", reason_code="worker_failed",
+                                created=1_700_000_000 + n))
+    await dlq.put(dlq_entry(job_id=unique("other"), tenant="someone-else", topic="job.default",
+                            status="JOB_STATUS_FAILED", reason="x", reason_code="x", created=1_700_000_100))
+    items, cursor = await dlq.page(tenant, limit=3)
+    # Capped at 5 entries overall: the two oldest of this tenant were evicted, then the newer one.
+    assert [e["job_id"] for e in items] == [f"{tenant}-6", f"{tenant}-5", f"{tenant}-4"]
+    rest, end = await dlq.page(tenant, limit=3, cursor=cursor)
+    assert [e["job_id"] for e in rest] == [f"{tenant}-3"] and end is None
+    assert await dlq.get(f"{tenant}-0") is None
+    assert await dlq.get(f"{tenant}-6", tenant="someone-else") is None
+    assert await dlq.delete(f"{tenant}-6") and not await dlq.delete(f"{tenant}-6")
+
+
+async def test_dlq_cleanup_drops_expired_entries_from_the_index(redis):
+    dlq = DlqStore(redis)
+    job_id = unique("job")
+    await dlq.put(dlq_entry(job_id=job_id, tenant="t", topic="job.x", status="S", reason="r", reason_code="c"))
+    await redis.delete(keys.dlq_entry(job_id))  # as if its TTL ran out
+    assert await dlq.cleanup() >= 1
+    assert await redis.zscore(keys.DLQ_INDEX, job_id) is None
+
+
+async def test_config_documents_use_revisions(redis):
+    store = ConfigStore(redis)
+    org = unique("org")
+    first = await store.put("org", org, {"pools": {"a": {"requires": []}}, "limits": {"max": 3}})
+    assert first["revision"] == 1 and first["data"]["pools"]["a"]["requires"] == []
+    second = await store.put("org", org, {"limits": {"max": 4}}, expected_revision=1)
+    assert second["revision"] == 2
+    with pytest.raises(RevisionConflict):
+        await store.put("org", org, {"limits": {"max": 5}}, expected_revision=1)
+    await store.put("system", "default", {"limits": {"max": 1, "queue": 9}})
+    merged = await store.effective(("system", "default"), ("org", org))
+    assert merged["limits"] == {"max": 4, "queue": 9}
