@@ -110,6 +110,12 @@ class Leases:
         lease = await self.try_acquire(key, ttl)
         if lease is None:
             raise LeaseUnavailable(key)
+        async with self.holding(lease):
+            yield lease
+
+    @asynccontextmanager
+    async def holding(self, lease: Lease) -> AsyncIterator[Lease]:
+        """Keep an acquired lease for the body (see `hold`)."""
         try:
             try:
                 async with trio.open_nursery() as nursery:
@@ -130,9 +136,9 @@ class Leases:
                     try:
                         await self.release(lease)
                     except (RedisError, *RedisUnavailable) as exc:
-                        log.warning("lease.release_failed", key=key, error=repr(exc))
+                        log.warning("lease.release_failed", key=lease.key, error=repr(exc))
         if lease.lost:
-            raise LeaseLost(key)
+            raise LeaseLost(lease.key)
 
     async def keep(self, lease: Lease) -> None:
         """Renew until cancelled; on loss, mark the lease and cancel its body."""

@@ -49,16 +49,24 @@ async def _main(name: str, stages: Sequence[str], serve: Serve, settings: Settin
                 await root.start(serve, settings, lifecycle)
                 log.info("service.ready", startup_seconds=round(trio.current_time() - started, 3))
     except* ConfigError as group:
-        print(f"{name}: configuration error: {group.exceptions[0]}", file=sys.stderr)
+        print(f"{name}: configuration error: {_leaves(group)[0]}", file=sys.stderr)
         code = 2
     except* Exception as group:
-        for exc in group.exceptions:
+        for exc in _leaves(group):
             log.error("service.crashed", error=repr(exc))
         code = 1
     if code == 0 and not lifecycle.completed_in_time:
         code = 1
     log.info("service.stopped", exit_code=code)
     return code
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions inside nested nursery groups."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def not_available(name: str, issue: str) -> Callable[[], None]:

@@ -1,5 +1,417 @@
-"""cordum-safety-kernel: lands with the governed job path."""
+"""cordum-safety-kernel: policy decisions over gRPC, the policy hot-reloaded from a file.
 
-from cordum.runtime.service import not_available
+Nursery tree (`serve`):
 
-main = not_available("cordum-safety-kernel", "lands with the governed job path")
+    open_redis ─ open_bus
+      ├─ admin HTTP   SAFETY_KERNEL_ADMIN_ADDR (:9095): /health (+ policy version, snapshot), /metrics
+      ├─ gRPC         SAFETY_KERNEL_ADDR (:50051): cordum.agent.v1.SafetyKernel
+      └─ policy watch (one cancel scope)
+           ├─ poll the file every SAFETY_POLICY_RELOAD_INTERVAL (30s)
+           └─ sys.config.changed broadcast → reload at once
+
+Shutdown stages (the guide's order): "grpc drain" (in-flight checks finish, new calls get
+UNAVAILABLE) → "policy watch" (cancel the watcher) → "wait for tasks" (admin HTTP drains).
+
+Policy: SAFETY_POLICY_PATH (default: the packaged `default_policy.yaml`). Missing, unreadable or
+invalid at start: exit 2 with the reason. Later, a file that cannot be read or parsed is refused:
+an error is logged once per distinct problem (the PolicyError names the line),
+`cordum_safety_policy_reloads_total{result="error"}` counts it, and the previous policy stays in
+force. Each policy put in force bumps the version, clears the decision cache and records its
+snapshot in the Redis sorted set `cordum:safety:snapshots` (score = load time, newest 10 kept),
+shared by all replicas; ListSnapshots reads it newest first, or the local history if Redis fails.
+
+Environment (beyond the common settings): SAFETY_KERNEL_ADDR, SAFETY_KERNEL_ADMIN_ADDR,
+SAFETY_POLICY_PATH, SAFETY_POLICY_RELOAD_INTERVAL, SAFETY_POLICY_MAX_BYTES (2 MiB),
+SAFETY_DECISION_CACHE_TTL (0 = off), SAFETY_DECISION_CACHE_MAX_SIZE (10000).
+SAFETY_POLICY_URL (a remote policy in the Go original) is not supported: set, it stops the start
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cordum.agent.v1 import safety_grpc, safety_pb2
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.infra.bus import Message, open_bus
+from cordum.infra.config import ConfigError, Settings, env_value, load_settings, parse_duration, parse_listen_addr
+from cordum.infra.grpc import GrpcServer
+from cordum.infra.http import HttpServer, make_app
+from cordum.infra.metrics import Metrics
+from cordum.infra.redis import Redis, RedisError, open_redis
+from cordum.protocol.subjects import CONFIG_CHANGED
+from cordum.runtime.consumer import ConsumerMetrics, serve_packets
+from cordum.runtime.lifecycle import Lifecycle
+from cordum.runtime.log import get_logger
+from cordum.runtime.service import run_service
+from cordum.safety.kernel import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_POLICY_PATH,
+    HISTORY_SIZE,
+    Kernel,
+    PolicyReadError,
+    content_hash,
+    decision_name,
+    parse_policy_bytes,
+    read_policy_file,
+)
+from cordum.safety.policy import Policy, PolicyError
+from cordum.store.keys import SAFETY_SNAPSHOTS
+
+SERVICE = "cordum-safety-kernel"
+STAGES = ("grpc drain", "policy watch", "wait for tasks")
+
+# Redis calls made while answering or reloading never wait longer than this.
+REDIS_CALL_TIMEOUT = 2.0
+
+log = get_logger("safety")
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def _positive_duration(raw: str) -> float:
+    value = parse_duration(raw)
+    if value <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+    if value <= 0:
+        raise ValueError("expected an integer > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    grpc_addr: tuple[str, int]
+    admin_addr: tuple[str, int]
+    policy_path: Path
+    reload_interval: float
+    max_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "KernelConfig":
+        if env_value(settings, "SAFETY_POLICY_URL", "", str).strip():
+            raise ConfigError(
+                "SAFETY_POLICY_URL is set, but remote policies are not supported by this safety kernel; "
+                "unset it and point SAFETY_POLICY_PATH at a local file"
+            )
+        return cls(
+            grpc_addr=env_value(settings, "SAFETY_KERNEL_ADDR", ":50051", parse_listen_addr),
+            admin_addr=env_value(settings, "SAFETY_KERNEL_ADMIN_ADDR", ":9095", parse_listen_addr),
+            policy_path=env_value(settings, "SAFETY_POLICY_PATH", str(DEFAULT_POLICY_PATH), lambda raw: Path(raw.strip())),
+            reload_interval=env_value(settings, "SAFETY_POLICY_RELOAD_INTERVAL", "30s", _positive_duration),
+            max_bytes=env_value(settings, "SAFETY_POLICY_MAX_BYTES", str(DEFAULT_MAX_BYTES), _positive_int),
+        )
+
+
+class KernelMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.decisions = metrics.counter(
+            "cordum_safety_decisions_total", "Policy decisions returned, by decision", ["decision"]
+        )
+        self.reloads = metrics.counter(
+            "cordum_safety_policy_reloads_total",
+            "Policy loads: ok = a new policy put in force, error = a policy file refused",
+            ["result"],
+        )
+        self.version = metrics.gauge("cordum_safety_policy_version", "Version counter of the policy in force")
+        for result in ("ok", "error"):
+            self.reloads.labels(result=result)
+
+
+# ---- snapshots in Redis ------------------------------------------------------------------------
+
+
+class SnapshotLog:
+    """The newest HISTORY_SIZE policy snapshots of all replicas: a sorted set scored by load time.
+    A snapshot loaded again (by another replica, or after a revert) moves to the front instead of
+    appearing twice. One key, so MULTI/EXEC is Redis-Cluster safe."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+
+    async def record(self, snapshot: str, loaded_at: float) -> None:
+        with trio.fail_after(REDIS_CALL_TIMEOUT):
+            results = await self._redis.pipeline(
+                [
+                    ("ZADD", SAFETY_SNAPSHOTS, loaded_at, snapshot),
+                    ("ZREMRANGEBYRANK", SAFETY_SNAPSHOTS, 0, -(HISTORY_SIZE + 1)),
+                ],
+                transaction=True,
+            )
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    async def newest(self) -> list[str]:
+        with trio.fail_after(REDIS_CALL_TIMEOUT):
+            return list(await self._redis.execute("ZREVRANGE", SAFETY_SNAPSHOTS, 0, HISTORY_SIZE - 1))
+
+
+# ---- policy loading and the watcher ------------------------------------------------------------
+
+
+def initial_policy(config: KernelConfig) -> Policy:
+    """Read and parse the policy at start (blocking); any problem is a ConfigError."""
+    try:
+        return parse_policy_bytes(read_policy_file(config.policy_path, config.max_bytes), str(config.policy_path))
+    except (PolicyReadError, PolicyError) as exc:
+        raise ConfigError(f"SAFETY_POLICY_PATH={str(config.policy_path)!r} is invalid: {exc}") from None
+
+
+class PolicyWatcher:
+    """Reloads the policy file on a poll and on request; refuses broken files."""
+
+    def __init__(self, kernel: Kernel, config: KernelConfig, counters: KernelMetrics) -> None:
+        self._kernel = kernel
+        self._config = config
+        self._path = config.policy_path
+        self._max_bytes = config.max_bytes
+        self._interval = config.reload_interval
+        self._counters = counters
+        self._wake = trio.Event()
+        self._trigger = "poll"
+        self._problem: str | None = None  # the refused file's hash or read error, reported once
+        self.last_error: str | None = None
+        self.snapshots: SnapshotLog | None = None
+        self._unrecorded: tuple[str, float] | None = None
+
+    async def load_initial(self) -> None:
+        """The first load: any problem is a startup (configuration) error."""
+        self._install(await trio.to_thread.run_sync(initial_policy, self._config), "start")
+
+    def request_reload(self, trigger: str) -> None:
+        """Reload as soon as possible (requests arriving during a reload coalesce into one more)."""
+        self._trigger = trigger
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(self._interval):
+                await self._wake.wait()
+            trigger = self._trigger if self._wake.is_set() else "poll"
+            self._wake = trio.Event()
+            self._trigger = "poll"
+            await self.reload(trigger)
+            await self.record_pending()
+
+    async def reload(self, trigger: str) -> bool:
+        """Read and, if changed and valid, put the file's policy in force; True if swapped."""
+        try:
+            data = await trio.to_thread.run_sync(read_policy_file, self._path, self._max_bytes)
+        except PolicyReadError as exc:
+            self._refuse(str(exc), str(exc), None, trigger)
+            return False
+        digest = content_hash(data)
+        current = self._kernel.policy
+        if current is not None and digest == current.content_hash:
+            self._problem = self.last_error = None
+            return False
+        if digest == self._problem:
+            return False  # the same broken file: reported already
+        try:
+            policy = await trio.to_thread.run_sync(parse_policy_bytes, data, str(self._path))
+        except PolicyError as exc:
+            self._refuse(digest, str(exc), exc.line, trigger)
+            return False
+        self._problem = self.last_error = None
+        return await self._install_and_record(policy, trigger)
+
+    def _refuse(self, problem: str, message: str, line: int | None, trigger: str) -> None:
+        if problem == self._problem:
+            return
+        self._problem = problem
+        self.last_error = message
+        self._counters.reloads.labels(result="error").inc()
+        log.error(
+            "policy.refused",
+            error=message,
+            line=line,
+            source=str(self._path),
+            trigger=trigger,
+            version=self._kernel.version,
+            snapshot=self._kernel.snapshot,
+            note="the previous policy stays in force",
+        )
+
+    def _install(self, policy: Policy, trigger: str) -> bool:
+        loaded = self._kernel.install(policy)
+        if loaded is None:
+            return False
+        self._counters.reloads.labels(result="ok").inc()
+        self._counters.version.set(loaded.version)
+        self._unrecorded = (loaded.snapshot, loaded.loaded_at)
+        log.info(
+            "policy.loaded",
+            version=loaded.version,
+            snapshot=loaded.snapshot,
+            source=str(self._path),
+            rules=len(policy.rules),
+            default_decision=policy.default_decision,
+            trigger=trigger,
+        )
+        return True
+
+    async def _install_and_record(self, policy: Policy, trigger: str) -> bool:
+        swapped = self._install(policy, trigger)
+        await self.record_pending()
+        return swapped
+
+    async def record_pending(self) -> None:
+        """Record the snapshot in force in Redis if that has not succeeded yet (retried each tick)."""
+        if self._unrecorded is None or self.snapshots is None:
+            return
+        snapshot, loaded_at = self._unrecorded
+        try:
+            await self.snapshots.record(snapshot, loaded_at)
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            log.warning("policy.snapshot_record_failed", snapshot=snapshot, error=repr(exc), note="retried on the next poll")
+            return
+        if self._unrecorded == (snapshot, loaded_at):
+            self._unrecorded = None
+
+
+# ---- gRPC --------------------------------------------------------------------------------------
+
+
+class SafetyKernelService:
+    """cordum.agent.v1.SafetyKernel on top of the Kernel: Check, Evaluate and Simulate share one
+    evaluation path; Explain adds the rule trace to `reason`."""
+
+    def __init__(self, kernel: Kernel, snapshots: SnapshotLog, counters: KernelMetrics) -> None:
+        self._kernel = kernel
+        self._snapshots = snapshots
+        self._counters = counters
+
+    def _counted(self, response: safety_pb2.PolicyCheckResponse) -> safety_pb2.PolicyCheckResponse:
+        self._counters.decisions.labels(decision=decision_name(response.decision)).inc()
+        return response
+
+    async def Check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+        return self._counted(self._kernel.check(request))
+
+    Evaluate = Simulate = Check
+
+    async def Explain(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+        return self._counted(self._kernel.explain(request))
+
+    async def ListSnapshots(self, request: safety_pb2.ListSnapshotsRequest) -> safety_pb2.ListSnapshotsResponse:
+        try:
+            snapshots = await self._snapshots.newest()
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            log.warning("policy.snapshots_unavailable", error=repr(exc), note="answering from local history")
+            snapshots = []
+        return safety_pb2.ListSnapshotsResponse(snapshots=snapshots or list(self._kernel.history))
+
+
+# ---- the service -------------------------------------------------------------------------------
+
+
+async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    config = KernelConfig.from_settings(settings)
+    metrics = Metrics(settings.instance_id)
+    counters = KernelMetrics(metrics)
+    kernel = Kernel(cache_ttl=settings.safety_decision_cache_ttl, cache_max_size=settings.safety_decision_cache_max_size)
+    watcher = PolicyWatcher(kernel, config, counters)
+    await watcher.load_initial()  # before any connection: a bad policy fails fast
+
+    async def health() -> dict[str, Any]:
+        current = kernel.current
+        body: dict[str, Any] = {
+            "policy_version": kernel.version,
+            "policy_snapshot": kernel.snapshot,
+            "policy_source": str(config.policy_path),
+            "policy_loaded_at": current.loaded_at if current else None,
+            "policy_rules": len(current.policy.rules) if current else 0,
+            "decision_cache": {
+                "enabled": kernel.cache.enabled,
+                "size": len(kernel.cache),
+                "hits": kernel.cache.hits,
+                "misses": kernel.cache.misses,
+            },
+        }
+        if watcher.last_error:
+            body["policy_reload_error"] = watcher.last_error
+        return body
+
+    async def on_config_changed(packet: BusPacket, msg: Message) -> None:
+        watcher.request_reload(CONFIG_CHANGED)
+
+    async with open_redis(settings) as redis, open_bus(settings, name=SERVICE) as bus:
+        snapshots = SnapshotLog(redis)
+        watcher.snapshots = snapshots
+        await watcher.record_pending()
+        http = HttpServer(make_app(SERVICE, metrics, health), *config.admin_addr, graceful_timeout=1.0)
+        grpc = GrpcServer([(safety_grpc.SafetyKernelBase, SafetyKernelService(kernel, snapshots, counters))])
+        watch = trio.CancelScope()
+
+        async def watch_policy(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with watch:
+                async with trio.open_nursery() as inner:
+                    await inner.start(
+                        lambda task_status: serve_packets(
+                            bus, CONFIG_CHANGED, on_config_changed, ConsumerMetrics(metrics), task_status=task_status
+                        )
+                    )
+                    await bus.flush()  # the subscription has reached the server before we are ready
+                    await inner.start(watcher.run)
+                    task_status.started()
+
+        async def stop_watch() -> None:
+            watch.cancel()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(http.serve)
+            await nursery.start(grpc.serve, *config.grpc_addr)
+            await nursery.start(watch_policy)
+            lifecycle.on("grpc drain", grpc.drain)
+            lifecycle.on("policy watch", stop_watch)
+            lifecycle.on("wait for tasks", http.drain)
+            log.info(
+                "safety.serving",
+                grpc_port=grpc.port,
+                admin_port=http.port,
+                policy_source=str(config.policy_path),
+                reload_interval=config.reload_interval,
+                decision_cache_ttl=settings.safety_decision_cache_ttl,
+            )
+            task_status.started()
+
+
+def _preflight() -> None:
+    """Check the service's own variables and the policy file before starting Trio, so a bad one
+    ends the process with exit code 2 and a one-line message. (`serve` checks them again; raised
+    from there, the ConfigError arrives at `run_service` nested in Trio exception groups and its
+    message is lost: run_service prints the group's text instead of the ConfigError's.)"""
+    try:
+        settings = load_settings()
+    except ConfigError:
+        return  # run_service reports it
+    try:
+        config = KernelConfig.from_settings(settings)
+        initial_policy(config)
+    except ConfigError as exc:
+        print(f"{SERVICE}: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _preflight()
+    run_service(SERVICE, STAGES, serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,8 +10,12 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.agent.v1.job_pb2 import JobResult
 from cordum.infra.redis import Redis, score_pairs
+from cordum.protocol.packets import new_packet
 from cordum.store import keys
+from cordum.store.jobstate import error_code_enum
 
 ENTRY_TTL = 30 * 24 * 3600
 MAX_SIZE = 10_000
@@ -28,6 +32,14 @@ def dlq_entry(
         "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z"),
         "created_unix": int(created),
     }
+
+
+def dlq_packet(job_id: str, *, status: int, reason_code: str, reason: str, sender_id: str) -> BusPacket:
+    """The `sys.job.dlq` event for a job that ended badly (spec §2.10): a JobResult carrying the
+    reason code and message, traced by the job id."""
+    result = JobResult(job_id=job_id, status=status, error_code=reason_code,
+                       error_code_enum=error_code_enum(reason_code), error_message=reason)
+    return new_packet(result, sender_id=sender_id, trace_id=job_id)
 
 
 class DlqStore:

@@ -1,0 +1,133 @@
+"""Calling the safety kernel: per-call deadline, and a circuit breaker shared by all replicas.
+
+The breaker lives in Redis (`cordum:cb:safety:failures`): each failure INCRs it (the first one
+sets its expiry, the open window); at `threshold` failures every replica stops calling until the
+key expires, then the next call probes (half-open); a success deletes it. If Redis itself is
+unreachable, a local breaker with the same numbers takes over. A failed or skipped call is never an
+exception for the caller: it is a verdict `UNAVAILABLE`, and the caller applies its fail mode.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import trio
+
+from cordum.agent.v1 import safety_grpc, safety_pb2
+from cordum.infra.grpc import GrpcClient, RpcError
+from cordum.infra.redis import Redis, RedisError, RedisUnavailable
+from cordum.runtime.log import get_logger
+from cordum.store import keys
+
+log = get_logger("safety.client")
+
+_FAIL = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
+class Verdict(enum.Enum):
+    ALLOW = "ALLOW"
+    ALLOW_WITH_CONSTRAINTS = "ALLOW_WITH_CONSTRAINTS"
+    DENY = "DENY"
+    REQUIRE_APPROVAL = "REQUIRE_APPROVAL"
+    THROTTLE = "THROTTLE"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+_FROM_PROTO = {
+    safety_pb2.DECISION_TYPE_ALLOW: Verdict.ALLOW,
+    safety_pb2.DECISION_TYPE_ALLOW_WITH_CONSTRAINTS: Verdict.ALLOW_WITH_CONSTRAINTS,
+    safety_pb2.DECISION_TYPE_DENY: Verdict.DENY,
+    safety_pb2.DECISION_TYPE_REQUIRE_HUMAN: Verdict.REQUIRE_APPROVAL,
+    safety_pb2.DECISION_TYPE_THROTTLE: Verdict.THROTTLE,
+}
+
+
+@dataclass(frozen=True)
+class SafetyDecision:
+    verdict: Verdict
+    reason: str
+    response: safety_pb2.PolicyCheckResponse | None = None
+
+    @property
+    def rule_id(self) -> str:
+        return self.response.rule_id if self.response is not None else ""
+
+    @property
+    def snapshot(self) -> str:
+        return self.response.policy_snapshot if self.response is not None else ""
+
+
+def verdict_of(response: safety_pb2.PolicyCheckResponse) -> Verdict:
+    verdict = _FROM_PROTO.get(response.decision, Verdict.DENY)  # unknown decisions deny
+    if response.approval_required and verdict in (Verdict.ALLOW, Verdict.ALLOW_WITH_CONSTRAINTS):
+        return Verdict.REQUIRE_APPROVAL
+    return verdict
+
+
+class CircuitBreaker:
+    def __init__(self, redis: Redis, key: str = keys.SAFETY_CB_FAILURES, *, threshold: int = 3, open_for: float = 30.0) -> None:
+        self._redis = redis
+        self._fail = redis.script(_FAIL)
+        self.key = key
+        self.threshold = threshold
+        self.open_for = open_for
+        self._local_failures = 0
+        self._local_open_until = 0.0
+        self._seen = 0  # failures counted in Redis at the last look
+
+    async def is_open(self) -> bool:
+        try:
+            self._seen = int(await self._redis.execute("GET", self.key) or 0)
+            return self._seen >= self.threshold
+        except (RedisError, *RedisUnavailable):
+            return self._local_failures >= self.threshold and trio.current_time() < self._local_open_until
+
+    async def record_failure(self) -> None:
+        self._local_failures += 1
+        if self._local_failures >= self.threshold:
+            self._local_open_until = trio.current_time() + self.open_for
+        try:
+            await self._fail([self.key], [int(self.open_for * 1000)])
+        except (RedisError, *RedisUnavailable) as exc:
+            log.warning("safety.breaker_redis_unavailable", error=repr(exc))
+
+    async def record_success(self) -> None:
+        self._local_failures = 0
+        if not self._seen:
+            return  # nothing to reset: the common case costs no round trip
+        self._seen = 0
+        try:
+            await self._redis.execute("DEL", self.key)
+        except (RedisError, *RedisUnavailable):
+            pass
+
+
+class SafetyClient:
+    def __init__(self, grpc: GrpcClient, breaker: CircuitBreaker, *, timeout: float = 2.0) -> None:
+        self._grpc = grpc
+        self._breaker = breaker
+        self.timeout = timeout
+
+    async def check(self, request: safety_pb2.PolicyCheckRequest, *, method: str = "Check") -> SafetyDecision:
+        if await self._breaker.is_open():
+            return SafetyDecision(Verdict.UNAVAILABLE, "safety kernel circuit open")
+        try:
+            response = await self._grpc.call(method, request, timeout=self.timeout)
+        except RpcError as exc:
+            await self._breaker.record_failure()
+            log.warning("safety.check_failed", method=method, code=exc.code, error=exc.message)
+            return SafetyDecision(Verdict.UNAVAILABLE, f"safety kernel unavailable: {exc.code}")
+        await self._breaker.record_success()
+        return SafetyDecision(verdict_of(response), response.reason, response)
+
+    async def call(self, method: str, request: object) -> object:
+        """Any other kernel method (Explain, Simulate, ListSnapshots), errors raised as RpcError."""
+        return await self._grpc.call(method, request, timeout=self.timeout)
+
+
+STUB = safety_grpc.SafetyKernelStub
