@@ -47,6 +47,44 @@ class ConsumerMetrics:
         self.handled = metrics.counter("cordum_bus_messages_handled_total", "Bus messages handled", ["subject"])
 
 
+class PacketConsumer:
+    """Consume `subject` (queue group if `queue`, else broadcast) with a packet handler.
+
+    `stop()` ends the intake (fetched but unhandled messages go back to the stream at once) and
+    waits for the handlers already running: the drain step of a graceful shutdown.
+    """
+
+    def __init__(
+        self, bus: Bus, subject: str, handler: Handler, counters: ConsumerMetrics, *,
+        queue: str | None = None, concurrency: int = 64, max_deliveries: int = 5, on_poison: PoisonHook | None = None,
+    ) -> None:
+        self.bus, self.subject, self.handler, self.counters = bus, subject, handler, counters
+        self.queue, self.max_deliveries, self.on_poison = queue, max_deliveries, on_poison
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._intake = trio.CancelScope()
+        self._done = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        source = self.bus.consume(self.subject, self.queue) if self.queue else self.bus.subscribe(self.subject)
+        try:
+            async with trio.open_nursery() as handlers:
+                with self._intake:
+                    async with source as messages:
+                        task_status.started()
+                        async for msg in messages:
+                            await self._limiter.acquire_on_behalf_of(msg)
+                            handlers.start_soon(
+                                _handle, msg, self.subject, self.handler, self.counters, self._limiter,
+                                self.max_deliveries, self.on_poison,
+                            )
+        finally:
+            self._done.set()
+
+    async def stop(self) -> None:
+        self._intake.cancel()
+        await self._done.wait()
+
+
 async def serve_packets(
     bus: Bus,
     subject: str,
@@ -59,14 +97,10 @@ async def serve_packets(
     on_poison: PoisonHook | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Consume `subject` (queue group if `queue`, else broadcast) until cancelled."""
-    limiter = trio.CapacityLimiter(concurrency)
-    source = bus.consume(subject, queue) if queue else bus.subscribe(subject)
-    async with source as messages, trio.open_nursery() as nursery:
-        task_status.started()
-        async for msg in messages:
-            await limiter.acquire_on_behalf_of(msg)
-            nursery.start_soon(_handle, msg, subject, handler, counters, limiter, max_deliveries, on_poison)
+    """Consume `subject` until cancelled (see PacketConsumer)."""
+    consumer = PacketConsumer(bus, subject, handler, counters, queue=queue, concurrency=concurrency,
+                              max_deliveries=max_deliveries, on_poison=on_poison)
+    await consumer.run(task_status=task_status)
 
 
 async def _handle(

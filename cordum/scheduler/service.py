@@ -1,5 +1,155 @@
-"""cordum-scheduler: lands with the governed job path."""
+"""cordum-scheduler: the nursery tree of one scheduler replica.
 
-from cordum.runtime.service import not_available
+    root
+    ├── metrics/health HTTP                      stage "metrics drain"
+    ├── consumers sys.job.submit|result|cancel   queue group cordum-scheduler ("engine stop")
+    ├── broadcast taps: heartbeats, config       (every replica hears every worker)
+    └── background ("cancel context")
+        ├── reconciler        leader cordum:reconciler:default
+        ├── pending replayer  leader cordum:replayer:pending
+        ├── snapshot writer   leader cordum:scheduler:snapshot:writer
+        └── config overlay    sys.config.changed + poll
+"""
 
-main = not_available("cordum-scheduler", "lands with the governed job path")
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_SCHEDULER, Handshake
+from cordum.infra.bus import open_bus
+from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
+from cordum.infra.grpc import open_grpc_client
+from cordum.infra.http import HttpServer, make_app
+from cordum.infra.metrics import Metrics
+from cordum.infra.redis import open_redis
+from cordum.protocol import subjects
+from cordum.protocol.packets import encode, new_packet
+from cordum.runtime.consumer import ConsumerMetrics, PacketConsumer, serve_packets
+from cordum.runtime.leader import LeaderElection, every
+from cordum.runtime.lease import Leases
+from cordum.runtime.lifecycle import Lifecycle
+from cordum.runtime.log import get_logger
+from cordum.runtime.service import run_service
+from cordum.safety.client import STUB, CircuitBreaker, SafetyClient
+from cordum.scheduler.config import PoolsSource
+from cordum.scheduler.engine import SENDER, Engine, EngineConfig, SchedulerMetrics
+from cordum.scheduler.loops import PendingReplayer, Reconciler, SnapshotWriter, Timeouts
+from cordum.scheduler.registry import WorkerRegistry
+from cordum.store import keys
+from cordum.store.config import ConfigStore
+from cordum.store.jobs import JobStore
+
+NAME = "cordum-scheduler"
+STAGES = ("metrics drain", "engine stop", "cancel context")
+DEFAULT_POOLS = Path(__file__).with_name("default_pools.yaml")
+log = get_logger("scheduler.service")
+
+
+def client_addr(raw: str) -> tuple[str, int]:
+    """A `host:port` to dial; `:port` and 0.0.0.0 mean this machine."""
+    host, port = parse_listen_addr(raw)
+    return ("127.0.0.1" if host in ("0.0.0.0", "") else host, port)
+
+
+async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    http_addr = env_value(settings, "SCHEDULER_METRICS_ADDR", ":9090", parse_listen_addr)
+    safety_addr = env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", client_addr)
+    fail_mode = env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode)
+    scan = env_value(settings, "SCHEDULER_SCAN_INTERVAL", "30s", parse_duration)
+    timeouts = Timeouts(
+        dispatch=env_value(settings, "SCHEDULER_DISPATCH_TIMEOUT", "120s", parse_duration),
+        running=env_value(settings, "SCHEDULER_RUNNING_TIMEOUT", "300s", parse_duration),
+        pending_age=env_value(settings, "SCHEDULER_PENDING_AGE", "30s", parse_duration),
+    )
+    snapshot_every = env_value(settings, "WORKER_SNAPSHOT_INTERVAL", "5s", parse_duration)
+    config_every = env_value(settings, "SCHEDULER_CONFIG_RELOAD_INTERVAL", "30s", parse_duration)
+    worker_ttl = env_value(settings, "WORKER_TTL", "30s", parse_duration)
+    pools_path = env_value(settings, "SCHEDULER_POOLS_PATH", str(DEFAULT_POOLS), str)
+
+    metrics = Metrics(settings.instance_id)
+    counters = ConsumerMetrics(metrics)
+    async with open_redis(settings) as redis, open_bus(settings, name=f"{NAME}/{settings.instance_id}") as bus, \
+            open_grpc_client(STUB, *safety_addr) as grpc:
+        pools = PoolsSource(Path(pools_path), ConfigStore(redis), timeouts)
+        await pools.load()  # a bad pools file stops the start with its message
+        leases = Leases(redis, settings.instance_id)
+        registry = WorkerRegistry(ttl=worker_ttl)
+        engine = Engine(
+            store=JobStore(redis), bus=bus, leases=leases, safety=SafetyClient(grpc, CircuitBreaker(redis)),
+            registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics),
+            config=EngineConfig(fail_open=fail_mode == "open"),
+        )
+
+        async def health() -> dict:
+            await redis.ping()
+            return {"workers": len(registry.alive(trio.current_time()))}
+
+        http = HttpServer(make_app(NAME, metrics, health), *http_addr)
+        consumers = [
+            PacketConsumer(bus, subjects.SUBMIT, engine.on_submit, counters, queue=subjects.QUEUE_SCHEDULER),
+            PacketConsumer(bus, subjects.RESULT, engine.on_result, counters, queue=subjects.QUEUE_SCHEDULER),
+            PacketConsumer(bus, subjects.CANCEL, engine.on_cancel, counters, queue=subjects.QUEUE_SCHEDULER),
+        ]
+
+        async def on_heartbeat(packet, msg) -> None:
+            if packet.WhichOneof("payload") == "heartbeat" and packet.heartbeat.worker_id:
+                registry.observe(packet.heartbeat, trio.current_time())
+
+        async def on_config_changed(packet, msg) -> None:
+            await pools.load()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(http.serve)
+            await nursery.start(serve_packets, bus, subjects.HEARTBEAT, on_heartbeat, counters)
+            background = trio.CancelScope()
+
+            async def run_background(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with background:
+                    async with trio.open_nursery() as loops:
+                        await loops.start(serve_packets, bus, subjects.CONFIG_CHANGED, on_config_changed, counters)
+                        loops.start_soon(LeaderElection(leases, keys.RECONCILER_LEADER, 2 * scan).run,
+                                         every(scan, Reconciler(engine, timeouts).tick))
+                        loops.start_soon(LeaderElection(leases, keys.REPLAYER_LEADER, 2 * scan).run,
+                                         every(scan, PendingReplayer(engine, timeouts).tick))
+                        loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0).run,
+                                         every(snapshot_every, SnapshotWriter(engine, redis, settings.instance_id).tick))
+                        loops.start_soon(pools.poll, config_every)
+                        task_status.started()
+
+            await nursery.start(run_background)
+            for consumer in consumers:
+                await nursery.start(consumer.run)
+            hello = Handshake(component_id=settings.instance_id, role=COMPONENT_ROLE_SCHEDULER, supported_versions=[1],
+                              capabilities={"safety_check": True, "routing": True})
+            bus.publish_nowait(subjects.HANDSHAKE, encode(new_packet(hello, sender_id=settings.instance_id)))
+
+            async def stop_engine() -> None:
+                async with trio.open_nursery() as stopping:
+                    for consumer in consumers:
+                        stopping.start_soon(consumer.stop)
+
+            async def cancel_background() -> None:
+                background.cancel()
+
+            lifecycle.on("metrics drain", http.drain)
+            lifecycle.on("engine stop", stop_engine)
+            lifecycle.on("cancel context", cancel_background)
+            log.info("scheduler.started", sender=SENDER, pools=sorted(pools.current().topics))
+            task_status.started()
+
+
+def _fail_mode(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("closed", "open"):
+        raise ValueError("expected 'closed' or 'open'")
+    return value
+
+
+def main() -> None:
+    run_service(NAME, STAGES, serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Live workers, as this replica heard of them (heartbeats are broadcast to every replica).
+
+Pure: the clock is passed in. A worker is alive for `ttl` seconds after its last heartbeat.
+Between heartbeats the registry counts the jobs this replica dispatched to a worker, so a burst
+does not pile onto the one worker whose last heartbeat looked idle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from cordum.agent.v1.heartbeat_pb2 import Heartbeat
+from cordum.scheduler.routing import Pools, WorkerInfo
+
+WORKER_TTL = 30.0
+
+
+@dataclass
+class _Entry:
+    info: WorkerInfo
+    heartbeat: Heartbeat
+    seen: float
+    dispatched_since: int = 0
+
+
+class WorkerRegistry:
+    def __init__(self, ttl: float = WORKER_TTL) -> None:
+        self.ttl = ttl
+        self._workers: dict[str, _Entry] = {}
+
+    def observe(self, heartbeat: Heartbeat, now: float) -> bool:
+        """Record a heartbeat; True when the worker was not alive before (came online)."""
+        previous = self._workers.get(heartbeat.worker_id)
+        info = WorkerInfo(
+            worker_id=heartbeat.worker_id, pool=heartbeat.pool, active_jobs=heartbeat.active_jobs,
+            max_parallel_jobs=heartbeat.max_parallel_jobs, cpu_load=heartbeat.cpu_load,
+            gpu_utilization=heartbeat.gpu_utilization, labels=dict(heartbeat.labels),
+        )
+        self._workers[heartbeat.worker_id] = _Entry(info, heartbeat, now)
+        return previous is None or now - previous.seen > self.ttl
+
+    def dispatched(self, worker_id: str) -> None:
+        entry = self._workers.get(worker_id)
+        if entry is not None:
+            entry.dispatched_since += 1
+
+    def alive(self, now: float) -> list[WorkerInfo]:
+        live = []
+        for worker_id, entry in list(self._workers.items()):
+            if now - entry.seen > self.ttl:
+                del self._workers[worker_id]
+                continue
+            live.append(replace(entry.info, active_jobs=entry.info.active_jobs + entry.dispatched_since))
+        return live
+
+    def is_alive(self, worker_id: str, now: float) -> bool:
+        entry = self._workers.get(worker_id)
+        return entry is not None and now - entry.seen <= self.ttl
+
+    def snapshot(self, pools: Pools, now: float, *, writer_id: str, wall_time: float) -> dict[str, Any]:
+        """The `sys:workers:snapshot` document (spec §3.7)."""
+        workers = []
+        pool_stats: dict[str, dict[str, int]] = {}
+        for worker_id in sorted(self._workers):
+            entry = self._workers[worker_id]
+            if now - entry.seen > self.ttl:
+                continue
+            hb = entry.heartbeat
+            workers.append({
+                "worker_id": hb.worker_id, "pool": hb.pool, "active_jobs": hb.active_jobs,
+                "max_parallel_jobs": hb.max_parallel_jobs, "capabilities": list(hb.capabilities),
+                "cpu_load": round(hb.cpu_load, 2), "gpu_utilization": round(hb.gpu_utilization, 2),
+                "memory_load": round(hb.memory_load, 2), "region": hb.region, "type": hb.type,
+                "labels": dict(hb.labels),
+                "last_heartbeat_at": _iso(wall_time - (now - entry.seen)),
+            })
+            stats = pool_stats.setdefault(hb.pool, {"workers": 0, "active_jobs": 0, "capacity": 0})
+            stats["workers"] += 1
+            stats["active_jobs"] += hb.active_jobs
+            stats["capacity"] += hb.max_parallel_jobs
+        topics = {}
+        for topic, names in pools.topics.items():
+            stats = pool_stats.get(names[0], {"workers": 0, "active_jobs": 0, "capacity": 0})
+            topics[topic] = {"pool": names[0], "workers": stats["workers"], "capacity": stats["capacity"],
+                             "available": max(stats["capacity"] - stats["active_jobs"], 0)}
+        return {"captured_at": _iso(wall_time), "writer_id": writer_id, "pools": pool_stats,
+                "topics": topics, "workers": workers}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")

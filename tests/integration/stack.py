@@ -1,0 +1,122 @@
+"""Start the job path as real processes for a test: safety kernel, schedulers, workers, gateways."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from cordum.agent.v1.job_pb2 import JobRequest
+from cordum.dev.servers import free_port
+from cordum.protocol import subjects
+from cordum.protocol.packets import encode, new_packet
+from cordum.store.jobs import JobStore
+from cordum.store.jobstate import JobState
+from tests.integration.test_multiprocess import _wait_for
+
+POLICY = """
+version: test
+rules:
+  - id: allow-default
+    match: {topics: ["job.default", "job.default.*"]}
+    decision: allow
+  - id: needs-human
+    match: {topics: ["job.approve"]}
+    decision: require_approval
+  - id: no-danger
+    match: {topics: ["job.danger"]}
+    decision: deny
+    reason: dangerous work is not allowed
+"""
+
+POOLS = """
+topics:
+  job.default: default
+  job.approve: default
+  job.danger: default
+pools:
+  default: {requires: []}
+"""
+
+FAST = {
+    "SCHEDULER_SCAN_INTERVAL": "0.5s",
+    "SCHEDULER_PENDING_AGE": "3s",
+    "SCHEDULER_DISPATCH_TIMEOUT": "5s",
+    "SCHEDULER_RUNNING_TIMEOUT": "3s",
+    "WORKER_SNAPSHOT_INTERVAL": "0.5s",
+    "WORKER_HEARTBEAT_INTERVAL": "0.5s",
+    "CORDUM_SHUTDOWN_TIMEOUT": "10s",
+}
+
+
+@dataclass
+class Stack:
+    spawn: object
+    tmp: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, spawn, tmp: Path, **overrides: str) -> "Stack":
+        policy, pools = tmp / "safety.yaml", tmp / "pools.yaml"
+        policy.write_text(POLICY)
+        pools.write_text(POOLS)
+        env = {
+            **FAST,
+            "SAFETY_KERNEL_ADDR": f"127.0.0.1:{free_port()}",
+            "SAFETY_POLICY_PATH": str(policy),
+            "SCHEDULER_POOLS_PATH": str(pools),
+            **overrides,
+        }
+        return cls(spawn, tmp, env)
+
+    def start(self, name: str, module: str, **env: str) -> object:
+        extra = {"SAFETY_KERNEL_ADMIN_ADDR": f"127.0.0.1:{free_port()}", "SCHEDULER_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        proc = self.spawn(name, ["-m", module], env={**self.env, **extra, **env})
+        self.procs[name] = proc
+        return proc
+
+    def kernel(self, name: str = "safety-1") -> object:
+        return self.start(name, "cordum.safety.service")
+
+    def scheduler(self, name: str = "scheduler-1", **env: str) -> object:
+        return self.start(name, "cordum.scheduler.service", **env)
+
+    def worker(self, name: str = "worker-1", **env: str) -> object:
+        return self.start(name, "cordum.worker.echo", WORKER_ID=name, **env)
+
+    async def ready(self, *names: str, timeout: float = 20) -> None:
+        for name in names or tuple(self.procs):
+            proc = self.procs[name]
+            await _wait_for(lambda: any(e.get("event") == "service.ready" for e in proc.events()), timeout,
+                            f"{name} ready (stderr: {proc.lines('err')[-5:]})")
+
+
+async def submit_direct(store: JobStore, bus, topic: str = "job.default", tenant: str = "default",
+                        context: object = None, job_id: str | None = None) -> str:
+    """What the gateway does for an allowed job: persist it PENDING with its context, publish it."""
+    job_id = job_id or str(uuid.uuid4())
+    request = JobRequest(job_id=job_id, topic=topic, tenant_id=tenant, context_ptr=f"redis://ctx:{job_id}")
+    await store.create(job_id, JobState.PENDING, request=request,
+                       fields={"topic": topic, "tenant": tenant, "trace_id": job_id},
+                       context={"prompt": "test"} if context is None else context)
+    packet = new_packet(request, sender_id="test", trace_id=job_id)
+    await bus.publish(subjects.SUBMIT, encode(packet), msg_id=f"jobreq:{job_id}")
+    return job_id
+
+
+async def wait_state(store: JobStore, job_id: str, states: set[str], timeout: float = 20) -> dict:
+    found: dict = {}
+
+    async def reached() -> bool:
+        nonlocal found
+        found = await store.get(job_id) or {}
+        return found.get("state") in states
+
+    with trio.move_on_after(timeout):
+        while not await reached():
+            await trio.sleep(0.05)
+        return found
+    raise AssertionError(f"job {job_id} stuck in {found.get('state')} (wanted {states}): {found}")

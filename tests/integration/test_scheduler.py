@@ -1,0 +1,120 @@
+"""The scheduler as a real process between a real safety kernel and real workers."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from cordum.agent.v1.job_pb2 import JobResult
+from cordum.protocol.packets import decode, encode, new_packet
+from cordum.store.jobs import JobStore
+from tests.conftest import unique
+from tests.integration.stack import Stack, submit_direct, wait_state
+
+
+async def test_allowed_job_is_dispatched_once_and_succeeds(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    await stack.ready()
+    store = JobStore(redis)
+    await trio.sleep(1.0)  # the worker's first heartbeats reach the scheduler
+    job_id = await submit_direct(store, bus, context={"prompt": "hello"})
+    meta = await wait_state(store, job_id, {"SUCCEEDED"})
+    assert meta["worker_id"] == "worker-1" and meta["result_ptr"] == f"redis://res:{job_id}"
+    result = json.loads(await redis.get(f"res:{job_id}"))
+    assert result["echo"] == {"prompt": "hello"}
+    states = [e["state"] for e in await store.events(job_id)]
+    assert states == ["PENDING", "SCHEDULED", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+    assert meta["safety_decision"] == "ALLOW" and meta["safety_rule_id"] == "allow-default"
+
+
+async def _next_dlq_event(events, job_id: str):
+    with trio.fail_after(10):
+        while True:
+            msg = await events.receive()
+            await msg.ack()
+            packet = decode(msg.data)
+            if packet.job_result.job_id == job_id:
+                return packet.job_result
+
+
+async def test_denied_job_goes_to_the_dlq(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    await stack.ready()
+    store = JobStore(redis)
+    async with bus.consume("sys.job.dlq", unique("dlq-watch")) as dlq_events:
+        job_id = await submit_direct(store, bus, topic="job.danger")
+        meta = await wait_state(store, job_id, {"DENIED"})
+        assert meta["failure_reason"] == "dangerous work is not allowed"
+        event = await _next_dlq_event(dlq_events, job_id)
+        assert event.error_code == "safety_denied" and event.error_message == "dangerous work is not allowed"
+
+
+async def test_worker_killed_mid_job_times_out_into_the_dlq(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    worker = stack.worker()
+    await stack.ready()
+    store = JobStore(redis)
+    await trio.sleep(1.0)
+    async with bus.consume("sys.job.dlq", unique("dlq-watch")) as dlq_events:
+        job_id = await submit_direct(store, bus, context={"sleep_ms": 20000})
+        await wait_state(store, job_id, {"RUNNING"})
+        worker.stop()  # SIGKILL mid-job
+        meta = await wait_state(store, job_id, {"TIMEOUT"}, timeout=15)
+        assert meta["failure_reason"].startswith("timeout: RUNNING")
+        event = await _next_dlq_event(dlq_events, job_id)
+        assert event.error_code == "timeout"
+
+
+async def test_duplicate_and_late_results_make_one_terminal_transition(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    await stack.ready()
+    store = JobStore(redis)
+    await trio.sleep(1.0)
+    job_id = await submit_direct(store, bus)
+    await wait_state(store, job_id, {"SUCCEEDED"})
+    late = JobResult(job_id=job_id, status=6, worker_id="worker-1", error_message="late failure")
+    for n in range(3):
+        await bus.publish("sys.job.result", encode(new_packet(late, sender_id="worker-1")), msg_id=f"late-{job_id}-{n}")
+    await bus.publish("sys.job.submit", b"\x00\xffnot a packet")  # and a malformed submit
+    await trio.sleep(1.0)
+    meta = await store.get(job_id)
+    assert meta["state"] == "SUCCEEDED"
+    assert [e["state"] for e in await store.events(job_id)].count("SUCCEEDED") == 1
+    # the scheduler is still consuming
+    second = await submit_direct(store, bus)
+    await wait_state(store, second, {"SUCCEEDED"})
+
+
+async def test_job_needing_approval_is_held(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    await stack.ready()
+    store = JobStore(redis)
+    job_id = await submit_direct(store, bus, topic="job.approve")
+    meta = await wait_state(store, job_id, {"APPROVAL_REQUIRED"})
+    assert meta["approval_status"] == "pending" and meta["safety_rule_id"] == "needs-human"
+
+
+async def test_a_job_waits_for_a_worker_and_runs_when_one_arrives(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    await stack.ready()
+    store = JobStore(redis)
+    job_id = await submit_direct(store, bus)
+    await trio.sleep(1.5)
+    assert (await store.get(job_id))["state"] == "PENDING"  # no worker: nothing lost, nothing failed
+    stack.worker()
+    await wait_state(store, job_id, {"SUCCEEDED"}, timeout=20)
