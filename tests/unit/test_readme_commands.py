@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cordum
 from cordum.dev import stack
+from cordum.dev.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_LOCAL = "bash scripts/run_local.sh"
@@ -112,8 +113,9 @@ def test_cordumctl_version() -> None:
     assert result.stdout.strip() == f"cordumctl {cordum.__version__}"
 
 
-def test_cordumctl_help_and_unknown_commands() -> None:
+def test_cordumctl_help_and_an_unreachable_gateway() -> None:
     assert _run("-m", "cordum.cli.main", "--help").returncode == 0
-    result = _run("-m", "cordum.cli.main", "status")
-    assert result.returncode == 1
-    assert "cordumctl: status is not available yet" in result.stderr
+    port = free_port()  # nothing listens there
+    result = _run("-m", "cordum.cli.main", "--addr", f"http://127.0.0.1:{port}", "status")
+    assert result.returncode == 6
+    assert "unreachable" in result.stderr

@@ -1,0 +1,115 @@
+"""Human output for cordumctl: aligned tables, key/value blocks, a text progress bar. Pure functions."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any, Iterable, Sequence
+
+TERMINAL_STATES = frozenset(
+    {"SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED", "OUTPUT_QUARANTINED"}
+)
+_PREFIXES = ("JOB_STATE_", "JOB_STATUS_", "DECISION_TYPE_")
+
+
+def short_enum(value: Any) -> str:
+    """`JOB_STATUS_SUCCEEDED` → `SUCCEEDED`; `DECISION_TYPE_ALLOW` → `ALLOW`; `running` → `RUNNING`."""
+    text = str(value or "").strip().upper()
+    for prefix in _PREFIXES:
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def cell(value: Any) -> str:
+    """One table cell: `-` for empty, compact JSON for structures, no newlines."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
+    if isinstance(value, dict):
+        if all(not isinstance(v, (dict, list)) for v in value.values()):
+            return ",".join(f"{k}={v}" for k, v in value.items())
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if isinstance(value, list):
+        return ",".join(cell(v) for v in value)
+    return " ".join(str(value).split())
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, max_width: int = 60) -> str:
+    """An aligned plain-text table; cells wider than `max_width` are cut with `…`."""
+    body = [[_clip(cell(v), max_width) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in body:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    lines = [_line(headers, widths)]
+    lines.extend(_line(row, widths) for row in body)
+    return "\n".join(lines)
+
+
+def key_values(pairs: Iterable[tuple[str, Any]], *, max_width: int = 200) -> str:
+    """`key  value` lines, keys aligned; pairs whose value is None are left out."""
+    items = [(k, _clip(cell(v), max_width)) for k, v in pairs if v is not None]
+    if not items:
+        return ""
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in items)
+
+
+def progress_bar(percent: float | None, *, width: int = 30, state: str = "", message: str = "") -> str:
+    """`[###############---------------]  50% RUNNING  step 2`; without a percent: `[?]` bar."""
+    if percent is None:
+        bar = "[" + "?".center(width) + "]"
+        pct = "   -"
+    else:
+        p = max(0.0, min(100.0, float(percent)))
+        filled = int(round(width * p / 100.0))
+        bar = "[" + "#" * filled + "-" * (width - filled) + "]"
+        pct = f"{int(p):3d}%"
+    parts = [bar, pct]
+    if state:
+        parts.append(state)
+    if message:
+        parts.append(" " + " ".join(str(message).split()))
+    return " ".join(parts)
+
+
+def timestamp(value: Any) -> str:
+    """Unix seconds, ms or µs (auto-detected) → `2024-05-01 12:00:00Z`; strings pass through."""
+    if value is None or value == "" or value == 0:
+        return "-"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if number > 1e17:  # ns
+        number /= 1e9
+    elif number > 1e14:  # µs
+        number /= 1e6
+    elif number > 1e11:  # ms
+        number /= 1e3
+    try:
+        moment = _dt.datetime.fromtimestamp(number, tz=_dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False, ensure_ascii=False)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
+
+
+def _line(values: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(str(v).ljust(w) for v, w in zip(values, widths)).rstrip()

@@ -1,0 +1,91 @@
+"""Routing and the worker registry, pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from cordum.agent.v1.heartbeat_pb2 import Heartbeat
+from cordum.scheduler.registry import WorkerRegistry
+from cordum.scheduler.routing import NoRoute, PoolsError, WorkerInfo, load_pools_text, pick_worker
+
+POOLS = load_pools_text("""
+topics:
+  job.default: default
+  job.gpu: [gpu, default]
+  job.old: retired
+pools:
+  default: {requires: []}
+  gpu: {requires: [cuda, docker]}
+  retired: {status: draining}
+""", "pools.yaml")
+
+
+def w(worker_id: str, pool: str = "default", **kw) -> WorkerInfo:
+    return WorkerInfo(worker_id, pool, **kw)
+
+
+def test_least_loaded_worker_wins():
+    workers = [w("a", active_jobs=3, max_parallel_jobs=8), w("b", active_jobs=1, max_parallel_jobs=8, cpu_load=50),
+               w("c", active_jobs=1, max_parallel_jobs=8, cpu_load=10)]
+    assert pick_worker(POOLS, workers, topic="job.default").worker_id == "c"
+
+
+def test_overloaded_workers_are_skipped_and_reported():
+    busy = [w("a", active_jobs=9, max_parallel_jobs=10), w("b", cpu_load=95)]
+    with pytest.raises(NoRoute) as none:
+        pick_worker(POOLS, busy, topic="job.default")
+    assert none.value.code == "pool_overloaded"
+    assert pick_worker(POOLS, busy + [w("c", active_jobs=8, max_parallel_jobs=10)], topic="job.default").worker_id == "c"
+
+
+def test_requires_selects_pools_that_offer_them():
+    workers = [w("cpu"), w("gpu-1", "gpu")]
+    assert pick_worker(POOLS, workers, topic="job.gpu", requires=["CUDA"]).worker_id == "gpu-1"
+    with pytest.raises(NoRoute) as none:
+        pick_worker(POOLS, workers, topic="job.gpu", requires=["tpu"])
+    assert none.value.code == "no_pool_mapping"
+
+
+def test_unknown_topics_draining_pools_and_missing_workers():
+    with pytest.raises(NoRoute, match="no pool serves topic job.nope"):
+        pick_worker(POOLS, [w("a")], topic="job.nope")
+    with pytest.raises(NoRoute) as draining:
+        pick_worker(POOLS, [w("a", "retired")], topic="job.old")
+    assert draining.value.code == "no_pool_mapping"
+    with pytest.raises(NoRoute) as nobody:
+        pick_worker(POOLS, [w("g", "gpu")], topic="job.default")
+    assert nobody.value.code == "no_workers"
+
+
+def test_placement_labels_and_preferences():
+    workers = [w("a", labels={"placement.zone": "eu"}), w("b", labels={"placement.zone": "us"}, active_jobs=5)]
+    assert pick_worker(POOLS, workers, topic="job.default", labels={"placement.zone": "us"}).worker_id == "b"
+    assert pick_worker(POOLS, workers, topic="job.default", labels={"team": "x"}).worker_id == "a"  # other labels don't constrain
+    assert pick_worker(POOLS, workers, topic="job.default", labels={"preferred_worker_id": "b"}).worker_id == "b"
+    with pytest.raises(NoRoute):
+        pick_worker(POOLS, workers, topic="job.default", labels={"preferred_pool": "gpu"})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pools: {}", "'topics' must map at least one topic"),
+    ("topics: {job.a: 3}", "topics.job.a must be a pool name"),
+    ("topics: {job.a: p}\npools: {p: {status: gone}}", "pools.p.status must be active, draining or inactive"),
+    ("topics: {job.a: p}\nzones: {}", "unknown key(s) zones"),
+    ("topics: [", "line 1"),
+])
+def test_bad_pools_files_are_refused_with_a_reason(text, message):
+    with pytest.raises(PoolsError, match=None) as error:
+        load_pools_text(text, "pools.yaml")
+    assert message in str(error.value)
+
+
+def test_registry_expires_silent_workers_and_counts_dispatches():
+    registry = WorkerRegistry(ttl=30)
+    assert registry.observe(Heartbeat(worker_id="a", pool="default", active_jobs=1, max_parallel_jobs=4), now=0)
+    assert not registry.observe(Heartbeat(worker_id="a", pool="default", active_jobs=1, max_parallel_jobs=4), now=10)
+    registry.dispatched("a")
+    registry.dispatched("a")
+    assert [x.active_jobs for x in registry.alive(now=11)] == [3]
+    assert registry.alive(now=41) == [] and not registry.is_alive("a", 41)
+    snapshot = registry.snapshot(POOLS, 11, writer_id="s-1", wall_time=1_700_000_000)
+    assert snapshot["writer_id"] == "s-1" and snapshot["topics"]["job.default"]["pool"] == "default"
