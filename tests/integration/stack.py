@@ -57,6 +57,7 @@ class Stack:
     tmp: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, object] = field(default_factory=dict)
+    http_ports: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def create(cls, spawn, tmp: Path, **overrides: str) -> "Stack":
@@ -73,7 +74,9 @@ class Stack:
         return cls(spawn, tmp, env)
 
     def start(self, name: str, module: str, **env: str) -> object:
-        extra = {"SAFETY_KERNEL_ADMIN_ADDR": f"127.0.0.1:{free_port()}", "SCHEDULER_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+        port = free_port()  # the process's HTTP (health/metrics, or the gateway's API)
+        self.http_ports[name] = port
+        extra = {key: f"127.0.0.1:{port}" for key in ("SAFETY_KERNEL_ADMIN_ADDR", "SCHEDULER_METRICS_ADDR", "GATEWAY_HTTP_ADDR")}
         proc = self.spawn(name, ["-m", module], env={**self.env, **extra, **env})
         self.procs[name] = proc
         return proc
@@ -120,3 +123,17 @@ async def wait_state(store: JobStore, job_id: str, states: set[str], timeout: fl
             await trio.sleep(0.05)
         return found
     raise AssertionError(f"job {job_id} stuck in {found.get('state')} (wanted {states}): {found}")
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a metric's samples in a /metrics exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def http_get(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()

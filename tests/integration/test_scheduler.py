@@ -10,7 +10,7 @@ from cordum.agent.v1.job_pb2 import JobResult
 from cordum.protocol.packets import decode, encode, new_packet
 from cordum.store.jobs import JobStore
 from tests.conftest import unique
-from tests.integration.stack import Stack, submit_direct, wait_state
+from tests.integration.stack import Stack, http_get, metric, submit_direct, wait_state
 
 
 async def test_allowed_job_is_dispatched_once_and_succeeds(spawn, tmp_path, redis, bus):
@@ -118,3 +118,43 @@ async def test_a_job_waits_for_a_worker_and_runs_when_one_arrives(spawn, tmp_pat
     assert (await store.get(job_id))["state"] == "PENDING"  # no worker: nothing lost, nothing failed
     stack.worker()
     await wait_state(store, job_id, {"SUCCEEDED"}, timeout=20)
+
+
+async def test_two_schedulers_dispatch_each_of_200_jobs_exactly_once(spawn, tmp_path, redis, bus):
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    for n in (1, 2):
+        stack.scheduler(f"scheduler-{n}")
+        stack.worker(f"worker-{n}", WORKER_MAX_PARALLEL="16")
+    await stack.ready()
+    store = JobStore(redis)
+    await trio.sleep(1.0)
+    results: dict[str, list[str]] = {}
+    async with bus.consume("sys.job.result", unique("results-watch")) as watch:
+        async def collect() -> None:
+            async for msg in watch:
+                result = decode(msg.data).job_result
+                results.setdefault(result.job_id, []).append(result.worker_id)
+                await msg.ack()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            jobs = []
+            async with trio.open_nursery() as submitters:
+                async def submit_some(k: int) -> None:
+                    for _ in range(20):
+                        jobs.append(await submit_direct(store, bus))
+                for k in range(10):
+                    submitters.start_soon(submit_some, k)
+            for job_id in jobs:
+                await wait_state(store, job_id, {"SUCCEEDED"}, timeout=60)
+            await trio.sleep(1.0)  # a duplicate execution would publish a second result by now
+            nursery.cancel_scope.cancel()
+    assert len(jobs) == 200
+    assert all(len(results.get(job_id, [])) == 1 for job_id in jobs), {j: results.get(j) for j in jobs if len(results.get(j, [])) != 1}
+    for job_id in jobs[:20]:
+        assert [e["state"] for e in await store.events(job_id)].count("DISPATCHED") == 1
+    dispatched = [metric(http_get(stack.http_ports[f"scheduler-{n}"], "/metrics"), "cordum_scheduler_jobs_dispatched_total")
+                  for n in (1, 2)]
+    assert sum(dispatched) == 200 and all(d > 0 for d in dispatched), dispatched
+    assert {w for ws in results.values() for w in ws} == {"worker-1", "worker-2"}
