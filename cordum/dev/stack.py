@@ -24,6 +24,7 @@ import argparse
 import ctypes
 import importlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -68,7 +69,10 @@ SERVICES: tuple[Service, ...] = (
     Service("cordum-api-gateway", "cordum.gateway.service:main"),
     # stdio needs a client on the other end of stdin; under the supervisor MCP serves HTTP.
     Service("cordum-mcp", "cordum.mcp.service:main", {"MCP_TRANSPORT": "http"}),
+    # The example worker (pool "default", topic job.default) so a submitted job runs end to end.
+    Service("cordum-worker-echo", "cordum.worker.echo:main", {"WORKER_ID": "echo-1"}),
 )
+GATEWAY_URL = "http://localhost:8081"
 
 
 def is_available(service: Service) -> bool:
@@ -252,6 +256,10 @@ def supervise(redis_port: int, nats_port: int, stop: StopSignal, children: list[
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     if start_nats_here:
         env["NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
+    env.setdefault("CORDUM_ENV", "dev")  # a local stack is a development setup
+    generated_key = not env.get("CORDUM_API_KEY", "").strip()
+    if generated_key:
+        env["CORDUM_API_KEY"] = secrets.token_urlsafe(24)
     settings = load_settings(env)  # a bad variable stops us before anything starts
     logging.configure(service=PROG, instance=settings.instance_id, level=settings.log_level)
     services = [(service, is_available(service)) for service in SERVICES]
@@ -293,6 +301,9 @@ def supervise(redis_port: int, nats_port: int, stop: StopSignal, children: list[
             print(f"  {service.name:24} started, pid {child.proc.pid}, log {_rel(child.log)}")
         else:
             print(f"  {service.name:24} not available yet")
+    print(f"  API: {GATEWAY_URL}  (headers X-API-Key, X-Tenant-ID: {env.get('TENANT_ID', 'default')})")
+    print(f"  CORDUM_API_KEY={env['CORDUM_API_KEY']}" + ("  (generated; set CORDUM_API_KEY to choose it)" if generated_key else ""))
+    print("  try: CORDUM_API_KEY=... cordumctl job submit --prompt hello --wait")
     print(f"{PROG}: running; Ctrl-C or SIGTERM stops everything", flush=True)
 
     while not stop.received:

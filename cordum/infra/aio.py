@@ -136,8 +136,13 @@ class Batcher(Generic[T, R]):
                 waiter.result = result
             waiter.done.set()
 
-    async def drain(self) -> None:
-        """Stop taking items and wait until everything queued has been sent."""
+    async def flush_now(self) -> None:
+        """Stop taking items and send what is queued from this task: the final flush, which
+        must work even if the `run` task is gone (cancelled with its nursery)."""
         self._closed = True
         self._wakeup.set()
-        await self._idle.wait()
+        while self._items:
+            batch = self._items[: self._max_batch]
+            del self._items[: self._max_batch]
+            await self._flush(batch)
+        self._idle.set()

@@ -247,17 +247,21 @@ class Bus:
                     log.debug("bus.pull_release_failed", durable=durable, error=repr(exc))
 
     async def _pump(self, psub: Any, send: trio.MemorySendChannel[Message], batch: int, timeout: float) -> None:
+        # Long-poll for ONE message (nats-py returns it at once), then take whatever else is
+        # already waiting with a near-zero wait: a batched long-poll would hold a lone message
+        # until the batch filled or the poll expired.
         fetch = aio(self._fetch)
         async with send:
             while True:
                 try:
-                    raws = await fetch(psub, batch, timeout)
+                    raws = await fetch(psub, 1, timeout)
+                    while raws:
+                        for raw in raws:
+                            await send.send(Message(raw, self, jetstream=True))
+                        raws = await fetch(psub, batch, 0.01) if batch > 1 else []
                 except Exception as exc:  # connection trouble: back off, the client reconnects
                     log.warning("bus.fetch_failed", error=repr(exc))
                     await trio.sleep(1)
-                    continue
-                for raw in raws:
-                    await send.send(Message(raw, self, jetstream=True))
 
     @staticmethod
     async def _fetch(psub: Any, batch: int, timeout: float) -> list[NatsMsg]:
@@ -338,9 +342,10 @@ class Bus:
             await self._ensure_consumer(subjects.stream_for(subject), subjects.durable_name(queue, subject), subject)
 
     async def flush(self) -> None:
-        """Wait until everything queued has left this process."""
-        await self._publisher.drain()
-        await self._acks.drain()
+        """Send everything queued (publishes, acks) and wait until it has left this process.
+        Works even when the batchers' own tasks were already cancelled (a hard stop)."""
+        await self._publisher.flush_now()
+        await self._acks.flush_now()
         await aio(self._nc.flush)()
 
 

@@ -1,0 +1,37 @@
+"""The worker SDK: run CAP jobs dispatched by the scheduler, on Trio.
+
+    from cordum.worker import JobContext, Worker
+
+    worker = Worker("summarizer-1", "default", ["job.default"], max_parallel_jobs=4)
+
+    @worker.handler("job.default")
+    async def summarize(job: JobContext) -> dict:
+        await job.progress(50, "halfway")
+        return {"summary": job.input["prompt"][:100]}
+
+    trio_asyncio.run(worker.run)  # or, as a process with graceful shutdown: run_worker(build)
+"""
+
+from cordum.worker.core import JobFailed
+from cordum.worker.worker import (
+    SDK_VERSION,
+    WORKER_STAGES,
+    Handler,
+    JobContext,
+    Worker,
+    WorkerStats,
+    run_worker,
+    serve_worker,
+)
+
+__all__ = [
+    "SDK_VERSION",
+    "WORKER_STAGES",
+    "Handler",
+    "JobContext",
+    "JobFailed",
+    "Worker",
+    "WorkerStats",
+    "run_worker",
+    "serve_worker",
+]

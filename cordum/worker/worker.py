@@ -1,0 +1,754 @@
+"""The worker SDK on Trio (spec cordum-jobpath §5): subscribe, handshake, heartbeat, run jobs.
+
+    worker = Worker("echo-1", "default", ["job.default"], max_parallel_jobs=4)
+
+    @worker.handler("job.default")
+    async def echo(job: JobContext) -> dict:
+        await job.progress(50, "halfway")
+        return {"echo": job.input}
+
+    await worker.run()              # until cancelled (or `await worker.drain(10)`)
+    run_worker(build)               # a worker process: run_service with WORKER_STAGES
+
+One nursery holds the whole worker:
+
+    serve ─┬─ cancel listener       sys.job.cancel (broadcast)
+           ├─ heartbeats            sys.heartbeat every `heartbeat_interval`   ┐ cancelled by
+           ├─ intake ─┬─ worker.<id>.jobs   (queue = subject)                  ┘ stop_intake()
+           │          └─ job.<x> …          (queue = subject)
+           └─ one task per job ── keep-alive (in_progress every 10 s) + handler
+
+At-least-once: a bus message is acked only after its result was published; a job still running
+when the shutdown deadline comes is given back (nak), and so is one whose result could not be
+written. Redeliveries of a job this worker already finished re-publish the cached result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import trio
+
+from cordum import __version__
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_WORKER, Handshake
+from cordum.agent.v1.heartbeat_pb2 import Heartbeat
+from cordum.agent.v1.job_pb2 import JOB_STATUS_RUNNING, JobProgress, JobRequest, JobResult
+from cordum.infra.bus import Bus, Message, open_bus
+from cordum.infra.config import Settings, load_settings, parse_duration
+from cordum.infra.redis import Redis, open_redis
+from cordum.protocol import pointers, subjects
+from cordum.protocol.packets import PROTOCOL_VERSION, PacketError, decode, encode, new_packet
+from cordum.runtime.lifecycle import CLOSE_RESERVE, Lifecycle
+from cordum.runtime.log import get_logger
+from cordum.worker.core import (
+    CANCELLED,
+    MAX_CONTEXT_BYTES,
+    MAX_RESULT_BYTES,
+    RESULT_TTL_SECONDS,
+    SUCCEEDED,
+    JobFailed,
+    RecentMap,
+    decode_input,
+    encode_output,
+    error_text,
+    job_result,
+)
+
+log = get_logger("worker")
+
+SDK_VERSION = f"cordum-python/{__version__}"
+WORKER_STAGES = ("stop intake", "finish jobs", "close")
+IO_TIMEOUT = 5.0  # per Redis call / result publish (spec §5.7)
+GIVE_BACK_MARGIN = 0.5  # kept before the shutdown deadline to nak the jobs still running
+RETRY_DELAY = 1.0  # nak delay when Redis or the bus failed while running a job
+
+Handler = Callable[["JobContext"], Awaitable[Any]]
+
+
+class WorkerStats:
+    """Counters, readable by tests and the embedding program."""
+
+    __slots__ = ("received", "malformed", "ignored", "duplicates", "handler_runs", "succeeded", "failed",
+                 "cancelled", "given_back")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Job:
+    """One job in flight: its bus message(s), the scope its work runs in, why it was stopped."""
+
+    __slots__ = ("packet", "request", "messages", "token", "scope", "cancelled", "cancel_reason", "give_back",
+                 "started")
+
+    def __init__(self, packet: BusPacket, msg: Message) -> None:
+        self.packet = packet
+        self.request: JobRequest = packet.job_request
+        self.messages = [msg]  # duplicates delivered while it runs are settled with it
+        self.token = msg  # the limiter borrower
+        self.scope = trio.CancelScope()
+        self.cancelled = trio.Event()
+        self.cancel_reason = ""
+        self.give_back = False
+        self.started = trio.current_time()
+
+    @property
+    def job_id(self) -> str:
+        return self.request.job_id
+
+
+class JobContext:
+    """What a handler gets: the job, its decoded input, progress reporting, cancellation."""
+
+    def __init__(self, worker: "Worker", job: _Job, input: Any) -> None:
+        self._worker = worker
+        self._job = job
+        self.job_id: str = job.request.job_id
+        self.topic: str = job.request.topic
+        self.input: Any = input
+        self.request: JobRequest = job.request
+        self.packet: BusPacket = job.packet
+        self.trace_id: str = job.packet.trace_id
+        self.worker_id: str = worker.worker_id
+        self.attempt: int = job.token.num_delivered
+
+    @property
+    def cancelled(self) -> trio.Event:
+        """Set when a JobCancel for this job arrived (the handler is being cancelled too)."""
+        return self._job.cancelled
+
+    @property
+    def cancel_reason(self) -> str:
+        return self._job.cancel_reason
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return self.request.env
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.request.labels
+
+    async def progress(self, percent: float, message: str = "") -> None:
+        """Publish a JobProgress on sys.job.progress (fire-and-forget)."""
+        self._worker._publish_progress(self._job, percent, message)
+        await trio.lowlevel.checkpoint()
+
+
+def _process_cpu_sampler() -> Callable[[], float]:
+    last = [time.monotonic(), time.process_time()]
+
+    def sample() -> float:
+        now, cpu = time.monotonic(), time.process_time()
+        wall = now - last[0]
+        used = cpu - last[1]
+        last[0], last[1] = now, cpu
+        return 0.0 if wall <= 0 else max(0.0, min(100.0, 100.0 * used / wall))
+
+    return sample
+
+
+def _memory_percent() -> float:
+    """Resident memory of this process as a percentage of physical memory (0 if unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        total_pages = os.sysconf("SC_PHYS_PAGES")
+        return 100.0 * resident_pages / total_pages if total_pages > 0 else 0.0
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Worker:
+    def __init__(
+        self,
+        worker_id: str,
+        pool: str = "default",
+        topics: Iterable[str] = (),
+        *,
+        max_parallel_jobs: int = 4,
+        settings: Settings | None = None,
+        heartbeat_interval: float = 5.0,
+        labels: Mapping[str, str] | None = None,
+        capabilities: Iterable[str] | None = None,
+        worker_type: str = "",
+        region: str = "",
+        in_progress_interval: float = 10.0,
+        result_ttl: int = RESULT_TTL_SECONDS,
+        max_context_bytes: int = MAX_CONTEXT_BYTES,
+        max_result_bytes: int = MAX_RESULT_BYTES,
+        result_cache_size: int = 4096,
+        result_cache_ttl: float = 600.0,
+    ) -> None:
+        self.direct_subject = subjects.worker_subject(worker_id)  # validates the id (one token)
+        if max_parallel_jobs < 1:
+            raise ValueError("max_parallel_jobs must be >= 1")
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be > 0")
+        if not pool:
+            raise ValueError("pool must not be empty")
+        self.worker_id = worker_id
+        self.pool = pool
+        self.topics: list[str] = []
+        for topic in topics:
+            self._add_topic(subjects.job_subject(topic))
+        self.max_parallel_jobs = max_parallel_jobs
+        self.heartbeat_interval = heartbeat_interval
+        self.labels = dict(labels or {})
+        self.capabilities = list(capabilities or [])
+        self.worker_type = worker_type or pool
+        self.region = region
+        self.in_progress_interval = in_progress_interval
+        self.result_ttl = result_ttl
+        self.max_context_bytes = max_context_bytes
+        self.max_result_bytes = max_result_bytes
+        self.stats = WorkerStats()
+        self._settings = settings
+        self._handlers: dict[str, Handler] = {}
+        self._default: Handler | None = None
+        self._limiter = trio.CapacityLimiter(max_parallel_jobs)
+        self._jobs: dict[str, _Job] = {}
+        self._jobs_changed = trio.Event()
+        self._results: RecentMap[bytes] = RecentMap(result_cache_size, result_cache_ttl)
+        self._early_cancels: RecentMap[str] = RecentMap(1024, result_cache_ttl)
+        self._intake_scope = trio.CancelScope()
+        self._heartbeat_scope = trio.CancelScope()
+        self._intake_stopped = trio.Event()
+        self._serve_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._redis: Redis | None = None
+        self._bus: Bus | None = None
+        self._cpu = _process_cpu_sampler()
+        self.ready = trio.Event()
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def _add_topic(self, subject: str) -> None:
+        if subject not in self.topics:
+            self.topics.append(subject)
+
+    def handler(self, topic: str | None = None) -> Callable[[Handler], Handler]:
+        """Register `async def fn(job: JobContext) -> JSON-able` for `topic` (``job.<x>``; it is
+        subscribed too), or, without a topic, as the handler of every topic without its own."""
+
+        def register(fn: Handler) -> Handler:
+            if topic is None:
+                self._default = fn
+            else:
+                subject = subjects.job_subject(topic)
+                self._handlers[subject] = fn
+                self._add_topic(subject)
+            return fn
+
+        return register
+
+    @property
+    def subjects(self) -> list[str]:
+        """Everything consumed: the direct subject and every topic (queue group = subject)."""
+        return [self.direct_subject, *self.topics]
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._jobs)
+
+    def _handler_for(self, topic: str) -> Handler | None:
+        try:
+            subject = subjects.job_subject(topic) if topic else ""
+        except ValueError:
+            subject = topic
+        return self._handlers.get(subject) or self._default
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (settings from the constructor or the environment) and serve until cancelled
+        or drained. Prefer `drain()` to cancelling: a cancel gives running jobs back at once, and
+        acks/naks still queued when the bus's scope is cancelled are lost (redelivered after the
+        ack wait)."""
+        settings = self._settings or load_settings()
+        async with open_redis(settings) as redis, open_bus(settings, name=f"cordum-worker:{self.worker_id}") as bus:
+            await self.serve(redis, bus, task_status=task_status)
+
+    async def serve(
+        self, redis: Redis, bus: Bus, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve on connections owned by the caller; returns after `drain()` or when cancelled."""
+        if self._nursery is not None:
+            raise RuntimeError(f"worker {self.worker_id} is already serving")
+        if self._default is None and not self._handlers:
+            raise ValueError(f"worker {self.worker_id} has no handler")
+        self._redis, self._bus = redis, bus
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._serve_scope = nursery.cancel_scope
+            await nursery.start(self._listen_cancels)
+            # Subscribed before announcing: a new durable only gets messages published after it
+            # exists, and the scheduler dispatches to a worker once it has heard from it.
+            await nursery.start(self._intake)
+            await self._handshake()
+            await nursery.start(self._heartbeats)
+            self.ready.set()
+            log.info("worker.ready", worker_id=self.worker_id, pool=self.pool, subjects=self.subjects,
+                     max_parallel_jobs=self.max_parallel_jobs)
+            task_status.started()
+
+    async def stop_intake(self) -> None:
+        """Take no more jobs: leave the consumers (fetched, unhandled messages are nak'ed by the
+        bus) and stop heartbeating, so the scheduler stops picking this worker."""
+        self._heartbeat_scope.cancel()
+        self._intake_scope.cancel()
+        if self._nursery is not None:
+            with trio.move_on_after(3):
+                await self._intake_stopped.wait()
+        log.info("worker.intake_stopped", worker_id=self.worker_id, active_jobs=self.active_jobs)
+
+    async def finish_jobs(self, deadline: float) -> None:
+        """Wait for the jobs in flight until `deadline` (trio time); give back the rest."""
+        with trio.move_on_at(deadline):
+            await self._wait_idle()
+        if not self._jobs:
+            return
+        log.warning("worker.giving_back", worker_id=self.worker_id, jobs=list(self._jobs))
+        for job in list(self._jobs.values()):
+            job.give_back = True
+            job.scope.cancel()
+        with trio.move_on_after(IO_TIMEOUT):
+            await self._wait_idle()
+
+    async def close(self) -> None:
+        """Push out what is queued (results, acks, naks) before the connections close."""
+        if self._bus is None:
+            return
+        try:
+            with trio.move_on_after(3):
+                await self._bus.flush()
+        except Exception as exc:
+            log.warning("worker.flush_failed", worker_id=self.worker_id, error=repr(exc))
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Graceful stop for a worker run with `run()`/`serve()`: stop intake, let jobs finish for
+        up to `timeout` seconds (the rest is given back), then end `serve()`."""
+        deadline = trio.current_time() + timeout
+        await self.stop_intake()
+        await self.finish_jobs(deadline)
+        if self._serve_scope is not None:
+            self._serve_scope.cancel()
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a job's handler (as a JobCancel does); True if it was running here."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            if job_id and self._results.get(job_id) is None:
+                self._early_cancels.put(job_id, reason)  # not here yet: don't run it when it comes
+            return False
+        if not job.cancel_reason:
+            job.cancel_reason = reason or "cancelled"
+            job.cancelled.set()
+            job.scope.cancel()
+        return True
+
+    async def _wait_idle(self) -> None:
+        while self._jobs:
+            changed = self._jobs_changed
+            await changed.wait()
+
+    def _job_done(self, job: _Job) -> None:
+        if self._jobs.get(job.job_id) is job:
+            del self._jobs[job.job_id]
+        self._limiter.release_on_behalf_of(job.token)
+        self._jobs_changed.set()
+        self._jobs_changed = trio.Event()
+
+    # ---- announcing ------------------------------------------------------------------------
+
+    def _packet(self, payload: Any, trace_id: str | None = None) -> BusPacket:
+        return new_packet(payload, sender_id=self.worker_id, trace_id=trace_id)
+
+    async def _handshake(self) -> None:
+        handshake = Handshake(
+            component_id=self.worker_id,
+            role=COMPONENT_ROLE_WORKER,
+            supported_versions=[PROTOCOL_VERSION],
+            capabilities={name: True for name in self.capabilities},
+            sdk_version=SDK_VERSION,
+            ready_topics=self.topics,
+        )
+        packet = self._packet(handshake)
+        assert self._bus is not None
+        try:  # non-fatal (spec §1.3)
+            with trio.fail_after(IO_TIMEOUT):
+                await self._bus.publish(
+                    subjects.HANDSHAKE, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.HANDSHAKE)
+                )
+        except (Exception, trio.TooSlowError) as exc:
+            log.warning("worker.handshake_failed", worker_id=self.worker_id, error=repr(exc))
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            worker_id=self.worker_id,
+            region=self.region,
+            type=self.worker_type,
+            cpu_load=self._cpu(),
+            active_jobs=self.active_jobs,
+            capabilities=self.capabilities,
+            pool=self.pool,
+            max_parallel_jobs=self.max_parallel_jobs,
+            labels=self.labels,
+            memory_load=_memory_percent(),
+        )
+
+    async def _heartbeats(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        with self._heartbeat_scope:
+            self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+            task_status.started()
+            started = True
+            while True:
+                await trio.sleep(self.heartbeat_interval)
+                self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+        if not started:  # stopped before it started
+            task_status.started()
+
+    def _publish_nowait(self, subject: str, packet: BusPacket) -> None:
+        assert self._bus is not None
+        try:
+            self._bus.publish_nowait(subject, encode(packet))
+        except trio.ClosedResourceError:
+            pass  # closing
+
+    def _publish_progress(self, job: _Job, percent: float, message: str) -> None:
+        progress = JobProgress(
+            job_id=job.job_id,
+            percent=int(max(0, min(100, percent))),
+            message=message,
+            status=JOB_STATUS_RUNNING,
+        )
+        self._publish_nowait(subjects.PROGRESS, self._packet(progress, trace_id=job.packet.trace_id or job.job_id))
+
+    # ---- cancels ---------------------------------------------------------------------------
+
+    async def _listen_cancels(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._bus is not None
+        async with self._bus.subscribe(subjects.CANCEL) as messages:
+            task_status.started()
+            async for msg in messages:
+                try:
+                    packet = decode(msg.data)
+                except PacketError as exc:
+                    self.stats.malformed += 1
+                    log.warning("worker.malformed_packet", subject=msg.subject, error=str(exc))
+                    continue
+                if packet.WhichOneof("payload") != "job_cancel":
+                    continue
+                cancel = packet.job_cancel
+                if self.cancel(cancel.job_id, cancel.reason or "cancelled"):
+                    log.info("worker.job_cancelled", job_id=cancel.job_id, reason=cancel.reason,
+                             requested_by=cancel.requested_by)
+
+    # ---- intake ----------------------------------------------------------------------------
+
+    async def _intake(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        try:
+            with self._intake_scope:
+                async with trio.open_nursery() as nursery:
+                    for subject in self.subjects:
+                        await nursery.start(self._consume, subject)
+                    task_status.started()
+                    started = True
+            if not started:  # stopped before it started
+                task_status.started()
+        finally:
+            self._intake_stopped.set()
+
+    async def _consume(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._bus is not None
+        # One message per fetch: what waits in the bus's buffer is not kept alive, and nats-py's
+        # batched fetch holds a lone message until the fetch timeout (up to 2 s of latency).
+        async with self._bus.consume(subject, subject, batch=1) as messages:
+            task_status.started()
+            async for msg in messages:
+                await self._accept(msg)
+
+    async def _accept(self, msg: Message) -> None:
+        self.stats.received += 1
+        try:
+            packet = decode(msg.data)
+        except PacketError as exc:
+            self.stats.malformed += 1
+            log.warning("worker.malformed_packet", subject=msg.subject, size=len(msg.data), error=str(exc))
+            await msg.term()
+            return
+        if packet.WhichOneof("payload") != "job_request" or not packet.job_request.job_id:
+            self.stats.ignored += 1
+            log.warning("worker.ignored_packet", subject=msg.subject, payload=packet.WhichOneof("payload"))
+            await msg.term()
+            return
+        job_id = packet.job_request.job_id
+        if self._duplicate(job_id, msg):
+            return
+        await self._acquire(msg)
+        if self._duplicate(job_id, msg):  # it came in again while we waited for a slot
+            self._limiter.release_on_behalf_of(msg)
+            return
+        job = _Job(packet, msg)
+        self._jobs[job_id] = job
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_job, job)
+
+    def _duplicate(self, job_id: str, msg: Message) -> bool:
+        cached = self._results.get(job_id)
+        if cached is not None:
+            self.stats.duplicates += 1
+            log.info("worker.duplicate_delivery", job_id=job_id, action="republish")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._republish, job_id, cached, msg)
+            return True
+        running = self._jobs.get(job_id)
+        if running is not None:
+            self.stats.duplicates += 1
+            log.info("worker.duplicate_delivery", job_id=job_id, action="attach")
+            running.messages.append(msg)
+            return True
+        return False
+
+    async def _acquire(self, msg: Message) -> None:
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(msg)
+            return
+        except trio.WouldBlock:
+            pass
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_alive, [msg])
+                await self._limiter.acquire_on_behalf_of(msg)
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            try:
+                self._limiter.release_on_behalf_of(msg)
+            except RuntimeError:
+                pass  # it never got the slot
+            await msg.nak()  # intake stopped while it waited: give it back now
+            raise
+
+    async def _keep_alive(self, messages: list[Message]) -> None:
+        """Tell JetStream we are still working on these, so it does not redeliver them."""
+        while True:
+            await trio.sleep(self.in_progress_interval)
+            for msg in list(messages):
+                await msg.in_progress()
+
+    async def _republish(self, job_id: str, data: bytes, msg: Message) -> None:
+        assert self._bus is not None
+        try:
+            with trio.fail_after(IO_TIMEOUT):
+                await self._bus.publish(subjects.RESULT, data, msg_id=f"{subjects.RESULT}:{job_id}")
+        except (Exception, trio.TooSlowError) as exc:
+            log.warning("worker.result_publish_failed", job_id=job_id, error=repr(exc))
+            await msg.nak(RETRY_DELAY)
+            return
+        await msg.ack()
+
+    # ---- running a job ---------------------------------------------------------------------
+
+    async def _run_job(self, job: _Job) -> None:
+        settled = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_alive, job.messages)
+                result, retry_delay = await self._execute(job)
+                nursery.cancel_scope.cancel()
+            if result is not None:
+                data = encode(self._packet(result, trace_id=job.packet.trace_id or job.job_id))
+                try:
+                    with trio.fail_after(IO_TIMEOUT):
+                        await self._bus_publish_result(data, job.job_id)
+                except (Exception, trio.TooSlowError) as exc:
+                    log.error("worker.result_publish_failed", job_id=job.job_id, error=repr(exc))
+                    result, retry_delay = None, RETRY_DELAY
+                else:
+                    self._results.put(job.job_id, data)
+                    self._count(result)
+            # No checkpoint from here on: a duplicate cannot attach after the messages are settled.
+            self._job_done(job)
+            settled = True
+            for msg in job.messages:
+                if result is not None:
+                    await msg.ack()
+                else:
+                    await msg.nak(retry_delay)
+            if result is None:
+                self.stats.given_back += 1
+                log.info("worker.job_given_back", job_id=job.job_id, delay=retry_delay)
+        except Exception as exc:  # a bug here must not take the worker down: give the job back
+            log.error("worker.job_crashed", job_id=job.job_id, error=repr(exc))
+        finally:
+            if not settled:  # cancelled from outside (hard stop) or crashed: give it back
+                self._job_done(job)
+                for msg in job.messages:
+                    await msg.nak(RETRY_DELAY)
+                self.stats.given_back += 1
+
+    async def _bus_publish_result(self, data: bytes, job_id: str) -> None:
+        assert self._bus is not None
+        await self._bus.publish(subjects.RESULT, data, msg_id=f"{subjects.RESULT}:{job_id}")
+
+    def _count(self, result: JobResult) -> None:
+        if result.status == SUCCEEDED:
+            self.stats.succeeded += 1
+        elif result.status == CANCELLED:
+            self.stats.cancelled += 1
+        else:
+            self.stats.failed += 1
+
+    async def _execute(self, job: _Job) -> tuple[JobResult | None, float | None]:
+        """Run one job. Returns (result to publish, None) or (None, nak delay) to give it back."""
+        assert self._redis is not None
+        request = job.request
+        early = self._early_cancels.pop(job.job_id)
+        if early is not None:
+            job.cancel_reason = early
+            job.cancelled.set()
+            job.scope.cancel()
+        failure: JobFailed | None = None
+        result_ptr = ""
+        with job.scope:
+            try:
+                key = pointers.key_of(request.context_ptr)
+            except ValueError as exc:
+                failure = JobFailed(f"invalid context pointer: {exc}", code="invalid_input")
+            else:
+                try:
+                    with trio.fail_after(IO_TIMEOUT):
+                        raw = await self._redis.execute("GET", key)
+                except (Exception, trio.TooSlowError) as exc:
+                    log.error("worker.context_read_failed", job_id=job.job_id, error=repr(exc))
+                    return None, RETRY_DELAY
+                try:
+                    input = decode_input(raw, limit=self.max_context_bytes)
+                except JobFailed as exc:
+                    failure = exc
+            if failure is None:
+                handler = self._handler_for(request.topic)
+                if handler is None:
+                    failure = JobFailed(f"no handler for topic {request.topic!r}", code="no_handler")
+            if failure is None:
+                assert handler is not None
+                self.stats.handler_runs += 1
+                try:
+                    output = await handler(JobContext(self, job, input))
+                    text = encode_output(output, limit=self.max_result_bytes)
+                except JobFailed as exc:
+                    failure = exc
+                except Exception as exc:
+                    log.warning("worker.handler_failed", job_id=job.job_id, topic=request.topic, error=repr(exc))
+                    failure = JobFailed(error_text(exc), code="handler_error")
+                else:
+                    res_key = pointers.result_key(job.job_id)
+                    try:
+                        with trio.fail_after(IO_TIMEOUT):
+                            await self._redis.execute("SET", res_key, text, "EX", self.result_ttl)
+                    except (Exception, trio.TooSlowError) as exc:
+                        log.error("worker.result_write_failed", job_id=job.job_id, error=repr(exc))
+                        return None, RETRY_DELAY
+                    result_ptr = pointers.ptr(res_key)
+        elapsed_ms = int((trio.current_time() - job.started) * 1000)
+        if job.scope.cancelled_caught:
+            if job.cancel_reason:
+                error = JobFailed(f"cancelled: {job.cancel_reason}", code="cancelled", status=CANCELLED)
+                return job_result(job.job_id, CANCELLED, self.worker_id, elapsed_ms, error=error), None
+            return None, None  # shutdown deadline: give it back
+        if failure is not None:
+            return job_result(job.job_id, failure.status, self.worker_id, elapsed_ms, error=failure), None
+        return job_result(job.job_id, SUCCEEDED, self.worker_id, elapsed_ms, result_ptr=result_ptr), None
+
+
+# ---- a worker process ----------------------------------------------------------------------
+
+
+async def serve_worker(
+    worker: Worker,
+    settings: Settings,
+    lifecycle: Lifecycle,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `worker` inside `run_service` with the stages of WORKER_STAGES."""
+
+    async def finish_jobs() -> None:
+        await worker.finish_jobs(lifecycle.deadline - CLOSE_RESERVE - GIVE_BACK_MARGIN)
+
+    lifecycle.on("stop intake", worker.stop_intake)
+    lifecycle.on("finish jobs", finish_jobs)
+    lifecycle.on("close", worker.close)
+    async with open_redis(settings) as redis, open_bus(settings, name=f"cordum-worker:{worker.worker_id}") as bus:
+        await worker.serve(redis, bus, task_status=task_status)
+
+
+def run_worker(build: Callable[[Settings], Worker], *, name: str = "cordum-worker") -> None:
+    """Entry point of a worker process: `build(settings)` makes the worker; never returns."""
+    from cordum.runtime.service import run_service
+
+    async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await serve_worker(build(settings), settings, lifecycle, task_status=task_status)
+
+    run_service(name, WORKER_STAGES, serve)
+
+
+def parse_worker_id(raw: str) -> str:
+    value = raw.strip()
+    subjects.worker_subject(value)  # ValueError unless one subject token
+    return value
+
+
+def parse_topics(raw: str) -> list[str]:
+    topics = [subjects.job_subject(t.strip()) for t in raw.split(",") if t.strip()]
+    return topics
+
+
+def sanitize_id(value: str) -> str:
+    """Make a string usable as one subject token (hostnames carry dots)."""
+    cleaned = "".join("-" if (c in ".*>" or c.isspace()) else c for c in value).strip("-")
+    return cleaned or "worker"
+
+
+def parse_positive_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+    if value < 1:
+        raise ValueError("expected an integer >= 1")
+    return value
+
+
+def parse_interval(raw: str) -> float:
+    value = parse_duration(raw)
+    if value <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return value
+
+
+__all__ = [
+    "Handler",
+    "JobContext",
+    "JobFailed",
+    "SDK_VERSION",
+    "WORKER_STAGES",
+    "Worker",
+    "WorkerStats",
+    "parse_interval",
+    "parse_positive_int",
+    "parse_topics",
+    "parse_worker_id",
+    "run_worker",
+    "sanitize_id",
+    "serve_worker",
+]
