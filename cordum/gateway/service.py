@@ -1,5 +1,117 @@
-"""cordum-api-gateway: lands with the governed job path."""
+"""cordum-api-gateway: Cordum's REST API in front of the job path.
 
-from cordum.runtime.service import not_available
+Nursery tree (`serve`):
 
-main = not_available("cordum-api-gateway", "lands with the governed job path")
+    open_redis ─ open_bus ─ safety-kernel gRPC client (SAFETY_KERNEL_ADDR)
+      ├─ bus taps (one cancel scope)
+      │    ├─ DLQ writer      sys.job.dlq, queue group cordum-gateway
+      │    └─ stream taps     sys.job.> and sys.heartbeat, broadcast → WebSocket clients
+      ├─ instance registry    cordum:instance:cordum-api-gateway:<id> (TTL 15 s, renewed 5 s)
+      ├─ DLQ cleanup leader   cordum:dlq:cleanup, every DLQ_CLEANUP_INTERVAL (1h)
+      └─ HTTP                 GATEWAY_HTTP_ADDR (:8081): /health, /metrics, /api/v1/..., /api/v1/stream
+
+Shutdown stages (the guide's order): "bus taps" (stop the taps, end WebSocket streams) →
+"http drain" (in-flight requests finish) → "grpc drain" (no gRPC API yet: nothing to do) →
+"close stores" (flush the bus; Redis and NATS close as the tree unwinds).
+
+Environment (beyond the common settings): CORDUM_API_KEY, TENANT_ID, CORDUM_API_KEYS_PATH,
+CORDUM_ENV, GATEWAY_HTTP_ADDR, SAFETY_KERNEL_ADDR, POLICY_CHECK_FAIL_MODE (closed|open),
+GATEWAY_POLICY_CHECK_TIMEOUT (5s), DLQ_CLEANUP_INTERVAL (1h), CORDUM_WS_CLIENT_BUFFER_SIZE (256).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from cordum.gateway.app import create_app
+from cordum.gateway.context import SERVICE, Gateway, GatewayOptions
+from cordum.gateway.dlq import cleanup_election, serve_dlq_writer
+from cordum.gateway.stream import StreamHub
+from cordum.infra.bus import open_bus
+from cordum.infra.config import Settings
+from cordum.infra.grpc import open_grpc_client
+from cordum.infra.http import HttpServer
+from cordum.infra.metrics import Metrics
+from cordum.infra.redis import open_redis
+from cordum.runtime.consumer import ConsumerMetrics
+from cordum.runtime.instances import serve_registration
+from cordum.runtime.lease import Leases
+from cordum.runtime.lifecycle import Lifecycle
+from cordum.runtime.log import get_logger
+from cordum.runtime.service import run_service
+from cordum.safety import client as safety_client
+
+STAGES = ("bus taps", "http drain", "grpc drain", "close stores")
+
+log = get_logger("gateway")
+
+
+async def serve(settings: Settings, lifecycle: Lifecycle, *,
+                task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run one gateway replica; reports the `Gateway` (with its bound HTTP port) when ready."""
+    options = GatewayOptions.from_settings(settings)  # ConfigError before anything is opened
+    metrics = Metrics(settings.instance_id)
+    host, port = options.safety_addr
+    async with (
+        open_redis(settings) as redis,
+        open_bus(settings, name=SERVICE) as bus,
+        open_grpc_client(safety_client.STUB, host, port) as grpc,
+    ):
+        breaker = safety_client.CircuitBreaker(redis)
+        gw = Gateway(settings=settings, options=options, redis=redis, bus=bus, metrics=metrics,
+                     safety=safety_client.SafetyClient(grpc, breaker, timeout=options.policy_timeout),
+                     leases=Leases(redis, settings.instance_id))
+        gw.hub = StreamHub(gw, buffer=options.ws_client_buffer)
+        http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0)
+        counters = ConsumerMetrics(metrics)
+
+        async with trio.open_nursery() as nursery:
+            taps = trio.CancelScope()
+
+            async def run_taps(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                with taps:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(serve_dlq_writer, gw, counters)
+                        await inner.start(gw.hub.serve_taps)
+                        task_status.started()
+
+            await nursery.start(run_taps)
+            background = trio.CancelScope()
+
+            async def run_background(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                with background:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(serve_registration, redis, SERVICE, settings.instance_id)
+                        election, work = cleanup_election(gw)
+                        await inner.start(election.run, work)
+                        task_status.started()
+
+            await nursery.start(run_background)
+            gw.http_port = await nursery.start(http.serve)
+
+            async def stop_taps() -> None:
+                taps.cancel()
+                gw.hub.close()
+
+            async def grpc_drain() -> None:
+                pass  # no gRPC API yet
+
+            async def close_stores() -> None:
+                background.cancel()  # unregisters the instance, releases the cleanup lease
+                await bus.flush()
+
+            lifecycle.on("bus taps", stop_taps)
+            lifecycle.on("http drain", http.drain)
+            lifecycle.on("grpc drain", grpc_drain)
+            lifecycle.on("close stores", close_stores)
+            log.info("gateway.ready", http_port=gw.http_port, keys=len(options.keys),
+                     safety_kernel=f"{host}:{port}", policy_fail_mode="open" if options.fail_open else "closed")
+            task_status.started(gw)
+
+
+def main() -> None:
+    run_service(SERVICE, STAGES, serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -83,10 +83,18 @@ class Batcher(Generic[T, R]):
         self._closed = False
         self._idle = trio.Event()
         self._idle.set()
+        self._running = False
         self.batches = 0
         self.items_sent = 0
 
     async def submit(self, item: T) -> R:
+        if not self._running:
+            # No flusher (not started yet, or cancelled during a shutdown, as in a shielded
+            # `finally`): send this one item from the caller's own task.
+            result = (await self._run_batch([item]))[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result  # type: ignore[return-value]
         waiter: _Waiter[R] = _Waiter()
         self._enqueue(item, waiter)
         await waiter.done.wait()
@@ -105,18 +113,22 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._running = True
         task_status.started()
-        while True:
-            if not self._items:
-                self._idle.set()
-                if self._closed:
-                    return
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-                continue
-            batch = self._items[: self._max_batch]
-            del self._items[: self._max_batch]
-            await self._flush(batch)
+        try:
+            while True:
+                if not self._items:
+                    self._idle.set()
+                    if self._closed:
+                        return
+                    self._wakeup = trio.Event()
+                    await self._wakeup.wait()
+                    continue
+                batch = self._items[: self._max_batch]
+                del self._items[: self._max_batch]
+                await self._flush(batch)
+        finally:
+            self._running = False
 
     async def _flush(self, batch: list[tuple[T, _Waiter[R] | None]]) -> None:
         self.batches += 1

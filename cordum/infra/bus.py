@@ -115,6 +115,10 @@ class Bus:
     def jetstream(self) -> bool:
         return self._js is not None
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
     def _uses_jetstream(self, subject: str) -> bool:
         return self._js is not None and subjects.is_durable_subject(subject)
 

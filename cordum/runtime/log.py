@@ -15,7 +15,8 @@ import time
 from typing import Any, TextIO
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_SECRET_NAME = re.compile(r"(key|secret|password|passwd|token|credential|authorization)", re.I)
+# Names of secret-bearing fields (a bare `key` is a Redis key or lock name, not a secret).
+_SECRET_NAME = re.compile(r"(api[_-]?key|private[_-]?key|secret|password|passwd|token|credential|authorization)", re.I)
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.I)
 
 _context: dict[str, Any] = {}

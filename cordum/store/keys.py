@@ -20,6 +20,14 @@ SAFETY_SNAPSHOTS = "cordum:safety:snapshots"
 WORKERS_SNAPSHOT = "sys:workers:snapshot"
 
 
+INSTANCE_PREFIX = "cordum:instance:"
+
+
+def instance(service: str, instance_id: str) -> str:
+    """A live replica's registration (TTL, renewed while it runs): /api/v1/status lists them."""
+    return f"{INSTANCE_PREFIX}{service}:{instance_id}"
+
+
 def job_lock(job_id: str) -> str:
     return f"cordum:scheduler:job:{job_id}"
 

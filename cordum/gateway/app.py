@@ -1,0 +1,64 @@
+"""The gateway's quart-trio app: auth and tenant check on `/api/`, the error envelope, request
+metrics, and the routes of every module (jobs, approvals, DLQ, workers, config/policy, status,
+stream). `/health` and `/metrics` come from `make_app` and need no key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Response, g, request, websocket
+from quart_trio import QuartTrio
+
+from cordum.gateway import approvals, config, dlq, errors, jobs, status, stream, workers
+from cordum.gateway.auth import key_from_headers
+from cordum.gateway.context import SERVICE, Gateway
+from cordum.gateway.errors import error_response
+from cordum.infra.http import make_app
+
+MAX_BODY = 1 << 20
+
+
+def _authenticate(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
+    """Set `g.principal`, or answer 401/403 in the error envelope."""
+    key = key_from_headers(headers, args)
+    if not key:
+        return error_response(401, "missing API key (X-API-Key)", code="unauthenticated")
+    principal = gw.options.keys.authenticate(key)
+    if principal is None:
+        return error_response(401, "invalid API key", code="unauthenticated")
+    requested = (headers.get("X-Tenant-ID") or "").strip()
+    if not requested and args is not None:
+        requested = (args.get("tenant_id") or args.get("tenant") or "").strip()
+    if requested and requested != principal.tenant:
+        return error_response(403, "tenant access denied", code="tenant_access_denied")
+    g.principal = principal
+    return None
+
+
+def create_app(gw: Gateway) -> QuartTrio:
+    async def health() -> dict[str, Any]:
+        return await status.health(gw)
+
+    app = make_app(SERVICE, gw.metrics, health)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    errors.install(app)
+
+    @app.before_request
+    async def _auth() -> Response | None:
+        if not request.path.startswith("/api/"):
+            return None
+        return _authenticate(gw, request.headers, None)
+
+    @app.before_websocket
+    async def _ws_auth() -> Response | None:
+        return _authenticate(gw, websocket.headers, websocket.args)
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        gw.http_requests.labels(method=request.method, route=rule, status=str(response.status_code)).inc()
+        return response
+
+    for module in (jobs, approvals, dlq, workers, config, status, stream):
+        module.register(app, gw)
+    return app

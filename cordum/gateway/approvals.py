@@ -1,0 +1,171 @@
+"""Approvals (spec cordum-jobpath §4.5, without the policy-drift re-check).
+
+Approve and reject run under the job's lock `cordum:scheduler:job:<id>` (TTL 10 s; busy → 409
+`approval_retryable_lock`), the same lease the scheduler takes, and every write carries its fence.
+Approve: APPROVAL_REQUIRED → PENDING, the stored JobRequest gets `approval_granted=true` and
+`cordum.bus_msg_id=approval:<id>`, and is re-published on `sys.job.submit`. Reject: → DENIED and a
+DLQ event `approval_rejected`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Quart, request
+
+from cordum.agent.v1 import job_pb2
+from cordum.gateway.auth import Principal
+from cordum.gateway.context import Gateway, caller, json_body, optional_str, query_int, require
+from cordum.gateway.errors import ApiError, not_found
+from cordum.gateway.jobs import job_summary, publish_dlq, publish_request
+from cordum.protocol import subjects
+from cordum.runtime.lease import LeaseUnavailable
+from cordum.runtime.log import get_logger
+from cordum.store import keys
+from cordum.store.jobs import InvalidTransition, now_us
+from cordum.store.jobstate import JobState
+
+log = get_logger("gateway.approvals")
+
+LOCK_TTL = 10.0
+
+
+def approval_item(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job": job_summary(meta),
+        "decision": meta.get("safety_decision", ""),
+        "policy_reason": meta.get("safety_reason", ""),
+        "policy_rule_id": meta.get("safety_rule_id", ""),
+        "policy_snapshot": meta.get("safety_snapshot", ""),
+        "job_hash": meta.get("safety_job_hash", ""),
+        "approval_status": meta.get("approval_status", "pending"),
+    }
+
+
+def _is_self_approval(who: Principal, meta: dict[str, Any]) -> bool:
+    if who.static_admin or not who.principal_id:
+        return False
+    submitters = {str(meta.get("submitted_by") or ""), str(meta.get("principal") or "")} - {""}
+    return who.principal_id in submitters
+
+
+def _labels(meta: dict[str, Any]) -> dict[str, str]:
+    labels = meta.get("labels")
+    return dict(labels) if isinstance(labels, dict) else {}
+
+
+async def approve(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    who = caller()
+    reason = optional_str(body, "reason", max_len=2000)
+    note = optional_str(body, "note", max_len=2000)
+    try:
+        async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
+            meta = await gw.jobs.get(job_id, tenant=who.tenant)
+            if meta is None:
+                raise not_found("job not found")
+            state = meta.get("state")
+            if state != JobState.APPROVAL_REQUIRED.value:
+                if _labels(meta).get("approval_granted") == "true" or meta.get("approval_status") == "approved":
+                    return {"job_id": job_id, "trace_id": meta.get("trace_id", ""), "status": "already_approved"}
+                raise ApiError(409, f"approval already resolved (job is {state})", code="approval_already_resolved")
+            if _is_self_approval(who, meta):
+                raise ApiError(403, "self-approval is not allowed", code="self_approval_denied")
+            request_msg = await gw.jobs.get_request(job_id)
+            if request_msg is None:
+                raise ApiError(409, "stored job request is missing", code="approval_stale_request")
+            granted = {"approval_granted": "true", subjects.LABEL_BUS_MSG_ID: f"approval:{job_id}"}
+            if reason:
+                granted["approval_reason"] = reason
+            if note:
+                granted["approval_note"] = note
+            if meta.get("safety_snapshot"):
+                granted["approval_snapshot"] = str(meta["safety_snapshot"])
+            request_msg.labels.update(granted)
+            await gw.jobs.store_request(job_id, request_msg)
+            labels = {**_labels(meta), **granted}
+            revision = int(meta.get("approval_revision") or 1) + 1
+            trace_id = str(meta.get("trace_id") or "")
+            try:
+                await gw.jobs.transition(
+                    job_id, JobState.PENDING, fence=lease.fence, allowed_from=[JobState.APPROVAL_REQUIRED],
+                    fields={
+                        "labels": labels, "approval_by": who.identity, "approval_role": who.role,
+                        "approval_at": now_us(), "approval_status": "approved", "approval_reason": reason,
+                        "approval_note": note, "approval_decision": "approve", "approval_revision": revision,
+                        "approval_actionability": "resolved", "approval_publish_status": "pending",
+                        "approval_publish_target": "submit",
+                    },
+                    event={"approval": "approved", "by": who.identity},
+                )
+            except InvalidTransition:
+                raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
+            try:
+                await publish_request(gw, request_msg, trace_id or job_id)
+                await gw.jobs.set_fields(job_id, {"approval_publish_status": "published",
+                                                  "approval_published_at": now_us()}, fence=lease.fence)
+            except Exception as exc:  # the pending replayer re-drives approved PENDING jobs
+                log.error("approve.publish_failed", job_id=job_id, error=repr(exc))
+            return {"job_id": job_id, "trace_id": trace_id}
+    except LeaseUnavailable:
+        raise ApiError(409, "job is busy, retry", code="approval_retryable_lock") from None
+
+
+async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    who = caller()
+    reason = optional_str(body, "reason", max_len=2000) or "approval rejected"
+    note = optional_str(body, "note", max_len=2000)
+    try:
+        async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
+            meta = await gw.jobs.get(job_id, tenant=who.tenant)
+            if meta is None:
+                raise not_found("job not found")
+            state = meta.get("state")
+            if state != JobState.APPROVAL_REQUIRED.value:
+                if state == JobState.DENIED.value and meta.get("approval_status") == "rejected":
+                    return {"job_id": job_id, "state": JobState.DENIED.value, "status": "already_rejected"}
+                raise ApiError(409, f"approval already resolved (job is {state})", code="approval_already_resolved")
+            try:
+                await gw.jobs.transition(
+                    job_id, JobState.DENIED, fence=lease.fence, allowed_from=[JobState.APPROVAL_REQUIRED],
+                    fields={
+                        "approval_by": who.identity, "approval_role": who.role, "approval_at": now_us(),
+                        "approval_status": "rejected", "approval_reason": reason, "approval_note": note,
+                        "approval_decision": "reject", "approval_actionability": "resolved",
+                        "approval_publish_target": "dlq", "failure_reason": reason,
+                    },
+                    event={"approval": "rejected", "by": who.identity},
+                )
+            except InvalidTransition:
+                raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
+    except LeaseUnavailable:
+        raise ApiError(409, "job is busy, retry", code="approval_retryable_lock") from None
+    try:
+        await publish_dlq(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected", reason=reason)
+    except Exception as exc:
+        log.error("reject.dlq_publish_failed", job_id=job_id, error=repr(exc))
+    return {"job_id": job_id, "state": JobState.DENIED.value}
+
+
+def register(app: Quart, gw: Gateway) -> None:
+    @app.get("/api/v1/approvals")
+    @require("viewer")
+    async def list_approvals() -> Any:
+        limit = query_int("limit", 50, high=500)
+        cursor = request.args.get("cursor") or None
+        if cursor is not None and not cursor.lstrip("-").isdigit():
+            raise ApiError(400, "cursor must be an integer (updated_at in microseconds)")
+        items, next_cursor = await gw.jobs.list(
+            caller().tenant, state=JobState.APPROVAL_REQUIRED.value, limit=limit,
+            cursor=int(cursor) if cursor else None,
+        )
+        return {"items": [approval_item(m) for m in items], "next_cursor": next_cursor}
+
+    @app.post("/api/v1/approvals/<job_id>/approve")
+    @require("operator")
+    async def approve_route(job_id: str) -> Any:
+        return await approve(gw, job_id, await json_body(optional=True))
+
+    @app.post("/api/v1/approvals/<job_id>/reject")
+    @require("operator")
+    async def reject_route(job_id: str) -> Any:
+        return await reject(gw, job_id, await json_body(optional=True))

@@ -1,0 +1,208 @@
+"""What every route handler shares: the gateway's options (from the environment), its clients and
+stores (`Gateway`), and small request helpers (caller, role check, JSON body)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
+
+from quart import g, request
+
+from cordum.gateway.auth import KeyRing, Principal, load_keyring
+from cordum.gateway.errors import ApiError
+from cordum.infra.bus import Bus
+from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
+from cordum.infra.metrics import Metrics
+from cordum.infra.redis import Redis
+from cordum.runtime.lease import Leases
+from cordum.safety.client import SafetyClient
+from cordum.store.config import ConfigStore
+from cordum.store.dlq import DlqStore
+from cordum.store.jobs import JobStore
+
+SERVICE = "cordum-api-gateway"
+SENDER = "api-gateway"
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _positive_duration(raw: str) -> float:
+    value = parse_duration(raw)
+    if value <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return value
+
+
+def _fail_mode(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("closed", "open"):
+        raise ValueError("expected 'closed' or 'open'")
+    return value
+
+
+def _buffer_size(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
+    if not 1 <= value <= 10000:
+        raise ValueError("expected an integer between 1 and 10000")
+    return value
+
+
+def _client_addr(raw: str) -> tuple[str, int]:
+    host, port = parse_listen_addr(raw)
+    return ("127.0.0.1" if host in ("0.0.0.0", "") else host), port
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    http_addr: tuple[str, int]
+    safety_addr: tuple[str, int]
+    fail_open: bool
+    dlq_cleanup_interval: float
+    ws_client_buffer: int
+    policy_timeout: float
+    keys: KeyRing = field(repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "GatewayOptions":
+        return cls(
+            http_addr=env_value(settings, "GATEWAY_HTTP_ADDR", ":8081", parse_listen_addr),
+            safety_addr=env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", _client_addr),
+            fail_open=env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode) == "open",
+            dlq_cleanup_interval=env_value(settings, "DLQ_CLEANUP_INTERVAL", "1h", _positive_duration),
+            ws_client_buffer=env_value(settings, "CORDUM_WS_CLIENT_BUFFER_SIZE", "256", _buffer_size),
+            policy_timeout=env_value(settings, "GATEWAY_POLICY_CHECK_TIMEOUT", "5s", _positive_duration),
+            keys=load_keyring(settings.extra),
+        )
+
+
+@dataclass
+class Gateway:
+    """The gateway's clients and stores; one per replica, shared by all handlers."""
+
+    settings: Settings
+    options: GatewayOptions
+    redis: Redis
+    bus: Bus
+    metrics: Metrics
+    safety: SafetyClient
+    leases: Leases
+    jobs: JobStore = field(init=False)
+    dlq: DlqStore = field(init=False)
+    configs: ConfigStore = field(init=False)
+    started_at: float = field(default_factory=time.time)
+    hub: Any = None  # stream.StreamHub, set by the service
+    http_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self.jobs = JobStore(self.redis)
+        self.dlq = DlqStore(self.redis)
+        self.configs = ConfigStore(self.redis)
+        self.submitted = self.metrics.counter(
+            "cordum_api_gateway_jobs_submitted_total", "Job submissions by outcome", ["outcome"])
+        self.http_requests = self.metrics.counter(
+            "cordum_api_gateway_http_requests_total", "HTTP requests", ["method", "route", "status"])
+        self.dlq_written = self.metrics.counter(
+            "cordum_api_gateway_dlq_entries_written_total", "DLQ entries written by this replica's DLQ writer")
+
+    @property
+    def instance_id(self) -> str:
+        return self.settings.instance_id
+
+
+# ---- request helpers ------------------------------------------------------------------------
+
+
+def caller() -> Principal:
+    """The authenticated caller of the current /api/ request."""
+    principal = getattr(g, "principal", None)
+    if principal is None:  # only reachable if a route is mounted outside /api/
+        raise ApiError(401, "missing API key")
+    return principal
+
+
+def require(role: str) -> Callable[[F], F]:
+    """Route decorator: the caller's role must be at least `role`."""
+
+    def wrap(handler: F) -> F:
+        @functools.wraps(handler)
+        async def checked(*args: Any, **kwargs: Any) -> Any:
+            who = caller()
+            if not who.allows(role):
+                raise ApiError(403, f"role {who.role} may not do this (requires {role})", code="forbidden")
+            return await handler(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return wrap
+
+
+async def json_body(*, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object; 400 naming the problem otherwise (413 if too large)."""
+    data = await request.get_data(as_text=False)
+    if not data or not data.strip():
+        if optional:
+            return {}
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        body = json.loads(data)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid JSON body: not UTF-8") from None
+    except ValueError as exc:
+        raise ApiError(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def query_int(name: str, default: int, *, low: int = 1, high: int | None = None) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+    if value < low:
+        raise ApiError(400, f"{name} must be >= {low}")
+    if high is not None and value > high:
+        value = high
+    return value
+
+
+def optional_str(body: dict[str, Any], name: str, *, max_len: int | None = None) -> str:
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    if max_len is not None and len(value) > max_len:
+        raise ApiError(400, f"{name} must be at most {max_len} characters")
+    return value.strip()
+
+
+def optional_str_list(body: dict[str, Any], name: str, *, max_items: int = 100) -> list[str]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"{name} must be an array of strings")
+    if len(value) > max_items:
+        raise ApiError(400, f"{name} must have at most {max_items} entries")
+    return [v.strip() for v in value if v.strip()]
+
+
+def optional_str_map(body: dict[str, Any], name: str, *, max_items: int = 50) -> dict[str, str]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ApiError(400, f"{name} must be an object of strings")
+    if len(value) > max_items:
+        raise ApiError(400, f"{name} must have at most {max_items} entries")
+    return {str(k): v for k, v in value.items()}

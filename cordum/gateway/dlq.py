@@ -1,0 +1,178 @@
+"""The dead-letter queue: REST routes, the queue-grouped DLQ writer and the cleanup leader.
+
+Writer: `sys.job.dlq` in queue group `cordum-gateway` (one write per event across replicas). Each
+JobResult becomes `dlq:entry:<job_id>` (tenant/topic/state/attempts from the job's meta) and, if
+the job has no result yet, a synthetic `res:<job_id>` with the error and the job's `result_ptr`.
+A Redis failure raises, so the message is redelivered; an unusable packet is acked and counted.
+
+Cleanup: one replica at a time (leader key `cordum:dlq:cleanup`) drops index members whose entry
+expired, every DLQ_CLEANUP_INTERVAL (1h).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+import trio
+from quart import Quart, Response, request
+
+from cordum.agent.v1 import job_pb2
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.gateway.context import SENDER, Gateway, caller, query_int, require
+from cordum.gateway.errors import ApiError, not_found
+from cordum.gateway.jobs import publish_request
+from cordum.infra.bus import Message
+from cordum.protocol import subjects
+from cordum.protocol.pointers import context_key, ptr, result_key
+from cordum.runtime.consumer import ConsumerMetrics, serve_packets
+from cordum.runtime.lease import Lease
+from cordum.runtime.leader import LeaderElection, every
+from cordum.runtime.log import get_logger
+from cordum.store import keys
+from cordum.store.dlq import dlq_entry
+from cordum.store.jobs import JobNotFound
+from cordum.store.jobstate import JobState
+
+log = get_logger("gateway.dlq")
+
+CLEANUP_LEASE_TTL = 30.0
+_COPIED_META = ("topic", "tenant", "team", "principal", "capability", "risk_tags", "requires", "submitted_by",
+                "actor_id", "actor_type", "memory_id", "idempotency_key", "labels")
+
+
+# ---- the writer ---------------------------------------------------------------------------------
+
+
+async def write_dlq_entry(gw: Gateway, packet: BusPacket) -> bool:
+    """Persist one `sys.job.dlq` event; returns False for a packet that is not a job result."""
+    if packet.WhichOneof("payload") != "job_result" or not packet.job_result.job_id:
+        return False
+    result = packet.job_result
+    job_id = result.job_id
+    meta = await gw.jobs.get(job_id)
+    status = job_pb2.JobStatus.Name(result.status) if result.status in job_pb2.JobStatus.values() else str(result.status)
+    entry = dlq_entry(
+        job_id=job_id,
+        tenant=str(meta.get("tenant", "")) if meta else "",
+        topic=str(meta.get("topic", "")) if meta else "",
+        status=status,
+        reason=result.error_message,
+        reason_code=result.error_code,
+        last_state=str(meta.get("state", "")) if meta else "",
+        attempts=int(meta.get("attempts", 0) or 0) if meta else 0,
+    )
+    await gw.dlq.put(entry)
+    if meta is None:
+        log.warning("dlq.unknown_job", job_id=job_id, reason_code=result.error_code)
+    elif not meta.get("result_ptr"):
+        record = {
+            "job_id": job_id, "status": status,
+            "error": {"message": result.error_message, "code": result.error_code},
+            "processed_by": SENDER,
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        await gw.redis.execute("SET", keys.result(job_id), json.dumps(record), "NX", "EX", gw.jobs.data_ttl)
+        try:
+            await gw.jobs.set_fields(job_id, {"result_ptr": ptr(result_key(job_id))})
+        except JobNotFound:
+            pass
+    gw.dlq_written.inc()
+    return True
+
+
+async def serve_dlq_writer(gw: Gateway, counters: ConsumerMetrics, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def handle(packet: BusPacket, msg: Message) -> None:
+        if not await write_dlq_entry(gw, packet):
+            log.warning("dlq.ignored_packet", kind=packet.WhichOneof("payload"), subject=msg.subject)
+
+    await serve_packets(gw.bus, subjects.DLQ, handle, counters, queue=subjects.QUEUE_GATEWAY, task_status=task_status)
+
+
+def cleanup_election(gw: Gateway) -> tuple[LeaderElection, Any]:
+    election = LeaderElection(gw.leases, keys.DLQ_CLEANUP_LEADER, CLEANUP_LEASE_TTL)
+
+    async def step(lease: Lease) -> None:
+        removed = await gw.dlq.cleanup()
+        if removed:
+            log.info("dlq.cleanup", removed=removed)
+
+    return election, every(gw.options.dlq_cleanup_interval, step)
+
+
+# ---- retry --------------------------------------------------------------------------------------
+
+
+async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
+    entry = await gw.dlq.get(job_id, tenant=tenant)
+    if entry is None:
+        raise not_found("dlq entry not found")
+    old = await gw.jobs.get(job_id, tenant=tenant)
+    request_msg = await gw.jobs.get_request(job_id)
+    if old is None or request_msg is None:
+        raise ApiError(409, "the original job's request has expired; it cannot be retried", code="retry_unavailable")
+    new_id = f"{job_id}-retry-{secrets.token_hex(4)}"
+    trace_id = f"dlq-retry-{job_id}"
+    request_msg.job_id = new_id
+    request_msg.context_ptr = ptr(context_key(new_id))
+    for name in list(request_msg.labels):
+        if name == subjects.LABEL_BUS_MSG_ID or name.startswith("approval_"):
+            del request_msg.labels[name]
+    request_msg.labels.update({"retry": "true", "dlq_entry": job_id, "retry_of_job": job_id})
+    request_msg.env["tenant_id"] = tenant
+    request_msg.env["retry_of_job"] = job_id
+    if entry.get("topic"):
+        request_msg.topic = entry["topic"]
+    fields = {name: old[name] for name in _COPIED_META if old.get(name) not in (None, "", [], {})}
+    labels = dict(old.get("labels") or {}) if isinstance(old.get("labels"), dict) else {}
+    labels = {k: v for k, v in labels.items() if k != subjects.LABEL_BUS_MSG_ID and not k.startswith("approval_")}
+    labels.update({"retry": "true", "dlq_entry": job_id, "retry_of_job": job_id})
+    fields.update(labels=labels, trace_id=trace_id, retry_of_job=job_id, topic=request_msg.topic, tenant=tenant)
+    fields.pop("idempotency_key", None)  # the key stays with the original job
+    context = await gw.jobs.get_context(job_id)
+    await gw.jobs.create(new_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
+    try:
+        await publish_request(gw, request_msg, trace_id)
+    except Exception as exc:
+        log.error("dlq.retry_publish_failed", job_id=new_id, error=repr(exc))
+        await gw.jobs.transition(new_id, JobState.FAILED, fields={"failure_reason": "publish to bus failed"})
+        raise ApiError(503, "retry could not be queued (bus unavailable), try again", code="bus_unavailable") from None
+    await gw.dlq.delete(job_id)
+    return {"job_id": new_id}
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+
+def register(app: Quart, gw: Gateway) -> None:
+    @app.get("/api/v1/dlq")
+    @require("viewer")
+    async def list_dlq() -> Any:
+        items, _ = await gw.dlq.page(caller().tenant, limit=query_int("limit", 100, high=1000))
+        return {"items": items}
+
+    @app.get("/api/v1/dlq/page")
+    @require("viewer")
+    async def page_dlq() -> Any:
+        cursor = request.args.get("cursor") or None
+        if cursor is not None and not cursor.lstrip("-").isdigit():
+            raise ApiError(400, "cursor must be an integer (created_at in unix seconds)")
+        items, next_cursor = await gw.dlq.page(caller().tenant, limit=query_int("limit", 100, high=1000),
+                                               cursor=int(cursor) if cursor else None)
+        return {"items": items, "next_cursor": next_cursor}
+
+    @app.delete("/api/v1/dlq/<job_id>")
+    @require("admin")
+    async def delete_dlq(job_id: str) -> Any:
+        if await gw.dlq.get(job_id, tenant=caller().tenant) is None:
+            raise not_found("dlq entry not found")
+        await gw.dlq.delete(job_id)
+        return Response(b"", status=204)
+
+    @app.post("/api/v1/dlq/<job_id>/retry")
+    @require("operator")
+    async def retry_dlq(job_id: str) -> Any:
+        return await retry_entry(gw, job_id, caller().tenant)

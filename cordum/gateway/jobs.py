@@ -1,0 +1,424 @@
+"""Jobs: the submit pipeline (spec cordum-services §1.6, jobpath §2.3/§2.5) and the job reads.
+
+Submit: validate → idempotency pre-check (tenant-scoped) → submit-time policy (kernel `Evaluate`,
+5 s) → by verdict:
+- ALLOW / ALLOW_WITH_CONSTRAINTS: reserve the idempotency key (a lost race returns the holder's
+  job), persist PENDING with `ctx:`, `job:req:` and meta, publish the JobRequest on
+  `sys.job.submit` → 200 `{job_id, trace_id}`. Publish failure → FAILED, 503.
+- DENY (also "policy check unavailable" unless POLICY_CHECK_FAIL_MODE=open): persisted
+  PENDING → DENIED, DLQ event `policy_denied`, decision recorded → 403 with the job id.
+- THROTTLE: nothing persisted → 429, Retry-After: 30.
+- REQUIRE_APPROVAL: persisted in APPROVAL_REQUIRED, not published → 200 `approval_required`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+from quart import Quart, request
+
+from cordum.agent.v1 import job_pb2, safety_pb2
+from cordum.gateway.context import SENDER, Gateway, caller, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
+from cordum.gateway.errors import ApiError, not_found
+from cordum.protocol import subjects
+from cordum.protocol.packets import encode, new_packet
+from cordum.protocol.pointers import context_key, ptr
+from cordum.runtime.log import get_logger
+from cordum.safety.client import SafetyDecision, Verdict
+from cordum.store.dlq import dlq_packet
+from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
+from cordum.store.jobstate import TERMINAL, JobState, parse_state
+
+log = get_logger("gateway.jobs")
+
+TOPIC_RE = re.compile(r"^job(\.[A-Za-z0-9_-]+)+$")
+MAX_PROMPT = 50_000
+MAX_TOPIC = 256
+MAX_LABELS = 50
+RESERVED_LABEL_PREFIXES = ("_governance.", "_ma.")
+PRIORITIES = {
+    "interactive": job_pb2.JOB_PRIORITY_INTERACTIVE,
+    "batch": job_pb2.JOB_PRIORITY_BATCH,
+    "critical": job_pb2.JOB_PRIORITY_CRITICAL,
+}
+ACTOR_TYPES = {"": job_pb2.ACTOR_TYPE_UNSPECIFIED, "human": job_pb2.ACTOR_TYPE_HUMAN,
+               "service": job_pb2.ACTOR_TYPE_SERVICE}
+THROTTLE_RETRY_AFTER = "30"
+POLICY_UNAVAILABLE = "policy check unavailable"
+
+
+# ---- validation (pure) --------------------------------------------------------------------------
+
+
+@dataclass
+class SubmitInput:
+    prompt: str
+    topic: str = "job.default"
+    context: Any = None
+    priority: int = job_pb2.JOB_PRIORITY_INTERACTIVE
+    idempotency_key: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    capability: str = ""
+    risk_tags: list[str] = field(default_factory=list)
+    requires: list[str] = field(default_factory=list)
+    principal_id: str = ""
+    actor_id: str = ""
+    actor_type: str = ""
+    memory_id: str = ""
+    max_input_tokens: int = 8000
+    max_output_tokens: int = 1024
+    max_total_tokens: int = 0
+    deadline_ms: int = 0
+
+
+def _int_field(body: dict[str, Any], name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ApiError(400, f"{name} must be a non-negative integer")
+    return value
+
+
+def parse_submit(body: dict[str, Any], tenant: str) -> SubmitInput:
+    """Validate a submit body; ApiError 400 names the first bad field."""
+    prompt = body.get("prompt")
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise ApiError(400, "prompt is required")
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string")
+    if len(prompt) > MAX_PROMPT:
+        raise ApiError(400, f"prompt must be at most {MAX_PROMPT} characters")
+    topic = optional_str(body, "topic") or "job.default"
+    if len(topic) > MAX_TOPIC:
+        raise ApiError(400, f"topic must be at most {MAX_TOPIC} characters")
+    if not TOPIC_RE.match(topic):
+        raise ApiError(400, "topic must look like job.<segment>(.<segment>)* (letters, digits, _ and -)")
+    priority_name = optional_str(body, "priority").lower()
+    if priority_name and priority_name not in PRIORITIES:
+        raise ApiError(400, "priority must be one of interactive, batch, critical")
+    for name in ("tenant_id", "org_id"):
+        requested = optional_str(body, name)
+        if requested and requested != tenant:
+            raise ApiError(403, "tenant access denied")
+    labels = optional_str_map(body, "labels", max_items=MAX_LABELS)
+    cleaned: dict[str, str] = {}
+    for key, value in labels.items():
+        if key.startswith(RESERVED_LABEL_PREFIXES):
+            raise ApiError(400, f"labels: key {key!r} is reserved")
+        if key.startswith("_"):
+            continue  # internal labels are set by the control plane, never by callers
+        cleaned[key] = value
+    cleaned["_source"] = "api"
+    actor_type = optional_str(body, "actor_type").lower()
+    if actor_type not in ACTOR_TYPES:
+        raise ApiError(400, "actor_type must be human or service")
+    return SubmitInput(
+        prompt=prompt,
+        topic=topic,
+        context=body.get("context"),
+        priority=PRIORITIES.get(priority_name, job_pb2.JOB_PRIORITY_INTERACTIVE),
+        idempotency_key=optional_str(body, "idempotency_key", max_len=256),
+        labels=cleaned,
+        capability=optional_str(body, "capability", max_len=256),
+        risk_tags=optional_str_list(body, "risk_tags"),
+        requires=optional_str_list(body, "requires"),
+        principal_id=optional_str(body, "principal_id", max_len=256),
+        actor_id=optional_str(body, "actor_id", max_len=256),
+        actor_type=actor_type,
+        memory_id=optional_str(body, "memory_id", max_len=256),
+        max_input_tokens=_int_field(body, "max_input_tokens", 8000),
+        max_output_tokens=_int_field(body, "max_output_tokens", 1024),
+        max_total_tokens=_int_field(body, "max_total_tokens", 0),
+        deadline_ms=_int_field(body, "deadline_ms", 0),
+    )
+
+
+def job_metadata(inp: SubmitInput, tenant: str) -> job_pb2.JobMetadata:
+    return job_pb2.JobMetadata(
+        tenant_id=tenant, actor_id=inp.actor_id, actor_type=ACTOR_TYPES[inp.actor_type],
+        idempotency_key=inp.idempotency_key, capability=inp.capability, risk_tags=inp.risk_tags,
+        requires=inp.requires, labels=inp.labels,
+    )
+
+
+def build_request(job_id: str, inp: SubmitInput, tenant: str) -> job_pb2.JobRequest:
+    env = {"tenant_id": tenant, "max_input_tokens": str(inp.max_input_tokens),
+           "max_output_tokens": str(inp.max_output_tokens)}
+    if inp.memory_id:
+        env["memory_id"] = inp.memory_id
+    return job_pb2.JobRequest(
+        job_id=job_id,
+        topic=inp.topic,
+        priority=inp.priority,
+        context_ptr=ptr(context_key(job_id)),
+        env=env,
+        memory_id=inp.memory_id,
+        tenant_id=tenant,
+        principal_id=inp.principal_id,
+        labels=inp.labels,
+        meta=job_metadata(inp, tenant),
+        budget=job_pb2.Budget(max_input_tokens=inp.max_input_tokens, max_output_tokens=inp.max_output_tokens,
+                              max_total_tokens=inp.max_total_tokens, deadline_ms=inp.deadline_ms),
+        context_hints=job_pb2.ContextHints(max_input_tokens=inp.max_input_tokens),
+    )
+
+
+def policy_request(job_id: str, inp: SubmitInput, tenant: str) -> safety_pb2.PolicyCheckRequest:
+    return safety_pb2.PolicyCheckRequest(
+        job_id=job_id, topic=inp.topic, tenant=tenant, priority=inp.priority,
+        budget=job_pb2.Budget(max_input_tokens=inp.max_input_tokens, max_output_tokens=inp.max_output_tokens,
+                              max_total_tokens=inp.max_total_tokens, deadline_ms=inp.deadline_ms),
+        principal_id=inp.principal_id, labels=inp.labels, memory_id=inp.memory_id, meta=job_metadata(inp, tenant),
+    )
+
+
+def safety_fields(decision: SafetyDecision, verdict: Verdict, reason: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "safety_decision": verdict.value,
+        "safety_reason": reason,
+        "safety_rule_id": decision.rule_id,
+        "safety_snapshot": decision.snapshot,
+        "safety_checked_at": now_us(),
+    }
+    response = decision.response
+    if response is not None:
+        if response.HasField("constraints"):
+            fields["safety_constraints"] = json_format.MessageToJson(response.constraints, indent=None)
+        if response.remediations:
+            fields["safety_remediations"] = [json_format.MessageToDict(r) for r in response.remediations]
+    if verdict is Verdict.REQUIRE_APPROVAL:
+        fields["safety_approval_required"] = "true"
+        fields["safety_approval_ref"] = (response.approval_ref if response is not None else "")
+    return {k: v for k, v in fields.items() if v not in ("", None)}
+
+
+def decision_record(decision: SafetyDecision, verdict: Verdict, reason: str) -> dict[str, Any]:
+    return {
+        "decision": verdict.value, "reason": reason, "rule_id": decision.rule_id,
+        "policy_snapshot": decision.snapshot, "approval_required": verdict is Verdict.REQUIRE_APPROVAL,
+        "checked_at": now_us(), "source": "api-gateway",
+    }
+
+
+def job_fields(inp: SubmitInput, tenant: str, trace_id: str, submitted_by: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "topic": inp.topic, "tenant": tenant, "trace_id": trace_id, "principal": inp.principal_id,
+        "labels": inp.labels, "capability": inp.capability, "risk_tags": inp.risk_tags,
+        "requires": inp.requires, "idempotency_key": inp.idempotency_key, "submitted_by": submitted_by,
+        "actor_id": inp.actor_id, "actor_type": inp.actor_type, "memory_id": inp.memory_id,
+    }
+    if inp.deadline_ms:
+        fields["deadline_unix"] = now_us() + inp.deadline_ms * 1000
+    return {k: v for k, v in fields.items() if v not in ("", None, [])}
+
+
+def context_payload(inp: SubmitInput, tenant: str) -> dict[str, Any]:
+    return {"prompt": inp.prompt, "topic": inp.topic, "tenant_id": tenant,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "context": inp.context}
+
+
+# ---- views --------------------------------------------------------------------------------------
+
+
+def job_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """A job as listed: its meta without internal fields, plus the context pointer."""
+    view = {k: v for k, v in meta.items() if not k.startswith("_")}
+    view.setdefault("id", meta.get("id"))
+    view["context_ptr"] = ptr(context_key(view["id"]))
+    view.setdefault("attempts", 0)
+    view.setdefault("labels", {})
+    return view
+
+
+async def job_detail(gw: Gateway, meta: dict[str, Any]) -> dict[str, Any]:
+    job_id = meta["id"]
+    view = job_summary(meta)
+    view["context"] = await gw.jobs.get_context(job_id)
+    view["result_ptr"] = meta.get("result_ptr", "")
+    view["result"] = await gw.jobs.get_result(job_id) if view["result_ptr"] else None
+    entry = await gw.dlq.get(job_id, tenant=meta.get("tenant", ""))
+    if entry is not None:
+        view.update(error_message=entry.get("reason", ""), error_status=entry.get("status", ""),
+                    error_code=entry.get("reason_code", ""), last_state=entry.get("last_state", ""))
+    return view
+
+
+# ---- publishing ---------------------------------------------------------------------------------
+
+
+async def publish_request(gw: Gateway, request_msg: job_pb2.JobRequest, trace_id: str) -> None:
+    packet = new_packet(request_msg, sender_id=SENDER, trace_id=trace_id)
+    await gw.bus.publish(subjects.SUBMIT, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.SUBMIT))
+
+
+async def publish_dlq(gw: Gateway, job_id: str, *, status: int, reason_code: str, reason: str) -> None:
+    packet = dlq_packet(job_id, status=status, reason_code=reason_code, reason=reason, sender_id=SENDER)
+    await gw.bus.publish(subjects.DLQ, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.DLQ))
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+
+def _accepted(job_id: str, trace_id: str, **extra: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
+    return {"job_id": job_id, "trace_id": trace_id, **extra}, 200, {"X-Trace-Id": trace_id}
+
+
+async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+    who = caller()
+    tenant = who.tenant
+    inp = parse_submit(body, tenant)
+
+    if inp.idempotency_key:
+        holder = await gw.jobs.lookup_idempotency(tenant, inp.idempotency_key)
+        if holder:
+            return await _duplicate(gw, holder, tenant)
+
+    job_id, trace_id = str(uuid.uuid4()), str(uuid.uuid4())
+    decision = await gw.safety.check(policy_request(job_id, inp, tenant), method="Evaluate")
+    verdict, reason = decision.verdict, decision.reason
+    if verdict is Verdict.UNAVAILABLE:
+        if gw.options.fail_open:
+            log.warning("submit.policy_fail_open", job_id=job_id, reason=reason)
+            verdict, reason = Verdict.ALLOW, f"{POLICY_UNAVAILABLE} (fail mode open)"
+        else:
+            verdict, reason = Verdict.DENY, POLICY_UNAVAILABLE
+
+    if verdict is Verdict.THROTTLE:
+        gw.submitted.labels(outcome="throttled").inc()
+        raise ApiError(429, reason or "throttled by policy", code="throttled",
+                       headers={"Retry-After": THROTTLE_RETRY_AFTER})
+
+    if inp.idempotency_key:
+        holder = await gw.jobs.reserve_idempotency(tenant, inp.idempotency_key, job_id)
+        if holder and holder != job_id:
+            return await _duplicate(gw, holder, tenant)
+
+    request_msg = build_request(job_id, inp, tenant)
+    fields = {**job_fields(inp, tenant, trace_id, who.identity), **safety_fields(decision, verdict, reason)}
+    context = context_payload(inp, tenant)
+
+    if verdict is Verdict.DENY:
+        await gw.jobs.create(job_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
+        await gw.jobs.transition(job_id, JobState.DENIED, fields={"failure_reason": reason or "denied by policy"},
+                                 event={"reason": reason})
+        await gw.jobs.add_decision(job_id, decision_record(decision, verdict, reason))
+        try:
+            await publish_dlq(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="policy_denied",
+                              reason=reason or "denied by policy")
+        except Exception as exc:
+            log.error("submit.dlq_publish_failed", job_id=job_id, error=repr(exc))
+        gw.submitted.labels(outcome="denied").inc()
+        raise ApiError(403, reason or "denied by policy", code="policy_denied",
+                       extra={"job_id": job_id, "trace_id": trace_id}, headers={"X-Trace-Id": trace_id})
+
+    if verdict is Verdict.REQUIRE_APPROVAL:
+        fields.update(approval_status="pending", approval_revision=1)
+        await gw.jobs.create(job_id, JobState.APPROVAL_REQUIRED, request=request_msg, fields=fields, context=context)
+        await gw.jobs.add_decision(job_id, decision_record(decision, verdict, reason))
+        gw.submitted.labels(outcome="approval_required").inc()
+        return _accepted(job_id, trace_id, status="approval_required", reason=reason)
+
+    # ALLOW, ALLOW_WITH_CONSTRAINTS (or fail-open). The decision is on the job's meta (safety_*);
+    # the decision log gets the scheduler's check, so the hot path saves a round trip here.
+    await gw.jobs.create(job_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
+    try:
+        await publish_request(gw, request_msg, trace_id)
+    except Exception as exc:
+        log.error("submit.publish_failed", job_id=job_id, error=repr(exc))
+        try:
+            await gw.jobs.transition(job_id, JobState.FAILED, fields={"failure_reason": "publish to bus failed"})
+        except Exception as store_exc:
+            log.error("submit.fail_mark_failed", job_id=job_id, error=repr(store_exc))
+        raise ApiError(503, "job could not be queued (bus unavailable), try again", code="bus_unavailable",
+                       extra={"job_id": job_id, "trace_id": trace_id}) from None
+    gw.submitted.labels(outcome="accepted").inc()
+    return _accepted(job_id, trace_id)
+
+
+async def _duplicate(gw: Gateway, holder: str, tenant: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+    meta = await gw.jobs.get(holder, tenant=tenant)
+    trace_id = str(meta.get("trace_id", "")) if meta else ""
+    gw.submitted.labels(outcome="duplicate").inc()
+    if meta is not None and meta.get("state") == JobState.DENIED.value:
+        raise ApiError(403, meta.get("safety_reason") or "denied by policy", code="policy_denied",
+                       extra={"job_id": holder, "trace_id": trace_id})
+    extra: dict[str, Any] = {}
+    if meta is not None and meta.get("state") == JobState.APPROVAL_REQUIRED.value:
+        extra = {"status": "approval_required", "reason": meta.get("safety_reason", "")}
+    return _accepted(holder, trace_id, **extra)
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+
+def register(app: Quart, gw: Gateway) -> None:
+    @app.post("/api/v1/jobs")
+    @require("operator")
+    async def submit() -> Any:
+        body = await json_body()
+        payload, status, headers = await submit_job(gw, body)
+        return payload, status, headers
+
+    @app.get("/api/v1/jobs")
+    @require("viewer")
+    async def list_jobs() -> Any:
+        limit = query_int("limit", 50, high=500)
+        cursor = request.args.get("cursor") or None
+        if cursor is not None and not cursor.lstrip("-").isdigit():
+            raise ApiError(400, "cursor must be an integer (updated_at in microseconds)")
+        state = (request.args.get("state") or "").strip().upper() or None
+        if state is not None:
+            try:
+                parse_state(state)
+            except ValueError:
+                raise ApiError(400, f"state {state!r} is not a job state") from None
+        topic = (request.args.get("topic") or "").strip() or None
+        items, next_cursor = await gw.jobs.list(caller().tenant, state=state, topic=topic, limit=limit,
+                                                cursor=int(cursor) if cursor else None)
+        return {"items": [job_summary(m) for m in items], "next_cursor": next_cursor}
+
+    @app.get("/api/v1/jobs/<job_id>")
+    @require("viewer")
+    async def get_job(job_id: str) -> Any:
+        meta = await gw.jobs.get(job_id, tenant=caller().tenant)
+        if meta is None:
+            raise not_found("job not found")
+        return await job_detail(gw, meta)
+
+    @app.get("/api/v1/jobs/<job_id>/decisions")
+    @require("viewer")
+    async def get_decisions(job_id: str) -> Any:
+        if await gw.jobs.get(job_id, tenant=caller().tenant) is None:
+            raise not_found("job not found")
+        return {"items": await gw.jobs.decisions(job_id)}
+
+    @app.post("/api/v1/jobs/<job_id>/cancel")
+    @require("operator")
+    async def cancel(job_id: str) -> Any:
+        meta = await gw.jobs.get(job_id, tenant=caller().tenant)
+        if meta is None:
+            raise not_found("job not found")
+        if parse_state(meta["state"]) in TERMINAL:
+            return {"id": job_id, "state": meta["state"], "reason": "job already terminal"}
+        try:
+            moved = await gw.jobs.cancel(job_id, "cancelled via api")
+        except JobNotFound:
+            raise not_found("job not found") from None
+        except InvalidTransition as exc:  # raced with a terminal write
+            return {"id": job_id, "state": str(exc.current), "reason": "job already terminal"}
+        if moved.state is not JobState.CANCELLED:
+            return {"id": job_id, "state": moved.state.value, "reason": "job already terminal"}
+        packet = new_packet(job_pb2.JobCancel(job_id=job_id, reason="cancelled via api", requested_by=SENDER),
+                            sender_id=SENDER, trace_id=str(meta.get("trace_id") or job_id))
+        try:
+            await gw.bus.publish(subjects.CANCEL, encode(packet))
+        except Exception as exc:  # best effort: the job is already CANCELLED in the store
+            log.warning("cancel.publish_failed", job_id=job_id, error=repr(exc))
+        return {"id": job_id, "state": JobState.CANCELLED.value}
+

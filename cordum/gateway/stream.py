@@ -1,0 +1,168 @@
+"""`GET /api/v1/stream`: job events, progress and heartbeats over a WebSocket.
+
+Each replica taps `sys.job.>` and `sys.heartbeat` once, by broadcast (core NATS), and fans every
+packet out to its connected clients as a protobuf-JSON text frame. A client sees only its tenant's
+job events (a JobRequest names its tenant; for results, progress and cancels the job's tenant is
+read from its meta, through a small LRU cache) and every heartbeat. Each client has a bounded
+queue (CORDUM_WS_CLIENT_BUFFER_SIZE, 256): a client that falls behind is dropped (close 1013),
+never waited for. No replay: clients re-read the REST API after a reconnect.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import trio
+from google.protobuf import json_format
+from quart import Quart, websocket
+
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.gateway.context import Gateway, caller
+from cordum.infra.redis import RedisError, RedisUnavailable
+from cordum.protocol import subjects
+from cordum.protocol.packets import PacketError, decode, job_id_of
+from cordum.runtime.log import get_logger
+from cordum.store import keys
+
+log = get_logger("gateway.stream")
+
+TENANT_CACHE_SIZE = 10_000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN = 1013
+
+
+@dataclass(eq=False)
+class _Client:
+    tenant: str
+    send: trio.MemorySendChannel[str]
+    dropped: bool = False
+
+
+@dataclass
+class StreamHub:
+    gw: Gateway
+    buffer: int = 256
+    clients: set[_Client] = field(default_factory=set)
+    _tenants: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    closed: bool = False
+    delivered: int = 0
+    dropped_clients: int = 0
+
+    @property
+    def client_count(self) -> int:
+        return len(self.clients)
+
+    @contextmanager
+    def connect(self, tenant: str) -> Iterator[tuple[_Client, trio.MemoryReceiveChannel[str]]]:
+        send, receive = trio.open_memory_channel[str](self.buffer)
+        client = _Client(tenant, send)
+        if self.closed:
+            send.close()
+        else:
+            self.clients.add(client)
+        try:
+            yield client, receive
+        finally:
+            self.clients.discard(client)
+            send.close()
+
+    def close(self) -> None:
+        """Shutdown: end every client's stream (their handlers close the sockets)."""
+        self.closed = True
+        for client in list(self.clients):
+            client.send.close()
+        self.clients.clear()
+
+    async def serve_taps(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._tap, subjects.JOB_EVENTS_ALL)
+            await nursery.start(self._tap, subjects.HEARTBEAT)
+            task_status.started()
+
+    async def _tap(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with self.gw.bus.subscribe(subject) as messages:
+            task_status.started()
+            async for msg in messages:
+                if not self.clients:
+                    continue
+                try:
+                    packet = decode(msg.data)
+                except PacketError:
+                    continue
+                try:
+                    await self.dispatch(packet)
+                except (RedisError, *RedisUnavailable) as exc:
+                    log.warning("stream.tenant_lookup_failed", error=repr(exc))
+
+    async def tenant_of(self, packet: BusPacket) -> str | None:
+        """The tenant an event belongs to; None = every client (heartbeats); "" = nobody."""
+        kind = packet.WhichOneof("payload")
+        if kind == "heartbeat":
+            return None
+        if kind == "job_request":
+            req = packet.job_request
+            tenant = req.tenant_id or req.env.get("tenant_id", "")
+            if tenant and req.job_id:
+                self._remember(req.job_id, tenant)
+            return tenant
+        job_id = job_id_of(packet)
+        if not job_id:
+            return ""
+        tenant = self._tenants.get(job_id)
+        if tenant is not None:
+            self._tenants.move_to_end(job_id)
+            return tenant
+        tenant = await self.gw.redis.execute("HGET", keys.job_meta(job_id), "tenant") or ""
+        if tenant:
+            self._remember(job_id, tenant)
+        return tenant
+
+    def _remember(self, job_id: str, tenant: str) -> None:
+        self._tenants[job_id] = tenant
+        self._tenants.move_to_end(job_id)
+        while len(self._tenants) > TENANT_CACHE_SIZE:
+            self._tenants.popitem(last=False)
+
+    async def dispatch(self, packet: BusPacket) -> None:
+        tenant = await self.tenant_of(packet)
+        if tenant == "":
+            return
+        text: str | None = None
+        for client in list(self.clients):
+            if tenant is not None and client.tenant != tenant:
+                continue
+            if text is None:
+                text = json_format.MessageToJson(packet, indent=None)
+            try:
+                client.send.send_nowait(text)
+                self.delivered += 1
+            except trio.WouldBlock:
+                client.dropped = True
+                self.dropped_clients += 1
+                self.clients.discard(client)
+                client.send.close()
+                log.warning("stream.slow_client_dropped", tenant=client.tenant, buffer=self.buffer)
+            except trio.ClosedResourceError:
+                self.clients.discard(client)
+
+
+def register(app: Quart, gw: Gateway) -> None:
+    @app.websocket("/api/v1/stream")
+    async def stream() -> Any:
+        hub: StreamHub | None = gw.hub
+        who = caller()
+        await websocket.accept()
+        if hub is None:
+            await websocket.close(CLOSE_GOING_AWAY, "stream not available")
+            return
+        with hub.connect(who.tenant) as (client, receive):
+            async with receive:
+                async for text in receive:
+                    await websocket.send(text)
+        if client.dropped:
+            await websocket.close(CLOSE_TRY_AGAIN, "client too slow, reconnect")
+        else:
+            await websocket.close(CLOSE_GOING_AWAY, "server shutting down")

@@ -1,0 +1,671 @@
+"""cordum-api-gateway against the real Redis and NATS servers and a real gRPC safety kernel
+(in process, evaluating a real policy with the pure policy modules), over real HTTP on hypercorn.
+
+The gateway runs in the test's nursery (`serve`); one test runs it as a process for the shutdown
+order. Every request goes through a socket with http.client (in a worker thread)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cordum.agent.v1 import job_pb2, safety_grpc, safety_pb2
+from cordum.agent.v1.heartbeat_pb2 import Heartbeat
+from cordum.dev.servers import free_port
+from cordum.gateway.auth import load_keyring
+from cordum.gateway.context import SERVICE
+from cordum.gateway.service import STAGES, serve
+from cordum.gateway.stream import StreamHub
+from cordum.infra.config import ConfigError, load_settings
+from cordum.infra.grpc import GrpcServer
+from cordum.protocol import subjects
+from cordum.protocol.packets import decode, encode, new_packet
+from cordum.runtime.instances import instance_key, list_instances, serve_registration
+from cordum.runtime.lifecycle import Lifecycle
+from cordum.safety.evaluate import check_input_from_proto, decision_to_proto, evaluate
+from cordum.safety.policy import parse_policy
+from cordum.store import keys
+from cordum.store.workers import write_snapshot
+from tests.conftest import unique
+
+ADMIN = "admin-key-0123456789abcdef"
+ALICE = "alice-key-0123456789abcdef"  # operator, tenant default
+BOB = "bob-key-0123456789abcdef00"  # operator, tenant default
+VIEWER = "viewer-key-0123456789abcdef"
+ACME = "acme-key-0123456789abcdef00"  # operator, tenant acme
+
+POLICY = """\
+version: "gw-test"
+default_decision: deny
+rules:
+  - id: slow-bulk
+    match: {capabilities: [bulk.export]}
+    decision: throttle
+    retry_after: 30
+  - id: allow-default
+    match: {topics: ["job.default", "job.default.*"]}
+    decision: allow
+    reason: default topic is open
+  - id: deny-vault
+    match: {topics: ["job.vault.*"]}
+    decision: deny
+    reason: vault jobs are never allowed
+  - id: deploys-need-approval
+    match: {topics: ["job.deploy.*"]}
+    decision: require_approval
+    reason: a person approves deploys
+"""
+
+
+class PolicyKernel:
+    """A real SafetyKernel servicer: the pure evaluator over a parsed policy."""
+
+    def __init__(self, text: str) -> None:
+        self.policy = parse_policy(text, "test-policy")
+        self.calls = 0
+
+    async def Evaluate(self, req: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+        self.calls += 1
+        decision = evaluate(self.policy, check_input_from_proto(req))
+        return decision_to_proto(decision, self.policy, job_id=req.job_id)
+
+    Check = Explain = Simulate = Evaluate
+
+    async def ListSnapshots(self, req: safety_pb2.ListSnapshotsRequest) -> safety_pb2.ListSnapshotsResponse:
+        return safety_pb2.ListSnapshotsResponse(snapshots=[self.policy.snapshot])
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Any
+    raw: bytes
+
+    @property
+    def body(self) -> Any:
+        return json.loads(self.raw) if self.raw else None
+
+
+def _request(port: int, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> Reply:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+class Api:
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw
+        self.port = gw.http_port
+
+    async def call(self, method: str, path: str, body: Any = None, *, key: str | None = ADMIN,
+                   raw: bytes | None = None, headers: dict[str, str] | None = None) -> Reply:
+        sent = dict(headers or {})
+        if key is not None:
+            sent["X-API-Key"] = key
+        data = raw
+        if data is None and body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        return await trio.to_thread.run_sync(_request, self.port, method, path, data, sent)
+
+    async def submit(self, key: str = ADMIN, **body: Any) -> Reply:
+        body.setdefault("prompt", "hello")
+        return await self.call("POST", "/api/v1/jobs", body, key=key)
+
+    async def job(self, job_id: str, key: str = ADMIN) -> dict:
+        reply = await self.call("GET", f"/api/v1/jobs/{job_id}", key=key)
+        assert reply.status == 200, reply.raw
+        return reply.body
+
+
+def _keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"- {{key: {ALICE}, tenant: default, role: operator, principal_id: alice}}\n"
+        f"- {{key: {BOB}, tenant: default, role: operator, principal_id: bob}}\n"
+        f"- {{key: {VIEWER}, tenant: default, role: viewer, principal_id: vic}}\n"
+        f"- {{key: {ACME}, tenant: acme, role: operator, principal_id: ann}}\n"
+    )
+    return path
+
+
+@pytest.fixture
+async def kernel(nursery):
+    servicer = PolicyKernel(POLICY)
+    server = GrpcServer([(safety_grpc.SafetyKernelBase, servicer)])
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    servicer.port = port
+    return servicer
+
+
+@pytest.fixture
+def start_gateway(nursery, redis, server_env, tmp_path, kernel):
+    keys_path = _keys_file(tmp_path)
+
+    async def start(**env: str) -> Api:
+        full = {**server_env, "CORDUM_INSTANCE_ID": unique("gw"), "CORDUM_API_KEY": ADMIN,
+                "CORDUM_API_KEYS_PATH": str(keys_path), "GATEWAY_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+                "SAFETY_KERNEL_ADDR": f"127.0.0.1:{kernel.port}", **env}
+        gw = await nursery.start(serve, load_settings(full), Lifecycle(SERVICE, STAGES))
+        return Api(gw)
+
+    return start
+
+
+@pytest.fixture
+async def api(start_gateway) -> Api:
+    return await start_gateway()
+
+
+async def _next_request(messages, job_id: str, timeout: float = 5.0):
+    with trio.fail_after(timeout):
+        async for msg in messages:
+            packet = decode(msg.data)
+            await msg.ack()
+            if packet.WhichOneof("payload") == "job_request" and packet.job_request.job_id == job_id:
+                return msg, packet
+    raise AssertionError("stream ended")
+
+
+async def _eventually(check, timeout: float = 5.0, interval: float = 0.05):
+    with trio.fail_after(timeout):
+        while True:
+            result = await check()
+            if result:
+                return result
+            await trio.sleep(interval)
+
+
+# ---- submit ------------------------------------------------------------------------------------
+
+
+async def test_submit_allowed_persists_and_publishes(api: Api, bus, redis) -> None:
+    async with bus.consume(subjects.SUBMIT, unique("q")) as messages:
+        reply = await api.submit(prompt="say hi", topic="job.default.echo", context={"n": 1},
+                                 labels={"team": "a", "_internal": "x"}, priority="batch",
+                                 capability="echo", risk_tags=["low"], max_output_tokens=99)
+        assert reply.status == 200, reply.raw
+        job_id, trace_id = reply.body["job_id"], reply.body["trace_id"]
+        assert reply.headers["X-Trace-Id"] == trace_id
+        msg, packet = await _next_request(messages, job_id)
+    assert msg.headers["Nats-Msg-Id"] == f"jobreq:{job_id}"
+    assert packet.sender_id == "api-gateway" and packet.trace_id == trace_id
+    req = packet.job_request
+    assert req.topic == "job.default.echo" and req.tenant_id == "default"
+    assert req.context_ptr == f"redis://ctx:{job_id}" and req.env["tenant_id"] == "default"
+    assert req.priority == job_pb2.JOB_PRIORITY_BATCH and req.budget.max_output_tokens == 99
+    assert req.meta.capability == "echo" and list(req.meta.risk_tags) == ["low"]
+    assert dict(req.labels) == {"team": "a", "_source": "api"}
+    ctx = json.loads(await redis.get(keys.context(job_id)))
+    assert ctx["prompt"] == "say hi" and ctx["context"] == {"n": 1} and ctx["tenant_id"] == "default"
+
+    job = await api.job(job_id)
+    assert job["id"] == job_id and job["state"] == "PENDING" and job["trace_id"] == trace_id
+    assert job["tenant"] == "default" and job["topic"] == "job.default.echo"
+    assert job["safety_decision"] == "ALLOW" and job["safety_rule_id"] == "allow-default"
+    assert job["context"]["prompt"] == "say hi" and job["context_ptr"] == f"redis://ctx:{job_id}"
+    assert job["submitted_by"] == "admin" and job["labels"]["team"] == "a"
+    listed = (await api.call("GET", "/api/v1/jobs?state=PENDING&limit=10")).body
+    assert [item["id"] for item in listed["items"]] == [job_id] and listed["next_cursor"] is None
+    metrics = await trio.to_thread.run_sync(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{api.port}/metrics", timeout=5).read().decode())
+    assert 'cordum_api_gateway_jobs_submitted_total{outcome="accepted"' in metrics
+    assert 'route="/api/v1/jobs"' in metrics
+
+
+async def test_submit_denied_goes_to_dlq(api: Api, redis) -> None:
+    reply = await api.submit(topic="job.vault.read")
+    assert reply.status == 403, reply.raw
+    body = reply.body
+    assert body["status"] == 403 and "vault" in body["error"] and body["job_id"] and body["trace_id"]
+    job_id = body["job_id"]
+
+    async def entry():
+        items = (await api.call("GET", "/api/v1/dlq")).body["items"]
+        return next((i for i in items if i["job_id"] == job_id), None)
+
+    found = await _eventually(entry)
+    assert found["reason_code"] == "policy_denied" and found["status"] == "JOB_STATUS_DENIED"
+    assert found["topic"] == "job.vault.read" and found["last_state"] == "DENIED"
+    decisions = (await api.call("GET", f"/api/v1/jobs/{job_id}/decisions")).body["items"]
+    assert [(d["decision"], d["rule_id"]) for d in decisions] == [("DENY", "deny-vault")]
+    job = await _eventually(lambda: _job_with_result(api, job_id))
+    assert job["state"] == "DENIED" and job["error_code"] == "policy_denied"
+    assert job["result"]["error"]["message"] == "vault jobs are never allowed"
+    assert job["result_ptr"] == f"redis://res:{job_id}"
+
+
+async def _job_with_result(api: Api, job_id: str):
+    job = await api.job(job_id)
+    return job if job.get("result") else None
+
+
+async def test_submit_throttled_persists_nothing(api: Api) -> None:
+    reply = await api.submit(capability="bulk.export")
+    assert reply.status == 429 and reply.headers["Retry-After"] == "30"
+    assert reply.body["status"] == 429
+    assert (await api.call("GET", "/api/v1/jobs")).body["items"] == []
+
+
+async def test_kernel_unavailable_denies_unless_fail_open(start_gateway) -> None:
+    closed = await start_gateway(SAFETY_KERNEL_ADDR=f"127.0.0.1:{free_port()}")
+    reply = await closed.submit()
+    assert reply.status == 403 and reply.body["error"] == "policy check unavailable"
+    opened = await start_gateway(SAFETY_KERNEL_ADDR=f"127.0.0.1:{free_port()}", POLICY_CHECK_FAIL_MODE="open")
+    reply = await opened.submit()
+    assert reply.status == 200, reply.raw
+
+
+async def test_idempotency_key_returns_same_job(api: Api) -> None:
+    first = await api.submit(idempotency_key="k-1")
+    second = await api.submit(idempotency_key="k-1", prompt="different")
+    assert first.status == second.status == 200
+    assert first.body == second.body
+    other_tenant = await api.submit(key=ACME, idempotency_key="k-1")
+    assert other_tenant.body["job_id"] != first.body["job_id"]
+    assert len((await api.call("GET", "/api/v1/jobs")).body["items"]) == 1
+
+
+async def test_list_pages_with_cursor(api: Api) -> None:
+    ids = [(await api.submit(topic=f"job.default.t{i}")).body["job_id"] for i in range(3)]
+    first = (await api.call("GET", "/api/v1/jobs?limit=2")).body
+    assert [item["id"] for item in first["items"]] == ids[::-1][:2] and first["next_cursor"]
+    second = (await api.call("GET", f"/api/v1/jobs?limit=2&cursor={first['next_cursor']}")).body
+    assert [item["id"] for item in second["items"]] == [ids[0]] and second["next_cursor"] is None
+    by_topic = (await api.call("GET", "/api/v1/jobs?topic=job.default.t1")).body["items"]
+    assert [item["id"] for item in by_topic] == [ids[1]]
+
+
+# ---- approvals ---------------------------------------------------------------------------------
+
+
+async def test_approval_flow_approve(api: Api, bus) -> None:
+    reply = await api.submit(key=ALICE, topic="job.deploy.web")
+    assert reply.status == 200 and reply.body["status"] == "approval_required"
+    assert reply.body["reason"] == "a person approves deploys"
+    job_id = reply.body["job_id"]
+    assert (await api.job(job_id))["state"] == "APPROVAL_REQUIRED"
+
+    listed = (await api.call("GET", "/api/v1/approvals", key=VIEWER)).body
+    assert [item["job"]["id"] for item in listed["items"]] == [job_id]
+    item = listed["items"][0]
+    assert item["approval_status"] == "pending" and item["policy_rule_id"] == "deploys-need-approval"
+    assert item["decision"] == "REQUIRE_APPROVAL"
+
+    self_approval = await api.call("POST", f"/api/v1/approvals/{job_id}/approve", {}, key=ALICE)
+    assert self_approval.status == 403 and self_approval.body["code"] == "self_approval_denied"
+    viewer = await api.call("POST", f"/api/v1/approvals/{job_id}/approve", {}, key=VIEWER)
+    assert viewer.status == 403
+
+    async with bus.consume(subjects.SUBMIT, unique("q")) as messages:
+        approved = await api.call("POST", f"/api/v1/approvals/{job_id}/approve", {"reason": "ok", "note": "n"}, key=BOB)
+        assert approved.status == 200, approved.raw
+        assert approved.body == {"job_id": job_id, "trace_id": reply.body["trace_id"]}
+        msg, packet = await _next_request(messages, job_id)
+    assert msg.headers["Nats-Msg-Id"] == f"jobreq:sys.job.submit:approval:{job_id}"
+    labels = packet.job_request.labels
+    assert labels["approval_granted"] == "true" and labels["approval_reason"] == "ok"
+    job = await api.job(job_id)
+    assert job["state"] == "PENDING" and job["approval_status"] == "approved" and job["approval_by"] == "bob"
+    again = await api.call("POST", f"/api/v1/approvals/{job_id}/approve", key=BOB)
+    assert again.status == 200 and again.body["status"] == "already_approved"
+    assert (await api.call("GET", "/api/v1/approvals")).body["items"] == []
+
+
+async def test_approval_reject_and_lock_busy(api: Api, redis) -> None:
+    job_id = (await api.submit(key=ALICE, topic="job.deploy.db")).body["job_id"]
+    await redis.set(keys.job_lock(job_id), "someone-else", px=5000)
+    busy = await api.call("POST", f"/api/v1/approvals/{job_id}/reject", key=BOB)
+    assert busy.status == 409 and busy.body["code"] == "approval_retryable_lock"
+    await redis.delete(keys.job_lock(job_id))
+
+    other = await api.call("POST", f"/api/v1/approvals/{job_id}/reject", key=ACME)
+    assert other.status == 404
+    rejected = await api.call("POST", f"/api/v1/approvals/{job_id}/reject", {"reason": "not today"}, key=BOB)
+    assert rejected.status == 200 and rejected.body == {"job_id": job_id, "state": "DENIED"}
+    late = await api.call("POST", f"/api/v1/approvals/{job_id}/approve", key=BOB)
+    assert late.status == 409 and late.body["code"] == "approval_already_resolved"
+
+    async def entry():
+        return (await api.call("GET", f"/api/v1/jobs/{job_id}")).body.get("error_code")
+
+    assert await _eventually(entry) == "approval_rejected"
+    job = await api.job(job_id)
+    assert job["state"] == "DENIED" and job["approval_status"] == "rejected" and job["error_message"] == "not today"
+
+
+# ---- cancel, tenants, auth, bad input --------------------------------------------------------------
+
+
+async def test_cancel(api: Api, bus) -> None:
+    job_id = (await api.submit()).body["job_id"]
+    async with bus.subscribe(subjects.CANCEL) as messages:
+        reply = await api.call("POST", f"/api/v1/jobs/{job_id}/cancel", key=ALICE)
+        assert reply.status == 200 and reply.body == {"id": job_id, "state": "CANCELLED"}
+        with trio.fail_after(5):
+            packet = decode((await messages.receive()).data)
+    assert packet.job_cancel.job_id == job_id and packet.job_cancel.reason == "cancelled via api"
+    assert packet.job_cancel.requested_by == "api-gateway"
+    again = await api.call("POST", f"/api/v1/jobs/{job_id}/cancel")
+    assert again.status == 200 and again.body == {"id": job_id, "state": "CANCELLED", "reason": "job already terminal"}
+    missing = await api.call("POST", "/api/v1/jobs/nope/cancel")
+    assert missing.status == 404 and missing.body == {"error": "job not found", "status": 404}
+
+
+async def test_auth_roles_and_tenants(api: Api) -> None:
+    job_id = (await api.submit()).body["job_id"]
+    health = await api.call("GET", "/health", key=None)
+    assert health.status == 200 and health.body["redis"] == "ok"
+    missing = await api.call("GET", "/api/v1/jobs", key=None)
+    assert missing.status == 401 and missing.body["status"] == 401
+    wrong = await api.call("GET", "/api/v1/jobs", key="not-a-key-0123456789")
+    assert wrong.status == 401
+    tenant = await api.call("GET", "/api/v1/jobs", headers={"X-Tenant-ID": "acme"})
+    assert tenant.status == 403 and tenant.body["error"] == "tenant access denied"
+    assert (await api.call("GET", "/api/v1/jobs", headers={"X-Tenant-ID": "default"})).status == 200
+    viewer_submit = await api.submit(key=VIEWER)
+    assert viewer_submit.status == 403
+    assert (await api.call("GET", f"/api/v1/jobs/{job_id}", key=VIEWER)).status == 200
+    # another tenant's job looks exactly like a missing one
+    cross = await api.call("GET", f"/api/v1/jobs/{job_id}", key=ACME)
+    unknown = await api.call("GET", "/api/v1/jobs/does-not-exist", key=ACME)
+    assert cross.status == unknown.status == 404 and cross.body == unknown.body
+    assert (await api.call("GET", f"/api/v1/jobs/{job_id}/decisions", key=ACME)).status == 404
+    assert (await api.call("GET", "/api/v1/jobs", key=ACME)).body["items"] == []
+    assert (await api.call("PUT", "/api/v1/config", {"a": 1}, key=ALICE)).status == 403
+    assert (await api.submit(tenant_id="acme")).status == 403
+
+
+async def test_bad_input_is_named(api: Api) -> None:
+    async def post(raw: bytes) -> dict:
+        reply = await api.call("POST", "/api/v1/jobs", raw=raw, headers={"Content-Type": "application/json"})
+        assert reply.status == 400, reply.raw
+        assert reply.body["status"] == 400
+        return reply.body
+
+    assert "invalid JSON" in (await post(b"{not json"))["error"]
+    assert (await post(b"[1, 2]"))["error"] == "request body must be a JSON object"
+    assert (await post(b"{}"))["error"] == "prompt is required"
+    assert (await post(b'{"prompt": 5}'))["error"] == "prompt must be a string"
+    assert (await post(b'{"prompt": "x", "labels": ["a"]}'))["error"] == "labels must be an object of strings"
+    assert (await post(b'{"prompt": "x", "labels": {"a": 1}}'))["error"] == "labels must be an object of strings"
+    assert "labels" in (await post(b'{"prompt": "x", "labels": {"_governance.x": "1"}}'))["error"]
+    assert (await post(b'{"prompt": "x", "max_input_tokens": "9"}'))["error"] == "max_input_tokens must be a non-negative integer"
+    assert "topic" in (await post(b'{"prompt": "x", "topic": "nope"}'))["error"]
+    assert "priority" in (await post(b'{"prompt": "x", "priority": "urgent"}'))["error"]
+    assert "risk_tags" in (await post(b'{"prompt": "x", "risk_tags": "a"}'))["error"]
+    assert "prompt" in (await post(json.dumps({"prompt": "x" * 50_001}).encode()))["error"]
+
+    big = await api.call("POST", "/api/v1/jobs", raw=b'{"prompt": "' + b"x" * (1 << 20) + b'"}',
+                         headers={"Content-Type": "application/json"})
+    assert big.status == 413 and big.body["status"] == 413
+    nowhere = await api.call("GET", "/api/v1/nowhere")
+    assert nowhere.status == 404 and nowhere.body == {"error": "not found", "status": 404}
+    wrong_method = await api.call("PATCH", "/api/v1/jobs")
+    assert wrong_method.status == 405 and wrong_method.body["status"] == 405
+    assert (await api.call("GET", "/api/v1/jobs?limit=abc")).body["error"] == "limit must be an integer"
+    assert (await api.call("GET", "/api/v1/jobs?state=bogus")).status == 400
+    assert (await api.call("GET", "/api/v1/jobs")).body["items"] == []  # nothing was persisted
+
+
+def test_startup_refuses_missing_and_weak_keys() -> None:
+    with pytest.raises(ConfigError, match="CORDUM_API_KEY"):
+        load_keyring({})
+    with pytest.raises(ConfigError, match="CORDUM_API_KEY") as weak:
+        load_keyring({"CORDUM_API_KEY": "changeme"})
+    assert "changeme" not in str(weak.value)
+    with pytest.raises(ConfigError, match="CORDUM_API_KEY"):
+        load_keyring({"CORDUM_API_KEY": "short-key"})
+    assert len(load_keyring({"CORDUM_API_KEY": "changeme", "CORDUM_ENV": "dev"})) == 1
+
+
+# ---- workers, config, policy, DLQ retry, status ------------------------------------------------------
+
+
+async def test_workers_from_snapshot(api: Api, redis) -> None:
+    assert (await api.call("GET", "/api/v1/workers", key=VIEWER)).body == {"items": []}
+    await write_snapshot(redis, {"captured_at": 1, "writer_id": "s1", "workers": [
+        {"worker_id": "w-b", "pool": "p", "active_jobs": 1},
+        {"worker_id": "w-a", "pool": "p", "active_jobs": 0},
+    ]})
+    items = (await api.call("GET", "/api/v1/workers", key=VIEWER)).body["items"]
+    assert [w["worker_id"] for w in items] == ["w-a", "w-b"]
+    assert (await api.call("GET", "/api/v1/workers/w-b")).body["active_jobs"] == 1
+    assert (await api.call("GET", "/api/v1/workers/w-zzz")).status == 404
+
+
+async def test_config_put_publishes_change(api: Api, bus) -> None:
+    assert (await api.call("GET", "/api/v1/config")).body == {}
+    async with bus.subscribe(subjects.CONFIG_CHANGED) as messages:
+        reply = await api.call("PUT", "/api/v1/config", {"limits": {"max_concurrent_jobs": 5}})
+        assert reply.status == 204
+        with trio.fail_after(5):
+            packet = decode((await messages.receive()).data)
+        assert packet.alert.message == "config changed"
+        assert packet.alert.details["scope"] == "system" and packet.alert.details["scope_id"] == "default"
+        wrapped = await api.call("POST", "/api/v1/config", {"scope": "org", "scope_id": "default", "data": {"x": 1}})
+        assert wrapped.status == 204
+        with trio.fail_after(5):
+            packet = decode((await messages.receive()).data)
+        assert packet.alert.details["scope"] == "org"
+    assert (await api.call("GET", "/api/v1/config")).body == {"limits": {"max_concurrent_jobs": 5}}
+    assert (await api.call("GET", "/api/v1/config?scope=org&scope_id=default", key=VIEWER)).body == {"x": 1}
+    assert (await api.call("GET", "/api/v1/config?scope=planet")).status == 400
+
+
+async def test_policy_evaluate(api: Api) -> None:
+    reply = await api.call("POST", "/api/v1/policy/evaluate", {"topic": "job.vault.x"}, key=ALICE)
+    assert reply.status == 200, reply.raw
+    assert reply.body["decision"] == "DECISION_TYPE_DENY" and reply.body["ruleId"] == "deny-vault"
+    allowed = await api.call("POST", "/api/v1/policy/evaluate", {"topic": "job.default"})
+    assert allowed.body["decision"] == "DECISION_TYPE_ALLOW"
+    assert (await api.call("POST", "/api/v1/policy/evaluate", {})).body["error"] == "topic is required"
+
+
+async def test_policy_evaluate_kernel_down(start_gateway) -> None:
+    api = await start_gateway(SAFETY_KERNEL_ADDR=f"127.0.0.1:{free_port()}")
+    reply = await api.call("POST", "/api/v1/policy/evaluate", {"topic": "job.default"})
+    assert reply.status == 503 and reply.body["status"] == 503
+
+
+async def test_dlq_retry_and_delete(api: Api, bus, redis) -> None:
+    denied = (await api.submit(topic="job.vault.x", context={"k": "v"})).body["job_id"]
+    second = (await api.submit(topic="job.vault.y")).body["job_id"]
+
+    async def both_listed():
+        items = (await api.call("GET", "/api/v1/dlq/page?limit=10")).body["items"]
+        return {i["job_id"] for i in items} >= {denied, second}
+
+    await _eventually(both_listed)
+    assert (await api.call("GET", "/api/v1/dlq", key=ACME)).body["items"] == []
+    assert (await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ACME)).status == 404
+    assert (await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=VIEWER)).status == 403
+
+    async with bus.consume(subjects.SUBMIT, unique("q")) as messages:
+        reply = await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ALICE)
+        assert reply.status == 200, reply.raw
+        new_id = reply.body["job_id"]
+        assert new_id.startswith(f"{denied}-retry-") and len(new_id) == len(denied) + len("-retry-") + 8
+        _, packet = await _next_request(messages, new_id)
+    req = packet.job_request
+    assert packet.trace_id == f"dlq-retry-{denied}"
+    assert req.labels["retry"] == "true" and req.labels["retry_of_job"] == denied and req.labels["dlq_entry"] == denied
+    assert req.context_ptr == f"redis://ctx:{new_id}" and req.topic == "job.vault.x"
+    assert json.loads(await redis.get(keys.context(new_id)))["context"] == {"k": "v"}
+    job = await api.job(new_id)
+    assert job["state"] == "PENDING" and job["trace_id"] == f"dlq-retry-{denied}"
+    remaining = {i["job_id"] for i in (await api.call("GET", "/api/v1/dlq")).body["items"]}
+    assert denied not in remaining and second in remaining
+
+    assert (await api.call("DELETE", f"/api/v1/dlq/{second}", key=ALICE)).status == 403
+    deleted = await api.call("DELETE", f"/api/v1/dlq/{second}")
+    assert deleted.status == 204 and deleted.raw == b""
+    assert (await api.call("DELETE", f"/api/v1/dlq/{second}")).status == 404
+
+
+async def test_dlq_writer_records_worker_failures(api: Api, bus, redis) -> None:
+    job_id = (await api.submit()).body["job_id"]
+    result = job_pb2.JobResult(job_id=job_id, status=job_pb2.JOB_STATUS_FAILED, error_code="boom",
+                               error_message="worker exploded", worker_id="w1")
+    packet = new_packet(result, sender_id="cordum-scheduler", trace_id=job_id)
+    await bus.publish(subjects.DLQ, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.DLQ))
+    # a malformed message on the same subject must not stop the writer
+    await bus.publish(subjects.DLQ, b"\xff\x00garbage")
+
+    async def entry():
+        text = await redis.get(keys.dlq_entry(job_id))
+        return json.loads(text) if text else None
+
+    found = await _eventually(entry)
+    assert found["status"] == "JOB_STATUS_FAILED" and found["reason"] == "worker exploded"
+    assert found["reason_code"] == "boom" and found["tenant"] == "default" and found["last_state"] == "PENDING"
+    stored = json.loads(await redis.get(keys.result(job_id)))
+    assert stored["error"]["message"] == "worker exploded" and stored["processed_by"] == "api-gateway"
+
+
+async def test_status_shape_and_instance_registry(api: Api, redis) -> None:
+    await api.submit()
+    await api.submit(topic="job.deploy.x")
+    body = (await api.call("GET", "/api/v1/status", key=VIEWER)).body
+    assert set(body) >= {"time", "uptime_seconds", "instance_id", "nats", "redis", "workers", "pipeline", "replicas"}
+    assert body["nats"] == {"connected": True} and body["redis"] == {"ok": True}
+    assert body["workers"] == {"count": 0}
+    assert body["pipeline"] == {"PENDING": 1, "APPROVAL_REQUIRED": 1}
+    replicas = body["replicas"][SERVICE]
+    assert [r["id"] for r in replicas] == [api.gw.instance_id] and replicas[0]["service"] == SERVICE
+
+
+async def test_instance_registry_renews_and_unregisters(redis) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve_registration(
+                redis, "svc-x", "i-1", ttl=0.3, every=0.1, task_status=task_status))
+            await trio.sleep(0.5)  # longer than the TTL: only renewal keeps it
+            assert [e["id"] for e in (await list_instances(redis))["svc-x"]] == ["i-1"]
+            scope.cancel()
+    assert await redis.get(instance_key("svc-x", "i-1")) is None
+
+
+# ---- WebSocket stream ----------------------------------------------------------------------------
+
+
+async def test_stream_filters_by_tenant(api: Api, bus) -> None:
+    from cordum.cli.ws import WebSocketClient
+
+    def open_client(key: str, *, query: bool) -> WebSocketClient:
+        url = f"ws://127.0.0.1:{api.port}/api/v1/stream" + (f"?api_key={key}" if query else "")
+        client = WebSocketClient(url, headers={} if query else {"X-API-Key": key}, timeout=5)
+        client.connect()
+        return client
+
+    mine = await trio.to_thread.run_sync(lambda: open_client(ADMIN, query=True))
+    theirs = await trio.to_thread.run_sync(lambda: open_client(ACME, query=False))
+    frames: dict[str, list[dict]] = {"mine": [], "theirs": []}
+
+    def reader(name: str, client: WebSocketClient) -> None:
+        try:
+            for frame in client.messages():
+                frames[name].append(frame if isinstance(frame, dict) else json.loads(frame))
+        except Exception:
+            pass
+
+    threads = [threading.Thread(target=reader, args=(n, c), daemon=True) for n, c in (("mine", mine), ("theirs", theirs))]
+    for thread in threads:
+        thread.start()
+    try:
+        await _eventually(lambda: _const(api.gw.hub.client_count == 2))
+        job_id = (await api.submit()).body["job_id"]
+        heartbeat = new_packet(Heartbeat(worker_id="w-stream", pool="p"), sender_id="w-stream")
+        await bus.publish(subjects.HEARTBEAT, encode(heartbeat))
+
+        def kinds(name: str) -> set[str]:
+            return {next(k for k in ("jobRequest", "heartbeat", "jobResult", "jobCancel") if k in f) for f in frames[name]
+                    if any(k in f for k in ("jobRequest", "heartbeat", "jobResult", "jobCancel"))}
+
+        await _eventually(lambda: _const({"jobRequest", "heartbeat"} <= kinds("mine")))
+        await _eventually(lambda: _const("heartbeat" in kinds("theirs")))
+        mine_request = next(f for f in frames["mine"] if "jobRequest" in f)
+        assert mine_request["jobRequest"]["jobId"] == job_id
+        assert "jobRequest" not in kinds("theirs")
+        # a cancel is routed by the job's tenant from its meta
+        await api.call("POST", f"/api/v1/jobs/{job_id}/cancel")
+        await _eventually(lambda: _const("jobCancel" in kinds("mine")))
+        assert "jobCancel" not in kinds("theirs")
+    finally:
+        for client in (mine, theirs):
+            client.close()
+    rejected = await api.call("GET", "/api/v1/stream", key=None, headers={
+        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert rejected.status == 401
+
+
+async def test_stream_hub_drops_a_slow_client() -> None:
+    hub = StreamHub(gw=None, buffer=2)  # heartbeats need no tenant lookup
+    heartbeat = new_packet(Heartbeat(worker_id="w1"), sender_id="w1")
+    with hub.connect("default") as (slow, _slow_rx), hub.connect("acme") as (fast, fast_rx):
+        for _ in range(3):
+            await hub.dispatch(heartbeat)
+            fast_rx.receive_nowait()  # keeps up
+        assert slow.dropped and not fast.dropped and hub.client_count == 1
+    assert hub.client_count == 0
+
+
+async def _const(value: Any) -> Any:
+    return value
+
+
+# ---- the process ------------------------------------------------------------------------------------
+
+
+GATEWAY_PROC = ["-m", "cordum.gateway.service"]
+
+
+def _get_json(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except Exception:
+        return 0, None
+
+
+def test_gateway_process_starts_and_shuts_down_in_order(spawn) -> None:
+    import time
+
+    port = free_port()
+    proc = spawn("gw-proc", GATEWAY_PROC, env={
+        "CORDUM_API_KEY": ADMIN, "GATEWAY_HTTP_ADDR": f"127.0.0.1:{port}",
+        "SAFETY_KERNEL_ADDR": f"127.0.0.1:{free_port()}", "DLQ_CLEANUP_INTERVAL": "1s"})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        status, body = _get_json(f"http://127.0.0.1:{port}/health")
+        if status == 200:
+            break
+        assert proc.popen.poll() is None, proc.lines("err")[-5:]
+        time.sleep(0.1)
+    else:
+        raise AssertionError("gateway never became healthy")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0, proc.lines("err")[-10:]
+    stages = [e["stage"] for e in proc.events() if e.get("event") == "stage.begin"]
+    assert stages == list(STAGES)
+
+
+def test_gateway_process_refuses_weak_key(spawn) -> None:
+    proc = spawn("gw-weak", GATEWAY_PROC, env={"CORDUM_API_KEY": "changeme"})
+    assert proc.wait(15) == 2
+    err = "\n".join(proc.lines("err"))
+    assert "CORDUM_API_KEY" in err and "changeme" not in err
