@@ -3,7 +3,8 @@
 env: WORKER_ID (default `echo-<instance id>`), WORKER_POOL (`default`), WORKER_TOPICS
 (comma-separated, `job.default`), WORKER_MAX_PARALLEL (4), WORKER_HEARTBEAT_INTERVAL (5s).
 
-Input fields it understands (for tests and demos): `sleep_ms` — sleep that long first, reporting
+Input fields it understands (for tests and demos), at the top of the input or inside its
+`context` object (where a gateway submit puts the caller's context): `sleep_ms` — sleep that long first, reporting
 50% progress halfway; `fail: true` — raise (message from `error`, if given).
 """
 
@@ -38,15 +39,17 @@ def build(settings: Settings) -> Worker:
     @worker.handler()
     async def echo(job: JobContext) -> dict[str, Any]:
         data = job.input
-        if isinstance(data, dict):
-            sleep_ms = data.get("sleep_ms")
+        # Options sit at the top of the input, or in the `context` object of a gateway submit.
+        options = data.get("context") if isinstance(data, dict) and isinstance(data.get("context"), dict) else data
+        if isinstance(options, dict):
+            sleep_ms = options.get("sleep_ms")
             if isinstance(sleep_ms, (int, float)) and sleep_ms > 0:
                 half = sleep_ms / 2000.0
                 await trio.sleep(half)
                 await job.progress(50, "halfway")
                 await trio.sleep(half)
-            if data.get("fail") is True:
-                raise RuntimeError(str(data.get("error") or "echo: failing as asked"))
+            if options.get("fail") is True:
+                raise RuntimeError(str(options.get("error") or "echo: failing as asked"))
         return {"echo": data, "worker_id": worker.worker_id}
 
     return worker

@@ -1,0 +1,193 @@
+"""The whole governed job path as real processes: HTTP → gateway → policy → scheduler → worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import trio
+
+from tests.integration.stack import POLICY, Stack
+
+API_KEY = "e2e-admin-key-0123456789abcdef"
+POLICY_WITH_APPROVALS = POLICY + """
+  - id: deploys-need-approval
+    match: {topics: ["job.deploy"]}
+    decision: require_approval
+"""
+POOLS = """
+topics:
+  job.default: default
+  job.deploy: default
+pools:
+  default: {requires: []}
+"""
+
+
+class Api:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def _call(self, method: str, path: str, body: object = None) -> tuple[int, dict, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"X-API-Key": API_KEY, "X-Tenant-ID": "default",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read()
+                return response.status, (json.loads(text) if text else {}), {k.lower(): v for k, v in response.headers.items()}
+        except urllib.error.HTTPError as error:
+            text = error.read()
+            return error.code, (json.loads(text) if text else {}), {k.lower(): v for k, v in error.headers.items()}
+
+    async def call(self, method: str, path: str, body: object = None) -> tuple[int, dict, dict]:
+        return await trio.to_thread.run_sync(self._call, method, path, body)
+
+    async def job_until(self, job_id: str, states: set[str], timeout: float = 20) -> dict:
+        job: dict = {}
+        with trio.move_on_after(timeout):
+            while True:
+                _, job, _ = await self.call("GET", f"/api/v1/jobs/{job_id}")
+                if job.get("state") in states:
+                    return job
+                await trio.sleep(0.1)
+        raise AssertionError(f"job {job_id} is {job.get('state')}, wanted {states}: {job}")
+
+
+@pytest.fixture
+async def path(spawn, tmp_path):
+    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", SCHEDULER_RUNNING_TIMEOUT="5s")
+    (tmp_path / "safety.yaml").write_text(POLICY_WITH_APPROVALS)
+    (tmp_path / "pools.yaml").write_text(POOLS)
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    stack.start("gateway-1", "cordum.gateway.service")
+    await stack.ready()
+    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
+    return stack, Api(stack.http_ports["gateway-1"])
+
+
+async def test_allowed_job_runs_to_success_with_its_result(path):
+    stack, api = path
+    status, body, headers = await api.call("POST", "/api/v1/jobs", {"prompt": "hello", "context": {"n": 1}})
+    assert status == 200 and body["job_id"] and headers.get("x-trace-id") == body["trace_id"]
+    job = await api.job_until(body["job_id"], {"SUCCEEDED", "FAILED", "DENIED", "TIMEOUT"})
+    assert job["state"] == "SUCCEEDED"
+    assert job["result"]["worker_id"] == "worker-1"
+    assert job["result"]["echo"]["context"] == {"n": 1}
+
+
+async def test_denied_job_is_403_denied_and_in_the_dlq(path):
+    stack, api = path
+    status, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "x", "topic": "job.danger"})
+    assert status == 403 and body["job_id"]
+    job = await api.job_until(body["job_id"], {"DENIED"})
+    assert job["state"] == "DENIED"
+    with trio.fail_after(10):
+        while True:
+            _, dlq, _ = await api.call("GET", "/api/v1/dlq")
+            entries = [e for e in dlq["items"] if e["job_id"] == body["job_id"]]
+            if entries:
+                break
+            await trio.sleep(0.1)
+    assert entries[0]["reason_code"] == "policy_denied"
+
+
+async def test_approval_then_success_and_rejection_then_denied(path):
+    stack, api = path
+    status, held, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "deploy", "topic": "job.deploy"})
+    assert status == 200 and held["status"] == "approval_required"
+    _, approvals, _ = await api.call("GET", "/api/v1/approvals")
+    assert held["job_id"] in [a["job"]["id"] for a in approvals["items"]]
+    status, _, _ = await api.call("POST", f"/api/v1/approvals/{held['job_id']}/approve", {"reason": "ok"})
+    assert status == 200
+    assert (await api.job_until(held["job_id"], {"SUCCEEDED", "DENIED", "FAILED"}))["state"] == "SUCCEEDED"
+
+    _, other, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "deploy again", "topic": "job.deploy"})
+    status, _, _ = await api.call("POST", f"/api/v1/approvals/{other['job_id']}/reject", {"reason": "no"})
+    assert status == 200
+    assert (await api.job_until(other["job_id"], {"DENIED"}))["state"] == "DENIED"
+
+
+async def test_cancel_a_running_job(path):
+    stack, api = path
+    _, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "long", "context": {"sleep_ms": 20000}})
+    await api.job_until(body["job_id"], {"RUNNING"})
+    status, cancelled, _ = await api.call("POST", f"/api/v1/jobs/{body['job_id']}/cancel")
+    assert status == 200 and cancelled["state"] == "CANCELLED"
+    await trio.sleep(1.0)  # the worker's own CANCELLED result must not change anything
+    job = await api.job_until(body["job_id"], {"CANCELLED"})
+    assert job["state"] == "CANCELLED"
+    worker_log = "\n".join(stack.procs["worker-1"].lines("err"))
+    assert "worker.job_cancelled" in worker_log
+
+
+async def test_worker_killed_mid_job_times_out_then_dlq_retry_succeeds(path):
+    stack, api = path
+    _, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "doomed", "context": {"sleep_ms": 2500}})
+    await api.job_until(body["job_id"], {"RUNNING"})
+    stack.procs["worker-1"].stop()  # SIGKILL mid-job
+    job = await api.job_until(body["job_id"], {"TIMEOUT"}, timeout=20)
+    assert job["failure_reason"].startswith("timeout: RUNNING")
+    with trio.fail_after(10):
+        while True:
+            status, entry, _ = await api.call("GET", "/api/v1/dlq")
+            if any(e["job_id"] == body["job_id"] for e in entry["items"]):
+                break
+            await trio.sleep(0.1)
+    stack.worker("worker-2")
+    await stack.ready("worker-2")
+    await trio.sleep(1.0)
+    status, retried, _ = await api.call("POST", f"/api/v1/dlq/{body['job_id']}/retry")
+    assert status == 200 and retried["job_id"].startswith(body["job_id"] + "-retry-")
+    job = await api.job_until(retried["job_id"], {"SUCCEEDED", "FAILED", "TIMEOUT"})
+    assert job["state"] == "SUCCEEDED" and job["worker_id"] == "worker-2"
+    assert job["result"]["echo"]["context"] == {"sleep_ms": 2500}  # the same input ran again
+    _, dlq, _ = await api.call("GET", "/api/v1/dlq")
+    assert body["job_id"] not in [e["job_id"] for e in dlq["items"]]  # retried entries leave the DLQ
+
+
+async def test_dlq_retry_of_a_failed_job_succeeds(path):
+    stack, api = path
+    _, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "p", "context": {"fail": True, "error": "boom"}})
+    job = await api.job_until(body["job_id"], {"FAILED"})
+    assert job["failure_reason"] == "boom"
+    with trio.fail_after(10):
+        while True:
+            _, dlq, _ = await api.call("GET", "/api/v1/dlq")
+            if any(e["job_id"] == body["job_id"] for e in dlq["items"]):
+                break
+            await trio.sleep(0.1)
+    status, retried, _ = await api.call("POST", f"/api/v1/dlq/{body['job_id']}/retry")
+    assert status == 200
+    # same input: fails again, which proves the retry ran as a new job on the worker
+    again = await api.job_until(retried["job_id"], {"FAILED", "SUCCEEDED"})
+    assert again["state"] == "FAILED" and again["attempts"] >= 1
+
+
+async def test_cordumctl_submits_and_waits(path):
+    stack, api = path
+    env = {**os.environ, "CORDUM_API_KEY": API_KEY, "CORDUM_GATEWAY_ADDR": api.base}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cordum.cli.main", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    done = await trio.to_thread.run_sync(run, "--json", "job", "submit", "--prompt", "from the cli", "--wait")
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.strip().splitlines()[-1])
+    assert final["state"] == "SUCCEEDED"
+    denied = await trio.to_thread.run_sync(run, "job", "submit", "--prompt", "x", "--topic", "job.danger")
+    assert denied.returncode == 4 and "denied" in denied.stderr
+    listed = await trio.to_thread.run_sync(run, "job", "list")
+    assert listed.returncode == 0 and final["id"] in listed.stdout
+    workers = await trio.to_thread.run_sync(run, "--json", "workers")
+    assert workers.returncode == 0 and "worker-1" in workers.stdout
+    assert API_KEY not in done.stdout + done.stderr + listed.stdout
