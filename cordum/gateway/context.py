@@ -104,7 +104,9 @@ class Gateway:
         self.dlq = DlqStore(self.redis)
         self.configs = ConfigStore(self.redis)
         self.submitted = self.metrics.counter(
-            "cordum_api_gateway_jobs_submitted_total", "Job submissions by outcome", ["outcome"])
+            # The guide's per-replica throughput metric: summed over gateway replicas,
+            # outcome="accepted" is the number of jobs admitted to run.
+            "cordum_jobs_total", "Job submissions through this replica, by outcome", ["outcome"])
         self.http_requests = self.metrics.counter(
             "cordum_api_gateway_http_requests_total", "HTTP requests", ["method", "route", "status"])
         self.dlq_written = self.metrics.counter(

@@ -13,6 +13,7 @@ Submit: validate → idempotency pre-check (tenant-scoped) → submit-time polic
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 import uuid
@@ -226,13 +227,24 @@ def context_payload(inp: SubmitInput, tenant: str) -> dict[str, Any]:
 # ---- views --------------------------------------------------------------------------------------
 
 
+def rfc3339_us(us: int) -> str:
+    """µs since the epoch → RFC 3339 in UTC, to the microsecond (`2024-05-01T12:00:00.123456Z`)."""
+    moment = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(microseconds=us)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def job_summary(meta: dict[str, Any]) -> dict[str, Any]:
-    """A job as listed: its meta without internal fields, plus the context pointer."""
+    """A job as listed: its meta without internal fields, plus the context pointer.
+
+    Shaped for the public cordum-sdk client (DESIGN §1), whose models parse `updated_at` as an
+    RFC 3339 date-time (the store keeps µs; the string is lossless) and `labels` as an object."""
     view = {k: v for k, v in meta.items() if not k.startswith("_")}
     view.setdefault("id", meta.get("id"))
     view["context_ptr"] = ptr(context_key(view["id"]))
     view.setdefault("attempts", 0)
-    view.setdefault("labels", {})
+    view["labels"] = view.get("labels") or {}
+    if isinstance(view.get("updated_at"), int):
+        view["updated_at"] = rfc3339_us(view["updated_at"])
     return view
 
 
@@ -381,7 +393,9 @@ def register(app: Quart, gw: Gateway) -> None:
         topic = (request.args.get("topic") or "").strip() or None
         items, next_cursor = await gw.jobs.list(caller().tenant, state=state, topic=topic, limit=limit,
                                                 cursor=int(cursor) if cursor else None)
-        return {"items": [job_summary(m) for m in items], "next_cursor": next_cursor}
+        # next_cursor is a string (µs digits): the SDK's model and paginate() expect one
+        return {"items": [job_summary(m) for m in items],
+                "next_cursor": None if next_cursor is None else str(next_cursor)}
 
     @app.get("/api/v1/jobs/<job_id>")
     @require("viewer")

@@ -148,13 +148,15 @@ class Batcher(Generic[T, R]):
                 waiter.result = result
             waiter.done.set()
 
-    async def flush_now(self) -> None:
-        """Stop taking items and send what is queued from this task: the final flush, which
-        must work even if the `run` task is gone (cancelled with its nursery)."""
-        self._closed = True
-        self._wakeup.set()
+    async def flush_now(self, *, close: bool = False) -> None:
+        """Send what is queued, from this task (so it works even if the `run` task is gone,
+        cancelled with its nursery); with `close`, take no more items afterwards."""
+        if close:
+            self._closed = True
+            self._wakeup.set()
         while self._items:
             batch = self._items[: self._max_batch]
             del self._items[: self._max_batch]
             await self._flush(batch)
-        self._idle.set()
+        if self._closed:
+            self._idle.set()

@@ -345,11 +345,12 @@ class Bus:
         for queue, subject in subjects.WELL_KNOWN_DURABLES:
             await self._ensure_consumer(subjects.stream_for(subject), subjects.durable_name(queue, subject), subject)
 
-    async def flush(self) -> None:
-        """Send everything queued (publishes, acks) and wait until it has left this process.
-        Works even when the batchers' own tasks were already cancelled (a hard stop)."""
-        await self._publisher.flush_now()
-        await self._acks.flush_now()
+    async def flush(self, *, close: bool = False) -> None:
+        """Send everything queued (publishes, acks) and wait until the server has it. Works even
+        when the batchers' own tasks were already cancelled (a hard stop); `close` is the final
+        flush, after which nothing more is sent."""
+        await self._publisher.flush_now(close=close)
+        await self._acks.flush_now(close=close)
         await aio(self._nc.flush)()
 
 
@@ -380,7 +381,7 @@ async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
                     try:
-                        await bus.flush()
+                        await bus.flush(close=True)
                     except Exception as exc:
                         log.warning("bus.flush_failed", error=repr(exc))
                 nursery.cancel_scope.cancel()

@@ -44,6 +44,7 @@ from cordum.infra.grpc import GrpcServer
 from cordum.infra.http import HttpServer, make_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, RedisError, open_redis
+from cordum.runtime.instances import serve_registration
 from cordum.protocol.subjects import CONFIG_CHANGED
 from cordum.runtime.consumer import ConsumerMetrics, serve_packets
 from cordum.runtime.lifecycle import Lifecycle
@@ -375,6 +376,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
 
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve)
+            await nursery.start(serve_registration, redis, SERVICE, settings.instance_id)
             await nursery.start(grpc.serve, *config.grpc_addr)
             await nursery.start(watch_policy)
             lifecycle.on("grpc drain", grpc.drain)

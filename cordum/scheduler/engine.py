@@ -50,7 +50,7 @@ class EngineConfig:
 
 class SchedulerMetrics:
     def __init__(self, metrics: Metrics) -> None:
-        self.jobs = metrics.counter("cordum_jobs_total", "Jobs this replica brought to a final state", ["topic", "state"])
+        self.finished = metrics.counter("cordum_scheduler_jobs_finished_total", "Jobs this replica brought to a final state", ["topic", "state"])
         self.received = metrics.counter("cordum_scheduler_jobs_received_total", "Job requests handled", ["topic"])
         self.dispatched = metrics.counter("cordum_scheduler_jobs_dispatched_total", "Jobs dispatched", ["topic"])
         self.completed = metrics.counter("cordum_scheduler_jobs_completed_total", "Worker results applied", ["topic", "status"])
@@ -242,7 +242,7 @@ class Engine:
         self.metrics.completed.labels(topic=topic, status=JobStatus.Name(result.status)).inc()
         await self.store.record_worker_job(result.worker_id, job_id)
         if target in TERMINAL:
-            self.metrics.jobs.labels(topic=topic, state=target.value).inc()
+            self.metrics.finished.labels(topic=topic, state=target.value).inc()
         if result_goes_to_dlq(result.status):
             await self._emit_dlq(job_id, status_for_state(target), result.error_code or _default_reason(target),
                                  result.error_message or f"worker reported {JobStatus.Name(result.status)}")
@@ -251,7 +251,7 @@ class Engine:
 
     async def _finish(self, job_id: str, topic: str, tenant: str, state: JobState, fence: int, code: str, reason: str) -> None:
         await self.store.transition(job_id, state, fence=fence, fields={"failure_reason": reason})
-        self.metrics.jobs.labels(topic=topic, state=state.value).inc()
+        self.metrics.finished.labels(topic=topic, state=state.value).inc()
         await self._emit_dlq(job_id, status_for_state(state), code, reason)
 
     async def _emit_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:

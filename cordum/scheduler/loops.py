@@ -77,7 +77,7 @@ class Reconciler:
                 log.info("reconciler.skip", job_id=job_id, error=str(exc))
                 return
             topic = meta.get("topic", "")
-            self.engine.metrics.jobs.labels(topic=topic, state=S.TIMEOUT.value).inc()
+            self.engine.metrics.finished.labels(topic=topic, state=S.TIMEOUT.value).inc()
             log.warning("reconciler.timed_out", job_id=job_id, state=state.value, reason=reason)
             await self.engine._emit_dlq(job_id, status_for_state(S.TIMEOUT), "timeout", reason)
             alert = SystemAlert(

@@ -26,6 +26,7 @@ from cordum.infra.metrics import Metrics
 from cordum.infra.redis import open_redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
+from cordum.runtime.instances import serve_registration
 from cordum.runtime.consumer import ConsumerMetrics, PacketConsumer, serve_packets
 from cordum.runtime.leader import LeaderElection, every
 from cordum.runtime.lease import Leases
@@ -102,6 +103,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
 
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve)
+            await nursery.start(serve_registration, redis, NAME, settings.instance_id)
             await nursery.start(serve_packets, bus, subjects.HEARTBEAT, on_heartbeat, counters)
             background = trio.CancelScope()
 

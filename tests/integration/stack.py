@@ -6,15 +6,33 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import trio
 
 from cordum.agent.v1.job_pb2 import JobRequest
-from cordum.dev.servers import free_port
+from cordum.dev.servers import free_port, start_nats, start_redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.store.jobs import JobStore
 from cordum.store.jobstate import JobState
 from tests.integration.test_multiprocess import _wait_for
+
+# Process-level tests get servers of their own: shared JetStream durables (the scheduler's queue
+# group, a worker id reused by the next test) would otherwise carry one test's unfinished
+# messages into the next. Import these two fixtures into such a module to override the session's.
+@pytest.fixture
+def redis_server(tmp_path):
+    server = start_redis(tmp_path / "redis-own")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = start_nats(tmp_path / "nats-own")
+    yield server
+    server.stop()
+
 
 POLICY = """
 version: test

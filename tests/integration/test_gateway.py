@@ -222,7 +222,7 @@ async def test_submit_allowed_persists_and_publishes(api: Api, bus, redis) -> No
     assert [item["id"] for item in listed["items"]] == [job_id] and listed["next_cursor"] is None
     metrics = await trio.to_thread.run_sync(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{api.port}/metrics", timeout=5).read().decode())
-    assert 'cordum_api_gateway_jobs_submitted_total{outcome="accepted"' in metrics
+    assert 'cordum_jobs_total{outcome="accepted"' in metrics
     assert 'route="/api/v1/jobs"' in metrics
 
 

@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.integration.stack import POLICY, Stack
+from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 API_KEY = "e2e-admin-key-0123456789abcdef"
 POLICY_WITH_APPROVALS = POLICY + """

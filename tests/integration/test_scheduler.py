@@ -11,6 +11,7 @@ from cordum.protocol.packets import decode, encode, new_packet
 from cordum.store.jobs import JobStore
 from tests.conftest import unique
 from tests.integration.stack import Stack, http_get, metric, submit_direct, wait_state
+from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 
 async def test_allowed_job_is_dispatched_once_and_succeeds(spawn, tmp_path, redis, bus):
@@ -158,3 +159,27 @@ async def test_two_schedulers_dispatch_each_of_200_jobs_exactly_once(spawn, tmp_
                   for n in (1, 2)]
     assert sum(dispatched) == 200 and all(d > 0 for d in dispatched), dispatched
     assert {w for ws in results.values() for w in ws} == {"worker-1", "worker-2"}
+
+
+async def test_sigterm_stops_the_scheduler_in_its_declared_order(spawn, tmp_path, redis, bus):
+    import signal as signals
+
+    from cordum.scheduler.service import STAGES
+
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    scheduler = stack.scheduler()
+    stack.worker()
+    await stack.ready()
+    store = JobStore(redis)
+    await trio.sleep(1.0)
+    jobs = [await submit_direct(store, bus, context={"sleep_ms": 300}) for _ in range(5)]
+    scheduler.signal(signals.SIGTERM)
+    code = await trio.to_thread.run_sync(scheduler.wait, 15)
+    assert code == 0, scheduler.lines("err")[-10:]
+    observed = [(e["event"], e["stage"]) for e in scheduler.events() if e["event"] in ("stage.begin", "stage.end")]
+    assert observed == [(kind, stage) for stage in STAGES for kind in ("stage.begin", "stage.end")]
+    # Nothing was lost: whatever it had not finished is picked up by a new replica.
+    stack.scheduler("scheduler-2")
+    for job_id in jobs:
+        await wait_state(store, job_id, {"SUCCEEDED"}, timeout=30)

@@ -24,6 +24,7 @@ from cordum.protocol.packets import decode
 from cordum.store.jobs import JobStore
 from tests.conftest import unique
 from tests.integration.stack import Stack, submit_direct, wait_state
+from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 pytestmark = pytest.mark.slow
 
