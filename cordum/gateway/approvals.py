@@ -15,7 +15,7 @@ from quart import Quart, request
 
 from cordum.agent.v1 import job_pb2
 from cordum.gateway.auth import Principal
-from cordum.gateway.context import Gateway, caller, json_body, optional_str, query_int, require
+from cordum.gateway.context import Gateway, caller, cursor_text, json_body, optional_str, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import job_summary, publish_dlq, publish_request
 from cordum.protocol import subjects
@@ -158,7 +158,7 @@ def register(app: Quart, gw: Gateway) -> None:
             caller().tenant, state=JobState.APPROVAL_REQUIRED.value, limit=limit,
             cursor=int(cursor) if cursor else None,
         )
-        return {"items": [approval_item(m) for m in items], "next_cursor": next_cursor}
+        return {"items": [approval_item(m) for m in items], "next_cursor": cursor_text(next_cursor)}
 
     @app.post("/api/v1/approvals/<job_id>/approve")
     @require("operator")

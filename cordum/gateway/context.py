@@ -208,3 +208,8 @@ def optional_str_map(body: dict[str, Any], name: str, *, max_items: int = 50) ->
     if len(value) > max_items:
         raise ApiError(400, f"{name} must have at most {max_items} entries")
     return {str(k): v for k, v in value.items()}
+
+
+def cursor_text(cursor: int | None) -> str | None:
+    """Page cursors go out as strings of digits: the public SDK's models and paginate() expect that."""
+    return None if cursor is None else str(cursor)

@@ -21,7 +21,7 @@ from quart import Quart, Response, request
 
 from cordum.agent.v1 import job_pb2
 from cordum.agent.v1.buspacket_pb2 import BusPacket
-from cordum.gateway.context import SENDER, Gateway, caller, query_int, require
+from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import publish_request
 from cordum.infra.bus import Message
@@ -162,7 +162,7 @@ def register(app: Quart, gw: Gateway) -> None:
             raise ApiError(400, "cursor must be an integer (created_at in unix seconds)")
         items, next_cursor = await gw.dlq.page(caller().tenant, limit=query_int("limit", 100, high=1000),
                                                cursor=int(cursor) if cursor else None)
-        return {"items": items, "next_cursor": next_cursor}
+        return {"items": items, "next_cursor": cursor_text(next_cursor)}
 
     @app.delete("/api/v1/dlq/<job_id>")
     @require("admin")

@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from quart import Quart, request
 
 from cordum.agent.v1 import job_pb2, safety_pb2
-from cordum.gateway.context import SENDER, Gateway, caller, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
+from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
@@ -393,9 +393,8 @@ def register(app: Quart, gw: Gateway) -> None:
         topic = (request.args.get("topic") or "").strip() or None
         items, next_cursor = await gw.jobs.list(caller().tenant, state=state, topic=topic, limit=limit,
                                                 cursor=int(cursor) if cursor else None)
-        # next_cursor is a string (µs digits): the SDK's model and paginate() expect one
         return {"items": [job_summary(m) for m in items],
-                "next_cursor": None if next_cursor is None else str(next_cursor)}
+                "next_cursor": cursor_text(next_cursor)}
 
     @app.get("/api/v1/jobs/<job_id>")
     @require("viewer")
