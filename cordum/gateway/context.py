@@ -18,7 +18,7 @@ from cordum.infra.config import Settings, env_value, parse_duration, parse_liste
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis
 from cordum.runtime.lease import Leases
-from cordum.safety.client import SafetyClient
+from cordum.safety.client import SafetyClient, parse_kernel_addrs
 from cordum.store.config import ConfigStore
 from cordum.store.dlq import DlqStore
 from cordum.store.jobs import JobStore
@@ -53,15 +53,10 @@ def _buffer_size(raw: str) -> int:
     return value
 
 
-def _client_addr(raw: str) -> tuple[str, int]:
-    host, port = parse_listen_addr(raw)
-    return ("127.0.0.1" if host in ("0.0.0.0", "") else host), port
-
-
 @dataclass(frozen=True)
 class GatewayOptions:
     http_addr: tuple[str, int]
-    safety_addr: tuple[str, int]
+    safety_addrs: list[tuple[str, int]]
     fail_open: bool
     dlq_cleanup_interval: float
     ws_client_buffer: int
@@ -72,7 +67,7 @@ class GatewayOptions:
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
         return cls(
             http_addr=env_value(settings, "GATEWAY_HTTP_ADDR", ":8081", parse_listen_addr),
-            safety_addr=env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", _client_addr),
+            safety_addrs=env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs),
             fail_open=env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode) == "open",
             dlq_cleanup_interval=env_value(settings, "DLQ_CLEANUP_INTERVAL", "1h", _positive_duration),
             ws_client_buffer=env_value(settings, "CORDUM_WS_CLIENT_BUFFER_SIZE", "256", _buffer_size),
@@ -97,6 +92,7 @@ class Gateway:
     configs: ConfigStore = field(init=False)
     started_at: float = field(default_factory=time.time)
     hub: Any = None  # stream.StreamHub, set by the service
+    ratelimiter: Any = None  # ratelimit.RateLimiter, set by the service (None: no limiting)
     http_port: int | None = None
 
     def __post_init__(self) -> None:

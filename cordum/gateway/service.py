@@ -16,7 +16,9 @@ Shutdown stages (the guide's order): "bus taps" (stop the taps, end WebSocket st
 
 Environment (beyond the common settings): CORDUM_API_KEY, TENANT_ID, CORDUM_API_KEYS_PATH,
 CORDUM_ENV, GATEWAY_HTTP_ADDR, SAFETY_KERNEL_ADDR, POLICY_CHECK_FAIL_MODE (closed|open),
-GATEWAY_POLICY_CHECK_TIMEOUT (5s), DLQ_CLEANUP_INTERVAL (1h), CORDUM_WS_CLIENT_BUFFER_SIZE (256).
+GATEWAY_POLICY_CHECK_TIMEOUT (5s), DLQ_CLEANUP_INTERVAL (1h), CORDUM_WS_CLIENT_BUFFER_SIZE (256),
+API_RATE_LIMIT_RPS (30), API_RATE_LIMIT_BURST (50), API_RATE_LIMIT_REDIS_TIMEOUT (200ms),
+REDIS_RATE_LIMIT (true; false|0|no = per-replica in-memory limiting) — see `ratelimit`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import trio
 from cordum.gateway.app import create_app
 from cordum.gateway.context import SERVICE, Gateway, GatewayOptions
 from cordum.gateway.dlq import cleanup_election, serve_dlq_writer
+from cordum.gateway.ratelimit import RateLimitConfig, RateLimiter
 from cordum.gateway.stream import StreamHub
 from cordum.infra.bus import open_bus
 from cordum.infra.config import Settings
-from cordum.infra.grpc import open_grpc_client
 from cordum.infra.http import HttpServer
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import open_redis
@@ -50,18 +52,18 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                 task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
     """Run one gateway replica; reports the `Gateway` (with its bound HTTP port) when ready."""
     options = GatewayOptions.from_settings(settings)  # ConfigError before anything is opened
+    rate_limit = RateLimitConfig.from_settings(settings)
     metrics = Metrics(settings.instance_id)
-    host, port = options.safety_addr
     async with (
         open_redis(settings) as redis,
         open_bus(settings, name=SERVICE) as bus,
-        open_grpc_client(safety_client.STUB, host, port) as grpc,
+        safety_client.open_safety_client(options.safety_addrs, safety_client.CircuitBreaker(redis),
+                                         timeout=options.policy_timeout) as safety,
     ):
-        breaker = safety_client.CircuitBreaker(redis)
         gw = Gateway(settings=settings, options=options, redis=redis, bus=bus, metrics=metrics,
-                     safety=safety_client.SafetyClient(grpc, breaker, timeout=options.policy_timeout),
-                     leases=Leases(redis, settings.instance_id))
+                     safety=safety, leases=Leases(redis, settings.instance_id))
         gw.hub = StreamHub(gw, buffer=options.ws_client_buffer)
+        gw.ratelimiter = RateLimiter(rate_limit, redis, metrics)
         http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0)
         counters = ConsumerMetrics(metrics)
 
@@ -105,7 +107,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
             lifecycle.on("grpc drain", grpc_drain)
             lifecycle.on("close stores", close_stores)
             log.info("gateway.ready", http_port=gw.http_port, keys=len(options.keys),
-                     safety_kernel=f"{host}:{port}", policy_fail_mode="open" if options.fail_open else "closed")
+                     rate_limiter=gw.ratelimiter.describe(),
+                     safety_kernel=",".join(f"{h}:{p}" for h, p in options.safety_addrs), policy_fail_mode="open" if options.fail_open else "closed")
             task_status.started(gw)
 
 

@@ -56,10 +56,17 @@ class LeaderElection:
 
 
 def every(interval: float, step: Callable[[Lease], Awaitable[None]]) -> Work:
-    """Leader work that runs `step` every `interval` seconds while leading."""
+    """Leader work that runs `step` every `interval` seconds while leading.
+
+    Before each step it checks the lease's local validity itself: after a pause (SIGSTOP, a long
+    GC, a frozen VM) this task can wake before the lease keeper does, and must not act on a
+    leadership that has already passed to another replica."""
 
     async def loop(lease: Lease) -> None:
         while True:
+            if lease.lost or trio.current_time() >= lease.valid_until:
+                log.warning("leader.lease_expired_while_idle", key=lease.key, fence=lease.fence)
+                return
             await step(lease)
             await trio.sleep(interval)
 

@@ -10,17 +10,21 @@ exception for the caller: it is a verdict `UNAVAILABLE`, and the caller applies 
 from __future__ import annotations
 
 import enum
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
 
 import trio
 
 from cordum.agent.v1 import safety_grpc, safety_pb2
-from cordum.infra.grpc import GrpcClient, RpcError
+from cordum.infra.config import parse_listen_addr
+from cordum.infra.grpc import GrpcClient, RpcError, open_grpc_client
 from cordum.infra.redis import Redis, RedisError, RedisUnavailable
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 
 log = get_logger("safety.client")
+STUB = safety_grpc.SafetyKernelStub
 
 _FAIL = """
 local n = redis.call('INCR', KEYS[1])
@@ -108,16 +112,32 @@ class CircuitBreaker:
 
 
 class SafetyClient:
-    def __init__(self, grpc: GrpcClient, breaker: CircuitBreaker, *, timeout: float = 2.0) -> None:
-        self._grpc = grpc
+    """Calls spread over the kernel replicas (round robin); a replica that is down or draining
+    (UNAVAILABLE) is skipped for the next one, so one kernel's restart costs no decisions."""
+
+    def __init__(self, grpc: GrpcClient | Sequence[GrpcClient], breaker: CircuitBreaker, *, timeout: float = 2.0) -> None:
+        self._replicas = list(grpc) if isinstance(grpc, Sequence) else [grpc]
+        self._next = 0
         self._breaker = breaker
         self.timeout = timeout
+
+    async def _call(self, method: str, request: object) -> object:
+        start = self._next
+        self._next = (self._next + 1) % len(self._replicas)
+        for offset in range(len(self._replicas)):
+            replica = self._replicas[(start + offset) % len(self._replicas)]
+            try:
+                return await replica.call(method, request, timeout=self.timeout)
+            except RpcError as exc:
+                if exc.code != "UNAVAILABLE" or offset == len(self._replicas) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def check(self, request: safety_pb2.PolicyCheckRequest, *, method: str = "Check") -> SafetyDecision:
         if await self._breaker.is_open():
             return SafetyDecision(Verdict.UNAVAILABLE, "safety kernel circuit open")
         try:
-            response = await self._grpc.call(method, request, timeout=self.timeout)
+            response = await self._call(method, request)
         except RpcError as exc:
             await self._breaker.record_failure()
             log.warning("safety.check_failed", method=method, code=exc.code, error=exc.message)
@@ -127,7 +147,26 @@ class SafetyClient:
 
     async def call(self, method: str, request: object) -> object:
         """Any other kernel method (Explain, Simulate, ListSnapshots), errors raised as RpcError."""
-        return await self._grpc.call(method, request, timeout=self.timeout)
+        return await self._call(method, request)
 
 
-STUB = safety_grpc.SafetyKernelStub
+def parse_kernel_addrs(raw: str) -> list[tuple[str, int]]:
+    """`SAFETY_KERNEL_ADDR`: one `host:port` or several, comma separated (one per kernel replica);
+    `:port` and 0.0.0.0 mean this machine."""
+    addrs = []
+    for part in raw.split(","):
+        if part.strip():
+            host, port = parse_listen_addr(part)
+            addrs.append(("127.0.0.1" if host in ("0.0.0.0", "") else host, port))
+    if not addrs:
+        raise ValueError("expected host:port, or several separated by commas")
+    return addrs
+
+
+@asynccontextmanager
+async def open_safety_client(addrs: Sequence[tuple[str, int]], breaker: CircuitBreaker, *, timeout: float = 2.0) -> AsyncIterator[SafetyClient]:
+    async with AsyncExitStack() as stack:
+        replicas = [await stack.enter_async_context(open_grpc_client(STUB, host, port)) for host, port in addrs]
+        yield SafetyClient(replicas, breaker, timeout=timeout)
+
+

@@ -20,7 +20,6 @@ import trio
 from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_SCHEDULER, Handshake
 from cordum.infra.bus import open_bus
 from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
-from cordum.infra.grpc import open_grpc_client
 from cordum.infra.http import HttpServer, make_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import open_redis
@@ -33,7 +32,7 @@ from cordum.runtime.lease import Leases
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
 from cordum.runtime.service import run_service
-from cordum.safety.client import STUB, CircuitBreaker, SafetyClient
+from cordum.safety.client import CircuitBreaker, open_safety_client, parse_kernel_addrs
 from cordum.scheduler.config import PoolsSource
 from cordum.scheduler.engine import SENDER, Engine, EngineConfig, SchedulerMetrics
 from cordum.scheduler.loops import PendingReplayer, Reconciler, SnapshotWriter, Timeouts
@@ -48,15 +47,9 @@ DEFAULT_POOLS = Path(__file__).with_name("default_pools.yaml")
 log = get_logger("scheduler.service")
 
 
-def client_addr(raw: str) -> tuple[str, int]:
-    """A `host:port` to dial; `:port` and 0.0.0.0 mean this machine."""
-    host, port = parse_listen_addr(raw)
-    return ("127.0.0.1" if host in ("0.0.0.0", "") else host, port)
-
-
 async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     http_addr = env_value(settings, "SCHEDULER_METRICS_ADDR", ":9090", parse_listen_addr)
-    safety_addr = env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", client_addr)
+    safety_addrs = env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs)
     fail_mode = env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode)
     scan = env_value(settings, "SCHEDULER_SCAN_INTERVAL", "30s", parse_duration)
     timeouts = Timeouts(
@@ -72,13 +65,13 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     metrics = Metrics(settings.instance_id)
     counters = ConsumerMetrics(metrics)
     async with open_redis(settings) as redis, open_bus(settings, name=f"{NAME}/{settings.instance_id}") as bus, \
-            open_grpc_client(STUB, *safety_addr) as grpc:
+            open_safety_client(safety_addrs, CircuitBreaker(redis)) as safety:
         pools = PoolsSource(Path(pools_path), ConfigStore(redis), timeouts)
         await pools.load()  # a bad pools file stops the start with its message
         leases = Leases(redis, settings.instance_id)
         registry = WorkerRegistry(ttl=worker_ttl)
         engine = Engine(
-            store=JobStore(redis), bus=bus, leases=leases, safety=SafetyClient(grpc, CircuitBreaker(redis)),
+            store=JobStore(redis), bus=bus, leases=leases, safety=safety,
             registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics),
             config=EngineConfig(fail_open=fail_mode == "open"),
         )

@@ -1,0 +1,46 @@
+"""The safety client against real gRPC kernels: replica failover and the shared circuit breaker."""
+
+from __future__ import annotations
+
+import trio
+
+from cordum.agent.v1 import safety_grpc, safety_pb2
+from cordum.dev.servers import free_port
+from cordum.infra.grpc import GrpcServer
+from cordum.safety.client import CircuitBreaker, Verdict, open_safety_client, parse_kernel_addrs
+from tests.conftest import unique
+from tests.procs.demo_service import SlowKernel
+
+
+def test_kernel_addresses():
+    assert parse_kernel_addrs(":50051") == [("127.0.0.1", 50051)]
+    assert parse_kernel_addrs("k1:1, k2:2") == [("k1", 1), ("k2", 2)]
+
+
+async def test_a_draining_replica_is_skipped_and_an_outage_opens_the_shared_breaker(redis):
+    servers = [GrpcServer([(safety_grpc.SafetyKernelBase, SlowKernel())]) for _ in range(2)]
+    request = safety_pb2.PolicyCheckRequest(job_id="j", topic="job.default")
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(s.serve, "127.0.0.1", 0) for s in servers]
+        key = unique("cordum:test:cb")
+        breaker = CircuitBreaker(redis, key, threshold=3, open_for=30)
+        async with open_safety_client([("127.0.0.1", p) for p in ports], breaker, timeout=2) as client:
+            assert (await client.check(request)).verdict is Verdict.ALLOW
+            await servers[0].drain()  # replica 1 goes away: every check still gets an answer
+            for _ in range(4):
+                assert (await client.check(request)).verdict is Verdict.ALLOW
+            assert await redis.get(key) is None
+
+        dead = [("127.0.0.1", free_port())]
+        async with open_safety_client(dead, breaker, timeout=1) as client:
+            for _ in range(3):
+                assert (await client.check(request)).verdict is Verdict.UNAVAILABLE
+            assert int(await redis.get(key)) == 3
+        # Another replica's client sharing the breaker does not even try while it is open.
+        other = CircuitBreaker(redis, key, threshold=3, open_for=30)
+        async with open_safety_client([("127.0.0.1", ports[1])], other) as client:
+            decision = await client.check(request)
+            assert decision.verdict is Verdict.UNAVAILABLE and decision.reason == "safety kernel circuit open"
+            await redis.delete(key)  # the window passes (or an operator resets it)
+            assert (await client.check(request)).verdict is Verdict.ALLOW
+        nursery.cancel_scope.cancel()
