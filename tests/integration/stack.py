@@ -76,6 +76,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, object] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
+    specs: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, spawn, tmp: Path, **overrides: str) -> "Stack":
@@ -95,12 +96,22 @@ class Stack:
         port = free_port()  # the process's HTTP (health/metrics, or the gateway's API)
         self.http_ports[name] = port
         extra = {key: f"127.0.0.1:{port}" for key in ("SAFETY_KERNEL_ADMIN_ADDR", "SCHEDULER_METRICS_ADDR", "GATEWAY_HTTP_ADDR")}
-        proc = self.spawn(name, ["-m", module], env={**self.env, **extra, **env})
+        full_env = {**self.env, **extra, **env}
+        proc = self.spawn(name, ["-m", module], env=full_env)
+        self.procs[name] = proc
+        self.specs[name] = (module, full_env)
+        return proc
+
+    def restart(self, name: str) -> object:
+        """Start a stopped replica again with the same environment and ports (new log files)."""
+        module, env = self.specs[name]
+        generation = sum(1 for key in self.procs if key.startswith(name)) + 1
+        proc = self.spawn(f"{name}-run{generation}", ["-m", module], env=env)
         self.procs[name] = proc
         return proc
 
-    def kernel(self, name: str = "safety-1") -> object:
-        return self.start(name, "cordum.safety.service")
+    def kernel(self, name: str = "safety-1", **env: str) -> object:
+        return self.start(name, "cordum.safety.service", **env)
 
     def scheduler(self, name: str = "scheduler-1", **env: str) -> object:
         return self.start(name, "cordum.scheduler.service", **env)
