@@ -1,4 +1,4 @@
-"""The gateway's quart-trio app: auth and tenant check on `/api/`, the error envelope, request
+"""The gateway's quart-trio app: auth, tenant check and rate limit on `/api/`, the error envelope, request
 metrics, and the routes of every module (jobs, approvals, DLQ, workers, config/policy, status,
 stream). `/health` and `/metrics` come from `make_app` and need no key."""
 
@@ -35,6 +35,17 @@ def _authenticate(gw: Gateway, headers: Any, args: Any | None) -> Response | Non
     return None
 
 
+async def _rate_limit(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
+    """After authentication: 429 (Retry-After, error envelope) when the tenant or key is over its limit."""
+    if gw.ratelimiter is None:
+        return None
+    verdict = await gw.ratelimiter.check(g.principal.tenant, key_from_headers(headers, args) or "")
+    if verdict.allowed:
+        return None
+    return error_response(429, "rate limited", code="rate_limited",
+                          headers={"Retry-After": str(verdict.retry_after)})
+
+
 def create_app(gw: Gateway) -> QuartTrio:
     async def health() -> dict[str, Any]:
         return await status.health(gw)
@@ -47,11 +58,12 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def _auth() -> Response | None:
         if not request.path.startswith("/api/"):
             return None
-        return _authenticate(gw, request.headers, None)
+        return _authenticate(gw, request.headers, None) or await _rate_limit(gw, request.headers, None)
 
     @app.before_websocket
     async def _ws_auth() -> Response | None:
-        return _authenticate(gw, websocket.headers, websocket.args)
+        return (_authenticate(gw, websocket.headers, websocket.args)
+                or await _rate_limit(gw, websocket.headers, websocket.args))
 
     @app.after_request
     async def _count(response: Response) -> Response:

@@ -51,6 +51,7 @@ async def status(gw: Gateway, tenant: str) -> dict[str, Any]:
         "pipeline": {},
         "replicas": {},
         "active_ws_clients": gw.hub.client_count if gw.hub is not None else 0,
+        "rate_limiter": gw.ratelimiter.describe() if gw.ratelimiter is not None else {"mode": "off"},
     }
     if ok:
         body["workers"]["count"] = len(await list_workers(gw))

@@ -7,6 +7,8 @@ one slot on Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
+
 # ---- locks and leader election (the guide's table) ----------------------------------------
 RECONCILER_LEADER = "cordum:reconciler:default"
 REPLAYER_LEADER = "cordum:replayer:pending"
@@ -38,6 +40,17 @@ def workflow_run_lock(run_id: str) -> str:
 
 def rate_limit(key: str, unix_second: int) -> str:
     return f"cordum:rl:{key}:{unix_second}"
+
+
+def rate_limit_tat(tenant: str, limit: str) -> str:
+    """A GCRA limit's theoretical arrival time (`cordum:rl:{<tenant>}:tenant`,
+    `cordum:rl:{<tenant>}:key:<sha256 prefix>`). The tenant is the hash tag, so the one script
+    that checks a tenant's limit and its key's limit together stays in one cluster slot; a tenant
+    name that cannot be a tag (empty, or with braces) is tagged by its SHA-256 instead."""
+    tag = tenant
+    if not tenant or "{" in tenant or "}" in tenant:
+        tag = "t-" + hashlib.sha256(tenant.encode()).hexdigest()[:32]
+    return "cordum:rl:{" + tag + "}:" + limit
 
 
 def fence_counter(lock_key: str) -> str:

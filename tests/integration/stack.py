@@ -66,6 +66,9 @@ FAST = {
     "WORKER_SNAPSHOT_INTERVAL": "0.5s",
     "WORKER_HEARTBEAT_INTERVAL": "0.5s",
     "CORDUM_SHUTDOWN_TIMEOUT": "10s",
+    # tests drive far more than the default 30 requests/s through one tenant
+    "API_RATE_LIMIT_RPS": "100000",
+    "API_RATE_LIMIT_BURST": "100000",
 }
 
 
