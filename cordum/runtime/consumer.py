@@ -3,9 +3,11 @@
 - Undecodable bytes are counted (`cordum_bus_malformed_packets_total`), logged and terminated:
   redelivering the same bytes cannot help.
 - A handler raising `Retry(delay)` gets the message redelivered after `delay`.
-- Any other handler error is logged, counted, and the message redelivered with backoff until it
-  has been tried `max_deliveries` times; then it is terminated, and `on_poison` (e.g. a DLQ write)
-  runs first, so the message is recorded rather than dropped.
+- Redis or bus trouble (a transient error) gets the message redelivered with backoff, however long
+  it lasts (bounded by JetStream's max-deliver).
+- Any other handler error (a bug, a message it cannot handle) is logged, counted, and the message
+  redelivered with backoff until it has been tried `max_deliveries` times; then it is terminated,
+  and `on_poison` (e.g. a DLQ write) runs first, so the message is recorded rather than dropped.
 - Handlers run concurrently up to `concurrency`; a message is acked only after its handler
   returned, so a replica that dies mid-handler leaves it to be redelivered to another.
 """
@@ -19,6 +21,7 @@ import trio
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Bus, Message
 from cordum.infra.metrics import Metrics
+from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.protocol.packets import PacketError, decode
 from cordum.runtime.log import get_logger
 
@@ -26,6 +29,14 @@ log = get_logger("consumer")
 
 Handler = Callable[[BusPacket, Message], Awaitable[None]]
 PoisonHook = Callable[[BusPacket, Message, BaseException], Awaitable[None]]
+
+
+# Failures of the infrastructure rather than of the message.
+TRANSIENT = (RedisError, *RedisUnavailable, TimeoutError, ConnectionError, trio.TooSlowError)
+
+
+def _backoff(deliveries: int) -> float:
+    return min(0.5 * 2 ** max(deliveries - 1, 0), 30.0)
 
 
 class Retry(Exception):
@@ -56,7 +67,7 @@ class PacketConsumer:
 
     def __init__(
         self, bus: Bus, subject: str, handler: Handler, counters: ConsumerMetrics, *,
-        queue: str | None = None, concurrency: int = 64, max_deliveries: int = 5, on_poison: PoisonHook | None = None,
+        queue: str | None = None, concurrency: int = 64, max_deliveries: int = 20, on_poison: PoisonHook | None = None,
     ) -> None:
         self.bus, self.subject, self.handler, self.counters = bus, subject, handler, counters
         self.queue, self.max_deliveries, self.on_poison = queue, max_deliveries, on_poison
@@ -93,7 +104,7 @@ async def serve_packets(
     *,
     queue: str | None = None,
     concurrency: int = 64,
-    max_deliveries: int = 5,
+    max_deliveries: int = 20,
     on_poison: PoisonHook | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -125,6 +136,13 @@ async def _handle(
         except Retry as retry:
             await msg.nak(retry.delay)
             return
+        except TRANSIENT as exc:
+            # Redis or the bus is briefly unreachable: not the message's fault, so it is retried
+            # (backing off) without counting toward poison; JetStream's own max-deliver bounds it.
+            counters.handler_errors.labels(subject=subject).inc()
+            log.warning("bus.handler_transient_error", subject=msg.subject, deliveries=msg.num_delivered, error=repr(exc))
+            await msg.nak(_backoff(msg.num_delivered))
+            return
         except Exception as exc:
             counters.handler_errors.labels(subject=subject).inc()
             log.error("bus.handler_failed", subject=msg.subject, deliveries=msg.num_delivered, error=repr(exc))
@@ -138,7 +156,7 @@ async def _handle(
                         return
                 await msg.term()
             else:
-                await msg.nak(min(0.5 * 2 ** (msg.num_delivered - 1), 30.0))
+                await msg.nak(_backoff(msg.num_delivered))
             return
         counters.handled.labels(subject=subject).inc()
         await msg.ack()

@@ -31,7 +31,8 @@ from cordum.store import keys
 from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us
 from cordum.store.jobstate import (
-    MAX_SCHEDULING_RETRIES, TERMINAL, JobState, result_goes_to_dlq, state_for_result, status_for_state,
+    MAX_SCHEDULING_RETRIES, TERMINAL, JobState, can_transition, result_goes_to_dlq, state_for_result,
+    status_for_state,
 )
 from cordum.store.validate import tenant_problems, validate_job_request, validate_job_result
 
@@ -109,9 +110,18 @@ class Engine:
         if problems:
             self.metrics.rejected.labels(kind="job_request").inc()
             log.warning("scheduler.invalid_request", job_id=request.job_id, problems=problems)
+            if request.job_id:  # a job we know of must not wait forever: fail it, visibly
+                await self._locked(request.job_id, lambda lease: self._reject(request, problems, lease))
             return
         started = trio.current_time()
         await self._locked(request.job_id, lambda lease: self._handle_request(packet, request, lease, started))
+
+    async def _reject(self, request: JobRequest, problems: list[str], lease: Lease) -> None:
+        meta = await self.store.get(request.job_id)
+        if meta is None or S(meta["state"]) in TERMINAL:
+            return
+        await self._finish(request.job_id, meta.get("topic", ""), S.FAILED, lease.fence, "invalid_request",
+                           "; ".join(problems))
 
     async def on_result(self, packet: BusPacket, msg: Message) -> None:
         if packet.WhichOneof("payload") != "job_result":
@@ -136,6 +146,13 @@ class Engine:
     # ---- submit -----------------------------------------------------------------------------
 
     async def _handle_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float) -> None:
+        try:
+            await self._process_request(packet, request, lease, started)
+        except InvalidTransition as exc:
+            # The job moved on meanwhile (cancelled through the API, say): nothing left to do.
+            log.info("scheduler.request_superseded", job_id=request.job_id, error=str(exc))
+
+    async def _process_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float) -> None:
         job_id, fence = request.job_id, lease.fence
         meta = await self.store.get(job_id)
         state = S(meta["state"]) if meta else None
@@ -149,15 +166,18 @@ class Engine:
             await self.store.create(job_id, S.PENDING, request=request, fields=_fields_from_request(request, packet.trace_id))
             meta = {"attempts": 0, "tenant": tenant, "topic": request.topic}
         if int(meta.get("attempts", 0)) >= MAX_SCHEDULING_RETRIES:
-            await self._finish(job_id, request.topic, tenant, S.FAILED, fence, "max_scheduling_retries",
+            await self._finish(job_id, request.topic, S.FAILED, fence, "max_scheduling_retries",
                                f"gave up after {MAX_SCHEDULING_RETRIES} scheduling attempts")
             return
 
         decision = await self._safety(request, meta, tenant)
-        await self.store.set_fields(job_id, _decision_fields(decision), fence=fence)
-        if decision.verdict is Verdict.UNAVAILABLE and not self.config.fail_open:
+        if decision.verdict is Verdict.UNAVAILABLE:
             self.metrics.unavailable.labels(topic=request.topic).inc()
-            raise Retry(5.0, decision.reason)
+            if not self.config.fail_open:
+                raise Retry(5.0, decision.reason)
+        else:
+            await self.store.set_fields(job_id, _decision_fields(decision), fence=fence)
+            await self.store.add_decision(job_id, _decision_record(decision))
         if decision.verdict is Verdict.THROTTLE:
             raise Retry(5.0, "throttled by policy")
         if decision.verdict is Verdict.REQUIRE_APPROVAL:
@@ -166,7 +186,7 @@ class Engine:
             return
         if decision.verdict is Verdict.DENY:
             self.metrics.denied.labels(topic=request.topic).inc()
-            await self._finish(job_id, request.topic, tenant, S.DENIED, fence, "safety_denied", decision.reason or "denied by policy")
+            await self._finish(job_id, request.topic, S.DENIED, fence, "safety_denied", decision.reason or "denied by policy")
             return
 
         budget_ms = request.budget.deadline_ms
@@ -176,8 +196,10 @@ class Engine:
             worker = pick_worker(self.pools(), self.registry.alive(trio.current_time()), topic=request.topic,
                                  requires=request.meta.requires, labels=request.labels)
         except NoRoute as exc:
-            # Nothing can run it right now: leave it PENDING and try again shortly.
+            # Nothing can run it right now: it stays PENDING and this message comes back shortly.
+            # The mark tells the replayer the job is not lost, so it adds no second copy.
             log.info("scheduler.no_route", job_id=job_id, code=exc.code, reason=str(exc))
+            await self.store.set_fields(job_id, {"route_wait_at": now_us(), "route_wait_reason": exc.code}, fence=fence)
             raise Retry(2.0, str(exc)) from None
         await self._dispatch(packet, request, worker.worker_id, fence, started)
 
@@ -186,22 +208,47 @@ class Engine:
         scheduled = await self.store.transition(job_id, S.SCHEDULED, fence=fence)
         # DISPATCHED is written before the publish: a redelivered submit then finds the job
         # dispatched and does nothing, so a job is never sent twice by the scheduler.
-        await self.store.transition(job_id, S.DISPATCHED, fence=fence, fields={"worker_id": worker_id})
-        dispatch = new_packet(request, sender_id=SENDER, trace_id=packet.trace_id or job_id)
-        subject = subjects.worker_subject(worker_id)
+        await self.store.transition(job_id, S.DISPATCHED, fence=fence,
+                                    fields={"worker_id": worker_id, "dispatch_attempt": scheduled.attempts})
         try:
-            await self.bus.publish(subject, encode(dispatch), msg_id=f"dispatch:{job_id}:{scheduled.attempts}")
+            await self.send_to_worker(request, worker_id, packet.trace_id or job_id, scheduled.attempts)
+        except TimeoutError as exc:
+            # No ack: the stream may or may not have it. Leave the job DISPATCHED; the replayer
+            # re-sends it under the same message id, which the stream drops if it has it already.
+            log.warning("scheduler.dispatch_unconfirmed", job_id=job_id, worker_id=worker_id, error=repr(exc))
+            return
         except Exception as exc:
             await self.store.transition(job_id, S.SCHEDULED, fence=fence, event={"rollback": repr(exc)})
             log.warning("scheduler.dispatch_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             raise Retry(2.0, "dispatch publish failed") from None
+        await self._confirm_dispatch(job_id, request.topic, worker_id, fence)
+        self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
+
+    async def send_to_worker(self, request: JobRequest, worker_id: str, trace_id: str, attempt: int) -> None:
+        dispatch = new_packet(request, sender_id=SENDER, trace_id=trace_id)
+        await self.bus.publish(subjects.worker_subject(worker_id), encode(dispatch),
+                               msg_id=f"dispatch:{request.job_id}:{attempt}")
+
+    async def _confirm_dispatch(self, job_id: str, topic: str, worker_id: str, fence: int) -> None:
         self.registry.dispatched(worker_id)
         try:
             await self.store.transition(job_id, S.RUNNING, fence=fence, allowed_from=[S.DISPATCHED])
         except InvalidTransition:
             pass  # the worker was faster: its result already moved the job on
-        self.metrics.dispatched.labels(topic=request.topic).inc()
-        self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
+        self.metrics.dispatched.labels(topic=topic).inc()
+
+    async def redispatch(self, job_id: str, lease: Lease) -> bool:
+        """Re-send a job left DISPATCHED without confirmation (its publish timed out, or its
+        scheduler died between recording and sending) to the same worker under the same message
+        id: the stream keeps one copy. Returns whether it was sent."""
+        meta = await self.store.get(job_id)
+        request = await self.store.get_request(job_id)
+        if meta is None or request is None or meta["state"] != S.DISPATCHED.value or not meta.get("worker_id"):
+            return False
+        await self.send_to_worker(request, meta["worker_id"], meta.get("trace_id") or job_id,
+                                  int(meta.get("dispatch_attempt") or meta.get("attempts") or 0))
+        await self._confirm_dispatch(job_id, meta.get("topic", ""), meta["worker_id"], lease.fence)
+        return True
 
     async def _safety(self, request: JobRequest, meta: dict, tenant: str) -> SafetyDecision:
         labels = request.labels
@@ -232,7 +279,16 @@ class Engine:
             fields["result_ptr"] = result.result_ptr
         if result.error_message:
             fields["failure_reason"] = result.error_message
-        topic, tenant = meta.get("topic", ""), meta.get("tenant", "")
+        topic = meta.get("topic", "")
+        if not can_transition(meta["state"], target):
+            self.metrics.ignored.labels(reason="invalid_transition").inc()
+            log.info("scheduler.result_not_applicable", job_id=job_id, state=meta["state"], target=target.value)
+            return
+        if result_goes_to_dlq(result.status):
+            # The DLQ event goes out before the final state is written: if it fails, the result
+            # is redelivered and both are tried again; never a failed job without its entry.
+            await self._emit_dlq(job_id, status_for_state(target), result.error_code or _default_reason(target),
+                                 result.error_message or f"worker reported {JobStatus.Name(result.status)}")
         try:
             await self.store.transition(job_id, target, fence=fence, fields=fields)
         except InvalidTransition as exc:
@@ -243,16 +299,14 @@ class Engine:
         await self.store.record_worker_job(result.worker_id, job_id)
         if target in TERMINAL:
             self.metrics.finished.labels(topic=topic, state=target.value).inc()
-        if result_goes_to_dlq(result.status):
-            await self._emit_dlq(job_id, status_for_state(target), result.error_code or _default_reason(target),
-                                 result.error_message or f"worker reported {JobStatus.Name(result.status)}")
 
     # ---- endings ----------------------------------------------------------------------------
 
-    async def _finish(self, job_id: str, topic: str, tenant: str, state: JobState, fence: int, code: str, reason: str) -> None:
+    async def _finish(self, job_id: str, topic: str, state: JobState, fence: int, code: str, reason: str) -> None:
+        """A final state the scheduler decided (denied, failed): DLQ event first, then the state."""
+        await self._emit_dlq(job_id, status_for_state(state), code, reason)
         await self.store.transition(job_id, state, fence=fence, fields={"failure_reason": reason})
         self.metrics.finished.labels(topic=topic, state=state.value).inc()
-        await self._emit_dlq(job_id, status_for_state(state), code, reason)
 
     async def _emit_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:
         packet = dlq_packet(job_id, status=status, reason_code=code, reason=reason, sender_id=SENDER)
@@ -282,6 +336,12 @@ def _decision_fields(decision: SafetyDecision) -> dict:
         if decision.response.HasField("constraints"):
             fields["safety_constraints"] = json_format.MessageToJson(decision.response.constraints, indent=None)
     return fields
+
+
+def _decision_record(decision: SafetyDecision) -> dict:
+    """One entry of `job:decisions:<id>`."""
+    return {"decision": decision.verdict.value, "reason": decision.reason, "rule_id": decision.rule_id,
+            "policy_snapshot": decision.snapshot, "checked_at": now_us(), "by": SENDER}
 
 
 def _default_reason(state: JobState) -> str:

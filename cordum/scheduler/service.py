@@ -54,8 +54,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     scan = env_value(settings, "SCHEDULER_SCAN_INTERVAL", "30s", parse_duration)
     timeouts = Timeouts(
         dispatch=env_value(settings, "SCHEDULER_DISPATCH_TIMEOUT", "120s", parse_duration),
-        running=env_value(settings, "SCHEDULER_RUNNING_TIMEOUT", "300s", parse_duration),
+        running=env_value(settings, "SCHEDULER_RUNNING_TIMEOUT", "900s", parse_duration),
         pending_age=env_value(settings, "SCHEDULER_PENDING_AGE", "30s", parse_duration),
+        dispatch_confirm=env_value(settings, "SCHEDULER_DISPATCH_CONFIRM", "10s", parse_duration),
     )
     snapshot_every = env_value(settings, "WORKER_SNAPSHOT_INTERVAL", "5s", parse_duration)
     config_every = env_value(settings, "SCHEDULER_CONFIG_RELOAD_INTERVAL", "30s", parse_duration)

@@ -155,7 +155,7 @@ class JobStore:
     ) -> Transition:
         """Create a job in `state` with its meta, request snapshot, trace and (optional) input
         context. Raises InvalidTransition if the job already exists."""
-        transition = await self.transition(job_id, state, fields=fields, allowed_from=[None])
+        # The request and input are written first: a job whose hash exists can always be re-driven.
         commands: list[tuple[Any, ...]] = [("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)]
         if context is not None:
             commands.append(("SET", keys.context(job_id), json.dumps(context), "EX", self.data_ttl))
@@ -163,6 +163,10 @@ class JobStore:
         if trace_id:
             commands += [("SADD", keys.trace(trace_id), job_id), ("EXPIRE", keys.trace(trace_id), self.meta_ttl)]
         await self._redis.pipeline(commands)
+        transition = await self.transition(job_id, state, fields=fields, allowed_from=[None])
+        deadline = fields.get("deadline_unix")
+        if deadline:
+            await self._redis.execute("ZADD", keys.JOB_DEADLINE, int(deadline), job_id)
         return transition
 
     async def transition(
@@ -368,6 +372,13 @@ class JobStore:
     async def drop_from_index(self, state: JobState, job_id: str) -> None:
         """Repair a stale index entry (the hash says the job moved on)."""
         await self._redis.execute("ZREM", keys.job_index(state.value), job_id)
+
+    async def forget_stale(self, job_id: str, state: JobState | None) -> None:
+        """Drop the index and deadline entries of a job that is gone or already finished."""
+        commands: list[tuple[Any, ...]] = [("ZREM", keys.JOB_DEADLINE, job_id)]
+        if state is not None:
+            commands.append(("ZREM", keys.job_index(state.value), job_id))
+        await self._redis.pipeline(commands)
 
 
 def _allowed_sources(to: JobState) -> set[JobState | None]:

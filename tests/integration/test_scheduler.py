@@ -183,3 +183,75 @@ async def test_sigterm_stops_the_scheduler_in_its_declared_order(spawn, tmp_path
     stack.scheduler("scheduler-2")
     for job_id in jobs:
         await wait_state(store, job_id, {"SUCCEEDED"}, timeout=30)
+
+
+async def test_a_dispatch_never_confirmed_is_resent_to_its_worker_once(spawn, tmp_path, redis, bus):
+    from cordum.agent.v1.job_pb2 import JobRequest
+    from cordum.store.jobstate import JobState
+
+    stack = Stack.create(spawn, tmp_path, SCHEDULER_DISPATCH_CONFIRM="1s")
+    stack.kernel()
+    stack.worker()
+    await stack.ready()
+    store = JobStore(redis)
+    # As if a scheduler died right after recording the dispatch, before sending it.
+    job_id = unique("job")
+    request = JobRequest(job_id=job_id, topic="job.default", tenant_id="default", context_ptr=f"redis://ctx:{job_id}")
+    await store.create(job_id, JobState.PENDING, request=request, context={"prompt": "late"},
+                       fields={"topic": "job.default", "tenant": "default", "trace_id": job_id})
+    await store.transition(job_id, JobState.SCHEDULED)
+    await store.transition(job_id, JobState.DISPATCHED, fields={"worker_id": "worker-1", "dispatch_attempt": 1})
+    async with bus.consume("sys.job.result", unique("results")) as results:
+        stack.scheduler()
+        meta = await wait_state(store, job_id, {"SUCCEEDED"}, timeout=20)
+        assert meta["worker_id"] == "worker-1"
+        seen = []
+        with trio.move_on_after(2.0):
+            async for msg in results:
+                await msg.ack()
+                if decode(msg.data).job_result.job_id == job_id:
+                    seen.append(msg)
+        assert len(seen) == 1
+
+
+async def test_retrying_and_invalid_jobs_do_not_wait_forever(spawn, tmp_path, redis, bus):
+    from cordum.agent.v1.job_pb2 import JobRequest
+    from cordum.store.jobstate import JobState
+
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    await stack.ready()
+    store = JobStore(redis)
+    await trio.sleep(1.0)
+    # A worker said FAILED_RETRYABLE: the replayer runs it again once it is old enough.
+    job_id = unique("job")
+    request = JobRequest(job_id=job_id, topic="job.default", tenant_id="default", context_ptr=f"redis://ctx:{job_id}")
+    await store.create(job_id, JobState.PENDING, request=request, context={"prompt": "again"},
+                       fields={"topic": "job.default", "tenant": "default", "trace_id": job_id})
+    await store.transition(job_id, JobState.RETRYING)
+    await wait_state(store, job_id, {"SUCCEEDED"}, timeout=20)
+    # A request the scheduler's ingress validation refuses fails visibly instead of staying PENDING.
+    bad = await submit_direct(store, bus)
+    meta = await wait_state(store, bad, {"SUCCEEDED"})
+    broken = JobRequest(job_id=unique("job"), topic="job.default", priority=9)
+    await store.create(broken.job_id, JobState.PENDING, request=broken, fields={"topic": "job.default", "tenant": "default"})
+    await bus.publish("sys.job.submit", encode(new_packet(broken, sender_id="test")), msg_id=f"jobreq:{broken.job_id}")
+    failed = await wait_state(store, broken.job_id, {"FAILED"})
+    assert "priority" in failed["failure_reason"]
+
+
+async def test_deadlines_from_submit_are_enforced(redis):
+    from cordum.agent.v1.job_pb2 import JobRequest
+    from cordum.store import keys
+    from cordum.store.jobs import now_us
+    from cordum.store.jobstate import JobState
+
+    store = JobStore(redis)
+    job_id = unique("job")
+    await store.create(job_id, JobState.PENDING, request=JobRequest(job_id=job_id),
+                       fields={"tenant": "t", "deadline_unix": now_us() + 5_000_000})
+    assert await redis.zscore(keys.JOB_DEADLINE, job_id) is not None
+    await store.forget_stale(job_id, JobState.PENDING)
+    assert await redis.zscore(keys.JOB_DEADLINE, job_id) is None
