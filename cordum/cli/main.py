@@ -3,7 +3,8 @@
 `cordumctl [global options] COMMAND ...` talks to the gateway's REST API (`cordum.cli.http`) and, for
 `job watch` / `job submit --wait`, its WebSocket event stream (`cordum.cli.ws`). Human output is
 aligned tables (`cordum.cli.render`); `--json` prints the gateway's JSON. `cordumctl up` runs the
-local control plane (`cordum.dev.stack`). Exit codes: `cordum.cli.http.EXIT_CODES_HELP`.
+local control plane (`cordum.dev.stack`); `cordumctl dev` acts on its replicas (`cordum.dev.control`).
+Exit codes: `cordum.cli.http.EXIT_CODES_HELP`.
 """
 
 from __future__ import annotations
@@ -172,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     commands.add_parser("version", help="print the version")
-    commands.add_parser("up", help="run the control plane locally (options: cordumctl up --help)",
-                        add_help=False)
+    commands.add_parser("up", help="run the control plane locally, N replicas of each service "
+                        "(options: cordumctl up --help)", add_help=False)
+    commands.add_parser("dev", help="act on the replicas of a local topology: ps, stop, start, kill, "
+                        "pause, resume, down (cordumctl dev --help)", add_help=False)
     sub(commands, "status", "gateway, NATS, Redis, workers and pipeline status", func=cmd_status)
 
     job = sub(commands, "job", "submit, inspect, watch and cancel jobs")
@@ -275,7 +278,11 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     if argv[:1] == ["up"]:
         from cordum.dev import stack
 
-        return stack.main(argv[1:], prog="cordumctl up")
+        return stack.main(argv[1:], prog="cordumctl up", default_workers=2)
+    if argv[:1] == ["dev"]:
+        from cordum.dev import control
+
+        return control.main(argv[1:], prog="cordumctl dev")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

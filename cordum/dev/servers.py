@@ -94,3 +94,178 @@ def start_nats(workdir: Path, port: int | None = None, *, extra: list[str] | Non
                             env={**os.environ})
     wait_for_port(port, proc=proc)
     return ServerProcess("nats", port, proc, f"nats://127.0.0.1:{port}")
+
+
+# ---- clusters (tests and local HA experiments) ---------------------------------------------------
+
+
+def redis_cli_binary() -> str:
+    found = shutil.which("redis-cli") or ("/usr/bin/redis-cli" if Path("/usr/bin/redis-cli").exists() else None)
+    if not found:
+        raise FileNotFoundError("redis-cli not found: apt-get install redis-tools")
+    return found
+
+
+def _redis_cli(port: int, *args: str, timeout: float = 10.0) -> str:
+    done = subprocess.run([redis_cli_binary(), "-h", "127.0.0.1", "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli -p {port} {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+@dataclass
+class RedisCluster:
+    """A local Redis Cluster: `nodes` are all its redis-server processes (primaries and replicas)."""
+
+    nodes: list[ServerProcess]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def seeds(self) -> str:
+        """The value for REDIS_CLUSTER_ADDRESSES."""
+        return ",".join(self.addresses)
+
+    @property
+    def url(self) -> str:
+        """The same seeds as a REDIS_URL."""
+        return "redis+cluster://" + self.seeds
+
+    def primaries(self) -> list[int]:
+        """Ports of the live nodes that are primaries now (each node's own ROLE)."""
+        return [node.port for node in self.nodes
+                if node.proc.poll() is None and _redis_cli(node.port, "ROLE").split("\n", 1)[0].strip() == "master"]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                node.proc.terminate()
+        for node in self.nodes:
+            node.stop(timeout)
+
+
+def start_redis_cluster(
+    workdir: Path, primaries: int = 3, replicas_per_primary: int = 1, *, timeout: float = 30.0,
+) -> RedisCluster:
+    """`primaries * (1 + replicas_per_primary)` redis-servers with cluster mode on free loopback
+    ports, joined with `redis-cli --cluster create`; returns once every node says
+    `cluster_state:ok` (and agrees on the number of known nodes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    count = primaries * (1 + replicas_per_primary)
+    nodes: list[ServerProcess] = []
+    try:
+        for index in range(count):
+            node_dir = workdir / f"node-{index}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            nodes.append(start_redis(node_dir, extra=[
+                "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                # the bus port on its own free port: the default port+10000 may exceed 65535
+                "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", "2000",  # ms: failover in a few seconds in tests
+                "--cluster-require-full-coverage", "yes",
+            ]))
+        cluster = RedisCluster(nodes)
+        done = subprocess.run(
+            [redis_cli_binary(), "--cluster", "create", *cluster.addresses,
+             "--cluster-replicas", str(replicas_per_primary), "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [_redis_cli(node.port, "CLUSTER", "INFO") for node in nodes]
+            if all("cluster_state:ok" in info and f"cluster_known_nodes:{count}" in info for info in infos):
+                return cluster
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Redis Cluster not ok after {timeout}s")
+            time.sleep(0.1)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+
+
+@dataclass
+class NatsCluster:
+    """A local NATS cluster with JetStream; `nodes[i].url` is each member's client URL."""
+
+    nodes: list[ServerProcess]
+    name: str
+
+    @property
+    def url(self) -> str:
+        """The value for NATS_URL: every member, comma-separated."""
+        return ",".join(node.url for node in self.nodes)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                node.proc.terminate()
+        for node in self.nodes:
+            node.stop(timeout)
+
+
+def start_nats_cluster(workdir: Path, nodes: int = 3, *, name: str = "cordum", timeout: float = 60.0) -> NatsCluster:
+    """`nodes` nats-servers with JetStream (own store directory each), one cluster `name`, static
+    routes to each other and distinct server names; returns once JetStream has a meta leader
+    (a stream with `nodes` replicas could be created and deleted)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    client_ports = [free_port() for _ in range(nodes)]
+    cluster_ports = [free_port() for _ in range(nodes)]
+    routes = ",".join(f"nats-route://127.0.0.1:{port}" for port in cluster_ports)
+    servers: list[ServerProcess] = []
+    try:
+        for index in range(nodes):
+            node_dir = workdir / f"node-{index}"
+            servers.append(start_nats(node_dir, client_ports[index], extra=[
+                "--name", f"{name}-{index}", "--cluster_name", name,
+                "--cluster", f"nats://127.0.0.1:{cluster_ports[index]}", "--routes", routes,
+            ]))
+        cluster = NatsCluster(servers, name)
+        _wait_for_jetstream_cluster(cluster, nodes, timeout)
+        return cluster
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
+def _wait_for_jetstream_cluster(cluster: NatsCluster, replicas: int, timeout: float) -> None:
+    """Create (and delete) a stream with `replicas` replicas, retrying until the JetStream meta
+    leader is elected and enough peers are known. Runs in a separate Python process: a plain
+    asyncio loop in this one could clash with a trio-asyncio loop (DESIGN.md §4.7)."""
+    probe = f"""
+import asyncio, sys, time
+import nats
+from nats.js.api import StorageType
+
+async def main():
+    deadline = time.monotonic() + {timeout!r}
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            nc = await nats.connect(servers={[node.url for node in cluster.nodes]!r}, connect_timeout=2,
+                                    max_reconnect_attempts=0, allow_reconnect=False)
+            try:
+                js = nc.jetstream(timeout=2)
+                await js.add_stream(name="CORDUM_CLUSTER_PROBE", subjects=["cordum.cluster.probe"],
+                                    num_replicas={replicas}, storage=StorageType.MEMORY)
+                await js.delete_stream("CORDUM_CLUSTER_PROBE")
+                return
+            finally:
+                await nc.close()
+        except Exception as exc:
+            last = exc
+            await asyncio.sleep(0.25)
+    sys.exit(f"JetStream cluster not ready: {{last!r}}")
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout + 15,
+                          stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise TimeoutError(done.stderr.strip()[-2000:] or "JetStream cluster not ready")

@@ -1,56 +1,53 @@
-"""The local control plane: `python -m cordum.dev.stack` (also `scripts/run_local.sh`, `cordumctl up`).
+"""The local control plane: `cordumctl up` (also `python -m cordum.dev.stack`, `scripts/run_local.sh`).
 
-1. Starts redis-server on 6379 and nats-server (JetStream) on 4222, data and logs under
-   `.cordum/local/`, unless REDIS_URL / NATS_URL are set (then it uses those and starts nothing for
-   them). A default port that something else already listens on is an error, not silently reused.
-2. Creates the JetStream streams and well-known durables once.
-3. Prints the endpoints and starts every service of this release as a child process (a service
-   whose `main` carries `not_available = True` is listed, not started).
-4. Stays in the foreground. SIGTERM or Ctrl-C stops everything in reverse start order: SIGTERM, up
-   to 15 s, then SIGKILL. A second signal is ignored.
+`cordumctl up [--replicas N] [--workers K] [--detach] [--base-port B] [--redis-port P] [--nats-port P]`
+starts a supervision tree of real processes (`cordum.dev.supervisor`): redis-server and nats-server
+(JetStream), unless REDIS_URL / NATS_URL are set (then it uses those and starts nothing for them),
+N safety kernels, N schedulers, N api-gateways and K echo workers, each replica with its own
+CORDUM_INSTANCE_ID (`safety-kernel-1`, `scheduler-2`, `api-gateway-1`, `worker-1`, ...; names,
+ports and env: `cordum.dev.topology`). Data, logs and state (pids, ports, env) live under
+`.cordum/dev/` (or $CORDUM_DEV_DIR; `cordum.dev.state`). Once every replica is healthy it prints the
+endpoints and the API key (CORDUM_API_KEY, generated when unset; CORDUM_ENV defaults to dev).
 
-Exit codes: 0 after a stop signal, 1 when something failed to start or a child died, 2 for a
-configuration error.
+Foreground (default): SIGTERM or Ctrl-C stops everything in reverse start order (workers, gateways,
+schedulers, kernels, nats, redis): SIGTERM, up to 15 s, then SIGKILL; exit 0. A replica that dies
+is reported and the rest keeps running. `--detach`: the supervisor runs as its own background
+process (pid in the state) and `up` returns once all replicas are healthy; `cordumctl dev ...`
+(`cordum.dev.control`) then acts on single replicas and `cordumctl dev down` stops it all.
 
-Plain subprocesses and signal handlers; asyncio only for the one-shot stream creation. Every child
-runs in its own session, so a terminal's Ctrl-C reaches only this supervisor (which then stops the
-children in order), and the kernel sends it SIGTERM if the supervisor dies: a replica is a child that
-dies with its parent.
+`python -m cordum.dev.stack` is `cordumctl up --workers 1` (one replica of everything).
+
+Exit codes: 0 after a stop signal (or, detached, once healthy), 1 when something failed to start or
+a port is taken, 2 for a configuration error.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import cordum
-from cordum.dev.servers import nats_server_binary, redis_server_binary, wait_for_port
-from cordum.infra.config import ConfigError, Settings, load_settings
+from cordum.dev import state as st
+from cordum.dev import topology as topo
+from cordum.dev.supervisor import PROG, STOP_TIMEOUT, StartupFailed, StopSignal, Supervisor, rel
+from cordum.infra.config import ConfigError, load_settings
 from cordum.runtime import log as logging
 
-ROOT = Path(__file__).resolve().parents[2]
-LOCAL = ROOT / ".cordum" / "local"
-REDIS_PORT = 6379
-NATS_PORT = 4222
-STOP_TIMEOUT = 15.0
-STREAMS_TIMEOUT = 20.0
-PROG = "cordum-local"
-
-
-class StartupFailed(Exception):
-    """Something the stack needs could not start; the message says what and why."""
+ROOT = st.ROOT
+REDIS_PORT = topo.REDIS_PORT
+NATS_PORT = topo.NATS_PORT
+DETACH_TIMEOUT = 300.0  # `up --detach` gives the supervisor this long to report "ready"
+__all__ = ["SERVICES", "Service", "StartupFailed", "STOP_TIMEOUT", "is_available", "main"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +67,8 @@ SERVICES: tuple[Service, ...] = (
     # stdio needs a client on the other end of stdin; under the supervisor MCP serves HTTP.
     Service("cordum-mcp", "cordum.mcp.service:main", {"MCP_TRANSPORT": "http"}),
     # The example worker (pool "default", topic job.default) so a submitted job runs end to end.
-    Service("cordum-worker-echo", "cordum.worker.echo:main", {"WORKER_ID": "echo-1"}),
+    Service("cordum-worker-echo", "cordum.worker.echo:main"),  # WORKER_ID worker-1..K (topology)
 )
-GATEWAY_URL = "http://localhost:8081"
 
 
 def is_available(service: Service) -> bool:
@@ -80,79 +76,6 @@ def is_available(service: Service) -> bool:
     module, _, attr = service.entry.partition(":")
     main = getattr(importlib.import_module(module), attr)
     return not getattr(main, "not_available", False)
-
-
-# ---- child processes -------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            print(f"{PROG}: {self.name} still running after {STOP_TIMEOUT:.0f} s: killing it", flush=True)
-            self.proc.kill()
-            self.proc.wait()
-
-
-def spawn(name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
-    log = LOCAL / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            list(args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            env=dict(env) if env is not None else None, start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    return Child(name, proc, log)
-
-
-def start_redis(port: int) -> Child:
-    data = LOCAL / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    child = spawn("redis", [
-        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-        "--appendonly", "yes", "--save", "",
-    ])
-    return _listening(child, port)
-
-
-def start_nats(port: int) -> Child:
-    data = LOCAL / "nats"
-    data.mkdir(parents=True, exist_ok=True)
-    child = spawn("nats", [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(data)])
-    return _listening(child, port)
-
-
-def _listening(child: Child, port: int) -> Child:
-    try:
-        wait_for_port(port, proc=child.proc)
-    except (RuntimeError, TimeoutError) as exc:
-        child.stop()
-        raise StartupFailed(f"{child.name}-server did not start: {exc} (log {_rel(child.log)})") from None
-    return child
-
-
-def start_service(service: Service, env: Mapping[str, str]) -> Child:
-    module, _, attr = service.entry.partition(":")
-    code = f"import sys; from {module} import {attr}; sys.exit({attr}())"
-    return spawn(service.name, [sys.executable, "-c", code], {**env, **(service.env or {})})
 
 
 # ---- checks ----------------------------------------------------------------------------------
@@ -180,141 +103,215 @@ def reachable(urls: str, default_port: int) -> bool:
     return False
 
 
-def create_streams(settings: Settings) -> None:
-    """Connect once: `open_bus` creates the streams and the well-known durables."""
-    import trio
+# ---- `up` ----------------------------------------------------------------------------------
 
-    from cordum.infra.aio import open_bridge
-    from cordum.infra.bus import open_bus
 
-    async def create() -> None:
-        async with open_bridge():
-            with trio.fail_after(STREAMS_TIMEOUT):
-                async with open_bus(settings, name=PROG):
-                    pass
-
+def _port(text: str) -> int:
     try:
-        trio.run(create)
-    except trio.TooSlowError:
-        raise StartupFailed(f"no JetStream answer from NATS_URL={_show(settings.nats_url)} within "
-                            f"{STREAMS_TIMEOUT:.0f} s") from None
-    except Exception as exc:  # trio may wrap the cause in an ExceptionGroup
-        raise StartupFailed(f"could not create the JetStream streams on {_show(settings.nats_url)}: {exc!r}")
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return value
 
 
-# ---- the supervisor --------------------------------------------------------------------------
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
 
 
-class StopSignal:
-    """Signal handler: remembers the first SIGTERM/SIGINT; later ones are ignored."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.received is None:
-            self.received = signum
-            print(f"\n{PROG}: {signal.Signals(signum).name}: stopping", flush=True)
-
-
-def main(argv: Sequence[str] | None = None, *, prog: str = "python -m cordum.dev.stack") -> int:
+def build_parser(prog: str, default_workers: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Run the Cordum control plane locally: redis-server, nats-server (JetStream) and "
-        "the services of this release, in the foreground until Ctrl-C or SIGTERM.",
+        description="Run the Cordum control plane locally as a supervision tree of processes: "
+        "redis-server, nats-server (JetStream), N safety kernels, N schedulers, N api-gateways and K "
+        "echo workers; in the foreground until Ctrl-C or SIGTERM, or --detach. State, data and logs "
+        "under .cordum/dev/ (env CORDUM_DEV_DIR); `cordumctl dev ps|stop|start|kill|pause|resume|down` "
+        "act on a running topology.",
     )
-    parser.add_argument("--redis-port", type=int, default=REDIS_PORT, help="port of the redis-server "
-                        "started when REDIS_URL is not set (default %(default)s)")
-    parser.add_argument("--nats-port", type=int, default=NATS_PORT, help="port of the nats-server "
-                        "started when NATS_URL is not set (default %(default)s)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--replicas", type=_count, default=1, metavar="N",
+                        help="replicas of the safety kernel, scheduler and api-gateway (default %(default)s; "
+                        "gateways on HTTP 8081, 8083, ...)")
+    parser.add_argument("--workers", type=_count, default=default_workers, metavar="K",
+                        help="echo workers worker-1..K (default %(default)s)")
+    parser.add_argument("--detach", action="store_true",
+                        help="return once every replica is healthy, leaving the topology running "
+                        "(stop it with `cordumctl dev down`)")
+    parser.add_argument("--base-port", type=_port, metavar="B",
+                        default=os.environ.get("CORDUM_DEV_BASE_PORT") or None,  # argparse converts it
+                        help="move every port into the block B..B+81 (gateways B, B+2, ...; schedulers "
+                        "B+20...; kernels gRPC B+40..., admin B+60...; redis B+80, nats B+81) instead of "
+                        "the defaults (env CORDUM_DEV_BASE_PORT)")
+    parser.add_argument("--redis-port", type=_port, default=None, help="port of the redis-server "
+                        f"started when REDIS_URL is not set (default {REDIS_PORT})")
+    parser.add_argument("--nats-port", type=_port, default=None, help="port of the nats-server "
+                        f"started when NATS_URL is not set (default {NATS_PORT})")
+    return parser
 
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m cordum.dev.stack",
+         default_workers: int = 1) -> int:
+    args = build_parser(prog, default_workers).parse_args(argv)
     stop = StopSignal()
-    children: list[Child] = []
     try:
-        return supervise(args.redis_port, args.nats_port, stop, children)
-    except ConfigError as exc:
+        data = prepare(args)
+    except (ConfigError, topo.TopologyError) as exc:
         print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (StartupFailed, OSError, RuntimeError, TimeoutError) as exc:
+    except (StartupFailed, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if children:
-            print(f"{PROG}: stopping " + ", ".join(c.name for c in reversed(children)), flush=True)
-        for child in reversed(children):
-            child.stop()
+    sdir = Path(data["state_dir"])
+    if args.detach:
+        return detach(data, sdir, stop)
+    print(f"{PROG}: Cordum {cordum.__version__} control plane: starting {len(data['replicas'])} processes "
+          f"(state {rel(sdir)}, logs {rel(sdir / 'logs')})", flush=True)
+    sup = Supervisor(data, sdir)
+    return sup.run(stop, on_ready=lambda d: print(describe(d, foreground=True), flush=True))
 
 
-def supervise(redis_port: int, nats_port: int, stop: StopSignal, children: list[Child]) -> int:
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate everything and return the plan (the state document before anything runs)."""
     env = dict(os.environ)
-    start_redis_here = not env.get("REDIS_URL", "").strip()
-    start_nats_here = not env.get("NATS_URL", "").strip()
-    if start_redis_here:
-        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-    if start_nats_here:
-        env["NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
-    env.setdefault("CORDUM_ENV", "dev")  # a local stack is a development setup
+    sdir = st.state_dir(env)
     generated_key = not env.get("CORDUM_API_KEY", "").strip()
-    if generated_key:
-        env["CORDUM_API_KEY"] = secrets.token_urlsafe(24)
-    settings = load_settings(env)  # a bad variable stops us before anything starts
+    api_key = env.get("CORDUM_API_KEY", "").strip() or secrets.token_urlsafe(24)
+    cordum_env = env.get("CORDUM_ENV", "").strip() or "dev"  # a local stack is a development setup
+    services = [(s, is_available(s)) for s in SERVICES]
+    topology = topo.build(
+        replicas=args.replicas, workers=args.workers, base_port=args.base_port,
+        redis_port=args.redis_port, nats_port=args.nats_port,
+        redis_url=env.get("REDIS_URL", ""), nats_url=env.get("NATS_URL", ""), api_key=api_key,
+        services=[(s.name, s.entry, s.env) for s, ok in services if ok], cordum_env=cordum_env,
+    )
+    settings = load_settings({**env, "REDIS_URL": topology.redis_url, "NATS_URL": topology.nats_url,
+                              "CORDUM_ENV": cordum_env})  # a bad variable stops us before anything starts
     logging.configure(service=PROG, instance=settings.instance_id, level=settings.log_level)
-    services = [(service, is_available(service)) for service in SERVICES]
 
-    if start_redis_here:
-        _check_free(redis_port, "redis", "REDIS_URL", f"redis://127.0.0.1:{redis_port}/0")
-    if start_nats_here:
-        _check_free(nats_port, "nats", "NATS_URL", f"nats://127.0.0.1:{nats_port}")
+    running = st.load(sdir)
+    if st.supervisor_alive(running):
+        raise StartupFailed(f"a topology is already running from {rel(sdir)} (supervisor pid "
+                            f"{running['supervisor']['pid']}): `cordumctl dev ps` shows it, "
+                            f"`cordumctl dev down` stops it (or set CORDUM_DEV_DIR for another one)")
+    if topology.start_redis:
+        _check_free(topology.get("redis").ports["port"], "redis", "REDIS_URL", topology.redis_url)
+    else:
+        _external(topology.redis_url, "REDIS_URL", REDIS_PORT)
+    if topology.start_nats:
+        _check_free(topology.get("nats").ports["port"], "nats", "NATS_URL", topology.nats_url)
+    else:
+        _external(topology.nats_url, "NATS_URL", NATS_PORT)
+    for name, port in topo.all_ports(topology):
+        if port_in_use(port):
+            raise StartupFailed(f"port {port} (for {name}) is already in use. Stop whatever listens on it, "
+                                f"or move the topology's ports with --base-port (env CORDUM_DEV_BASE_PORT).")
 
-    print(f"{PROG}: Cordum {cordum.__version__} control plane", flush=True)
-    if start_redis_here:
-        redis_note = _started(children, start_redis(redis_port), LOCAL / "redis")
-    else:
-        redis_note = _external(settings.redis_url, "REDIS_URL", REDIS_PORT)
-    if stop.received:
-        return 0
-    if start_nats_here:
-        nats_note = _started(children, start_nats(nats_port), LOCAL / "nats")
-    else:
-        nats_note = _external(settings.nats_url, "NATS_URL", NATS_PORT)
-    if stop.received:
-        return 0
-    if settings.nats_use_jetstream:
-        create_streams(settings)
-        streams = "CORDUM_SYS, CORDUM_JOBS ready"
-    else:
-        streams = "not used (NATS_USE_JETSTREAM=false)"
+    st.clear_markers(sdir)
+    return {
+        "version": 1,
+        "state_dir": str(sdir),
+        "root": str(ROOT),
+        "replicas_per_service": topology.n,
+        "workers": topology.workers,
+        "base_port": topology.base_port,
+        "redis_url": topology.redis_url,
+        "nats_url": topology.nats_url,
+        "gateways": topology.gateway_urls(),
+        "tenant": env.get("TENANT_ID", "default"),
+        "api_key": api_key,
+        "api_key_generated": generated_key,
+        "not_available": [s.name for s, ok in services if not ok],
+        "streams": None,
+        "supervisor": {"pid": None, "start_time": None, "mode": "detached" if args.detach else "foreground",
+                       "phase": "planned", "error": None,
+                       "log": str(sdir / "logs" / "supervisor.log") if args.detach else None},
+        "replicas": [
+            {"name": r.name, "kind": r.kind, "index": r.index, "entry": r.entry, "env": dict(r.env),
+             "ports": dict(r.ports), "health": r.health, "log": str(st.log_path(sdir, r.name)),
+             "pid": None, "start_time": None, "argv": None, "started_at": None, "exit_code": None, "starts": 0}
+            for r in topology.replicas
+        ],
+    }
 
-    print(f"  REDIS_URL={_show(settings.redis_url)}  ({redis_note})")
-    print(f"  NATS_URL={_show(settings.nats_url)}  ({nats_note})")
-    print(f"  JetStream streams: {streams}")
-    print("services in this release:")
-    for service, available in services:
-        if stop.received:
+
+def detach(data: dict[str, Any], sdir: Path, stop: StopSignal) -> int:
+    """Start the supervisor as its own process and wait until it reports every replica healthy."""
+    st.save(sdir, data)
+    log = Path(data["supervisor"]["log"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cordum.dev.supervisor", "--state-dir", str(sdir)],
+            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,  # not ours to stop with a terminal's Ctrl-C
+        )
+    print(f"{PROG}: Cordum {cordum.__version__} control plane: supervisor pid {proc.pid} starting "
+          f"{len(data['replicas'])} processes (log {rel(log)})", flush=True)
+    deadline = time.monotonic() + DETACH_TIMEOUT
+    while True:
+        current = st.load(sdir) or data
+        phase = (current.get("supervisor") or {}).get("phase")
+        if phase == "ready":
+            print(describe(current, foreground=False), flush=True)
             return 0
-        if available:
-            child = start_service(service, env)
-            children.append(child)
-            print(f"  {service.name:24} started, pid {child.proc.pid}, log {_rel(child.log)}")
-        else:
-            print(f"  {service.name:24} not available yet")
-    print(f"  API: {GATEWAY_URL}  (headers X-API-Key, X-Tenant-ID: {env.get('TENANT_ID', 'default')})")
-    print(f"  CORDUM_API_KEY={env['CORDUM_API_KEY']}" + ("  (generated; set CORDUM_API_KEY to choose it)" if generated_key else ""))
-    print("  try: CORDUM_API_KEY=... cordumctl job submit --prompt hello --wait")
-    print(f"{PROG}: running; Ctrl-C or SIGTERM stops everything", flush=True)
+        if proc.poll() is not None or phase in ("failed", "stopped"):
+            error = (current.get("supervisor") or {}).get("error") or f"supervisor exited with {proc.poll()}"
+            print(f"{PROG}: {error} (log {rel(log)})", file=sys.stderr)
+            return 1
+        if stop.received or time.monotonic() > deadline:
+            if not stop.received:
+                print(f"{PROG}: not healthy after {DETACH_TIMEOUT:.0f} s; stopping", file=sys.stderr)
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT * 2 + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            return 0 if stop.received else 1
+        time.sleep(0.1)
 
-    while not stop.received:
-        for child in children:
-            code = child.proc.poll()
-            if code is not None:
-                print(f"{PROG}: {child.name} exited with code {code} (log {_rel(child.log)})", file=sys.stderr)
-                children.remove(child)
-                return 1
-        time.sleep(0.2)
-    return 0
+
+def describe(data: Mapping[str, Any], *, foreground: bool) -> str:
+    """The endpoints, replicas and API key, as `up` prints them once everything is healthy."""
+    replicas = {r["name"]: r for r in data["replicas"]}
+    lines = []
+
+    def server_note(name: str, variable: str) -> str:
+        record = replicas.get(name)
+        if record is None:
+            return f"from {variable}, not started here"
+        data_dir = Path(data["state_dir"]) / "data" / name
+        return (f"{name}-server started, pid {record['pid']}, data {rel(data_dir)}, log {rel(record['log'])}")
+
+    lines.append(f"  REDIS_URL={_show(data['redis_url'])}  ({server_note('redis', 'REDIS_URL')})")
+    lines.append(f"  NATS_URL={_show(data['nats_url'])}  ({server_note('nats', 'NATS_URL')})")
+    lines.append(f"  JetStream streams: {data.get('streams')}")
+    lines.append("replicas:")
+    for record in data["replicas"]:
+        if record["kind"] in ("redis", "nats"):
+            continue
+        ports = " ".join(f"{k} :{v}" for k, v in record["ports"].items())
+        lines.append(f"  {record['name']:18} pid {record['pid']:<8} {ports:26} log {rel(record['log'])}")
+    for name in data.get("not_available") or []:
+        lines.append(f"  {name:18} not available yet")
+    gateways = data.get("gateways") or []
+    lines.append(f"  API: {', '.join(gateways)}  (headers X-API-Key, X-Tenant-ID: {data.get('tenant', 'default')})")
+    lines.append(f"  CORDUM_API_KEY={data['api_key']}"
+                 + ("  (generated; set CORDUM_API_KEY to choose it)" if data.get("api_key_generated") else ""))
+    lines.append("  try: CORDUM_API_KEY=... cordumctl job submit --prompt hello --wait")
+    lines.append("  replicas: cordumctl dev ps | dev stop|start|kill|pause|resume NAME | dev down")
+    sup = data["supervisor"]
+    if foreground:
+        lines.append(f"{PROG}: running; Ctrl-C or SIGTERM stops everything")
+    else:
+        lines.append(f"{PROG}: running in the background (supervisor pid {sup['pid']}, log {rel(sup['log'])}); "
+                     "`cordumctl dev down` stops everything")
+    return "\n".join(lines)
 
 
 def _check_free(port: int, what: str, variable: str, example: str) -> None:
@@ -325,11 +322,6 @@ def _check_free(port: int, what: str, variable: str, example: str) -> None:
         )
 
 
-def _started(children: list[Child], child: Child, data: Path) -> str:
-    children.append(child)
-    return f"{child.name}-server started, pid {child.proc.pid}, data {_rel(data)}, log {_rel(child.log)}"
-
-
 def _external(url: str, variable: str, default_port: int) -> str:
     if not reachable(url, default_port):
         raise StartupFailed(f"{variable}={_show(url)} is not reachable")
@@ -338,13 +330,6 @@ def _external(url: str, variable: str, default_port: int) -> str:
 
 def _show(url: str) -> str:
     return logging.redact("url", url)  # no credentials on the terminal
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 if __name__ == "__main__":

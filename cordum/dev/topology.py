@@ -1,0 +1,221 @@
+"""The local multi-replica topology as data: names, ports, environment and health check per replica.
+
+Pure (no processes, no I/O): `build()` turns `cordumctl up` options into the ordered list of
+replicas the supervisor (`cordum.dev.supervisor`) starts tier by tier and stops in reverse.
+
+Start order (tiers): redis, nats, the safety kernels, the schedulers, the api-gateways, the echo
+workers. Services of the release that are not replicated (context engine, workflow engine, MCP)
+run once each, between the tiers where `cordum.dev.stack.SERVICES` lists them, when available.
+
+Ports. Without a base port the documented defaults, two apart per replica:
+
+    api-gateway-i    HTTP      8081 + 2(i-1)   (8081, 8083, 8085, ...)
+    scheduler-i      metrics   9090 + 2(i-1)
+    safety-kernel-i  gRPC     50051 + 2(i-1),  admin 9095 + 2(i-1)
+    redis 6379, nats 4222
+
+With a base port B (`--base-port`, env CORDUM_DEV_BASE_PORT) every port moves into the block
+B .. B+81 so tests and parallel topologies do not collide with the defaults:
+
+    api-gateway-i B + 2(i-1), scheduler-i B+20 + 2(i-1), safety-kernel-i gRPC B+40 + 2(i-1) and
+    admin B+60 + 2(i-1), redis B+80, nats B+81 (unless --redis-port / --nats-port say otherwise).
+
+Scheduler and gateway replica i dial safety kernel ((i-1) mod N)+1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+MAX_REPLICAS = 10  # the base-port block leaves room for 10 replicas of each service
+MAX_WORKERS = 50
+REDIS_PORT = 6379
+NATS_PORT = 4222
+
+# Ports without a base port: first replica's port per (kind, port name).
+DEFAULT_PORTS: dict[str, dict[str, int]] = {
+    "api-gateway": {"http": 8081},
+    "scheduler": {"metrics": 9090},
+    "safety-kernel": {"grpc": 50051, "admin": 9095},
+}
+# Offsets inside the base-port block.
+BLOCK_OFFSETS: dict[str, dict[str, int]] = {
+    "api-gateway": {"http": 0},
+    "scheduler": {"metrics": 20},
+    "safety-kernel": {"grpc": 40, "admin": 60},
+}
+BLOCK_REDIS, BLOCK_NATS, BLOCK_SIZE = 80, 81, 82
+
+# Console script (cordum.dev.stack.SERVICES) -> replica kind.
+KINDS: dict[str, str] = {
+    "cordum-safety-kernel": "safety-kernel",
+    "cordum-context-engine": "context-engine",
+    "cordum-scheduler": "scheduler",
+    "cordum-workflow-engine": "workflow-engine",
+    "cordum-api-gateway": "api-gateway",
+    "cordum-mcp": "mcp",
+    "cordum-worker-echo": "worker",
+}
+REPLICATED = ("safety-kernel", "scheduler", "api-gateway")
+
+
+class TopologyError(ValueError):
+    """Options that do not describe a topology (bad counts, ports out of range)."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    name: str  # "api-gateway-2", "worker-1", "redis", "nats"
+    kind: str  # "api-gateway", "scheduler", "safety-kernel", "worker", "redis", "nats", ...
+    index: int  # 1-based; 0 for redis/nats
+    entry: str | None  # "module:function" of a service; None for redis-server / nats-server
+    env: Mapping[str, str] = field(default_factory=dict)  # set on top of the supervisor's environment
+    ports: Mapping[str, int] = field(default_factory=dict)
+    health: str = "alive"  # "http://127.0.0.1:P/health", "tcp:P" or "alive" (alive for a moment)
+
+
+@dataclass(frozen=True)
+class Topology:
+    replicas: tuple[Replica, ...]
+    n: int  # replicas of each replicated service
+    workers: int
+    base_port: int | None
+    redis_url: str
+    nats_url: str
+    start_redis: bool
+    start_nats: bool
+
+    def get(self, name: str) -> Replica:
+        for replica in self.replicas:
+            if replica.name == name:
+                return replica
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.replicas]
+
+    def tiers(self) -> list[list[Replica]]:
+        """Replicas grouped by kind, in start order."""
+        out: list[list[Replica]] = []
+        for replica in self.replicas:
+            if out and out[-1][0].kind == replica.kind:
+                out[-1].append(replica)
+            else:
+                out.append([replica])
+        return out
+
+    def stop_order(self) -> list[Replica]:
+        """Workers, gateways, schedulers, kernels, nats, redis: the reverse of the start order."""
+        return list(reversed(self.replicas))
+
+    def gateway_urls(self) -> list[str]:
+        return [f"http://localhost:{r.ports['http']}" for r in self.replicas if r.kind == "api-gateway"]
+
+
+def service_ports(kind: str, index: int, base_port: int | None = None) -> dict[str, int]:
+    """The ports of replica `index` (1-based) of a replicated service."""
+    step = 2 * (index - 1)
+    if base_port is None:
+        return {name: port + step for name, port in DEFAULT_PORTS[kind].items()}
+    return {name: base_port + off + step for name, off in BLOCK_OFFSETS[kind].items()}
+
+
+def kernel_for(index: int, kernels: int) -> int:
+    """The safety kernel replica that scheduler/gateway replica `index` dials."""
+    return (index - 1) % kernels + 1
+
+
+def build(
+    *,
+    replicas: int = 1,
+    workers: int = 2,
+    base_port: int | None = None,
+    redis_port: int | None = None,
+    nats_port: int | None = None,
+    redis_url: str = "",
+    nats_url: str = "",
+    api_key: str,
+    services: Sequence[tuple[str, str, Mapping[str, str] | None]] = (),
+    cordum_env: str = "dev",
+) -> Topology:
+    """The topology for these options.
+
+    `services`: (console script, "module:function", forced env) of the *available* services in
+    start order (cordum.dev.stack.SERVICES filtered by availability). Without it, the kernel,
+    scheduler, gateway and echo worker are assumed. `redis_url`/`nats_url`: external servers
+    (REDIS_URL/NATS_URL); empty means the topology starts its own.
+    """
+    if not 1 <= replicas <= MAX_REPLICAS:
+        raise TopologyError(f"--replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise TopologyError(f"--workers must be between 0 and {MAX_WORKERS}, got {workers}")
+    if base_port is not None and not 1024 <= base_port <= 65535 - BLOCK_SIZE:
+        raise TopologyError(f"--base-port must be between 1024 and {65535 - BLOCK_SIZE}, got {base_port}")
+    if redis_port is None:
+        redis_port = REDIS_PORT if base_port is None else base_port + BLOCK_REDIS
+    if nats_port is None:
+        nats_port = NATS_PORT if base_port is None else base_port + BLOCK_NATS
+    for what, port in (("--redis-port", redis_port), ("--nats-port", nats_port)):
+        if not 1 <= port <= 65535:
+            raise TopologyError(f"{what} must be between 1 and 65535, got {port}")
+    if not services:
+        services = (
+            ("cordum-safety-kernel", "cordum.safety.service:main", None),
+            ("cordum-scheduler", "cordum.scheduler.service:main", None),
+            ("cordum-api-gateway", "cordum.gateway.service:main", None),
+            ("cordum-worker-echo", "cordum.worker.echo:main", None),
+        )
+
+    start_redis, start_nats = not redis_url.strip(), not nats_url.strip()
+    redis_url = redis_url.strip() or f"redis://127.0.0.1:{redis_port}/0"
+    nats_url = nats_url.strip() or f"nats://127.0.0.1:{nats_port}"
+    common = {"REDIS_URL": redis_url, "NATS_URL": nats_url, "CORDUM_ENV": cordum_env, "CORDUM_API_KEY": api_key}
+
+    out: list[Replica] = []
+    if start_redis:
+        out.append(Replica("redis", "redis", 0, None, {}, {"port": redis_port}, f"tcp:{redis_port}"))
+    if start_nats:
+        out.append(Replica("nats", "nats", 0, None, {}, {"port": nats_port}, f"tcp:{nats_port}"))
+    kernels = replicas if any(KINDS.get(s[0]) == "safety-kernel" for s in services) else 0
+    for script, entry, forced in services:
+        kind = KINDS.get(script, script.removeprefix("cordum-"))
+        count = replicas if kind in REPLICATED else workers if kind == "worker" else 1
+        for i in range(1, count + 1):
+            name = f"{kind}-{i}"
+            env = {**common, "CORDUM_INSTANCE_ID": name, **(forced or {})}
+            ports: dict[str, int] = {}
+            health = "alive"
+            if kind in REPLICATED:
+                ports = service_ports(kind, i, base_port)
+            if kind == "safety-kernel":
+                env["SAFETY_KERNEL_ADDR"] = f":{ports['grpc']}"
+                env["SAFETY_KERNEL_ADMIN_ADDR"] = f":{ports['admin']}"
+                health = f"http://127.0.0.1:{ports['admin']}/health"
+            elif kind in ("scheduler", "api-gateway"):
+                if kernels:
+                    kernel = service_ports("safety-kernel", kernel_for(i, kernels), base_port)
+                    env["SAFETY_KERNEL_ADDR"] = f"127.0.0.1:{kernel['grpc']}"
+                port = ports["metrics" if kind == "scheduler" else "http"]
+                env["SCHEDULER_METRICS_ADDR" if kind == "scheduler" else "GATEWAY_HTTP_ADDR"] = f":{port}"
+                health = f"http://127.0.0.1:{port}/health"
+            elif kind == "worker":
+                env["WORKER_ID"] = name
+            out.append(Replica(name, kind, i, entry, env, ports, health))
+    return Topology(tuple(out), replicas, workers, base_port, redis_url, nats_url, start_redis, start_nats)
+
+
+def all_ports(topology: Topology) -> list[tuple[str, int]]:
+    """(replica name, port) for every port the topology listens on."""
+    return [(r.name, port) for r in topology.replicas for port in r.ports.values()]
+
+
+def duplicates(pairs: Iterable[tuple[str, int]]) -> list[int]:
+    seen: set[int] = set()
+    dup: list[int] = []
+    for _, port in pairs:
+        if port in seen:
+            dup.append(port)
+        seen.add(port)
+    return dup

@@ -1,0 +1,135 @@
+"""`cordumctl up --replicas 2 --workers 1 --detach` and `cordumctl dev ...` on real processes.
+
+One topology in a temporary state directory (CORDUM_DEV_DIR), every port (redis and nats included)
+moved into a free block with --base-port, so nothing collides with a developer's stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cordum.dev import state as st
+from cordum.dev.topology import BLOCK_SIZE
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "dev-topology-test-key"
+pytestmark = pytest.mark.slow
+
+
+def free_block(size: int = BLOCK_SIZE) -> int:
+    """A base port whose whole block is free right now."""
+    for _ in range(50):
+        base = random.randrange(20000, 60000 - size, 2)
+        socks = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+def cordumctl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cordum.cli.main", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def ps(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    result = cordumctl(env, "dev", "ps", "--json")
+    assert result.returncode == 0, result.stderr
+    return {r["name"]: r for r in json.loads(result.stdout)["replicas"]}
+
+
+def http(method: str, url: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"X-API-Key": KEY, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read() or b"null")
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
+    base = free_block()
+    sdir = tmp_path / "dev"
+    env = {**os.environ, "CORDUM_DEV_DIR": str(sdir), "CORDUM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    for name in ("REDIS_URL", "NATS_URL", "CORDUM_DEV_BASE_PORT", "CORDUM_INSTANCE_ID"):
+        env.pop(name, None)
+    up = cordumctl(env, "up", "--replicas", "2", "--workers", "1", "--detach", "--base-port", str(base), timeout=150)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr + str(st.load(sdir))
+        assert f"CORDUM_API_KEY={KEY}" in up.stdout
+        assert f"http://localhost:{base}, http://localhost:{base + 2}" in up.stdout
+
+        replicas = ps(env)
+        expected = {"redis", "nats", "safety-kernel-1", "safety-kernel-2", "scheduler-1", "scheduler-2",
+                    "api-gateway-1", "api-gateway-2", "worker-1"}
+        assert set(replicas) == expected
+        assert {r["state"] for r in replicas.values()} == {"running"}
+        ids = [r["instance_id"] for n, r in replicas.items() if n not in ("redis", "nats")]
+        assert len(set(ids)) == len(ids) == 7
+        assert replicas["api-gateway-2"]["ports"] == {"http": base + 2}
+        data = st.load(sdir)
+        assert data is not None and data["api_key"] == KEY and data["supervisor"]["mode"] == "detached"
+
+        # A job submitted through gateway-2 is SUCCEEDED as seen through gateway-1.
+        gw1, gw2 = f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 2}"
+        wait_for(lambda: any(w.get("worker_id") == "worker-1" for w in http("GET", gw2 + "/api/v1/workers")["items"]),
+                 30, "worker-1 in the worker snapshot")
+        job_id = http("POST", gw2 + "/api/v1/jobs", {"prompt": "dev topology"})["job_id"]
+        wait_for(lambda: http("GET", f"{gw1}/api/v1/jobs/{job_id}").get("state") == "SUCCEEDED", 30,
+                 f"job {job_id} SUCCEEDED via gateway-1")
+
+        assert cordumctl(env, "dev", "pause", "scheduler-1").returncode == 0
+        assert ps(env)["scheduler-1"]["state"] == "paused"
+        assert cordumctl(env, "dev", "resume", "scheduler-1").returncode == 0
+        assert ps(env)["scheduler-1"]["state"] == "running"
+
+        old_pid = replicas["worker-1"]["pid"]
+        assert cordumctl(env, "dev", "kill", "worker-1").returncode == 0
+        assert ps(env)["worker-1"]["state"] == "exited"
+        started = cordumctl(env, "dev", "start", "worker-1")
+        assert started.returncode == 0, started.stderr
+        worker = ps(env)["worker-1"]
+        assert worker["state"] == "running" and worker["pid"] != old_pid
+
+        assert cordumctl(env, "dev", "nosuch", "x").returncode == 2
+        assert cordumctl(env, "dev", "stop", "scheduler-9").returncode == 2
+    finally:
+        down = cordumctl(env, "dev", "down", timeout=200)
+    assert down.returncode == 0, down.stdout + down.stderr
+    data = st.load(sdir)
+    assert data is not None
+    live = [r["name"] for r in data["replicas"] if st.alive(r.get("pid"), r.get("start_time"))]
+    assert live == []
+    assert not st.supervisor_alive(data)
+    assert {r["state"] for r in ps(env).values()} == {"stopped"}

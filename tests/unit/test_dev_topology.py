@@ -1,0 +1,104 @@
+"""The local topology as data (cordum.dev.topology) and the state directory (cordum.dev.state)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cordum.dev import control, stack
+from cordum.dev import state as st
+from cordum.dev import topology as topo
+
+
+def test_default_ports_names_and_order() -> None:
+    t = topo.build(replicas=3, workers=2, api_key="k")
+    assert t.names == ["redis", "nats", "safety-kernel-1", "safety-kernel-2", "safety-kernel-3",
+                       "scheduler-1", "scheduler-2", "scheduler-3", "api-gateway-1", "api-gateway-2",
+                       "api-gateway-3", "worker-1", "worker-2"]
+    assert [t.get(f"api-gateway-{i}").ports["http"] for i in (1, 2, 3)] == [8081, 8083, 8085]
+    assert [t.get(f"scheduler-{i}").ports["metrics"] for i in (1, 2, 3)] == [9090, 9092, 9094]
+    assert [dict(t.get(f"safety-kernel-{i}").ports) for i in (1, 2)] == [
+        {"grpc": 50051, "admin": 9095}, {"grpc": 50053, "admin": 9097}]
+    assert (t.get("redis").ports["port"], t.get("nats").ports["port"]) == (6379, 4222)
+    assert t.gateway_urls() == ["http://localhost:8081", "http://localhost:8083", "http://localhost:8085"]
+    assert [r.kind for r in t.stop_order()][:4] == ["worker", "worker", "api-gateway", "api-gateway"]
+    assert [r.name for r in t.stop_order()][-2:] == ["nats", "redis"]
+    assert [[r.kind for r in tier][0] for tier in t.tiers()] == [
+        "redis", "nats", "safety-kernel", "scheduler", "api-gateway", "worker"]
+
+
+def test_env_per_replica() -> None:
+    t = topo.build(replicas=2, workers=2, api_key="secret")
+    ids = [r.env["CORDUM_INSTANCE_ID"] for r in t.replicas if r.entry]
+    assert ids == [r.name for r in t.replicas if r.entry] and len(set(ids)) == len(ids)
+    k2, s2, g1 = t.get("safety-kernel-2"), t.get("scheduler-2"), t.get("api-gateway-1")
+    assert (k2.env["SAFETY_KERNEL_ADDR"], k2.env["SAFETY_KERNEL_ADMIN_ADDR"]) == (":50053", ":9097")
+    assert k2.health == "http://127.0.0.1:9097/health"
+    assert (s2.env["SCHEDULER_METRICS_ADDR"], s2.env["SAFETY_KERNEL_ADDR"]) == (":9092", "127.0.0.1:50053")
+    assert (g1.env["GATEWAY_HTTP_ADDR"], g1.env["SAFETY_KERNEL_ADDR"]) == (":8081", "127.0.0.1:50051")
+    assert g1.health == "http://127.0.0.1:8081/health"
+    w2 = t.get("worker-2")
+    assert (w2.env["WORKER_ID"], w2.health) == ("worker-2", "alive")
+    for r in t.replicas:
+        if r.entry:
+            assert r.env["CORDUM_API_KEY"] == "secret" and r.env["CORDUM_ENV"] == "dev"
+            assert r.env["REDIS_URL"] == "redis://127.0.0.1:6379/0" and r.env["NATS_URL"] == "nats://127.0.0.1:4222"
+    assert [topo.kernel_for(i, 2) for i in (1, 2, 3, 4)] == [1, 2, 1, 2]
+
+
+def test_external_servers_and_base_port() -> None:
+    t = topo.build(replicas=2, workers=1, api_key="k", redis_url="redis://h:1/2", nats_url="nats://h:3",
+                   base_port=30000)
+    assert "redis" not in t.names and "nats" not in t.names and not (t.start_redis or t.start_nats)
+    assert t.get("worker-1").env["REDIS_URL"] == "redis://h:1/2"
+    assert t.get("api-gateway-2").ports["http"] == 30002
+    assert t.get("scheduler-2").ports["metrics"] == 30022
+    assert dict(t.get("safety-kernel-2").ports) == {"grpc": 30042, "admin": 30062}
+    own = topo.build(replicas=1, workers=0, api_key="k", base_port=30000)
+    assert (own.get("redis").ports["port"], own.get("nats").ports["port"]) == (30080, 30081)
+    assert topo.build(replicas=1, api_key="k", base_port=30000, redis_port=7000).get("redis").ports["port"] == 7000
+    for base in (None, 20000):
+        full = topo.build(replicas=topo.MAX_REPLICAS, workers=3, api_key="k", base_port=base)
+        ports = topo.all_ports(full)
+        assert topo.duplicates(ports) == []
+        if base:
+            assert all(base <= p < base + topo.BLOCK_SIZE for _, p in ports)
+
+
+@pytest.mark.parametrize("kwargs", [{"replicas": 0}, {"replicas": topo.MAX_REPLICAS + 1}, {"workers": -1},
+                                    {"base_port": 80}, {"base_port": 65500}])
+def test_bad_options(kwargs: dict) -> None:
+    with pytest.raises(topo.TopologyError):
+        topo.build(api_key="k", **kwargs)
+
+
+def test_up_defaults() -> None:
+    args = stack.build_parser("x", 1).parse_args([])
+    assert (args.replicas, args.workers, args.detach) == (1, 1, False)  # python -m cordum.dev.stack
+    args = stack.build_parser("cordumctl up", 2).parse_args(["--replicas", "3", "--detach"])
+    assert (args.replicas, args.workers, args.detach) == (3, 2, True)
+
+
+def test_state_requests_markers_and_process_states(tmp_path: Path) -> None:
+    st.request_start(tmp_path, "worker-1")
+    st.request_start(tmp_path, "api-gateway-2")
+    assert st.take_requests(tmp_path) == [("start", "worker-1"), ("start", "api-gateway-2")]
+    assert st.take_requests(tmp_path) == []
+
+    me = os.getpid()
+    assert st.process_state(me, st.start_time(me)) == "running"
+    assert st.process_state(me, (st.start_time(me) or 0) + 1) == "gone"  # a reused pid
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    record = {"name": "worker-1", "pid": proc.pid, "start_time": None}
+    data = {"supervisor": {"phase": "ready"}, "replicas": [record]}
+    assert control.replica_state(data, record, tmp_path) == "exited"
+    st.mark_stopped(tmp_path, "worker-1")
+    assert control.replica_state(data, record, tmp_path) == "stopped"
+    st.save(tmp_path, data)
+    assert st.load(tmp_path) == data
+    assert (tmp_path / st.STATE_FILE).stat().st_mode & 0o077 == 0  # holds the API key
