@@ -3,8 +3,13 @@
 Approve and reject run under the job's lock `cordum:scheduler:job:<id>` (TTL 10 s; busy → 409
 `approval_retryable_lock`), the same lease the scheduler takes, and every write carries its fence.
 Approve: APPROVAL_REQUIRED → PENDING, the stored JobRequest gets `approval_granted=true` and
-`cordum.bus_msg_id=approval:<id>`, and is re-published on `sys.job.submit`. Reject: → DENIED and a
-DLQ event `approval_rejected`.
+`cordum.bus_msg_id=approval:<id>`, and is re-published on `sys.job.submit`. Reject: → DENIED, its
+DLQ entry `approval_rejected` written, then the DLQ event published (best effort).
+
+The job is looked up in the caller's tenant before the lock is taken (another tenant's job is a
+404, never a 409). Nobody approves a job they submitted (403 `self_approval_denied`): not with the
+same API key (the job's `submitted_key` fingerprint, which covers the static admin key and keys
+without a principal_id), nor as the same known principal.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from typing import Any
 from quart import Quart, request
 
 from cordum.agent.v1 import job_pb2
+from cordum.gateway import deadletter
 from cordum.gateway.auth import Principal
 from cordum.gateway.context import Gateway, caller, cursor_text, json_body, optional_str, query_int, require
 from cordum.gateway.errors import ApiError, not_found
-from cordum.gateway.jobs import job_summary, publish_dlq, publish_request
+from cordum.gateway.jobs import job_summary, publish_request
 from cordum.protocol import subjects
 from cordum.runtime.lease import LeaseUnavailable
 from cordum.runtime.log import get_logger
@@ -43,10 +49,28 @@ def approval_item(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_self_approval(who: Principal, meta: dict[str, Any]) -> bool:
-    if who.static_admin or not who.principal_id:
+    """The approver submitted the job: with the same API key (by fingerprint: this covers the
+    static admin key and keys without a principal_id; for a DLQ retry, the retrier's key too),
+    or as the same known principal."""
+    if who.key_fingerprint:
+        submitted = {str(meta.get("submitted_key") or ""), str(meta.get("retried_key") or "")} - {""}
+        if who.key_fingerprint in submitted:
+            return True
+    if not who.principal_id:
         return False
-    submitters = {str(meta.get("submitted_by") or ""), str(meta.get("principal") or "")} - {""}
-    return who.principal_id in submitters
+    submitters = {str(meta.get("principal") or "")}
+    if not meta.get("submitted_key"):  # a job from before submitted_key: submitted_by named the principal
+        submitters.add(str(meta.get("submitted_by") or ""))
+    return who.principal_id in submitters - {""}
+
+
+async def _find(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
+    """The job in the caller's tenant, checked before its lock is taken: another tenant's job is a
+    404 like a missing one, never a 409 because someone holds its lock."""
+    meta = await gw.jobs.get(job_id, tenant=tenant)
+    if meta is None:
+        raise not_found("job not found")
+    return meta
 
 
 def _labels(meta: dict[str, Any]) -> dict[str, str]:
@@ -58,6 +82,7 @@ async def approve(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, A
     who = caller()
     reason = optional_str(body, "reason", max_len=2000)
     note = optional_str(body, "note", max_len=2000)
+    await _find(gw, job_id, who.tenant)
     try:
         async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
             meta = await gw.jobs.get(job_id, tenant=who.tenant)
@@ -114,6 +139,7 @@ async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, An
     who = caller()
     reason = optional_str(body, "reason", max_len=2000) or "approval rejected"
     note = optional_str(body, "note", max_len=2000)
+    await _find(gw, job_id, who.tenant)
     try:
         async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
             meta = await gw.jobs.get(job_id, tenant=who.tenant)
@@ -139,10 +165,8 @@ async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, An
                 raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
     except LeaseUnavailable:
         raise ApiError(409, "job is busy, retry", code="approval_retryable_lock") from None
-    try:
-        await publish_dlq(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected", reason=reason)
-    except Exception as exc:
-        log.error("reject.dlq_publish_failed", job_id=job_id, error=repr(exc))
+    await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected",
+                                 reason=reason)
     return {"job_id": job_id, "state": JobState.DENIED.value}
 
 

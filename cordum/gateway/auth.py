@@ -2,8 +2,10 @@
 
 Keys: `CORDUM_API_KEY` (role admin, tenant `TENANT_ID`, default "default") and any number more
 from `CORDUM_API_KEYS_PATH`: a YAML or JSON list (or `{"keys": [...]}`) of
-`{key, tenant, role (admin|operator|viewer), principal_id}`. Keys are kept only as SHA-256
-digests and compared with `hmac.compare_digest`. Weak keys (shorter than 16 characters, or an
+`{key, tenant, role (admin|operator|viewer; default viewer), principal_id}`. Keys are kept only
+as SHA-256 digests and compared with `hmac.compare_digest`; a principal carries its key's
+fingerprint (`key_fingerprint`: the first 16 hex digits of the SHA-256, never the key), which a
+job records as `submitted_key` so that nobody approves a job submitted with their own key. Weak keys (shorter than 16 characters, or an
 obvious default) refuse to start unless `CORDUM_ENV=dev`; the error names the variable, never the
 key. No key at all is a startup error too.
 
@@ -39,6 +41,7 @@ class Principal:
     role: str
     principal_id: str = ""
     static_admin: bool = False  # the CORDUM_API_KEY key
+    key_fingerprint: str = ""  # key_fingerprint(key): identifies the key, never reveals it
 
     def allows(self, role: str) -> bool:
         return _RANK[self.role] >= _RANK[role]
@@ -51,6 +54,11 @@ class Principal:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def key_fingerprint(key: str) -> str:
+    """A stable, non-reversible name for an API key: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def is_weak(key: str) -> bool:
@@ -90,7 +98,8 @@ def load_keyring(env: Any) -> KeyRing:
                 f"CORDUM_API_KEY is too weak (shorter than {MIN_KEY_LENGTH} characters or a well-known "
                 "default); set a long random key, or CORDUM_ENV=dev for local testing"
             )
-        entries.append((static, Principal(tenant=tenant, role="admin", principal_id="", static_admin=True)))
+        entries.append((static, Principal(tenant=tenant, role="admin", principal_id="", static_admin=True,
+                                          key_fingerprint=key_fingerprint(static))))
     path = env.get("CORDUM_API_KEYS_PATH", "").strip()
     if path:
         entries += _read_keys_file(Path(path), default_tenant=tenant, dev=dev)
@@ -124,12 +133,13 @@ def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[tuple
         if is_weak(key.strip()) and not dev:
             raise ConfigError(f"{where} is invalid: the key is too weak (shorter than {MIN_KEY_LENGTH} "
                               "characters or a well-known default)")
-        role = str(item.get("role") or "admin").strip().lower()
+        role = str(item.get("role") or "viewer").strip().lower()  # least privilege unless stated
         if role not in _RANK:
             raise ConfigError(f"{where} is invalid: role must be one of {', '.join(ROLES)}")
         tenant = str(item.get("tenant") or default_tenant).strip()
         principal_id = str(item.get("principal_id") or "").strip()
-        entries.append((key.strip(), Principal(tenant=tenant, role=role, principal_id=principal_id)))
+        entries.append((key.strip(), Principal(tenant=tenant, role=role, principal_id=principal_id,
+                                               key_fingerprint=key_fingerprint(key.strip()))))
     return entries
 
 

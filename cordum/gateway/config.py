@@ -2,7 +2,13 @@
 
 `GET /api/v1/config?scope&scope_id` → the document's data (`{}` if none); `PUT|POST` (admin)
 with `{scope, scope_id, data}` or flat data (system/default) → stored, then a SystemAlert
-`config changed` on `sys.config.changed` → 204. `POST /api/v1/policy/evaluate` asks the safety
+`config changed` on `sys.config.changed` → 204.
+
+Scopes are tenant-bound (`visible`): `system` (scope_id `default`) is read by admins and written
+only by an admin of the operator's own tenant (TENANT_ID); `org` documents are named by the tenant
+(scope_id = the caller's tenant, the default); `team`, `workflow` and `step` scope ids are
+`<tenant>:<id>` (e.g. `acme:payments`), so a tenant only reaches its own. Anything else is a 404,
+like a missing document. `POST /api/v1/policy/evaluate` asks the safety
 kernel's Evaluate and answers its protobuf-JSON response (503 if the kernel is unreachable).
 """
 
@@ -17,7 +23,8 @@ from quart import Quart, Response, request
 from cordum.agent.v1 import job_pb2, safety_pb2
 from cordum.agent.v1.alert_pb2 import SystemAlert
 from cordum.gateway.context import SENDER, Gateway, caller, json_body, optional_str, optional_str_list, optional_str_map, require
-from cordum.gateway.errors import ApiError
+from cordum.gateway.auth import Principal
+from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import TOPIC_RE
 from cordum.infra.grpc import RpcError
 from cordum.protocol import subjects
@@ -28,34 +35,59 @@ from cordum.store.config import SCOPES
 log = get_logger("gateway.config")
 
 
-def _scope_args(scope: str, scope_id: str) -> tuple[str, str]:
+def _scope_args(scope: str, scope_id: str, who: Principal) -> tuple[str, str]:
     scope = (scope or "system").strip().lower()
-    scope_id = (scope_id or "default").strip()
     if scope not in SCOPES:
         raise ApiError(400, f"scope must be one of {', '.join(SCOPES)}")
+    scope_id = (scope_id or "").strip() or {"system": "default", "org": who.tenant}.get(scope, "")
+    if not scope_id:
+        raise ApiError(400, f"scope_id is required for scope {scope} (<tenant>:<id>)")
     return scope, scope_id
+
+
+def visible(gw: Gateway, who: Principal, scope: str, scope_id: str, *, write: bool) -> bool:
+    """May `who` read (or, with `write`, change) this document? The tenant rules:
+    - `system`: read by admins; written only by an admin of the operator's own tenant (TENANT_ID);
+    - `org`: the scope_id is the caller's tenant;
+    - `team`, `workflow`, `step`: the scope_id is `<caller's tenant>:<id>`.
+    A document the caller may not see answers 404, exactly like a missing one."""
+    if scope == "system":
+        if write:
+            return who.allows("admin") and who.tenant == gw.options.default_tenant
+        return who.allows("admin")
+    if scope == "org":
+        return scope_id == who.tenant
+    return scope_id.startswith(who.tenant + ":") and len(scope_id) > len(who.tenant) + 1
+
+
+def _check(gw: Gateway, who: Principal, scope: str, scope_id: str, *, write: bool) -> None:
+    if not visible(gw, who, scope, scope_id, write=write):
+        raise not_found("config not found")
 
 
 def register(app: Quart, gw: Gateway) -> None:
     @app.get("/api/v1/config")
     @require("viewer")
     async def get_config() -> Any:
-        scope, scope_id = _scope_args(request.args.get("scope", ""), request.args.get("scope_id", ""))
+        who = caller()
+        scope, scope_id = _scope_args(request.args.get("scope", ""), request.args.get("scope_id", ""), who)
+        _check(gw, who, scope, scope_id, write=False)
         doc = await gw.configs.get(scope, scope_id)
         return (doc or {}).get("data") or {}
 
     async def put_config() -> Any:
+        who = caller()
         body = await json_body()
         if "data" in body and ("scope" in body or "scope_id" in body):
             if not isinstance(body["data"], dict):
                 raise ApiError(400, "data must be an object")
             if not isinstance(body.get("scope", ""), str) or not isinstance(body.get("scope_id", ""), str):
                 raise ApiError(400, "scope and scope_id must be strings")
-            scope, scope_id = _scope_args(body.get("scope", ""), body.get("scope_id", ""))
+            scope, scope_id = _scope_args(body.get("scope", ""), body.get("scope_id", ""), who)
             data, meta = body["data"], body.get("meta") if isinstance(body.get("meta"), dict) else None
         else:
             scope, scope_id, data, meta = "system", "default", body, None
-        who = caller()
+        _check(gw, who, scope, scope_id, write=True)
         await gw.configs.put(scope, scope_id, data, meta={**(meta or {}), "updated_by": who.identity})
         changed_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         alert = SystemAlert(level="INFO", message="config changed", component=SENDER, source_component=SENDER,

@@ -13,6 +13,7 @@ from quart import g, request
 
 from cordum.gateway.auth import KeyRing, Principal, load_keyring
 from cordum.gateway.errors import ApiError
+from cordum.gateway.idempotency import IdempotencyKeys
 from cordum.infra.bus import Bus
 from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
 from cordum.infra.metrics import Metrics
@@ -62,6 +63,7 @@ class GatewayOptions:
     ws_client_buffer: int
     policy_timeout: float
     keys: KeyRing = field(repr=False)
+    default_tenant: str = "default"  # TENANT_ID: the operator's own tenant (system config writes)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -73,6 +75,7 @@ class GatewayOptions:
             ws_client_buffer=env_value(settings, "CORDUM_WS_CLIENT_BUFFER_SIZE", "256", _buffer_size),
             policy_timeout=env_value(settings, "GATEWAY_POLICY_CHECK_TIMEOUT", "5s", _positive_duration),
             keys=load_keyring(settings.extra),
+            default_tenant=(settings.extra.get("TENANT_ID") or "").strip() or "default",
         )
 
 
@@ -99,6 +102,7 @@ class Gateway:
         self.jobs = JobStore(self.redis)
         self.dlq = DlqStore(self.redis)
         self.configs = ConfigStore(self.redis)
+        self.idempotency = IdempotencyKeys(self.redis)
         self.submitted = self.metrics.counter(
             # The guide's per-replica throughput metric: summed over gateway replicas,
             # outcome="accepted" is the number of jobs admitted to run.

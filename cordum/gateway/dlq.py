@@ -4,6 +4,8 @@ Writer: `sys.job.dlq` in queue group `cordum-gateway` (one write per event acros
 JobResult becomes `dlq:entry:<job_id>` (tenant/topic/state/attempts from the job's meta) and, if
 the job has no result yet, a synthetic `res:<job_id>` with the error and the job's `result_ptr`.
 A Redis failure raises, so the message is redelivered; an unusable packet is acked and counted.
+The write itself is `deadletter.record`, which the gateway also calls directly for the jobs it
+dead-letters (policy DENY at submit, approval reject).
 
 Cleanup: one replica at a time (leader key `cordum:dlq:cleanup`) drops index members whose entry
 expired, every DLQ_CLEANUP_INTERVAL (1h).
@@ -13,34 +15,31 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from typing import Any
 
 import trio
 from quart import Quart, Response, request
 
-from cordum.agent.v1 import job_pb2
 from cordum.agent.v1.buspacket_pb2 import BusPacket
-from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, query_int, require
+from cordum.gateway import deadletter
+from cordum.gateway.context import Gateway, caller, cursor_text, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import publish_request
 from cordum.infra.bus import Message
 from cordum.protocol import subjects
-from cordum.protocol.pointers import context_key, ptr, result_key
+from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.consumer import ConsumerMetrics, serve_packets
 from cordum.runtime.lease import Lease
 from cordum.runtime.leader import LeaderElection, every
 from cordum.runtime.log import get_logger
 from cordum.store import keys
-from cordum.store.dlq import dlq_entry
-from cordum.store.jobs import JobNotFound
 from cordum.store.jobstate import JobState
 
 log = get_logger("gateway.dlq")
 
 CLEANUP_LEASE_TTL = 30.0
 _COPIED_META = ("topic", "tenant", "team", "principal", "capability", "risk_tags", "requires", "submitted_by",
-                "actor_id", "actor_type", "memory_id", "idempotency_key", "labels")
+                "actor_id", "actor_type", "memory_id", "idempotency_key", "labels", "submitted_key")
 
 
 # ---- the writer ---------------------------------------------------------------------------------
@@ -51,35 +50,8 @@ async def write_dlq_entry(gw: Gateway, packet: BusPacket) -> bool:
     if packet.WhichOneof("payload") != "job_result" or not packet.job_result.job_id:
         return False
     result = packet.job_result
-    job_id = result.job_id
-    meta = await gw.jobs.get(job_id)
-    status = job_pb2.JobStatus.Name(result.status) if result.status in job_pb2.JobStatus.values() else str(result.status)
-    entry = dlq_entry(
-        job_id=job_id,
-        tenant=str(meta.get("tenant", "")) if meta else "",
-        topic=str(meta.get("topic", "")) if meta else "",
-        status=status,
-        reason=result.error_message,
-        reason_code=result.error_code,
-        last_state=str(meta.get("state", "")) if meta else "",
-        attempts=int(meta.get("attempts", 0) or 0) if meta else 0,
-    )
-    await gw.dlq.put(entry)
-    if meta is None:
-        log.warning("dlq.unknown_job", job_id=job_id, reason_code=result.error_code)
-    elif not meta.get("result_ptr"):
-        record = {
-            "job_id": job_id, "status": status,
-            "error": {"message": result.error_message, "code": result.error_code},
-            "processed_by": SENDER,
-            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        await gw.redis.execute("SET", keys.result(job_id), json.dumps(record), "NX", "EX", gw.jobs.data_ttl)
-        try:
-            await gw.jobs.set_fields(job_id, {"result_ptr": ptr(result_key(job_id))})
-        except JobNotFound:
-            pass
-    gw.dlq_written.inc()
+    await deadletter.record(gw, result.job_id, status=result.status, reason_code=result.error_code,
+                            reason=result.error_message)
     return True
 
 
@@ -106,10 +78,40 @@ def cleanup_election(gw: Gateway) -> tuple[LeaderElection, Any]:
 # ---- retry --------------------------------------------------------------------------------------
 
 
+async def _read_entry(gw: Gateway, job_id: str, tenant: str) -> tuple[str, dict[str, Any], int] | None:
+    """The entry's stored JSON, parsed entry and remaining TTL (ms), if it exists in `tenant`."""
+    text, pttl = await gw.redis.pipeline([("GET", keys.dlq_entry(job_id)), ("PTTL", keys.dlq_entry(job_id))])
+    if text is None:
+        return None
+    entry = json.loads(text)
+    if entry.get("tenant") != tenant:
+        return None
+    return text, entry, int(pttl) if isinstance(pttl, int) else -1
+
+
+async def _claim(gw: Gateway, job_id: str) -> bool:
+    """Take the entry for one retry: the request whose DEL removes it wins."""
+    return int(await gw.redis.execute("DEL", keys.dlq_entry(job_id)) or 0) == 1
+
+
+async def _restore(gw: Gateway, job_id: str, text: str, pttl: int) -> None:
+    """Put a claimed entry back as it was (its index member was never removed)."""
+    ttl = ("PX", pttl) if pttl > 0 else ("EX", gw.dlq.entry_ttl)
+    try:
+        with trio.CancelScope(shield=True):
+            await gw.redis.execute("SET", keys.dlq_entry(job_id), text, *ttl, "NX")
+    except Exception as exc:
+        log.error("dlq.retry_restore_failed", job_id=job_id, error=repr(exc))
+
+
 async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
-    entry = await gw.dlq.get(job_id, tenant=tenant)
-    if entry is None:
+    """Re-run a dead-lettered job as a new job. The entry is claimed first (deleted atomically),
+    so concurrent retries create one job: the others get 409 `retry_in_progress` (or 404 once it
+    is gone). If the new job cannot be created or queued, the entry is put back."""
+    found = await _read_entry(gw, job_id, tenant)
+    if found is None:
         raise not_found("dlq entry not found")
+    text, entry, pttl = found
     old = await gw.jobs.get(job_id, tenant=tenant)
     request_msg = await gw.jobs.get_request(job_id)
     if old is None or request_msg is None:
@@ -131,16 +133,34 @@ async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
     labels = {k: v for k, v in labels.items() if k != subjects.LABEL_BUS_MSG_ID and not k.startswith("approval_")}
     labels.update({"retry": "true", "dlq_entry": job_id, "retry_of_job": job_id})
     fields.update(labels=labels, trace_id=trace_id, retry_of_job=job_id, topic=request_msg.topic, tenant=tenant)
+    who = caller()
+    if who.key_fingerprint:
+        fields["retried_key"] = who.key_fingerprint  # the retrier may not approve the new job either
     fields.pop("idempotency_key", None)  # the key stays with the original job
     context = await gw.jobs.get_context(job_id)
-    await gw.jobs.create(new_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
+
+    if not await _claim(gw, job_id):
+        raise ApiError(409, "this entry is being retried already", code="retry_in_progress")
+    try:
+        await gw.jobs.create(new_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
+    except BaseException:
+        await _restore(gw, job_id, text, pttl)
+        raise
     try:
         await publish_request(gw, request_msg, trace_id)
     except Exception as exc:
         log.error("dlq.retry_publish_failed", job_id=new_id, error=repr(exc))
-        await gw.jobs.transition(new_id, JobState.FAILED, fields={"failure_reason": "publish to bus failed"})
+        await _restore(gw, job_id, text, pttl)
+        try:
+            await gw.jobs.transition(new_id, JobState.FAILED, fields={"failure_reason": "publish to bus failed"})
+        except Exception as store_exc:
+            log.error("dlq.retry_fail_mark_failed", job_id=new_id, error=repr(store_exc))
         raise ApiError(503, "retry could not be queued (bus unavailable), try again", code="bus_unavailable") from None
-    await gw.dlq.delete(job_id)
+    await gw.dlq.delete(job_id)  # the entry is gone already; drops its index member
+    try:  # a late DLQ event for the old job must not bring its entry back (deadletter.record)
+        await gw.jobs.set_fields(job_id, {"retried_as": new_id})
+    except Exception as exc:
+        log.warning("dlq.retry_mark_failed", job_id=job_id, error=repr(exc))
     return {"job_id": new_id}
 
 

@@ -1,14 +1,22 @@
 """Jobs: the submit pipeline (spec cordum-services §1.6, jobpath §2.3/§2.5) and the job reads.
 
-Submit: validate → idempotency pre-check (tenant-scoped) → submit-time policy (kernel `Evaluate`,
-5 s) → by verdict:
+Submit: validate the body (every integer bounded by its protobuf type; reserved label prefixes
+refused) → the caller's principal (a key with a principal_id fixes the job's principal; another
+one in the body → 403 `principal_mismatch`) → build the JobRequest and run the scheduler's own
+ingress validation on it (a problem → 400 naming the field; nothing persisted) → idempotency
+pre-check (tenant-scoped) → submit-time policy (kernel `Evaluate`, 5 s) → by verdict:
 - ALLOW / ALLOW_WITH_CONSTRAINTS: reserve the idempotency key (a lost race returns the holder's
   job), persist PENDING with `ctx:`, `job:req:` and meta, publish the JobRequest on
-  `sys.job.submit` → 200 `{job_id, trace_id}`. Publish failure → FAILED, 503.
-- DENY (also "policy check unavailable" unless POLICY_CHECK_FAIL_MODE=open): persisted
-  PENDING → DENIED, DLQ event `policy_denied`, decision recorded → 403 with the job id.
+  `sys.job.submit` → 200 `{job_id, trace_id}`. Publish failure → FAILED, key released, 503.
+- DENY: persisted PENDING → DENIED, DLQ entry `policy_denied` written (then the event published,
+  best effort), decision recorded → 403 with the job id. "Policy check unavailable" (unless
+  POLICY_CHECK_FAIL_MODE=open) is denied the same way but does not hold the idempotency key.
 - THROTTLE: nothing persisted → 429, Retry-After: 30.
 - REQUIRE_APPROVAL: persisted in APPROVAL_REQUIRED, not published → 200 `approval_required`.
+
+The idempotency key never points at a job that does not exist: released (compare-and-delete) if
+create fails, and a key whose job is gone is treated as free (see `idempotency`). The job meta
+records `submitted_key`, the submitting API key's fingerprint, for the self-approval check.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from google.protobuf import json_format
 from quart import Quart, request
 
 from cordum.agent.v1 import job_pb2, safety_pb2
+from cordum.gateway import deadletter
 from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.protocol import subjects
@@ -31,7 +40,7 @@ from cordum.protocol.packets import encode, new_packet
 from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyDecision, Verdict
-from cordum.store.dlq import dlq_packet
+from cordum.store.validate import tenant_problems, validate_job_request
 from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
 from cordum.store.jobstate import TERMINAL, JobState, parse_state
 
@@ -41,7 +50,14 @@ TOPIC_RE = re.compile(r"^job(\.[A-Za-z0-9_-]+)+$")
 MAX_PROMPT = 50_000
 MAX_TOPIC = 256
 MAX_LABELS = 50
-RESERVED_LABEL_PREFIXES = ("_governance.", "_ma.")
+# Set by the control plane only (governance, bus dedupe ids, approvals): a caller may not forge them.
+RESERVED_LABEL_PREFIXES = ("_governance.", "_ma.", "cordum.", "approval_")
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+# Integer fields of the body and the protobuf type they end up in (max_input_tokens also goes to
+# ContextHints.max_input_tokens, an int32).
+INT_LIMITS = {"max_input_tokens": INT32_MAX, "max_output_tokens": INT64_MAX,
+              "max_total_tokens": INT64_MAX, "deadline_ms": INT64_MAX}
 PRIORITIES = {
     "interactive": job_pb2.JOB_PRIORITY_INTERACTIVE,
     "batch": job_pb2.JOB_PRIORITY_BATCH,
@@ -83,6 +99,9 @@ def _int_field(body: dict[str, Any], name: str, default: int) -> int:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ApiError(400, f"{name} must be a non-negative integer")
+    high = INT_LIMITS[name]
+    if value > high:
+        raise ApiError(400, f"{name} must be at most {high}")
     return value
 
 
@@ -111,7 +130,7 @@ def parse_submit(body: dict[str, Any], tenant: str) -> SubmitInput:
     cleaned: dict[str, str] = {}
     for key, value in labels.items():
         if key.startswith(RESERVED_LABEL_PREFIXES):
-            raise ApiError(400, f"labels: key {key!r} is reserved")
+            raise ApiError(400, f"labels: key {key!r} is reserved (prefixes {', '.join(RESERVED_LABEL_PREFIXES)})")
         if key.startswith("_"):
             continue  # internal labels are set by the control plane, never by callers
         cleaned[key] = value
@@ -269,11 +288,6 @@ async def publish_request(gw: Gateway, request_msg: job_pb2.JobRequest, trace_id
     await gw.bus.publish(subjects.SUBMIT, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.SUBMIT))
 
 
-async def publish_dlq(gw: Gateway, job_id: str, *, status: int, reason_code: str, reason: str) -> None:
-    packet = dlq_packet(job_id, status=status, reason_code=reason_code, reason=reason, sender_id=SENDER)
-    await gw.bus.publish(subjects.DLQ, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.DLQ))
-
-
 # ---- the pipeline -------------------------------------------------------------------------------
 
 
@@ -281,20 +295,39 @@ def _accepted(job_id: str, trace_id: str, **extra: Any) -> tuple[dict[str, Any],
     return {"job_id": job_id, "trace_id": trace_id, **extra}, 200, {"X-Trace-Id": trace_id}
 
 
+def request_problems(request_msg: job_pb2.JobRequest) -> list[str]:
+    """What the scheduler's ingress validation would drop this request for (empty: accepted)."""
+    return list(dict.fromkeys(validate_job_request(request_msg) + tenant_problems(request_msg)))
+
+
 async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
     who = caller()
     tenant = who.tenant
     inp = parse_submit(body, tenant)
-
-    if inp.idempotency_key:
-        holder = await gw.jobs.lookup_idempotency(tenant, inp.idempotency_key)
-        if holder:
-            return await _duplicate(gw, holder, tenant)
+    if who.principal_id:  # the key names its principal: the body may not claim another one
+        if inp.principal_id and inp.principal_id != who.principal_id:
+            raise ApiError(403, "principal_id does not match the API key's principal", code="principal_mismatch")
+        inp.principal_id = who.principal_id
 
     job_id, trace_id = str(uuid.uuid4()), str(uuid.uuid4())
+    request_msg = build_request(job_id, inp, tenant)
+    problems = request_problems(request_msg)
+    if problems:  # the scheduler would drop it, leaving a PENDING job forever: refuse it now
+        raise ApiError(400, f"invalid job request: {problems[0]}", code="invalid_request",
+                       extra={"problems": problems})
+
+    key = inp.idempotency_key
+    if key:
+        holder = await gw.jobs.lookup_idempotency(tenant, key)
+        if holder:
+            duplicate = await _duplicate(gw, holder, tenant, key)
+            if duplicate is not None:
+                return duplicate
+
     decision = await gw.safety.check(policy_request(job_id, inp, tenant), method="Evaluate")
     verdict, reason = decision.verdict, decision.reason
-    if verdict is Verdict.UNAVAILABLE:
+    unavailable = verdict is Verdict.UNAVAILABLE
+    if unavailable:
         if gw.options.fail_open:
             log.warning("submit.policy_fail_open", job_id=job_id, reason=reason)
             verdict, reason = Verdict.ALLOW, f"{POLICY_UNAVAILABLE} (fail mode open)"
@@ -306,43 +339,58 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
         raise ApiError(429, reason or "throttled by policy", code="throttled",
                        headers={"Retry-After": THROTTLE_RETRY_AFTER})
 
-    if inp.idempotency_key:
-        holder = await gw.jobs.reserve_idempotency(tenant, inp.idempotency_key, job_id)
-        if holder and holder != job_id:
-            return await _duplicate(gw, holder, tenant)
+    # A fail-closed denial is not the policy's answer: it does not hold the key, so the same submit
+    # can succeed once the kernel is back.
+    reserved = bool(key) and not (unavailable and verdict is Verdict.DENY)
+    if reserved:
+        for _ in range(3):
+            holder = await gw.jobs.reserve_idempotency(tenant, key, job_id)
+            if not holder or holder == job_id:
+                break
+            duplicate = await _duplicate(gw, holder, tenant, key)
+            if duplicate is not None:
+                return duplicate
+        else:
+            raise ApiError(409, "idempotency key is contended, retry", code="idempotency_in_progress",
+                           headers={"Retry-After": "1"})
 
-    request_msg = build_request(job_id, inp, tenant)
     fields = {**job_fields(inp, tenant, trace_id, who.identity), **safety_fields(decision, verdict, reason)}
+    if who.key_fingerprint:
+        fields["submitted_key"] = who.key_fingerprint  # never the key: see auth.key_fingerprint
     context = context_payload(inp, tenant)
+    initial = JobState.APPROVAL_REQUIRED if verdict is Verdict.REQUIRE_APPROVAL else JobState.PENDING
+    if initial is JobState.APPROVAL_REQUIRED:
+        fields.update(approval_status="pending", approval_revision=1)
+    try:
+        await gw.jobs.create(job_id, initial, request=request_msg, fields=fields, context=context)
+    except BaseException:
+        if reserved:  # the key must not point at a job that does not exist
+            await gw.idempotency.release_quietly(tenant, key, job_id)
+        raise
 
     if verdict is Verdict.DENY:
-        await gw.jobs.create(job_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
         await gw.jobs.transition(job_id, JobState.DENIED, fields={"failure_reason": reason or "denied by policy"},
                                  event={"reason": reason})
         await gw.jobs.add_decision(job_id, decision_record(decision, verdict, reason))
-        try:
-            await publish_dlq(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="policy_denied",
-                              reason=reason or "denied by policy")
-        except Exception as exc:
-            log.error("submit.dlq_publish_failed", job_id=job_id, error=repr(exc))
+        await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="policy_denied",
+                                     reason=reason or "denied by policy")
         gw.submitted.labels(outcome="denied").inc()
         raise ApiError(403, reason or "denied by policy", code="policy_denied",
                        extra={"job_id": job_id, "trace_id": trace_id}, headers={"X-Trace-Id": trace_id})
 
     if verdict is Verdict.REQUIRE_APPROVAL:
-        fields.update(approval_status="pending", approval_revision=1)
-        await gw.jobs.create(job_id, JobState.APPROVAL_REQUIRED, request=request_msg, fields=fields, context=context)
         await gw.jobs.add_decision(job_id, decision_record(decision, verdict, reason))
         gw.submitted.labels(outcome="approval_required").inc()
         return _accepted(job_id, trace_id, status="approval_required", reason=reason)
 
     # ALLOW, ALLOW_WITH_CONSTRAINTS (or fail-open). The decision is on the job's meta (safety_*);
     # the decision log gets the scheduler's check, so the hot path saves a round trip here.
-    await gw.jobs.create(job_id, JobState.PENDING, request=request_msg, fields=fields, context=context)
     try:
         await publish_request(gw, request_msg, trace_id)
     except Exception as exc:
         log.error("submit.publish_failed", job_id=job_id, error=repr(exc))
+        if reserved:  # the same submit, retried, must make a new job rather than find this failed one
+            await gw.idempotency.release_quietly(tenant, key, job_id)
         try:
             await gw.jobs.transition(job_id, JobState.FAILED, fields={"failure_reason": "publish to bus failed"})
         except Exception as store_exc:
@@ -353,15 +401,25 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
     return _accepted(job_id, trace_id)
 
 
-async def _duplicate(gw: Gateway, holder: str, tenant: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+async def _duplicate(gw: Gateway, holder: str, tenant: str,
+                     key: str) -> tuple[dict[str, Any], int, dict[str, str]] | None:
+    """The answer for a submit whose idempotency key `holder` holds; None if the key is stale
+    (its job does not exist: it was released here, and the caller proceeds as a new submit)."""
     meta = await gw.jobs.get(holder, tenant=tenant)
-    trace_id = str(meta.get("trace_id", "")) if meta else ""
+    if meta is None:
+        if await gw.idempotency.in_flight(tenant, key):  # reserved just now: its job is being created
+            raise ApiError(409, "a submit with this idempotency key is in progress, retry",
+                           code="idempotency_in_progress", headers={"Retry-After": "1"})
+        await gw.idempotency.release(tenant, key, holder)
+        log.warning("submit.stale_idempotency_key", tenant=tenant, job_id=holder)
+        return None
+    trace_id = str(meta.get("trace_id", ""))
     gw.submitted.labels(outcome="duplicate").inc()
-    if meta is not None and meta.get("state") == JobState.DENIED.value:
+    if meta.get("state") == JobState.DENIED.value:
         raise ApiError(403, meta.get("safety_reason") or "denied by policy", code="policy_denied",
                        extra={"job_id": holder, "trace_id": trace_id})
     extra: dict[str, Any] = {}
-    if meta is not None and meta.get("state") == JobState.APPROVAL_REQUIRED.value:
+    if meta.get("state") == JobState.APPROVAL_REQUIRED.value:
         extra = {"status": "approval_required", "reason": meta.get("safety_reason", "")}
     return _accepted(holder, trace_id, **extra)
 

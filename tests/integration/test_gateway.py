@@ -23,6 +23,7 @@ from cordum.agent.v1.heartbeat_pb2 import Heartbeat
 from cordum.dev.servers import free_port
 from cordum.gateway.auth import load_keyring
 from cordum.gateway.context import SERVICE
+from cordum.gateway.dlq import write_dlq_entry
 from cordum.gateway.service import STAGES, serve
 from cordum.gateway.stream import StreamHub
 from cordum.infra.config import ConfigError, load_settings
@@ -34,6 +35,7 @@ from cordum.runtime.lifecycle import Lifecycle
 from cordum.safety.evaluate import check_input_from_proto, decision_to_proto, evaluate
 from cordum.safety.policy import parse_policy
 from cordum.store import keys
+from cordum.store.dlq import dlq_packet
 from cordum.store.workers import write_snapshot
 from tests.conftest import unique
 
@@ -42,6 +44,9 @@ ALICE = "alice-key-0123456789abcdef"  # operator, tenant default
 BOB = "bob-key-0123456789abcdef00"  # operator, tenant default
 VIEWER = "viewer-key-0123456789abcdef"
 ACME = "acme-key-0123456789abcdef00"  # operator, tenant acme
+CAROL = "carol-key-0123456789abcdef0"  # operator, tenant default, no principal_id
+NOROLE = "norole-key-0123456789abcdef"  # no role given: viewer
+ACME_ADMIN = "acme-admin-key-0123456789ab"  # admin, tenant acme
 
 POLICY = """\
 version: "gw-test"
@@ -138,6 +143,9 @@ def _keys_file(tmp_path: Path) -> Path:
         f"- {{key: {BOB}, tenant: default, role: operator, principal_id: bob}}\n"
         f"- {{key: {VIEWER}, tenant: default, role: viewer, principal_id: vic}}\n"
         f"- {{key: {ACME}, tenant: acme, role: operator, principal_id: ann}}\n"
+        f"- {{key: {CAROL}, tenant: default, role: operator}}\n"
+        f"- {{key: {NOROLE}, tenant: default, principal_id: nora}}\n"
+        f"- {{key: {ACME_ADMIN}, tenant: acme, role: admin, principal_id: aaron}}\n"
     )
     return path
 
@@ -669,3 +677,209 @@ def test_gateway_process_refuses_weak_key(spawn) -> None:
     assert proc.wait(15) == 2
     err = "\n".join(proc.lines("err"))
     assert "CORDUM_API_KEY" in err and "changeme" not in err
+
+
+# ---- review fixes: DLQ durability, retry claims, self-approval, config tenancy, validation, idempotency ----
+
+
+def _break_publish(monkeypatch, gw: Any, subject: str) -> None:
+    """Make this gateway's bus refuse publishes on `subject` (the others still go through)."""
+    real = gw.bus.publish
+
+    async def publish(subj: str, data: bytes, **kwargs: Any) -> None:
+        if subj == subject:
+            raise ConnectionError("bus unavailable (test)")
+        await real(subj, data, **kwargs)
+
+    monkeypatch.setattr(gw.bus, "publish", publish)
+
+
+async def _dlq_entry(redis, job_id: str) -> dict | None:
+    text = await redis.get(keys.dlq_entry(job_id))
+    return json.loads(text) if text else None
+
+
+async def test_deny_and_reject_write_the_dlq_entry_when_the_bus_fails(api: Api, redis, monkeypatch) -> None:
+    _break_publish(monkeypatch, api.gw, subjects.DLQ)
+    denied = await api.submit(topic="job.vault.read")
+    assert denied.status == 403, denied.raw
+    entry = await _dlq_entry(redis, denied.body["job_id"])  # written before the answer, no bus needed
+    assert entry is not None and entry["reason_code"] == "policy_denied" and entry["last_state"] == "DENIED"
+    assert entry["tenant"] == "default" and entry["topic"] == "job.vault.read"
+    job = await api.job(denied.body["job_id"])
+    assert job["error_code"] == "policy_denied" and job["result"]["error"]["message"] == "vault jobs are never allowed"
+
+    held = (await api.submit(key=ALICE, topic="job.deploy.db")).body["job_id"]
+    rejected = await api.call("POST", f"/api/v1/approvals/{held}/reject", {"reason": "no"}, key=BOB)
+    assert rejected.status == 200, rejected.raw
+    entry = await _dlq_entry(redis, held)
+    assert entry is not None and entry["reason_code"] == "approval_rejected" and entry["reason"] == "no"
+    listed = {i["job_id"] for i in (await api.call("GET", "/api/v1/dlq")).body["items"]}
+    assert listed == {denied.body["job_id"], held}
+
+
+async def test_concurrent_dlq_retries_create_one_job(api: Api, redis, monkeypatch) -> None:
+    denied = (await api.submit(topic="job.vault.x")).body["job_id"]
+    assert await _dlq_entry(redis, denied) is not None
+
+    # a retry that cannot be queued puts the entry back
+    _break_publish(monkeypatch, api.gw, subjects.SUBMIT)
+    failed = await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ALICE)
+    assert failed.status == 503 and failed.body["code"] == "bus_unavailable"
+    assert await _dlq_entry(redis, denied) is not None
+    monkeypatch.undo()
+
+    replies: list[Reply] = []
+
+    async def retry() -> None:
+        replies.append(await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ALICE))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(retry)
+    won = [r for r in replies if r.status == 200]
+    lost = [r for r in replies if r.status != 200]
+    assert len(won) == 1, [(r.status, r.body) for r in replies]
+    assert all(r.status == 404 or (r.status == 409 and r.body["code"] == "retry_in_progress") for r in lost), \
+        [(r.status, r.body) for r in lost]
+    retries = [j["id"] for j in (await api.call("GET", "/api/v1/jobs?limit=100")).body["items"]
+               if j["id"].startswith(f"{denied}-retry-") and j["state"] == "PENDING"]
+    assert retries == [won[0].body["job_id"]]
+    assert await _dlq_entry(redis, denied) is None
+    assert (await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ALICE)).status == 404
+    # the writer consuming the (late) DLQ event of the retried job does not bring the entry back
+    await write_dlq_entry(api.gw, dlq_packet(denied, status=job_pb2.JOB_STATUS_DENIED, reason_code="policy_denied",
+                                             reason="late", sender_id="test"))
+    assert await _dlq_entry(redis, denied) is None
+
+
+async def test_nobody_approves_a_job_submitted_with_their_own_key(api: Api, redis) -> None:
+    import hashlib
+
+    mine = (await api.submit(topic="job.deploy.web")).body["job_id"]  # the static admin key
+    same = await api.call("POST", f"/api/v1/approvals/{mine}/approve", {})
+    assert same.status == 403 and same.body["code"] == "self_approval_denied"
+
+    carols = (await api.submit(key=CAROL, topic="job.deploy.web")).body["job_id"]  # key without principal_id
+    meta = await redis.hgetall(keys.job_meta(carols))
+    assert meta["submitted_key"] == hashlib.sha256(CAROL.encode()).hexdigest()[:16]
+    assert not any(CAROL in str(v) for v in meta.values())
+    assert CAROL not in json.dumps(await api.job(carols))
+    same = await api.call("POST", f"/api/v1/approvals/{carols}/approve", {}, key=CAROL)
+    assert same.status == 403 and same.body["code"] == "self_approval_denied"
+    assert (await api.call("POST", f"/api/v1/approvals/{carols}/approve", {}, key=BOB)).status == 200
+    assert (await api.call("POST", f"/api/v1/approvals/{mine}/approve", {}, key=ALICE)).status == 200
+
+    # a keys-file entry without a role is a viewer, not an admin
+    assert (await api.call("GET", "/api/v1/jobs", key=NOROLE)).status == 200
+    refused = await api.submit(key=NOROLE)
+    assert refused.status == 403 and refused.body["code"] == "forbidden"
+    assert (await api.call("PUT", "/api/v1/config", {"a": 1}, key=NOROLE)).status == 403
+
+
+async def test_config_scopes_are_tenant_bound(api: Api) -> None:
+    assert (await api.call("PUT", "/api/v1/config", {"limit": 1})).status == 204
+    assert (await api.call("PUT", "/api/v1/config", {"scope": "org", "scope_id": "default", "data": {"o": 1}})).status == 204
+    # system: admins read it; only an admin of the operator's tenant writes it
+    assert (await api.call("GET", "/api/v1/config", key=VIEWER)).status == 404
+    assert (await api.call("GET", "/api/v1/config", key=ALICE)).status == 404
+    assert (await api.call("GET", "/api/v1/config", key=ACME_ADMIN)).body == {"limit": 1}
+    for body in ({"limit": 999}, {"scope": "system", "scope_id": "default", "data": {"limit": 999}}):
+        hijack = await api.call("PUT", "/api/v1/config", body, key=ACME_ADMIN)
+        assert hijack.status == 404 and hijack.body == {"error": "config not found", "status": 404}
+    assert (await api.call("GET", "/api/v1/config")).body == {"limit": 1}
+    # org: the scope id is the caller's tenant
+    assert (await api.call("GET", "/api/v1/config?scope=org&scope_id=default", key=ACME)).status == 404
+    assert (await api.call("PUT", "/api/v1/config", {"scope": "org", "scope_id": "default", "data": {"o": 2}},
+                           key=ACME_ADMIN)).status == 404
+    assert (await api.call("GET", "/api/v1/config?scope=org&scope_id=default", key=VIEWER)).body == {"o": 1}
+    assert (await api.call("PUT", "/api/v1/config", {"scope": "org", "scope_id": "acme", "data": {"o": 3}},
+                           key=ACME_ADMIN)).status == 204
+    assert (await api.call("GET", "/api/v1/config?scope=org", key=ACME)).body == {"o": 3}
+    # team / workflow / step: <tenant>:<id>
+    put = {"scope": "team", "scope_id": "acme:payments", "data": {"t": 1}}
+    assert (await api.call("PUT", "/api/v1/config", put, key=ACME_ADMIN)).status == 204
+    assert (await api.call("GET", "/api/v1/config?scope=team&scope_id=acme:payments", key=ACME)).body == {"t": 1}
+    assert (await api.call("GET", "/api/v1/config?scope=team&scope_id=acme:payments", key=VIEWER)).status == 404
+    for scope_id in ("default:payments", "payments", "acme:"):
+        put = {"scope": "workflow", "scope_id": scope_id, "data": {}}
+        assert (await api.call("PUT", "/api/v1/config", put, key=ACME_ADMIN)).status == 404, scope_id
+    assert (await api.call("GET", "/api/v1/config?scope=step", key=ACME)).status == 400
+
+
+async def test_submit_refuses_what_the_scheduler_or_protobuf_would_reject(api: Api, redis) -> None:
+    async def refused(**body: Any) -> str:
+        reply = await api.submit(key=ALICE, idempotency_key="k-bad", **body)
+        assert reply.status == 400, (body, reply.status, reply.raw)
+        return reply.body["error"]
+
+    assert "budget.max_total_tokens" in await refused(max_total_tokens=2**40)  # scheduler ingress limit
+    assert "budget.max_output_tokens" in await refused(max_output_tokens=10_000_000_001)
+    assert "max_input_tokens" in await refused(max_input_tokens=2**31)  # ContextHints is int32
+    assert "max_output_tokens" in await refused(max_output_tokens=2**63)  # int64
+    assert "deadline_ms" in await refused(deadline_ms=2**63)
+    assert "cordum.bus_msg_id" in await refused(labels={"cordum.bus_msg_id": "forged"})
+    assert "approval_granted" in await refused(labels={"approval_granted": "true"})
+    assert (await api.call("GET", "/api/v1/jobs")).body["items"] == []  # nothing persisted...
+    assert await redis.get(keys.idempotency("default", "k-bad")) is None  # ...nor reserved
+    assert (await api.submit(key=ALICE, max_input_tokens=2**31 - 1, max_total_tokens=10**10)).status == 200
+
+
+async def test_idempotency_key_is_released_when_the_job_never_ran(start_gateway, redis, monkeypatch) -> None:
+    from cordum.store.jobs import IDEMPOTENCY_TTL
+
+    api = await start_gateway()
+    # publish fails → FAILED, 503; the same submit again makes a new job
+    _break_publish(monkeypatch, api.gw, subjects.SUBMIT)
+    failed = await api.submit(idempotency_key="k-pub")
+    assert failed.status == 503, failed.raw
+    monkeypatch.undo()
+    assert await redis.get(keys.idempotency("default", "k-pub")) is None
+    again = await api.submit(idempotency_key="k-pub")
+    assert again.status == 200 and again.body["job_id"] != failed.body["job_id"]
+    assert (await api.job(again.body["job_id"]))["state"] == "PENDING"
+
+    # a key whose job does not exist is stale: released, and the submit proceeds as a new one
+    await redis.set(keys.idempotency("default", "k-ghost"), "ghost-job", ex=IDEMPOTENCY_TTL - 3600)
+    fresh = await api.submit(idempotency_key="k-ghost")
+    assert fresh.status == 200 and fresh.body["job_id"] != "ghost-job"
+    assert await redis.get(keys.idempotency("default", "k-ghost")) == fresh.body["job_id"]
+    # ...unless it was reserved just now (its job is being created): retry shortly
+    await redis.set(keys.idempotency("default", "k-new"), "being-created", ex=IDEMPOTENCY_TTL)
+    busy = await api.submit(idempotency_key="k-new")
+    assert busy.status == 409 and busy.body["code"] == "idempotency_in_progress"
+
+    # "policy check unavailable" (fail closed) does not take the key: a later submit can succeed
+    closed = await start_gateway(SAFETY_KERNEL_ADDR=f"127.0.0.1:{free_port()}")
+    down = await closed.submit(idempotency_key="k-kernel")
+    assert down.status == 403 and down.body["error"] == "policy check unavailable"
+    assert await redis.get(keys.idempotency("default", "k-kernel")) is None
+    later = await api.submit(idempotency_key="k-kernel")
+    assert later.status == 200 and later.body["job_id"] != down.body["job_id"]
+
+
+async def test_another_tenants_job_is_404_even_while_locked(api: Api, redis) -> None:
+    job_id = (await api.submit(key=ALICE, topic="job.deploy.db")).body["job_id"]
+    await redis.set(keys.job_lock(job_id), "someone-else", px=5000)
+    for action in ("approve", "reject"):
+        other = await api.call("POST", f"/api/v1/approvals/{job_id}/{action}", key=ACME)
+        assert other.status == 404 and other.body == {"error": "job not found", "status": 404}
+    assert (await api.call("POST", f"/api/v1/approvals/{job_id}/approve", key=BOB)).status == 409
+
+
+async def test_body_principal_cannot_impersonate_the_keys(api: Api, bus) -> None:
+    mismatch = await api.submit(key=ALICE, principal_id="bob")
+    assert mismatch.status == 403 and mismatch.body["code"] == "principal_mismatch"
+    async with bus.consume(subjects.SUBMIT, unique("q")) as messages:
+        own = await api.submit(key=ALICE)
+        assert own.status == 200, own.raw
+        _, packet = await _next_request(messages, own.body["job_id"])
+    assert packet.job_request.principal_id == "alice"
+    assert (await api.job(own.body["job_id"]))["principal"] == "alice"
+    assert (await api.submit(key=ALICE, principal_id="alice")).status == 200
+    # a key without a principal_id may name one (a service acting for a user)
+    named = await api.submit(principal_id="svc-7")
+    assert named.status == 200 and (await api.job(named.body["job_id"]))["principal"] == "svc-7"
+    # the principal a key names cannot approve a job submitted under its name by another key
+    held = (await api.submit(principal_id="bob", topic="job.deploy.x")).body["job_id"]
+    assert (await api.call("POST", f"/api/v1/approvals/{held}/approve", key=BOB)).body["code"] == "self_approval_denied"

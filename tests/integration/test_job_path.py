@@ -16,6 +16,9 @@ from tests.integration.stack import POLICY, Stack
 from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 API_KEY = "e2e-admin-key-0123456789abcdef"
+# Nobody approves a job submitted with their own key: approvals here use a second key.
+APPROVER_KEY = "e2e-approver-key-0123456789ab"
+KEYS_FILE = f"- {{key: {APPROVER_KEY}, tenant: default, role: operator, principal_id: approver}}\n"
 POLICY_WITH_APPROVALS = POLICY + """
   - id: deploys-need-approval
     match: {topics: ["job.deploy"]}
@@ -34,10 +37,10 @@ class Api:
     def __init__(self, port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
 
-    def _call(self, method: str, path: str, body: object = None) -> tuple[int, dict, dict]:
+    def _call(self, method: str, path: str, body: object = None, key: str = API_KEY) -> tuple[int, dict, dict]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"X-API-Key": API_KEY, "X-Tenant-ID": "default",
+                                         headers={"X-API-Key": key, "X-Tenant-ID": "default",
                                                   "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -47,8 +50,8 @@ class Api:
             text = error.read()
             return error.code, (json.loads(text) if text else {}), {k.lower(): v for k, v in error.headers.items()}
 
-    async def call(self, method: str, path: str, body: object = None) -> tuple[int, dict, dict]:
-        return await trio.to_thread.run_sync(self._call, method, path, body)
+    async def call(self, method: str, path: str, body: object = None, *, key: str = API_KEY) -> tuple[int, dict, dict]:
+        return await trio.to_thread.run_sync(self._call, method, path, body, key)
 
     async def job_until(self, job_id: str, states: set[str], timeout: float = 20) -> dict:
         job: dict = {}
@@ -63,7 +66,9 @@ class Api:
 
 @pytest.fixture
 async def path(spawn, tmp_path):
-    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", SCHEDULER_RUNNING_TIMEOUT="5s")
+    (tmp_path / "keys.yaml").write_text(KEYS_FILE)
+    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", SCHEDULER_RUNNING_TIMEOUT="5s",
+                         CORDUM_API_KEYS_PATH=str(tmp_path / "keys.yaml"))
     (tmp_path / "safety.yaml").write_text(POLICY_WITH_APPROVALS)
     (tmp_path / "pools.yaml").write_text(POOLS)
     stack.kernel()
@@ -107,12 +112,16 @@ async def test_approval_then_success_and_rejection_then_denied(path):
     assert status == 200 and held["status"] == "approval_required"
     _, approvals, _ = await api.call("GET", "/api/v1/approvals")
     assert held["job_id"] in [a["job"]["id"] for a in approvals["items"]]
-    status, _, _ = await api.call("POST", f"/api/v1/approvals/{held['job_id']}/approve", {"reason": "ok"})
+    status, refused, _ = await api.call("POST", f"/api/v1/approvals/{held['job_id']}/approve", {"reason": "ok"})
+    assert status == 403 and refused["code"] == "self_approval_denied"  # the submitter's own key
+    status, _, _ = await api.call("POST", f"/api/v1/approvals/{held['job_id']}/approve", {"reason": "ok"},
+                                  key=APPROVER_KEY)
     assert status == 200
     assert (await api.job_until(held["job_id"], {"SUCCEEDED", "DENIED", "FAILED"}))["state"] == "SUCCEEDED"
 
     _, other, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "deploy again", "topic": "job.deploy"})
-    status, _, _ = await api.call("POST", f"/api/v1/approvals/{other['job_id']}/reject", {"reason": "no"})
+    status, _, _ = await api.call("POST", f"/api/v1/approvals/{other['job_id']}/reject", {"reason": "no"},
+                                  key=APPROVER_KEY)
     assert status == 200
     assert (await api.job_until(other["job_id"], {"DENIED"}))["state"] == "DENIED"
 
