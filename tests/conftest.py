@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from cordum.dev.servers import ServerProcess, start_nats, start_redis
+from cordum.dev.servers import RedisCluster, ServerProcess, start_nats, start_redis, start_redis_cluster
 from cordum.infra.aio import run_with_bridge
 from cordum.infra.config import Settings, load_settings
 
@@ -65,6 +65,54 @@ async def redis(settings: Settings):
     async with open_redis(settings) as client:
         await client.flushdb()
         yield client
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 primaries and 3 replicas, started once per session (~2-3 s) when a test
+    asks for it."""
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+def crossslot_errors(cluster: RedisCluster) -> int:
+    """CROSSSLOT replies the cluster's nodes have sent so far (INFO errorstats)."""
+    from cordum.dev.servers import _redis_cli
+
+    total = 0
+    for node in cluster.nodes:
+        if node.proc.poll() is not None:
+            continue
+        for line in _redis_cli(node.port, "INFO", "errorstats").splitlines():
+            if line.startswith("errorstat_CROSSSLOT:"):
+                total += int(line.split("count=")[1].split(",")[0])
+    return total
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def store_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The test's settings, once for the session's redis-server and once for the Redis Cluster
+    (REDIS_CLUSTER_ADDRESSES)."""
+    if request.param == "standalone":
+        return settings
+    cluster = request.getfixturevalue("redis_cluster")
+    return load_settings({**settings.extra, "REDIS_CLUSTER_ADDRESSES": cluster.seeds})
+
+
+@pytest.fixture
+async def store_redis(request: pytest.FixtureRequest, store_settings: Settings):
+    """`redis`, on each of store_settings' servers: flushed first (on the cluster, every primary);
+    on the cluster, the test must not have caused a single CROSSSLOT reply."""
+    from cordum.infra.redis import open_redis
+
+    cluster = request.getfixturevalue("redis_cluster") if store_settings.redis_cluster else None
+    before = crossslot_errors(cluster) if cluster else 0
+    async with open_redis(store_settings) as client:
+        await client.flushdb()
+        yield client
+    if cluster is not None:
+        assert crossslot_errors(cluster) == before, "CROSSSLOT errors on the Redis Cluster"
 
 
 @pytest.fixture

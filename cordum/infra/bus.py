@@ -359,8 +359,11 @@ async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
     """Connect (reconnecting forever), create the streams, run the batchers; drain on exit."""
 
     async def _connect() -> NatsClient:
+        # NATS_URL may list every member of a cluster: the client connects to one (in a random
+        # order, so replicas spread over the members) and, on losing it, reconnects to another.
+        # It also learns the other members from the server's INFO (cluster gossip).
         return await nats.connect(
-            settings.nats_url,
+            servers=list(settings.nats_servers),
             name=name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=2,

@@ -76,6 +76,71 @@ def _url(*schemes: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_host_port(raw: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets: `[::1]:7000`), both parts required."""
+    host, sep, port = raw.strip().rpartition(":")
+    host = host.strip().strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{raw.strip()!r} is not host:port with a port between 1 and 65535")
+    return host, int(port)
+
+
+REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def parse_redis_cluster_addresses(raw: str) -> tuple[tuple[str, int], ...]:
+    """`REDIS_CLUSTER_ADDRESSES`: comma-separated `host:port` seeds (any one reachable node is
+    enough to discover the cluster; list several so start-up survives a node being down)."""
+    parts = [part.strip() for part in raw.split(",")]
+    if not any(parts):
+        return ()
+    if not all(parts):
+        raise ValueError("expected comma-separated host:port seeds, without empty entries")
+    return tuple(parse_host_port(part) for part in parts)
+
+
+def parse_redis_url(raw: str) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """`REDIS_URL`: `redis://`, `rediss://` or `unix://` for one server, or
+    `redis+cluster://[user:password@]host:port[,host:port...][/0]` (`rediss+cluster://` for TLS) for
+    a Redis Cluster. Returns the URL and the cluster seeds (empty for one server)."""
+    value = _url("redis", "rediss", "unix", *REDIS_CLUSTER_SCHEMES)(raw)
+    scheme, _, rest = value.partition("://")
+    if scheme not in REDIS_CLUSTER_SCHEMES:
+        return value, ()
+    hosts, _, path = rest.partition("/")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0: drop the /<db> path or use /0")
+    if "?" in hosts or "#" in hosts:
+        raise ValueError("query parameters are not supported on a redis+cluster:// URL")
+    _, _, hosts = hosts.rpartition("@")  # credentials are read by the client, not here
+    seeds = parse_redis_cluster_addresses(hosts)
+    if not seeds:
+        raise ValueError(f"expected {scheme}://host:port[,host:port...]")
+    return value, seeds
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def parse_nats_servers(raw: str) -> tuple[str, ...]:
+    """`NATS_URL`: one server URL or several, comma-separated (`nats://a:4222,nats://b:4222`), the
+    members of one NATS cluster; the client connects to one and fails over to the others."""
+    parts = [part.strip() for part in raw.split(",")]
+    if not all(parts):
+        raise ValueError("expected comma-separated server URLs, without empty entries")
+    check = _url(*NATS_SCHEMES)
+    servers = []
+    for part in parts:
+        try:
+            servers.append(check(part))
+        except ValueError as exc:
+            raise ValueError(f"{part!r}: {exc}") from None
+        host = part.partition("://")[2].rpartition("@")[2].split("/")[0]
+        if ":" in host and not host.rsplit(":", 1)[1].isdigit():
+            raise ValueError(f"{part!r}: the port must be a number")
+    return tuple(servers)
+
+
 def parse_listen_addr(raw: str) -> tuple[str, int]:
     """`host:port` or `:port` (all interfaces), as the Go services take them."""
     host, sep, port = raw.strip().rpartition(":")
@@ -100,10 +165,14 @@ class Settings:
 
     instance_id: str
     redis_url: str = "redis://localhost:6379/0"
+    # Seeds of a Redis Cluster (REDIS_CLUSTER_ADDRESSES or a redis+cluster:// REDIS_URL); empty:
+    # one server at redis_url.
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
     redis_pool_size: int = 20
     redis_min_idle_conns: int = 5
     redis_rate_limit: bool = True
     nats_url: str = "nats://localhost:4222"
+    nats_servers: tuple[str, ...] = ("nats://localhost:4222",)  # NATS_URL split on commas
     nats_use_jetstream: bool = True
     nats_js_replicas: int = 1
     nats_js_ack_wait: float = 30.0
@@ -116,6 +185,10 @@ class Settings:
     shutdown_timeout: float = 15.0
     log_level: str = "info"
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def redis_cluster(self) -> bool:
+        return bool(self.redis_cluster_nodes)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -130,13 +203,28 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     instance = env.get("CORDUM_INSTANCE_ID", "").strip() or default_instance_id()
     if any(c.isspace() for c in instance):
         raise ConfigError(f"CORDUM_INSTANCE_ID={instance!r} is invalid: must not contain spaces")
+    redis_url, url_seeds = _env(env, "REDIS_URL", "redis://localhost:6379/0", parse_redis_url)
+    seeds = _env(env, "REDIS_CLUSTER_ADDRESSES", "", parse_redis_cluster_addresses)
+    if seeds and url_seeds:
+        raise ConfigError(
+            f"REDIS_CLUSTER_ADDRESSES={env.get('REDIS_CLUSTER_ADDRESSES')!r} is invalid: REDIS_URL is already "
+            "a redis+cluster:// URL; set the seeds in one of the two"
+        )
+    if seeds and redis_url.startswith("unix://"):
+        raise ConfigError(
+            f"REDIS_CLUSTER_ADDRESSES={env.get('REDIS_CLUSTER_ADDRESSES')!r} is invalid: REDIS_URL={redis_url!r} "
+            "is a unix socket; a cluster client takes credentials and TLS from a redis:// or rediss:// REDIS_URL"
+        )
+    nats_servers = _env(env, "NATS_URL", "nats://localhost:4222", parse_nats_servers)
     return Settings(
         instance_id=instance,
-        redis_url=_env(env, "REDIS_URL", "redis://localhost:6379/0", _url("redis", "rediss", "unix")),
+        redis_url=redis_url,
+        redis_cluster_nodes=seeds or url_seeds,
         redis_pool_size=pool,
         redis_min_idle_conns=min_idle,
         redis_rate_limit=_env(env, "REDIS_RATE_LIMIT", "true", parse_bool),
-        nats_url=_env(env, "NATS_URL", "nats://localhost:4222", _url("nats", "tls")),
+        nats_url=",".join(nats_servers),
+        nats_servers=nats_servers,
         nats_use_jetstream=_env(env, "NATS_USE_JETSTREAM", "true", parse_bool),
         nats_js_replicas=_env(env, "NATS_JS_REPLICAS", "1", _int_in(1, 5)),
         nats_js_ack_wait=_env(env, "NATS_JS_ACK_WAIT", "30s", _positive(parse_duration)),

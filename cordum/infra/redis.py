@@ -1,24 +1,65 @@
-"""Trio-native Redis on top of redis-py's asyncio client.
+"""Trio-native Redis on top of redis-py's asyncio client, one server or a Redis Cluster.
 
 - `redis.get(...)`, `redis.hset(...)`, … : any redis-py command, awaited from Trio (one crossing).
 - `redis.execute("GET", key)`: a raw command; concurrent ones are auto-pipelined.
 - `redis.pipeline([...])`: many commands, one round trip and one crossing.
 - `redis.script(lua)`: registered once; called with EVALSHA and reloaded on NOSCRIPT.
+- `redis.scan_keys(pattern)`: SCAN to the end — on a cluster, on every primary.
 The pool holds at most `REDIS_POOL_SIZE` connections and keeps `REDIS_MIN_IDLE_CONNS` warm.
 A cancelled call leaves the client usable: redis-py drops the interrupted connection instead of
 returning it to the pool half-read.
+
+Redis Cluster
+-------------
+`REDIS_CLUSTER_ADDRESSES=host:port,host:port` (seeds; credentials and TLS come from `REDIS_URL`)
+or `REDIS_URL=redis+cluster://[user:password@]host:port[,host:port]` (`rediss+cluster://` for TLS)
+selects redis-py's `RedisCluster`; the adapter's API is the same. How each call routes:
+
+- A command goes to the primary owning its key's slot (MOVED/ASK redirects and topology changes
+  are followed by redis-py). Keyless admin commands fan out where redis-py says: FLUSHDB, SCAN,
+  SCRIPT LOAD to every primary; PING to every node.
+- A pipeline (and the auto-pipelined `execute` batches) is split by node: one round trip per node
+  involved, sent concurrently, results back in order. Each command in it must be single-slot.
+  `transaction=True` (MULTI/EXEC) is only possible when every key shares one slot (redis-py
+  refuses otherwise); the one user, the safety kernel's SnapshotLog, touches a single key.
+- A script runs with EVALSHA on the node owning its keys' slot; on NOSCRIPT (a new or failed-over
+  primary) redis-py loads it on every primary and retries. All its KEYS must share one slot.
+- `REDIS_POOL_SIZE` bounds the connections per node. redis-py's cluster pool raises instead of
+  waiting when a node's pool is exhausted, so the adapter admits at most `REDIS_POOL_SIZE` calls at
+  a time (each holds at most one connection per node).
+
+What keeps Cordum's keys cluster-safe (no CROSSSLOT):
+- Every Lua script touches one key (job transition on `job:meta:<id>`, config revision, fenced
+  HSET, lease renew/release, the safety circuit breaker), or keys sharing one `{hash tag}`: the lease
+  acquire script increments `{<lock key>}:fence` next to `<lock key>` (the tag is the whole lock
+  key, so both hash to the lock key's slot), the GCRA rate limiter's keys are all
+  `cordum:rl:{<tenant>}:…`.
+- Multi-key maintenance (job indexes, tenant sets, traces, DLQ index, worker job lists) is done
+  as idempotent single-key commands in a pipeline after the script (ZADD/SADD are upserts,
+  ZREM/SREM/DEL of a missing member or key are no-ops; the reconciler repairs a stale index).
+  No command names two keys: DLQ removal is one `DEL` per entry, not `DEL k1 k2 …`.
+- Global indexes (`job:index:<state>`, `dlq:index`, …) are deliberately not hash-tagged: each is
+  one hot key on one node, updated outside scripts.
+- Listings that SCAN (the instance registry) iterate every primary (`scan_keys`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aredis
 import trio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ClusterCrossSlotError as _ClusterCrossSlotError
+from redis.exceptions import ClusterDownError as _ClusterDownError
 from redis.exceptions import ConnectionError as _ConnectionError
+from redis.exceptions import RedisClusterException as _RedisClusterException
 from redis.exceptions import RedisError as _RedisError
 from redis.exceptions import ResponseError as _ResponseError
+from redis.exceptions import SlotNotCoveredError as _SlotNotCoveredError
 from redis.exceptions import TimeoutError as _TimeoutError
 
 from cordum.infra.aio import Batcher, aio
@@ -29,8 +70,12 @@ log = get_logger("redis")
 
 # Re-exported so callers can catch Redis failures without importing redis-py.
 RedisError = _RedisError
-RedisUnavailable = (_ConnectionError, _TimeoutError, OSError)
+# CLUSTERDOWN and an uncovered slot are transient while a replica is promoted after a failover.
+RedisUnavailable = (_ConnectionError, _TimeoutError, OSError, _ClusterDownError, _SlotNotCoveredError)
 ResponseError = _ResponseError
+# A command or script whose keys are in different slots: a bug, never retried. The server replies
+# CROSSSLOT (ClusterCrossSlotError); redis-py usually refuses before sending (RedisClusterException).
+CrossSlotError = (_ClusterCrossSlotError, _RedisClusterException)
 
 Command = Sequence[Any]
 _BLOCKING = {"BLPOP", "BRPOP", "BLMOVE", "BZPOPMIN", "BZPOPMAX", "BLMPOP", "BZMPOP", "XREAD", "XREADGROUP", "WAIT"}
@@ -43,40 +88,71 @@ def score_pairs(reply: Sequence[Any]) -> list[tuple[str, float]]:
     return [(member, float(score)) for member, score in zip(reply[::2], reply[1::2])]
 
 
-class Script:
-    """A Lua script registered with the server; `await script(keys, args)`."""
+class _Gate:
+    """At most `limit` calls in flight, on the asyncio side (cluster mode: redis-py's per-node pool
+    raises MaxConnectionsError instead of waiting; one call holds at most one connection per node,
+    so `limit` calls never exceed `REDIS_POOL_SIZE` connections on any node). No limit: a no-op."""
 
-    def __init__(self, client: aredis.Redis, lua: str) -> None:
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+        self._semaphore: asyncio.Semaphore | None = None
+
+    async def run(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        if self._limit is None:
+            return await fn(*args, **kwargs)
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self._limit)
+        async with self._semaphore:
+            return await fn(*args, **kwargs)
+
+
+class Script:
+    """A Lua script registered with the server; `await script(keys, args)`. On a cluster all KEYS
+    must share one slot: EVALSHA goes to the node owning it."""
+
+    def __init__(self, client: aredis.Redis | RedisCluster, lua: str, gate: _Gate | None = None) -> None:
         self._script = client.register_script(lua)  # EVALSHA, SCRIPT LOAD on NOSCRIPT
+        self._gate = gate or _Gate(None)
         self._call = aio(self._run)
         self.sha = self._script.sha
 
     async def _run(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._script(keys=list(keys), args=list(args))
+        return await self._gate.run(self._script, keys=list(keys), args=list(args))
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         return await self._call(keys, args)
 
 
 class Redis:
-    """The Trio face of one redis-py client and its pool."""
+    """The Trio face of one redis-py client (standalone or cluster) and its pool."""
 
-    def __init__(self, client: aredis.Redis, pool: aredis.ConnectionPool) -> None:
+    def __init__(
+        self,
+        client: aredis.Redis | RedisCluster,
+        pool: aredis.ConnectionPool | None = None,
+        *,
+        max_in_flight: int | None = None,
+    ) -> None:
         self._client = client
         self._pool = pool
+        self._gate = _Gate(max_in_flight)
         self._batcher: Batcher[Command, Any] = Batcher("redis", self._execute_batch, max_batch=256)
         self.round_trips = 0  # counted for the benchmark's per-job figures
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self._client, RedisCluster)
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         # Commands are looked up once and cached as Trio-awaitable wrappers.
         if name.startswith("_"):
             raise AttributeError(name)
         method = getattr(self._client, name)
-        bridged = aio(method)
+        bridged = aio(self._gate.run)
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             self.round_trips += 1
-            return await bridged(*args, **kwargs)
+            return await bridged(method, *args, **kwargs)
 
         self.__dict__[name] = call
         return call
@@ -87,19 +163,20 @@ class Redis:
         which would hold up their batch, go alone)."""
         if str(args[0]).upper() in _BLOCKING:
             self.round_trips += 1
-            return await aio(self._client.execute_command)(*args)
+            return await aio(self._gate.run)(self._client.execute_command, *args)
         return await self._batcher.submit(args)
 
     async def _execute_batch(self, commands: list[Command]) -> list[Any]:
         self.round_trips += 1
-        return await self._run_pipeline(commands, False)
+        return await self._gate.run(self._run_pipeline, commands, False)
 
     async def pipeline(self, commands: Sequence[Command], *, transaction: bool = False) -> list[Any]:
-        """Run raw commands in one round trip; errors come back in place of results."""
+        """Run raw commands in one round trip (per node, on a cluster); errors come back in place
+        of results. `transaction=True` on a cluster needs every key in one slot."""
         if not commands:
             return []
         self.round_trips += 1
-        return await aio(self._run_pipeline)(commands, transaction)
+        return await aio(self._gate.run)(self._run_pipeline, commands, transaction)
 
     async def _run_pipeline(self, commands: Sequence[Command], transaction: bool) -> list[Any]:
         pipe = self._client.pipeline(transaction=transaction)
@@ -108,14 +185,33 @@ class Redis:
         return await pipe.execute(raise_on_error=False)
 
     def script(self, lua: str) -> Script:
-        return Script(self._client, lua)
+        return Script(self._client, lua, self._gate)
+
+    async def scan_keys(self, match: str, *, count: int = 200, limit: int | None = None) -> list[str]:
+        """The keys matching `match`, SCANned to the end (on a cluster: on every primary, each
+        with its own cursor); at most `limit`."""
+        self.round_trips += 1
+        return await aio(self._gate.run)(self._scan, match, count, limit)
+
+    async def _scan(self, match: str, count: int, limit: int | None) -> list[str]:
+        found: list[str] = []
+        iterator = self._client.scan_iter(match=match, count=count)
+        try:
+            async for key in iterator:
+                found.append(key)
+                if limit is not None and len(found) >= limit:
+                    break
+        finally:
+            await iterator.aclose()
+        return found
 
     async def aclose(self) -> None:
         await aio(self._close)()
 
     async def _close(self) -> None:
         await self._client.aclose()
-        await self._pool.disconnect()
+        if self._pool is not None:
+            await self._pool.disconnect()
 
 
 async def _warm(pool: aredis.BlockingConnectionPool, count: int) -> None:
@@ -143,14 +239,49 @@ def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConne
     return aredis.Redis(connection_pool=pool), pool
 
 
+def cluster_credentials(url: str) -> dict[str, Any]:
+    """Username, password and TLS for the cluster client, from REDIS_URL (`redis://`,
+    `rediss://`, or the `redis+cluster://` URL itself)."""
+    scheme, _, rest = url.partition("://")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+    options: dict[str, Any] = {"ssl": scheme.startswith("rediss")}
+    if scheme in ("redis", "rediss"):
+        parts = urlsplit(url)
+        username, password = parts.username, parts.password
+    else:
+        username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    if username:
+        options["username"] = unquote(username)
+    if password:
+        options["password"] = unquote(password)
+    return options
+
+
+def _make_cluster_client(settings: Settings) -> RedisCluster:
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in settings.redis_cluster_nodes],
+        max_connections=settings.redis_pool_size,  # per node
+        require_full_coverage=True,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        client_name=f"cordum:{settings.instance_id}",
+        **cluster_credentials(settings.redis_url),
+    )
+
+
 @asynccontextmanager
 async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
     """Connect, warm the pool, yield; the close is shielded so it runs on every exit path."""
-    client, pool = _make_client(settings)
-    redis = Redis(client, pool)
+    if settings.redis_cluster:
+        redis = Redis(_make_cluster_client(settings), max_in_flight=settings.redis_pool_size)
+        pool = None
+    else:
+        client, pool = _make_client(settings)
+        redis = Redis(client, pool)
     try:
-        await redis.ping()
-        if settings.redis_min_idle_conns:
+        await redis.ping()  # on a cluster: discovers the slots and nodes first
+        if pool is not None and settings.redis_min_idle_conns:
             await aio(_warm)(pool, settings.redis_min_idle_conns)
         async with trio.open_nursery() as nursery:
             await nursery.start(redis._batcher.run)

@@ -59,14 +59,9 @@ async def serve_registration(
 
 async def list_instances(redis: Redis, *, limit: int = 1000) -> dict[str, list[dict[str, Any]]]:
     """Live replicas grouped by service, each list sorted by id."""
-    found: list[str] = []
-    cursor: Any = "0"
-    while True:
-        reply = await redis.execute("SCAN", cursor, "MATCH", PREFIX + "*", "COUNT", 200)
-        cursor, batch = reply[0], reply[1]
-        found.extend(batch)
-        if str(cursor) == "0" or len(found) >= limit:
-            break
+    # SCAN to the end; on a Redis Cluster `scan_keys` scans every primary (one SCAN on a cluster
+    # client would see one node's keys only).
+    found = await redis.scan_keys(PREFIX + "*", count=200, limit=limit)
     if not found:
         return {}
     texts = await redis.pipeline([("GET", key) for key in found[:limit]])

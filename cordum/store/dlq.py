@@ -76,10 +76,15 @@ class DlqStore:
     async def _remove(self, job_ids: list[str]) -> int:
         if not job_ids:
             return 0
+        # One DEL per entry: the entries hash to different slots on a Redis Cluster, where
+        # `DEL k1 k2 ...` would fail with CROSSSLOT. Still one round trip (a pipeline).
         results = await self._redis.pipeline(
-            [("DEL", *[keys.dlq_entry(j) for j in job_ids]), ("ZREM", keys.DLQ_INDEX, *job_ids)]
+            [*[("DEL", keys.dlq_entry(j)) for j in job_ids], ("ZREM", keys.DLQ_INDEX, *job_ids)]
         )
-        return int(results[0]) if isinstance(results[0], int) else 0
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return sum(int(r) for r in results[:-1])
 
     async def page(self, tenant: str, *, limit: int = 100, cursor: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
         """Newest first; `cursor` is a created-at bound in unix seconds (exclusive of later)."""

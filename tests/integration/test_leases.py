@@ -11,6 +11,13 @@ from cordum.store.fencing import FencedHashes, StaleFence
 from tests.conftest import unique
 
 
+@pytest.fixture
+async def redis(store_redis):
+    """Every test here runs twice: on one redis-server and on a Redis Cluster (3+3), where it must
+    not cause a single CROSSSLOT error."""
+    yield store_redis
+
+
 async def test_acquire_is_exclusive_and_fences_increase(redis):
     a, b = Leases(redis, "replica-a"), Leases(redis, "replica-b")
     key = unique("cordum:test:lock")

@@ -14,6 +14,13 @@ from cordum.store.jobstate import JobState as S
 from tests.conftest import unique
 
 
+@pytest.fixture
+async def redis(store_redis):
+    """Every test here runs twice: on one redis-server and on a Redis Cluster (3+3), where it must
+    not cause a single CROSSSLOT error."""
+    yield store_redis
+
+
 async def _new_job(store: JobStore, tenant: str = "acme", **fields) -> str:
     job_id = unique("job")
     request = JobRequest(job_id=job_id, topic="job.default", tenant_id=tenant)
@@ -184,3 +191,37 @@ async def test_config_documents_use_revisions(redis):
     await store.put("system", "default", {"limits": {"max": 1, "queue": 9}})
     merged = await store.effective(("system", "default"), ("org", org))
     assert merged["limits"] == {"max": 4, "queue": 9}
+
+
+async def test_flush_and_scan_cover_every_primary(redis):
+    """The fixture's FLUSHDB emptied every node; SCAN-based listings see keys on every primary
+    (on a cluster, 60 instance keys spread over all three)."""
+    from cordum.runtime.instances import list_instances
+
+    assert await redis.dbsize() == 0
+    await redis.pipeline([("SET", keys.instance("scheduler", f"s-{i:02d}"),
+                           f'{{"id": "s-{i:02d}", "service": "scheduler"}}', "EX", 60) for i in range(60)])
+    assert len(await redis.scan_keys(keys.INSTANCE_PREFIX + "*", count=10)) == 60
+    listed = await list_instances(redis)
+    assert [e["id"] for e in listed["scheduler"]] == [f"s-{i:02d}" for i in range(60)]
+    assert len(await redis.scan_keys(keys.INSTANCE_PREFIX + "*", limit=5)) == 5
+
+
+async def test_multi_key_scripts_share_a_slot_and_transactions_work(redis):
+    """What the stores rely on: a script over `k` and `{k}:fence`, a MULTI/EXEC on one key, and
+    auto-pipelined commands spread over many slots."""
+    from cordum.infra.redis import CrossSlotError
+
+    script = redis.script("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('INCR', KEYS[2])")
+    lock = unique("cordum:scheduler:job")
+    assert await script([lock, keys.fence_counter(lock)], ["holder"]) == 1
+    await redis.script_flush()  # every primary forgets it: EVALSHA gets NOSCRIPT, reloads, retries
+    assert await script([lock, keys.fence_counter(lock)], ["holder"]) == 2
+    assert await redis.pipeline([("ZADD", "z", 1, "a"), ("ZCARD", "z")], transaction=True) == [1, 1]
+    async with trio.open_nursery() as nursery:
+        for i in range(50):
+            nursery.start_soon(redis.execute, "SET", f"spread:{i}", i)
+    assert [int(v) for v in await redis.pipeline([("GET", f"spread:{i}") for i in range(50)])] == list(range(50))
+    if redis.cluster:  # two unrelated keys: refused (by redis-py, before anything is sent)
+        with pytest.raises(CrossSlotError):
+            await redis.pipeline([("DEL", "spread:1", "spread:2")])

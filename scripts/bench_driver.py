@@ -1,0 +1,1210 @@
+"""The job-path benchmark driver (issue 5); `scripts/bench` installs what it needs and runs it.
+
+    scripts/bench [--jobs N] [--clients C] [--replicas 1,2] [--json] [--no-peers] [--profile] ...
+
+A plain sync program in its own venv (.cordum/bench-venv: redis-py, nats-py, celery, dramatiq,
+py-spy), a separate process from every service it measures; it never imports `cordum` (whose
+trio_asyncio changes asyncio process-wide, DESIGN.md §4.7).
+
+Ours, for each replica count R:
+  - `python -m cordum.cli.main up --replicas R --workers K --detach --base-port B` in a temporary
+    CORDUM_DEV_DIR on a free port block (API_RATE_LIMIT_RPS/BURST 1e6, WORKER_MAX_PARALLEL as given);
+    wait until the workers show in GET /api/v1/workers; a warm-up of 20 jobs.
+  - N no-op jobs (POST /api/v1/jobs {prompt, context: {}}) from C client threads, each with its own
+    keep-alive http.client connection, spread round-robin over the gateways, closed loop.
+  - done when the terminal state indexes (ZCARD job:index:<terminal>, one pipeline every 20 ms)
+    have grown by N; then every job's events (job:events:<id>) are read in pipelines.
+  - jobs/s = N / (first submit sent → last terminal event); latencies from each job's own events:
+    submit = PENDING ts, dispatch = DISPATCHED ts, terminal = terminal state ts.
+  - CPU s per job: utime+stime from /proc/<pid>/stat of every replica (redis and nats included),
+    after − before, / N; peak RSS = VmHWM of /proc/<pid>/status (since the replica started).
+  - Redis commands per job: INFO commandstats calls, after − before, less the driver's own polling,
+    / N (commands run inside Lua scripts count too; EVALSHA is one of them). usec per job likewise.
+  - NATS messages per job: a tap subscribed to `>` on the topology's nats-server counts every
+    message the server routes in the account while the jobs run (client publishes, JetStream
+    deliveries and acks, JS API requests and replies, advisories), by subject family; also
+    JetStream messages stored per job (last_seq delta of the streams). The topology's nats-server
+    has no monitoring port, so server-internal traffic not routed to subscribers is not seen.
+  - log lines per job per replica (lines appended to its log), scheduler dispatch latency (the
+    scheduler's own histogram: mean).
+Peers (scripts/bench_peers.py): Celery and Dramatiq on a fresh redis-server, same N and C.
+Ceiling: redis-benchmark (-q -n 100000 -P 1, 50 clients) for the commands one job uses plus an EVAL
+like a state transition, on a fresh redis-server; NATS core publish/consume and JetStream publish
+(acked) / pull-consume rates with nats-py against a fresh nats-server.
+--profile: a separate pass after the measured one: py-spy record (raw, nonblocking, 100 Hz) on the
+first gateway and scheduler replica while clients submit for --profile-seconds; top functions by
+own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_SIZE = 82  # cordum.dev.topology.BLOCK_SIZE: every port of a topology lives in B..B+81
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED", "OUTPUT_QUARANTINED")
+WARMUP_JOBS = 20
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# ==== pure report math (tests/unit/test_bench_report.py) =========================================
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's
+    default); None for no values."""
+    if not values:
+        return None
+    data = sorted(values)
+    if len(data) == 1:
+        return float(data[0])
+    pos = (len(data) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return float(data[lo] + (data[hi] - data[lo]) * (pos - lo))
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
+    """n, p50, p95, p99, mean and max of a list of latencies (same unit in and out)."""
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "mean": (sum(values) / len(values)) if values else None,
+        "max": max(values) if values else None,
+    }
+
+
+def job_timeline(events: Iterable[Mapping[str, Any]]) -> dict[str, int | str | None]:
+    """submit (first PENDING), dispatch (first DISPATCHED), terminal (first terminal state) event
+    timestamps in µs and the final state, from one job's event list."""
+    submit = dispatch = terminal = None
+    final = None
+    for event in events:
+        state, ts = event.get("state"), event.get("ts")
+        if not isinstance(ts, int):
+            continue
+        if state == "PENDING" and submit is None:
+            submit = ts
+        elif state == "DISPATCHED" and dispatch is None:
+            dispatch = ts
+        elif state in TERMINAL and terminal is None:
+            terminal = ts
+            final = state
+    return {"submit": submit, "dispatch": dispatch, "terminal": terminal, "state": final}
+
+
+def job_latencies(timelines: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Latency lists (ms) and span figures from job timelines (µs): submit→dispatch,
+    submit→terminal, the first submit and last terminal event, and the final states counted."""
+    to_dispatch: list[float] = []
+    to_terminal: list[float] = []
+    states: collections.Counter[str] = collections.Counter()
+    first_submit = last_terminal = None
+    for tl in timelines:
+        states[tl.get("state") or "NOT_TERMINAL"] += 1
+        submit, dispatch, terminal = tl.get("submit"), tl.get("dispatch"), tl.get("terminal")
+        if submit is not None:
+            first_submit = submit if first_submit is None else min(first_submit, submit)
+            if dispatch is not None:
+                to_dispatch.append((dispatch - submit) / 1000.0)
+            if terminal is not None:
+                to_terminal.append((terminal - submit) / 1000.0)
+        if terminal is not None:
+            last_terminal = terminal if last_terminal is None else max(last_terminal, terminal)
+    return {"submit_to_dispatch_ms": to_dispatch, "submit_to_terminal_ms": to_terminal, "states": dict(states),
+            "first_submit_us": first_submit, "last_terminal_us": last_terminal}
+
+
+def throughput(n: int, start_s: float, end_s: float) -> float | None:
+    """Jobs per second over [start, end] (seconds); None when the span is not positive."""
+    span = end_s - start_s
+    return n / span if span > 0 else None
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or not theirs:
+        return None
+    return ours / theirs
+
+
+def per_job(value: float | None, n: int) -> float | None:
+    return None if value is None or n <= 0 else value / n
+
+
+def parse_proc_stat(text: str) -> dict[str, float]:
+    """utime+stime (s) and start time (ticks) from the text of /proc/<pid>/stat."""
+    fields = text[text.rfind(")") + 2:].split()
+    return {"cpu_s": (int(fields[11]) + int(fields[12])) / CLK_TCK, "start_time": int(fields[19])}
+
+
+def parse_proc_status(text: str) -> dict[str, int]:
+    """VmHWM and VmRSS (bytes) from the text of /proc/<pid>/status."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmHWM", "VmRSS"):
+            out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+def parse_commandstats(text: str) -> dict[str, dict[str, float]]:
+    """`INFO commandstats` text → {command: {"calls": .., "usec": ..}}."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("cmdstat_"):
+            continue
+        name, _, rest = line.partition(":")
+        fields = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
+        out[name.removeprefix("cmdstat_")] = {k: float(v) for k, v in fields.items()}
+    return out
+
+
+def commands_delta(before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]],
+                   own: Mapping[str, int] | None = None, ignore: Iterable[str] = ("info",)) -> dict[str, dict[str, float]]:
+    """Calls and usec per command between two commandstats snapshots, less the calls the bench
+    itself made (`own`, by command), leaving out `ignore`d commands and commands with no calls."""
+    own = own or {}
+    skip = set(ignore)
+    out: dict[str, dict[str, float]] = {}
+    for name, stats in after.items():
+        if name in skip:
+            continue
+        prev = before.get(name, {})
+        calls = stats.get("calls", 0) - prev.get("calls", 0) - own.get(name, 0)
+        usec = stats.get("usec", 0) - prev.get("usec", 0)
+        if calls > 0:
+            out[name] = {"calls": calls, "usec": usec}
+    return out
+
+
+def redis_per_job(delta: Mapping[str, Mapping[str, float]], n: int) -> dict[str, Any]:
+    """Total commands and server µs per job, and the per-command calls per job, largest first."""
+    calls = sum(v["calls"] for v in delta.values())
+    usec = sum(v["usec"] for v in delta.values())
+    by_command = sorted(((k, v["calls"] / n) for k, v in delta.items()), key=lambda kv: (-kv[1], kv[0])) if n else []
+    return {"commands_per_job": per_job(calls, n), "usec_per_job": per_job(usec, n),
+            "by_command_per_job": dict(by_command)}
+
+
+def subject_family(subject: str) -> str:
+    """The family a NATS subject is counted under: `$JS.API.*` by request kind, `$JS.ACK`,
+    `$JS.EVENT`, `_INBOX` (replies: JetStream publish acks, pull deliveries), otherwise the first
+    two tokens (`sys.job`, `job.default`, `worker.<id>` ...)."""
+    tokens = subject.split(".")
+    if tokens[0] == "_INBOX":
+        return "_INBOX"
+    if tokens[:2] == ["$JS", "API"]:
+        return "$JS.API." + ".".join(t for t in tokens[2:4] if t.isupper() or t in ("CONSUMER", "STREAM"))
+    if tokens[0] == "$JS":
+        return ".".join(tokens[:2])
+    if tokens[0] == "worker":
+        return "worker.*." + tokens[-1] if len(tokens) > 2 else "worker.*"
+    return ".".join(tokens[:3]) if tokens[0] == "sys" else ".".join(tokens[:2])
+
+
+def mix_ceiling(per_command_per_job: Mapping[str, float], ops_per_s: Mapping[str, float],
+                fallback: str = "set") -> dict[str, float | None]:
+    """Redis ops/s of a job's command mix (each command weighted by its calls per job; a command
+    redis-benchmark did not measure counts at the `fallback` command's rate) and the jobs/s that
+    Redis alone could carry at that rate: jobs/s = 1 / Σ calls_c / ops_c."""
+    seconds_per_job = 0.0
+    commands = 0.0
+    for name, calls in per_command_per_job.items():
+        rate = ops_per_s.get(name) or ops_per_s.get(fallback)
+        if not rate:
+            continue
+        seconds_per_job += calls / rate
+        commands += calls
+    if seconds_per_job <= 0:
+        return {"mix_ops_per_s": None, "jobs_per_s": None}
+    return {"mix_ops_per_s": commands / seconds_per_job, "jobs_per_s": 1.0 / seconds_per_job}
+
+
+def parse_pyspy_raw(text: str, top: int = 15) -> list[dict[str, Any]]:
+    """py-spy `--format raw` (collapsed stacks, `frame;frame;... count`) → the top functions by own
+    time (the innermost frame of each sample), with total (inclusive) samples, percent of all."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame_name(f) for f in stack.split(";") if f]
+        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] += count
+        for name in set(frames):
+            total[name] += count
+    return [{"function": name, "own_samples": n, "own_pct": 100.0 * n / samples,
+             "total_pct": 100.0 * total[name] / samples} for name, n in own.most_common(top)]
+
+
+def _frame_name(frame: str) -> str:
+    """`func (path/to/file.py:123)` → `func (file.py)` with the path shortened to its last two parts."""
+    match = re.match(r"^(.*) \((.*?)(?::\d+)?\)$", frame.strip())
+    if not match:
+        return frame.strip()
+    func, path = match.groups()
+    parts = path.replace("\\", "/").split("/")
+    short = "/".join(parts[-2:]) if "site-packages" not in parts else "/".join(
+        parts[parts.index("site-packages") + 1:][:1] + parts[-1:])
+    return f"{func} ({short})"
+
+
+def scrape_histogram(text: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a Prometheus histogram summed over its label sets."""
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 100 or digits == 0:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ==== processes, ports, machine ====================================================================
+
+
+def say(*parts: Any) -> None:
+    print("bench:", *parts, file=sys.stderr, flush=True)
+
+
+def free_block(size: int = BLOCK_SIZE) -> int:
+    """A base port whose whole block is free right now (as tests/ha/test_dev_topology.py)."""
+    for _ in range(50):
+        base = random.randrange(20000, 60000 - size, 2)
+        socks = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def proc_sample(pid: int) -> dict[str, float] | None:
+    try:
+        sample = parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
+        sample.update(parse_proc_status(Path(f"/proc/{pid}/status").read_text()))
+        return sample
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    except (OSError, IndexError):
+        redis_version = None
+    return {"nproc": os.cpu_count(), "cpu_model": model, "memory_bytes": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "redis": redis_version, "loadavg_at_start": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+
+def start_server(argv: list[str], port: int, log: Path, timeout: float = 20) -> subprocess.Popen:
+    sink = log.open("ab")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError(f"{argv[0]} did not come up on :{port} (log {log})")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir)]
+    return start_server(argv, port, workdir / f"redis-{port}.log"), port
+
+
+def nats_server_binary(project_python: str) -> str:
+    candidate = Path(project_python).parent / "nats-server"
+    return str(candidate) if candidate.exists() else (shutil.which("nats-server") or "nats-server")
+
+
+def start_nats(workdir: Path, project_python: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    store = workdir / f"nats-{port}"
+    argv = [nats_server_binary(project_python), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+    return start_server(argv, port, workdir / f"nats-{port}.log"), port
+
+
+# ==== our control plane ===========================================================================
+
+
+class Clients:
+    """C threads, each with one keep-alive HTTP connection to one gateway, submitting jobs closed loop."""
+
+    def __init__(self, gateways: Sequence[str], api_key: str, clients: int) -> None:
+        self.targets = [(urlsplit(g).port or 80) for g in gateways]
+        self.api_key = api_key
+        self.clients = clients
+        self.body = json.dumps({"prompt": "bench no-op", "context": {}}).encode()
+
+    def run(self, *, count: int | None = None, until: float | None = None) -> dict[str, Any]:
+        """Submit `count` jobs (or until time.monotonic() passes `until`); job ids, first send time
+        (wall clock), HTTP latencies (ms) and errors."""
+        lock = threading.Lock()
+        state = {"left": count, "first": None, "errors": 0, "error_samples": []}
+        ids: list[str] = []
+        http_ms: list[float] = []
+
+        def take() -> bool:
+            with lock:
+                if state["first"] is None:
+                    state["first"] = time.time()
+                if until is not None:
+                    return time.monotonic() < until
+                if state["left"] <= 0:
+                    return False
+                state["left"] -= 1
+                return True
+
+        def worker(k: int) -> None:
+            port = self.targets[k % len(self.targets)]
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            headers = {"X-API-Key": self.api_key, "Content-Type": "application/json"}
+            mine_ids, mine_ms = [], []
+            try:
+                while take():
+                    for attempt in range(5):
+                        t0 = time.perf_counter()
+                        try:
+                            conn.request("POST", "/api/v1/jobs", body=self.body, headers=headers)
+                            response = conn.getresponse()
+                            payload = response.read()
+                        except (OSError, http.client.HTTPException) as exc:
+                            conn.close()
+                            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                            self._error(lock, state, repr(exc))
+                            continue
+                        if response.status in (200, 201, 202):
+                            mine_ms.append((time.perf_counter() - t0) * 1000)
+                            mine_ids.append(json.loads(payload)["job_id"])
+                            break
+                        self._error(lock, state, f"HTTP {response.status}: {payload[:200]!r}")
+                        time.sleep(0.05 * (attempt + 1))
+            finally:
+                conn.close()
+                with lock:
+                    ids.extend(mine_ids)
+                    http_ms.extend(mine_ms)
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(self.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return {"ids": ids, "first_send": state["first"], "http_ms": http_ms, "errors": state["errors"],
+                "error_samples": state["error_samples"], "done_sending": time.time()}
+
+    @staticmethod
+    def _error(lock: threading.Lock, state: dict, text: str) -> None:
+        with lock:
+            state["errors"] += 1
+            if len(state["error_samples"]) < 5:
+                state["error_samples"].append(text)
+
+
+class NatsTap:
+    """Counts every message the nats-server routes (a `>` subscription), by subject family, from
+    its own thread and asyncio loop."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self.error: str | None = None
+
+    def start(self) -> "NatsTap":
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> collections.Counter[str]:
+        self._stop.set()
+        self._thread.join(10)
+        return self.counts
+
+    def _main(self) -> None:
+        import asyncio
+
+        async def run() -> None:
+            import nats
+
+            nc = await nats.connect(self.url, pending_size=256 * 1024 * 1024)
+            counts = self.counts
+
+            async def on_message(msg) -> None:
+                counts[subject_family(msg.subject)] += 1
+
+            await nc.subscribe(">", cb=on_message, pending_msgs_limit=10_000_000, pending_bytes_limit=-1)
+            await nc.flush()
+            self._ready.set()
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+            await nc.flush()
+            await asyncio.sleep(0.2)
+            await nc.drain()
+
+        try:
+            asyncio.run(run())
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on without NATS counts
+            self.error = repr(exc)
+            self._ready.set()
+
+
+def stream_seqs(url: str, streams: Sequence[str] = ("CORDUM_SYS", "CORDUM_JOBS")) -> dict[str, int]:
+    import asyncio
+
+    async def run() -> dict[str, int]:
+        import nats
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        out = {}
+        for name in streams:
+            try:
+                out[name] = (await js.stream_info(name)).state.last_seq
+            except Exception:  # noqa: BLE001 - a stream we do not know; left out
+                pass
+        await nc.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def http_json(url: str, api_key: str, timeout: float = 5) -> Any:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection("127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers={"X-API-Key": api_key})
+        response = conn.getresponse()
+        body = response.read()
+        return json.loads(body) if response.status == 200 else None
+    finally:
+        conn.close()
+
+
+def http_text(url: str, timeout: float = 5) -> str:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+class Topology:
+    """One local topology started with `cordumctl up --detach` in a temporary state directory."""
+
+    def __init__(self, args: argparse.Namespace, replicas: int) -> None:
+        self.args = args
+        self.replicas = replicas
+        self.dir = Path(tempfile.mkdtemp(prefix=f"cordum-bench-r{replicas}-"))
+        self.api_key = secrets.token_urlsafe(18)
+        self.env = {**os.environ, "CORDUM_DEV_DIR": str(self.dir), "CORDUM_API_KEY": self.api_key,
+                    "API_RATE_LIMIT_RPS": "1000000", "API_RATE_LIMIT_BURST": "1000000", "PYTHONUNBUFFERED": "1"}
+        if args.worker_parallel:
+            self.env["WORKER_MAX_PARALLEL"] = str(args.worker_parallel)
+        for name in ("REDIS_URL", "NATS_URL", "CORDUM_DEV_BASE_PORT", "CORDUM_INSTANCE_ID", "VIRTUAL_ENV"):
+            self.env.pop(name, None)
+        self.state: dict[str, Any] = {}
+
+    def cordumctl(self, *argv: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([self.args.project_python, "-m", "cordum.cli.main", *argv], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def up(self) -> None:
+        base = free_block()
+        started = time.monotonic()
+        result = self.cordumctl("up", "--replicas", str(self.replicas), "--workers", str(self.args.workers),
+                                "--detach", "--base-port", str(base), timeout=330)
+        if result.returncode != 0:
+            raise RuntimeError(f"cordumctl up failed ({result.returncode}): {result.stdout[-2000:]} {result.stderr[-2000:]}")
+        self.state = json.loads((self.dir / "state.json").read_text())
+        self.up_seconds = time.monotonic() - started
+        gateway = self.state["gateways"][0]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                items = (http_json(gateway + "/api/v1/workers", self.api_key) or {}).get("items") or []
+            except OSError:
+                items = []
+            if len(items) >= self.args.workers:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not show in {gateway}/api/v1/workers within 60 s")
+            time.sleep(0.2)
+
+    def down(self) -> None:
+        try:
+            result = self.cordumctl("dev", "down", timeout=200)
+            if result.returncode != 0:
+                say(f"dev down failed: {result.stdout[-500:]} {result.stderr[-500:]}")
+        except subprocess.TimeoutExpired:
+            say("dev down timed out")
+        if not self.args.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def services(self) -> list[dict[str, Any]]:
+        return [r for r in self.state["replicas"] if r.get("pid")]
+
+    def first(self, kind: str) -> dict[str, Any] | None:
+        return next((r for r in self.services if r["kind"] == kind), None)
+
+
+def log_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+def snapshot(topo: Topology, redis_client) -> dict[str, Any]:
+    procs = {r["name"]: proc_sample(r["pid"]) for r in topo.services}
+    logs = {r["name"]: log_lines(r["log"]) for r in topo.services if r["kind"] not in ("redis", "nats")}
+    metrics = {}
+    for r in topo.services:
+        if r["kind"] == "scheduler" and str(r.get("health", "")).startswith("http"):
+            try:
+                text = http_text(r["health"].rsplit("/", 1)[0] + "/metrics")
+                metrics[r["name"]] = scrape_histogram(text, "cordum_scheduler_dispatch_latency_seconds")
+            except OSError:
+                pass
+    return {"procs": procs, "logs": logs, "commandstats": commandstats(redis_client), "metrics": metrics,
+            "time": time.time()}
+
+
+def commandstats(redis_client) -> dict[str, dict[str, float]]:
+    """INFO commandstats through redis-py (which parses it into {"cmdstat_x": {...}})."""
+    raw = redis_client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): {k: float(v) for k, v in value.items() if isinstance(v, (int, float))}
+            for name, value in raw.items()}
+
+
+class TerminalWatch:
+    """Counts terminal jobs from the state indexes: one pipeline of ZCARDs per poll."""
+
+    def __init__(self, redis_client) -> None:
+        self.redis = redis_client
+        self.zcards = 0
+        self.base = self.count()
+
+    def count(self) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for state in TERMINAL:
+            pipe.zcard(f"job:index:{state.lower()}")
+        self.zcards += len(TERMINAL)
+        return sum(pipe.execute())
+
+    def wait(self, n: int, timeout: float, interval: float = 0.02) -> int:
+        """Wait until n more jobs than at the start are terminal (or no progress for `timeout` s)."""
+        last, last_change = -1, time.monotonic()
+        while True:
+            done = self.count() - self.base
+            if done >= n:
+                return done
+            if done != last:
+                last, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > timeout:
+                return done
+            time.sleep(interval)
+
+
+def read_timelines(redis_client, ids: Sequence[str], chunk: int = 500) -> list[dict[str, Any]]:
+    out = []
+    for k in range(0, len(ids), chunk):
+        pipe = redis_client.pipeline(transaction=False)
+        for job_id in ids[k:k + chunk]:
+            pipe.lrange(f"job:events:{job_id}", 0, -1)
+        for raw in pipe.execute():
+            events = []
+            for item in raw:
+                try:
+                    events.append(json.loads(item))
+                except ValueError:
+                    pass
+            out.append(job_timeline(events))
+    return out
+
+
+def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
+    import redis
+
+    topo = Topology(args, replicas)
+    say(f"ours, {replicas} replica(s): starting the topology in {topo.dir}")
+    topo.up()
+    result: dict[str, Any] = {"replicas": replicas, "workers": args.workers, "up_seconds": topo.up_seconds,
+                              "worker_max_parallel": args.worker_parallel or "default"}
+    try:
+        client = redis.Redis.from_url(topo.state["redis_url"])
+        clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
+        watch = TerminalWatch(client)
+        warm = clients.run(count=WARMUP_JOBS)
+        if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
+            raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
+        time.sleep(0.3)
+        say(f"ours, {replicas} replica(s): {args.jobs} jobs from {args.clients} clients over "
+            f"{len(topo.state['gateways'])} gateway(s)")
+        seqs0 = stream_seqs(topo.state["nats_url"])
+        tap = NatsTap(topo.state["nats_url"]).start() if args.nats_tap else None
+        watch = TerminalWatch(client)
+        before = snapshot(topo, client)
+        self0 = time.process_time()
+        sent = clients.run(count=args.jobs)
+        done = watch.wait(len(sent["ids"]), args.stall_timeout)
+        finished = time.time()
+        self1 = time.process_time()
+        after = snapshot(topo, client)
+        own = {"zcard": watch.zcards}
+        nats_counts = tap.stop() if tap else None
+        seqs1 = stream_seqs(topo.state["nats_url"])
+        timelines = read_timelines(client, sent["ids"])
+        n = len(sent["ids"])
+        lat = job_latencies(timelines)
+        end_s = (lat["last_terminal_us"] / 1e6) if lat["last_terminal_us"] else finished
+        result.update({
+            "jobs": args.jobs, "submitted": n, "terminal": done, "submit_errors": sent["errors"],
+            "submit_error_samples": sent["error_samples"], "states": lat["states"],
+            "clients": args.clients, "gateways": len(topo.state["gateways"]),
+            "wall_seconds": end_s - sent["first_send"],
+            "submit_seconds": sent["done_sending"] - sent["first_send"],
+            "jobs_per_s": throughput(n, sent["first_send"], end_s),
+            "submit_rate_per_s": throughput(n, sent["first_send"], sent["done_sending"]),
+            "http_submit_ms": summarize(sent["http_ms"]),
+            "submit_to_dispatch_ms": summarize(lat["submit_to_dispatch_ms"]),
+            "submit_to_terminal_ms": summarize(lat["submit_to_terminal_ms"]),
+            "bench_driver_cpu_s_per_job": per_job(self1 - self0, n),
+        })
+        wall = result["wall_seconds"]
+        per_replica = {}
+        per_kind: dict[str, dict[str, float]] = {}
+        for r in topo.services:
+            b, a = before["procs"].get(r["name"]), after["procs"].get(r["name"])
+            if not b or not a:
+                per_replica[r["name"]] = {"kind": r["kind"], "error": "process gone"}
+                continue
+            cpu = a["cpu_s"] - b["cpu_s"]
+            lines = after["logs"].get(r["name"], 0) - before["logs"].get(r["name"], 0)
+            per_replica[r["name"]] = {"kind": r["kind"], "cpu_s": cpu, "cpu_ms_per_job": per_job(cpu * 1000, n),
+                                      "cpu_utilisation": cpu / wall if wall > 0 else None,
+                                      "peak_rss_mb": a.get("VmHWM", 0) / 2**20, "rss_mb": a.get("VmRSS", 0) / 2**20,
+                                      "log_lines_per_job": per_job(lines, n) if r["kind"] not in ("redis", "nats") else None}
+            kind = per_kind.setdefault(r["kind"], {"replicas": 0, "cpu_s": 0.0, "peak_rss_mb_max": 0.0})
+            kind["replicas"] += 1
+            kind["cpu_s"] += cpu
+            kind["peak_rss_mb_max"] = max(kind["peak_rss_mb_max"], a.get("VmHWM", 0) / 2**20)
+        for kind in per_kind.values():
+            kind["cpu_ms_per_job"] = per_job(kind["cpu_s"] * 1000, n)
+        total_cpu = sum(k["cpu_s"] for k in per_kind.values())
+        result["per_replica"] = per_replica
+        result["per_kind"] = per_kind
+        result["cpu_ms_per_job_all"] = per_job(total_cpu * 1000, n)
+        delta = commands_delta(before["commandstats"], after["commandstats"], own)
+        result["redis"] = redis_per_job(delta, n)
+        result["redis"]["commands_per_s"] = per_job(sum(v["calls"] for v in delta.values()), 1) / wall if wall > 0 else None
+        dispatch_mean = {}
+        for name, (s1, c1) in after["metrics"].items():
+            s0, c0 = before["metrics"].get(name, (0.0, 0.0))
+            if c1 > c0:
+                dispatch_mean[name] = (s1 - s0) / (c1 - c0) * 1000
+        result["scheduler_dispatch_latency_mean_ms"] = dispatch_mean
+        nats: dict[str, Any] = {"jetstream_stored_per_job": {
+            k: per_job(seqs1.get(k, 0) - seqs0.get(k, 0), n) for k in seqs1}}
+        if tap is not None:
+            if tap.error:
+                nats["tap_error"] = tap.error
+            else:
+                total = sum(nats_counts.values())
+                nats["messages_per_job"] = per_job(total, n)
+                nats["by_family_per_job"] = {k: v / n for k, v in nats_counts.most_common()}
+                nats["covers"] = ("every message the server routed to subscribers in the account (tap on `>`): "
+                                  "publishes, JetStream deliveries/acks, JS API requests+replies, advisories, heartbeats")
+        result["nats"] = nats
+        incomplete = n - sum(v for k, v in lat["states"].items() if k in TERMINAL)
+        if incomplete:
+            result["incomplete"] = incomplete
+            say(f"ours, {replicas} replica(s): {incomplete} jobs not terminal after the stall timeout")
+        if args.profile:
+            result["profile"] = profile_pass(args, topo, clients, client)
+    finally:
+        topo.down()
+    return result
+
+
+def profile_pass(args: argparse.Namespace, topo: Topology, clients: Clients, client) -> dict[str, Any]:
+    """py-spy on the first gateway and scheduler while clients submit for --profile-seconds."""
+    pyspy = Path(sys.executable).parent / "py-spy"
+    targets = [topo.first(kind) for kind in args.profile_targets.split(",")]
+    targets = [t for t in targets if t]
+    seconds = args.profile_seconds
+    out_dir = topo.dir / "profile"
+    out_dir.mkdir(exist_ok=True)
+    say(f"profile: py-spy on {', '.join(t['name'] for t in targets)} for {seconds:.0f} s under load")
+    procs = []
+    for t in targets:
+        out = out_dir / f"{t['name']}.txt"
+        argv = [str(pyspy), "record", "--pid", str(t["pid"]), "--duration", str(int(seconds) + 1), "--rate", "100",
+                "--nonblocking", "--format", "raw", "--output", str(out)]
+        procs.append((t, out, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE, text=True)))
+    time.sleep(0.5)
+    watch = TerminalWatch(client)
+    sent = clients.run(until=time.monotonic() + seconds)
+    watch.wait(len(sent["ids"]), args.stall_timeout)
+    result: dict[str, Any] = {"seconds": seconds, "jobs": len(sent["ids"]), "targets": {}}
+    for t, out, proc in procs:
+        try:
+            _, err = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode != 0 or not out.exists():
+            result["targets"][t["name"]] = {"error": (err or "").strip()[-500:] or f"py-spy exit {proc.returncode}"}
+            continue
+        result["targets"][t["name"]] = {"top_own": parse_pyspy_raw(out.read_text(), args.profile_top)}
+    return result
+
+
+# ==== peers and ceiling ===========================================================================
+
+
+def run_peer(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, Any]:
+    server, port = start_redis(workdir)
+    try:
+        say(f"{peer}: {args.jobs} jobs from {args.clients} clients")
+        argv = [sys.executable, str(ROOT / "scripts" / "bench_peers.py"), "--peer", peer, "--jobs", str(args.jobs),
+                "--clients", str(args.clients), "--redis-url", f"redis://127.0.0.1:{port}/0",
+                "--redis-pid", str(server.pid), "--log", str(workdir / f"{peer}.log")]
+        if peer == "dramatiq":
+            argv += ["--procs", str(args.dramatiq_processes), "--threads", str(args.dramatiq_threads)]
+        else:
+            argv += ["--procs", str(args.celery_concurrency)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=args.stall_timeout + 300,
+                              stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            return {"peer": peer, "error": (done.stderr or done.stdout)[-1500:]}
+        raw = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        stop_process(server)
+    n = raw["done"]
+    delta = commands_delta(raw["commandstats_before"], raw["commandstats_after"], raw["own_commands"])
+    return {
+        "peer": peer, "worker": raw["worker"], "jobs": raw["jobs"], "done": n, "errors": raw["errors"],
+        "wall_seconds": raw["last_done"] - raw["first_enqueue"],
+        "jobs_per_s": throughput(n, raw["first_enqueue"], raw["last_done"]),
+        "enqueue_rate_per_s": throughput(n, 0, raw["enqueue_seconds"]),
+        "enqueue_to_done_ms": summarize(raw["latencies_ms"]),
+        "cpu_ms_per_job": {k: per_job(v * 1000, n) for k, v in raw["cpu_seconds"].items()},
+        "redis": redis_per_job(delta, n),
+    }
+
+
+REDIS_TESTS = "set,get,hset,zadd,lpush,rpush,sadd,incr"
+TRANSITION_LUA = ("local c = redis.call('HGET', KEYS[1], 'state') or '' "
+                  "redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2]) return c")
+
+
+def redis_ceiling(workdir: Path, n: int) -> dict[str, Any]:
+    server, port = start_redis(workdir)
+    try:
+        base = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", "-n", str(n), "-P", "1", "--csv"]
+        out: dict[str, float] = {}
+        runs = [base + ["-t", REDIS_TESTS],
+                base + ["-r", "100000", "EVAL", TRANSITION_LUA, "1", "job:meta:__rand_int__", "RUNNING", "1"]]
+        for argv in runs:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+            for line in done.stdout.splitlines():
+                cells = [c.strip('"') for c in line.split('","')]
+                if len(cells) >= 2 and cells[0] != "test":
+                    try:
+                        rps = float(cells[1])
+                    except ValueError:
+                        continue
+                    name = cells[0].split()[0].lower()
+                    name = "evalsha" if name == "eval" else name  # the job path runs its scripts by EVALSHA
+                    out[name] = rps
+        return {"ops_per_s": out, "settings": f"redis-benchmark -n {n} -P 1 -c 50 (no pipelining), "
+                "EVAL = HGET+HSET like a state transition"}
+    finally:
+        stop_process(server)
+
+
+def nats_ceiling(workdir: Path, project_python: str, n: int) -> dict[str, Any]:
+    import asyncio
+
+    server, port = start_nats(workdir, project_python)
+
+    async def run() -> dict[str, Any]:
+        import nats
+
+        url = f"nats://127.0.0.1:{port}"
+        pub = await nats.connect(url)
+        sub = await nats.connect(url)
+        payload = b"x" * 256
+        received = 0
+        done = asyncio.get_running_loop().create_future()
+
+        async def on_message(msg) -> None:
+            nonlocal received
+            received += 1
+            if received == n and not done.done():
+                done.set_result(time.perf_counter())
+
+        await sub.subscribe("bench.core", cb=on_message, pending_msgs_limit=n * 2, pending_bytes_limit=-1)
+        await sub.flush()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await pub.publish("bench.core", payload)
+        await pub.flush()
+        t1 = time.perf_counter()
+        try:
+            t2 = await asyncio.wait_for(done, 60)
+        except asyncio.TimeoutError:
+            t2 = None
+        core = {"publish_per_s": n / (t1 - t0), "delivered_per_s": (n / (t2 - t0)) if t2 else None,
+                "received": received}
+        # JetStream: acked publishes, 256 in flight, then pull-consume with acks.
+        js = pub.jetstream()
+        await js.add_stream(name="BENCH", subjects=["bench.js"])
+        m = max(n // 10, 1000)
+        t0 = time.perf_counter()
+        window = 256
+        for k in range(0, m, window):
+            await asyncio.gather(*(js.publish("bench.js", payload) for _ in range(min(window, m - k))))
+        t1 = time.perf_counter()
+        psub = await sub.jetstream().pull_subscribe("bench.js", durable="bench")
+        got = 0
+        t2 = time.perf_counter()
+        while got < m:
+            try:
+                msgs = await psub.fetch(min(256, m - got), timeout=5)
+            except (TimeoutError, asyncio.TimeoutError):
+                break
+            for msg in msgs:
+                await msg.ack()
+            got += len(msgs)
+        t3 = time.perf_counter()
+        await pub.close()
+        await sub.close()
+        return {"core": core, "jetstream": {"messages": m, "publish_acked_per_s": m / (t1 - t0),
+                                            "pull_consume_acked_per_s": got / (t3 - t2) if got else None},
+                "settings": f"nats-py, 256-byte payloads, core: {n} publishes then flush, one subscriber; "
+                            f"JetStream: file store, 256 publishes in flight, pull fetch 256 with acks"}
+
+    try:
+        return asyncio.run(run())
+    finally:
+        stop_process(server)
+
+
+# ==== main =========================================================================================
+
+
+def report_text(data: Mapping[str, Any]) -> str:
+    out = []
+    m = data["machine"]
+    out.append(f"Cordum job-path benchmark  {m['date']}")
+    out.append(f"machine: {m['nproc']} CPU ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.1f} GiB, Linux "
+               f"{m['kernel']}, Python {m['python']}, Redis {m['redis']}, load at start {m['loadavg_at_start'][0]:.2f}")
+    out.append(f"workload: {data['jobs']} no-op jobs, {data['clients']} concurrent clients (closed loop)")
+    ours = data.get("ours", [])
+    rows = []
+    for r in ours:
+        if "error" in r:
+            rows.append([f"cordum r={r['replicas']}", "error: " + r["error"][:60]] + [""] * 7)
+            continue
+        rows.append([f"cordum r={r['replicas']}", r["jobs_per_s"], r["submit_to_dispatch_ms"]["p50"],
+                     r["submit_to_dispatch_ms"]["p95"], r["submit_to_dispatch_ms"]["p99"],
+                     r["submit_to_terminal_ms"]["p50"], r["submit_to_terminal_ms"]["p95"],
+                     r["submit_to_terminal_ms"]["p99"], r["cpu_ms_per_job_all"]])
+    for p in data.get("peers", []):
+        if "error" in p:
+            rows.append([p["peer"], "error"] + [""] * 7)
+            continue
+        lat = p["enqueue_to_done_ms"]
+        cpu = sum(v for v in p["cpu_ms_per_job"].values() if v)
+        rows.append([p["peer"], p["jobs_per_s"], "", "", "", lat["p50"], lat["p95"], lat["p99"], cpu])
+    out.append("")
+    out.append(table(["system", "jobs/s", "disp p50", "disp p95", "disp p99", "end p50", "end p95", "end p99",
+                      "CPU ms/job"], rows))
+    out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = all "
+               "service processes incl. redis/nats for ours, workers+redis+producers for peers)")
+    for r in ours:
+        if "error" in r:
+            continue
+        out.append("")
+        out.append(f"cordum, {r['replicas']} replica(s) per service, {r['workers']} worker(s): {r['submitted']} jobs in "
+                   f"{r['wall_seconds']:.2f} s = {fmt(r['jobs_per_s'])} jobs/s; submit rate {fmt(r['submit_rate_per_s'])}/s; "
+                   f"HTTP submit p50 {fmt(r['http_submit_ms']['p50'])} ms p99 {fmt(r['http_submit_ms']['p99'])} ms; "
+                   f"states {r['states']}; submit errors {r['submit_errors']}")
+        rows = [[name, v.get("kind"), v.get("cpu_ms_per_job"), (v.get("cpu_utilisation") or 0) * 100,
+                 v.get("peak_rss_mb"), v.get("log_lines_per_job")]
+                for name, v in r["per_replica"].items() if "error" not in v]
+        rows.append(["all", "", r["cpu_ms_per_job_all"], "", "", ""])
+        out.append(table(["replica", "kind", "CPU ms/job", "CPU %", "peak RSS MB", "log lines/job"], rows))
+        red = r["redis"]
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(red["by_command_per_job"].items())[:12])
+        out.append(f"  Redis: {fmt(red['commands_per_job'])} commands/job ({fmt(red['usec_per_job'])} µs server time/job, "
+                   f"{fmt(red['commands_per_s'])} commands/s): {top}")
+        nats = r["nats"]
+        if "messages_per_job" in nats:
+            fam = ", ".join(f"{k} {v:.2f}" for k, v in list(nats["by_family_per_job"].items())[:10])
+            out.append(f"  NATS: {fmt(nats['messages_per_job'])} messages/job routed (tap on `>`): {fam}")
+        elif "tap_error" in nats:
+            out.append(f"  NATS: tap failed: {nats['tap_error']}")
+        out.append("  JetStream stored/job: " + ", ".join(f"{k} {fmt(v, 2)}" for k, v in nats["jetstream_stored_per_job"].items()))
+        if r.get("scheduler_dispatch_latency_mean_ms"):
+            out.append("  scheduler dispatch latency (own histogram, mean ms): " + ", ".join(
+                f"{k} {fmt(v, 2)}" for k, v in r["scheduler_dispatch_latency_mean_ms"].items()))
+        if r.get("profile"):
+            prof = r["profile"]
+            out.append(f"  profile: py-spy, {prof['seconds']:.0f} s, {prof['jobs']} jobs under load")
+            for name, target in prof["targets"].items():
+                if "error" in target:
+                    out.append(f"    {name}: py-spy failed: {target['error']}")
+                    continue
+                out.append(f"    {name}: top functions by own time")
+                out.append(_indent(table(["function", "own %", "total %"],
+                                         [[t["function"][:90], t["own_pct"], t["total_pct"]] for t in target["top_own"]]), 6))
+    peers = [p for p in data.get("peers", []) if "error" not in p]
+    if peers:
+        out.append("")
+        rows = []
+        for p in peers:
+            rows.append([p["peer"], p["jobs_per_s"], p["enqueue_to_done_ms"]["p50"], p["enqueue_to_done_ms"]["p99"],
+                         p["cpu_ms_per_job"]["workers"], p["cpu_ms_per_job"]["redis"], p["cpu_ms_per_job"]["producers"],
+                         p["redis"]["commands_per_job"]])
+        out.append(table(["peer", "jobs/s", "p50 ms", "p99 ms", "worker CPU ms/job", "redis CPU ms/job",
+                          "producer CPU ms/job", "Redis cmds/job"], rows))
+        for p in peers:
+            out.append(f"  {p['peer']}: {p['worker']}")
+    for p in data.get("peers", []):
+        if "error" in p:
+            out.append(f"  {p['peer']} failed: {p['error'][-400:]}")
+    if data.get("ratios"):
+        out.append("")
+        out.append("ratios ours/peer (jobs/s; >1 = ours faster):  " + "; ".join(
+            f"r={k.split('/')[0]} vs {k.split('/')[1]} {fmt(v, 2)}" for k, v in data["ratios"].items()))
+    ceiling = data.get("ceiling") or {}
+    if ceiling.get("redis"):
+        c = ceiling["redis"]
+        out.append("")
+        out.append("ceiling: redis-benchmark ops/s  " + ", ".join(f"{k} {fmt(v)}" for k, v in c["ops_per_s"].items())
+                   + f"  ({c['settings']})")
+        for k, v in (c.get("job_mix") or {}).items():
+            out.append(f"  cordum r={k}: job command mix {fmt(v['mix_ops_per_s'])} ops/s → Redis alone could carry "
+                       f"{fmt(v['jobs_per_s'])} jobs/s; measured {fmt(v['measured_jobs_per_s'])} "
+                       f"({fmt(v['fraction'] * 100 if v['fraction'] else None)}% of it)")
+    if ceiling.get("nats"):
+        c = ceiling["nats"]
+        if "error" in c:
+            out.append(f"ceiling: NATS failed: {c['error']}")
+        else:
+            out.append(f"ceiling: NATS core publish {fmt(c['core']['publish_per_s'])}/s, delivered "
+                       f"{fmt(c['core']['delivered_per_s'])}/s; JetStream publish (acked) "
+                       f"{fmt(c['jetstream']['publish_acked_per_s'])}/s, pull consume (acked) "
+                       f"{fmt(c['jetstream']['pull_consume_acked_per_s'])}/s  ({c['settings']})")
+            for r in ours:
+                per = (r.get("nats") or {}).get("messages_per_job")
+                if per and c["core"].get("delivered_per_s"):
+                    out.append(f"  cordum r={r['replicas']}: {fmt(per)} messages/job → NATS core delivery alone could "
+                               f"carry {fmt(c['core']['delivered_per_s'] / per)} jobs/s")
+    out.append("")
+    out.append(f"total benchmark time {data['bench_seconds']:.0f} s")
+    return "\n".join(out)
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description="The job-path benchmark: ours (1 and 2 "
+                                     "replicas) vs Celery and Dramatiq, and the Redis/NATS ceiling, in one run.")
+    parser.add_argument("--jobs", type=int, default=2000, help="no-op jobs per system (default %(default)s)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent submitting clients (default %(default)s)")
+    parser.add_argument("--replicas", default="1,2", help="replica counts to run ours with (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="echo worker processes (default %(default)s)")
+    parser.add_argument("--worker-parallel", type=int, default=32,
+                        help="WORKER_MAX_PARALLEL of each echo worker (default %(default)s; 0 = the worker's default, 4)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    parser.add_argument("--no-peers", action="store_true", help="skip Celery and Dramatiq")
+    parser.add_argument("--peers", default="celery,dramatiq", help="which peers (default %(default)s)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip redis-benchmark and the NATS rates")
+    parser.add_argument("--no-nats-tap", dest="nats_tap", action="store_false",
+                        help="do not count NATS messages with a `>` subscriber (it adds a little load)")
+    parser.add_argument("--celery-concurrency", type=int, default=2)
+    parser.add_argument("--dramatiq-processes", type=int, default=2)
+    parser.add_argument("--dramatiq-threads", type=int, default=4)
+    parser.add_argument("--redis-benchmark-n", type=int, default=100000)
+    parser.add_argument("--nats-n", type=int, default=200000)
+    parser.add_argument("--profile", action="store_true", help="a py-spy pass after each measured run of ours")
+    parser.add_argument("--profile-seconds", type=float, default=10)
+    parser.add_argument("--profile-targets", default="api-gateway,scheduler",
+                        help="replica kinds to profile (first replica of each; default %(default)s)")
+    parser.add_argument("--profile-top", type=int, default=15)
+    parser.add_argument("--stall-timeout", type=float, default=120,
+                        help="give up waiting for jobs after this long without progress (s)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary state directories (logs)")
+    parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    args = parser.parse_args(argv)
+    try:
+        args.replica_counts = [int(x) for x in args.replicas.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--replicas: not a list of integers: {args.replicas!r}")
+    if args.jobs <= 0 or args.clients <= 0:
+        parser.error("--jobs and --clients must be > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    data: dict[str, Any] = {"machine": machine_info(), "jobs": args.jobs, "clients": args.clients, "ours": [],
+                            "peers": [], "ratios": {}, "ceiling": {}}
+    work = Path(tempfile.mkdtemp(prefix="cordum-bench-"))
+    try:
+        for replicas in args.replica_counts:
+            try:
+                data["ours"].append(run_ours(args, replicas))
+            except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
+                say(f"ours, {replicas} replica(s) failed: {exc!r}")
+                data["ours"].append({"replicas": replicas, "error": repr(exc)})
+        if not args.no_peers:
+            for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
+                try:
+                    data["peers"].append(run_peer(args, peer, work))
+                except Exception as exc:  # noqa: BLE001
+                    data["peers"].append({"peer": peer, "error": repr(exc)})
+        for r in data["ours"]:
+            for p in data["peers"]:
+                if "error" not in r and "error" not in p:
+                    data["ratios"][f"{r['replicas']}/{p['peer']}"] = ratio(r["jobs_per_s"], p["jobs_per_s"])
+        if not args.no_ceiling:
+            say("ceiling: redis-benchmark")
+            try:
+                redis = redis_ceiling(work, args.redis_benchmark_n)
+                redis["job_mix"] = {}
+                for r in data["ours"]:
+                    if "error" in r:
+                        continue
+                    mix = mix_ceiling(r["redis"]["by_command_per_job"], redis["ops_per_s"])
+                    mix["measured_jobs_per_s"] = r["jobs_per_s"]
+                    mix["fraction"] = ratio(r["jobs_per_s"], mix["jobs_per_s"])
+                    redis["job_mix"][str(r["replicas"])] = mix
+                data["ceiling"]["redis"] = redis
+            except Exception as exc:  # noqa: BLE001
+                data["ceiling"]["redis"] = {"error": repr(exc), "ops_per_s": {}, "settings": ""}
+            say("ceiling: NATS")
+            try:
+                data["ceiling"]["nats"] = nats_ceiling(work, args.project_python, args.nats_n)
+            except Exception as exc:  # noqa: BLE001
+                data["ceiling"]["nats"] = {"error": repr(exc)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    data["bench_seconds"] = time.monotonic() - started
+    if args.json:
+        print(json.dumps(data, indent=None, sort_keys=False, default=str))
+    else:
+        print(report_text(data))
+    return 1 if any("error" in r for r in data["ours"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
