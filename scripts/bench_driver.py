@@ -206,20 +206,33 @@ def redis_per_job(delta: Mapping[str, Mapping[str, float]], n: int) -> dict[str,
             "by_command_per_job": dict(by_command)}
 
 
-def subject_family(subject: str) -> str:
-    """The family a NATS subject is counted under: `$JS.API.*` by request kind, `$JS.ACK`,
-    `$JS.EVENT`, `_INBOX` (replies: JetStream publish acks, pull deliveries), otherwise the first
-    two tokens (`sys.job`, `job.default`, `worker.<id>` ...)."""
+def subject_family(subject: str, reply: str = "") -> str:
+    """The family a NATS message is counted under. A JetStream delivery (reply subject `$JS.ACK...`,
+    pushed or pulled; it carries the stream's subject) is `deliver <subject family>`; acks are
+    `$JS.ACK <stream>.<consumer>`; API requests `$JS.API.<kind>` (e.g. CONSUMER.MSG.NEXT = pull
+    fetches); advisories `$JS.EVENT.ADVISORY.<kind>`; `_INBOX` replies (JetStream publish acks, API
+    replies, fetch status); otherwise the first two tokens (three for `sys.*`), workers' own subjects
+    as `worker.*.<last>`."""
     tokens = subject.split(".")
     if tokens[0] == "_INBOX":
         return "_INBOX"
-    if tokens[:2] == ["$JS", "API"]:
-        return "$JS.API." + ".".join(t for t in tokens[2:4] if t.isupper() or t in ("CONSUMER", "STREAM"))
     if tokens[0] == "$JS":
-        return ".".join(tokens[:2])
+        if len(tokens) > 1 and tokens[1] == "ACK":
+            consumer = tokens[3].split("__")[0] if len(tokens) > 3 else ""
+            return f"$JS.ACK {tokens[2] if len(tokens) > 2 else ''}/{consumer}"
+        if len(tokens) > 1 and tokens[1] == "API":
+            kind = [t for t in tokens[2:] if t.isupper()]
+            return "$JS.API." + ".".join(kind[:3])
+        if tokens[1:3] == ["EVENT", "ADVISORY"]:
+            return "$JS.EVENT.ADVISORY." + ".".join(tokens[3:5])
+        return ".".join(tokens[:3])
     if tokens[0] == "worker":
-        return "worker.*." + tokens[-1] if len(tokens) > 2 else "worker.*"
-    return ".".join(tokens[:3]) if tokens[0] == "sys" else ".".join(tokens[:2])
+        family = "worker.*." + tokens[-1] if len(tokens) > 2 else "worker.*"
+    elif tokens[0] == "sys":
+        family = ".".join(tokens[:3])
+    else:
+        family = ".".join(tokens[:2])
+    return ("deliver " + family) if reply.startswith("$JS.ACK") else family
 
 
 def mix_ceiling(per_command_per_job: Mapping[str, float], ops_per_s: Mapping[str, float],
@@ -430,11 +443,12 @@ class Clients:
         self.clients = clients
         self.body = json.dumps({"prompt": "bench no-op", "context": {}}).encode()
 
-    def run(self, *, count: int | None = None, until: float | None = None) -> dict[str, Any]:
-        """Submit `count` jobs (or until time.monotonic() passes `until`); job ids, first send time
+    def run(self, *, count: int | None = None, until: float | None = None, rate: float | None = None) -> dict[str, Any]:
+        """Submit `count` jobs (or until time.monotonic() passes `until`): closed loop, or open loop
+        at `rate` jobs/s over all clients (job k is due at start + k/rate). Job ids, first send time
         (wall clock), HTTP latencies (ms) and errors."""
         lock = threading.Lock()
-        state = {"left": count, "first": None, "errors": 0, "error_samples": []}
+        state = {"left": count, "first": None, "errors": 0, "error_samples": [], "k": 0, "t0": None}
         ids: list[str] = []
         http_ms: list[float] = []
 
@@ -442,12 +456,20 @@ class Clients:
             with lock:
                 if state["first"] is None:
                     state["first"] = time.time()
-                if until is not None:
-                    return time.monotonic() < until
-                if state["left"] <= 0:
+                    state["t0"] = time.monotonic()
+                if until is not None and time.monotonic() >= until:
                     return False
-                state["left"] -= 1
-                return True
+                if until is None:
+                    if state["left"] <= 0:
+                        return False
+                    state["left"] -= 1
+                due = state["t0"] + state["k"] / rate if rate else None
+                state["k"] += 1
+            if due is not None:
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            return True
 
         def worker(k: int) -> None:
             port = self.targets[k % len(self.targets)]
@@ -527,7 +549,7 @@ class NatsTap:
             counts = self.counts
 
             async def on_message(msg) -> None:
-                counts[subject_family(msg.subject)] += 1
+                counts[subject_family(msg.subject, msg.reply or "")] += 1
 
             await nc.subscribe(">", cb=on_message, pending_msgs_limit=10_000_000, pending_bytes_limit=-1)
             await nc.flush()
@@ -599,6 +621,8 @@ class Topology:
                     "API_RATE_LIMIT_RPS": "1000000", "API_RATE_LIMIT_BURST": "1000000", "PYTHONUNBUFFERED": "1"}
         if args.worker_parallel:
             self.env["WORKER_MAX_PARALLEL"] = str(args.worker_parallel)
+        if args.worker_heartbeat:
+            self.env["WORKER_HEARTBEAT_INTERVAL"] = args.worker_heartbeat
         for name in ("REDIS_URL", "NATS_URL", "CORDUM_DEV_BASE_PORT", "CORDUM_INSTANCE_ID", "VIRTUAL_ENV"):
             self.env.pop(name, None)
         self.state: dict[str, Any] = {}
@@ -624,6 +648,7 @@ class Topology:
             except OSError:
                 items = []
             if len(items) >= self.args.workers:
+                self.workers_seen = items
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers did not show in {gateway}/api/v1/workers within 60 s")
@@ -723,6 +748,77 @@ def read_timelines(redis_client, ids: Sequence[str], chunk: int = 500) -> list[d
     return out
 
 
+def idle_probe(clients: Clients, redis_client, jobs: int) -> dict[str, Any]:
+    """Jobs one at a time on an idle system (each waited for until terminal): the idle latencies."""
+    ids, http_ms = [], []
+    single = Clients([f"http://127.0.0.1:{clients.targets[0]}"], clients.api_key, 1)
+    for _ in range(jobs):
+        sent = single.run(count=1)
+        if not sent["ids"]:
+            continue
+        ids += sent["ids"]
+        http_ms += sent["http_ms"]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            state = redis_client.hget(f"job:meta:{sent['ids'][0]}", "state")
+            if state and state.decode() in TERMINAL:
+                break
+            time.sleep(0.002)
+        time.sleep(0.02)
+    lat = job_latencies(read_timelines(redis_client, ids))
+    return {"jobs": len(ids), "http_submit_ms": summarize(http_ms),
+            "submit_to_dispatch_ms": summarize(lat["submit_to_dispatch_ms"]),
+            "submit_to_terminal_ms": summarize(lat["submit_to_terminal_ms"])}
+
+
+def monitor_pass(clients: Clients, redis_client, jobs: int, stall_timeout: float) -> dict[str, Any]:
+    """Redis MONITOR while `jobs` more jobs run: commands per job sent by clients (top level) vs run
+    inside Lua scripts (MONITOR marks those `lua`), by command. MONITOR slows Redis down, so this is
+    a separate pass; its throughput is not reported."""
+    top: collections.Counter[str] = collections.Counter()
+    lua: collections.Counter[str] = collections.Counter()
+    marker = "cordum-bench-monitor-stop"
+    monitor = redis_client.monitor()
+    ready = threading.Event()
+
+    def read() -> None:
+        with monitor as m:
+            ready.set()
+            while True:
+                try:
+                    item = m.next_command()
+                except Exception:  # noqa: BLE001 - connection closed: stop
+                    return
+                words = str(item.get("command", "")).split()
+                if not words:
+                    continue
+                if marker in words[-1]:
+                    return
+                name = words[0].lower()
+                (lua if item.get("client_type") == "lua" else top)[name] += 1
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.2)
+    watch = TerminalWatch(redis_client)
+    sent = clients.run(count=jobs)
+    watch.wait(len(sent["ids"]), stall_timeout)
+    redis_client.echo(marker)
+    thread.join(10)
+    n = len(sent["ids"])
+    top["zcard"] -= watch.zcards + len(TERMINAL)  # the watch's own polling (and its first count)
+    for name in ("echo", "monitor"):
+        top.pop(name, None)
+    top = collections.Counter({k: v for k, v in top.items() if v > 0})
+    return {"jobs": n, "top_level_per_job": per_job(sum(top.values()), n),
+            "in_lua_per_job": per_job(sum(lua.values()), n),
+            "top_level_by_command_per_job": {k: v / n for k, v in top.most_common()},
+            "in_lua_by_command_per_job": {k: v / n for k, v in lua.most_common()},
+            "note": "top level = commands a client sent (a pipeline of k is k commands, one round trip); "
+                    "MONITOR cannot see round trips"}
+
+
 def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
     import redis
 
@@ -730,7 +826,10 @@ def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
     say(f"ours, {replicas} replica(s): starting the topology in {topo.dir}")
     topo.up()
     result: dict[str, Any] = {"replicas": replicas, "workers": args.workers, "up_seconds": topo.up_seconds,
-                              "worker_max_parallel": args.worker_parallel or "default"}
+                              "worker_max_parallel": args.worker_parallel or "default",
+                              "worker_heartbeat": args.worker_heartbeat or "default",
+                              "workers_seen": [{k: w.get(k) for k in ("worker_id", "max_parallel_jobs", "pool")}
+                                               for w in topo.workers_seen]}
     try:
         client = redis.Redis.from_url(topo.state["redis_url"])
         clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
@@ -739,14 +838,16 @@ def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
         if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
             raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
         time.sleep(0.3)
+        if args.idle_jobs:
+            result["idle"] = idle_probe(clients, client, args.idle_jobs)
         say(f"ours, {replicas} replica(s): {args.jobs} jobs from {args.clients} clients over "
-            f"{len(topo.state['gateways'])} gateway(s)")
+            f"{len(topo.state['gateways'])} gateway(s)" + (f" at {args.rate:g} jobs/s" if args.rate else ""))
         seqs0 = stream_seqs(topo.state["nats_url"])
         tap = NatsTap(topo.state["nats_url"]).start() if args.nats_tap else None
         watch = TerminalWatch(client)
         before = snapshot(topo, client)
         self0 = time.process_time()
-        sent = clients.run(count=args.jobs)
+        sent = clients.run(count=args.jobs, rate=args.rate)
         done = watch.wait(len(sent["ids"]), args.stall_timeout)
         finished = time.time()
         self1 = time.process_time()
@@ -820,6 +921,9 @@ def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
         if incomplete:
             result["incomplete"] = incomplete
             say(f"ours, {replicas} replica(s): {incomplete} jobs not terminal after the stall timeout")
+        if args.monitor_jobs:
+            time.sleep(0.3)
+            result["redis_monitor"] = monitor_pass(clients, client, args.monitor_jobs, args.stall_timeout)
         if args.profile:
             result["profile"] = profile_pass(args, topo, clients, client)
     finally:
@@ -1002,7 +1106,8 @@ def report_text(data: Mapping[str, Any]) -> str:
     out.append(f"Cordum job-path benchmark  {m['date']}")
     out.append(f"machine: {m['nproc']} CPU ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.1f} GiB, Linux "
                f"{m['kernel']}, Python {m['python']}, Redis {m['redis']}, load at start {m['loadavg_at_start'][0]:.2f}")
-    out.append(f"workload: {data['jobs']} no-op jobs, {data['clients']} concurrent clients (closed loop)")
+    loop = f"open loop at {data['rate']:g} jobs/s" if data.get("rate") else "closed loop"
+    out.append(f"workload: {data['jobs']} no-op jobs, {data['clients']} concurrent clients ({loop})")
     ours = data.get("ours", [])
     rows = []
     for r in ours:
@@ -1018,13 +1123,14 @@ def report_text(data: Mapping[str, Any]) -> str:
             rows.append([p["peer"], "error"] + [""] * 7)
             continue
         lat = p["enqueue_to_done_ms"]
-        cpu = sum(v for v in p["cpu_ms_per_job"].values() if v)
+        cpu = (p["cpu_ms_per_job"].get("workers") or 0) + (p["cpu_ms_per_job"].get("redis") or 0)
         rows.append([p["peer"], p["jobs_per_s"], "", "", "", lat["p50"], lat["p95"], lat["p99"], cpu])
     out.append("")
     out.append(table(["system", "jobs/s", "disp p50", "disp p95", "disp p99", "end p50", "end p95", "end p99",
                       "CPU ms/job"], rows))
-    out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = all "
-               "service processes incl. redis/nats for ours, workers+redis+producers for peers)")
+    out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = the "
+               "serving side: all our service processes incl. redis and nats / the peer's worker processes and redis; "
+               "clients and producers not included)")
     for r in ours:
         if "error" in r:
             continue
@@ -1032,7 +1138,14 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append(f"cordum, {r['replicas']} replica(s) per service, {r['workers']} worker(s): {r['submitted']} jobs in "
                    f"{r['wall_seconds']:.2f} s = {fmt(r['jobs_per_s'])} jobs/s; submit rate {fmt(r['submit_rate_per_s'])}/s; "
                    f"HTTP submit p50 {fmt(r['http_submit_ms']['p50'])} ms p99 {fmt(r['http_submit_ms']['p99'])} ms; "
-                   f"states {r['states']}; submit errors {r['submit_errors']}")
+                   f"states {r['states']}; submit errors {r['submit_errors']}; bench client CPU (incl. the NATS tap) "
+                   f"{fmt(r['bench_driver_cpu_s_per_job'] * 1000 if r.get('bench_driver_cpu_s_per_job') else None, 2)} ms/job")
+        idle = r.get("idle")
+        if idle:
+            out.append(f"  idle (one job at a time, {idle['jobs']} jobs): submit→dispatch p50 "
+                       f"{fmt(idle['submit_to_dispatch_ms']['p50'], 2)} p95 {fmt(idle['submit_to_dispatch_ms']['p95'], 2)} ms; "
+                       f"submit→terminal p50 {fmt(idle['submit_to_terminal_ms']['p50'], 2)} p95 "
+                       f"{fmt(idle['submit_to_terminal_ms']['p95'], 2)} ms; HTTP submit p50 {fmt(idle['http_submit_ms']['p50'], 2)} ms")
         rows = [[name, v.get("kind"), v.get("cpu_ms_per_job"), (v.get("cpu_utilisation") or 0) * 100,
                  v.get("peak_rss_mb"), v.get("log_lines_per_job")]
                 for name, v in r["per_replica"].items() if "error" not in v]
@@ -1042,6 +1155,11 @@ def report_text(data: Mapping[str, Any]) -> str:
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(red["by_command_per_job"].items())[:12])
         out.append(f"  Redis: {fmt(red['commands_per_job'])} commands/job ({fmt(red['usec_per_job'])} µs server time/job, "
                    f"{fmt(red['commands_per_s'])} commands/s): {top}")
+        mon = r.get("redis_monitor")
+        if mon:
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(mon["top_level_by_command_per_job"].items())[:12])
+            out.append(f"  Redis under MONITOR ({mon['jobs']} jobs): {fmt(mon['top_level_per_job'])} client-sent commands/job "
+                       f"+ {fmt(mon['in_lua_per_job'])} inside Lua; client-sent: {top}")
         nats = r["nats"]
         if "messages_per_job" in nats:
             fam = ", ".join(f"{k} {v:.2f}" for k, v in list(nats["by_family_per_job"].items())[:10])
@@ -1088,9 +1206,14 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append("ceiling: redis-benchmark ops/s  " + ", ".join(f"{k} {fmt(v)}" for k, v in c["ops_per_s"].items())
                    + f"  ({c['settings']})")
         for k, v in (c.get("job_mix") or {}).items():
-            out.append(f"  cordum r={k}: job command mix {fmt(v['mix_ops_per_s'])} ops/s → Redis alone could carry "
-                       f"{fmt(v['jobs_per_s'])} jobs/s; measured {fmt(v['measured_jobs_per_s'])} "
+            out.append(f"  cordum r={k}: job command mix ({v.get('from')}) {fmt(v['mix_ops_per_s'])} ops/s → Redis alone "
+                       f"could carry {fmt(v['jobs_per_s'])} jobs/s; measured {fmt(v['measured_jobs_per_s'])} "
                        f"({fmt(v['fraction'] * 100 if v['fraction'] else None)}% of it)")
+        for r in data.get("ours", []):
+            red = (r.get("per_kind") or {}).get("redis")
+            if red and red.get("cpu_ms_per_job"):
+                out.append(f"  cordum r={r['replicas']}: redis-server CPU {fmt(red['cpu_ms_per_job'], 2)} ms/job → one core "
+                           f"of Redis would saturate at ≈ {fmt(1000 / red['cpu_ms_per_job'])} jobs/s")
     if ceiling.get("nats"):
         c = ceiling["nats"]
         if "error" in c:
@@ -1100,6 +1223,12 @@ def report_text(data: Mapping[str, Any]) -> str:
                        f"{fmt(c['core']['delivered_per_s'])}/s; JetStream publish (acked) "
                        f"{fmt(c['jetstream']['publish_acked_per_s'])}/s, pull consume (acked) "
                        f"{fmt(c['jetstream']['pull_consume_acked_per_s'])}/s  ({c['settings']})")
+            js_rate = c["jetstream"].get("publish_acked_per_s")
+            for r in ours:
+                stored = sum(v or 0 for v in ((r.get("nats") or {}).get("jetstream_stored_per_job") or {}).values())
+                if js_rate and stored:
+                    out.append(f"  cordum r={r['replicas']}: {fmt(stored, 2)} JetStream messages stored/job → acked "
+                               f"JetStream publishing alone could carry {fmt(js_rate / stored)} jobs/s")
             for r in ours:
                 per = (r.get("nats") or {}).get("messages_per_job")
                 if per and c["core"].get("delivered_per_s"):
@@ -1121,8 +1250,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="concurrent submitting clients (default %(default)s)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to run ours with (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="echo worker processes (default %(default)s)")
-    parser.add_argument("--worker-parallel", type=int, default=32,
-                        help="WORKER_MAX_PARALLEL of each echo worker (default %(default)s; 0 = the worker's default, 4)")
+    parser.add_argument("--worker-parallel", type=int, default=100000,
+                        help="WORKER_MAX_PARALLEL of each echo worker (default %(default)s; 0 = the worker's "
+                        "default, 4). High on purpose: the scheduler counts dispatches since a worker's last "
+                        "heartbeat (5 s) as active and routes nothing to a worker at >= 90%% of its slots, so a "
+                        "small value caps throughput at ~0.9 x slots per heartbeat interval (see the report)")
+    parser.add_argument("--worker-heartbeat", default="",
+                        help="WORKER_HEARTBEAT_INTERVAL of the echo workers (default: theirs, 5s)")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="open loop: submit at this many jobs/s in total (default: closed loop, as fast as "
+                        "the clients get answers)")
+    parser.add_argument("--idle-jobs", type=int, default=30,
+                        help="jobs run one at a time before the load, for idle latencies (default %(default)s; 0 = none)")
+    parser.add_argument("--monitor-jobs", type=int, default=100,
+                        help="jobs run under Redis MONITOR after the load, to split commands into client-sent "
+                        "and inside-Lua (default %(default)s; 0 = none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     parser.add_argument("--no-peers", action="store_true", help="skip Celery and Dramatiq")
     parser.add_argument("--peers", default="celery,dramatiq", help="which peers (default %(default)s)")
@@ -1156,7 +1298,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    data: dict[str, Any] = {"machine": machine_info(), "jobs": args.jobs, "clients": args.clients, "ours": [],
+    data: dict[str, Any] = {"machine": machine_info(), "jobs": args.jobs, "clients": args.clients,
+                            "rate": args.rate or None, "ours": [],
                             "peers": [], "ratios": {}, "ceiling": {}}
     work = Path(tempfile.mkdtemp(prefix="cordum-bench-"))
     try:
@@ -1184,7 +1327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for r in data["ours"]:
                     if "error" in r:
                         continue
-                    mix = mix_ceiling(r["redis"]["by_command_per_job"], redis["ops_per_s"])
+                    # Client-sent commands only when MONITOR split them out (commandstats also counts
+                    # the commands a script runs, which redis-benchmark's EVAL already includes).
+                    mon = r.get("redis_monitor")
+                    source = mon["top_level_by_command_per_job"] if mon else r["redis"]["by_command_per_job"]
+                    mix = mix_ceiling(source, redis["ops_per_s"])
+                    mix["from"] = "client-sent commands (MONITOR pass)" if mon else "commandstats (incl. inside Lua)"
                     mix["measured_jobs_per_s"] = r["jobs_per_s"]
                     mix["fraction"] = ratio(r["jobs_per_s"], mix["jobs_per_s"])
                     redis["job_mix"][str(r["replicas"])] = mix

@@ -296,6 +296,7 @@ class Engine:
             log.info("scheduler.result_not_applicable", job_id=job_id, error=str(exc))
             return
         self.metrics.completed.labels(topic=topic, status=JobStatus.Name(result.status)).inc()
+        self.registry.completed(result.worker_id)
         await self.store.record_worker_job(result.worker_id, job_id)
         if target in TERMINAL:
             self.metrics.finished.labels(topic=topic, state=target.value).inc()

@@ -46,6 +46,12 @@ class WorkerRegistry:
         if entry is not None:
             entry.dispatched_since += 1
 
+    def completed(self, worker_id: str) -> None:
+        """A result from this worker reached this replica: one job fewer than estimated."""
+        entry = self._workers.get(worker_id)
+        if entry is not None and entry.dispatched_since > 0:
+            entry.dispatched_since -= 1
+
     def alive(self, now: float) -> list[WorkerInfo]:
         live = []
         for worker_id, entry in list(self._workers.items()):

@@ -64,6 +64,7 @@ WORKER_STAGES = ("stop intake", "finish jobs", "close")
 IO_TIMEOUT = 5.0  # per Redis call / result publish (spec §5.7)
 GIVE_BACK_MARGIN = 0.5  # kept before the shutdown deadline to nak the jobs still running
 RETRY_DELAY = 1.0  # nak delay when Redis or the bus failed while running a job
+HEARTBEAT_MIN_GAP = 0.2  # load-change heartbeats: at most five a second
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
 
@@ -220,6 +221,7 @@ class Worker:
         self._early_cancels: RecentMap[str] = RecentMap(1024, result_cache_ttl)
         self._intake_scope = trio.CancelScope()
         self._heartbeat_scope = trio.CancelScope()
+        self._load_changed = trio.Event()
         self._intake_stopped = trio.Event()
         self._serve_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -365,6 +367,7 @@ class Worker:
         self._limiter.release_on_behalf_of(job.token)
         self._jobs_changed.set()
         self._jobs_changed = trio.Event()
+        self._load_changed.set()
 
     # ---- announcing ------------------------------------------------------------------------
 
@@ -411,8 +414,13 @@ class Worker:
             task_status.started()
             started = True
             while True:
-                await trio.sleep(self.heartbeat_interval)
+                # Every interval, and soon after the load changed: the schedulers route by the
+                # active-jobs count in the last heartbeat, so a stale one starves or overloads us.
+                with trio.move_on_after(self.heartbeat_interval):
+                    await self._load_changed.wait()
+                self._load_changed = trio.Event()
                 self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+                await trio.sleep(min(HEARTBEAT_MIN_GAP, self.heartbeat_interval))
         if not started:  # stopped before it started
             task_status.started()
 
@@ -500,6 +508,7 @@ class Worker:
             return
         job = _Job(packet, msg)
         self._jobs[job_id] = job
+        self._load_changed.set()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job)
 

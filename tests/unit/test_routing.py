@@ -89,3 +89,17 @@ def test_registry_expires_silent_workers_and_counts_dispatches():
     assert registry.alive(now=41) == [] and not registry.is_alive("a", 41)
     snapshot = registry.snapshot(POOLS, 11, writer_id="s-1", wall_time=1_700_000_000)
     assert snapshot["writer_id"] == "s-1" and snapshot["topics"]["job.default"]["pool"] == "default"
+
+
+def test_results_seen_by_this_replica_free_the_estimated_slots():
+    registry = WorkerRegistry(ttl=30)
+    registry.observe(Heartbeat(worker_id="a", pool="default", active_jobs=0, max_parallel_jobs=4), now=0)
+    for _ in range(4):
+        registry.dispatched("a")
+    assert registry.alive(now=1)[0].overloaded  # 4 of 4 slots taken, as far as we know
+    registry.completed("a")
+    registry.completed("a")
+    assert [x.active_jobs for x in registry.alive(now=1)] == [2] and not registry.alive(now=1)[0].overloaded
+    for _ in range(5):
+        registry.completed("a")  # never below what the last heartbeat said
+    assert [x.active_jobs for x in registry.alive(now=1)] == [0]
