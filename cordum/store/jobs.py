@@ -6,6 +6,11 @@ new state and fields, and returns the previous state. The indexes (`job:index:<s
 tenant-active, deadline, events, legacy state mirror) follow in one pipeline: idempotent upserts
 and removals, so a crash between the two steps leaves an index stale but never the job itself; the
 readers of indexes (reconciler, replayer, listings) always re-check the hash.
+
+On a single Redis server (no cluster), when the caller knows the job's tenant, the same script also
+runs the index commands (and any follow-ups, such as the decision log) itself: a state change is
+then one round trip. Those keys are passed as data rather than KEYS, which only a single server
+allows; on a cluster the two-step form above is used.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ _NON_TERMINAL = [s for s in JobState if s not in TERMINAL]
 
 # KEYS[1] job:meta:<id>
 # ARGV[1] to-state ("" = fields only)  ARGV[2] allowed from-states, comma separated, "" entry = no
-# state yet  ARGV[3] fence (0 = unfenced)  ARGV[4] now µs  ARGV[5] ttl s  ARGV[6..] field, value
+# state yet  ARGV[3] fence (0 = unfenced)  ARGV[4] now µs  ARGV[5] ttl s
+# ARGV[6] follow-up commands as JSON ("" = none; standalone Redis only: see JobStore.transition)
+# ARGV[7] prefix of the state indexes and ARGV[8] the job id, for leaving the previous state's index
+# ARGV[9..] field, value
 _UPDATE = """
 local cur = redis.call('HGET', KEYS[1], 'state') or ''
 local to = ARGV[1]
@@ -51,12 +59,20 @@ if fence > 0 then
   redis.call('HSET', KEYS[1], '_fence', ARGV[3])
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if to == 'SCHEDULED' and cur ~= 'SCHEDULED' then attempts = attempts + 1 end
+if (to == 'SCHEDULED' or to == 'DISPATCHED') and cur ~= 'SCHEDULED' and cur ~= 'DISPATCHED' then
+  attempts = attempts + 1
+end
 if to ~= '' then
   redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[4], 'attempts', attempts)
 end
-if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+if ARGV[6] ~= '' then
+  for _, command in ipairs(cjson.decode(ARGV[6])) do redis.call(unpack(command)) end
+  if to ~= '' and cur ~= '' and cur ~= to then
+    redis.call('ZREM', ARGV[7] .. string.lower(cur), ARGV[8])
+  end
+end
 return {'OK', cur, tostring(attempts), redis.call('HGET', KEYS[1], 'tenant') or ''}
 """
 
@@ -155,19 +171,20 @@ class JobStore:
     ) -> Transition:
         """Create a job in `state` with its meta, request snapshot, trace and (optional) input
         context. Raises InvalidTransition if the job already exists."""
-        # The request and input are written first: a job whose hash exists can always be re-driven.
-        commands: list[tuple[Any, ...]] = [("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)]
+        after: list[tuple[Any, ...]] = [("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)]
         if context is not None:
-            commands.append(("SET", keys.context(job_id), json.dumps(context), "EX", self.data_ttl))
+            after.append(("SET", keys.context(job_id), json.dumps(context), "EX", self.data_ttl))
         trace_id = str(fields.get("trace_id") or "")
         if trace_id:
-            commands += [("SADD", keys.trace(trace_id), job_id), ("EXPIRE", keys.trace(trace_id), self.meta_ttl)]
-        await self._redis.pipeline(commands)
-        transition = await self.transition(job_id, state, fields=fields, allowed_from=[None])
-        deadline = fields.get("deadline_unix")
-        if deadline:
-            await self._redis.execute("ZADD", keys.JOB_DEADLINE, int(deadline), job_id)
-        return transition
+            after += [("SADD", keys.trace(trace_id), job_id), ("EXPIRE", keys.trace(trace_id), self.meta_ttl)]
+        if fields.get("deadline_unix"):
+            after.append(("ZADD", keys.JOB_DEADLINE, int(fields["deadline_unix"]), job_id))
+        if self._redis.cluster:
+            # The request and input are written first: a job whose hash exists can be re-driven.
+            await self._redis.pipeline(after)
+            after = []
+        return await self.transition(job_id, state, fields=fields, allowed_from=[None],
+                                     tenant=str(fields.get("tenant", "")), after=after)
 
     async def transition(
         self,
@@ -178,15 +195,27 @@ class JobStore:
         fields: Mapping[str, Any] | None = None,
         allowed_from: Iterable[JobState | None] | None = None,
         event: Mapping[str, Any] | None = None,
+        tenant: str | None = None,
+        after: Sequence[tuple[Any, ...]] = (),
     ) -> Transition:
         """Move `job_id` to `to` if the table (or `allowed_from`, which narrows or replaces it)
-        allows it from the current state, and the fence is not older than the last fenced write."""
+        allows it from the current state, and the fence is not older than the last fenced write.
+        `after`: more commands to run once the transition is made (decision log, worker history).
+
+        On a single Redis server, when the caller knows the job's tenant, the whole change
+        (state, indexes, events, `after`) is one script: one round trip. On a cluster the script
+        touches only the job's hash, and the rest follows in a pipeline (see module docstring)."""
         sources = _allowed_sources(to) if allowed_from is None else set(allowed_from)
-        reply = await self._run_update(job_id, to.value, sources, fence, fields)
-        previous, attempts, tenant = parse_state(reply[1]), int(reply[2]), reply[3]
         ts = now_us()
-        await self._redis.pipeline(self._index_commands(job_id, previous, to, tenant, ts, event))
-        return Transition(job_id, previous, to, attempts, tenant)
+        if tenant is not None and not self._redis.cluster:
+            follow = self._index_commands(job_id, None, to, tenant, ts, event) + list(after)
+            reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, follow=follow)
+            previous, attempts = parse_state(reply[1]), int(reply[2])
+            return Transition(job_id, previous, to, attempts, reply[3])
+        reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts)
+        previous, attempts, stored_tenant = parse_state(reply[1]), int(reply[2]), reply[3]
+        await self._redis.pipeline(self._index_commands(job_id, previous, to, stored_tenant, ts, event) + list(after))
+        return Transition(job_id, previous, to, attempts, stored_tenant)
 
     async def cancel(self, job_id: str, reason: str) -> Transition:
         """CANCELLED unless already terminal (bypasses the table, spec §2.8); the returned
@@ -208,10 +237,12 @@ class JobStore:
         await self._run_update(job_id, "", set(), fence, fields)
 
     async def _run_update(
-        self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None
+        self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None,
+        *, ts: int | None = None, follow: Sequence[tuple[Any, ...]] = (),
     ) -> list[str]:
         allowed = "," + ",".join("" if s is None else s.value for s in sources) + ","
-        args: list[Any] = [to, allowed, fence, now_us(), self.meta_ttl]
+        commands = json.dumps([[str(part) for part in command] for command in follow]) if follow else ""
+        args: list[Any] = [to, allowed, fence, ts or now_us(), self.meta_ttl, commands, keys.job_index(""), job_id]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
         reply = await self._update([keys.job_meta(job_id)], args)
@@ -256,15 +287,17 @@ class JobStore:
     async def store_request(self, job_id: str, request: JobRequest) -> None:
         await self._redis.execute("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)
 
-    async def add_decision(self, job_id: str, record: Mapping[str, Any]) -> None:
-        await self._redis.pipeline([
-            ("RPUSH", keys.job_decisions(job_id), json.dumps(record, separators=(",", ":"), default=str)),
-            ("EXPIRE", keys.job_decisions(job_id), self.meta_ttl),
-        ])
+    def decision_commands(self, job_id: str, record: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Appending a safety decision to the job's log (to run with a transition's `after`)."""
+        return [("RPUSH", keys.job_decisions(job_id), json.dumps(record, separators=(",", ":"), default=str)),
+                ("EXPIRE", keys.job_decisions(job_id), self.meta_ttl)]
 
-    async def record_worker_job(self, worker_id: str, job_id: str) -> None:
+    async def add_decision(self, job_id: str, record: Mapping[str, Any]) -> None:
+        await self._redis.pipeline(self.decision_commands(job_id, record))
+
+    def worker_history_commands(self, worker_id: str, job_id: str) -> list[tuple[Any, ...]]:
         key = keys.worker_jobs(worker_id)
-        await self._redis.pipeline([("ZADD", key, now_us(), job_id), ("ZREMRANGEBYRANK", key, 0, -RECENT_MAX - 1)])
+        return [("ZADD", key, now_us(), job_id), ("ZREMRANGEBYRANK", key, 0, -RECENT_MAX - 1)]
 
     # ---- idempotency ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ async def test_allowed_job_is_dispatched_once_and_succeeds(spawn, tmp_path, redi
     result = json.loads(await redis.get(f"res:{job_id}"))
     assert result["echo"] == {"prompt": "hello"}
     states = [e["state"] for e in await store.events(job_id)]
-    assert states == ["PENDING", "SCHEDULED", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+    assert states == ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED"]
     assert meta["safety_decision"] == "ALLOW" and meta["safety_rule_id"] == "allow-default"
 
 

@@ -49,14 +49,20 @@ async def _new_job_with_id(store: JobStore, job_id: str) -> None:
     await store.create(job_id, S.PENDING, request=JobRequest(job_id=job_id), fields={"tenant": "acme"})
 
 
-async def test_transitions_follow_the_table_and_move_indexes(redis):
+@pytest.mark.parametrize("one_trip", [False, True], ids=["two-step", "one-trip"])
+async def test_transitions_follow_the_table_and_move_indexes(redis, one_trip):
     store = JobStore(redis)
     job_id = await _new_job(store)
-    t = await store.transition(job_id, S.SCHEDULED)
+    tenant = {"tenant": "acme"} if one_trip else {}  # a known tenant allows the one-round-trip form
+    t = await store.transition(job_id, S.SCHEDULED, **tenant)
     assert (t.previous, t.state, t.attempts) == (S.PENDING, S.SCHEDULED, 1)
-    await store.transition(job_id, S.DISPATCHED)
-    await store.transition(job_id, S.RUNNING)
-    await store.transition(job_id, S.SUCCEEDED, fields={"result_ptr": "redis://res:" + job_id})
+    await store.transition(job_id, S.DISPATCHED, **tenant)
+    await store.transition(job_id, S.RUNNING, **tenant)
+    assert await redis.zscore(keys.job_index("dispatched"), job_id) is None
+    assert await redis.sismember(keys.tenant_active("acme"), job_id)
+    await store.transition(job_id, S.SUCCEEDED, fields={"result_ptr": "redis://res:" + job_id},
+                           after=[("ZADD", keys.worker_jobs("w-1"), 1, job_id)], **tenant)
+    assert await redis.zscore(keys.worker_jobs("w-1"), job_id) == 1
     with pytest.raises(InvalidTransition) as invalid:
         await store.transition(job_id, S.FAILED)  # terminal: no regression
     assert invalid.value.current == S.SUCCEEDED
