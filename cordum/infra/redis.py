@@ -46,6 +46,7 @@ What keeps Cordum's keys cluster-safe (no CROSSSLOT):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import unquote, urlsplit
@@ -58,6 +59,7 @@ from redis.exceptions import ClusterDownError as _ClusterDownError
 from redis.exceptions import ConnectionError as _ConnectionError
 from redis.exceptions import RedisClusterException as _RedisClusterException
 from redis.exceptions import RedisError as _RedisError
+from redis.exceptions import NoScriptError as _NoScriptError
 from redis.exceptions import ResponseError as _ResponseError
 from redis.exceptions import SlotNotCoveredError as _SlotNotCoveredError
 from redis.exceptions import TimeoutError as _TimeoutError
@@ -107,20 +109,23 @@ class _Gate:
 
 
 class Script:
-    """A Lua script registered with the server; `await script(keys, args)`. On a cluster all KEYS
-    must share one slot: EVALSHA goes to the node owning it."""
+    """A Lua script; `await script(keys, args)`. Calls go through the auto-pipeline as EVALSHA
+    (concurrent script calls share round trips and crossings with other commands); on NOSCRIPT
+    (a restarted or newly promoted server) the script is loaded and the call retried once. On a
+    cluster all KEYS must share one slot: EVALSHA goes to the node owning it."""
 
-    def __init__(self, client: aredis.Redis | RedisCluster, lua: str, gate: _Gate | None = None) -> None:
-        self._script = client.register_script(lua)  # EVALSHA, SCRIPT LOAD on NOSCRIPT
-        self._gate = gate or _Gate(None)
-        self._call = aio(self._run)
-        self.sha = self._script.sha
-
-    async def _run(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._gate.run(self._script, keys=list(keys), args=list(args))
+    def __init__(self, redis: "Redis", lua: str) -> None:
+        self._redis = redis
+        self.lua = lua
+        self.sha = hashlib.sha1(lua.encode()).hexdigest()
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
-        return await self._call(keys, args)
+        command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        try:
+            return await self._redis.execute(*command)
+        except _NoScriptError:
+            await self._redis.script_load(self.lua)  # every primary, on a cluster
+            return await self._redis.execute(*command)
 
 
 class Redis:
@@ -185,7 +190,7 @@ class Redis:
         return await pipe.execute(raise_on_error=False)
 
     def script(self, lua: str) -> Script:
-        return Script(self._client, lua, self._gate)
+        return Script(self, lua)
 
     async def scan_keys(self, match: str, *, count: int = 200, limit: int | None = None) -> list[str]:
         """The keys matching `match`, SCANned to the end (on a cluster: on every primary, each
