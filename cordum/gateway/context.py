@@ -15,7 +15,7 @@ from cordum.gateway.auth import KeyRing, Principal, load_keyring
 from cordum.gateway.errors import ApiError
 from cordum.gateway.idempotency import IdempotencyKeys
 from cordum.infra.bus import Bus
-from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
+from cordum.infra.config import Settings, env_value, parse_listen_addr, parse_positive_duration
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis
 from cordum.runtime.lease import Leases
@@ -28,13 +28,6 @@ SERVICE = "cordum-api-gateway"
 SENDER = "api-gateway"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def _positive_duration(raw: str) -> float:
-    value = parse_duration(raw)
-    if value <= 0:
-        raise ValueError("expected a duration greater than zero")
-    return value
 
 
 def _fail_mode(raw: str) -> str:
@@ -71,9 +64,9 @@ class GatewayOptions:
             http_addr=env_value(settings, "GATEWAY_HTTP_ADDR", ":8081", parse_listen_addr),
             safety_addrs=env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs),
             fail_open=env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode) == "open",
-            dlq_cleanup_interval=env_value(settings, "DLQ_CLEANUP_INTERVAL", "1h", _positive_duration),
+            dlq_cleanup_interval=env_value(settings, "DLQ_CLEANUP_INTERVAL", "1h", parse_positive_duration),
             ws_client_buffer=env_value(settings, "CORDUM_WS_CLIENT_BUFFER_SIZE", "256", _buffer_size),
-            policy_timeout=env_value(settings, "GATEWAY_POLICY_CHECK_TIMEOUT", "5s", _positive_duration),
+            policy_timeout=env_value(settings, "GATEWAY_POLICY_CHECK_TIMEOUT", "5s", parse_positive_duration),
             keys=load_keyring(settings.extra),
             default_tenant=(settings.extra.get("TENANT_ID") or "").strip() or "default",
         )

@@ -60,7 +60,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
-from cordum.infra.config import Settings, env_value, parse_duration
+from cordum.infra.config import Settings, env_value, parse_positive_duration, parse_positive_int
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, RedisError, RedisUnavailable
 from cordum.runtime.log import get_logger
@@ -119,23 +119,6 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError("expected an integer") from None
-    if value < 1:
-        raise ValueError("expected an integer >= 1")
-    return value
-
-
-def _timeout(raw: str) -> float:
-    value = parse_duration(raw)
-    if value <= 0:
-        raise ValueError("expected a duration greater than zero")
-    return value
-
-
 @dataclass(frozen=True)
 class RateLimitConfig:
     rps: float = 30.0
@@ -148,9 +131,9 @@ class RateLimitConfig:
         """Raises ConfigError naming the variable."""
         return cls(
             rps=env_value(settings, "API_RATE_LIMIT_RPS", "30", _positive_float),
-            burst=env_value(settings, "API_RATE_LIMIT_BURST", "50", _positive_int),
+            burst=env_value(settings, "API_RATE_LIMIT_BURST", "50", parse_positive_int),
             use_redis=settings.redis_rate_limit,
-            redis_timeout=env_value(settings, "API_RATE_LIMIT_REDIS_TIMEOUT", "200ms", _timeout),
+            redis_timeout=env_value(settings, "API_RATE_LIMIT_REDIS_TIMEOUT", "200ms", parse_positive_duration),
         )
 
 

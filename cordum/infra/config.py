@@ -227,8 +227,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         nats_servers=nats_servers,
         nats_use_jetstream=_env(env, "NATS_USE_JETSTREAM", "true", parse_bool),
         nats_js_replicas=_env(env, "NATS_JS_REPLICAS", "1", _int_in(1, 5)),
-        nats_js_ack_wait=_env(env, "NATS_JS_ACK_WAIT", "30s", _positive(parse_duration)),
-        nats_js_max_age=_env(env, "NATS_JS_MAX_AGE", "168h", _positive(parse_duration)),
+        nats_js_ack_wait=_env(env, "NATS_JS_ACK_WAIT", "30s", parse_positive_duration),
+        nats_js_max_age=_env(env, "NATS_JS_MAX_AGE", "168h", parse_positive_duration),
         mcp_transport=_env(env, "MCP_TRANSPORT", "stdio", _one_of("stdio", "http")),
         mcp_http_addr=_env(env, "MCP_HTTP_ADDR", ":8090", parse_listen_addr),
         audit_transport=_env(env, "AUDIT_TRANSPORT", "local", _one_of("local", "nats")),
@@ -236,20 +236,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         safety_decision_cache_max_size=_env(
             env, "SAFETY_DECISION_CACHE_MAX_SIZE", "10000", _int_in(1, 10_000_000)
         ),
-        shutdown_timeout=_env(env, "CORDUM_SHUTDOWN_TIMEOUT", "15s", _positive(parse_duration)),
+        shutdown_timeout=_env(env, "CORDUM_SHUTDOWN_TIMEOUT", "15s", parse_positive_duration),
         log_level=_env(env, "CORDUM_LOG_LEVEL", "info", _one_of("debug", "info", "warning", "error")),
         extra=env,
     )
 
 
-def _positive(parse: Callable[[str], float]) -> Callable[[str], float]:
-    def checked(raw: str) -> float:
-        value = parse(raw)
-        if value <= 0:
-            raise ValueError("expected a duration greater than zero")
-        return value
+def parse_positive_duration(raw: str) -> float:
+    value = parse_duration(raw)
+    if value <= 0:
+        raise ValueError("expected a duration greater than zero")
+    return value
 
-    return checked
+
+parse_positive_int = _int_in(1)
 
 
 def env_value(settings: Settings, name: str, default: str, parse: Callable[[str], T]) -> T:

@@ -39,7 +39,7 @@ import trio
 from cordum.agent.v1 import safety_grpc, safety_pb2
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Message, open_bus
-from cordum.infra.config import ConfigError, Settings, env_value, load_settings, parse_duration, parse_listen_addr
+from cordum.infra.config import ConfigError, Settings, env_value, load_settings, parse_listen_addr, parse_positive_duration, parse_positive_int
 from cordum.infra.grpc import GrpcServer
 from cordum.infra.http import HttpServer, make_app
 from cordum.infra.metrics import Metrics
@@ -76,23 +76,6 @@ log = get_logger("safety")
 # ---- configuration -----------------------------------------------------------------------------
 
 
-def _positive_duration(raw: str) -> float:
-    value = parse_duration(raw)
-    if value <= 0:
-        raise ValueError("expected a duration greater than zero")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError("expected an integer") from None
-    if value <= 0:
-        raise ValueError("expected an integer > 0")
-    return value
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     grpc_addr: tuple[str, int]
@@ -112,8 +95,8 @@ class KernelConfig:
             grpc_addr=env_value(settings, "SAFETY_KERNEL_ADDR", ":50051", parse_listen_addr),
             admin_addr=env_value(settings, "SAFETY_KERNEL_ADMIN_ADDR", ":9095", parse_listen_addr),
             policy_path=env_value(settings, "SAFETY_POLICY_PATH", str(DEFAULT_POLICY_PATH), lambda raw: Path(raw.strip())),
-            reload_interval=env_value(settings, "SAFETY_POLICY_RELOAD_INTERVAL", "30s", _positive_duration),
-            max_bytes=env_value(settings, "SAFETY_POLICY_MAX_BYTES", str(DEFAULT_MAX_BYTES), _positive_int),
+            reload_interval=env_value(settings, "SAFETY_POLICY_RELOAD_INTERVAL", "30s", parse_positive_duration),
+            max_bytes=env_value(settings, "SAFETY_POLICY_MAX_BYTES", str(DEFAULT_MAX_BYTES), parse_positive_int),
         )
 
 

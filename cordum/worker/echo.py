@@ -14,12 +14,10 @@ from typing import Any
 
 import trio
 
-from cordum.infra.config import Settings, env_value
+from cordum.infra.config import Settings, env_value, parse_positive_duration, parse_positive_int
 from cordum.worker.worker import (
     JobContext,
     Worker,
-    parse_interval,
-    parse_positive_int,
     parse_topics,
     parse_worker_id,
     run_worker,
@@ -32,7 +30,7 @@ def build(settings: Settings) -> Worker:
     pool = env_value(settings, "WORKER_POOL", "default", str.strip)
     topics = env_value(settings, "WORKER_TOPICS", "job.default", parse_topics)
     max_parallel = env_value(settings, "WORKER_MAX_PARALLEL", "4", parse_positive_int)
-    interval = env_value(settings, "WORKER_HEARTBEAT_INTERVAL", "5s", parse_interval)
+    interval = env_value(settings, "WORKER_HEARTBEAT_INTERVAL", "5s", parse_positive_duration)
     worker = Worker(worker_id, pool or "default", topics, max_parallel_jobs=max_parallel, settings=settings,
                     heartbeat_interval=interval, worker_type="echo", capabilities=["echo"])
 

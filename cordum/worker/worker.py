@@ -37,7 +37,7 @@ from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_WORKER, Handshake
 from cordum.agent.v1.heartbeat_pb2 import Heartbeat
 from cordum.agent.v1.job_pb2 import JOB_STATUS_RUNNING, JobProgress, JobRequest, JobResult
 from cordum.infra.bus import Bus, Message, open_bus
-from cordum.infra.config import Settings, load_settings, parse_duration
+from cordum.infra.config import Settings, load_settings
 from cordum.infra.redis import Redis, open_redis
 from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import PROTOCOL_VERSION, PacketError, decode, encode, new_packet
@@ -728,23 +728,6 @@ def sanitize_id(value: str) -> str:
     return cleaned or "worker"
 
 
-def parse_positive_int(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError("expected an integer") from None
-    if value < 1:
-        raise ValueError("expected an integer >= 1")
-    return value
-
-
-def parse_interval(raw: str) -> float:
-    value = parse_duration(raw)
-    if value <= 0:
-        raise ValueError("expected a duration greater than zero")
-    return value
-
-
 __all__ = [
     "Handler",
     "JobContext",
@@ -753,8 +736,6 @@ __all__ = [
     "WORKER_STAGES",
     "Worker",
     "WorkerStats",
-    "parse_interval",
-    "parse_positive_int",
     "parse_topics",
     "parse_worker_id",
     "run_worker",

@@ -209,6 +209,9 @@ async def test_failing_handler_missing_and_bad_context_give_failed_results(setti
 
         assert calls == [failing.job_request.job_id]  # the handler never saw the bad inputs
         assert await redis.exists(f"res:{failing.job_request.job_id}") == 0
+        with trio.fail_after(2):  # counted once the result is out, a moment after we saw it
+            while worker.stats.failed < 4:
+                await trio.sleep(0.01)
         assert worker.stats.failed == 4
 
 
