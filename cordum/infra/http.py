@@ -1,19 +1,20 @@
-"""HTTP: quart-trio apps on hypercorn's Trio worker, stoppable as a shutdown stage.
+"""HTTP on hypercorn's Trio worker, stoppable as a shutdown stage.
 
-Every service's app gets `/health` and `/metrics`. `HttpServer.drain()` stops accepting, lets
+Every service serves `/health` and `/metrics`: `probe_app` is a bare ASGI app for the services
+that serve nothing else (it spares them quart and its dependencies, about 8 MB of memory per
+replica); `make_app` is a quart-trio app for the API gateway, with the same two routes. `HttpServer.drain()` stops accepting, lets
 in-flight requests finish (bounded by `graceful_timeout`, kept small: hypercorn holds
 `Connection: close` sockets until it expires, DESIGN.md §4.5) and returns when the server is gone.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Awaitable, Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import Response
-from quart_trio import QuartTrio
 
 from cordum.infra.metrics import CONTENT_TYPE, Metrics
 from cordum.runtime.log import get_logger
@@ -23,19 +24,59 @@ log = get_logger("http")
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def make_app(service: str, metrics: Metrics, health: HealthCheck | None = None) -> QuartTrio:
+async def health_body(service: str, metrics: Metrics, health: HealthCheck | None) -> tuple[dict[str, Any], int]:
+    body: dict[str, Any] = {"status": "ok", "service": service, "instance": metrics.instance_id}
+    if health is not None:
+        try:
+            body.update(await health())
+        except Exception as exc:
+            body.update(status="degraded", error=str(exc))
+    return body, 200 if body["status"] == "ok" else 503
+
+
+def probe_app(service: str, metrics: Metrics, health: HealthCheck | None = None) -> Callable[..., Awaitable[None]]:
+    """An ASGI app with `/health` and `/metrics` only."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        if method not in ("GET", "HEAD"):
+            status, content, data = 405, "application/json", json.dumps({"error": "method not allowed", "status": 405})
+        elif path == "/health":
+            body, status = await health_body(service, metrics, health)
+            content, data = "application/json", json.dumps(body)
+        elif path == "/metrics":
+            status, content, data = 200, CONTENT_TYPE, metrics.exposition().decode()
+        else:
+            status, content, data = 404, "application/json", json.dumps({"error": "not found", "status": 404})
+        payload = data.encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content.encode()), (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload if method != "HEAD" else b""})
+
+    return app
+
+
+def make_app(service: str, metrics: Metrics, health: HealthCheck | None = None) -> Any:
+    """A quart-trio app (imported here, so services without one never load quart)."""
+    from quart import Response
+    from quart_trio import QuartTrio
+
     app = QuartTrio(service)
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
 
     @app.get("/health")
     async def _health() -> tuple[dict[str, Any], int]:
-        body: dict[str, Any] = {"status": "ok", "service": service, "instance": metrics.instance_id}
-        if health is not None:
-            try:
-                body.update(await health())
-            except Exception as exc:
-                body.update(status="degraded", error=str(exc))
-        return body, 200 if body["status"] == "ok" else 503
+        return await health_body(service, metrics, health)
 
     @app.get("/metrics")
     async def _metrics() -> Response:

@@ -41,7 +41,7 @@ from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Message, open_bus
 from cordum.infra.config import ConfigError, Settings, env_value, load_settings, parse_listen_addr, parse_positive_duration, parse_positive_int
 from cordum.infra.grpc import GrpcServer
-from cordum.infra.http import HttpServer, make_app
+from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, RedisError, open_redis
 from cordum.runtime.instances import serve_registration
@@ -338,7 +338,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         snapshots = SnapshotLog(redis)
         watcher.snapshots = snapshots
         await watcher.record_pending()
-        http = HttpServer(make_app(SERVICE, metrics, health), *config.admin_addr, graceful_timeout=1.0)
+        http = HttpServer(probe_app(SERVICE, metrics, health), *config.admin_addr, graceful_timeout=1.0)
         grpc = GrpcServer([(safety_grpc.SafetyKernelBase, SafetyKernelService(kernel, snapshots, counters))])
         watch = trio.CancelScope()
 

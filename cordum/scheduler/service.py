@@ -20,7 +20,7 @@ import trio
 from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_SCHEDULER, Handshake
 from cordum.infra.bus import open_bus
 from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
-from cordum.infra.http import HttpServer, make_app
+from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import open_redis
 from cordum.protocol import subjects
@@ -81,7 +81,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             await redis.ping()
             return {"workers": len(registry.alive(trio.current_time()))}
 
-        http = HttpServer(make_app(NAME, metrics, health), *http_addr)
+        http = HttpServer(probe_app(NAME, metrics, health), *http_addr)
         consumers = [
             PacketConsumer(bus, subjects.SUBMIT, engine.on_submit, counters, queue=subjects.QUEUE_SCHEDULER),
             PacketConsumer(bus, subjects.RESULT, engine.on_result, counters, queue=subjects.QUEUE_SCHEDULER),

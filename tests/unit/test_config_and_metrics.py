@@ -72,3 +72,13 @@ def test_logs_never_show_secrets(capsys):
     log.get_logger("x").info("connect", redis_url="redis://:hunter2@db:6379/0", api_key="s3cret", user="bob")
     line = capsys.readouterr().err
     assert "hunter2" not in line and "s3cret" not in line and '"user":"bob"' in line
+
+
+def test_services_without_an_api_do_not_load_quart():
+    # quart and its dependencies cost ~8 MB per replica; only the gateway needs them.
+    import subprocess
+    import sys
+
+    for module in ("cordum.scheduler.service", "cordum.safety.service", "cordum.worker.echo"):
+        code = f"import sys, {module}; sys.exit('quart' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
