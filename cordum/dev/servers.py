@@ -236,36 +236,9 @@ def start_nats_cluster(workdir: Path, nodes: int = 3, *, name: str = "cordum", t
 
 def _wait_for_jetstream_cluster(cluster: NatsCluster, replicas: int, timeout: float) -> None:
     """Create (and delete) a stream with `replicas` replicas, retrying until the JetStream meta
-    leader is elected and enough peers are known. Runs in a separate Python process: a plain
-    asyncio loop in this one could clash with a trio-asyncio loop (DESIGN.md §4.7)."""
-    probe = f"""
-import asyncio, sys, time
-import nats
-from nats.js.api import StorageType
-
-async def main():
-    deadline = time.monotonic() + {timeout!r}
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            nc = await nats.connect(servers={[node.url for node in cluster.nodes]!r}, connect_timeout=2,
-                                    max_reconnect_attempts=0, allow_reconnect=False)
-            try:
-                js = nc.jetstream(timeout=2)
-                await js.add_stream(name="CORDUM_CLUSTER_PROBE", subjects=["cordum.cluster.probe"],
-                                    num_replicas={replicas}, storage=StorageType.MEMORY)
-                await js.delete_stream("CORDUM_CLUSTER_PROBE")
-                return
-            finally:
-                await nc.close()
-        except Exception as exc:
-            last = exc
-            await asyncio.sleep(0.25)
-    sys.exit(f"JetStream cluster not ready: {{last!r}}")
-
-asyncio.run(main())
-"""
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout + 15,
-                          stdin=subprocess.DEVNULL)
+    leader is elected and enough peers are known (`cordum.infra.nats_probe`, in its own process)."""
+    servers = ",".join(node.url for node in cluster.nodes)
+    done = subprocess.run([sys.executable, "-m", "cordum.infra.nats_probe", servers, str(replicas), str(timeout)],
+                          capture_output=True, text=True, timeout=timeout + 15, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise TimeoutError(done.stderr.strip()[-2000:] or "JetStream cluster not ready")
