@@ -8,7 +8,7 @@ against paused holders.
 - A holder keeps a local, conservative validity deadline (send time of its last successful
   renewal + TTL - margin). When renewals fail or report the lease gone, the protected work is
   cancelled before that deadline passes, i.e. before anyone else can have been granted the lease.
-  Writes the lease protects carry its fence (`cordum.store.fencing`), so even a holder that was
+  Writes the lease protects carry its fence (`JobStore` refuses an older one), so even a holder that was
   paused past expiry cannot overwrite its successor's work.
 """
 

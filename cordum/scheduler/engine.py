@@ -8,6 +8,7 @@ change the job. Redelivery is safe at every point: the job's state says what was
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -31,7 +32,8 @@ from cordum.store import keys
 from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us
 from cordum.store.jobstate import (
-    MAX_SCHEDULING_RETRIES, TERMINAL, JobState, can_transition, result_goes_to_dlq, state_for_result,
+    MAX_SCHEDULING_RETRIES, RETRY_LOCK_BUSY_S, RETRY_NO_WORKERS_S, RETRY_SAFETY_THROTTLE_S, TERMINAL, JobState,
+    backoff_delay, can_transition, result_goes_to_dlq, scheduling_retries_exhausted, state_for_result,
     status_for_state,
 )
 from cordum.store.validate import tenant_problems, validate_job_request, validate_job_result
@@ -88,7 +90,7 @@ class Engine:
             if lease is not None:
                 return lease
             if trio.current_time() + delay > deadline:
-                raise Retry(0.5, f"job {job_id} is locked")
+                raise Retry(RETRY_LOCK_BUSY_S, f"job {job_id} is locked")
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
@@ -165,7 +167,7 @@ class Engine:
         if meta is None:  # published straight to the bus (workflow engine, other producers)
             await self.store.create(job_id, S.PENDING, request=request, fields=_fields_from_request(request, packet.trace_id))
             meta = {"attempts": 0, "tenant": tenant, "topic": request.topic}
-        if int(meta.get("attempts", 0)) >= MAX_SCHEDULING_RETRIES:
+        if scheduling_retries_exhausted(int(meta.get("attempts", 0))):
             await self._finish(job_id, request.topic, S.FAILED, fence, "max_scheduling_retries",
                                f"gave up after {MAX_SCHEDULING_RETRIES} scheduling attempts")
             return
@@ -174,7 +176,7 @@ class Engine:
         if decision.verdict is Verdict.UNAVAILABLE:
             self.metrics.unavailable.labels(topic=request.topic).inc()
             if not self.config.fail_open:
-                raise Retry(5.0, decision.reason)
+                raise Retry(RETRY_SAFETY_THROTTLE_S, decision.reason)
             decided: dict = {"safety_bypassed": True}
             recorded: list = []
         else:
@@ -182,7 +184,7 @@ class Engine:
             decided = _decision_fields(decision)
             recorded = self.store.decision_commands(job_id, _decision_record(decision))
         if decision.verdict is Verdict.THROTTLE:
-            raise Retry(5.0, "throttled by policy")
+            raise Retry(RETRY_SAFETY_THROTTLE_S, "throttled by policy")
         if decision.verdict is Verdict.REQUIRE_APPROVAL:
             await self.store.transition(job_id, S.APPROVAL_REQUIRED, fence=fence, tenant=tenant, after=recorded,
                                         fields={**decided, "approval_status": "pending", "safety_approval_required": True})
@@ -205,7 +207,7 @@ class Engine:
             log.info("scheduler.no_route", job_id=job_id, code=exc.code, reason=str(exc))
             await self.store.set_fields(job_id, {**decided, "route_wait_at": now_us(), "route_wait_reason": exc.code},
                                         fence=fence)
-            raise Retry(2.0, str(exc)) from None
+            raise Retry(RETRY_NO_WORKERS_S, str(exc)) from None
         await self._dispatch(packet, request, worker.worker_id, fence, started, tenant=tenant, fields=decided,
                              after=recorded)
 
@@ -227,7 +229,7 @@ class Engine:
         except Exception as exc:
             await self.store.transition(job_id, S.SCHEDULED, fence=fence, tenant=tenant, event={"rollback": repr(exc)})
             log.warning("scheduler.dispatch_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
-            raise Retry(2.0, "dispatch publish failed") from None
+            raise Retry(backoff_delay(dispatched.attempts, rand=random.random()), "dispatch publish failed") from None
         await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant)
         self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
 

@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from cordum.agent.v1.job_pb2 import JobRequest
 from cordum.infra.redis import Redis, score_pairs
 from cordum.store import keys
-from cordum.store.jobstate import TERMINAL, TRANSITIONS, JobState, parse_state
+from cordum.store.jobstate import TERMINAL, TRANSITIONS, JobState, increments_attempts, parse_state
 
 DAY = 24 * 3600
 META_TTL = 7 * DAY
@@ -41,7 +41,8 @@ _NON_TERMINAL = [s for s in JobState if s not in TERMINAL]
 # state yet  ARGV[3] fence (0 = unfenced)  ARGV[4] now µs  ARGV[5] ttl s
 # ARGV[6] follow-up commands as JSON ("" = none; standalone Redis only: see JobStore.transition)
 # ARGV[7] prefix of the state indexes and ARGV[8] the job id, for leaving the previous state's index
-# ARGV[9..] field, value
+# ARGV[9] the from-states whose move to `to` counts a scheduling attempt (jobstate.increments_attempts)
+# ARGV[10..] field, value
 _UPDATE = """
 local cur = redis.call('HGET', KEYS[1], 'state') or ''
 local to = ARGV[1]
@@ -59,13 +60,11 @@ if fence > 0 then
   redis.call('HSET', KEYS[1], '_fence', ARGV[3])
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if (to == 'SCHEDULED' or to == 'DISPATCHED') and cur ~= 'SCHEDULED' and cur ~= 'DISPATCHED' then
-  attempts = attempts + 1
-end
+if to ~= '' and string.find(ARGV[9], ',' .. cur .. ',', 1, true) then attempts = attempts + 1 end
 if to ~= '' then
   redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[4], 'attempts', attempts)
 end
-if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
+if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if ARGV[6] ~= '' then
   for _, command in ipairs(cjson.decode(ARGV[6])) do redis.call(unpack(command)) end
@@ -240,9 +239,10 @@ class JobStore:
         self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None,
         *, ts: int | None = None, follow: Sequence[tuple[Any, ...]] = (),
     ) -> list[str]:
-        allowed = "," + ",".join("" if s is None else s.value for s in sources) + ","
+        allowed = _state_list(sources)
+        counting = _state_list({s for s in sources if to and increments_attempts(s, to)})
         commands = json.dumps([[str(part) for part in command] for command in follow]) if follow else ""
-        args: list[Any] = [to, allowed, fence, ts or now_us(), self.meta_ttl, commands, keys.job_index(""), job_id]
+        args: list[Any] = [to, allowed, fence, ts or now_us(), self.meta_ttl, commands, keys.job_index(""), job_id, counting]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
         reply = await self._update([keys.job_meta(job_id)], args)
@@ -412,6 +412,13 @@ class JobStore:
         if state is not None:
             commands.append(("ZREM", keys.job_index(state.value), job_id))
         await self._redis.pipeline(commands)
+
+
+def _state_list(states: Iterable[JobState | None]) -> str:
+    """`,A,B,` for a Lua membership test; the empty entry stands for "no state yet" (so an empty
+    set must be "", not ",,")."""
+    names = ["" if s is None else s.value for s in states]
+    return "," + ",".join(names) + "," if names else ""
 
 
 def _allowed_sources(to: JobState) -> set[JobState | None]:

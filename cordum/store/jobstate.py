@@ -149,8 +149,15 @@ def check_transition(from_state: JobState | str | None, to_state: JobState | str
 
 
 def increments_attempts(from_state: JobState | str | None, to_state: JobState | str) -> bool:
-    """§2.4: a state write increments `attempts` iff it enters SCHEDULED from a different state."""
-    return parse_state(to_state) is S.SCHEDULED and parse_state(from_state) is not S.SCHEDULED
+    """A state write counts a scheduling attempt when it enters SCHEDULED from another state
+    (§2.4; a dispatch rolled back counts), or enters DISPATCHED straight from a state before
+    scheduling (our dispatch skips SCHEDULED). The job store applies exactly this rule."""
+    source, target = parse_state(from_state), parse_state(to_state)
+    if target is S.SCHEDULED:
+        return source is not S.SCHEDULED
+    if target is S.DISPATCHED:
+        return source not in (S.SCHEDULED, S.DISPATCHED)
+    return False
 
 
 # ---- JobState <-> CAP JobStatus ----------------------------------------------------------------

@@ -129,6 +129,20 @@ class Stack:
                             f"{name} ready (stderr: {proc.lines('err')[-5:]})")
 
 
+async def job_path(spawn, tmp_path: Path, *, worker: bool = True, **env: str) -> Stack:
+    """A safety kernel, a scheduler (`scheduler-1`) and, unless told not to, an echo worker
+    (`worker-1`), ready; with a worker, also long enough for its heartbeats to reach the scheduler."""
+    stack = Stack.create(spawn, tmp_path, **env)
+    stack.kernel()
+    stack.scheduler("scheduler-1")
+    if worker:
+        stack.worker("worker-1")
+    await stack.ready()
+    if worker:
+        await trio.sleep(1.0)
+    return stack
+
+
 async def submit_direct(store: JobStore, bus, topic: str = "job.default", tenant: str = "default",
                         context: object = None, job_id: str | None = None) -> str:
     """What the gateway does for an allowed job: persist it PENDING with its context, publish it."""

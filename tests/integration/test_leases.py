@@ -7,7 +7,9 @@ import trio
 
 from cordum.runtime.lease import LeaseLost, Leases, LeaseUnavailable
 from cordum.store import keys
-from cordum.store.fencing import FencedHashes, StaleFence
+from cordum.agent.v1.job_pb2 import JobRequest
+from cordum.store.jobs import JobStore, StaleFence
+from cordum.store.jobstate import JobState
 from tests.conftest import unique
 
 
@@ -82,18 +84,21 @@ async def test_losing_the_lease_cancels_the_protected_work(redis):
 
 
 async def test_stale_holder_fenced_write_is_rejected(redis):
+    # The job's own lock, as the scheduler takes it; the job store checks the fence on every write.
     a, b = Leases(redis, "paused"), Leases(redis, "successor")
-    store = FencedHashes(redis)
-    key, record = unique("cordum:test:lock"), unique("test:record")
-    stale = await a.try_acquire(key, 0.2)
-    await store.hset(record, stale.fence, {"state": "RUNNING", "by": "paused"})
+    store = JobStore(redis)
+    job_id = unique("job")
+    await store.create(job_id, JobState.PENDING, request=JobRequest(job_id=job_id), fields={"tenant": "t"})
+    stale = await a.try_acquire(keys.job_lock(job_id), 0.2)
+    await store.transition(job_id, JobState.DISPATCHED, fence=stale.fence, fields={"worker_id": "paused"})
     await trio.sleep(0.3)  # the holder "pauses" past its TTL
-    fresh = await b.try_acquire(key, 5)
-    await store.hset(record, fresh.fence, {"state": "SUCCEEDED", "by": "successor"})
+    fresh = await b.try_acquire(keys.job_lock(job_id), 5)
+    await store.transition(job_id, JobState.RUNNING, fence=fresh.fence, fields={"worker_id": "successor"})
     with pytest.raises(StaleFence) as rejected:
-        await store.hset(record, stale.fence, {"state": "FAILED", "by": "paused"})
-    assert rejected.value.current == fresh.fence
-    assert await redis.hgetall(record) == {"_fence": str(fresh.fence), "state": "SUCCEEDED", "by": "successor"}
+        await store.transition(job_id, JobState.FAILED, fence=stale.fence, fields={"worker_id": "paused"})
+    assert rejected.value.held == fresh.fence
+    meta = await store.get(job_id)
+    assert (meta["state"], meta["worker_id"], meta["_fence"]) == ("RUNNING", "successor", fresh.fence)
 
 
 async def test_errors_from_the_body_come_out_unwrapped_and_release_the_lease(redis):

@@ -10,18 +10,13 @@ from cordum.agent.v1.job_pb2 import JobResult
 from cordum.protocol.packets import decode, encode, new_packet
 from cordum.store.jobs import JobStore
 from tests.conftest import unique
-from tests.integration.stack import Stack, http_get, metric, submit_direct, wait_state
+from tests.integration.stack import Stack, http_get, job_path, metric, submit_direct, wait_state
 from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 
 async def test_allowed_job_is_dispatched_once_and_succeeds(spawn, tmp_path, redis, bus):
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    stack.worker()
-    await stack.ready()
+    await job_path(spawn, tmp_path)
     store = JobStore(redis)
-    await trio.sleep(1.0)  # the worker's first heartbeats reach the scheduler
     job_id = await submit_direct(store, bus, context={"prompt": "hello"})
     meta = await wait_state(store, job_id, {"SUCCEEDED"})
     assert meta["worker_id"] == "worker-1" and meta["result_ptr"] == f"redis://res:{job_id}"
@@ -43,10 +38,7 @@ async def _next_dlq_event(events, job_id: str):
 
 
 async def test_denied_job_goes_to_the_dlq(spawn, tmp_path, redis, bus):
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    await stack.ready()
+    await job_path(spawn, tmp_path, worker=False)
     store = JobStore(redis)
     async with bus.consume("sys.job.dlq", unique("dlq-watch")) as dlq_events:
         job_id = await submit_direct(store, bus, topic="job.danger")
@@ -57,13 +49,9 @@ async def test_denied_job_goes_to_the_dlq(spawn, tmp_path, redis, bus):
 
 
 async def test_worker_killed_mid_job_times_out_into_the_dlq(spawn, tmp_path, redis, bus):
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    worker = stack.worker()
-    await stack.ready()
+    stack = await job_path(spawn, tmp_path)
+    worker = stack.procs["worker-1"]
     store = JobStore(redis)
-    await trio.sleep(1.0)
     async with bus.consume("sys.job.dlq", unique("dlq-watch")) as dlq_events:
         job_id = await submit_direct(store, bus, context={"sleep_ms": 20000})
         await wait_state(store, job_id, {"RUNNING"})
@@ -75,13 +63,8 @@ async def test_worker_killed_mid_job_times_out_into_the_dlq(spawn, tmp_path, red
 
 
 async def test_duplicate_and_late_results_make_one_terminal_transition(spawn, tmp_path, redis, bus):
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    stack.worker()
-    await stack.ready()
+    await job_path(spawn, tmp_path)
     store = JobStore(redis)
-    await trio.sleep(1.0)
     job_id = await submit_direct(store, bus)
     await wait_state(store, job_id, {"SUCCEEDED"})
     late = JobResult(job_id=job_id, status=6, worker_id="worker-1", error_message="late failure")
@@ -98,10 +81,7 @@ async def test_duplicate_and_late_results_make_one_terminal_transition(spawn, tm
 
 
 async def test_job_needing_approval_is_held(spawn, tmp_path, redis, bus):
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    await stack.ready()
+    await job_path(spawn, tmp_path, worker=False)
     store = JobStore(redis)
     job_id = await submit_direct(store, bus, topic="job.approve")
     meta = await wait_state(store, job_id, {"APPROVAL_REQUIRED"})
@@ -109,10 +89,7 @@ async def test_job_needing_approval_is_held(spawn, tmp_path, redis, bus):
 
 
 async def test_a_job_waits_for_a_worker_and_runs_when_one_arrives(spawn, tmp_path, redis, bus):
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    await stack.ready()
+    stack = await job_path(spawn, tmp_path, worker=False)
     store = JobStore(redis)
     job_id = await submit_direct(store, bus)
     await trio.sleep(1.5)
@@ -166,13 +143,9 @@ async def test_sigterm_stops_the_scheduler_in_its_declared_order(spawn, tmp_path
 
     from cordum.scheduler.service import STAGES
 
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    scheduler = stack.scheduler()
-    stack.worker()
-    await stack.ready()
+    stack = await job_path(spawn, tmp_path)
+    scheduler = stack.procs["scheduler-1"]
     store = JobStore(redis)
-    await trio.sleep(1.0)
     jobs = [await submit_direct(store, bus, context={"sleep_ms": 300}) for _ in range(5)]
     scheduler.signal(signals.SIGTERM)
     code = await trio.to_thread.run_sync(scheduler.wait, 15)
@@ -218,13 +191,8 @@ async def test_retrying_and_invalid_jobs_do_not_wait_forever(spawn, tmp_path, re
     from cordum.agent.v1.job_pb2 import JobRequest
     from cordum.store.jobstate import JobState
 
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    stack.worker()
-    await stack.ready()
+    await job_path(spawn, tmp_path)
     store = JobStore(redis)
-    await trio.sleep(1.0)
     # A worker said FAILED_RETRYABLE: the replayer runs it again once it is old enough.
     job_id = unique("job")
     request = JobRequest(job_id=job_id, topic="job.default", tenant_id="default", context_ptr=f"redis://ctx:{job_id}")

@@ -231,3 +231,12 @@ async def test_multi_key_scripts_share_a_slot_and_transactions_work(redis):
     if redis.cluster:  # two unrelated keys: refused (by redis-py, before anything is sent)
         with pytest.raises(CrossSlotError):
             await redis.pipeline([("DEL", "spread:1", "spread:2")])
+
+
+async def test_the_store_counts_attempts_by_the_pure_rule(redis):
+    store = JobStore(redis)
+    job_id = await _new_job(store)
+    assert (await store.transition(job_id, S.DISPATCHED)).attempts == 1  # straight from PENDING
+    assert (await store.transition(job_id, S.SCHEDULED)).attempts == 2  # a rolled-back dispatch counts
+    assert (await store.transition(job_id, S.DISPATCHED)).attempts == 2  # counted on entering SCHEDULED
+    assert (await store.transition(job_id, S.RUNNING)).attempts == 2

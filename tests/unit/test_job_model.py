@@ -142,9 +142,13 @@ def test_empty_string_means_no_state_and_unknown_strings_are_rejected():
         (S.DISPATCHED, S.SCHEDULED, True),  # rollback re-enters SCHEDULED: counts
         (S.SCHEDULED, S.SCHEDULED, False),  # self-write does not
         (S.PENDING, S.RUNNING, False),
+        (S.PENDING, S.DISPATCHED, True),  # a dispatch straight from PENDING is an attempt
+        (S.RETRYING, S.DISPATCHED, True),
+        (S.SCHEDULED, S.DISPATCHED, False),  # already counted when it entered SCHEDULED
+        (S.DISPATCHED, S.DISPATCHED, False),
     ],
 )
-def test_attempts_increment_only_when_entering_scheduled(src, dst, expected):
+def test_attempts_increment_when_a_scheduling_attempt_starts(src, dst, expected):
     assert js.increments_attempts(src, dst) is expected
 
 
