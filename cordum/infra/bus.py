@@ -101,6 +101,11 @@ class Message:
     async def in_progress(self) -> None:
         self._settle("progress")
 
+    def give_back(self) -> None:
+        """Redeliver now (to any replica): for a message taken but not handled, e.g. on shutdown.
+        Synchronous so that it also works in a cancelled scope."""
+        self._settle("nak")
+
 
 class Bus:
     def __init__(self, nc: NatsClient, settings: Settings) -> None:
@@ -243,7 +248,7 @@ class Bus:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             for msg in leftovers:
-                await msg.nak()
+                msg.give_back()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
                     await aio(self._release_pull)(psub)
@@ -260,12 +265,24 @@ class Bus:
                 try:
                     raws = await fetch(psub, 1, timeout)
                     while raws:
-                        for raw in raws:
-                            await send.send(Message(raw, self, jetstream=True))
+                        await self._hand_over(raws, send)
                         raws = await fetch(psub, batch, 0.01) if batch > 1 else []
                 except Exception as exc:  # connection trouble: back off, the client reconnects
                     log.warning("bus.fetch_failed", error=repr(exc))
                     await trio.sleep(1)
+
+    async def _hand_over(self, raws: list[NatsMsg], send: trio.MemorySendChannel[Message]) -> None:
+        messages = [Message(raw, self, jetstream=True) for raw in raws]
+        sent = 0
+        try:
+            for message in messages:
+                await send.send(message)
+                sent += 1
+        finally:
+            # Stopped while the consumer was busy: what it never took goes back to the stream
+            # at once, rather than waiting out the ack wait on this (departing) replica.
+            for message in messages[sent:]:
+                message.give_back()
 
     @staticmethod
     async def _fetch(psub: Any, batch: int, timeout: float) -> list[NatsMsg]:

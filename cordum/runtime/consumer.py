@@ -83,7 +83,11 @@ class PacketConsumer:
                     async with source as messages:
                         task_status.started()
                         async for msg in messages:
-                            await self._limiter.acquire_on_behalf_of(msg)
+                            try:
+                                await self._limiter.acquire_on_behalf_of(msg)
+                            except BaseException:
+                                msg.give_back()  # intake stopped before a handler took it
+                                raise
                             handlers.start_soon(
                                 _handle, msg, self.subject, self.handler, self.counters, self._limiter,
                                 self.max_deliveries, self.on_poison,
@@ -160,5 +164,8 @@ async def _handle(
             return
         counters.handled.labels(subject=subject).inc()
         await msg.ack()
+    except trio.Cancelled:
+        msg.give_back()  # a hard stop cut the handler short: redeliver now, not after the ack wait
+        raise
     finally:
         limiter.release_on_behalf_of(msg)

@@ -39,7 +39,10 @@ async def _topology(spawn, tmp_path):
 
     kernels = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev",
-                         SAFETY_KERNEL_ADDR=",".join(kernels), CORDUM_SHUTDOWN_TIMEOUT="15s")
+                         SAFETY_KERNEL_ADDR=",".join(kernels), CORDUM_SHUTDOWN_TIMEOUT="15s",
+                         # Room for a loaded machine, still far below the 30 s ack wait: a result
+                         # stranded on a departing replica would still time its job out.
+                         SCHEDULER_RUNNING_TIMEOUT="10s", SCHEDULER_DISPATCH_TIMEOUT="10s")
     for n, addr in enumerate(kernels, 1):
         stack.kernel(f"kernel-{n}", SAFETY_KERNEL_ADDR=addr)
     for n in (1, 2):

@@ -11,7 +11,7 @@ from cordum.infra.bus import Outgoing
 from cordum.infra.config import load_settings
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import ResponseError, open_redis
-from cordum.protocol.packets import encode, new_packet
+from cordum.protocol.packets import decode, encode, new_packet
 from cordum.runtime.consumer import ConsumerMetrics, Retry, serve_packets
 from tests.conftest import unique
 
@@ -138,6 +138,53 @@ async def test_unhandled_fetched_messages_go_back_on_close(bus):
                 rest.append(msg.data)
                 await msg.ack()
     assert sorted(rest) == [b"m1", b"m2", b"m3", b"m4"]
+
+
+async def test_messages_held_by_a_blocked_pump_go_back_on_close(bus):
+    queue = unique("q")
+    async with bus.consume("sys.job.cancel", queue, batch=2) as messages:
+        for n in range(7):
+            await bus.publish("sys.job.cancel", f"m{n}".encode())
+        first = await messages.receive()
+        await first.ack()
+        await trio.sleep(0.3)  # the channel (2) is full and the pump holds a fetched batch in hand
+    async with bus.consume("sys.job.cancel", queue) as messages:
+        rest = []
+        with trio.fail_after(5):
+            while len(rest) < 6:
+                msg = await messages.receive()
+                rest.append(msg.data)
+                await msg.ack()
+    assert sorted(rest) == [f"m{n}".encode() for n in range(1, 7)]
+
+
+async def test_stopped_consumer_gives_back_running_and_waiting_messages(bus, settings):
+    queue, counters = unique("q"), ConsumerMetrics(Metrics(settings.instance_id))
+    started = trio.Event()
+
+    async def stuck(packet, msg) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    def result(job_id: str) -> bytes:
+        return encode(new_packet(JobResult(job_id=job_id, worker_id="w", status=5), sender_id="w"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_packets(
+            bus, "sys.job.result", stuck, counters, queue=queue, concurrency=1, task_status=task_status))
+        for job_id in ("a", "b", "c"):
+            await bus.publish("sys.job.result", result(job_id))
+        await started.wait()
+        await trio.sleep(0.3)  # "a" is in its handler, "b" waits for a handler slot
+        nursery.cancel_scope.cancel()
+    seen = []
+    async with bus.consume("sys.job.result", queue) as messages:
+        with trio.fail_after(5):
+            while len(seen) < 3:
+                msg = await messages.receive()
+                seen.append(decode(msg.data).job_result.job_id)
+                await msg.ack()
+    assert sorted(seen) == ["a", "b", "c"]
 
 
 async def test_malformed_packets_are_counted_and_the_consumer_keeps_going(bus, settings):
