@@ -46,6 +46,19 @@ class Outgoing:
     headers: Mapping[str, str] | None = None
 
 
+class _PullRelease:
+    """What a departing pull subscription hands back. Naked while the subscription is still open,
+    a message would be redelivered straight into this subscription's own outstanding long-poll,
+    where nobody reads it any more (it would wait out the ack wait). So they are held here and
+    naked only after the unsubscribe, once the server has dropped this subscription's pulls."""
+
+    __slots__ = ("open", "held")
+
+    def __init__(self) -> None:
+        self.open = True
+        self.held: list[NatsMsg] = []
+
+
 @dataclass(frozen=True, slots=True)
 class _Action:
     kind: str  # "ack" | "nak" | "term" | "progress"
@@ -57,9 +70,10 @@ class Message:
     """A received message. Acks are queued and sent in batches (they are fire-and-forget in
     JetStream anyway); on core NATS they are no-ops."""
 
-    __slots__ = ("subject", "data", "headers", "reply", "num_delivered", "stream_seq", "_raw", "_bus", "_settled")
+    __slots__ = ("subject", "data", "headers", "reply", "num_delivered", "stream_seq", "_raw", "_bus", "_settled",
+                 "_release")
 
-    def __init__(self, raw: NatsMsg, bus: "Bus", *, jetstream: bool) -> None:
+    def __init__(self, raw: NatsMsg, bus: "Bus", *, jetstream: bool, release: _PullRelease | None = None) -> None:
         self.subject = raw.subject
         self.data = raw.data
         self.headers = raw.headers
@@ -67,6 +81,7 @@ class Message:
         self._raw = raw if jetstream else None
         self._bus = bus
         self._settled = False
+        self._release = release
         if jetstream:
             meta = raw.metadata
             self.num_delivered = meta.num_delivered
@@ -104,7 +119,13 @@ class Message:
     def give_back(self) -> None:
         """Redeliver now (to any replica): for a message taken but not handled, e.g. on shutdown.
         Synchronous so that it also works in a cancelled scope."""
-        self._settle("nak")
+        if self._raw is None or self._settled:
+            return
+        if self._release is not None and self._release.open:
+            self._settled = True
+            self._release.held.append(self._raw)
+        else:
+            self._settle("nak")
 
 
 class Bus:
@@ -230,10 +251,11 @@ class Bus:
         durable = subjects.durable_name(queue, subject)
         stream = subjects.stream_for(subject)
         psub = await aio(self._bind_durable)(stream, durable, subject)
+        release = _PullRelease()
         send, receive = trio.open_memory_channel[Message](batch)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, psub, send, batch, fetch_timeout)
+                nursery.start_soon(self._pump, psub, release, send, batch, fetch_timeout)
                 try:
                     yield receive
                 finally:
@@ -251,11 +273,13 @@ class Bus:
                 msg.give_back()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
-                    await aio(self._release_pull)(psub)
+                    await aio(self._release_pull)(psub, release)
                 except Exception as exc:
                     log.debug("bus.pull_release_failed", durable=durable, error=repr(exc))
 
-    async def _pump(self, psub: Any, send: trio.MemorySendChannel[Message], batch: int, timeout: float) -> None:
+    async def _pump(
+        self, psub: Any, release: _PullRelease, send: trio.MemorySendChannel[Message], batch: int, timeout: float
+    ) -> None:
         # Long-poll for ONE message (nats-py returns it at once), then take whatever else is
         # already waiting with a near-zero wait: a batched long-poll would hold a lone message
         # until the batch filled or the poll expired.
@@ -265,14 +289,16 @@ class Bus:
                 try:
                     raws = await fetch(psub, 1, timeout)
                     while raws:
-                        await self._hand_over(raws, send)
+                        await self._hand_over(raws, release, send)
                         raws = await fetch(psub, batch, 0.01) if batch > 1 else []
                 except Exception as exc:  # connection trouble: back off, the client reconnects
                     log.warning("bus.fetch_failed", error=repr(exc))
                     await trio.sleep(1)
 
-    async def _hand_over(self, raws: list[NatsMsg], send: trio.MemorySendChannel[Message]) -> None:
-        messages = [Message(raw, self, jetstream=True) for raw in raws]
+    async def _hand_over(
+        self, raws: list[NatsMsg], release: _PullRelease, send: trio.MemorySendChannel[Message]
+    ) -> None:
+        messages = [Message(raw, self, jetstream=True, release=release) for raw in raws]
         sent = 0
         try:
             for message in messages:
@@ -291,16 +317,23 @@ class Bus:
         except TimeoutError:  # nats-py raises the builtin on an idle fetch (DESIGN.md §4.3)
             return []
 
-    async def _release_pull(self, psub: Any) -> None:
-        queue = psub._sub._pending_queue
-        while not queue.empty():
-            raw = queue.get_nowait()
-            if raw.reply and not JetStreamContext.is_status_msg(raw):
+    async def _release_pull(self, psub: Any, release: _PullRelease) -> None:
+        try:
+            await psub.unsubscribe()  # first: the server then drops this subscription's waiting pulls
+        finally:
+            # Held give-backs, plus what arrived but was never fetched, go back to the stream.
+            release.open = False
+            raws, queue = release.held, psub._sub._pending_queue
+            while not queue.empty():
+                raw = queue.get_nowait()
+                if raw.reply and not JetStreamContext.is_status_msg(raw):
+                    raws.append(raw)
+            for raw in raws:
                 try:
                     await raw.nak()
                 except Exception:
                     pass
-        await psub.unsubscribe()
+            await self._nc.flush()
 
     async def _bind_durable(self, stream: str, durable: str, subject: str) -> Any:
         assert self._js is not None
