@@ -48,7 +48,7 @@ async def record(gw: Gateway, job_id: str, *, status: int, reason_code: str, rea
         last_state=str(meta.get("state", "")) if meta else "",
         attempts=int(meta.get("attempts", 0) or 0) if meta else 0,
     )
-    await gw.dlq.put(entry)
+    # The synthetic result first: whoever sees the entry can read the result it points at.
     if meta is None:
         log.warning("dlq.unknown_job", job_id=job_id, reason_code=reason_code)
     elif not meta.get("result_ptr"):
@@ -63,6 +63,7 @@ async def record(gw: Gateway, job_id: str, *, status: int, reason_code: str, rea
             await gw.jobs.set_fields(job_id, {"result_ptr": ptr(result_key(job_id))})
         except JobNotFound:
             pass
+    await gw.dlq.put(entry)
     gw.dlq_written.inc()
 
 
