@@ -7,6 +7,9 @@ own `close()` would cancel them, DESIGN.md §4.4).
 
 Client: `await client.call("Check", request)`; the call's timeout is the caller's Trio deadline
 (or `timeout=`), so deadlines pass through instead of being re-invented per call.
+
+Both ends send what grpclib writes during one event-loop turn as one socket write (see
+`_CoalescingTransport`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import trio
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from cordum.infra.aio import aio, timeout_left, trio_from_aio
@@ -34,6 +38,55 @@ class RpcError(Exception):
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
+
+
+class _CoalescingTransport:
+    """grpclib writes each batch of HTTP/2 frames the moment it has it: a unary reply is three
+    socket writes (headers, message, trailers), a request two. Every write to a local peer costs
+    a system call and usually a wake-up of the peer, so the writes of one event-loop turn are
+    joined and sent once, at the end of the turn. Everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if self._pending and not self._transport.is_closing():
+            self._transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _coalesce_writes(protocol: H2Protocol) -> H2Protocol:
+    made = protocol.connection_made
+    protocol.connection_made = lambda transport: made(_CoalescingTransport(transport))  # type: ignore[method-assign]
+    return protocol
+
+
+class _Server(Server):
+    def _protocol_factory(self) -> H2Protocol:
+        return _coalesce_writes(super()._protocol_factory())
+
+
+class _Channel(Channel):
+    def _protocol_factory(self) -> H2Protocol:
+        return _coalesce_writes(super()._protocol_factory())
 
 
 def _handlers_of(base: type, impl: object, server: "GrpcServer") -> dict[str, Handler]:
@@ -112,7 +165,7 @@ class GrpcServer:
         mapping: dict[str, Handler] = {}
         for base, impl in self._services:
             mapping.update(_handlers_of(base, impl, self))
-        self._server = Server([_Servable(mapping)])
+        self._server = _Server([_Servable(mapping)])
         await self._server.start(host, port)
         sockets = self._server._server.sockets  # type: ignore[union-attr]
         return sockets[0].getsockname()[1]
@@ -166,7 +219,7 @@ async def open_grpc_client(stub_class: type, host: str, port: int) -> AsyncItera
 
 
 async def _make_channel(host: str, port: int) -> Channel:
-    return Channel(host, port)
+    return _Channel(host, port)
 
 
 async def _close_channel(channel: Channel) -> None:
