@@ -1,7 +1,8 @@
 """gRPC over grpclib, with Trio on both ends.
 
 Server: implement the service as a plain object whose methods are Trio `async def Method(request)
--> reply`, and serve it with the grpclib base class generated from the .proto. `drain()` makes new
+-> reply` (or plain `def Method(request) -> reply` for pure computations without I/O, which then
+run where the call arrives, without a crossing to Trio), and serve it with the grpclib base class generated from the .proto. `drain()` makes new
 calls fail with UNAVAILABLE, waits for in-flight calls to finish, then closes the server (grpclib's
 own `close()` would cancel them, DESIGN.md §4.4).
 
@@ -15,6 +16,7 @@ Both ends send what grpclib writes during one event-loop turn as one socket writ
 from __future__ import annotations
 
 import asyncio
+import inspect
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -122,7 +124,11 @@ class GrpcServer:
         self.port: int | None = None
 
     def _unary(self, path: str, method: Any) -> Any:
-        call_trio = trio_from_aio(method)
+        if inspect.iscoroutinefunction(method):
+            call_trio = trio_from_aio(method)
+        else:
+            async def call_trio(request: Any) -> Any:
+                return method(request)
 
         async def handle(stream: Stream) -> None:
             if self._draining:

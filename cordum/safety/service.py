@@ -284,12 +284,13 @@ class SafetyKernelService:
         self._counters.decisions.labels(decision=decision_name(response.decision)).inc()
         return response
 
-    async def Check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+    # Decisions are pure and in memory: plain methods, answered without a crossing to Trio.
+    def Check(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
         return self._counted(self._kernel.check(request))
 
     Evaluate = Simulate = Check
 
-    async def Explain(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+    def Explain(self, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
         return self._counted(self._kernel.explain(request))
 
     async def ListSnapshots(self, request: safety_pb2.ListSnapshotsRequest) -> safety_pb2.ListSnapshotsResponse:
