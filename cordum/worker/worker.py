@@ -544,7 +544,7 @@ class Worker:
                 self._limiter.release_on_behalf_of(msg)
             except RuntimeError:
                 pass  # it never got the slot
-            await msg.nak()  # intake stopped while it waited: give it back now
+            msg.give_back()  # intake stopped while it waited: back to the stream at once
             raise
 
     async def _keep_alive(self, messages: list[Message]) -> None:
