@@ -10,6 +10,7 @@ exception for the caller: it is a verdict `UNAVAILABLE`, and the caller applies 
 from __future__ import annotations
 
 import enum
+import math
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
@@ -25,6 +26,7 @@ from cordum.store import keys
 
 log = get_logger("safety.client")
 STUB = safety_grpc.SafetyKernelStub
+HEALTHY_LOOK_S = 0.25  # how long a look at the shared breaker that saw no failure stands
 
 _FAIL = """
 local n = redis.call('INCR', KEYS[1])
@@ -83,15 +85,24 @@ class CircuitBreaker:
         self._local_failures = 0
         self._local_open_until = 0.0
         self._seen = 0  # failures counted in Redis at the last look
+        self._healthy_until = -math.inf  # trio time until which a look that saw no failure stands
 
     async def is_open(self) -> bool:
+        # While no failure is counted anywhere, one look stands for HEALTHY_LOOK_S: a check then
+        # costs no Redis round trip (two per job otherwise). Once failures are seen, every check
+        # looks, so the breaker still opens and closes with the shared count.
+        if self._seen == 0 and trio.current_time() < self._healthy_until:
+            return False
         try:
             self._seen = int(await self._redis.execute("GET", self.key) or 0)
+            if self._seen == 0:
+                self._healthy_until = trio.current_time() + HEALTHY_LOOK_S
             return self._seen >= self.threshold
         except (RedisError, *RedisUnavailable):
             return self._local_failures >= self.threshold and trio.current_time() < self._local_open_until
 
     async def record_failure(self) -> None:
+        self._healthy_until = -math.inf
         self._local_failures += 1
         if self._local_failures >= self.threshold:
             self._local_open_until = trio.current_time() + self.open_for

@@ -7,7 +7,7 @@ import trio
 from cordum.agent.v1 import safety_grpc, safety_pb2
 from cordum.dev.servers import free_port
 from cordum.infra.grpc import GrpcServer
-from cordum.safety.client import CircuitBreaker, Verdict, open_safety_client, parse_kernel_addrs
+from cordum.safety.client import HEALTHY_LOOK_S, CircuitBreaker, Verdict, open_safety_client, parse_kernel_addrs
 from tests.conftest import unique
 from tests.procs.demo_service import SlowKernel
 
@@ -44,3 +44,18 @@ async def test_a_draining_replica_is_skipped_and_an_outage_opens_the_shared_brea
             await redis.delete(key)  # the window passes (or an operator resets it)
             assert (await client.check(request)).verdict is Verdict.ALLOW
         nursery.cancel_scope.cancel()
+
+
+async def test_a_healthy_look_at_the_shared_breaker_stands_briefly(redis):
+    key = unique("cordum:test:cb")
+    breaker = CircuitBreaker(redis, key, threshold=3, open_for=30)
+    assert not await breaker.is_open()
+    await redis.set(key, 3)  # other replicas counted failures meanwhile
+    assert not await breaker.is_open()  # within HEALTHY_LOOK_S: no round trip, still closed
+    await trio.sleep(HEALTHY_LOOK_S + 0.05)
+    assert await breaker.is_open()  # the next look sees them
+    await redis.delete(key)
+    assert not await breaker.is_open()  # once failures were seen, every check looks
+    await redis.set(key, 3)
+    await breaker.record_failure()  # a failure of our own: the next check looks again
+    assert await breaker.is_open()
