@@ -2,9 +2,9 @@
 
 Server: implement the service as a plain object whose methods are Trio `async def Method(request)
 -> reply` (or plain `def Method(request) -> reply` for pure computations without I/O, which then
-run where the call arrives, without a crossing to Trio), and serve it with the grpclib base class generated from the .proto. `drain()` makes new
-calls fail with UNAVAILABLE, waits for in-flight calls to finish, then closes the server (grpclib's
-own `close()` would cancel them, DESIGN.md §4.4).
+run where the call arrives, without a crossing to Trio), and serve it with the grpclib base class
+generated from the .proto. `drain()` makes new calls fail with UNAVAILABLE, waits for in-flight
+calls to finish, then closes the server (grpclib's own `close()` would cancel them, DESIGN.md §4.4).
 
 Client: `await client.call("Check", request)`; the call's timeout is the caller's Trio deadline
 (or `timeout=`), so deadlines pass through instead of being re-invented per call.
