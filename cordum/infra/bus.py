@@ -276,6 +276,11 @@ class Bus:
                     await aio(self._release_pull)(psub, release)
                 except Exception as exc:
                     log.debug("bus.pull_release_failed", durable=durable, error=repr(exc))
+            if release.open:  # the release never ran (the bridge is closing, or it timed out)
+                release.open = False
+                for raw in release.held:
+                    self._acks.submit_nowait(_Action("nak", raw))
+                release.held = []
 
     async def _pump(
         self, psub: Any, release: _PullRelease, send: trio.MemorySendChannel[Message], batch: int, timeout: float
@@ -291,6 +296,8 @@ class Bus:
                     while raws:
                         await self._hand_over(raws, release, send)
                         raws = await fetch(psub, batch, 0.01) if batch > 1 else []
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the consumer is gone; what it did not take was given back
                 except Exception as exc:  # connection trouble: back off, the client reconnects
                     log.warning("bus.fetch_failed", error=repr(exc))
                     await trio.sleep(1)
@@ -318,22 +325,32 @@ class Bus:
             return []
 
     async def _release_pull(self, psub: Any, release: _PullRelease) -> None:
+        sub = psub._sub
         try:
-            await psub.unsubscribe()  # first: the server then drops this subscription's waiting pulls
+            # UNSUB first, and wait for the server's answer to a PING sent after it: from then on
+            # the server sends this subscription nothing and has dropped its waiting pulls, and
+            # whatever it had already sent is in the pending queue (the subscription is removed
+            # locally only below, so nothing in flight is discarded).
+            await self._nc._send_unsubscribe(sub._id)
+            await self._nc.flush(timeout=1)
         finally:
             # Held give-backs, plus what arrived but was never fetched, go back to the stream.
             release.open = False
-            raws, queue = release.held, psub._sub._pending_queue
+            raws, release.held = release.held, []
+            queue = sub._pending_queue
             while not queue.empty():
                 raw = queue.get_nowait()
                 if raw.reply and not JetStreamContext.is_status_msg(raw):
                     raws.append(raw)
-            for raw in raws:
-                try:
-                    await raw.nak()
-                except Exception:
-                    pass
-            await self._nc.flush()
+            try:
+                await psub.unsubscribe()
+            finally:
+                for raw in raws:
+                    try:
+                        await raw.nak()
+                    except Exception:
+                        pass
+                await self._nc.flush(timeout=1)
 
     async def _bind_durable(self, stream: str, durable: str, subject: str) -> Any:
         assert self._js is not None

@@ -50,19 +50,27 @@ class _CoalescingTransport:
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
         self._pending: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         if not data:
             return
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._pending.append(data)
 
+    def writelines(self, chunks: Any) -> None:
+        self.write(b"".join(chunks))
+
     def _flush(self) -> None:
-        if self._pending and not self._transport.is_closing():
-            self._transport.write(b"".join(self._pending))
-        self._pending.clear()
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(b"".join(pending))
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
 
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
@@ -128,7 +136,11 @@ class GrpcServer:
             call_trio = trio_from_aio(method)
         else:
             async def call_trio(request: Any) -> Any:
-                return method(request)
+                reply = method(request)
+                if inspect.isawaitable(reply):  # an async callable we did not recognise as one
+                    getattr(reply, "close", lambda: None)()
+                    raise TypeError(f"{path}: make the service method `async def`")
+                return reply
 
         async def handle(stream: Stream) -> None:
             if self._draining:

@@ -164,7 +164,7 @@ async def _handle(
             return
         counters.handled.labels(subject=subject).inc()
         await msg.ack()
-    except trio.Cancelled:
+    except BaseException:  # every Exception is handled above: this is a (possibly grouped) cancel
         msg.give_back()  # a hard stop cut the handler short: redeliver now, not after the ack wait
         raise
     finally:

@@ -86,6 +86,7 @@ class CircuitBreaker:
         self._local_open_until = 0.0
         self._seen = 0  # failures counted in Redis at the last look
         self._healthy_until = -math.inf  # trio time until which a look that saw no failure stands
+        self._failures_recorded = 0  # by this replica: a look begun before one is not cached
 
     async def is_open(self) -> bool:
         # While no failure is counted anywhere, one look stands for HEALTHY_LOOK_S: a check then
@@ -94,8 +95,9 @@ class CircuitBreaker:
         if self._seen == 0 and trio.current_time() < self._healthy_until:
             return False
         try:
+            recorded = self._failures_recorded
             self._seen = int(await self._redis.execute("GET", self.key) or 0)
-            if self._seen == 0:
+            if self._seen == 0 and recorded == self._failures_recorded:
                 self._healthy_until = trio.current_time() + HEALTHY_LOOK_S
             return self._seen >= self.threshold
         except (RedisError, *RedisUnavailable):
@@ -103,6 +105,7 @@ class CircuitBreaker:
 
     async def record_failure(self) -> None:
         self._healthy_until = -math.inf
+        self._failures_recorded += 1
         self._local_failures += 1
         if self._local_failures >= self.threshold:
             self._local_open_until = trio.current_time() + self.open_for

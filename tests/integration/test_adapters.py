@@ -164,7 +164,8 @@ async def test_stopped_consumer_gives_back_running_and_waiting_messages(bus, set
 
     async def stuck(packet, msg) -> None:
         started.set()
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:  # its cancellation arrives as a group
+            nursery.start_soon(trio.sleep_forever)
 
     def result(job_id: str) -> bytes:
         return encode(new_packet(JobResult(job_id=job_id, worker_id="w", status=5), sender_id="w"))
