@@ -47,16 +47,24 @@ class Outgoing:
 
 
 class _PullRelease:
-    """What a departing pull subscription hands back. Naked while the subscription is still open,
-    a message would be redelivered straight into this subscription's own outstanding long-poll,
-    where nobody reads it any more (it would wait out the ack wait). So they are held here and
-    naked only after the unsubscribe, once the server has dropped this subscription's pulls."""
+    """How a pull subscription stops without stranding a message until the ack wait.
 
-    __slots__ = ("open", "held")
+    - A message handed back (naked) while the subscription is still open would be redelivered
+      straight into this subscription's own outstanding long-poll, where nobody reads it any more.
+      So give-backs are `held` and naked only after the server has confirmed the UNSUB.
+    - A fetch cancelled while its message is on the way up through nats-py's layers of tasks
+      drops that message. So fetches are shielded (`fetch_scope`), no new one starts once
+      `closing`, and the one in flight is cancelled only after the UNSUB is confirmed and
+      whatever it had taken has had time to arrive.
+    """
+
+    __slots__ = ("open", "held", "closing", "fetch_scope")
 
     def __init__(self) -> None:
         self.open = True
         self.held: list[NatsMsg] = []
+        self.closing = False
+        self.fetch_scope: trio.CancelScope | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +267,14 @@ class Bus:
                 try:
                     yield receive
                 finally:
+                    release.closing = True
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        try:
+                            await aio(self._stop_pulling)(psub)
+                        except Exception as exc:
+                            log.debug("bus.pull_stop_failed", durable=durable, error=repr(exc))
+                    if release.fetch_scope is not None:
+                        release.fetch_scope.cancel()
                     nursery.cancel_scope.cancel()
         finally:
             # Give back what was fetched but not handled, so another replica gets it now
@@ -289,13 +305,25 @@ class Bus:
         # already waiting with a near-zero wait: a batched long-poll would hold a lone message
         # until the batch filled or the poll expired.
         fetch = aio(self._fetch)
-        async with send:
-            while True:
+
+        async def pull(count: int, wait: float) -> list[NatsMsg]:
+            if release.closing:
+                return []
+            with trio.CancelScope(shield=True) as scope:  # cancelled only by consume(), when safe
+                release.fetch_scope = scope
                 try:
-                    raws = await fetch(psub, 1, timeout)
+                    return await fetch(psub, count, wait)
+                finally:
+                    release.fetch_scope = None
+            return []
+
+        async with send:
+            while not release.closing:
+                try:
+                    raws = await pull(1, timeout)
                     while raws:
                         await self._hand_over(raws, release, send)
-                        raws = await fetch(psub, batch, 0.01) if batch > 1 else []
+                        raws = await pull(batch, 0.01) if batch > 1 else []
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the consumer is gone; what it did not take was given back
                 except Exception as exc:  # connection trouble: back off, the client reconnects
@@ -324,33 +352,36 @@ class Bus:
         except TimeoutError:  # nats-py raises the builtin on an idle fetch (DESIGN.md §4.3)
             return []
 
+    async def _stop_pulling(self, psub: Any) -> None:
+        # UNSUB, and wait for the server's answer to a PING sent after it: from then on the server
+        # sends this subscription nothing and has dropped its waiting pulls, and whatever it had
+        # sent already is in the pending queue (the subscription is removed locally only in
+        # `_release_pull`, so nothing in flight is discarded).
+        await self._nc._send_unsubscribe(psub._sub._id)
+        await self._nc.flush(timeout=1)
+        # A message the fetch in flight has already taken from the queue passes through a few
+        # asyncio tasks on its way up: let it arrive before that fetch is cancelled.
+        for _ in range(10):
+            await asyncio.sleep(0)
+
     async def _release_pull(self, psub: Any, release: _PullRelease) -> None:
-        sub = psub._sub
+        # Held give-backs, plus what arrived but was never fetched, go back to the stream.
+        release.open = False
+        raws, release.held = release.held, []
+        queue = psub._sub._pending_queue
+        while not queue.empty():
+            raw = queue.get_nowait()
+            if raw.reply and not JetStreamContext.is_status_msg(raw):
+                raws.append(raw)
         try:
-            # UNSUB first, and wait for the server's answer to a PING sent after it: from then on
-            # the server sends this subscription nothing and has dropped its waiting pulls, and
-            # whatever it had already sent is in the pending queue (the subscription is removed
-            # locally only below, so nothing in flight is discarded).
-            await self._nc._send_unsubscribe(sub._id)
-            await self._nc.flush(timeout=1)
+            await psub.unsubscribe()
         finally:
-            # Held give-backs, plus what arrived but was never fetched, go back to the stream.
-            release.open = False
-            raws, release.held = release.held, []
-            queue = sub._pending_queue
-            while not queue.empty():
-                raw = queue.get_nowait()
-                if raw.reply and not JetStreamContext.is_status_msg(raw):
-                    raws.append(raw)
-            try:
-                await psub.unsubscribe()
-            finally:
-                for raw in raws:
-                    try:
-                        await raw.nak()
-                    except Exception:
-                        pass
-                await self._nc.flush(timeout=1)
+            for raw in raws:
+                try:
+                    await raw.nak()
+                except Exception:
+                    pass
+            await self._nc.flush(timeout=1)
 
     async def _bind_durable(self, stream: str, durable: str, subject: str) -> Any:
         assert self._js is not None
