@@ -36,6 +36,8 @@ log = get_logger("bus")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 _PUBLISH_ACK_TIMEOUT = 5.0
+_DRAIN_FETCH_WAIT = 0.01  # how long a fetch after a received message waits for more
+FETCH_SETTLE_S = 0.1  # a closing consumer's fetch in flight: time to return by itself (> the above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +54,21 @@ class _PullRelease:
     - A message handed back (naked) while the subscription is still open would be redelivered
       straight into this subscription's own outstanding long-poll, where nobody reads it any more.
       So give-backs are `held` and naked only after the server has confirmed the UNSUB.
-    - A fetch cancelled while its message is on the way up through nats-py's layers of tasks
-      drops that message. So fetches are shielded (`fetch_scope`), no new one starts once
-      `closing`, and the one in flight is cancelled only after the UNSUB is confirmed and
-      whatever it had taken has had time to arrive.
+    - A fetch cancelled while it holds messages (on their way up through nats-py's layers of
+      tasks, or collected by a batch fetch waiting for more) drops them. So fetches are shielded
+      (`fetch_scope`), no new one starts once `closing`, and the one in flight is left to return
+      by itself after the UNSUB is confirmed; only one still waiting after FETCH_SETTLE_S, which
+      can hold nothing, is cancelled.
     """
 
-    __slots__ = ("open", "held", "closing", "fetch_scope")
+    __slots__ = ("open", "held", "closing", "fetch_scope", "fetch_done")
 
     def __init__(self) -> None:
         self.open = True
         self.held: list[NatsMsg] = []
         self.closing = False
         self.fetch_scope: trio.CancelScope | None = None
+        self.fetch_done = trio.Event()
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,13 +272,17 @@ class Bus:
                     yield receive
                 finally:
                     release.closing = True
-                    with trio.CancelScope(shield=True), trio.move_on_after(2):
-                        try:
-                            await aio(self._stop_pulling)(psub)
-                        except Exception as exc:
-                            log.debug("bus.pull_stop_failed", durable=durable, error=repr(exc))
-                    if release.fetch_scope is not None:
-                        release.fetch_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        with trio.move_on_after(2):
+                            try:
+                                await aio(self._stop_pulling)(psub)
+                            except Exception as exc:
+                                log.debug("bus.pull_stop_failed", durable=durable, error=repr(exc))
+                        if release.fetch_scope is not None:
+                            with trio.move_on_after(FETCH_SETTLE_S):
+                                await release.fetch_done.wait()
+                        if release.fetch_scope is not None:
+                            release.fetch_scope.cancel()
                     nursery.cancel_scope.cancel()
         finally:
             # Give back what was fetched but not handled, so another replica gets it now
@@ -310,11 +318,12 @@ class Bus:
             if release.closing:
                 return []
             with trio.CancelScope(shield=True) as scope:  # cancelled only by consume(), when safe
-                release.fetch_scope = scope
+                release.fetch_scope, release.fetch_done = scope, trio.Event()
                 try:
                     return await fetch(psub, count, wait)
                 finally:
                     release.fetch_scope = None
+                    release.fetch_done.set()
             return []
 
         async with send:
@@ -323,7 +332,7 @@ class Bus:
                     raws = await pull(1, timeout)
                     while raws:
                         await self._hand_over(raws, release, send)
-                        raws = await pull(batch, 0.01) if batch > 1 else []
+                        raws = await pull(batch, _DRAIN_FETCH_WAIT) if batch > 1 else []
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the consumer is gone; what it did not take was given back
                 except Exception as exc:  # connection trouble: back off, the client reconnects
@@ -359,10 +368,6 @@ class Bus:
         # `_release_pull`, so nothing in flight is discarded).
         await self._nc._send_unsubscribe(psub._sub._id)
         await self._nc.flush(timeout=1)
-        # A message the fetch in flight has already taken from the queue passes through a few
-        # asyncio tasks on its way up: let it arrive before that fetch is cancelled.
-        for _ in range(10):
-            await asyncio.sleep(0)
 
     async def _release_pull(self, psub: Any, release: _PullRelease) -> None:
         # Held give-backs, plus what arrived but was never fetched, go back to the stream.
