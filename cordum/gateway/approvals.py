@@ -14,7 +14,8 @@ without a principal_id), nor as the same known principal.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 from quart import Quart, request
 
@@ -25,7 +26,7 @@ from cordum.gateway.context import Gateway, caller, cursor_text, json_body, opti
 from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import job_summary, publish_request
 from cordum.protocol import subjects
-from cordum.runtime.lease import LeaseUnavailable
+from cordum.runtime.lease import Lease, LeaseUnavailable
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobs import InvalidTransition, now_us
@@ -73,6 +74,27 @@ async def _find(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
     return meta
 
 
+@asynccontextmanager
+async def _locked(gw: Gateway, job_id: str, tenant: str) -> AsyncIterator[tuple[Lease, dict[str, Any]]]:
+    """The job's lock and its meta read under it (a busy lock is a retryable 409)."""
+    await _find(gw, job_id, tenant)
+    try:
+        async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
+            yield lease, await _find(gw, job_id, tenant)
+    except LeaseUnavailable:
+        raise ApiError(409, "job is busy, retry", code="approval_retryable_lock") from None
+
+
+async def _resolve(gw: Gateway, job_id: str, target: JobState, lease: Lease, fields: dict[str, Any],
+                   event: dict[str, Any]) -> None:
+    """APPROVAL_REQUIRED → `target` under the lock's fence; a lost race is a 409."""
+    try:
+        await gw.jobs.transition(job_id, target, fence=lease.fence, allowed_from=[JobState.APPROVAL_REQUIRED],
+                                 fields=fields, event=event)
+    except InvalidTransition:
+        raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
+
+
 def _labels(meta: dict[str, Any]) -> dict[str, str]:
     labels = meta.get("labels")
     return dict(labels) if isinstance(labels, dict) else {}
@@ -82,89 +104,60 @@ async def approve(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, A
     who = caller()
     reason = optional_str(body, "reason", max_len=2000)
     note = optional_str(body, "note", max_len=2000)
-    await _find(gw, job_id, who.tenant)
-    try:
-        async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
-            meta = await gw.jobs.get(job_id, tenant=who.tenant)
-            if meta is None:
-                raise not_found("job not found")
-            state = meta.get("state")
-            if state != JobState.APPROVAL_REQUIRED.value:
-                if _labels(meta).get("approval_granted") == "true" or meta.get("approval_status") == "approved":
-                    return {"job_id": job_id, "trace_id": meta.get("trace_id", ""), "status": "already_approved"}
-                raise ApiError(409, f"approval already resolved (job is {state})", code="approval_already_resolved")
-            if _is_self_approval(who, meta):
-                raise ApiError(403, "self-approval is not allowed", code="self_approval_denied")
-            request_msg = await gw.jobs.get_request(job_id)
-            if request_msg is None:
-                raise ApiError(409, "stored job request is missing", code="approval_stale_request")
-            granted = {"approval_granted": "true", subjects.LABEL_BUS_MSG_ID: f"approval:{job_id}"}
-            if reason:
-                granted["approval_reason"] = reason
-            if note:
-                granted["approval_note"] = note
-            if meta.get("safety_snapshot"):
-                granted["approval_snapshot"] = str(meta["safety_snapshot"])
-            request_msg.labels.update(granted)
-            await gw.jobs.store_request(job_id, request_msg)
-            labels = {**_labels(meta), **granted}
-            revision = int(meta.get("approval_revision") or 1) + 1
-            trace_id = str(meta.get("trace_id") or "")
-            try:
-                await gw.jobs.transition(
-                    job_id, JobState.PENDING, fence=lease.fence, allowed_from=[JobState.APPROVAL_REQUIRED],
-                    fields={
-                        "labels": labels, "approval_by": who.identity, "approval_role": who.role,
-                        "approval_at": now_us(), "approval_status": "approved", "approval_reason": reason,
-                        "approval_note": note, "approval_decision": "approve", "approval_revision": revision,
-                        "approval_actionability": "resolved", "approval_publish_status": "pending",
-                        "approval_publish_target": "submit",
-                    },
-                    event={"approval": "approved", "by": who.identity},
-                )
-            except InvalidTransition:
-                raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
-            try:
-                await publish_request(gw, request_msg, trace_id or job_id)
-                await gw.jobs.set_fields(job_id, {"approval_publish_status": "published",
-                                                  "approval_published_at": now_us()}, fence=lease.fence)
-            except Exception as exc:  # the pending replayer re-drives approved PENDING jobs
-                log.error("approve.publish_failed", job_id=job_id, error=repr(exc))
-            return {"job_id": job_id, "trace_id": trace_id}
-    except LeaseUnavailable:
-        raise ApiError(409, "job is busy, retry", code="approval_retryable_lock") from None
+    async with _locked(gw, job_id, who.tenant) as (lease, meta):
+        state = meta.get("state")
+        if state != JobState.APPROVAL_REQUIRED.value:
+            if _labels(meta).get("approval_granted") == "true" or meta.get("approval_status") == "approved":
+                return {"job_id": job_id, "trace_id": meta.get("trace_id", ""), "status": "already_approved"}
+            raise ApiError(409, f"approval already resolved (job is {state})", code="approval_already_resolved")
+        if _is_self_approval(who, meta):
+            raise ApiError(403, "self-approval is not allowed", code="self_approval_denied")
+        request_msg = await gw.jobs.get_request(job_id)
+        if request_msg is None:
+            raise ApiError(409, "stored job request is missing", code="approval_stale_request")
+        granted = {"approval_granted": "true", subjects.LABEL_BUS_MSG_ID: f"approval:{job_id}"}
+        if reason:
+            granted["approval_reason"] = reason
+        if note:
+            granted["approval_note"] = note
+        if meta.get("safety_snapshot"):
+            granted["approval_snapshot"] = str(meta["safety_snapshot"])
+        request_msg.labels.update(granted)
+        await gw.jobs.store_request(job_id, request_msg)
+        revision = int(meta.get("approval_revision") or 1) + 1
+        trace_id = str(meta.get("trace_id") or "")
+        await _resolve(gw, job_id, JobState.PENDING, lease, fields={
+            "labels": {**_labels(meta), **granted}, "approval_by": who.identity, "approval_role": who.role,
+            "approval_at": now_us(), "approval_status": "approved", "approval_reason": reason,
+            "approval_note": note, "approval_decision": "approve", "approval_revision": revision,
+            "approval_actionability": "resolved", "approval_publish_status": "pending",
+            "approval_publish_target": "submit",
+        }, event={"approval": "approved", "by": who.identity})
+        try:
+            await publish_request(gw, request_msg, trace_id or job_id)
+            await gw.jobs.set_fields(job_id, {"approval_publish_status": "published",
+                                              "approval_published_at": now_us()}, fence=lease.fence)
+        except Exception as exc:  # the pending replayer re-drives approved PENDING jobs
+            log.error("approve.publish_failed", job_id=job_id, error=repr(exc))
+        return {"job_id": job_id, "trace_id": trace_id}
 
 
 async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
     who = caller()
     reason = optional_str(body, "reason", max_len=2000) or "approval rejected"
     note = optional_str(body, "note", max_len=2000)
-    await _find(gw, job_id, who.tenant)
-    try:
-        async with gw.leases.hold(keys.job_lock(job_id), LOCK_TTL) as lease:
-            meta = await gw.jobs.get(job_id, tenant=who.tenant)
-            if meta is None:
-                raise not_found("job not found")
-            state = meta.get("state")
-            if state != JobState.APPROVAL_REQUIRED.value:
-                if state == JobState.DENIED.value and meta.get("approval_status") == "rejected":
-                    return {"job_id": job_id, "state": JobState.DENIED.value, "status": "already_rejected"}
-                raise ApiError(409, f"approval already resolved (job is {state})", code="approval_already_resolved")
-            try:
-                await gw.jobs.transition(
-                    job_id, JobState.DENIED, fence=lease.fence, allowed_from=[JobState.APPROVAL_REQUIRED],
-                    fields={
-                        "approval_by": who.identity, "approval_role": who.role, "approval_at": now_us(),
-                        "approval_status": "rejected", "approval_reason": reason, "approval_note": note,
-                        "approval_decision": "reject", "approval_actionability": "resolved",
-                        "approval_publish_target": "dlq", "failure_reason": reason,
-                    },
-                    event={"approval": "rejected", "by": who.identity},
-                )
-            except InvalidTransition:
-                raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
-    except LeaseUnavailable:
-        raise ApiError(409, "job is busy, retry", code="approval_retryable_lock") from None
+    async with _locked(gw, job_id, who.tenant) as (lease, meta):
+        state = meta.get("state")
+        if state != JobState.APPROVAL_REQUIRED.value:
+            if state == JobState.DENIED.value and meta.get("approval_status") == "rejected":
+                return {"job_id": job_id, "state": JobState.DENIED.value, "status": "already_rejected"}
+            raise ApiError(409, f"approval already resolved (job is {state})", code="approval_already_resolved")
+        await _resolve(gw, job_id, JobState.DENIED, lease, fields={
+            "approval_by": who.identity, "approval_role": who.role, "approval_at": now_us(),
+            "approval_status": "rejected", "approval_reason": reason, "approval_note": note,
+            "approval_decision": "reject", "approval_actionability": "resolved",
+            "approval_publish_target": "dlq", "failure_reason": reason,
+        }, event={"approval": "rejected", "by": who.identity})
     await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected",
                                  reason=reason)
     return {"job_id": job_id, "state": JobState.DENIED.value}

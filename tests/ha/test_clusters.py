@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from cordum.agent.v1.job_pb2 import JobRequest
-from cordum.dev.servers import NatsCluster, start_nats, start_nats_cluster
+from cordum.dev.servers import NatsCluster, start_nats_cluster
 from cordum.infra.aio import aio
 from cordum.protocol import subjects
 from cordum.protocol.packets import decode, encode, new_packet
@@ -23,7 +23,7 @@ from cordum.runtime.instances import list_instances
 from cordum.store.jobs import JobStore
 from cordum.store.jobstate import JobState
 from tests.conftest import crossslot_errors, unique
-from tests.integration.stack import Stack, submit_direct, wait_state
+from tests.integration.stack import Stack, nats_server, submit_direct, wait_state  # noqa: F401
 
 
 @pytest.fixture
@@ -35,13 +35,6 @@ def nats_cluster(tmp_path) -> NatsCluster:
 
 
 @pytest.fixture
-def own_nats(tmp_path):
-    server = start_nats(tmp_path / "nats-own")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def server_env(request, redis_server):
     """The session's redis-server (or, for a test asking for `redis_cluster`, the session's Redis
     Cluster) and a NATS of the test's own: the 3-node cluster for a test asking for
@@ -50,7 +43,7 @@ def server_env(request, redis_server):
     if "nats_cluster" in request.fixturenames:
         env |= {"NATS_URL": request.getfixturevalue("nats_cluster").url, "NATS_JS_REPLICAS": "3"}
     else:
-        env["NATS_URL"] = request.getfixturevalue("own_nats").url
+        env["NATS_URL"] = request.getfixturevalue("nats_server").url  # its own (stack.py)
     if "redis_cluster" in request.fixturenames:
         env["REDIS_CLUSTER_ADDRESSES"] = request.getfixturevalue("redis_cluster").seeds
     return env
