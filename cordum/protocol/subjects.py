@@ -4,6 +4,7 @@ horizontal-scaling guide "NATS Subject Matrix"). Names are kept exactly: operato
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 
@@ -37,6 +38,17 @@ QUEUE_AUDIT_EXPORTERS = "audit-exporters"
 JOB_PREFIX = "job."
 # JobRequest label that overrides the JetStream msg-id (approval resubmits use it)
 LABEL_BUS_MSG_ID = "cordum.bus_msg_id"
+
+# NATS header naming the dispatch attempt a job message (or its result) belongs to. CAP packets have
+# no field for it, and it must not live in the packet: a worker on the public CAP SDK ignores it, and
+# a result without it is taken as one for the job's current attempt.
+ATTEMPT_HEADER = "Cordum-Attempt"
+
+
+def attempt_of(headers: Mapping[str, str] | None) -> int | None:
+    """The attempt a message's headers name, or None (absent or not a positive number)."""
+    raw = (headers or {}).get(ATTEMPT_HEADER, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
 
 _BAD_CHARS = frozenset(" \t\r\n\f\v")
 

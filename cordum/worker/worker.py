@@ -87,7 +87,7 @@ class _Job:
     """One job in flight: its bus message(s), the scope its work runs in, why it was stopped."""
 
     __slots__ = ("packet", "request", "messages", "token", "scope", "cancelled", "cancel_reason", "give_back",
-                 "started")
+                 "started", "attempt")
 
     def __init__(self, packet: BusPacket, msg: Message) -> None:
         self.packet = packet
@@ -99,6 +99,9 @@ class _Job:
         self.cancel_reason = ""
         self.give_back = False
         self.started = trio.current_time()
+        # The scheduler's dispatch attempt (header); a message without it (another producer) counts
+        # its deliveries instead.
+        self.attempt = subjects.attempt_of(msg.headers) or max(msg.num_delivered, 1)
 
     @property
     def job_id(self) -> str:
@@ -118,7 +121,13 @@ class JobContext:
         self.packet: BusPacket = job.packet
         self.trace_id: str = job.packet.trace_id
         self.worker_id: str = worker.worker_id
-        self.attempt: int = job.token.num_delivered
+        self.attempt: int = job.attempt  # the scheduler's dispatch attempt, 1 for the first run
+
+    @property
+    def redis(self) -> Redis:
+        """The worker's Redis client, for handlers that keep state of their own."""
+        assert self._worker._redis is not None
+        return self._worker._redis
 
     @property
     def cancelled(self) -> trio.Event:
