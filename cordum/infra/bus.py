@@ -116,6 +116,13 @@ class Message:
         except trio.ClosedResourceError:
             pass  # the bus is closing: unsettled messages are redelivered after the ack wait
 
+    def ack_nowait(self) -> None:
+        """Settle without yielding to other tasks (the ack goes out with the next batch)."""
+        self._settle("ack")
+
+    def nak_nowait(self, delay: float | None = None) -> None:
+        self._settle("nak", delay)
+
     async def ack(self) -> None:
         self._settle("ack")
 

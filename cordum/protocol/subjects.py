@@ -45,6 +45,13 @@ LABEL_BUS_MSG_ID = "cordum.bus_msg_id"
 ATTEMPT_HEADER = "Cordum-Attempt"
 
 
+# Heartbeat label with which a worker says it is leaving: "draining" (takes no new jobs, finishes the
+# ones it started) or "stopped" (gone: whatever was sent to it must go to another worker).
+WORKER_STATE_LABEL = "cordum.worker.state"
+WORKER_DRAINING = "draining"
+WORKER_STOPPED = "stopped"
+
+
 def attempt_of(headers: Mapping[str, str] | None) -> int | None:
     """The attempt a message's headers name, or None (absent or not a positive number)."""
     raw = (headers or {}).get(ATTEMPT_HEADER, "")

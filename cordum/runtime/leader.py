@@ -55,14 +55,16 @@ class LeaderElection:
             await trio.sleep(self.poll)
 
 
-def every(interval: float, step: Callable[[Lease], Awaitable[None]]) -> Work:
-    """Leader work that runs `step` every `interval` seconds while leading.
+def every(interval: float, step: Callable[[Lease], Awaitable[None]], *, first_after: float = 0.0) -> Work:
+    """Leader work that runs `step` every `interval` seconds while leading, the first time
+    `first_after` seconds after becoming leader.
 
     Before each step it checks the lease's local validity itself: after a pause (SIGSTOP, a long
     GC, a frozen VM) this task can wake before the lease keeper does, and must not act on a
     leadership that has already passed to another replica."""
 
     async def loop(lease: Lease) -> None:
+        await trio.sleep(first_after)
         while True:
             if lease.lost or trio.current_time() >= lease.valid_until:
                 log.warning("leader.lease_expired_while_idle", key=lease.key, fence=lease.fence)

@@ -8,9 +8,10 @@ change the job. Redelivery is safe at every point: the job's state says what was
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 import trio
 from google.protobuf import json_format
@@ -20,7 +21,7 @@ from cordum.agent.v1.job_pb2 import JobRequest, JobResult, JobStatus
 from cordum.agent.v1.safety_pb2 import PolicyCheckRequest
 from cordum.infra.bus import Bus, Message
 from cordum.infra.metrics import Metrics
-from cordum.protocol import subjects
+from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.consumer import Retry
 from cordum.runtime.lease import Lease, LeaseLost, Leases
@@ -30,10 +31,10 @@ from cordum.scheduler.registry import WorkerRegistry
 from cordum.scheduler.routing import NoRoute, Pools, pick_worker
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
-from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us
+from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us, result_from_json
 from cordum.store.jobstate import (
     MAX_SCHEDULING_RETRIES, RETRY_LOCK_BUSY_S, RETRY_NO_WORKERS_S, RETRY_SAFETY_THROTTLE_S, TERMINAL, JobState,
-    backoff_delay, can_transition, result_goes_to_dlq, scheduling_retries_exhausted, state_for_result,
+    backoff_delay, can_transition, policy_retries_exceeded, scheduling_retries_exhausted, state_for_result,
     status_for_state,
 )
 from cordum.store.validate import tenant_problems, validate_job_request, validate_job_result
@@ -135,7 +136,8 @@ class Engine:
             self.metrics.rejected.labels(kind="job_result").inc()
             log.debug("scheduler.invalid_result", job_id=result.job_id, problems=problems)
             return
-        await self._locked(result.job_id, lambda lease: self._handle_result(result, lease))
+        attempt = subjects.attempt_of(msg.headers)
+        await self._locked(result.job_id, lambda lease: self.apply_result(result, lease, attempt=attempt))
 
     async def on_cancel(self, packet: BusPacket, msg: Message) -> None:
         if packet.WhichOneof("payload") != "job_cancel" or not packet.job_cancel.job_id:
@@ -162,6 +164,10 @@ class Engine:
             return  # a redelivery of work already done
         if state is S.APPROVAL_REQUIRED:
             return  # held until a human approves; the approval re-submits it
+        if state is S.RETRYING and meta is not None:
+            wait = (int(meta.get("retry_at") or 0) - now_us()) / 1_000_000
+            if wait > 0.01:
+                raise Retry(wait, f"job {job_id} retries in {wait:.1f}s")
         self.metrics.received.labels(topic=request.topic).inc()
         tenant = _tenant_of(request)
         if meta is None:  # published straight to the bus (workflow engine, other producers)
@@ -194,6 +200,11 @@ class Engine:
             await self._finish(job_id, request.topic, S.DENIED, fence, "safety_denied", decision.reason or "denied by policy",
                                tenant=tenant, fields=decided, after=recorded)
             return
+        max_retries = _max_retries(decision)
+        if max_retries and policy_retries_exceeded(int(meta.get("attempts", 0)), max_retries):
+            await self._finish(job_id, request.topic, S.FAILED, fence, "max_retries_exceeded",
+                               f"policy allows {max_retries} retries", tenant=tenant, fields=decided, after=recorded)
+            return
 
         budget_ms = request.budget.deadline_ms
         if budget_ms > 0 and not meta.get("deadline_unix"):
@@ -217,6 +228,7 @@ class Engine:
         # DISPATCHED is written before the publish: a redelivered submit then finds the job
         # dispatched and does nothing, so a job is never sent twice by the scheduler. (The
         # spec's SCHEDULED step in between is skipped: it would cost a write and tell nothing.)
+        after = [*after, *self.store.inflight_commands(worker_id, job_id, done=False)]
         dispatched = await self.store.transition(job_id, S.DISPATCHED, fence=fence, tenant=tenant, after=after,
                                                  fields={**fields, "worker_id": worker_id})
         try:
@@ -227,7 +239,8 @@ class Engine:
             log.warning("scheduler.dispatch_unconfirmed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             return
         except Exception as exc:
-            await self.store.transition(job_id, S.SCHEDULED, fence=fence, tenant=tenant, event={"rollback": repr(exc)})
+            await self.store.transition(job_id, S.SCHEDULED, fence=fence, tenant=tenant, event={"rollback": repr(exc)},
+                                        after=self.store.inflight_commands(worker_id, job_id, done=True))
             log.warning("scheduler.dispatch_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             raise Retry(backoff_delay(dispatched.attempts, rand=random.random()), "dispatch publish failed") from None
         await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant)
@@ -236,7 +249,8 @@ class Engine:
     async def send_to_worker(self, request: JobRequest, worker_id: str, trace_id: str, attempt: int) -> None:
         dispatch = new_packet(request, sender_id=SENDER, trace_id=trace_id)
         await self.bus.publish(subjects.worker_subject(worker_id), encode(dispatch),
-                               msg_id=f"dispatch:{request.job_id}:{attempt}")
+                               msg_id=f"dispatch:{request.job_id}:{attempt}",
+                               headers={subjects.ATTEMPT_HEADER: str(attempt)})
 
     async def _confirm_dispatch(self, job_id: str, topic: str, worker_id: str, fence: int, tenant: str) -> None:
         self.registry.dispatched(worker_id)
@@ -271,57 +285,156 @@ class Engine:
 
     # ---- results ----------------------------------------------------------------------------
 
-    async def _handle_result(self, result: JobResult, lease: Lease) -> None:
+    async def apply_result(self, result: JobResult, lease: Lease, *, attempt: int | None = None,
+                           meta: dict | None = None) -> bool:
+        """Apply a worker's result under the job's lock; True when it moved the job.
+
+        `attempt` is the dispatch attempt the result belongs to: a result of an earlier attempt (a
+        late or repeated one) never moves the current attempt. A worker that does not say (the
+        public CAP SDK) is taken to answer the current attempt if it is the worker that attempt
+        went to."""
         job_id, fence = result.job_id, lease.fence
-        meta = await self.store.get(job_id)
+        meta = meta or await self.store.get(job_id)
         if meta is None:
             self.metrics.ignored.labels(reason="unknown_job").inc()
             log.info("scheduler.result_for_unknown_job", job_id=job_id, worker_id=result.worker_id)
-            return
-        if S(meta["state"]) in TERMINAL:
+            return False
+        state, current = S(meta["state"]), int(meta.get("attempts") or 0)
+        if state in TERMINAL:
             self.metrics.ignored.labels(reason="already_terminal").inc()
-            return
+            await self.resend_pending_dlq(job_id, meta)
+            return False
+        if attempt is not None and attempt != current:
+            self.metrics.ignored.labels(reason="stale_attempt").inc()
+            log.info("scheduler.stale_result", job_id=job_id, attempt=attempt, current=current)
+            return False
+        if attempt is None and meta.get("worker_id") and result.worker_id != meta["worker_id"]:
+            self.metrics.ignored.labels(reason="other_worker").inc()
+            log.info("scheduler.stale_result", job_id=job_id, worker_id=result.worker_id, current=meta["worker_id"])
+            return False
         target = state_for_result(result.status)
-        fields = {"worker_id": result.worker_id, "execution_ms": result.execution_ms}
+        if not can_transition(state, target) or (state is S.RETRYING and target is S.RETRYING):
+            self.metrics.ignored.labels(reason="invalid_transition").inc()
+            log.info("scheduler.result_not_applicable", job_id=job_id, state=state.value, target=target.value)
+            return False
+        topic, tenant = meta.get("topic", ""), meta.get("tenant", "")
+        code = result.error_code or _default_reason(target)
+        reason = result.error_message or f"worker reported {JobStatus.Name(result.status)}"
+        fields: dict = {"worker_id": result.worker_id, "execution_ms": result.execution_ms}
         if result.result_ptr:
             fields["result_ptr"] = result.result_ptr
         if result.error_message:
             fields["failure_reason"] = result.error_message
-        topic = meta.get("topic", "")
-        if not can_transition(meta["state"], target):
-            self.metrics.ignored.labels(reason="invalid_transition").inc()
-            log.info("scheduler.result_not_applicable", job_id=job_id, state=meta["state"], target=target.value)
-            return
-        if result_goes_to_dlq(result.status):
-            # The DLQ event goes out before the final state is written: if it fails, the result
-            # is redelivered and both are tried again; never a failed job without its entry.
-            await self._emit_dlq(job_id, status_for_state(target), result.error_code or _default_reason(target),
-                                 result.error_message or f"worker reported {JobStatus.Name(result.status)}")
+        if target is S.RETRYING:
+            target, code, reason, fields = self._plan_retry(meta, current, code, reason, fields)
+        after = [*self.store.worker_history_commands(result.worker_id, job_id),
+                 *self.store.inflight_commands(meta.get("worker_id", ""), job_id, done=True)]
         try:
-            await self.store.transition(job_id, target, fence=fence, fields=fields, tenant=meta.get("tenant", ""),
-                                        after=self.store.worker_history_commands(result.worker_id, job_id))
+            await self._end(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
+                            after=after, allowed_from=[state])
         except InvalidTransition as exc:
             self.metrics.ignored.labels(reason="invalid_transition").inc()
             log.info("scheduler.result_not_applicable", job_id=job_id, error=str(exc))
-            return
+            return False
         self.metrics.completed.labels(topic=topic, status=JobStatus.Name(result.status)).inc()
         self.registry.completed(result.worker_id)
-        if target in TERMINAL:
+        if target is S.RETRYING:
+            await self.resubmit(job_id, meta.get("trace_id") or job_id, f"retry:{job_id}:{current}")
+        elif target in TERMINAL:
             self.metrics.finished.labels(topic=topic, state=target.value).inc()
+        return True
+
+    def _plan_retry(self, meta: dict, attempts: int, code: str, reason: str,
+                    fields: dict) -> tuple[JobState, str, str, dict]:
+        """A retryable failure: RETRYING with the time of the next attempt, or FAILED when the
+        policy's `budgets.max_retries` or the scheduling limit is used up."""
+        limit = _stored_max_retries(meta)
+        if limit and policy_retries_exceeded(attempts, limit):
+            return S.FAILED, "max_retries_exceeded", f"{reason} (no retries left: the policy allows {limit})", fields
+        if scheduling_retries_exhausted(attempts):
+            return S.FAILED, "max_scheduling_retries", f"{reason} (gave up after {attempts} attempts)", fields
+        delay = backoff_delay(max(attempts - 1, 0), rand=random.random())
+        return S.RETRYING, code, reason, {**fields, "retry_at": now_us() + int(delay * 1_000_000)}
+
+    async def complete_from_store(self, meta: dict, lease: Lease) -> bool:
+        """Finish a job whose result message never came but whose result is stored: the result our
+        workers commit to the job's hash for the current attempt, or else an output at `res:<id>`
+        (every worker writes it before sending a success). True when that moved the job."""
+        job_id, current = meta["id"], int(meta.get("attempts") or 0)
+        stored = meta.get("run_result")
+        if stored and str(meta.get("run_result_attempt")) == str(current):
+            try:
+                result = result_from_json(stored)
+            except Exception as exc:  # a hash edited by hand must not stop the sweep
+                log.warning("scheduler.bad_stored_result", job_id=job_id, error=repr(exc))
+            else:
+                return await self.apply_result(result, lease, attempt=current, meta=meta)
+        if await self.store.has_output(job_id):
+            result = JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_SUCCEEDED, worker_id=meta.get("worker_id") or SENDER,
+                               result_ptr=pointers.ptr(keys.result(job_id)))
+            return await self.apply_result(result, lease, attempt=current, meta=meta)
+        return False
+
+    async def resubmit(self, job_id: str, trace_id: str, msg_id: str) -> bool:
+        """Put a job back on `sys.job.submit` (a retry, a re-route). If this publish fails the
+        pending replayer re-drives the job later: it is RETRYING, and that state is in its sweep."""
+        request = await self.store.get_request(job_id)
+        if request is None:
+            log.warning("scheduler.request_missing", job_id=job_id)
+            return False
+        try:
+            await self.bus.publish(subjects.SUBMIT, encode(new_packet(request, sender_id=SENDER, trace_id=trace_id)),
+                                   msg_id=msg_id)
+        except Exception as exc:
+            log.warning("scheduler.resubmit_failed", job_id=job_id, error=repr(exc))
+            return False
+        return True
 
     # ---- endings ----------------------------------------------------------------------------
 
     async def _finish(self, job_id: str, topic: str, state: JobState, fence: int, code: str, reason: str, *,
                       tenant: str | None = None, fields: dict | None = None, after: list | None = None) -> None:
-        """A final state the scheduler decided (denied, failed): DLQ event first, then the state."""
-        await self._emit_dlq(job_id, status_for_state(state), code, reason)
-        await self.store.transition(job_id, state, fence=fence, fields={**(fields or {}), "failure_reason": reason},
-                                    tenant=tenant, after=after or ())
+        """A final state the scheduler decided (denied, failed)."""
+        await self._end(job_id, state, fence=fence, code=code, reason=reason,
+                        fields={**(fields or {}), "failure_reason": reason}, tenant=tenant, after=after or ())
         self.metrics.finished.labels(topic=topic, state=state.value).inc()
+
+    async def _end(self, job_id: str, state: JobState, *, fence: int, code: str, reason: str, fields: dict,
+                   tenant: str | None, after: Sequence[tuple], allowed_from: Sequence[JobState] | None = None,
+                   event: dict | None = None) -> None:
+        """Write a state a result or a decision led to; a failed ending then gets its DLQ entry.
+
+        The DLQ event goes out only after the terminal write succeeded (a write that lost — to a
+        cancel, a newer fence — must not leave a DLQ entry for a job that ended otherwise). The
+        write marks the job `dlq_pending`; the mark is cleared once the event is out, and a job
+        still marked is sent again by a redelivered message or the index sweep."""
+        dlq = state in TERMINAL and state is not S.SUCCEEDED
+        if dlq:
+            fields = {**fields, "dlq_pending": json.dumps({"status": status_for_state(state), "code": code,
+                                                           "reason": reason})}
+        await self.store.transition(job_id, state, fence=fence, fields=fields, tenant=tenant, after=after,
+                                    allowed_from=allowed_from, event=event)
+        if dlq:
+            await self._emit_dlq(job_id, status_for_state(state), code, reason)
+
+    async def resend_pending_dlq(self, job_id: str, meta: dict) -> None:
+        """Send the DLQ event of a finished job whose event did not go out."""
+        pending = meta.get("dlq_pending")
+        if not pending:
+            return
+        try:
+            entry = json.loads(pending)
+            status, code, reason = int(entry["status"]), str(entry["code"]), str(entry["reason"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("scheduler.bad_dlq_mark", job_id=job_id)
+            await self.store.set_fields(job_id, {"dlq_pending": ""})
+            return
+        await self._emit_dlq(job_id, status, code, reason)
 
     async def _emit_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:
         packet = dlq_packet(job_id, status=status, reason_code=code, reason=reason, sender_id=SENDER)
         await self.bus.publish(subjects.DLQ, encode(packet), msg_id=f"dlq:{job_id}:{code}")
+        await self.store.set_fields(job_id, {"dlq_pending": ""})
 
 
 def _tenant_of(request: JobRequest) -> str:
@@ -353,6 +466,32 @@ def _decision_record(decision: SafetyDecision) -> dict:
     """One entry of `job:decisions:<id>`."""
     return {"decision": decision.verdict.value, "reason": decision.reason, "rule_id": decision.rule_id,
             "policy_snapshot": decision.snapshot, "checked_at": now_us(), "by": SENDER}
+
+
+def _max_retries(decision: SafetyDecision) -> int:
+    """The policy's `budgets.max_retries` in a decision (0 = no limit set)."""
+    response = decision.response
+    if response is None or not response.HasField("constraints"):
+        return 0
+    return max(int(response.constraints.budgets.max_retries), 0)
+
+
+def _stored_max_retries(meta: dict) -> int:
+    """The same limit, from the constraints stored with the job's last decision."""
+    constraints = meta.get("safety_constraints")
+    if isinstance(constraints, str):
+        try:
+            constraints = json.loads(constraints)
+        except ValueError:
+            return 0
+    budgets = constraints.get("budgets") if isinstance(constraints, dict) else None
+    if not isinstance(budgets, dict):
+        return 0
+    value = budgets.get("max_retries", budgets.get("maxRetries", 0))
+    try:
+        return max(int(value), 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _default_reason(state: JobState) -> str:

@@ -25,8 +25,9 @@ from cordum.runtime.lease import Lease
 from cordum.runtime.log import get_logger
 from cordum.scheduler.engine import JOB_LOCK_TTL, SENDER, Engine
 from cordum.store import keys
-from cordum.store.jobs import InvalidTransition, StaleFence, now_us
-from cordum.store.jobstate import TERMINAL, JobState, status_for_state
+from cordum.scheduler.registry import WorkerStatus
+from cordum.store.jobs import ConditionFailed, InvalidTransition, StaleFence, now_us
+from cordum.store.jobstate import TERMINAL, JobState, is_terminal
 from cordum.store.workers import write_snapshot
 
 log = get_logger("scheduler.loops")
@@ -78,11 +79,16 @@ class Reconciler:
                     await store.drop_from_index(expected, job_id)
                 return
             topic = meta.get("topic", "")
-            # DLQ event first: if it cannot be sent, the job stays as it is and the next tick retries.
-            await self.engine._emit_dlq(job_id, status_for_state(S.TIMEOUT), "timeout", reason)
+            # A result that is stored but whose message never came (or waits in the stream behind a
+            # restart) finishes the job: the work was done, it did not time out.
+            if state in (S.DISPATCHED, S.RUNNING) and await self.engine.complete_from_store(meta, lease):
+                log.info("reconciler.completed_from_stored_result", job_id=job_id)
+                return
             try:
-                await store.transition(job_id, S.TIMEOUT, fence=lease.fence, fields={"failure_reason": reason},
-                                       allowed_from=[state], event={"reason": reason})
+                await self.engine._end(job_id, S.TIMEOUT, fence=lease.fence, code="timeout", reason=reason,
+                                       fields={"failure_reason": reason}, tenant=None, allowed_from=[state],
+                                       event={"reason": reason},
+                                       after=store.inflight_commands(meta.get("worker_id", ""), job_id, done=True))
             except (InvalidTransition, StaleFence) as exc:
                 log.info("reconciler.skip", job_id=job_id, error=str(exc))
                 return
@@ -138,13 +144,11 @@ class PendingReplayer:
             return
         if max(int(meta.get("replayed_at", 0)), int(meta.get("route_wait_at", 0))) > cutoff:
             return  # replayed, or seen waiting for a worker, recently: its submit is still around
-        request = await store.get_request(job_id)
-        if request is None:
-            log.warning("replayer.request_missing", job_id=job_id)
-            return
-        packet = new_packet(request, sender_id=SENDER, trace_id=meta.get("trace_id") or job_id)
+        if int(meta.get("retry_at", 0)) > cutoff:
+            return  # a retry's own submit is out there (it waits for its time)
         # A fresh msg id: the original submit's id is still inside JetStream's dedup window.
-        await self.engine.bus.publish(subjects.SUBMIT, encode(packet), msg_id=f"replay:{job_id}:{now_us()}")
+        if not await self.engine.resubmit(job_id, meta.get("trace_id") or job_id, f"replay:{job_id}:{now_us()}"):
+            return
         await store.set_fields(job_id, {"replayed_at": now_us()})
         self.replayed += 1
         log.info("replayer.resubmitted", job_id=job_id, state=state.value)
@@ -172,3 +176,100 @@ class SnapshotWriter:
         snapshot = self.engine.registry.snapshot(self.engine.pools(), trio.current_time(),
                                                  writer_id=self.writer_id, wall_time=time.time())
         await write_snapshot(self.redis, snapshot)
+
+
+class WorkerReaper:
+    """Moves on the jobs sent to workers that left (DESIGN.md §4.13: worker ids change across
+    restarts, so nobody will ever read a departed worker's subject).
+
+    A worker that said "stopped", or that has been silent past the worker TTL, is gone: each job
+    still DISPATCHED or RUNNING there goes back to RETRYING and is submitted again, unless its
+    result is already stored (then that result finishes it). A worker that said "draining"
+    finishes what it started: only the jobs it has not claimed move. Every move is one guarded,
+    fenced write: it happens only if the attempt is still the one sent there and no worker claimed
+    it meanwhile, so a job is never taken from a worker that just started it.
+
+    A replica judges silence only after hearing heartbeats for a whole TTL itself (a leader that
+    just started knows nobody yet)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rerouted = 0
+
+    async def tick(self, lease: Lease) -> None:
+        store, registry = self.engine.store, self.engine.registry
+        now = trio.current_time()
+        for worker_id, last_dispatch in await store.workers_with_inflight():
+            status = registry.status(worker_id, now)
+            if status is WorkerStatus.ALIVE or (status is WorkerStatus.UNKNOWN and not registry.warmed_up(now)):
+                continue
+            job_ids = await store.inflight(worker_id)
+            for job_id in job_ids:
+                try:
+                    await self._move_on(worker_id, job_id, draining=status is WorkerStatus.DRAINING)
+                except Exception as exc:
+                    log.warning("reaper.job_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
+            if not job_ids and status is not WorkerStatus.DRAINING:
+                await store.forget_worker(worker_id, last_dispatch)
+
+    async def _move_on(self, worker_id: str, job_id: str, *, draining: bool) -> None:
+        engine, store = self.engine, self.engine.store
+        lease = await engine.leases.try_acquire(keys.job_lock(job_id), JOB_LOCK_TTL)
+        if lease is None:
+            return  # being worked on (its result, say): look again next tick
+        try:
+            meta = await store.get(job_id)
+            state = S(meta["state"]) if meta else None
+            if state not in (S.DISPATCHED, S.RUNNING) or meta.get("worker_id") != worker_id:
+                await store.run_repeatable(store.inflight_commands(worker_id, job_id, done=True))
+                return
+            attempt, claim = int(meta.get("attempts") or 0), meta.get("run_claim", "")
+            if draining and claim == f"{worker_id}:{attempt}":
+                return  # it runs there, and the worker finishes it before it stops
+            if await engine.complete_from_store(meta, lease):
+                log.info("reaper.completed_from_stored_result", job_id=job_id, worker_id=worker_id)
+                return
+            reason = f"worker {worker_id} left"
+            try:
+                await store.transition(
+                    job_id, S.RETRYING, fence=lease.fence, allowed_from=[state], tenant=meta.get("tenant", ""),
+                    expect={"attempts": attempt, "run_claim": claim},
+                    fields={"retry_at": now_us(), "failure_reason": reason},
+                    event={"reason": "worker_left", "worker_id": worker_id},
+                    after=store.inflight_commands(worker_id, job_id, done=True))
+            except (InvalidTransition, ConditionFailed, StaleFence) as exc:
+                log.info("reaper.skip", job_id=job_id, error=str(exc))
+                return
+            self.rerouted += 1
+            log.warning("reaper.rerouted", job_id=job_id, worker_id=worker_id, attempt=attempt, state=state.value)
+            await engine.resubmit(job_id, meta.get("trace_id") or job_id, f"reroute:{job_id}:{attempt}")
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await engine.leases.release(lease)
+
+
+class IndexSweep:
+    """Finds jobs whose index entries were lost (an index write on a cluster that failed after
+    the job's own hash was written) by walking the job hashes themselves, a page per tick: a
+    job the reconciler and replayer cannot see through the indexes is put back into them. A job
+    that ended without its DLQ event going out gets it now."""
+
+    def __init__(self, engine: Engine, page: int = 500) -> None:
+        self.engine = engine
+        self.page = page
+        self.cursor = "0"
+        self.repaired = 0
+
+    async def tick(self, lease: Lease) -> None:
+        store = self.engine.store
+        self.cursor, metas = await store.scan_jobs(self.cursor, self.page)
+        for meta in metas:
+            try:
+                if is_terminal(meta["state"]):
+                    if meta.get("dlq_pending"):
+                        await self.engine.resend_pending_dlq(meta["id"], meta)
+                elif await store.repair_index(meta):
+                    self.repaired += 1
+                    log.warning("index_sweep.repaired", job_id=meta["id"], state=meta["state"])
+            except Exception as exc:
+                log.warning("index_sweep.job_failed", job_id=meta.get("id"), error=repr(exc))

@@ -1,20 +1,30 @@
 """Live workers, as this replica heard of them (heartbeats are broadcast to every replica).
 
-Pure: the clock is passed in. A worker is alive for `ttl` seconds after its last heartbeat.
-Between heartbeats the registry counts the jobs this replica dispatched to a worker, so a burst
-does not pile onto the one worker whose last heartbeat looked idle.
+Pure: the clock is passed in. A worker is alive for `ttl` seconds after its last heartbeat, unless
+its heartbeat says it is leaving (label `cordum.worker.state`: "draining" — no new jobs; "stopped" —
+gone). Between heartbeats the registry counts the jobs this replica dispatched to a worker, so a
+burst does not pile onto the one worker whose last heartbeat looked idle.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from cordum.agent.v1.heartbeat_pb2 import Heartbeat
+from cordum.protocol.subjects import WORKER_DRAINING, WORKER_STATE_LABEL, WORKER_STOPPED
 from cordum.scheduler.routing import Pools, WorkerInfo
 
 WORKER_TTL = 30.0
+
+
+class WorkerStatus(enum.Enum):
+    ALIVE = "alive"  # takes jobs
+    DRAINING = "draining"  # finishes what it started, takes nothing new
+    GONE = "gone"  # said it stopped, or silent past the TTL
+    UNKNOWN = "unknown"  # never heard of (or forgotten): gone, once the registry has listened a TTL
 
 
 @dataclass
@@ -22,13 +32,27 @@ class _Entry:
     info: WorkerInfo
     heartbeat: Heartbeat
     seen: float
+    leaving: str = ""  # "", WORKER_DRAINING or WORKER_STOPPED
     dispatched_since: int = 0
 
 
 class WorkerRegistry:
-    def __init__(self, ttl: float = WORKER_TTL) -> None:
+    def __init__(self, ttl: float = WORKER_TTL, *, started: float = 0.0) -> None:
         self.ttl = ttl
+        self.started = started  # when this replica began to listen for heartbeats
         self._workers: dict[str, _Entry] = {}
+
+    def warmed_up(self, now: float) -> bool:
+        """Whether this replica has listened long enough to have heard every live worker."""
+        return now - self.started >= self.ttl
+
+    def status(self, worker_id: str, now: float) -> WorkerStatus:
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return WorkerStatus.UNKNOWN
+        if entry.leaving == WORKER_STOPPED or now - entry.seen > self.ttl:
+            return WorkerStatus.GONE
+        return WorkerStatus.DRAINING if entry.leaving == WORKER_DRAINING else WorkerStatus.ALIVE
 
     def observe(self, heartbeat: Heartbeat, now: float) -> bool:
         """Record a heartbeat; True when the worker was not alive before (came online)."""
@@ -38,7 +62,8 @@ class WorkerRegistry:
             max_parallel_jobs=heartbeat.max_parallel_jobs, cpu_load=heartbeat.cpu_load,
             gpu_utilization=heartbeat.gpu_utilization, labels=dict(heartbeat.labels),
         )
-        self._workers[heartbeat.worker_id] = _Entry(info, heartbeat, now)
+        leaving = heartbeat.labels.get(WORKER_STATE_LABEL, "")
+        self._workers[heartbeat.worker_id] = _Entry(info, heartbeat, now, leaving if leaving in (WORKER_DRAINING, WORKER_STOPPED) else "")
         return previous is None or now - previous.seen > self.ttl
 
     def dispatched(self, worker_id: str) -> None:
@@ -55,15 +80,16 @@ class WorkerRegistry:
     def alive(self, now: float) -> list[WorkerInfo]:
         live = []
         for worker_id, entry in list(self._workers.items()):
-            if now - entry.seen > self.ttl:
-                del self._workers[worker_id]
+            if now - entry.seen > 10 * self.ttl:
+                del self._workers[worker_id]  # long gone: the reaper has had its chance
+                continue
+            if entry.leaving or now - entry.seen > self.ttl:
                 continue
             live.append(replace(entry.info, active_jobs=entry.info.active_jobs + entry.dispatched_since))
         return live
 
     def is_alive(self, worker_id: str, now: float) -> bool:
-        entry = self._workers.get(worker_id)
-        return entry is not None and now - entry.seen <= self.ttl
+        return self.status(worker_id, now) is WorkerStatus.ALIVE
 
     def snapshot(self, pools: Pools, now: float, *, writer_id: str, wall_time: float) -> dict[str, Any]:
         """The `sys:workers:snapshot` document (spec §3.7)."""
@@ -71,7 +97,7 @@ class WorkerRegistry:
         pool_stats: dict[str, dict[str, int]] = {}
         for worker_id in sorted(self._workers):
             entry = self._workers[worker_id]
-            if now - entry.seen > self.ttl:
+            if entry.leaving == WORKER_STOPPED or now - entry.seen > self.ttl:
                 continue
             hb = entry.heartbeat
             workers.append({

@@ -4,11 +4,16 @@
     ├── metrics/health HTTP                      stage "metrics drain"
     ├── consumers sys.job.submit|result|cancel   queue group cordum-scheduler ("engine stop")
     ├── broadcast taps: heartbeats, config       (every replica hears every worker)
-    └── background ("cancel context")
-        ├── reconciler        leader cordum:reconciler:default
+    └── background ("cancel context"; started after the consumers)
+        ├── reconciler        leader cordum:reconciler:default (+ the index sweep)
         ├── pending replayer  leader cordum:replayer:pending
+        ├── worker reaper     leader cordum:scheduler:worker:reaper
         ├── snapshot writer   leader cordum:scheduler:snapshot:writer
         └── config overlay    sys.config.changed + poll
+
+The background starts once the consumers run, and the reconciler's first pass comes one interval
+after it leads: results that waited in the stream while no scheduler ran are applied before any
+job can be judged stuck.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from cordum.runtime.service import run_service
 from cordum.safety.client import CircuitBreaker, open_safety_client, parse_kernel_addrs
 from cordum.scheduler.config import PoolsSource
 from cordum.scheduler.engine import SENDER, Engine, EngineConfig, SchedulerMetrics
-from cordum.scheduler.loops import PendingReplayer, Reconciler, SnapshotWriter, Timeouts
+from cordum.scheduler.loops import IndexSweep, PendingReplayer, Reconciler, SnapshotWriter, Timeouts, WorkerReaper
 from cordum.scheduler.registry import WorkerRegistry
 from cordum.store import keys
 from cordum.store.config import ConfigStore
@@ -61,6 +66,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     snapshot_every = env_value(settings, "WORKER_SNAPSHOT_INTERVAL", "5s", parse_duration)
     config_every = env_value(settings, "SCHEDULER_CONFIG_RELOAD_INTERVAL", "30s", parse_duration)
     worker_ttl = env_value(settings, "WORKER_TTL", "30s", parse_duration)
+    reap = min(scan, 2.0)  # how often the leader looks for jobs of workers that left
     pools_path = env_value(settings, "SCHEDULER_POOLS_PATH", str(DEFAULT_POOLS), str)
 
     metrics = Metrics(settings.instance_id)
@@ -70,7 +76,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         pools = PoolsSource(Path(pools_path), ConfigStore(redis), timeouts)
         await pools.load()  # a bad pools file stops the start with its message
         leases = Leases(redis, settings.instance_id)
-        registry = WorkerRegistry(ttl=worker_ttl)
+        registry = WorkerRegistry(ttl=worker_ttl, started=trio.current_time())
         engine = Engine(
             store=JobStore(redis), bus=bus, leases=leases, safety=safety,
             registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics),
@@ -99,14 +105,23 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             await nursery.start(http.serve)
             await nursery.start(serve_registration, redis, NAME, settings.instance_id)
             await nursery.start(serve_packets, bus, subjects.HEARTBEAT, on_heartbeat, counters)
+            for consumer in consumers:
+                await nursery.start(consumer.run)
             background = trio.CancelScope()
+            reconciler, sweep = Reconciler(engine, timeouts), IndexSweep(engine)
+
+            async def reconcile(lease) -> None:
+                await reconciler.tick(lease)
+                await sweep.tick(lease)
 
             async def run_background(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 with background:
                     async with trio.open_nursery() as loops:
                         await loops.start(serve_packets, bus, subjects.CONFIG_CHANGED, on_config_changed, counters)
                         loops.start_soon(LeaderElection(leases, keys.RECONCILER_LEADER, 2 * scan).run,
-                                         every(scan, Reconciler(engine, timeouts).tick))
+                                         every(scan, reconcile, first_after=scan))
+                        loops.start_soon(LeaderElection(leases, keys.WORKER_REAPER_LEADER, 2 * reap).run,
+                                         every(reap, WorkerReaper(engine).tick))
                         loops.start_soon(LeaderElection(leases, keys.REPLAYER_LEADER, 2 * scan).run,
                                          every(scan, PendingReplayer(engine, timeouts).tick))
                         loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0).run,
@@ -115,8 +130,6 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
                         task_status.started()
 
             await nursery.start(run_background)
-            for consumer in consumers:
-                await nursery.start(consumer.run)
             hello = Handshake(component_id=settings.instance_id, role=COMPONENT_ROLE_SCHEDULER, supported_versions=[1],
                               capabilities={"safety_check": True, "routing": True})
             bus.publish_nowait(subjects.HANDSHAKE, encode(new_packet(hello, sender_id=settings.instance_id)))

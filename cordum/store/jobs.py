@@ -22,10 +22,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from google.protobuf import json_format
 
-from cordum.agent.v1.job_pb2 import JobRequest
+from cordum.agent.v1.job_pb2 import JobRequest, JobResult
+import trio
+
 from cordum.infra.redis import Redis, score_pairs
+from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobstate import TERMINAL, TRANSITIONS, JobState, increments_attempts, parse_state
+
+log = get_logger("jobs")
 
 DAY = 24 * 3600
 META_TTL = 7 * DAY
@@ -42,7 +47,9 @@ _NON_TERMINAL = [s for s in JobState if s not in TERMINAL]
 # ARGV[6] follow-up commands as JSON ("" = none; standalone Redis only: see JobStore.transition)
 # ARGV[7] prefix of the state indexes and ARGV[8] the job id, for leaving the previous state's index
 # ARGV[9] the from-states whose move to `to` counts a scheduling attempt (jobstate.increments_attempts)
-# ARGV[10..] field, value
+# ARGV[10] conditions as JSON: [[field, value], ...], each field must hold exactly that value ("" =
+# absent), else nothing is written ("" = none)
+# ARGV[11..] field, value
 _UPDATE = """
 local cur = redis.call('HGET', KEYS[1], 'state') or ''
 local to = ARGV[1]
@@ -52,6 +59,11 @@ if to ~= '' then
   end
 elseif cur == '' then
   return {'MISSING', cur}
+end
+if ARGV[10] ~= '' then
+  for _, cond in ipairs(cjson.decode(ARGV[10])) do
+    if (redis.call('HGET', KEYS[1], cond[1]) or '') ~= cond[2] then return {'CHANGED', cur, cond[1]} end
+  end
 end
 local fence = tonumber(ARGV[3])
 local held = tonumber(redis.call('HGET', KEYS[1], '_fence') or '0')
@@ -64,7 +76,7 @@ if to ~= '' and string.find(ARGV[9], ',' .. cur .. ',', 1, true) then attempts =
 if to ~= '' then
   redis.call('HSET', KEYS[1], 'state', to, 'updated_at', ARGV[4], 'attempts', attempts)
 end
-if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
+if #ARGV > 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 if ARGV[6] ~= '' then
   for _, command in ipairs(cjson.decode(ARGV[6])) do redis.call(unpack(command)) end
@@ -92,6 +104,16 @@ class InvalidTransition(JobStoreError):
         self.job_id = job_id
         self.current = parse_state(current)
         self.target = target
+
+
+class ConditionFailed(JobStoreError):
+    """A guarded write found a field changed (e.g. the attempt moved on, or a worker claimed it)."""
+
+    def __init__(self, job_id: str, current: str, field: str) -> None:
+        super().__init__(f"job {job_id}: {field} changed")
+        self.job_id = job_id
+        self.current = parse_state(current)
+        self.field = field
 
 
 class StaleFence(JobStoreError):
@@ -150,6 +172,14 @@ def request_from_json(text: str) -> JobRequest:
     return json_format.Parse(text, JobRequest(), ignore_unknown_fields=True)
 
 
+def result_to_json(result: JobResult) -> str:
+    return json_format.MessageToJson(result, preserving_proto_field_name=True, indent=None)
+
+
+def result_from_json(text: str) -> JobResult:
+    return json_format.Parse(text, JobResult(), ignore_unknown_fields=True)
+
+
 class JobStore:
     def __init__(self, redis: Redis, *, meta_ttl: int = META_TTL, data_ttl: int = DATA_TTL) -> None:
         self._redis = redis
@@ -196,10 +226,12 @@ class JobStore:
         event: Mapping[str, Any] | None = None,
         tenant: str | None = None,
         after: Sequence[tuple[Any, ...]] = (),
+        expect: Mapping[str, Any] | None = None,
     ) -> Transition:
         """Move `job_id` to `to` if the table (or `allowed_from`, which narrows or replaces it)
-        allows it from the current state, and the fence is not older than the last fenced write.
-        `after`: more commands to run once the transition is made (decision log, worker history).
+        allows it from the current state, the fence is not older than the last fenced write, and
+        every `expect` field holds its value (else ConditionFailed). `after`: more commands to run
+        once the transition is made (decision log, worker history).
 
         On a single Redis server, when the caller knows the job's tenant, the whole change
         (state, indexes, events, `after`) is one script: one round trip. On a cluster the script
@@ -208,13 +240,33 @@ class JobStore:
         ts = now_us()
         if tenant is not None and not self._redis.cluster:
             follow = self._index_commands(job_id, None, to, tenant, ts, event) + list(after)
-            reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, follow=follow)
+            reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, follow=follow,
+                                           expect=expect)
             previous, attempts = parse_state(reply[1]), int(reply[2])
             return Transition(job_id, previous, to, attempts, reply[3])
-        reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts)
+        reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, expect=expect)
         previous, attempts, stored_tenant = parse_state(reply[1]), int(reply[2]), reply[3]
-        await self._redis.pipeline(self._index_commands(job_id, previous, to, stored_tenant, ts, event) + list(after))
+        await self.run_repeatable(self._index_commands(job_id, previous, to, stored_tenant, ts, event) + list(after))
         return Transition(job_id, previous, to, attempts, stored_tenant)
+
+    async def run_repeatable(self, commands: Sequence[tuple[Any, ...]], *, tries: int = 3) -> bool:
+        """Run commands that may run twice (index upkeep) in a pipeline, re-running the ones that
+        failed. False when some still failed: the index sweep repairs what they left out."""
+        pending = list(commands)
+        for attempt in range(tries):
+            if not pending:
+                return True
+            try:
+                replies = await self._redis.pipeline(pending)
+            except Exception as exc:  # the connection broke: every command is in doubt, run them again
+                log.warning("jobs.index_write_failed", error=repr(exc), attempt=attempt + 1)
+                replies = [exc] * len(pending)
+            pending = [command for command, reply in zip(pending, replies) if isinstance(reply, Exception)]
+            if pending and attempt + 1 < tries:
+                await trio.sleep(0.05 * 2**attempt)
+        if pending:
+            log.warning("jobs.index_write_abandoned", commands=len(pending))
+        return not pending
 
     async def cancel(self, job_id: str, reason: str) -> Transition:
         """CANCELLED unless already terminal (bypasses the table, spec §2.8); the returned
@@ -231,18 +283,21 @@ class JobStore:
             return Transition(job_id, exc.current, exc.current, int(meta.get("attempts", 0)) if meta else 0,
                               meta.get("tenant", "") if meta else "")
 
-    async def set_fields(self, job_id: str, fields: Mapping[str, Any], *, fence: int = 0) -> None:
-        """Update fields of an existing job (no state change), fenced like a transition."""
-        await self._run_update(job_id, "", set(), fence, fields)
+    async def set_fields(self, job_id: str, fields: Mapping[str, Any], *, fence: int = 0,
+                         expect: Mapping[str, Any] | None = None) -> None:
+        """Update fields of an existing job (no state change), fenced and guarded like a transition."""
+        await self._run_update(job_id, "", set(), fence, fields, expect=expect)
 
     async def _run_update(
         self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None,
-        *, ts: int | None = None, follow: Sequence[tuple[Any, ...]] = (),
+        *, ts: int | None = None, follow: Sequence[tuple[Any, ...]] = (), expect: Mapping[str, Any] | None = None,
     ) -> list[str]:
         allowed = _state_list(sources)
         counting = _state_list({s for s in sources if to and increments_attempts(s, to)})
         commands = json.dumps([[str(part) for part in command] for command in follow]) if follow else ""
-        args: list[Any] = [to, allowed, fence, ts or now_us(), self.meta_ttl, commands, keys.job_index(""), job_id, counting]
+        conditions = json.dumps([[name, _encode(value)] for name, value in expect.items()]) if expect else ""
+        args: list[Any] = [to, allowed, fence, ts or now_us(), self.meta_ttl, commands, keys.job_index(""), job_id,
+                           counting, conditions]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
         reply = await self._update([keys.job_meta(job_id)], args)
@@ -253,6 +308,8 @@ class JobStore:
             raise JobNotFound(job_id)
         if status == "STALE":
             raise StaleFence(job_id, fence, int(reply[2]))
+        if status == "CHANGED":
+            raise ConditionFailed(job_id, reply[1], reply[2])
         raise InvalidTransition(job_id, reply[1], to)
 
     def _index_commands(
@@ -298,6 +355,34 @@ class JobStore:
     def worker_history_commands(self, worker_id: str, job_id: str) -> list[tuple[Any, ...]]:
         key = keys.worker_jobs(worker_id)
         return [("ZADD", key, now_us(), job_id), ("ZREMRANGEBYRANK", key, 0, -RECENT_MAX - 1)]
+
+    @staticmethod
+    def inflight_commands(worker_id: str, job_id: str, *, done: bool) -> list[tuple[Any, ...]]:
+        """Keeping `worker_inflight` (what the worker reaper re-routes) current: a dispatch adds the
+        job (and marks the worker as one to look at), a result or re-route removes it."""
+        if not worker_id:
+            return []
+        if done:
+            return [("ZREM", keys.worker_inflight(worker_id), job_id)]
+        ts = now_us()
+        return [("ZADD", keys.worker_inflight(worker_id), ts, job_id),
+                ("EXPIRE", keys.worker_inflight(worker_id), META_TTL),
+                ("ZADD", keys.WORKERS_INFLIGHT, ts, worker_id)]
+
+    async def inflight(self, worker_id: str, limit: int = 500) -> list[str]:
+        return await self._redis.execute("ZRANGE", keys.worker_inflight(worker_id), 0, limit - 1)
+
+    async def workers_with_inflight(self) -> list[tuple[str, int]]:
+        return [(w, int(float(ts))) for w, ts in score_pairs(
+            await self._redis.execute("ZRANGE", keys.WORKERS_INFLIGHT, 0, -1, "WITHSCORES"))]
+
+    async def forget_worker(self, worker_id: str, seen_before_us: int) -> None:
+        """Drop a worker from the reaper's list once it has nothing in flight (ZREM only if no
+        dispatch moved its score meanwhile)."""
+        if int(await self._redis.execute("ZCARD", keys.worker_inflight(worker_id))) == 0:
+            score = await self._redis.execute("ZSCORE", keys.WORKERS_INFLIGHT, worker_id)
+            if score is not None and int(float(score)) <= seen_before_us:
+                await self._redis.execute("ZREM", keys.WORKERS_INFLIGHT, worker_id)
 
     # ---- idempotency ---------------------------------------------------------------------------
 
@@ -348,6 +433,10 @@ class JobStore:
     async def get_context(self, job_id: str) -> Any:
         text = await self._redis.execute("GET", keys.context(job_id))
         return None if text is None else json.loads(text)
+
+    async def has_output(self, job_id: str) -> bool:
+        """Whether a worker stored the job's output (`res:<id>`, written before its result is sent)."""
+        return bool(await self._redis.execute("EXISTS", keys.result(job_id)))
 
     async def get_result(self, job_id: str) -> Any:
         text = await self._redis.execute("GET", keys.result(job_id))
@@ -401,6 +490,32 @@ class JobStore:
 
     async def active_count(self, tenant: str) -> int:
         return int(await self._redis.execute("SCARD", keys.tenant_active(tenant)))
+
+    async def scan_jobs(self, cursor: str, count: int = 500) -> tuple[str, list[dict[str, Any]]]:
+        """One page of every job's hash, whatever the indexes say: (next cursor, metas); the
+        cursor is "0" again after the last page. (On a cluster each call walks every primary
+        once, without a cursor: there it is meant for a slow sweep.)"""
+        prefix = keys.job_meta("")
+        if self._redis.cluster:
+            names, cursor = await self._redis.scan_keys(prefix + "*", count=count), "0"
+        else:
+            cursor, names = await self._redis.execute("SCAN", cursor, "MATCH", prefix + "*", "COUNT", count)
+        ids = [name[len(prefix):] for name in names]
+        metas = await self.get_many(ids) if ids else []
+        return str(cursor), [meta for meta in metas if meta is not None]
+
+    async def repair_index(self, meta: Mapping[str, Any]) -> bool:
+        """Put a live job back into its state index (and its tenant's active set) if it is missing
+        there; True when it was."""
+        job_id, state = meta["id"], JobState(meta["state"])
+        if await self._redis.execute("ZSCORE", keys.job_index(state.value), job_id) is not None:
+            return False
+        commands: list[tuple[Any, ...]] = [("ZADD", keys.job_index(state.value), int(meta.get("updated_at") or now_us()), job_id),
+                                            ("SET", keys.job_state(job_id), state.value, "EX", self.meta_ttl)]
+        if meta.get("tenant"):
+            commands.append(("SADD", keys.tenant_active(meta["tenant"]), job_id))
+        await self.run_repeatable(commands)
+        return True
 
     async def drop_from_index(self, state: JobState, job_id: str) -> None:
         """Repair a stale index entry (the hash says the job moved on)."""

@@ -106,6 +106,17 @@ def worker_jobs(worker_id: str) -> str:
     return f"worker:jobs:{worker_id}"
 
 
+def worker_inflight(worker_id: str) -> str:
+    """Jobs dispatched to a worker and not finished (zset job id → dispatch µs): what is re-routed
+    when the worker leaves."""
+    return f"cordum:worker:{worker_id}:inflight"
+
+
+# Workers that have (or had) jobs in flight (zset worker id → last dispatch µs): where the reaper looks.
+WORKERS_INFLIGHT = "cordum:workers:inflight"
+WORKER_REAPER_LEADER = "cordum:scheduler:worker:reaper"
+
+
 def idempotency(tenant: str, key: str) -> str:
     return f"job:idempotency:{tenant}:{key}"
 

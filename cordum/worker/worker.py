@@ -18,9 +18,17 @@ One nursery holds the whole worker:
            │          └─ job.<x> …          (queue = subject)
            └─ one task per job ── keep-alive (in_progress every 10 s) + handler
 
-At-least-once: a bus message is acked only after its result was published; a job still running
-when the shutdown deadline comes is given back (nak), and so is one whose result could not be
-written. Redeliveries of a job this worker already finished re-publish the cached result.
+At-least-once delivery, run once: before running, the worker claims the dispatched attempt in the
+job's hash (cordum/worker/claims.py), so a message for an attempt that was superseded, finished or
+cancelled, or that another worker runs, is dropped; one whose result is already stored is answered
+with that result. A result is committed to the job's hash before it is published, and the message is
+acked only after the publish; a publish that failed is retried from the stored result, never by
+running again. Results carry their attempt (header Cordum-Attempt, in the message id too), so a
+retry's result is never taken for a duplicate of the first one. A job still running when the
+shutdown deadline comes is given back (nak). A handler also stops when this worker may have been
+silent for longer than the schedulers' worker TTL (a frozen process): by then its jobs may run
+elsewhere. Stopping, the worker tells the schedulers (heartbeat label cordum.worker.state) so they
+stop routing to it at once and re-route what it did not start.
 """
 
 from __future__ import annotations
@@ -37,12 +45,13 @@ from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_WORKER, Handshake
 from cordum.agent.v1.heartbeat_pb2 import Heartbeat
 from cordum.agent.v1.job_pb2 import JOB_STATUS_RUNNING, JobProgress, JobRequest, JobResult
 from cordum.infra.bus import Bus, Message, open_bus
-from cordum.infra.config import Settings, load_settings
+from cordum.infra.config import Settings, env_value, load_settings, parse_positive_duration
 from cordum.infra.redis import Redis, open_redis
 from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import PROTOCOL_VERSION, PacketError, decode, encode, new_packet
 from cordum.runtime.lifecycle import CLOSE_RESERVE, Lifecycle
 from cordum.runtime.log import get_logger
+from cordum.worker.claims import Claim, ClaimOutcome, RunClaims
 from cordum.worker.core import (
     CANCELLED,
     MAX_CONTEXT_BYTES,
@@ -65,6 +74,7 @@ IO_TIMEOUT = 5.0  # per Redis call / result publish (spec §5.7)
 GIVE_BACK_MARGIN = 0.5  # kept before the shutdown deadline to nak the jobs still running
 RETRY_DELAY = 1.0  # nak delay when Redis or the bus failed while running a job
 HEARTBEAT_MIN_GAP = 0.2  # load-change heartbeats: at most five a second
+LIVENESS_TTL = 30.0  # the schedulers' WORKER_TTL: silent this long, a worker's jobs go elsewhere
 
 Handler = Callable[["JobContext"], Awaitable[Any]]
 
@@ -73,7 +83,7 @@ class WorkerStats:
     """Counters, readable by tests and the embedding program."""
 
     __slots__ = ("received", "malformed", "ignored", "duplicates", "handler_runs", "succeeded", "failed",
-                 "cancelled", "given_back")
+                 "cancelled", "given_back", "superseded", "republished")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -196,6 +206,7 @@ class Worker:
         max_result_bytes: int = MAX_RESULT_BYTES,
         result_cache_size: int = 4096,
         result_cache_ttl: float = 600.0,
+        liveness_ttl: float | None = None,
     ) -> None:
         self.direct_subject = subjects.worker_subject(worker_id)  # validates the id (one token)
         if max_parallel_jobs < 1:
@@ -217,6 +228,15 @@ class Worker:
         self.region = region
         self.in_progress_interval = in_progress_interval
         self.result_ttl = result_ttl
+        if liveness_ttl is None:  # the schedulers' setting, when this process shares their environment
+            liveness_ttl = LIVENESS_TTL if settings is None else env_value(settings, "WORKER_TTL", "30s", parse_positive_duration)
+        if liveness_ttl <= heartbeat_interval:
+            raise ValueError(f"liveness_ttl ({liveness_ttl:g}s) must be longer than heartbeat_interval ({heartbeat_interval:g}s)")
+        self.liveness_ttl = liveness_ttl
+        # Until when the schedulers surely count this worker alive (last heartbeat sent + their TTL,
+        # less a margin): running handlers are cut off there.
+        self._live_until = float("inf")
+        self._state = ""  # "", then draining, then stopped (the heartbeat label)
         self.max_context_bytes = max_context_bytes
         self.max_result_bytes = max_result_bytes
         self.stats = WorkerStats()
@@ -226,7 +246,7 @@ class Worker:
         self._limiter = trio.CapacityLimiter(max_parallel_jobs)
         self._jobs: dict[str, _Job] = {}
         self._jobs_changed = trio.Event()
-        self._results: RecentMap[bytes] = RecentMap(result_cache_size, result_cache_ttl)
+        self._results: RecentMap[tuple[int, bytes]] = RecentMap(result_cache_size, result_cache_ttl)
         self._early_cancels: RecentMap[str] = RecentMap(1024, result_cache_ttl)
         self._intake_scope = trio.CancelScope()
         self._heartbeat_scope = trio.CancelScope()
@@ -235,6 +255,7 @@ class Worker:
         self._serve_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._redis: Redis | None = None
+        self._claims: RunClaims | None = None
         self._bus: Bus | None = None
         self._cpu = _process_cpu_sampler()
         self.ready = trio.Event()
@@ -296,6 +317,7 @@ class Worker:
         if self._default is None and not self._handlers:
             raise ValueError(f"worker {self.worker_id} has no handler")
         self._redis, self._bus = redis, bus
+        self._claims = RunClaims(redis)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._serve_scope = nursery.cancel_scope
@@ -311,9 +333,11 @@ class Worker:
             task_status.started()
 
     async def stop_intake(self) -> None:
-        """Take no more jobs: leave the consumers (fetched, unhandled messages are nak'ed by the
-        bus) and stop heartbeating, so the scheduler stops picking this worker."""
-        self._heartbeat_scope.cancel()
+        """Take no more jobs: tell the schedulers (they stop routing here at once, and re-route
+        what was sent here but not started) and leave the consumers (fetched, unhandled messages
+        are nak'ed by the bus). Heartbeats go on, saying "draining": the jobs running here go on."""
+        self._state = subjects.WORKER_DRAINING
+        self._load_changed.set()
         self._intake_scope.cancel()
         if self._nursery is not None:
             with trio.move_on_after(3):
@@ -334,9 +358,13 @@ class Worker:
             await self._wait_idle()
 
     async def close(self) -> None:
-        """Push out what is queued (results, acks, naks) before the connections close."""
+        """Say this worker is gone (whatever it holds is re-routed at once), and push out what is
+        queued (results, acks, naks) before the connections close."""
         if self._bus is None:
             return
+        self._heartbeat_scope.cancel()
+        self._state = subjects.WORKER_STOPPED
+        self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
         try:
             with trio.move_on_after(3):
                 await self._bus.flush()
@@ -349,6 +377,7 @@ class Worker:
         deadline = trio.current_time() + timeout
         await self.stop_intake()
         await self.finish_jobs(deadline)
+        await self.close()
         if self._serve_scope is not None:
             self._serve_scope.cancel()
 
@@ -403,6 +432,8 @@ class Worker:
             log.warning("worker.handshake_failed", worker_id=self.worker_id, error=repr(exc))
 
     def heartbeat(self) -> Heartbeat:
+        # CAP has no message for "leaving": a label on the heartbeat says it.
+        labels = {**self.labels, subjects.WORKER_STATE_LABEL: self._state} if self._state else self.labels
         return Heartbeat(
             worker_id=self.worker_id,
             region=self.region,
@@ -412,14 +443,14 @@ class Worker:
             capabilities=self.capabilities,
             pool=self.pool,
             max_parallel_jobs=self.max_parallel_jobs,
-            labels=self.labels,
+            labels=labels,
             memory_load=_memory_percent(),
         )
 
     async def _heartbeats(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         with self._heartbeat_scope:
-            self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+            self._beat()
             task_status.started()
             started = True
             while True:
@@ -428,10 +459,22 @@ class Worker:
                 with trio.move_on_after(self.heartbeat_interval):
                     await self._load_changed.wait()
                 self._load_changed = trio.Event()
-                self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+                self._beat()
                 await trio.sleep(min(HEARTBEAT_MIN_GAP, self.heartbeat_interval))
         if not started:  # stopped before it started
             task_status.started()
+
+    def _beat(self) -> None:
+        """Send a heartbeat; while the bus is up, that keeps this worker's handlers going for one
+        more liveness TTL (less a margin for a heartbeat in transit)."""
+        assert self._bus is not None
+        self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+        if self._bus.connected:
+            margin = min(2.0, self.liveness_ttl / 5)
+            self._live_until = trio.current_time() + self.liveness_ttl - margin
+            for job in self._jobs.values():
+                job.scope.deadline = self._live_until
+
 
     def _publish_nowait(self, subject: str, packet: BusPacket) -> None:
         assert self._bus is not None
@@ -509,10 +552,11 @@ class Worker:
             await msg.term()
             return
         job_id = packet.job_request.job_id
-        if self._duplicate(job_id, msg):
+        attempt = subjects.attempt_of(msg.headers)
+        if await self._duplicate(job_id, attempt, msg):
             return
         await self._acquire(msg)
-        if self._duplicate(job_id, msg):  # it came in again while we waited for a slot
+        if await self._duplicate(job_id, attempt, msg):  # it came in again while we waited for a slot
             self._limiter.release_on_behalf_of(msg)
             return
         job = _Job(packet, msg)
@@ -521,21 +565,30 @@ class Worker:
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job)
 
-    def _duplicate(self, job_id: str, msg: Message) -> bool:
+    async def _duplicate(self, job_id: str, attempt: int | None, msg: Message) -> bool:
+        """Settle a message for a job this worker has run or is running (True), or let it run."""
         cached = self._results.get(job_id)
-        if cached is not None:
+        if cached is not None and (attempt is None or attempt == cached[0]):
             self.stats.duplicates += 1
-            log.info("worker.duplicate_delivery", job_id=job_id, action="republish")
+            log.info("worker.duplicate_delivery", job_id=job_id, attempt=cached[0], action="republish")
             assert self._nursery is not None
-            self._nursery.start_soon(self._republish, job_id, cached, msg)
+            self._nursery.start_soon(self._republish, job_id, cached[0], cached[1], [msg])
+            return True
+        if cached is not None and attempt < cached[0]:
+            self.stats.superseded += 1  # an older attempt than one already finished here
+            await msg.ack()
             return True
         running = self._jobs.get(job_id)
-        if running is not None:
-            self.stats.duplicates += 1
+        if running is None:
+            return False
+        self.stats.duplicates += 1
+        if attempt is None or attempt == running.attempt:
             log.info("worker.duplicate_delivery", job_id=job_id, action="attach")
             running.messages.append(msg)
-            return True
-        return False
+        else:  # another attempt of a job still running here: after this one ends
+            log.info("worker.duplicate_delivery", job_id=job_id, action="later", attempt=attempt)
+            await msg.nak(RETRY_DELAY)
+        return True
 
     async def _acquire(self, msg: Message) -> None:
         try:
@@ -563,16 +616,36 @@ class Worker:
             for msg in list(messages):
                 await msg.in_progress()
 
-    async def _republish(self, job_id: str, data: bytes, msg: Message) -> None:
+    async def _publish_result(self, job_id: str, attempt: int, data: bytes) -> None:
+        """One result message per attempt: the id names the attempt (JetStream drops a repeat of
+        it for two minutes, so a retry's result must not look like the first one's), and so does
+        the header the scheduler reads."""
         assert self._bus is not None
+        with trio.fail_after(IO_TIMEOUT):
+            await self._bus.publish(subjects.RESULT, data, msg_id=f"{subjects.RESULT}:{job_id}:{attempt}",
+                                    headers={subjects.ATTEMPT_HEADER: str(attempt)})
+
+    async def _republish(self, job_id: str, attempt: int, data: bytes, messages: list[Message]) -> bool:
+        """Publish a result again (its first publish may or may not have landed: the message id
+        makes a second copy harmless), then settle the messages."""
+        published = await self._try_publish(job_id, attempt, data)
+        self._settle(messages, published)
+        return published
+
+    async def _try_publish(self, job_id: str, attempt: int, data: bytes) -> bool:
         try:
-            with trio.fail_after(IO_TIMEOUT):
-                await self._bus.publish(subjects.RESULT, data, msg_id=f"{subjects.RESULT}:{job_id}")
+            await self._publish_result(job_id, attempt, data)
         except (Exception, trio.TooSlowError) as exc:
-            log.warning("worker.result_publish_failed", job_id=job_id, error=repr(exc))
-            await msg.nak(RETRY_DELAY)
-            return
-        await msg.ack()
+            log.warning("worker.result_publish_failed", job_id=job_id, attempt=attempt, error=repr(exc))
+            return False
+        return True
+
+    @staticmethod
+    def _settle(messages: list[Message], published: bool) -> None:
+        """Acked once the result is out; else given back: the redelivery publishes the stored
+        result again, it never runs the job again. (Settling does not yield to other tasks.)"""
+        for msg in messages:
+            msg.nak_nowait(RETRY_DELAY) if not published else msg.ack_nowait()
 
     # ---- running a job ---------------------------------------------------------------------
 
@@ -581,42 +654,37 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_alive, job.messages)
-                result, retry_delay = await self._execute(job)
+                outcome = await self._execute(job)
                 nursery.cancel_scope.cancel()
-            if result is not None:
-                data = encode(self._packet(result, trace_id=job.packet.trace_id or job.job_id))
-                try:
-                    with trio.fail_after(IO_TIMEOUT):
-                        await self._bus_publish_result(data, job.job_id)
-                except (Exception, trio.TooSlowError) as exc:
-                    log.error("worker.result_publish_failed", job_id=job.job_id, error=repr(exc))
-                    result, retry_delay = None, RETRY_DELAY
-                else:
-                    self._results.put(job.job_id, data)
-                    self._count(result)
+            published = False
+            if isinstance(outcome, JobResult):
+                data = encode(self._packet(outcome, trace_id=job.packet.trace_id or job.job_id))
+                # Cached before publishing: a redelivery publishes it again, never runs the job again.
+                self._results.put(job.job_id, (job.attempt, data))
+                published = await self._try_publish(job.job_id, job.attempt, data)
+                if published:
+                    self._count(outcome)
             # No checkpoint from here on: a duplicate cannot attach after the messages are settled.
             self._job_done(job)
             settled = True
-            for msg in job.messages:
-                if result is not None:
-                    await msg.ack()
-                else:
-                    await msg.nak(retry_delay)
-            if result is None:
+            if isinstance(outcome, JobResult):
+                self._settle(job.messages, published)
+            elif outcome is None:  # superseded, finished elsewhere, or not ours to run
+                for msg in job.messages:
+                    msg.ack_nowait()
+            else:  # a number: give it back after that delay
+                for msg in job.messages:
+                    msg.nak_nowait(outcome)
                 self.stats.given_back += 1
-                log.info("worker.job_given_back", job_id=job.job_id, delay=retry_delay)
+                log.info("worker.job_given_back", job_id=job.job_id, delay=outcome)
         except Exception as exc:  # a bug here must not take the worker down: give the job back
             log.error("worker.job_crashed", job_id=job.job_id, error=repr(exc))
         finally:
             if not settled:  # cancelled from outside (hard stop) or crashed: give it back
                 self._job_done(job)
                 for msg in job.messages:
-                    await msg.nak(RETRY_DELAY)
+                    msg.nak_nowait(RETRY_DELAY)
                 self.stats.given_back += 1
-
-    async def _bus_publish_result(self, data: bytes, job_id: str) -> None:
-        assert self._bus is not None
-        await self._bus.publish(subjects.RESULT, data, msg_id=f"{subjects.RESULT}:{job_id}")
 
     def _count(self, result: JobResult) -> None:
         if result.status == SUCCEEDED:
@@ -626,8 +694,49 @@ class Worker:
         else:
             self.stats.failed += 1
 
-    async def _execute(self, job: _Job) -> tuple[JobResult | None, float | None]:
-        """Run one job. Returns (result to publish, None) or (None, nak delay) to give it back."""
+    async def _claim(self, job: _Job) -> ClaimOutcome | float:
+        """Claim the dispatched attempt (or a nak delay when Redis failed)."""
+        assert self._claims is not None
+        try:
+            with trio.fail_after(IO_TIMEOUT):
+                return await self._claims.claim(job.job_id, subjects.attempt_of(job.token.headers), self.worker_id)
+        except (Exception, trio.TooSlowError) as exc:
+            log.error("worker.claim_failed", job_id=job.job_id, error=repr(exc))
+            return RETRY_DELAY
+
+    async def _execute(self, job: _Job) -> JobResult | float | None:
+        """Run one job. Returns the result to publish, a nak delay to give it back, or None when
+        it is not this worker's to run (the message is acked)."""
+        claim = await self._claim(job)
+        if isinstance(claim, float):
+            return claim
+        if claim.claim is Claim.FINISHED:
+            self.stats.republished += 1
+            log.info("worker.result_stored_already", job_id=job.job_id, attempt=job.attempt)
+            return claim.stored
+        if not claim.runs:
+            self.stats.superseded += 1
+            log.info("worker.not_running", job_id=job.job_id, attempt=job.attempt, claim=claim.claim.value,
+                     state=claim.state)
+            return None
+        job.attempt = claim.attempt or job.attempt
+        result = await self._run_handler(job)
+        if not isinstance(result, JobResult):
+            return result
+        assert self._claims is not None
+        try:
+            with trio.fail_after(IO_TIMEOUT):
+                committed = await self._claims.commit(job.job_id, claim, result)
+        except (Exception, trio.TooSlowError) as exc:
+            log.error("worker.result_commit_failed", job_id=job.job_id, error=repr(exc))
+            return RETRY_DELAY
+        if not committed:  # re-routed while it ran (this worker was silent too long): not ours now
+            self.stats.superseded += 1
+            log.warning("worker.result_superseded", job_id=job.job_id, attempt=job.attempt)
+            return None
+        return result
+
+    async def _run_handler(self, job: _Job) -> JobResult | float | None:
         assert self._redis is not None
         request = job.request
         early = self._early_cancels.pop(job.job_id)
@@ -637,6 +746,8 @@ class Worker:
             job.scope.cancel()
         failure: JobFailed | None = None
         result_ptr = ""
+        # The handler stops when the schedulers may have counted this worker gone (see _beat).
+        job.scope.deadline = self._live_until
         with job.scope:
             try:
                 key = pointers.key_of(request.context_ptr)
@@ -648,7 +759,7 @@ class Worker:
                         raw = await self._redis.execute("GET", key)
                 except (Exception, trio.TooSlowError) as exc:
                     log.error("worker.context_read_failed", job_id=job.job_id, error=repr(exc))
-                    return None, RETRY_DELAY
+                    return RETRY_DELAY
                 try:
                     input = decode_input(raw, limit=self.max_context_bytes)
                 except JobFailed as exc:
@@ -675,17 +786,20 @@ class Worker:
                             await self._redis.execute("SET", res_key, text, "EX", self.result_ttl)
                     except (Exception, trio.TooSlowError) as exc:
                         log.error("worker.result_write_failed", job_id=job.job_id, error=repr(exc))
-                        return None, RETRY_DELAY
+                        return RETRY_DELAY
                     result_ptr = pointers.ptr(res_key)
         elapsed_ms = int((trio.current_time() - job.started) * 1000)
         if job.scope.cancelled_caught:
             if job.cancel_reason:
                 error = JobFailed(f"cancelled: {job.cancel_reason}", code="cancelled", status=CANCELLED)
-                return job_result(job.job_id, CANCELLED, self.worker_id, elapsed_ms, error=error), None
-            return None, None  # shutdown deadline: give it back
+                return job_result(job.job_id, CANCELLED, self.worker_id, elapsed_ms, error=error)
+            if not job.give_back:  # silent too long: if the job was not re-routed, it runs again here
+                log.warning("worker.liveness_lost", job_id=job.job_id, attempt=job.attempt)
+                return RETRY_DELAY
+            return 0.0  # shutdown deadline: give it back, to be redelivered at once
         if failure is not None:
-            return job_result(job.job_id, failure.status, self.worker_id, elapsed_ms, error=failure), None
-        return job_result(job.job_id, SUCCEEDED, self.worker_id, elapsed_ms, result_ptr=result_ptr), None
+            return job_result(job.job_id, failure.status, self.worker_id, elapsed_ms, error=failure)
+        return job_result(job.job_id, SUCCEEDED, self.worker_id, elapsed_ms, result_ptr=result_ptr)
 
 
 # ---- a worker process ----------------------------------------------------------------------
