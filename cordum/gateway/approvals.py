@@ -24,7 +24,7 @@ from cordum.gateway import deadletter
 from cordum.gateway.auth import Principal
 from cordum.gateway.context import Gateway, caller, cursor_text, json_body, optional_str, query_int, require
 from cordum.gateway.errors import ApiError, not_found
-from cordum.gateway.jobs import job_summary, publish_request
+from cordum.gateway.jobs import checked_job_id, job_summary, publish_request
 from cordum.protocol import subjects
 from cordum.runtime.lease import Lease, LeaseUnavailable
 from cordum.runtime.log import get_logger
@@ -180,9 +180,11 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.post("/api/v1/approvals/<job_id>/approve")
     @require("operator")
     async def approve_route(job_id: str) -> Any:
+        checked_job_id(job_id)
         return await approve(gw, job_id, await json_body(optional=True))
 
     @app.post("/api/v1/approvals/<job_id>/reject")
     @require("operator")
     async def reject_route(job_id: str) -> Any:
+        checked_job_id(job_id)
         return await reject(gw, job_id, await json_body(optional=True))

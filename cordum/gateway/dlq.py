@@ -14,6 +14,7 @@ expired, every DLQ_CLEANUP_INTERVAL (1h).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
@@ -24,7 +25,7 @@ from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.gateway import deadletter
 from cordum.gateway.context import Gateway, caller, cursor_text, query_int, require
 from cordum.gateway.errors import ApiError, not_found
-from cordum.gateway.jobs import publish_request
+from cordum.gateway.jobs import checked_job_id, publish_request
 from cordum.infra.bus import Message
 from cordum.protocol import subjects
 from cordum.protocol.pointers import context_key, ptr
@@ -34,6 +35,7 @@ from cordum.runtime.leader import LeaderElection, every
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobstate import JobState
+from cordum.store.validate import MAX_JOB_ID_LEN
 
 log = get_logger("gateway.dlq")
 
@@ -104,6 +106,21 @@ async def _restore(gw: Gateway, job_id: str, text: str, pttl: int) -> None:
         log.error("dlq.retry_restore_failed", job_id=job_id, error=repr(exc))
 
 
+_RETRY_CHAIN = re.compile(r"(-retry-[0-9a-f]{8})+$")
+
+
+def retry_job_id(job_id: str, token: str | None = None) -> str:
+    """The new job's id: `<old>-retry-<8 hex>`. A retry of a retry of ... would outgrow the job id
+    limit (MAX_JOB_ID_LEN), so then the earlier `-retry-<hex>` links are dropped (and, if still too
+    long, the base is shortened): the id always passes `job_id_problems`, and the new job's
+    `retry_of_job` label still names the job it retries."""
+    suffix = f"-retry-{token or secrets.token_hex(4)}"
+    base = job_id
+    if len(base) + len(suffix) > MAX_JOB_ID_LEN:
+        base = (_RETRY_CHAIN.sub("", base) or base)[: MAX_JOB_ID_LEN - len(suffix)]
+    return base + suffix
+
+
 async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
     """Re-run a dead-lettered job as a new job. The entry is claimed first (deleted atomically),
     so concurrent retries create one job: the others get 409 `retry_in_progress` (or 404 once it
@@ -116,7 +133,7 @@ async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
     request_msg = await gw.jobs.get_request(job_id)
     if old is None or request_msg is None:
         raise ApiError(409, "the original job's request has expired; it cannot be retried", code="retry_unavailable")
-    new_id = f"{job_id}-retry-{secrets.token_hex(4)}"
+    new_id = retry_job_id(job_id)
     trace_id = f"dlq-retry-{job_id}"
     request_msg.job_id = new_id
     request_msg.context_ptr = ptr(context_key(new_id))
@@ -187,6 +204,7 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.delete("/api/v1/dlq/<job_id>")
     @require("admin")
     async def delete_dlq(job_id: str) -> Any:
+        checked_job_id(job_id)
         if await gw.dlq.get(job_id, tenant=caller().tenant) is None:
             raise not_found("dlq entry not found")
         await gw.dlq.delete(job_id)
@@ -195,4 +213,5 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.post("/api/v1/dlq/<job_id>/retry")
     @require("operator")
     async def retry_dlq(job_id: str) -> Any:
+        checked_job_id(job_id)
         return await retry_entry(gw, job_id, caller().tenant)

@@ -40,7 +40,7 @@ from cordum.protocol.packets import encode, new_packet
 from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyDecision, Verdict
-from cordum.store.validate import tenant_problems, validate_job_request
+from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request
 from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
 from cordum.store.jobstate import TERMINAL, JobState, parse_state
 
@@ -291,6 +291,16 @@ async def publish_request(gw: Gateway, request_msg: job_pb2.JobRequest, trace_id
 # ---- the pipeline -------------------------------------------------------------------------------
 
 
+def checked_job_id(job_id: str) -> str:
+    """A caller-supplied job id (path segment), refused with 400 `invalid_job_id` before any Redis
+    key or lock is built from it (a `{` or `}` would split a job's lock from its fence counter on
+    Redis Cluster). The gateway never makes such ids, so no stored job becomes unreachable."""
+    problems = job_id_problems(job_id)
+    if problems:
+        raise ApiError(400, f"invalid job id: {problems[0]}", code="invalid_job_id", extra={"problems": problems})
+    return job_id
+
+
 def _accepted(job_id: str, trace_id: str, **extra: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
     return {"job_id": job_id, "trace_id": trace_id, **extra}, 200, {"X-Trace-Id": trace_id}
 
@@ -457,6 +467,7 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.get("/api/v1/jobs/<job_id>")
     @require("viewer")
     async def get_job(job_id: str) -> Any:
+        checked_job_id(job_id)
         meta = await gw.jobs.get(job_id, tenant=caller().tenant)
         if meta is None:
             raise not_found("job not found")
@@ -465,6 +476,7 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.get("/api/v1/jobs/<job_id>/decisions")
     @require("viewer")
     async def get_decisions(job_id: str) -> Any:
+        checked_job_id(job_id)
         if await gw.jobs.get(job_id, tenant=caller().tenant) is None:
             raise not_found("job not found")
         return {"items": await gw.jobs.decisions(job_id)}
@@ -472,6 +484,7 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.post("/api/v1/jobs/<job_id>/cancel")
     @require("operator")
     async def cancel(job_id: str) -> Any:
+        checked_job_id(job_id)
         meta = await gw.jobs.get(job_id, tenant=caller().tenant)
         if meta is None:
             raise not_found("job not found")

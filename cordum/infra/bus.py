@@ -30,6 +30,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from cordum.infra.aio import Batcher, aio
 from cordum.infra.config import Settings
 from cordum.protocol import subjects
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 
 log = get_logger("bus")
@@ -252,7 +253,7 @@ class Bus:
             yield receive
         finally:
             send.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with close_scope(2):
                 try:
                     await aio(sub.unsubscribe)()
                 except Exception as exc:
@@ -280,13 +281,13 @@ class Bus:
                 finally:
                     release.closing = True
                     with trio.CancelScope(shield=True):
-                        with trio.move_on_after(2):
+                        with close_scope(2):
                             try:
                                 await aio(self._stop_pulling)(psub)
                             except Exception as exc:
                                 log.debug("bus.pull_stop_failed", durable=durable, error=repr(exc))
                         if release.fetch_scope is not None:
-                            with trio.move_on_after(FETCH_SETTLE_S):
+                            with close_scope(FETCH_SETTLE_S):
                                 await release.fetch_done.wait()
                         if release.fetch_scope is not None:
                             release.fetch_scope.cancel()
@@ -302,7 +303,7 @@ class Bus:
                     break
             for msg in leftovers:
                 msg.give_back()
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with close_scope(2):
                 try:
                     await aio(self._release_pull)(psub, release)
                 except Exception as exc:
@@ -492,14 +493,14 @@ async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
                 await bus.ensure_streams()
                 yield bus
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                with close_scope(3):
                     try:
                         await bus.flush(close=True)
                     except Exception as exc:
                         log.warning("bus.flush_failed", error=repr(exc))
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+        with close_scope(2):
             try:
                 await aio(nc.drain)()
             except Exception as exc:

@@ -28,6 +28,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from cordum.infra.aio import aio, timeout_left, trio_from_aio
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 
 log = get_logger("grpc")
@@ -176,7 +177,7 @@ class GrpcServer:
             await self._closed.wait()
         finally:
             if not self._closed.is_set():
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                with close_scope(2):
                     await aio(self._close)()
 
     async def _start(self, host: str, port: int) -> int:
@@ -232,7 +233,7 @@ async def open_grpc_client(stub_class: type, host: str, port: int) -> AsyncItera
     try:
         yield GrpcClient(channel, stub_class(channel))
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
+        with close_scope(1):
             await aio(_close_channel)(channel)
 
 

@@ -66,6 +66,7 @@ from redis.exceptions import TimeoutError as _TimeoutError
 
 from cordum.infra.aio import Batcher, aio
 from cordum.infra.config import Settings
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 
 log = get_logger("redis")
@@ -295,7 +296,7 @@ async def open_redis(settings: Settings) -> AsyncIterator[Redis]:
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+        with close_scope(2):
             try:
                 await redis.aclose()
             except Exception as exc:  # closing a dead connection may fail; nothing to recover

@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from cordum.infra.redis import Redis, RedisError, RedisUnavailable
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 
@@ -50,7 +51,7 @@ async def serve_registration(
             except (RedisError, *RedisUnavailable) as exc:
                 log.warning("instance.renew_failed", key=key, error=repr(exc))
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+        with close_scope(2):
             try:
                 await redis.execute("DEL", key)
             except (RedisError, *RedisUnavailable) as exc:

@@ -22,6 +22,7 @@ import trio
 
 from cordum.infra.redis import Redis, RedisError, RedisUnavailable
 from cordum.runtime.identity import holder_token
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 
@@ -132,7 +133,7 @@ class Leases:
                 raise
         finally:
             if not lease.lost:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                with close_scope(2):
                     try:
                         await self.release(lease)
                     except (RedisError, *RedisUnavailable) as exc:

@@ -2,12 +2,15 @@
 nursery with the signal watcher and the service's own `serve(settings, lifecycle)` tree.
 
 Exit codes: 0 after a clean shutdown, 1 if the service crashed or its shutdown overran the
-deadline, 2 for a configuration error (the message names the variable).
+deadline (CORDUM_SHUTDOWN_TIMEOUT, closes included), 2 for a configuration error (the message
+names the variable).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
@@ -18,6 +21,49 @@ from cordum.runtime import log as logging
 from cordum.runtime.lifecycle import Lifecycle
 
 log = logging.get_logger("service")
+
+# How long past the shutdown deadline the watchdog lets a stuck process live.
+WATCHDOG_MARGIN = 1.0
+
+
+class ShutdownWatchdog:
+    """Last resort: exit code 1 if the process still runs `margin` seconds after the deadline.
+
+    The closes bound themselves by the deadline (`close_scope`), so this fires only when something
+    ignores it: a shielded block without `close_scope`, the trio-asyncio loop's own shielded close,
+    or a call blocking the Trio thread. None of those can be interrupted from inside Trio (a shield
+    hides cancellation, a blocked thread runs no task), so the guard is another OS thread, a timer
+    armed when the shutdown begins. It ends the process with `os._exit`: `sys.exit` in a thread ends
+    only that thread, and an exception or signal sent to the main thread waits for the same stuck
+    code. Skipping atexit handlers and finalizers is acceptable then: the closes had their time.
+    """
+
+    def __init__(self, *, margin: float = WATCHDOG_MARGIN, exit: Callable[[int], object] = os._exit) -> None:
+        self.margin = margin
+        self._exit = exit
+        self._timer: threading.Timer | None = None
+        self.fired = False
+
+    def arm(self, seconds: float) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(seconds + self.margin, self._fire, args=(seconds,))
+            self._timer.daemon = True
+            self._timer.name = "shutdown-watchdog"
+            self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self, timeout: float) -> None:
+        self.fired = True
+        log.error("shutdown.deadline_exceeded", phase="watchdog", timeout=timeout, margin=self.margin, exit_code=1)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self._exit(1)
 
 
 class Serve(Protocol):
@@ -34,11 +80,16 @@ def run_service(name: str, stages: Sequence[str], serve: Serve) -> None:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     logging.configure(service=name, instance=settings.instance_id, level=settings.log_level)
-    sys.exit(trio.run(_main, name, stages, serve, settings))
+    watchdog = ShutdownWatchdog()
+    try:
+        code = trio.run(_main, name, stages, serve, settings, watchdog)
+    finally:
+        watchdog.disarm()
+    sys.exit(code)
 
 
-async def _main(name: str, stages: Sequence[str], serve: Serve, settings: Settings) -> int:
-    lifecycle = Lifecycle(name, stages, timeout=settings.shutdown_timeout)
+async def _main(name: str, stages: Sequence[str], serve: Serve, settings: Settings, watchdog: ShutdownWatchdog) -> int:
+    lifecycle = Lifecycle(name, stages, timeout=settings.shutdown_timeout, on_begin=watchdog.arm)
     started = trio.current_time()
     code = 0
     try:
@@ -55,7 +106,7 @@ async def _main(name: str, stages: Sequence[str], serve: Serve, settings: Settin
         for exc in _leaves(group):
             log.error("service.crashed", error=repr(exc))
         code = 1
-    if code == 0 and not lifecycle.completed_in_time:
+    if not lifecycle.closes_done() and code == 0:
         code = 1
     log.info("service.stopped", exit_code=code)
     return code

@@ -3,9 +3,17 @@
 Pure functions over the protobuf messages: they return a list of human-readable problems, each
 naming the offending field; an empty list means the message is accepted. The scheduler logs the
 problems, counts `validation_rejections_total`, and ACKs (drops) the packet.
+
+Job ids (`job_id_problems`): 1 to 128 characters, each an ASCII letter, a digit or one of `-_.:@[]`.
+That admits every id the system makes (gateway UUIDs, DLQ retries `<id>-retry-<8 hex>`, workflow
+steps `<run>:<step>@<n>` and `<run>:<step>[i]@<n>`) and keeps out what breaks keys and subjects:
+`{`/`}` (a Redis Cluster hash tag that would put a job's lock and its fence counter in different
+slots), whitespace, control characters, `*`, `>`, `/` and everything else.
 """
 
 from __future__ import annotations
+
+import re
 
 from cordum.agent.v1 import job_pb2
 
@@ -17,12 +25,35 @@ TENANT_ENV_KEY = "tenant_id"
 
 _BUDGET_TOKEN_FIELDS = ("max_input_tokens", "max_output_tokens", "max_total_tokens")
 
+MAX_JOB_ID_LEN = 128
+JOB_ID_PUNCTUATION = "-_.:@[]"
+_JOB_ID_BAD_CHAR = re.compile(r"[^A-Za-z0-9\-_.:@\[\]]")
+_SHOWN_BAD_CHARS = 5
+
+
+def job_id_problems(job_id: str, field: str = "job_id") -> list[str]:
+    """Problems with a job id (empty list = valid); each message names `field`.
+
+    Pure and cheap (one regex pass), so it can run before any lock or Redis key is built from the id.
+    """
+    if job_id == "":
+        return [f"{field} is empty"]
+    problems: list[str] = []
+    if len(job_id) > MAX_JOB_ID_LEN:
+        problems.append(f"{field} is {len(job_id)} characters long (max {MAX_JOB_ID_LEN})")
+    if "{" in job_id or "}" in job_id:
+        problems.append(f"{field} contains '{{' or '}}' (a Redis Cluster hash tag: not allowed in job ids)")
+    bad = [c for c in dict.fromkeys(_JOB_ID_BAD_CHAR.findall(job_id)) if c not in "{}"]
+    if bad:
+        shown = ", ".join(repr(c) for c in bad[:_SHOWN_BAD_CHARS]) + (", ..." if len(bad) > _SHOWN_BAD_CHARS else "")
+        problems.append(f"{field} contains characters not allowed in job ids ({shown}); "
+                        f"allowed: ASCII letters, digits and {JOB_ID_PUNCTUATION}")
+    return problems
+
 
 def validate_job_request(req: job_pb2.JobRequest) -> list[str]:
     """Problems with a JobRequest taken off `sys.job.submit` (empty list = valid)."""
-    problems: list[str] = []
-    if req.job_id == "":
-        problems.append("job_id is empty")
+    problems: list[str] = job_id_problems(req.job_id)
     if req.topic == "":
         problems.append("topic is empty")
     if not PRIORITY_MIN <= int(req.priority) <= PRIORITY_MAX:

@@ -10,6 +10,7 @@ import http.client
 import json
 import signal
 import threading
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -856,6 +857,35 @@ async def test_idempotency_key_is_released_when_the_job_never_ran(start_gateway,
     assert await redis.get(keys.idempotency("default", "k-kernel")) is None
     later = await api.submit(idempotency_key="k-kernel")
     assert later.status == 200 and later.body["job_id"] != down.body["job_id"]
+
+
+_JOB_ID_ROUTES = [
+    ("GET", "/api/v1/jobs/{}"), ("GET", "/api/v1/jobs/{}/decisions"), ("POST", "/api/v1/jobs/{}/cancel"),
+    ("POST", "/api/v1/approvals/{}/approve"), ("POST", "/api/v1/approvals/{}/reject"),
+    ("POST", "/api/v1/dlq/{}/retry"), ("DELETE", "/api/v1/dlq/{}"),
+]
+
+
+async def test_malformed_job_ids_are_400_before_any_store_access(api: Api, monkeypatch) -> None:
+    async def touched(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a malformed job id reached the store")
+
+    for target, name in ((api.gw.jobs, "get"), (api.gw.dlq, "get"), (api.gw.redis, "pipeline"),
+                         (api.gw.leases, "hold")):
+        monkeypatch.setattr(target, name, touched)
+    for bad, says in (("a{b}", "job_id contains '{' or '}'"), ("j" * 129, "job_id is 129 characters long (max 128)")):
+        for method, route in _JOB_ID_ROUTES:
+            reply = await api.call(method, route.format(urllib.parse.quote(bad, safe="")))
+            assert reply.status == 400, (method, route, bad, reply.status, reply.raw)
+            assert reply.body == {"error": f"invalid job id: {reply.body['problems'][0]}", "status": 400,
+                                  "code": "invalid_job_id", "problems": reply.body["problems"]}
+            assert says in reply.body["error"], reply.body
+    spaced = await api.call("GET", "/api/v1/jobs/a%20b")
+    assert spaced.status == 400 and "' '" in spaced.body["error"]
+    monkeypatch.undo()
+    # ids the system makes (uuid, DLQ retry, workflow step) pass the check: unknown ones are 404
+    for good in ("run-1:build@1", "run-1:fan[2]@1", "9b2f-retry-0a1b2c3d", "j" * 128):
+        assert (await api.call("GET", f"/api/v1/jobs/{good}")).status == 404, good
 
 
 async def test_another_tenants_job_is_404_even_while_locked(api: Api, redis) -> None:

@@ -1,9 +1,12 @@
-"""A real service process under SIGTERM: stages in order, in-flight calls finish, lease released."""
+"""A real service process under SIGTERM: stages in order, each doing its work inside its stage,
+in-flight calls finish, lease released after the last stage; a close that hangs cannot carry the
+shutdown past CORDUM_SHUTDOWN_TIMEOUT (exit code 1)."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 import urllib.request
 
@@ -14,9 +17,14 @@ from cordum.agent.v1 import safety_grpc, safety_pb2
 from cordum.dev.servers import free_port
 from cordum.infra.grpc import open_grpc_client
 from cordum.runtime.lease import Leases
+from cordum.runtime.service import WATCHDOG_MARGIN
 from tests.conftest import unique
 from tests.integration.test_multiprocess import _wait_for
-from tests.procs.demo_service import STAGES
+from tests.procs.demo_service import HANG_SECONDS, STAGES
+
+# What each demo stage logs once its work is done (tests/procs/demo_service.py).
+STAGE_DONE = {"bus taps": "demo.taps_stopped", "http drain": "demo.http_drained",
+              "grpc drain": "demo.grpc_drained", "close stores": "demo.bus_flushed"}
 
 
 def _http_get(url: str) -> tuple[int, dict]:
@@ -65,8 +73,62 @@ async def test_sigterm_drains_in_declared_order_and_releases_the_lease(spawn, re
     observed = [(e["event"], e["stage"]) for e in events if e["event"] in ("stage.begin", "stage.end")]
     assert observed == [(kind, stage) for stage in STAGES for kind in ("stage.begin", "stage.end")]
     assert any(e["event"] == "signal.ignored" for e in events)
+    _assert_stages_did_their_work(events)
     # Released on the way out: another process gets it at once, no TTL wait.
     assert await rival.try_acquire(lease_key, 5) is not None
+
+
+def _at(events: list[dict], event: str, stage: str | None = None) -> int:
+    """The position of the one log line `event` (of `stage`)."""
+    found = [i for i, e in enumerate(events) if e["event"] == event and (stage is None or e.get("stage") == stage)]
+    assert len(found) == 1, (event, stage, found)
+    return found[0]
+
+
+def _assert_stages_did_their_work(events: list[dict]) -> None:
+    # Each stage's work is done inside that stage, not before it and not left for later.
+    for stage, done in STAGE_DONE.items():
+        assert _at(events, "stage.begin", stage) < _at(events, done) < _at(events, "stage.end", stage), stage
+    # The drains waited for the calls in flight.
+    assert _at(events, "demo.http_answered") < _at(events, "demo.http_drained")
+    assert _at(events, "demo.grpc_answered") < _at(events, "demo.grpc_drained")
+    # Leases and clients are released after the last stage, then the process stops.
+    last = _at(events, "stage.end", STAGES[-1])
+    assert last < _at(events, "demo.lease_released") < _at(events, "demo.last_close") < _at(events, "service.stopped")
+    assert not any(e["event"] == "shutdown.deadline_exceeded" for e in events)
+
+
+@pytest.mark.parametrize("hang", ["close_scope", "stuck"])
+async def test_a_hanging_close_cannot_carry_the_shutdown_past_its_deadline(spawn, redis, hang):
+    """`close_scope`: the close ends at the deadline and the process exits normally with code 1.
+    `stuck` (a shielded close ignoring the deadline): the watchdog ends the process with code 1."""
+    timeout = 3.0
+    http_port, grpc_port, lease_key = free_port(), free_port(), unique("cordum:test:demo")
+    proc = spawn(f"demo-hang-{hang}", ["-m", "tests.procs.demo_service"],
+                 env={"DEMO_HTTP_PORT": str(http_port), "DEMO_GRPC_PORT": str(grpc_port), "DEMO_LEASE_KEY": lease_key,
+                      "DEMO_HANG_CLOSE": hang, "CORDUM_SHUTDOWN_TIMEOUT": f"{timeout:g}s"})
+    await _wait_for(lambda: any(e["event"] == "service.ready" for e in proc.events()), 15, "service ready")
+    proc.signal(signal.SIGTERM)
+    # A generous bound for a loaded machine, far below the minute the close would hang.
+    limit = timeout + WATCHDOG_MARGIN + 3
+    try:
+        code = await trio.to_thread.run_sync(proc.wait, limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {limit:g} s after SIGTERM (its close hangs for {HANG_SECONDS:g} s)")
+    assert code == 1, proc.lines("err")[-20:]
+
+    events = proc.events()
+    assert _at(events, "stage.end", STAGES[-1]) < _at(events, "demo.lease_released") < _at(events, "demo.last_close")
+    overruns = [e for e in events if e["event"] == "shutdown.deadline_exceeded"]
+    if hang == "close_scope":
+        # Cut at the deadline by close_scope: the service itself notices the overrun.
+        assert [e["phase"] for e in overruns] == ["closes"]
+        assert events[-1]["event"] == "service.stopped" and events[-1]["exit_code"] == 1
+    else:
+        # Nothing inside Trio can end a shielded close that ignores the deadline: the watchdog does.
+        assert [e["phase"] for e in overruns] == ["watchdog"]
+        assert overruns[0]["exit_code"] == 1
+        assert not any(e["event"] == "service.stopped" for e in events)
 
 
 def test_bad_environment_variable_stops_the_service_with_a_clear_error(spawn):

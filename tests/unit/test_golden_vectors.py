@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,13 +12,9 @@ from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.protocol import decode, encode
 
 
-def _golden_dir() -> Path:
-    shared = os.environ.get("CORDUM_SHARED_DIR")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2].parent / "shared"
-    return base / "testdata" / "cap-golden"
-
-
-GOLDEN = _golden_dir()
+# The vectors live inside the repository (a copy of the shared testdata, README included), so a
+# plain clone runs this test with nothing outside it.
+GOLDEN = Path(__file__).resolve().parents[1] / "testdata" / "cap-golden"
 VECTORS = sorted(GOLDEN.glob("*.bin"))
 
 
