@@ -36,6 +36,7 @@ from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobstate import JobState
 from cordum.store.validate import MAX_JOB_ID_LEN
+from cordum.runtime.lifecycle import close_scope
 
 log = get_logger("gateway.dlq")
 
@@ -100,7 +101,7 @@ async def _restore(gw: Gateway, job_id: str, text: str, pttl: int) -> None:
     """Put a claimed entry back as it was (its index member was never removed)."""
     ttl = ("PX", pttl) if pttl > 0 else ("EX", gw.dlq.entry_ttl)
     try:
-        with trio.CancelScope(shield=True):
+        with close_scope(2):
             await gw.redis.execute("SET", keys.dlq_entry(job_id), text, *ttl, "NX")
     except Exception as exc:
         log.error("dlq.retry_restore_failed", job_id=job_id, error=repr(exc))

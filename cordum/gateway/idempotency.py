@@ -12,9 +12,9 @@ half of the life cycle:
 
 from __future__ import annotations
 
-import trio
 
 from cordum.infra.redis import Redis
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobs import IDEMPOTENCY_TTL
@@ -42,7 +42,7 @@ class IdempotencyKeys:
     async def release_quietly(self, tenant: str, key: str, job_id: str) -> None:
         """`release` on a failure path: shielded from cancellation, errors logged, never raised."""
         try:
-            with trio.CancelScope(shield=True):
+            with close_scope(2):
                 await self.release(tenant, key, job_id)
         except Exception as exc:
             log.error("idempotency.release_failed", tenant=tenant, job_id=job_id, error=repr(exc))

@@ -37,7 +37,7 @@ from cordum.store.jobstate import (
     backoff_delay, can_transition, policy_retries_exceeded, scheduling_retries_exhausted, state_for_result,
     status_for_state,
 )
-from cordum.store.validate import tenant_problems, validate_job_request, validate_job_result
+from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request, validate_job_result
 
 log = get_logger("scheduler")
 
@@ -113,7 +113,9 @@ class Engine:
         if problems:
             self.metrics.rejected.labels(kind="job_request").inc()
             log.warning("scheduler.invalid_request", job_id=request.job_id, problems=problems)
-            if request.job_id:  # a job we know of must not wait forever: fail it, visibly
+            # A job we know of must not wait forever: fail it, visibly. An id that is itself
+            # malformed names no job we could have stored, and would make a bad lock key.
+            if not job_id_problems(request.job_id):
                 await self._locked(request.job_id, lambda lease: self._reject(request, problems, lease))
             return
         started = trio.current_time()
@@ -130,7 +132,7 @@ class Engine:
         if packet.WhichOneof("payload") != "job_result":
             return
         result = packet.job_result
-        problems = validate_job_result(result)
+        problems = validate_job_result(result) + (job_id_problems(result.job_id) if result.job_id else [])
         if problems:
             # e.g. the gateway's synthetic CANCELLED result has no worker id: not for us
             self.metrics.rejected.labels(kind="job_result").inc()
@@ -350,9 +352,11 @@ class Engine:
         policy's `budgets.max_retries` or the scheduling limit is used up."""
         limit = _stored_max_retries(meta)
         if limit and policy_retries_exceeded(attempts, limit):
-            return S.FAILED, "max_retries_exceeded", f"{reason} (no retries left: the policy allows {limit})", fields
+            reason = f"{reason} (no retries left: the policy allows {limit})"
+            return S.FAILED, "max_retries_exceeded", reason, {**fields, "failure_reason": reason}
         if scheduling_retries_exhausted(attempts):
-            return S.FAILED, "max_scheduling_retries", f"{reason} (gave up after {attempts} attempts)", fields
+            reason = f"{reason} (gave up after {attempts} attempts)"
+            return S.FAILED, "max_scheduling_retries", reason, {**fields, "failure_reason": reason}
         delay = backoff_delay(max(attempts - 1, 0), rand=random.random())
         return S.RETRYING, code, reason, {**fields, "retry_at": now_us() + int(delay * 1_000_000)}
 

@@ -22,6 +22,7 @@ from cordum.infra.redis import Redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.lease import Lease
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.scheduler.engine import JOB_LOCK_TTL, SENDER, Engine
 from cordum.store import keys
@@ -105,7 +106,7 @@ class Reconciler:
             cancel = JobCancel(job_id=job_id, reason=reason, requested_by=SENDER)
             self.engine.bus.publish_nowait(subjects.CANCEL, encode(new_packet(cancel, sender_id=SENDER, trace_id=job_id)))
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with close_scope(2):
                 await self.engine.leases.release(lease)
 
 
@@ -162,7 +163,7 @@ class PendingReplayer:
                 self.replayed += 1
                 log.info("replayer.redispatched", job_id=job_id)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with close_scope(2):
                 await self.engine.leases.release(lease)
 
 
@@ -244,7 +245,7 @@ class WorkerReaper:
             log.warning("reaper.rerouted", job_id=job_id, worker_id=worker_id, attempt=attempt, state=state.value)
             await engine.resubmit(job_id, meta.get("trace_id") or job_id, f"reroute:{job_id}:{attempt}")
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with close_scope(2):
                 await engine.leases.release(lease)
 
 
