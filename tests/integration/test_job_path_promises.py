@@ -218,8 +218,11 @@ async def test_a_draining_worker_finishes_what_it_started_and_the_rest_moves_on_
         return {"by": job.worker_id}
 
     async with serving(settings, unique("leaving"), counting(runs, slow), max_parallel=1) as leaving:
-        await known_to_scheduler(redis, leaving.worker_id)
-        jobs = [await submit_direct(store, bus) for _ in range(3)]
+        # Three jobs sent to a worker that runs one at a time: two wait in its own subject.
+        jobs = [unique("job") for _ in range(3)]
+        for job_id in jobs:
+            await dispatched(store, job_id, leaving.worker_id)
+            await send_to(bus, leaving.worker_id, job_id, attempt=1)
         await until(lambda: len(runs) == 1, "the first job to start")
         async with serving(settings, unique("staying"), counting(runs, slow)) as staying:
             await known_to_scheduler(redis, staying.worker_id)
