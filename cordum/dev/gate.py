@@ -4,16 +4,22 @@
 
 It uses the running local topology (`cordumctl up --replicas 2 --detach`) or starts one. The
 scenarios: (1) both gateways and schedulers healthy; (2) 40 jobs split across both gateways all
-SUCCEEDED, each executed exactly once (worker results counted on the bus); (3) a concurrent burst
-split across both gateways sees 429s and admits no more than the global limit; (4) both gateways
-list the same non-empty sorted workers; (5) with scheduler-2 stopped, jobs still complete via
-scheduler-1, and after its restart nothing ran twice. Advisory by default (exit 0); `--strict`
-exits 1 when a scenario fails.
+SUCCEEDED, each executed exactly once; (3) a concurrent burst split across both gateways sees 429s
+and admits no more than the global limit; (4) both gateways list the same non-empty sorted
+workers; (5) with scheduler-2 stopped, jobs still complete via scheduler-1, and after its restart
+nothing ran twice. Advisory by default (exit 0); `--strict` exits 1 when a scenario fails.
+
+Executions are counted where the work happens, at the worker (DESIGN.md §4.12; results on the
+bus cannot show a second run, JetStream drops a repeated message id): the echo workers' hash
+ECHO_EXECUTIONS_KEY (`cordum.worker.echo`), read from the workers' own environment. A topology
+the gate starts gets ECHO_EXECUTIONS_KEY=cordum:gate:executions unless the variable is set; in a
+running topology whose workers lack it, scenarios 2 and 5 fail and say so.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import subprocess
@@ -21,7 +27,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,14 +36,15 @@ from cordum.dev import control, gate_checks
 from cordum.dev import state as st
 from cordum.dev.gate_checks import Verdict
 from cordum.infra.aio import run_with_bridge
-from cordum.infra.bus import open_bus
 from cordum.infra.config import load_settings
-from cordum.protocol import subjects
-from cordum.protocol.packets import PacketError, decode
+from cordum.infra.redis import Redis, open_redis
+from cordum.worker.echo import read_executions
 
 JOBS = 40
 FAILOVER_JOBS = 10
 BURST_REQUESTS = 150
+EXECUTIONS_KEY = "cordum:gate:executions"  # ECHO_EXECUTIONS_KEY of a topology the gate starts
+QUIET_SECONDS = 1.5  # after the jobs are done: time for a second run to show itself
 
 
 class Gateway:
@@ -46,12 +52,12 @@ class Gateway:
         self.url = url.rstrip("/")
         self.api_key = api_key
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None, *, timeout: float = 10) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"X-API-Key": self.api_key, "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 text = response.read()
                 return response.status, json.loads(text) if text else {}
         except urllib.error.HTTPError as error:
@@ -60,7 +66,7 @@ class Gateway:
                 return error.code, json.loads(text) if text else {}
             except ValueError:
                 return error.code, {}
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):  # no answer (or not JSON)
             return 0, {}
 
     async def acall(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -100,9 +106,9 @@ def ensure_topology(sdir: Path, replicas: int) -> Topology:
     data = st.load(sdir)
     if not (data and st.supervisor_alive(data)):
         print(f"gate: no running topology under {sdir}: starting one with --replicas {replicas}", flush=True)
+        env = {"ECHO_EXECUTIONS_KEY": EXECUTIONS_KEY, **os.environ, "CORDUM_DEV_DIR": str(sdir)}
         code = subprocess.run([sys.executable, "-m", "cordum.cli.main", "up", "--replicas", str(replicas),
-                               "--workers", "2", "--detach"],
-                              env={**os.environ, "CORDUM_DEV_DIR": str(sdir)}).returncode
+                               "--workers", "2", "--detach"], env=env).returncode
         if code != 0:
             raise SystemExit(f"gate: could not start the topology (exit {code})")
     topology = Topology(sdir)
@@ -111,23 +117,48 @@ def ensure_topology(sdir: Path, replicas: int) -> Topology:
     return topology
 
 
-class Results:
-    """Counts worker results per job on sys.job.result, through a durable of the gate's own."""
+def process_env(pid: int | None, name: str) -> str | None:
+    """A variable of a running process's environment (as it was exec'd), None if unset or unreadable."""
+    if not pid:
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key.decode(errors="replace") == name:
+            return value.decode(errors="replace")
+    return None
 
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
 
-    async def run(self, bus: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with bus.consume(subjects.RESULT, f"gate-{uuid.uuid4().hex[:8]}") as messages:
-            task_status.started()
-            async for msg in messages:
-                try:
-                    result = decode(msg.data).job_result
-                    if result.worker_id:  # a worker's execution (not a synthetic result)
-                        self.counts[result.job_id] = self.counts.get(result.job_id, 0) + 1
-                except PacketError:
-                    pass
-                await msg.ack()
+class Executions:
+    """Executions counted by the echo workers themselves: HINCRBY <ECHO_EXECUTIONS_KEY> <job id>."""
+
+    def __init__(self, redis: Redis, key: str | None, problem: str = "") -> None:
+        self.redis = redis
+        self.key = key
+        self.problem = problem  # why there is no key
+
+    @classmethod
+    def of(cls, redis: Redis, topo: Topology) -> "Executions":
+        workers = [r for r in topo.replicas("worker") if st.alive(r.get("pid"), r.get("start_time"))]
+        if not workers:
+            return cls(redis, None, "no running worker to count executions")
+        found = {r["name"]: process_env(r["pid"], "ECHO_EXECUTIONS_KEY") for r in workers}
+        keys = {value for value in found.values() if value}
+        missing = sorted(name for name, value in found.items() if not value)
+        if missing or len(keys) != 1:
+            return cls(redis, None, "workers do not count executions alike (ECHO_EXECUTIONS_KEY: "
+                       + ", ".join(f"{n}={v or 'unset'}" for n, v in sorted(found.items()))
+                       + "); restart the topology with one ECHO_EXECUTIONS_KEY, or let the gate start it")
+        return cls(redis, keys.pop())
+
+    async def counts(self, job_ids: list[str], quiet: float = QUIET_SECONDS) -> dict[str, int]:
+        """The counts, `quiet` seconds from now (a duplicate run has had time to count)."""
+        assert self.key is not None
+        await trio.sleep(quiet)
+        return await read_executions(self.redis, self.key, job_ids)
 
 
 async def _submit_all(gateways: list[Gateway], count: int, label: str) -> list[str]:
@@ -159,15 +190,7 @@ async def _wait_done(gateway: Gateway, job_ids: list[str], timeout: float = 60) 
     return states
 
 
-async def _settle(results: Results, job_ids: list[str], seconds: float = 1.5) -> None:
-    """Give results time to arrive (and any duplicate time to show itself)."""
-    with trio.move_on_after(10):
-        while any(results.counts.get(j, 0) < 1 for j in job_ids):
-            await trio.sleep(0.1)
-    await trio.sleep(seconds)
-
-
-async def scenario_health(topo: Topology, results: Results) -> Verdict:
+async def scenario_health(topo: Topology, executions: Executions) -> Verdict:
     statuses: dict[str, dict[str, Any]] = {}
     for record in topo.replicas("api-gateway") + topo.replicas("scheduler"):
         url = topo.health_url(record)
@@ -180,17 +203,18 @@ async def scenario_health(topo: Topology, results: Results) -> Verdict:
     return gate_checks.healthy(statuses)
 
 
-async def scenario_no_duplicates(topo: Topology, results: Results) -> Verdict:
+async def scenario_no_duplicates(topo: Topology, executions: Executions) -> Verdict:
     gateways = topo.gateways
+    if executions.key is None:
+        return Verdict(False, executions.problem)
     job_ids = await _submit_all(gateways, JOBS, "dispatch")
     if len(job_ids) < JOBS:
         return Verdict(False, f"only {len(job_ids)} of {JOBS} submits were accepted")
     states = await _wait_done(gateways[1], job_ids)
-    await _settle(results, job_ids)
-    return gate_checks.exactly_once(job_ids, states, results.counts)
+    return gate_checks.exactly_once(job_ids, states, await executions.counts(job_ids))
 
 
-async def scenario_rate_limit(topo: Topology, results: Results) -> Verdict:
+async def scenario_rate_limit(topo: Topology, executions: Executions) -> Verdict:
     gateways = topo.gateways
     _, status = await gateways[0].acall("GET", "/api/v1/status")
     limiter = status.get("rate_limiter") or {}
@@ -213,7 +237,7 @@ async def scenario_rate_limit(topo: Topology, results: Results) -> Verdict:
     return verdict
 
 
-async def scenario_workers(topo: Topology, results: Results) -> Verdict:
+async def scenario_workers(topo: Topology, executions: Executions) -> Verdict:
     lists = {}
     for gateway in topo.gateways:
         _, body = await gateway.acall("GET", "/api/v1/workers")
@@ -221,7 +245,9 @@ async def scenario_workers(topo: Topology, results: Results) -> Verdict:
     return gate_checks.same_workers(lists)
 
 
-async def scenario_failover(topo: Topology, results: Results) -> Verdict:
+async def scenario_failover(topo: Topology, executions: Executions) -> Verdict:
+    if executions.key is None:
+        return Verdict(False, executions.problem)
     survivor = next(r for r in topo.replicas("scheduler") if r["name"] == "scheduler-1")
     metrics_url = (topo.health_url(survivor) or "").replace("/health", "/metrics")
     before = await trio.to_thread.run_sync(_dispatched, metrics_url)
@@ -235,8 +261,8 @@ async def scenario_failover(topo: Topology, results: Results) -> Verdict:
         code = await trio.to_thread.run_sync(topo.start, "scheduler-2")
     if code != 0:
         return Verdict(False, f"scheduler-2 did not start again (exit {code})")
-    await _settle(results, job_ids, seconds=3.0)  # after the restart: nothing may run twice
-    verdict = gate_checks.exactly_once(job_ids, states, results.counts)
+    # counted after the restart: nothing may run twice
+    verdict = gate_checks.exactly_once(job_ids, states, await executions.counts(job_ids, quiet=3.0))
     if verdict.ok and via_survivor < len(job_ids):
         return Verdict(False, f"scheduler-1 dispatched {via_survivor:g} of {len(job_ids)} jobs while scheduler-2 was down")
     return Verdict(verdict.ok, verdict.detail + ("; all via scheduler-1, scheduler-2 restarted" if verdict.ok else ""))
@@ -254,7 +280,7 @@ def _dispatched(metrics_url: str) -> float:
                if sample.name == "cordum_scheduler_jobs_dispatched_total")
 
 
-SCENARIOS: list[tuple[str, Callable[[Topology, Results], Any]]] = [
+SCENARIOS: list[tuple[str, Callable[[Topology, Executions], Any]]] = [
     ("two-replica deploy: gateways and schedulers healthy", scenario_health),
     ("no duplicate dispatch: 40 jobs across both gateways", scenario_no_duplicates),
     ("distributed rate limit: burst across both gateways", scenario_rate_limit),
@@ -277,19 +303,17 @@ async def run_gate(topo: Topology) -> list[tuple[str, Verdict]]:
     settings = load_settings({**os.environ, "NATS_URL": topo.data["nats_url"], "REDIS_URL": topo.data["redis_url"],
                               "CORDUM_INSTANCE_ID": "gate"})
     outcomes: list[tuple[str, Verdict]] = []
-    async with open_bus(settings, name="production-gate") as bus, trio.open_nursery() as nursery:
-        results = Results()
-        await nursery.start(results.run, bus)
+    async with open_redis(settings) as redis:
+        executions = Executions.of(redis, topo)
         for number, (title, scenario) in enumerate(SCENARIOS, 1):
             started = time.monotonic()
             try:
-                verdict = await scenario(topo, results)
+                verdict = await scenario(topo, executions)
             except Exception as exc:  # a crashed scenario is a failed scenario
                 verdict = Verdict(False, f"error: {exc!r}")
             outcomes.append((title, verdict))
             mark = "PASS" if verdict.ok else "FAIL"
             print(f"gate 19.{number} {mark} {title} ({time.monotonic() - started:.1f}s): {verdict.detail}", flush=True)
-        nursery.cancel_scope.cancel()
     return outcomes
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from cordum.dev import chaos
 from cordum.dev import state as st
 from cordum.dev.topology import BLOCK_SIZE
 
@@ -29,21 +28,7 @@ pytestmark = pytest.mark.slow
 
 def free_block(size: int = BLOCK_SIZE) -> int:
     """A base port whose whole block is free right now."""
-    for _ in range(50):
-        base = random.randrange(20000, 60000 - size, 2)
-        socks = []
-        try:
-            for port in range(base, base + size):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port block")
+    return chaos.free_block(size)
 
 
 def cordumctl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -15,7 +15,9 @@ KEY = "gate-test-admin-key-0123456789"
 def test_gate_19_passes_on_a_healthy_two_replica_topology(tmp_path: Path) -> None:
     base = free_block()
     env = {**os.environ, "CORDUM_DEV_DIR": str(tmp_path / "dev"), "CORDUM_API_KEY": KEY, "PYTHONUNBUFFERED": "1",
-           "API_RATE_LIMIT_RPS": "20", "API_RATE_LIMIT_BURST": "60"}
+           "API_RATE_LIMIT_RPS": "20", "API_RATE_LIMIT_BURST": "60",
+           # the workers count their executions there; scenarios 2 and 5 read it (issue 8)
+           "ECHO_EXECUTIONS_KEY": "cordum:gate-test:executions"}
     for name in ("REDIS_URL", "NATS_URL", "CORDUM_DEV_BASE_PORT", "CORDUM_INSTANCE_ID"):
         env.pop(name, None)
     up = cordumctl(env, "up", "--replicas", "2", "--workers", "2", "--detach", "--base-port", str(base), timeout=150)

@@ -58,6 +58,8 @@ pools:
   default: {requires: []}
 """
 
+EXECUTIONS_KEY = "test:echo:executions"  # ECHO_EXECUTIONS_KEY of the workers `Stack.worker` starts
+
 FAST = {
     "SCHEDULER_SCAN_INTERVAL": "0.5s",
     "SCHEDULER_PENDING_AGE": "3s",
@@ -120,7 +122,8 @@ class Stack:
         return self.start(name, "cordum.scheduler.service", **env)
 
     def worker(self, name: str = "worker-1", **env: str) -> object:
-        return self.start(name, "cordum.worker.echo", WORKER_ID=name, **env)
+        # Echo workers count their executions (cordum.worker.echo): exactly-once is checked there.
+        return self.start(name, "cordum.worker.echo", **{"WORKER_ID": name, "ECHO_EXECUTIONS_KEY": EXECUTIONS_KEY, **env})
 
     async def ready(self, *names: str, timeout: float = 20) -> None:
         for name in names or tuple(self.procs):
