@@ -179,6 +179,9 @@ class SnapshotWriter:
         await write_snapshot(self.redis, snapshot)
 
 
+PRUNE_AGE_US = 60_000_000
+
+
 class WorkerReaper:
     """Moves on the jobs sent to workers that left (DESIGN.md §4.13: worker ids change across
     restarts, so nobody will ever read a departed worker's subject).
@@ -202,7 +205,10 @@ class WorkerReaper:
         now = trio.current_time()
         for worker_id, last_dispatch in await store.workers_with_inflight():
             status = registry.status(worker_id, now)
-            if status is WorkerStatus.ALIVE or (status is WorkerStatus.UNKNOWN and not registry.warmed_up(now)):
+            if status is WorkerStatus.ALIVE:
+                await self._prune(worker_id)
+                continue
+            if status is WorkerStatus.UNKNOWN and not registry.warmed_up(now):
                 continue
             job_ids = await store.inflight(worker_id)
             for job_id in job_ids:
@@ -212,6 +218,20 @@ class WorkerReaper:
                     log.warning("reaper.job_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             if not job_ids and status is not WorkerStatus.DRAINING:
                 await store.forget_worker(worker_id, last_dispatch)
+
+    async def _prune(self, worker_id: str) -> None:
+        """Drop what ended without a result from a live worker's list (cancelled through the API,
+        say), looking only at entries older than a minute."""
+        store = self.engine.store
+        old = await store.inflight(worker_id, dispatched_before_us=now_us() - PRUNE_AGE_US)
+        if not old:
+            return
+        metas = await store.get_many(old)
+        ended = [job_id for job_id, meta in zip(old, metas)
+                 if meta is None or is_terminal(meta["state"]) or meta.get("worker_id") != worker_id]
+        if ended:
+            await store.run_repeatable([command for job_id in ended
+                                        for command in store.inflight_commands(worker_id, job_id, done=True)])
 
     async def _move_on(self, worker_id: str, job_id: str, *, draining: bool) -> None:
         engine, store = self.engine, self.engine.store

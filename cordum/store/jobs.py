@@ -369,8 +369,10 @@ class JobStore:
                 ("EXPIRE", keys.worker_inflight(worker_id), META_TTL),
                 ("ZADD", keys.WORKERS_INFLIGHT, ts, worker_id)]
 
-    async def inflight(self, worker_id: str, limit: int = 500) -> list[str]:
-        return await self._redis.execute("ZRANGE", keys.worker_inflight(worker_id), 0, limit - 1)
+    async def inflight(self, worker_id: str, *, dispatched_before_us: int | None = None, limit: int = 500) -> list[str]:
+        high = "+inf" if dispatched_before_us is None else dispatched_before_us
+        return await self._redis.execute("ZRANGEBYSCORE", keys.worker_inflight(worker_id), "-inf", high,
+                                         "LIMIT", 0, limit)
 
     async def workers_with_inflight(self) -> list[tuple[str, int]]:
         return [(w, int(float(ts))) for w, ts in score_pairs(

@@ -8,6 +8,7 @@ import trio
 
 from cordum.agent.v1.job_pb2 import JobResult
 from cordum.protocol.packets import decode, encode, new_packet
+from cordum.store import keys
 from cordum.store.jobs import JobStore
 from tests.conftest import unique
 from tests.integration.stack import Stack, http_get, job_path, metric, submit_direct, wait_state
@@ -152,6 +153,14 @@ async def test_sigterm_stops_the_scheduler_in_its_declared_order(spawn, tmp_path
     assert code == 0, scheduler.lines("err")[-10:]
     observed = [(e["event"], e["stage"]) for e in scheduler.events() if e["event"] in ("stage.begin", "stage.end")]
     assert observed == [(kind, stage) for stage in STAGES for kind in ("stage.begin", "stage.end")]
+    # What the stages did: the consumers stopped in "engine stop", before the leader loops were
+    # cancelled; and no leader lease is left behind for the next replica to wait out.
+    events = scheduler.events()
+    engine_stopped = next(i for i, e in enumerate(events) if e["event"] == "stage.end" and e["stage"] == "engine stop")
+    assert not any(e["event"] in ("leader.elected", "scheduler.started") for e in events[engine_stopped:])
+    for key in (keys.RECONCILER_LEADER, keys.REPLAYER_LEADER, keys.WORKER_REAPER_LEADER):
+        holder = await redis.get(key)
+        assert holder is None or not holder.startswith("scheduler-1"), (key, holder)
     # Nothing was lost: whatever it had not finished is picked up by a new replica.
     stack.scheduler("scheduler-2")
     for job_id in jobs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cordum.agent.v1.heartbeat_pb2 import Heartbeat
-from cordum.scheduler.registry import WorkerRegistry
+from cordum.scheduler.registry import WorkerRegistry, WorkerStatus
 from cordum.scheduler.routing import NoRoute, PoolsError, WorkerInfo, load_pools_text, pick_worker
 
 POOLS = load_pools_text("""
@@ -103,3 +103,32 @@ def test_results_seen_by_this_replica_free_the_estimated_slots():
     for _ in range(5):
         registry.completed("a")  # never below what the last heartbeat said
     assert [x.active_jobs for x in registry.alive(now=1)] == [0]
+
+
+def _beat(worker_id: str, state: str = "") -> Heartbeat:
+    labels = {"cordum.worker.state": state} if state else {}
+    return Heartbeat(worker_id=worker_id, pool="default", max_parallel_jobs=4, labels=labels)
+
+
+def test_a_worker_that_says_it_is_leaving_gets_no_more_jobs_at_once():
+    registry = WorkerRegistry(ttl=30, started=0)
+    registry.observe(_beat("a"), now=0)
+    registry.observe(_beat("b"), now=0)
+    assert registry.status("a", 1) is WorkerStatus.ALIVE
+    registry.observe(_beat("a", "draining"), now=2)
+    assert registry.status("a", 2) is WorkerStatus.DRAINING
+    assert [w.worker_id for w in registry.alive(now=2)] == ["b"]
+    assert pick_worker(POOLS, registry.alive(now=2), topic="job.default").worker_id == "b"
+    registry.observe(_beat("a", "stopped"), now=3)
+    assert registry.status("a", 3) is WorkerStatus.GONE
+    registry.observe(_beat("a"), now=4)  # the same id started again
+    assert registry.status("a", 4) is WorkerStatus.ALIVE
+
+
+def test_silence_means_gone_only_after_the_registry_has_listened_for_a_ttl():
+    registry = WorkerRegistry(ttl=30, started=100)
+    assert registry.status("never-heard", 110) is WorkerStatus.UNKNOWN and not registry.warmed_up(110)
+    assert registry.warmed_up(130)
+    registry.observe(_beat("a"), now=110)
+    assert registry.status("a", 140) is WorkerStatus.ALIVE
+    assert registry.status("a", 141) is WorkerStatus.GONE
