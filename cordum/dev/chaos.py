@@ -65,9 +65,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Mapping, Sequence
 
 import trio
 
@@ -562,15 +563,29 @@ class Run:
         await trio.sleep(opts.down)
         await self._dev("start", name)
 
-    async def _redis(self, *command: Any) -> Any:
+    @asynccontextmanager
+    async def _redis_client(self) -> AsyncIterator[Any]:
+        """A Redis client of the run's own, for a few commands (Redis may have just restarted)."""
         from cordum.infra.config import load_settings
         from cordum.infra.redis import open_redis
 
         settings = load_settings({"REDIS_URL": self.stack.redis_url, "CORDUM_INSTANCE_ID": "chaos",
                                   "REDIS_MIN_IDLE_CONNS": "1"})
-        with trio.fail_after(30):
-            async with open_redis(settings) as redis:
-                return await redis.execute(*command)
+        async with open_redis(settings) as redis:
+            yield redis
+
+    async def _redis(self, *command: Any, patience: float = 30.0) -> Any:
+        """One command, retried for up to `patience` s while Redis is down or still loading its data."""
+        deadline = trio.current_time() + patience
+        while True:
+            try:
+                with trio.fail_after(5):
+                    async with self._redis_client() as redis:
+                        return await redis.execute(*command)
+            except Exception as exc:  # refused, LOADING, timed out: a restarting Redis
+                if trio.current_time() > deadline:
+                    raise ChaosError(f"Redis did not answer {command[0]} within {patience:.0f} s: {exc!r}") from None
+            await trio.sleep(0.5)
 
     async def heal(self) -> None:
         """Start again whatever is down that should run (a replica that crashed on its own)."""
@@ -613,9 +628,9 @@ class Run:
             nursery.start_soon(measure)
             try:
                 await self.inject(fault, in_effect)
-            except ChaosError as exc:
-                self.facts.errors.append(f"round {fault.round} ({fault.label}): {exc}")
-                say(f"  {exc}")
+            except Exception as exc:  # ChaosError, or a surprise: recorded, and the run goes on
+                self.facts.errors.append(f"round {fault.round} ({fault.label}): {exc!r}")
+                say(f"  {exc!r}")
                 nursery.cancel_scope.cancel()
         self.facts.faults.append(fault)
         took = recovered[0] if recovered else None
@@ -663,15 +678,12 @@ class Run:
         await self.collect_counts()
 
     async def collect_counts(self) -> None:
-        from cordum.infra.config import load_settings
-        from cordum.infra.redis import open_redis
         from cordum.store import keys
         from cordum.worker.echo import read_executions, starts_key
 
-        settings = load_settings({"REDIS_URL": self.stack.redis_url, "CORDUM_INSTANCE_ID": "chaos",
-                                  "REDIS_MIN_IDLE_CONNS": "1"})
+        await self._redis("PING")  # up and loaded
         with trio.fail_after(60):
-            async with open_redis(settings) as redis:
+            async with self._redis_client() as redis:
                 key = self.stack.executions_key
                 self.facts.executions = await read_executions(redis, key, list(self.facts.jobs))
                 starts = await redis.execute("HVALS", starts_key(key)) or []
