@@ -36,6 +36,7 @@ from cordum.runtime.log import get_logger
 log = get_logger("bus")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+WORKER_DURABLE_IDLE = 3600.0  # seconds
 _PUBLISH_ACK_TIMEOUT = 5.0
 _DRAIN_FETCH_WAIT = 0.01  # how long a fetch after a received message waits for more
 FETCH_SETTLE_S = 0.1  # a closing consumer's fetch in flight: time to return by itself (> the above)
@@ -116,13 +117,6 @@ class Message:
             self._bus._acks.submit_nowait(_Action(kind, self._raw, delay))
         except trio.ClosedResourceError:
             pass  # the bus is closing: unsettled messages are redelivered after the ack wait
-
-    def ack_nowait(self) -> None:
-        """Settle without yielding to other tasks (the ack goes out with the next batch)."""
-        self._settle("ack")
-
-    def nak_nowait(self, delay: float | None = None) -> None:
-        self._settle("nak", delay)
 
     async def ack(self) -> None:
         self._settle("ack")
@@ -412,6 +406,10 @@ class Bus:
             # A new durable starts from messages published from now on; the well-known
             # durables are created together with the streams so nothing falls in between.
             deliver_policy=js_api.DeliverPolicy.NEW,
+            # A worker's own subject outlives the worker: its id changes across restarts, and
+            # the schedulers re-route what was left there. The server drops such a durable after
+            # an idle hour instead of keeping one per worker that ever ran.
+            inactive_threshold=WORKER_DURABLE_IDLE if subject.startswith("worker.") else None,
         )
         assert self._js is not None
         try:

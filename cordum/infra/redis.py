@@ -45,6 +45,8 @@ What keeps Cordum's keys cluster-safe (no CROSSSLOT):
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import hashlib
 from contextlib import asynccontextmanager
@@ -210,6 +212,27 @@ class Redis:
         finally:
             await iterator.aclose()
         return found
+
+    async def scan_page(self, cursor: str, match: str, *, count: int = 500) -> tuple[str, list[str]]:
+        """One page of a SCAN walk: start with cursor "0"; "0" comes back after the last page. On
+        a cluster the cursor carries one position per primary, so a walk visits every node."""
+        self.round_trips += 1
+        return await aio(self._gate.run)(self._scan_page, cursor, match, count)
+
+    async def _scan_page(self, cursor: str, match: str, count: int) -> tuple[str, list[str]]:
+        if not self.cluster:
+            position, found = await self._client.scan(cursor=int(cursor), match=match, count=count)
+            return str(position), list(found)
+        if cursor == "0":
+            positions, found = await self._client.scan(match=match, count=count)  # every primary, once
+        else:
+            positions = json.loads(cursor)
+            name, at = next(iter(positions.items()))
+            moved, found = await self._client.scan(cursor=at, match=match, count=count,
+                                                   target_nodes=self._client.get_node(node_name=name))
+            positions[name] = moved[name]
+        remaining = {name: at for name, at in positions.items() if at != 0}
+        return (json.dumps(remaining) if remaining else "0"), list(found)
 
     async def aclose(self) -> None:
         await aio(self._close)()

@@ -50,6 +50,9 @@ ATTEMPT_HEADER = "Cordum-Attempt"
 WORKER_STATE_LABEL = "cordum.worker.state"
 WORKER_DRAINING = "draining"
 WORKER_STOPPED = "stopped"
+# Heartbeat label of workers that keep a presence key in Redis (our SDK): the reaper judges them by
+# that key, and others (the public CAP SDK) by their heartbeats alone.
+WORKER_PRESENCE_LABEL = "cordum.worker.presence"
 
 
 def attempt_of(headers: Mapping[str, str] | None) -> int | None:

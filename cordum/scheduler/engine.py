@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 from google.protobuf import json_format
@@ -25,6 +26,7 @@ from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.consumer import Retry
 from cordum.runtime.lease import Lease, LeaseLost, Leases
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyClient, SafetyDecision, Verdict
 from cordum.scheduler.registry import WorkerRegistry
@@ -34,7 +36,7 @@ from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us, result_from_json
 from cordum.store.jobstate import (
     MAX_SCHEDULING_RETRIES, RETRY_LOCK_BUSY_S, RETRY_NO_WORKERS_S, RETRY_SAFETY_THROTTLE_S, TERMINAL, JobState,
-    backoff_delay, can_transition, policy_retries_exceeded, scheduling_retries_exhausted, state_for_result,
+    backoff_delay, can_transition, retries_left, scheduling_retries_exhausted, state_for_result,
     status_for_state,
 )
 from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request, validate_job_result
@@ -94,6 +96,18 @@ class Engine:
                 raise Retry(RETRY_LOCK_BUSY_S, f"job {job_id} is locked")
             await trio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    @asynccontextmanager
+    async def lock_if_free(self, job_id: str) -> AsyncIterator[Lease | None]:
+        """The job's lock if nobody holds it (else None: a sweep looks again next time),
+        released on the way out within the shutdown deadline."""
+        lease = await self.leases.try_acquire(keys.job_lock(job_id), JOB_LOCK_TTL)
+        try:
+            yield lease
+        finally:
+            if lease is not None:
+                with close_scope(2):
+                    await self.leases.release(lease)
 
     async def _locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]]) -> None:
         lease = await self._lock(job_id)
@@ -162,7 +176,10 @@ class Engine:
         job_id, fence = request.job_id, lease.fence
         meta = await self.store.get(job_id)
         state = S(meta["state"]) if meta else None
-        if state in (S.DISPATCHED, S.RUNNING) or state in TERMINAL:
+        if state in TERMINAL:
+            await self.resend_pending_dlq(job_id, meta)  # a redelivery: only its DLQ event may be owed
+            return
+        if state in (S.DISPATCHED, S.RUNNING):
             return  # a redelivery of work already done
         if state is S.APPROVAL_REQUIRED:
             return  # held until a human approves; the approval re-submits it
@@ -203,9 +220,10 @@ class Engine:
                                tenant=tenant, fields=decided, after=recorded)
             return
         max_retries = _max_retries(decision)
-        if max_retries and policy_retries_exceeded(int(meta.get("attempts", 0)), max_retries):
+        if max_retries and not retries_left(int(meta.get("retries") or 0) - 1, max_retries):
+            # Retried more often than the policy (changed since) allows.
             await self._finish(job_id, request.topic, S.FAILED, fence, "max_retries_exceeded",
-                               f"policy allows {max_retries} retries", tenant=tenant, fields=decided, after=recorded)
+                               f"the policy allows {max_retries} retries", tenant=tenant, fields=decided, after=recorded)
             return
 
         budget_ms = request.budget.deadline_ms
@@ -332,7 +350,7 @@ class Engine:
         after = [*self.store.worker_history_commands(result.worker_id, job_id),
                  *self.store.inflight_commands(meta.get("worker_id", ""), job_id, done=True)]
         try:
-            await self._end(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
+            await self.end_job(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
                             after=after, allowed_from=[state])
         except InvalidTransition as exc:
             self.metrics.ignored.labels(reason="invalid_transition").inc()
@@ -349,16 +367,17 @@ class Engine:
     def _plan_retry(self, meta: dict, attempts: int, code: str, reason: str,
                     fields: dict) -> tuple[JobState, str, str, dict]:
         """A retryable failure: RETRYING with the time of the next attempt, or FAILED when the
-        policy's `budgets.max_retries` or the scheduling limit is used up."""
-        limit = _stored_max_retries(meta)
-        if limit and policy_retries_exceeded(attempts, limit):
+        policy's `budgets.max_retries` or the scheduling limit is used up. Retries are counted
+        apart from attempts: a job moved on from a worker that left was not a failure."""
+        limit, retries = _stored_max_retries(meta), int(meta.get("retries") or 0)
+        if limit and not retries_left(retries, limit):
             reason = f"{reason} (no retries left: the policy allows {limit})"
             return S.FAILED, "max_retries_exceeded", reason, {**fields, "failure_reason": reason}
         if scheduling_retries_exhausted(attempts):
             reason = f"{reason} (gave up after {attempts} attempts)"
             return S.FAILED, "max_scheduling_retries", reason, {**fields, "failure_reason": reason}
-        delay = backoff_delay(max(attempts - 1, 0), rand=random.random())
-        return S.RETRYING, code, reason, {**fields, "retry_at": now_us() + int(delay * 1_000_000)}
+        delay = backoff_delay(retries, rand=random.random())
+        return S.RETRYING, code, reason, {**fields, "retries": retries + 1, "retry_at": now_us() + int(delay * 1_000_000)}
 
     async def complete_from_store(self, meta: dict, lease: Lease) -> bool:
         """Finish a job whose result message never came but whose result is stored: the result our
@@ -399,27 +418,30 @@ class Engine:
     async def _finish(self, job_id: str, topic: str, state: JobState, fence: int, code: str, reason: str, *,
                       tenant: str | None = None, fields: dict | None = None, after: list | None = None) -> None:
         """A final state the scheduler decided (denied, failed)."""
-        await self._end(job_id, state, fence=fence, code=code, reason=reason,
+        await self.end_job(job_id, state, fence=fence, code=code, reason=reason,
                         fields={**(fields or {}), "failure_reason": reason}, tenant=tenant, after=after or ())
         self.metrics.finished.labels(topic=topic, state=state.value).inc()
 
-    async def _end(self, job_id: str, state: JobState, *, fence: int, code: str, reason: str, fields: dict,
-                   tenant: str | None, after: Sequence[tuple], allowed_from: Sequence[JobState] | None = None,
-                   event: dict | None = None) -> None:
+    async def end_job(self, job_id: str, state: JobState, *, fence: int, code: str, reason: str, fields: dict,
+                      tenant: str | None, after: Sequence[tuple], allowed_from: Sequence[JobState] | None = None,
+                      event: dict | None = None, send_dlq: bool = True) -> tuple[int, str, str] | None:
         """Write a state a result or a decision led to; a failed ending then gets its DLQ entry.
 
         The DLQ event goes out only after the terminal write succeeded (a write that lost — to a
         cancel, a newer fence — must not leave a DLQ entry for a job that ended otherwise). The
-        write marks the job `dlq_pending`; the mark is cleared once the event is out, and a job
-        still marked is sent again by a redelivered message or the index sweep."""
-        dlq = state in TERMINAL and state is not S.SUCCEEDED
-        if dlq:
-            fields = {**fields, "dlq_pending": json.dumps({"status": status_for_state(state), "code": code,
-                                                           "reason": reason})}
+        write marks the job `dlq_pending` (and lists it in `job:dlq:pending`); the mark is cleared
+        once the event is out, and the reconciler sends the event of a job still marked.
+        `send_dlq=False` leaves the sending to the caller: the event is returned."""
+        dlq = (status_for_state(state), code, reason) if state in TERMINAL and state is not S.SUCCEEDED else None
+        if dlq is not None:
+            fields = {**fields, "dlq_pending": json.dumps({"status": dlq[0], "code": code, "reason": reason})}
+            after = [*after, *self.store.dlq_pending_commands(job_id, pending=True)]
         await self.store.transition(job_id, state, fence=fence, fields=fields, tenant=tenant, after=after,
                                     allowed_from=allowed_from, event=event)
-        if dlq:
-            await self._emit_dlq(job_id, status_for_state(state), code, reason)
+        if dlq is not None and send_dlq:
+            await self.send_dlq(job_id, *dlq)
+            return None
+        return dlq
 
     async def resend_pending_dlq(self, job_id: str, meta: dict) -> None:
         """Send the DLQ event of a finished job whose event did not go out."""
@@ -433,12 +455,13 @@ class Engine:
             log.warning("scheduler.bad_dlq_mark", job_id=job_id)
             await self.store.set_fields(job_id, {"dlq_pending": ""})
             return
-        await self._emit_dlq(job_id, status, code, reason)
+        await self.send_dlq(job_id, status, code, reason)
 
-    async def _emit_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:
+    async def send_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:
         packet = dlq_packet(job_id, status=status, reason_code=code, reason=reason, sender_id=SENDER)
         await self.bus.publish(subjects.DLQ, encode(packet), msg_id=f"dlq:{job_id}:{code}")
         await self.store.set_fields(job_id, {"dlq_pending": ""})
+        await self.store.run_repeatable(self.store.dlq_pending_commands(job_id, pending=False))
 
 
 def _tenant_of(request: JobRequest) -> str:

@@ -22,10 +22,8 @@ from cordum.infra.redis import Redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.lease import Lease
-from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
-from cordum.scheduler.engine import JOB_LOCK_TTL, SENDER, Engine
-from cordum.store import keys
+from cordum.scheduler.engine import SENDER, Engine
 from cordum.scheduler.registry import WorkerStatus
 from cordum.store.jobs import ConditionFailed, InvalidTransition, StaleFence, now_us
 from cordum.store.jobstate import TERMINAL, JobState, is_terminal
@@ -56,6 +54,15 @@ class Reconciler:
                 await self._guarded(job_id, f"timeout: {state.value} > {limit:g}s", expected=state, cutoff=cutoff)
         for job_id in await self.engine.store.due_deadlines(now):
             await self._guarded(job_id, "timeout: deadline expired")
+        for job_id in await self.engine.store.dlq_pending(marked_before_us=now - 5_000_000):
+            try:
+                meta = await self.engine.store.get(job_id)
+                if meta is None or not meta.get("dlq_pending"):
+                    await self.engine.store.run_repeatable(self.engine.store.dlq_pending_commands(job_id, pending=False))
+                else:
+                    await self.engine.resend_pending_dlq(job_id, meta)
+            except Exception as exc:
+                log.warning("reconciler.dlq_resend_failed", job_id=job_id, error=repr(exc))
 
     async def _guarded(self, job_id: str, reason: str, **kw: object) -> None:
         # One job's trouble must not stall the sweep (or make the leader step down and loop).
@@ -66,10 +73,9 @@ class Reconciler:
 
     async def _time_out(self, job_id: str, reason: str, *, expected: JobState | None = None, cutoff: int = 0) -> None:
         store = self.engine.store
-        lease = await self.engine.leases.try_acquire(keys.job_lock(job_id), JOB_LOCK_TTL)
-        if lease is None:
-            return  # someone is working on it right now; look again next tick
-        try:
+        async with self.engine.lock_if_free(job_id) as lease:
+            if lease is None:
+                return  # someone is working on it right now; look again next tick
             meta = await store.get(job_id)
             state = S(meta["state"]) if meta else None
             if state is None or state in TERMINAL:
@@ -86,10 +92,10 @@ class Reconciler:
                 log.info("reconciler.completed_from_stored_result", job_id=job_id)
                 return
             try:
-                await self.engine._end(job_id, S.TIMEOUT, fence=lease.fence, code="timeout", reason=reason,
-                                       fields={"failure_reason": reason}, tenant=None, allowed_from=[state],
-                                       event={"reason": reason},
-                                       after=store.inflight_commands(meta.get("worker_id", ""), job_id, done=True))
+                dlq = await self.engine.end_job(
+                    job_id, S.TIMEOUT, fence=lease.fence, code="timeout", reason=reason,
+                    fields={"failure_reason": reason}, tenant=None, allowed_from=[state], event={"reason": reason},
+                    after=store.inflight_commands(meta.get("worker_id", ""), job_id, done=True), send_dlq=False)
             except (InvalidTransition, StaleFence) as exc:
                 log.info("reconciler.skip", job_id=job_id, error=str(exc))
                 return
@@ -105,9 +111,8 @@ class Reconciler:
             # Tell the worker (if it still runs it) to stop: its late result would be ignored anyway.
             cancel = JobCancel(job_id=job_id, reason=reason, requested_by=SENDER)
             self.engine.bus.publish_nowait(subjects.CANCEL, encode(new_packet(cancel, sender_id=SENDER, trace_id=job_id)))
-        finally:
-            with close_scope(2):
-                await self.engine.leases.release(lease)
+            if dlq is not None:
+                await self.engine.send_dlq(job_id, *dlq)  # if it fails, the next pass sends it
 
 
 class PendingReplayer:
@@ -155,16 +160,10 @@ class PendingReplayer:
         log.info("replayer.resubmitted", job_id=job_id, state=state.value)
 
     async def _redispatch(self, job_id: str) -> None:
-        lease = await self.engine.leases.try_acquire(keys.job_lock(job_id), JOB_LOCK_TTL)
-        if lease is None:
-            return
-        try:
-            if await self.engine.redispatch(job_id, lease):
+        async with self.engine.lock_if_free(job_id) as lease:
+            if lease is not None and await self.engine.redispatch(job_id, lease):
                 self.replayed += 1
                 log.info("replayer.redispatched", job_id=job_id)
-        finally:
-            with close_scope(2):
-                await self.engine.leases.release(lease)
 
 
 class SnapshotWriter:
@@ -179,69 +178,117 @@ class SnapshotWriter:
         await write_snapshot(self.redis, snapshot)
 
 
-PRUNE_AGE_US = 60_000_000
+TEND_AGE_US = 10_000_000  # a live worker's job this old with its result stored: the message was lost
+UNCLAIMED_AGE_US = 60_000_000  # ... this old, not started while the worker had room: the dispatch was lost
 
 
 class WorkerReaper:
     """Moves on the jobs sent to workers that left (DESIGN.md §4.13: worker ids change across
     restarts, so nobody will ever read a departed worker's subject).
 
-    A worker that said "stopped", or that has been silent past the worker TTL, is gone: each job
-    still DISPATCHED or RUNNING there goes back to RETRYING and is submitted again, unless its
-    result is already stored (then that result finishes it). A worker that said "draining"
-    finishes what it started: only the jobs it has not claimed move. Every move is one guarded,
-    fenced write: it happens only if the attempt is still the one sent there and no worker claimed
-    it meanwhile, so a job is never taken from a worker that just started it.
+    A worker that said "stopped" is gone. Our SDK's workers keep a presence key in Redis: such a
+    worker is gone when its key is missing (twice, a third of a TTL apart: a key lost with a Redis
+    restart comes back with the next renewal); the worker stops its own handlers before the key can
+    expire, so a job is never taken from a handler still running. A worker on the public CAP SDK is
+    gone when it has been silent past the worker TTL, judged only by a replica that has listened
+    for a TTL and still hears other heartbeats. A worker that said "draining" finishes what it
+    started: only the jobs it has not claimed move.
 
-    A replica judges silence only after hearing heartbeats for a whole TTL itself (a leader that
-    just started knows nobody yet)."""
+    Each job still DISPATCHED or RUNNING on a gone worker goes back to RETRYING and is submitted
+    again, unless its result is already stored (then that result finishes it); every move is one
+    guarded, fenced write that happens only if the attempt, its claim and its stored result are as
+    read. For live workers the reaper also finishes jobs whose result is stored but whose message
+    never came, re-routes jobs whose dispatch was lost (not started for a minute while the worker
+    had room), and drops ended jobs from the worker's list."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.rerouted = 0
+        self._absent_since: dict[str, float] = {}
 
     async def tick(self, lease: Lease) -> None:
-        store, registry = self.engine.store, self.engine.registry
         now = trio.current_time()
-        for worker_id, last_dispatch in await store.workers_with_inflight():
-            status = registry.status(worker_id, now)
-            if status is WorkerStatus.ALIVE:
-                await self._prune(worker_id)
-                continue
-            if status is WorkerStatus.UNKNOWN and not registry.warmed_up(now):
-                continue
-            job_ids = await store.inflight(worker_id)
-            for job_id in job_ids:
-                try:
-                    await self._move_on(worker_id, job_id, draining=status is WorkerStatus.DRAINING)
-                except Exception as exc:
-                    log.warning("reaper.job_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
-            if not job_ids and status is not WorkerStatus.DRAINING:
-                await store.forget_worker(worker_id, last_dispatch)
+        for worker_id, last_dispatch in await self.engine.store.workers_with_inflight():
+            try:
+                await self._look_at(worker_id, last_dispatch, now)
+            except Exception as exc:  # one worker's trouble must not stop the others being looked at
+                log.warning("reaper.worker_failed", worker_id=worker_id, error=repr(exc))
 
-    async def _prune(self, worker_id: str) -> None:
-        """Drop what ended without a result from a live worker's list (cancelled through the API,
-        say), looking only at entries older than a minute."""
+    async def _look_at(self, worker_id: str, last_dispatch: int, now: float) -> None:
         store = self.engine.store
-        old = await store.inflight(worker_id, dispatched_before_us=now_us() - PRUNE_AGE_US)
+        status = await self.status(worker_id, now)
+        if status is WorkerStatus.ALIVE:
+            await self._tend(worker_id)
+            return
+        if status is WorkerStatus.UNKNOWN:
+            return
+        job_ids = [job_id for job_id, _ in await store.inflight(worker_id)]
+        for job_id in job_ids:
+            try:
+                await self._move_on(worker_id, job_id, draining=status is WorkerStatus.DRAINING)
+            except Exception as exc:
+                log.warning("reaper.job_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
+        if not job_ids and status is WorkerStatus.GONE:
+            await store.forget_worker(worker_id, last_dispatch)
+            self._absent_since.pop(worker_id, None)
+
+    async def status(self, worker_id: str, now: float) -> WorkerStatus:
+        registry = self.engine.registry
+        heard = registry.status(worker_id, now)
+        if registry.said_stopped(worker_id):
+            return WorkerStatus.GONE
+        if heard is WorkerStatus.DRAINING:
+            return heard
+        if registry.keeps_presence(worker_id) or heard is WorkerStatus.UNKNOWN:
+            if await self.engine.store.worker_present(worker_id):
+                self._absent_since.pop(worker_id, None)
+                return WorkerStatus.ALIVE
+            first_missed = self._absent_since.setdefault(worker_id, now)
+            if now - first_missed < registry.ttl / 3:
+                return WorkerStatus.UNKNOWN
+            if heard is WorkerStatus.UNKNOWN and not (registry.warmed_up(now) and registry.hearing(now)):
+                return WorkerStatus.UNKNOWN
+            return WorkerStatus.GONE
+        if heard is WorkerStatus.GONE and not registry.hearing(now):
+            return WorkerStatus.UNKNOWN  # this replica hears nobody: it cannot tell silence from deafness
+        return heard
+
+    async def _tend(self, worker_id: str) -> None:
+        engine, store = self.engine, self.engine.store
+        old = await store.inflight(worker_id, dispatched_before_us=now_us() - TEND_AGE_US)
         if not old:
             return
-        metas = await store.get_many(old)
-        ended = [job_id for job_id, meta in zip(old, metas)
-                 if meta is None or is_terminal(meta["state"]) or meta.get("worker_id") != worker_id]
+        metas = await store.get_many([job_id for job_id, _ in old])
+        ended = []
+        for (job_id, dispatched_at), meta in zip(old, metas):
+            if meta is None or is_terminal(meta["state"]) or meta.get("worker_id") != worker_id:
+                ended.append(job_id)
+                continue
+            attempt = str(meta.get("attempts", ""))
+            if meta.get("run_result") and str(meta.get("run_result_attempt")) == attempt:
+                async with engine.lock_if_free(job_id) as lease:
+                    if lease is not None and await engine.complete_from_store(await store.get(job_id) or meta, lease):
+                        log.info("reaper.completed_from_stored_result", job_id=job_id, worker_id=worker_id)
+            elif (self.engine.registry.keeps_presence(worker_id) and dispatched_at < now_us() - UNCLAIMED_AGE_US
+                  and meta.get("state") in (S.DISPATCHED.value, S.RUNNING.value)
+                  and not str(meta.get("run_claim", "")).endswith(f":{attempt}")
+                  and self.engine.registry.has_room(worker_id)):
+                log.warning("reaper.dispatch_lost", job_id=job_id, worker_id=worker_id)
+                await self._move_on(worker_id, job_id, draining=True)  # only if still unclaimed
         if ended:
             await store.run_repeatable([command for job_id in ended
                                         for command in store.inflight_commands(worker_id, job_id, done=True)])
 
     async def _move_on(self, worker_id: str, job_id: str, *, draining: bool) -> None:
         engine, store = self.engine, self.engine.store
-        lease = await engine.leases.try_acquire(keys.job_lock(job_id), JOB_LOCK_TTL)
-        if lease is None:
-            return  # being worked on (its result, say): look again next tick
-        try:
+        async with engine.lock_if_free(job_id) as lease:
+            if lease is None:
+                return  # being worked on (its result, say): look again next tick
             meta = await store.get(job_id)
             state = S(meta["state"]) if meta else None
             if state not in (S.DISPATCHED, S.RUNNING) or meta.get("worker_id") != worker_id:
+                if meta is not None and is_terminal(meta["state"]):
+                    await engine.resend_pending_dlq(job_id, meta)
                 await store.run_repeatable(store.inflight_commands(worker_id, job_id, done=True))
                 return
             attempt, claim = int(meta.get("attempts") or 0), meta.get("run_claim", "")
@@ -250,11 +297,12 @@ class WorkerReaper:
             if await engine.complete_from_store(meta, lease):
                 log.info("reaper.completed_from_stored_result", job_id=job_id, worker_id=worker_id)
                 return
-            reason = f"worker {worker_id} left"
+            reason = f"worker {worker_id} left" if not draining or claim else f"dispatch to {worker_id} not taken"
             try:
                 await store.transition(
                     job_id, S.RETRYING, fence=lease.fence, allowed_from=[state], tenant=meta.get("tenant", ""),
-                    expect={"attempts": attempt, "run_claim": claim},
+                    expect={"attempts": attempt, "run_claim": claim,
+                            "run_result_attempt": meta.get("run_result_attempt", "")},
                     fields={"retry_at": now_us(), "failure_reason": reason},
                     event={"reason": "worker_left", "worker_id": worker_id},
                     after=store.inflight_commands(worker_id, job_id, done=True))
@@ -264,18 +312,14 @@ class WorkerReaper:
             self.rerouted += 1
             log.warning("reaper.rerouted", job_id=job_id, worker_id=worker_id, attempt=attempt, state=state.value)
             await engine.resubmit(job_id, meta.get("trace_id") or job_id, f"reroute:{job_id}:{attempt}")
-        finally:
-            with close_scope(2):
-                await engine.leases.release(lease)
 
 
 class IndexSweep:
     """Finds jobs whose index entries were lost (an index write on a cluster that failed after
-    the job's own hash was written) by walking the job hashes themselves, a page per tick: a
-    job the reconciler and replayer cannot see through the indexes is put back into them. A job
-    that ended without its DLQ event going out gets it now."""
+    the job's own hash was written) by walking the job hashes themselves, a page per step: a live
+    job the reconciler, replayer or reaper cannot see through the indexes is put back into them."""
 
-    def __init__(self, engine: Engine, page: int = 500) -> None:
+    def __init__(self, engine: Engine, page: int = 1000) -> None:
         self.engine = engine
         self.page = page
         self.cursor = "0"
@@ -286,10 +330,7 @@ class IndexSweep:
         self.cursor, metas = await store.scan_jobs(self.cursor, self.page)
         for meta in metas:
             try:
-                if is_terminal(meta["state"]):
-                    if meta.get("dlq_pending"):
-                        await self.engine.resend_pending_dlq(meta["id"], meta)
-                elif await store.repair_index(meta):
+                if not is_terminal(meta["state"]) and await store.repair_index(meta):
                     self.repaired += 1
                     log.warning("index_sweep.repaired", job_id=meta["id"], state=meta["state"])
             except Exception as exc:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cordum.agent.v1.heartbeat_pb2 import Heartbeat
-from cordum.protocol.subjects import WORKER_DRAINING, WORKER_STATE_LABEL, WORKER_STOPPED
+from cordum.protocol.subjects import WORKER_DRAINING, WORKER_PRESENCE_LABEL, WORKER_STATE_LABEL, WORKER_STOPPED
 from cordum.scheduler.routing import Pools, WorkerInfo
 
 WORKER_TTL = 30.0
@@ -33,6 +33,7 @@ class _Entry:
     heartbeat: Heartbeat
     seen: float
     leaving: str = ""  # "", WORKER_DRAINING or WORKER_STOPPED
+    keeps_presence: bool = False  # it keeps cordum:worker:<id>:alive (our SDK)
     dispatched_since: int = 0
 
 
@@ -40,7 +41,26 @@ class WorkerRegistry:
     def __init__(self, ttl: float = WORKER_TTL, *, started: float = 0.0) -> None:
         self.ttl = ttl
         self.started = started  # when this replica began to listen for heartbeats
+        self.last_heard = float("-inf")  # the last heartbeat of any worker
         self._workers: dict[str, _Entry] = {}
+
+    def hearing(self, now: float) -> bool:
+        """Whether heartbeats reach this replica at all (a replica cut off from NATS hears none,
+        and must not take every worker for gone)."""
+        return now - self.last_heard <= self.ttl / 2
+
+    def said_stopped(self, worker_id: str) -> bool:
+        entry = self._workers.get(worker_id)
+        return entry is not None and entry.leaving == WORKER_STOPPED
+
+    def has_room(self, worker_id: str) -> bool:
+        """Whether its last heartbeat showed a free slot."""
+        entry = self._workers.get(worker_id)
+        return entry is not None and entry.heartbeat.active_jobs < max(entry.heartbeat.max_parallel_jobs, 1)
+
+    def keeps_presence(self, worker_id: str) -> bool:
+        entry = self._workers.get(worker_id)
+        return entry is not None and entry.keeps_presence
 
     def warmed_up(self, now: float) -> bool:
         """Whether this replica has listened long enough to have heard every live worker."""
@@ -63,7 +83,10 @@ class WorkerRegistry:
             gpu_utilization=heartbeat.gpu_utilization, labels=dict(heartbeat.labels),
         )
         leaving = heartbeat.labels.get(WORKER_STATE_LABEL, "")
-        self._workers[heartbeat.worker_id] = _Entry(info, heartbeat, now, leaving if leaving in (WORKER_DRAINING, WORKER_STOPPED) else "")
+        self._workers[heartbeat.worker_id] = _Entry(
+            info, heartbeat, now, leaving if leaving in (WORKER_DRAINING, WORKER_STOPPED) else "",
+            keeps_presence=heartbeat.labels.get(WORKER_PRESENCE_LABEL) == "redis")
+        self.last_heard = max(self.last_heard, now)
         return previous is None or now - previous.seen > self.ttl
 
     def dispatched(self, worker_id: str) -> None:

@@ -5,9 +5,9 @@
     ├── consumers sys.job.submit|result|cancel   queue group cordum-scheduler ("engine stop")
     ├── broadcast taps: heartbeats, config       (every replica hears every worker)
     └── background ("cancel context"; started after the consumers)
-        ├── reconciler        leader cordum:reconciler:default (+ the index sweep)
+        ├── reconciler        leader cordum:reconciler:default
         ├── pending replayer  leader cordum:replayer:pending
-        ├── worker reaper     leader cordum:scheduler:worker:reaper
+        ├── worker reaper     leader cordum:scheduler:worker:reaper (+ the index sweep)
         ├── snapshot writer   leader cordum:scheduler:snapshot:writer
         └── config overlay    sys.config.changed + poll
 
@@ -66,7 +66,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     snapshot_every = env_value(settings, "WORKER_SNAPSHOT_INTERVAL", "5s", parse_duration)
     config_every = env_value(settings, "SCHEDULER_CONFIG_RELOAD_INTERVAL", "30s", parse_duration)
     worker_ttl = env_value(settings, "WORKER_TTL", "30s", parse_duration)
-    reap = min(scan, 2.0)  # how often the leader looks for jobs of workers that left
+    reap_every = min(scan, 2.0)  # how often the leader looks for jobs of workers that left
     pools_path = env_value(settings, "SCHEDULER_POOLS_PATH", str(DEFAULT_POOLS), str)
 
     metrics = Metrics(settings.instance_id)
@@ -108,10 +108,10 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             for consumer in consumers:
                 await nursery.start(consumer.run)
             background = trio.CancelScope()
-            reconciler, sweep = Reconciler(engine, timeouts), IndexSweep(engine)
+            reaper, sweep = WorkerReaper(engine), IndexSweep(engine)
 
-            async def reconcile(lease) -> None:
-                await reconciler.tick(lease)
+            async def reap(lease) -> None:
+                await reaper.tick(lease)
                 await sweep.tick(lease)
 
             async def run_background(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -119,9 +119,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
                     async with trio.open_nursery() as loops:
                         await loops.start(serve_packets, bus, subjects.CONFIG_CHANGED, on_config_changed, counters)
                         loops.start_soon(LeaderElection(leases, keys.RECONCILER_LEADER, 2 * scan).run,
-                                         every(scan, reconcile, first_after=scan))
-                        loops.start_soon(LeaderElection(leases, keys.WORKER_REAPER_LEADER, 2 * reap).run,
-                                         every(reap, WorkerReaper(engine).tick))
+                                         every(scan, Reconciler(engine, timeouts).tick, first_after=scan))
+                        loops.start_soon(LeaderElection(leases, keys.WORKER_REAPER_LEADER, 2 * reap_every).run,
+                                         every(reap_every, reap))
                         loops.start_soon(LeaderElection(leases, keys.REPLAYER_LEADER, 2 * scan).run,
                                          every(scan, PendingReplayer(engine, timeouts).tick))
                         loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0).run,

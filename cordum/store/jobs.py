@@ -339,7 +339,7 @@ class JobStore:
 
     async def set_deadline(self, job_id: str, deadline_us: int, *, fence: int = 0) -> None:
         await self.set_fields(job_id, {"deadline_unix": deadline_us}, fence=fence)
-        await self._redis.execute("ZADD", keys.JOB_DEADLINE, deadline_us, job_id)
+        await self.run_repeatable([("ZADD", keys.JOB_DEADLINE, deadline_us, job_id)])
 
     async def store_request(self, job_id: str, request: JobRequest) -> None:
         await self._redis.execute("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)
@@ -357,6 +357,17 @@ class JobStore:
         return [("ZADD", key, now_us(), job_id), ("ZREMRANGEBYRANK", key, 0, -RECENT_MAX - 1)]
 
     @staticmethod
+    def dlq_pending_commands(job_id: str, *, pending: bool) -> list[tuple[Any, ...]]:
+        """`job:dlq:pending` lists the finished jobs whose DLQ event has not gone out yet."""
+        if pending:
+            return [("ZADD", keys.JOB_DLQ_PENDING, now_us(), job_id)]
+        return [("ZREM", keys.JOB_DLQ_PENDING, job_id)]
+
+    async def dlq_pending(self, *, marked_before_us: int, limit: int = 200) -> list[str]:
+        return await self._redis.execute("ZRANGEBYSCORE", keys.JOB_DLQ_PENDING, "-inf", marked_before_us,
+                                         "LIMIT", 0, limit)
+
+    @staticmethod
     def inflight_commands(worker_id: str, job_id: str, *, done: bool) -> list[tuple[Any, ...]]:
         """Keeping `worker_inflight` (what the worker reaper re-routes) current: a dispatch adds the
         job (and marks the worker as one to look at), a result or re-route removes it."""
@@ -369,10 +380,16 @@ class JobStore:
                 ("EXPIRE", keys.worker_inflight(worker_id), META_TTL),
                 ("ZADD", keys.WORKERS_INFLIGHT, ts, worker_id)]
 
-    async def inflight(self, worker_id: str, *, dispatched_before_us: int | None = None, limit: int = 500) -> list[str]:
+    async def inflight(self, worker_id: str, *, dispatched_before_us: int | None = None,
+                       limit: int = 500) -> list[tuple[str, int]]:
+        """(job id, dispatch µs) of the jobs dispatched to a worker and not finished, oldest first."""
         high = "+inf" if dispatched_before_us is None else dispatched_before_us
-        return await self._redis.execute("ZRANGEBYSCORE", keys.worker_inflight(worker_id), "-inf", high,
-                                         "LIMIT", 0, limit)
+        reply = await self._redis.execute("ZRANGEBYSCORE", keys.worker_inflight(worker_id), "-inf", high,
+                                          "WITHSCORES", "LIMIT", 0, limit)
+        return [(job_id, int(float(score))) for job_id, score in score_pairs(reply)]
+
+    async def worker_present(self, worker_id: str) -> bool:
+        return bool(await self._redis.execute("EXISTS", keys.worker_alive(worker_id)))
 
     async def workers_with_inflight(self) -> list[tuple[str, int]]:
         return [(w, int(float(ts))) for w, ts in score_pairs(
@@ -385,6 +402,9 @@ class JobStore:
             score = await self._redis.execute("ZSCORE", keys.WORKERS_INFLIGHT, worker_id)
             if score is not None and int(float(score)) <= seen_before_us:
                 await self._redis.execute("ZREM", keys.WORKERS_INFLIGHT, worker_id)
+                # A dispatch may have slipped in between: then the worker goes back on the list.
+                if int(await self._redis.execute("ZCARD", keys.worker_inflight(worker_id))) > 0:
+                    await self._redis.execute("ZADD", keys.WORKERS_INFLIGHT, now_us(), worker_id)
 
     # ---- idempotency ---------------------------------------------------------------------------
 
@@ -495,29 +515,33 @@ class JobStore:
 
     async def scan_jobs(self, cursor: str, count: int = 500) -> tuple[str, list[dict[str, Any]]]:
         """One page of every job's hash, whatever the indexes say: (next cursor, metas); the
-        cursor is "0" again after the last page. (On a cluster each call walks every primary
-        once, without a cursor: there it is meant for a slow sweep.)"""
+        cursor is "0" again after the last page."""
         prefix = keys.job_meta("")
-        if self._redis.cluster:
-            names, cursor = await self._redis.scan_keys(prefix + "*", count=count), "0"
-        else:
-            cursor, names = await self._redis.execute("SCAN", cursor, "MATCH", prefix + "*", "COUNT", count)
+        cursor, names = await self._redis.scan_page(cursor, prefix + "*", count=count)
         ids = [name[len(prefix):] for name in names]
         metas = await self.get_many(ids) if ids else []
-        return str(cursor), [meta for meta in metas if meta is not None]
+        return cursor, [meta for meta in metas if meta is not None]
 
     async def repair_index(self, meta: Mapping[str, Any]) -> bool:
-        """Put a live job back into its state index (and its tenant's active set) if it is missing
-        there; True when it was."""
+        """Put a live job back into its state index (and its tenant's active set, and the in-flight
+        list of the worker it was sent to) where a lost write left it out; True when it did."""
         job_id, state = meta["id"], JobState(meta["state"])
-        if await self._redis.execute("ZSCORE", keys.job_index(state.value), job_id) is not None:
-            return False
-        commands: list[tuple[Any, ...]] = [("ZADD", keys.job_index(state.value), int(meta.get("updated_at") or now_us()), job_id),
-                                            ("SET", keys.job_state(job_id), state.value, "EX", self.meta_ttl)]
-        if meta.get("tenant"):
-            commands.append(("SADD", keys.tenant_active(meta["tenant"]), job_id))
-        await self.run_repeatable(commands)
-        return True
+        worker_id = meta.get("worker_id", "") if state in (JobState.DISPATCHED, JobState.RUNNING) else ""
+        checks: list[tuple[Any, ...]] = [("ZSCORE", keys.job_index(state.value), job_id)]
+        if worker_id:
+            checks.append(("ZSCORE", keys.worker_inflight(worker_id), job_id))
+        found = await self._redis.pipeline(checks)
+        commands: list[tuple[Any, ...]] = []
+        if found[0] is None:
+            commands += [("ZADD", keys.job_index(state.value), int(meta.get("updated_at") or now_us()), job_id),
+                         ("SET", keys.job_state(job_id), state.value, "EX", self.meta_ttl)]
+            if meta.get("tenant"):
+                commands.append(("SADD", keys.tenant_active(meta["tenant"]), job_id))
+        if worker_id and found[1] is None:
+            commands += self.inflight_commands(worker_id, job_id, done=False)
+        if commands:
+            await self.run_repeatable(commands)
+        return bool(commands)
 
     async def drop_from_index(self, state: JobState, job_id: str) -> None:
         """Repair a stale index entry (the hash says the job moved on)."""

@@ -49,7 +49,9 @@ TERMINAL: frozenset[JobState] = frozenset(
 )
 
 # §2.2, as data. Key None = the job has no state yet (first write). Every state has an entry, so
-# "no exits" is an explicit empty set rather than a missing key.
+# "no exits" is an explicit empty set rather than a missing key. One deliberate widening: a job
+# waiting to run again (RETRYING, or SCHEDULED after a rolled-back dispatch) goes through the policy
+# again, so it may also be DENIED or held for APPROVAL_REQUIRED (the Go table would strand it).
 TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = MappingProxyType(
     {
         None: frozenset(
@@ -64,7 +66,7 @@ TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = MappingProxyType(
              S.SUCCEEDED, S.CANCELLED}
         ),
         S.SCHEDULED: frozenset(
-            {S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.DENIED, S.FAILED, S.TIMEOUT, S.SUCCEEDED,
+            {S.SCHEDULED, S.APPROVAL_REQUIRED, S.DISPATCHED, S.RUNNING, S.DENIED, S.FAILED, S.TIMEOUT, S.SUCCEEDED,
              S.CANCELLED, S.OUTPUT_QUARANTINED, S.RETRYING}
         ),
         S.DISPATCHED: frozenset(
@@ -77,7 +79,7 @@ TRANSITIONS: Mapping[JobState | None, frozenset[JobState]] = MappingProxyType(
         ),
         S.RETRYING: frozenset(
             {S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.RETRYING, S.SUCCEEDED, S.FAILED, S.CANCELLED,
-             S.TIMEOUT}
+             S.TIMEOUT, S.DENIED, S.APPROVAL_REQUIRED}
         ),
         # The one exit from a terminal state: the async output check quarantines a success.
         S.SUCCEEDED: frozenset({S.OUTPUT_QUARANTINED}),
@@ -284,6 +286,9 @@ def scheduling_retries_exhausted(attempts: int | None) -> bool:
     return attempts is None or attempts >= MAX_SCHEDULING_RETRIES
 
 
-def policy_retries_exceeded(attempts: int, max_retries: int) -> bool:
-    """§2.6: policy `budgets.max_retries = N` → attempts ≥ N+1 → FAILED + DLQ `max_retries_exceeded`."""
-    return attempts >= max_retries + 1
+def retries_left(retries_done: int, max_retries: int) -> bool:
+    """Whether a job that failed retryably `retries_done` times before may be retried once more
+    under the policy's `budgets.max_retries` (0 = no policy limit). Our reading of §2.6: the limit
+    counts the worker's retryable failures, not dispatch attempts (a job moved on from a worker that
+    left, or a dispatch rolled back, was not a failure)."""
+    return max_retries <= 0 or retries_done < max_retries

@@ -62,6 +62,7 @@ def fence_counter(lock_key: str) -> str:
 # ---- jobs (spec cordum-jobpath §2.4) ----------------------------------------------------------
 JOB_RECENT = "job:recent"
 JOB_DEADLINE = "job:deadline"
+JOB_DLQ_PENDING = "job:dlq:pending"  # finished jobs whose DLQ event is still to be sent (zset, µs)
 
 
 def job_meta(job_id: str) -> str:
@@ -110,6 +111,12 @@ def worker_inflight(worker_id: str) -> str:
     """Jobs dispatched to a worker and not finished (zset job id → dispatch µs): what is re-routed
     when the worker leaves."""
     return f"cordum:worker:{worker_id}:inflight"
+
+
+def worker_alive(worker_id: str) -> str:
+    """A worker's presence (our SDK's workers): set with the schedulers' WORKER_TTL, renewed every
+    heartbeat interval, deleted when it stops. Its absence is what the worker reaper acts on."""
+    return f"cordum:worker:{worker_id}:alive"
 
 
 # Workers that have (or had) jobs in flight (zset worker id → last dispatch µs): where the reaper looks.

@@ -29,10 +29,11 @@ if not state then return {'MISSING', '', ''} end
 local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
 local attempt = ARGV[1]
 if attempt == '' then attempt = attempts end
+if tonumber(attempt) > tonumber(attempts) then return {'AHEAD', state, attempts} end
 if attempt ~= attempts then return {'SUPERSEDED', state, attempts} end
 local stored = redis.call('HGET', KEYS[1], 'run_result')
 if stored and redis.call('HGET', KEYS[1], 'run_result_attempt') == attempt then
-  return {'FINISHED', state, stored}
+  return {'FINISHED', state, stored, attempt}
 end
 if state ~= 'DISPATCHED' and state ~= 'RUNNING' then return {'NOT_RUNNABLE', state, attempts} end
 local mine = ARGV[2] .. ':' .. attempt
@@ -44,9 +45,15 @@ redis.call('HSET', KEYS[1], 'run_claim', mine)
 return {'CLAIMED', state, attempt}
 """
 
-# KEYS[1] job:meta:<id>; ARGV[1] the claim; ARGV[2] attempt; ARGV[3] result (protobuf JSON)
+# KEYS[1] job:meta:<id>; ARGV[1] the claim; ARGV[2] attempt; ARGV[3] result (protobuf JSON). A
+# claim that vanished (a Redis failover lost the write) still commits while the attempt is current.
 _COMMIT = """
-if (redis.call('HGET', KEYS[1], 'run_claim') or '') ~= ARGV[1] then return 0 end
+local claim = redis.call('HGET', KEYS[1], 'run_claim') or ''
+if claim ~= ARGV[1] then
+  local state = redis.call('HGET', KEYS[1], 'state') or ''
+  if claim ~= '' or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[2]
+     or (state ~= 'DISPATCHED' and state ~= 'RUNNING') then return 0 end
+end
 redis.call('HSET', KEYS[1], 'run_result', ARGV[3], 'run_result_attempt', ARGV[2])
 return 1
 """
@@ -57,6 +64,7 @@ class Claim(str, enum.Enum):
     MISSING = "MISSING"  # no job record (a producer outside the control plane): run it, unfenced
     FINISHED = "FINISHED"  # this attempt already has a result: publish that one again, don't run
     SUPERSEDED = "SUPERSEDED"  # a later attempt exists (retried or re-routed): drop this message
+    AHEAD = "AHEAD"  # the record has not reached this attempt (a write lost in a Redis failover): later
     NOT_RUNNABLE = "NOT_RUNNABLE"  # finished, cancelled, or waiting to be dispatched again: drop
     TAKEN = "TAKEN"  # another worker runs this attempt: drop
 
@@ -85,7 +93,7 @@ class RunClaims:
         if kind is Claim.CLAIMED:
             return ClaimOutcome(kind, state, int(detail), token=f"{worker_id}:{detail}")
         if kind is Claim.FINISHED:
-            return ClaimOutcome(kind, state, attempt or 0, stored=result_from_json(detail))
+            return ClaimOutcome(kind, state, int(reply[3]), stored=result_from_json(detail))
         return ClaimOutcome(kind, state, attempt or 0)
 
     async def commit(self, job_id: str, outcome: ClaimOutcome, result: JobResult) -> bool:

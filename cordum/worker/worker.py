@@ -51,6 +51,7 @@ from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import PROTOCOL_VERSION, PacketError, decode, encode, new_packet
 from cordum.runtime.lifecycle import CLOSE_RESERVE, Lifecycle
 from cordum.runtime.log import get_logger
+from cordum.store import keys
 from cordum.worker.claims import Claim, ClaimOutcome, RunClaims
 from cordum.worker.core import (
     CANCELLED,
@@ -73,6 +74,7 @@ WORKER_STAGES = ("stop intake", "finish jobs", "close")
 IO_TIMEOUT = 5.0  # per Redis call / result publish (spec §5.7)
 GIVE_BACK_MARGIN = 0.5  # kept before the shutdown deadline to nak the jobs still running
 RETRY_DELAY = 1.0  # nak delay when Redis or the bus failed while running a job
+AHEAD_DELAY = 5.0  # nak delay for a message the job's record (or this worker) is not ready for yet
 HEARTBEAT_MIN_GAP = 0.2  # load-change heartbeats: at most five a second
 LIVENESS_TTL = 30.0  # the schedulers' WORKER_TTL: silent this long, a worker's jobs go elsewhere
 
@@ -97,7 +99,7 @@ class _Job:
     """One job in flight: its bus message(s), the scope its work runs in, why it was stopped."""
 
     __slots__ = ("packet", "request", "messages", "token", "scope", "cancelled", "cancel_reason", "give_back",
-                 "started", "attempt")
+                 "started", "attempt", "replayed")
 
     def __init__(self, packet: BusPacket, msg: Message) -> None:
         self.packet = packet
@@ -112,6 +114,7 @@ class _Job:
         # The scheduler's dispatch attempt (header); a message without it (another producer) counts
         # its deliveries instead.
         self.attempt = subjects.attempt_of(msg.headers) or max(msg.num_delivered, 1)
+        self.replayed = False  # its result came from the job's record, not from running it here
 
     @property
     def job_id(self) -> str:
@@ -228,13 +231,10 @@ class Worker:
         self.region = region
         self.in_progress_interval = in_progress_interval
         self.result_ttl = result_ttl
-        if liveness_ttl is None:  # the schedulers' setting, when this process shares their environment
-            liveness_ttl = LIVENESS_TTL if settings is None else env_value(settings, "WORKER_TTL", "30s", parse_positive_duration)
-        if liveness_ttl <= heartbeat_interval:
-            raise ValueError(f"liveness_ttl ({liveness_ttl:g}s) must be longer than heartbeat_interval ({heartbeat_interval:g}s)")
-        self.liveness_ttl = liveness_ttl
-        # Until when the schedulers surely count this worker alive (last heartbeat sent + their TTL,
-        # less a margin): running handlers are cut off there.
+        self._liveness_ttl = liveness_ttl  # None: the schedulers' WORKER_TTL, read when serving starts
+        self.liveness_ttl = self._resolve_liveness(settings)
+        # Until when this worker's presence key surely lives (sent time of its last renewal + the
+        # TTL, less a margin): running handlers are cut off there, before a reaper can act.
         self._live_until = float("inf")
         self._state = ""  # "", then draining, then stopped (the heartbeat label)
         self.max_context_bytes = max_context_bytes
@@ -248,6 +248,8 @@ class Worker:
         self._jobs_changed = trio.Event()
         self._results: RecentMap[tuple[int, bytes]] = RecentMap(result_cache_size, result_cache_ttl)
         self._early_cancels: RecentMap[str] = RecentMap(1024, result_cache_ttl)
+        # Results whose saving failed (Redis trouble), by job: (attempt, result, output to store).
+        self._unsaved: RecentMap[tuple[int, JobResult, str | None]] = RecentMap(1024, result_cache_ttl)
         self._intake_scope = trio.CancelScope()
         self._heartbeat_scope = trio.CancelScope()
         self._load_changed = trio.Event()
@@ -261,6 +263,15 @@ class Worker:
         self.ready = trio.Event()
 
     # ---- configuration ---------------------------------------------------------------------
+
+    def _resolve_liveness(self, settings: Settings | None) -> float:
+        ttl = self._liveness_ttl
+        if ttl is None:  # the schedulers' setting, when this process shares their environment
+            ttl = LIVENESS_TTL if settings is None else env_value(settings, "WORKER_TTL", "30s", parse_positive_duration)
+        if ttl - _liveness_margin(ttl) < 2 * self.heartbeat_interval:
+            raise ValueError(f"WORKER_TTL / liveness_ttl ({ttl:g}s) is too short for a heartbeat every "
+                             f"{self.heartbeat_interval:g}s: at least {2 * self.heartbeat_interval / 0.8:g}s")
+        return ttl
 
     def _add_topic(self, subject: str) -> None:
         if subject not in self.topics:
@@ -305,6 +316,7 @@ class Worker:
         acks/naks still queued when the bus's scope is cancelled are lost (redelivered after the
         ack wait)."""
         settings = self._settings or load_settings()
+        self.liveness_ttl = self._resolve_liveness(settings)
         async with open_redis(settings) as redis, open_bus(settings, name=f"cordum-worker:{self.worker_id}") as bus:
             await self.serve(redis, bus, task_status=task_status)
 
@@ -326,6 +338,7 @@ class Worker:
             # exists, and the scheduler dispatches to a worker once it has heard from it.
             await nursery.start(self._intake)
             await self._handshake()
+            await nursery.start(self._keep_presence)
             await nursery.start(self._heartbeats)
             self.ready.set()
             log.info("worker.ready", worker_id=self.worker_id, pool=self.pool, subjects=self.subjects,
@@ -365,6 +378,12 @@ class Worker:
         self._heartbeat_scope.cancel()
         self._state = subjects.WORKER_STOPPED
         self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
+        if self._redis is not None:
+            try:
+                with trio.move_on_after(2):
+                    await self._redis.execute("DEL", keys.worker_alive(self.worker_id))
+            except Exception as exc:  # it expires by itself
+                log.warning("worker.presence_release_failed", worker_id=self.worker_id, error=repr(exc))
         try:
             with trio.move_on_after(3):
                 await self._bus.flush()
@@ -433,7 +452,9 @@ class Worker:
 
     def heartbeat(self) -> Heartbeat:
         # CAP has no message for "leaving": a label on the heartbeat says it.
-        labels = {**self.labels, subjects.WORKER_STATE_LABEL: self._state} if self._state else self.labels
+        labels = {**self.labels, subjects.WORKER_PRESENCE_LABEL: "redis"}
+        if self._state:
+            labels[subjects.WORKER_STATE_LABEL] = self._state
         return Heartbeat(
             worker_id=self.worker_id,
             region=self.region,
@@ -465,15 +486,32 @@ class Worker:
             task_status.started()
 
     def _beat(self) -> None:
-        """Send a heartbeat; while the bus is up, that keeps this worker's handlers going for one
-        more liveness TTL (less a margin for a heartbeat in transit)."""
-        assert self._bus is not None
         self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
-        if self._bus.connected:
-            margin = min(2.0, self.liveness_ttl / 5)
-            self._live_until = trio.current_time() + self.liveness_ttl - margin
-            for job in self._jobs.values():
-                job.scope.deadline = self._live_until
+
+    async def _keep_presence(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep `cordum:worker:<id>:alive` (TTL = the schedulers' WORKER_TTL) while serving: the
+        worker reaper re-routes this worker's jobs once it is gone. Each renewal that succeeds
+        lets the running handlers go on until it could have expired (less a margin); a worker
+        that cannot renew it (frozen, cut off from Redis) stops them first. One store and one
+        clock decide both sides, so NATS trouble alone never moves a job that is running."""
+        assert self._redis is not None
+        key, ttl_ms = keys.worker_alive(self.worker_id), int(self.liveness_ttl * 1000)
+        started = False
+        while True:
+            sent = trio.current_time()
+            try:
+                with trio.fail_after(min(IO_TIMEOUT, self.heartbeat_interval)):
+                    await self._redis.execute("SET", key, self.worker_id, "PX", ttl_ms)
+            except (Exception, trio.TooSlowError) as exc:
+                log.warning("worker.presence_renewal_failed", worker_id=self.worker_id, error=repr(exc))
+            else:
+                self._live_until = sent + self.liveness_ttl - _liveness_margin(self.liveness_ttl)
+                for job in self._jobs.values():
+                    job.scope.deadline = self._live_until
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self.heartbeat_interval)
 
 
     def _publish_nowait(self, subject: str, packet: BusPacket) -> None:
@@ -587,7 +625,7 @@ class Worker:
             running.messages.append(msg)
         else:  # another attempt of a job still running here: after this one ends
             log.info("worker.duplicate_delivery", job_id=job_id, action="later", attempt=attempt)
-            await msg.nak(RETRY_DELAY)
+            await msg.nak(AHEAD_DELAY)
         return True
 
     async def _acquire(self, msg: Message) -> None:
@@ -629,7 +667,7 @@ class Worker:
         """Publish a result again (its first publish may or may not have landed: the message id
         makes a second copy harmless), then settle the messages."""
         published = await self._try_publish(job_id, attempt, data)
-        self._settle(messages, published)
+        await self._settle(messages, published)
         return published
 
     async def _try_publish(self, job_id: str, attempt: int, data: bytes) -> bool:
@@ -641,11 +679,14 @@ class Worker:
         return True
 
     @staticmethod
-    def _settle(messages: list[Message], published: bool) -> None:
+    async def _settle(messages: list[Message], published: bool) -> None:
         """Acked once the result is out; else given back: the redelivery publishes the stored
         result again, it never runs the job again. (Settling does not yield to other tasks.)"""
         for msg in messages:
-            msg.nak_nowait(RETRY_DELAY) if not published else msg.ack_nowait()
+            if published:
+                await msg.ack()
+            else:
+                await msg.nak(RETRY_DELAY)
 
     # ---- running a job ---------------------------------------------------------------------
 
@@ -662,19 +703,19 @@ class Worker:
                 # Cached before publishing: a redelivery publishes it again, never runs the job again.
                 self._results.put(job.job_id, (job.attempt, data))
                 published = await self._try_publish(job.job_id, job.attempt, data)
-                if published:
+                if published and not job.replayed:
                     self._count(outcome)
             # No checkpoint from here on: a duplicate cannot attach after the messages are settled.
             self._job_done(job)
             settled = True
             if isinstance(outcome, JobResult):
-                self._settle(job.messages, published)
+                await self._settle(job.messages, published)
             elif outcome is None:  # superseded, finished elsewhere, or not ours to run
                 for msg in job.messages:
-                    msg.ack_nowait()
+                    await msg.ack()
             else:  # a number: give it back after that delay
                 for msg in job.messages:
-                    msg.nak_nowait(outcome)
+                    await msg.nak(outcome)
                 self.stats.given_back += 1
                 log.info("worker.job_given_back", job_id=job.job_id, delay=outcome)
         except Exception as exc:  # a bug here must not take the worker down: give the job back
@@ -683,7 +724,7 @@ class Worker:
             if not settled:  # cancelled from outside (hard stop) or crashed: give it back
                 self._job_done(job)
                 for msg in job.messages:
-                    msg.nak_nowait(RETRY_DELAY)
+                    await msg.nak(RETRY_DELAY)
                 self.stats.given_back += 1
 
     def _count(self, result: JobResult) -> None:
@@ -712,31 +753,52 @@ class Worker:
             return claim
         if claim.claim is Claim.FINISHED:
             self.stats.republished += 1
+            job.attempt, job.replayed = claim.attempt, True
             log.info("worker.result_stored_already", job_id=job.job_id, attempt=job.attempt)
             return claim.stored
+        if claim.claim is Claim.AHEAD:
+            log.warning("worker.attempt_not_recorded_yet", job_id=job.job_id, attempt=job.attempt)
+            return AHEAD_DELAY
         if not claim.runs:
             self.stats.superseded += 1
             log.info("worker.not_running", job_id=job.job_id, attempt=job.attempt, claim=claim.claim.value,
                      state=claim.state)
             return None
         job.attempt = claim.attempt or job.attempt
-        result = await self._run_handler(job)
-        if not isinstance(result, JobResult):
-            return result
-        assert self._claims is not None
-        try:
-            with trio.fail_after(IO_TIMEOUT):
-                committed = await self._claims.commit(job.job_id, claim, result)
-        except (Exception, trio.TooSlowError) as exc:
-            log.error("worker.result_commit_failed", job_id=job.job_id, error=repr(exc))
+        done = self._unsaved.pop(job.job_id)
+        if done is not None and done[0] == job.attempt:  # ran already; only saving its result failed
+            result, output = done[1], done[2]
+        else:
+            ran = await self._run_handler(job)
+            if not isinstance(ran, tuple):
+                return ran
+            result, output = ran
+        committed = await self._save(job, claim, result, output)
+        if committed is None:
+            self._unsaved.put(job.job_id, (job.attempt, result, output))
             return RETRY_DELAY
-        if not committed:  # re-routed while it ran (this worker was silent too long): not ours now
-            self.stats.superseded += 1
+        if not committed:
+            self.stats.superseded += 1  # re-routed while it ran (this worker was cut off): not ours now
             log.warning("worker.result_superseded", job_id=job.job_id, attempt=job.attempt)
             return None
         return result
 
-    async def _run_handler(self, job: _Job) -> JobResult | float | None:
+    async def _save(self, job: _Job, claim: ClaimOutcome, result: JobResult, output: str | None) -> bool | None:
+        """Write the output (`res:<id>`) and commit the result to the job's record: whether the
+        commit held (False: the claim was lost), or None when Redis failed (the caller keeps the
+        result and saves it again on the redelivery: the job is not run again)."""
+        assert self._redis is not None and self._claims is not None
+        try:
+            with trio.fail_after(IO_TIMEOUT):
+                if output is not None:
+                    await self._redis.execute("SET", pointers.result_key(job.job_id), output, "EX", self.result_ttl)
+                return await self._claims.commit(job.job_id, claim, result)
+        except (Exception, trio.TooSlowError) as exc:
+            log.error("worker.result_save_failed", job_id=job.job_id, error=repr(exc))
+            return None
+
+    async def _run_handler(self, job: _Job) -> tuple[JobResult, str | None] | float | None:
+        """The handler's run: (result, output to store or None), or a nak delay, or None."""
         assert self._redis is not None
         request = job.request
         early = self._early_cancels.pop(job.job_id)
@@ -745,8 +807,8 @@ class Worker:
             job.cancelled.set()
             job.scope.cancel()
         failure: JobFailed | None = None
-        result_ptr = ""
-        # The handler stops when the schedulers may have counted this worker gone (see _beat).
+        text: str | None = None
+        # The handler stops when this worker's presence may have expired (see _keep_presence).
         job.scope.deadline = self._live_until
         with job.scope:
             try:
@@ -779,27 +841,19 @@ class Worker:
                 except Exception as exc:
                     log.warning("worker.handler_failed", job_id=job.job_id, topic=request.topic, error=repr(exc))
                     failure = JobFailed(error_text(exc), code="handler_error")
-                else:
-                    res_key = pointers.result_key(job.job_id)
-                    try:
-                        with trio.fail_after(IO_TIMEOUT):
-                            await self._redis.execute("SET", res_key, text, "EX", self.result_ttl)
-                    except (Exception, trio.TooSlowError) as exc:
-                        log.error("worker.result_write_failed", job_id=job.job_id, error=repr(exc))
-                        return RETRY_DELAY
-                    result_ptr = pointers.ptr(res_key)
         elapsed_ms = int((trio.current_time() - job.started) * 1000)
         if job.scope.cancelled_caught:
             if job.cancel_reason:
                 error = JobFailed(f"cancelled: {job.cancel_reason}", code="cancelled", status=CANCELLED)
-                return job_result(job.job_id, CANCELLED, self.worker_id, elapsed_ms, error=error)
-            if not job.give_back:  # silent too long: if the job was not re-routed, it runs again here
+                return job_result(job.job_id, CANCELLED, self.worker_id, elapsed_ms, error=error), None
+            if not job.give_back:  # cut off: if the job was not re-routed meanwhile, it runs again here
                 log.warning("worker.liveness_lost", job_id=job.job_id, attempt=job.attempt)
                 return RETRY_DELAY
             return 0.0  # shutdown deadline: give it back, to be redelivered at once
         if failure is not None:
-            return job_result(job.job_id, failure.status, self.worker_id, elapsed_ms, error=failure)
-        return job_result(job.job_id, SUCCEEDED, self.worker_id, elapsed_ms, result_ptr=result_ptr)
+            return job_result(job.job_id, failure.status, self.worker_id, elapsed_ms, error=failure), None
+        ptr = pointers.ptr(pointers.result_key(job.job_id))
+        return job_result(job.job_id, SUCCEEDED, self.worker_id, elapsed_ms, result_ptr=ptr), text
 
 
 # ---- a worker process ----------------------------------------------------------------------
@@ -832,6 +886,11 @@ def run_worker(build: Callable[[Settings], Worker], *, name: str = "cordum-worke
         await serve_worker(build(settings), settings, lifecycle, task_status=task_status)
 
     run_service(name, WORKER_STAGES, serve)
+
+
+def _liveness_margin(ttl: float) -> float:
+    """Kept back from the presence TTL for the renewal's own round trip and scheduling delays."""
+    return min(2.0, ttl / 5)
 
 
 def parse_worker_id(raw: str) -> str:

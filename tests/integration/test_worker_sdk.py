@@ -244,7 +244,8 @@ async def test_handshake_and_heartbeats_carry_the_workers_identity(settings, red
             hb = packet.heartbeat
             assert packet.sender_id == worker.worker_id and packet.trace_id and packet.protocol_version == 1
             assert hb.pool == "default" and hb.max_parallel_jobs == 3 and hb.active_jobs == 0
-            assert dict(hb.labels) == {"placement.region": "eu"} and list(hb.capabilities) == ["echo", "gpu"]
+            assert dict(hb.labels) == {"placement.region": "eu", "cordum.worker.presence": "redis"}
+            assert list(hb.capabilities) == ["echo", "gpu"]
             assert hb.type == "default" and 0 <= hb.cpu_load <= 100 and 0 < hb.memory_load < 100
 
             await submit(redis, bus, worker.direct_subject, {"sleep": 1})

@@ -17,21 +17,22 @@ EC = job_pb2.ErrorCode
 
 # ---- states and transitions ---------------------------------------------------------------------
 
-# The table of spec §2.2, written out independently of the module's data.
+# The table of spec §2.2, written out independently of the module's data, with our one widening: a
+# job waiting to run again (RETRYING, SCHEDULED) passes the policy again and may be denied or held.
 SPEC_ALLOWED: dict[S | None, set[S]] = {
     None: {S.PENDING, S.APPROVAL_REQUIRED, S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.FAILED, S.CANCELLED},
     S.PENDING: {S.APPROVAL_REQUIRED, S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.DENIED, S.FAILED,
                 S.TIMEOUT, S.SUCCEEDED, S.CANCELLED, S.RETRYING},
     S.APPROVAL_REQUIRED: {S.PENDING, S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.DENIED, S.FAILED,
                           S.TIMEOUT, S.SUCCEEDED, S.CANCELLED},
-    S.SCHEDULED: {S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.DENIED, S.FAILED, S.TIMEOUT, S.SUCCEEDED,
+    S.SCHEDULED: {S.SCHEDULED, S.APPROVAL_REQUIRED, S.DISPATCHED, S.RUNNING, S.DENIED, S.FAILED, S.TIMEOUT, S.SUCCEEDED,
                   S.CANCELLED, S.OUTPUT_QUARANTINED, S.RETRYING},
     S.DISPATCHED: {S.SCHEDULED, S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.TIMEOUT,
                    S.OUTPUT_QUARANTINED, S.RETRYING},
     S.RUNNING: {S.RUNNING, S.SUCCEEDED, S.FAILED, S.CANCELLED, S.TIMEOUT, S.OUTPUT_QUARANTINED,
                 S.RETRYING},
     S.RETRYING: {S.SCHEDULED, S.DISPATCHED, S.RUNNING, S.RETRYING, S.SUCCEEDED, S.FAILED,
-                 S.CANCELLED, S.TIMEOUT},
+                 S.CANCELLED, S.TIMEOUT, S.DENIED, S.APPROVAL_REQUIRED},
     S.SUCCEEDED: {S.OUTPUT_QUARANTINED},
     S.FAILED: set(),
     S.CANCELLED: set(),
@@ -98,7 +99,6 @@ def test_every_forbidden_transition(src, dst):
         (S.DISPATCHED, S.DENIED),
         (S.APPROVAL_REQUIRED, S.RETRYING),
         (S.RETRYING, S.PENDING),
-        (S.RETRYING, S.DENIED),
         (S.RETRYING, S.OUTPUT_QUARANTINED),
         (None, S.SUCCEEDED),
         (None, S.RETRYING),
@@ -321,9 +321,10 @@ def test_scheduling_retries_exhausted(attempts, exhausted):
     assert js.scheduling_retries_exhausted(attempts) is exhausted
 
 
-@pytest.mark.parametrize(("attempts", "n", "exceeded"), [(1, 0, True), (0, 0, False), (3, 3, False), (4, 3, True)])
-def test_policy_retries_exceeded(attempts, n, exceeded):
-    assert js.policy_retries_exceeded(attempts, n) is exceeded
+@pytest.mark.parametrize(("done", "limit", "left"), [(0, 0, True), (99, 0, True), (0, 1, True), (1, 1, False),
+                                                     (2, 3, True), (3, 3, False), (-1, 1, True)])
+def test_retries_left_under_the_policy_limit(done, limit, left):
+    assert js.retries_left(done, limit) is left
 
 
 def test_fixed_retry_delays():
