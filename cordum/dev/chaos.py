@@ -25,9 +25,11 @@ injects one fault drawn from a seeded RNG (`--seed`; the same seed gives the sam
            written before is read back after)
     nats   restart NATS with its JetStream store
 
-Recovery time of a round: from the fault's injection until the first probe job SUCCEEDED, probes
-being plain jobs submitted once a second from the injection on (through the gateways in turn). A
-round whose probes did not succeed within `--recovery-timeout` counts as unrecovered.
+Recovery time of a round: from the moment the fault holds (the replica is gone or paused, the
+server is down) until the first probe job submitted after it SUCCEEDED; probes are plain jobs
+submitted every 0.5 s from then on (the resolution of the measure), through the gateways in turn.
+A round whose probes did not succeed within `--recovery-timeout` counts as unrecovered; the
+summary gives the p99 (nearest rank) over the rounds.
 
 After the rounds the load stops and it waits (at most `--settle` s) for every job to be terminal,
 then `--quiet` s more (a late second run would show by then), and judges:
@@ -105,6 +107,7 @@ CHAOS_ENV = {
 WORKER_ENV = {"WORKER_HEARTBEAT_INTERVAL": "1s"}
 HTTP_TIMEOUT = 5.0  # per request to a gateway (a paused one answers nothing)
 FAILED_FOR = 5.0  # seconds a gateway that failed is tried after the others
+PROBE_EVERY = 0.5  # seconds between recovery probes: the resolution of a recovery time
 
 
 def _listed(allowed: Sequence[str], what: str) -> Any:
@@ -492,7 +495,7 @@ class Run:
                 while not done.is_set():
                     nursery.start_soon(probe, 1_000_000 * round_no + n)
                     n += 1
-                    with trio.move_on_after(1.0):
+                    with trio.move_on_after(PROBE_EVERY):
                         await done.wait()
             nursery.cancel_scope.cancel()
         return min(first) - started if first else None
