@@ -29,7 +29,7 @@ def healthy(statuses: Mapping[str, Mapping[str, object]]) -> Verdict:
 
 
 def exactly_once(job_ids: Sequence[str], states: Mapping[str, str], executions: Mapping[str, int]) -> Verdict:
-    """Every job SUCCEEDED and was executed (produced a worker result) exactly once."""
+    """Every job SUCCEEDED and was executed exactly once (counted by the workers themselves)."""
     if not job_ids:
         return Verdict(False, "no jobs were submitted")
     not_done = {j: states.get(j) for j in job_ids if states.get(j) != "SUCCEEDED"}

@@ -122,9 +122,19 @@ def service_ports(kind: str, index: int, base_port: int | None = None) -> dict[s
     return {name: base_port + off + step for name, off in BLOCK_OFFSETS[kind].items()}
 
 
+DEV_EXECUTIONS_KEY = "cordum:dev:echo:executions"
+
+
 def kernel_for(index: int, kernels: int) -> int:
-    """The safety kernel replica that scheduler/gateway replica `index` dials."""
+    """The safety kernel replica that scheduler/gateway replica `index` dials first."""
     return (index - 1) % kernels + 1
+
+
+def kernels_for(index: int, kernels: int) -> list[int]:
+    """Every kernel replica, its own first: the client spreads over them and skips one that is
+    down, so one kernel's crash never makes a gateway deny (fail closed) what the others allow."""
+    first = kernel_for(index, kernels)
+    return [first] + [k for k in range(1, kernels + 1) if k != first]
 
 
 def build(
@@ -195,13 +205,15 @@ def build(
                 health = f"http://127.0.0.1:{ports['admin']}/health"
             elif kind in ("scheduler", "api-gateway"):
                 if kernels:
-                    kernel = service_ports("safety-kernel", kernel_for(i, kernels), base_port)
-                    env["SAFETY_KERNEL_ADDR"] = f"127.0.0.1:{kernel['grpc']}"
+                    env["SAFETY_KERNEL_ADDR"] = ",".join(
+                        f"127.0.0.1:{service_ports('safety-kernel', k, base_port)['grpc']}" for k in kernels_for(i, kernels))
                 port = ports["metrics" if kind == "scheduler" else "http"]
                 env["SCHEDULER_METRICS_ADDR" if kind == "scheduler" else "GATEWAY_HTTP_ADDR"] = f":{port}"
                 health = f"http://127.0.0.1:{port}/health"
             elif kind == "worker":
                 env["WORKER_ID"] = name
+                # The echo workers count their executions (the HA gate checks "exactly once" there).
+                env["ECHO_EXECUTIONS_KEY"] = DEV_EXECUTIONS_KEY
             out.append(Replica(name, kind, i, entry, env, ports, health))
     return Topology(tuple(out), replicas, workers, base_port, redis_url, nats_url, start_redis, start_nats)
 

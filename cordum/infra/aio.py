@@ -60,6 +60,14 @@ class _Waiter(Generic[R]):
         self.error: BaseException | None = None
 
 
+class _Resend(Exception):
+    """Marks an item queued while the flusher was going away: its caller sends it itself."""
+
+
+class BatchAborted(RuntimeError):
+    """The batch an item was in was cancelled mid-flight: it may or may not have been sent."""
+
+
 class Batcher(Generic[T, R]):
     """Group commit across the bridge.
 
@@ -98,6 +106,8 @@ class Batcher(Generic[T, R]):
         waiter: _Waiter[R] = _Waiter()
         self._enqueue(item, waiter)
         await waiter.done.wait()
+        if isinstance(waiter.error, _Resend):  # queued as the flusher was cancelled: send it from here
+            return await self.submit(item)
         if waiter.error is not None:
             raise waiter.error
         return waiter.result  # type: ignore[return-value]
@@ -129,6 +139,13 @@ class Batcher(Generic[T, R]):
                 await self._flush(batch)
         finally:
             self._running = False
+            # Items queued while this task was being cancelled (by a shielded `finally` cancelled
+            # in the same sweep, say) would wait for nobody: their callers send them themselves.
+            orphans, self._items = self._items, []
+            for _, waiter in orphans:
+                if waiter is not None:
+                    waiter.error = _Resend()
+                    waiter.done.set()
 
     async def _flush(self, batch: list[tuple[T, _Waiter[R] | None]]) -> None:
         self.batches += 1
@@ -137,6 +154,12 @@ class Batcher(Generic[T, R]):
             results: Sequence[R | BaseException] = await self._run_batch([item for item, _ in batch])
         except Exception as exc:  # the whole batch failed (connection lost, ...)
             results = [exc] * len(batch)
+        except BaseException:  # cancelled mid-flight: its callers must not wait for it forever
+            for _, waiter in batch:
+                if waiter is not None and not waiter.done.is_set():
+                    waiter.error = BatchAborted(f"{self.name}: batch cancelled in flight")
+                    waiter.done.set()
+            raise
         for (item, waiter), result in zip(batch, results):
             if waiter is None:
                 if isinstance(result, BaseException):

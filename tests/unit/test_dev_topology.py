@@ -38,8 +38,8 @@ def test_env_per_replica() -> None:
     k2, s2, g1 = t.get("safety-kernel-2"), t.get("scheduler-2"), t.get("api-gateway-1")
     assert (k2.env["SAFETY_KERNEL_ADDR"], k2.env["SAFETY_KERNEL_ADMIN_ADDR"]) == (":50053", ":9097")
     assert k2.health == "http://127.0.0.1:9097/health"
-    assert (s2.env["SCHEDULER_METRICS_ADDR"], s2.env["SAFETY_KERNEL_ADDR"]) == (":9092", "127.0.0.1:50053")
-    assert (g1.env["GATEWAY_HTTP_ADDR"], g1.env["SAFETY_KERNEL_ADDR"]) == (":8081", "127.0.0.1:50051")
+    assert (s2.env["SCHEDULER_METRICS_ADDR"], s2.env["SAFETY_KERNEL_ADDR"]) == (":9092", "127.0.0.1:50053,127.0.0.1:50051")
+    assert (g1.env["GATEWAY_HTTP_ADDR"], g1.env["SAFETY_KERNEL_ADDR"]) == (":8081", "127.0.0.1:50051,127.0.0.1:50053")
     assert g1.health == "http://127.0.0.1:8081/health"
     w2 = t.get("worker-2")
     assert (w2.env["WORKER_ID"], w2.health) == ("worker-2", "alive")
@@ -48,6 +48,7 @@ def test_env_per_replica() -> None:
             assert r.env["CORDUM_API_KEY"] == "secret" and r.env["CORDUM_ENV"] == "dev"
             assert r.env["REDIS_URL"] == "redis://127.0.0.1:6379/0" and r.env["NATS_URL"] == "nats://127.0.0.1:4222"
     assert [topo.kernel_for(i, 2) for i in (1, 2, 3, 4)] == [1, 2, 1, 2]
+    assert [topo.kernels_for(i, 3) for i in (1, 2)] == [[1, 2, 3], [2, 1, 3]]
 
 
 def test_external_servers_and_base_port() -> None:
