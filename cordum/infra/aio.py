@@ -61,11 +61,9 @@ class _Waiter(Generic[R]):
 
 
 class _Resend(Exception):
-    """Marks an item queued while the flusher was going away: its caller sends it itself."""
-
-
-class BatchAborted(RuntimeError):
-    """The batch an item was in was cancelled mid-flight: it may or may not have been sent."""
+    """Marks an item the flusher could not see through (queued or in flight as it was cancelled):
+    its caller, if it still runs (a shielded close), sends it itself. Items sent on the way out are
+    closes and releases, which may run twice."""
 
 
 class Batcher(Generic[T, R]):
@@ -106,7 +104,7 @@ class Batcher(Generic[T, R]):
         waiter: _Waiter[R] = _Waiter()
         self._enqueue(item, waiter)
         await waiter.done.wait()
-        if isinstance(waiter.error, _Resend):  # queued as the flusher was cancelled: send it from here
+        if isinstance(waiter.error, _Resend):  # the flusher went away: send it from here
             return await self.submit(item)
         if waiter.error is not None:
             raise waiter.error
@@ -157,7 +155,7 @@ class Batcher(Generic[T, R]):
         except BaseException:  # cancelled mid-flight: its callers must not wait for it forever
             for _, waiter in batch:
                 if waiter is not None and not waiter.done.is_set():
-                    waiter.error = BatchAborted(f"{self.name}: batch cancelled in flight")
+                    waiter.error = _Resend()
                     waiter.done.set()
             raise
         for (item, waiter), result in zip(batch, results):
