@@ -252,6 +252,7 @@ class Worker:
         self._unsaved: RecentMap[tuple[int, JobResult, str | None]] = RecentMap(1024, result_cache_ttl)
         self._intake_scope = trio.CancelScope()
         self._heartbeat_scope = trio.CancelScope()
+        self._presence_scope = trio.CancelScope()
         self._load_changed = trio.Event()
         self._intake_stopped = trio.Event()
         self._serve_scope: trio.CancelScope | None = None
@@ -376,6 +377,7 @@ class Worker:
         if self._bus is None:
             return
         self._heartbeat_scope.cancel()
+        self._presence_scope.cancel()
         self._state = subjects.WORKER_STOPPED
         self._publish_nowait(subjects.HEARTBEAT, self._packet(self.heartbeat(), trace_id=self.worker_id))
         if self._redis is not None:
@@ -494,25 +496,30 @@ class Worker:
         lets the running handlers go on until it could have expired (less a margin); a worker
         that cannot renew it (frozen, cut off from Redis) stops them first. One store and one
         clock decide both sides, so NATS trouble alone never moves a job that is running."""
-        assert self._redis is not None
-        key, ttl_ms = keys.worker_alive(self.worker_id), int(self.liveness_ttl * 1000)
         started = False
-        while True:
-            sent = trio.current_time()
-            try:
-                with trio.fail_after(min(IO_TIMEOUT, self.heartbeat_interval)):
-                    await self._redis.execute("SET", key, self.worker_id, "PX", ttl_ms)
-            except (Exception, trio.TooSlowError) as exc:
-                log.warning("worker.presence_renewal_failed", worker_id=self.worker_id, error=repr(exc))
-            else:
-                self._live_until = sent + self.liveness_ttl - _liveness_margin(self.liveness_ttl)
-                for job in self._jobs.values():
-                    job.scope.deadline = self._live_until
-            if not started:
-                task_status.started()
-                started = True
-            await trio.sleep(self.heartbeat_interval)
+        with self._presence_scope:
+            await self._renew_presence()
+            task_status.started()
+            started = True
+            while True:
+                await trio.sleep(self.heartbeat_interval)
+                await self._renew_presence()
+        if not started:  # close() came first
+            task_status.started()
 
+    async def _renew_presence(self) -> None:
+        assert self._redis is not None
+        sent = trio.current_time()
+        try:
+            with trio.fail_after(min(IO_TIMEOUT, self.heartbeat_interval)):
+                await self._redis.execute("SET", keys.worker_alive(self.worker_id), self.worker_id,
+                                          "PX", int(self.liveness_ttl * 1000))
+        except (Exception, trio.TooSlowError) as exc:
+            log.warning("worker.presence_renewal_failed", worker_id=self.worker_id, error=repr(exc))
+            return
+        self._live_until = sent + self.liveness_ttl - _liveness_margin(self.liveness_ttl)
+        for job in self._jobs.values():
+            job.scope.deadline = self._live_until
 
     def _publish_nowait(self, subject: str, packet: BusPacket) -> None:
         assert self._bus is not None
