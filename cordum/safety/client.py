@@ -125,25 +125,42 @@ class CircuitBreaker:
             pass
 
 
+# A replica that answered UNAVAILABLE (down, draining) or not at all in time (frozen, overloaded)
+# is tried last for a few seconds; a check is a pure read, so the next replica may answer it. The
+# shared breaker counts a failure only when no replica answered.
+FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+REPLICA_BACKOFF_S = 5.0
+
+
 class SafetyClient:
-    """Calls spread over the kernel replicas (round robin); a replica that is down or draining
-    (UNAVAILABLE) is skipped for the next one, so one kernel's restart costs no decisions."""
+    """Calls spread over the kernel replicas (round robin); a replica that is down, draining or
+    frozen is skipped for the next one, so one kernel's trouble costs no decisions."""
 
     def __init__(self, grpc: GrpcClient | Sequence[GrpcClient], breaker: CircuitBreaker, *, timeout: float = 2.0) -> None:
         self._replicas = list(grpc) if isinstance(grpc, Sequence) else [grpc]
         self._next = 0
+        self._backoff_until = [-math.inf] * len(self._replicas)
         self._breaker = breaker
         self.timeout = timeout
 
+    def _order(self) -> list[int]:
+        """Round robin, replicas in backoff last."""
+        count = len(self._replicas)
+        start, self._next = self._next, (self._next + 1) % count
+        turn = [(start + offset) % count for offset in range(count)]
+        now = trio.current_time()
+        return sorted(turn, key=lambda index: self._backoff_until[index] > now)
+
     async def _call(self, method: str, request: object) -> object:
-        start = self._next
-        self._next = (self._next + 1) % len(self._replicas)
-        for offset in range(len(self._replicas)):
-            replica = self._replicas[(start + offset) % len(self._replicas)]
+        order = self._order()
+        for position, index in enumerate(order):
             try:
-                return await replica.call(method, request, timeout=self.timeout)
+                return await self._replicas[index].call(method, request, timeout=self.timeout)
             except RpcError as exc:
-                if exc.code != "UNAVAILABLE" or offset == len(self._replicas) - 1:
+                if exc.code not in FAILOVER_CODES:
+                    raise
+                self._backoff_until[index] = trio.current_time() + REPLICA_BACKOFF_S
+                if position == len(order) - 1:
                     raise
         raise AssertionError("unreachable")
 

@@ -59,3 +59,31 @@ async def test_a_healthy_look_at_the_shared_breaker_stands_briefly(redis):
     await redis.set(key, 3)
     await breaker.record_failure()  # a failure of our own: the next check looks again
     assert await breaker.is_open()
+
+
+class FrozenKernel(SlowKernel):
+    """A kernel replica that takes the call and never answers in time (SIGSTOP, overload)."""
+
+    async def Check(self, req: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+        await trio.sleep(30)
+        return await super().Check(req)
+
+
+async def test_a_frozen_replica_is_passed_over_and_opens_no_breaker(redis):
+    """A kernel that stops answering costs one timeout, not the shared breaker: the call goes on
+    to the next replica, and the frozen one is tried last for a while."""
+    servers = [GrpcServer([(safety_grpc.SafetyKernelBase, FrozenKernel())]),
+               GrpcServer([(safety_grpc.SafetyKernelBase, SlowKernel())])]
+    request = safety_pb2.PolicyCheckRequest(job_id="j", topic="job.default")
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(s.serve, "127.0.0.1", 0) for s in servers]
+        key = unique("cordum:test:cb")
+        breaker = CircuitBreaker(redis, key, threshold=3, open_for=30)
+        async with open_safety_client([("127.0.0.1", p) for p in ports], breaker, timeout=0.5) as client:
+            for _ in range(6):
+                assert (await client.check(request)).verdict is Verdict.ALLOW
+            assert await redis.get(key) is None
+        async with open_safety_client([("127.0.0.1", ports[0])], breaker, timeout=0.5) as client:
+            assert (await client.check(request)).verdict is Verdict.UNAVAILABLE  # no replica answered
+            assert int(await redis.get(key)) == 1
+        nursery.cancel_scope.cancel()
