@@ -328,15 +328,24 @@ def _decode_text(text: str, origin: str) -> tuple[Any, _Lines]:
     stripped = text.lstrip()
     if stripped.startswith("{") or stripped.startswith("["):
         try:
-            return json.loads(text, object_pairs_hook=_json_pairs(origin)), lines
+            data = json.loads(text, object_pairs_hook=_json_pairs(origin))
         except json.JSONDecodeError as exc:
             raise DefinitionError(origin, f"invalid JSON: {exc.msg}", line=exc.lineno) from None
+        try:  # JSON is (nearly) YAML: borrow its line numbers for the messages, best effort
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            if root is not None:
+                _from_node(root, (), lines, SafeConstructor(), origin)
+        except (yaml.YAMLError, DefinitionError):
+            lines = _Lines()
+        return data, lines
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise DefinitionError(origin, f"invalid YAML: {exc.problem or exc.context}", line=line) from None
+        raise DefinitionError(
+            origin, f"invalid YAML: {exc.problem or exc.context}", line=line
+        ) from None
     except yaml.YAMLError as exc:
         raise DefinitionError(origin, f"invalid YAML: {exc}") from None
     if root is None:
@@ -362,14 +371,20 @@ def _from_node(node: Node, path: Path, lines: _Lines, ctor: SafeConstructor, ori
         ctor.flatten_mapping(node)  # YAML merge keys (<<)
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = ctor.construct_object(key_node, deep=True) if isinstance(key_node, ScalarNode) else None
+            key = (
+                ctor.construct_object(key_node, deep=True)
+                if isinstance(key_node, ScalarNode)
+                else None
+            )
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise DefinitionError(
                     origin, "mapping keys must be scalars", line=key_node.start_mark.line + 1
                 )
             key = key if isinstance(key, str) else str(key_node.value)
             if key in out:
-                raise DefinitionError(origin, f"duplicate key {key!r}", line=key_node.start_mark.line + 1)
+                raise DefinitionError(
+                    origin, f"duplicate key {key!r}", line=key_node.start_mark.line + 1
+                )
             lines.by_path[path + (key,)] = key_node.start_mark.line + 1
             out[key] = _from_node(value_node, path + (key,), lines, ctor, origin)
         return out
@@ -389,8 +404,12 @@ class _Checker:
         self.lines = lines
         self.step_paths: dict[str, Path] = {}
 
-    def fail(self, path: Path, problem: str, *, step: str | None = None, fld: str | None = None) -> DefinitionError:
-        return DefinitionError(self.origin, problem, line=self.lines.line(path), step=step, field=fld)
+    def fail(
+        self, path: Path, problem: str, *, step: str | None = None, fld: str | None = None
+    ) -> DefinitionError:
+        return DefinitionError(
+            self.origin, problem, line=self.lines.line(path), step=step, field=fld
+        )
 
     def step_fail(self, sid: str, fld: str | None, problem: str, *sub: Any) -> DefinitionError:
         base = self.step_paths.get(sid, ("steps", sid))
@@ -398,7 +417,15 @@ class _Checker:
         return self.fail(path, problem, step=sid, fld=fld)
 
     # typed getters ---------------------------------------------------------------------------
-    def unknown(self, data: Mapping[str, Any], allowed: Iterable[str], path: Path, *, step: str | None, what: str) -> None:
+    def unknown(
+        self,
+        data: Mapping[str, Any],
+        allowed: Iterable[str],
+        path: Path,
+        *,
+        step: str | None,
+        what: str,
+    ) -> None:
         allowed = tuple(allowed)
         for key in data:
             if key not in allowed:
@@ -406,7 +433,15 @@ class _Checker:
                 tip = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise self.fail(path + (key,), f"unknown {what}{tip}", step=step, fld=str(key))
 
-    def string(self, data: Mapping[str, Any], key: str, path: Path, step: str | None, *, scalar_ok: bool = False) -> str:
+    def string(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: Path,
+        step: str | None,
+        *,
+        scalar_ok: bool = False,
+    ) -> str:
         value = data.get(key)
         if value is None:
             return ""
@@ -414,33 +449,66 @@ class _Checker:
             return value
         if scalar_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise self.fail(path + (key,), f"must be a string, got {_typename(value)}", step=step, fld=key)
+        raise self.fail(
+            path + (key,), f"must be a string, got {_typename(value)}", step=step, fld=key
+        )
 
-    def number(self, data: Mapping[str, Any], key: str, path: Path, step: str | None, *, integer: bool = False) -> Any:
+    def number(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: Path,
+        step: str | None,
+        *,
+        integer: bool = False,
+    ) -> Any:
         value = data.get(key)
         if value is None:
             return 0
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok:
             kind = "an integer" if integer else "a number"
-            raise self.fail(path + (key,), f"must be {kind}, got {_typename(value)}", step=step, fld=key)
+            raise self.fail(
+                path + (key,), f"must be {kind}, got {_typename(value)}", step=step, fld=key
+            )
         if value < 0:
             raise self.fail(path + (key,), f"must not be negative, got {value}", step=step, fld=key)
         return value
 
-    def mapping(self, data: Mapping[str, Any], key: str, path: Path, step: str | None, *, default: Any = None) -> Any:
+    def mapping(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: Path,
+        step: str | None,
+        *,
+        default: Any = None,
+    ) -> Any:
+        """A mapping field; absent, null or empty gives ``default`` (so round trips are exact)."""
         value = data.get(key)
         if value is None:
             return default
         if not isinstance(value, Mapping):
-            raise self.fail(path + (key,), f"must be a mapping, got {_typename(value)}", step=step, fld=key)
-        return dict(value)
+            raise self.fail(
+                path + (key,), f"must be a mapping, got {_typename(value)}", step=step, fld=key
+            )
+        return _plain_copy(value) if value else default
 
     def check_id(self, value: Any, path: Path, what: str, *, step: str | None, fld: str) -> str:
         if not isinstance(value, str) or not value:
-            raise self.fail(path, f"{what} must be a non-empty string, got {_typename(value)}", step=step, fld=fld)
+            raise self.fail(
+                path,
+                f"{what} must be a non-empty string, got {_typename(value)}",
+                step=step,
+                fld=fld,
+            )
         if len(value) > ID_MAX_LENGTH:
-            raise self.fail(path, f"{what} {value[:20]!r}… is longer than {ID_MAX_LENGTH} characters", step=step, fld=fld)
+            raise self.fail(
+                path,
+                f"{what} {value[:20]!r}… is longer than {ID_MAX_LENGTH} characters",
+                step=step,
+                fld=fld,
+            )
         if not ID_PATTERN.match(value):
             raise self.fail(
                 path,
@@ -458,23 +526,31 @@ def _typename(value: Any) -> str:
         return "a mapping"
     if isinstance(value, (list, tuple)):
         return "a list"
-    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), type(value).__name__)
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(
+        type(value), type(value).__name__
+    )
 
 
-def parse_workflow(source: str | bytes | Mapping[str, Any], *, origin: str = "workflow") -> Workflow:
+def parse_workflow(
+    source: str | bytes | Mapping[str, Any], *, origin: str = "workflow"
+) -> Workflow:
     """Parse and validate a workflow definition (JSON or YAML text, or a decoded mapping)."""
     lines = _Lines()
     if isinstance(source, bytes):
         try:
             source = source.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DefinitionError(origin, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+            raise DefinitionError(
+                origin, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+            ) from None
     if isinstance(source, str):
         data, lines = _decode_text(source, origin)
     else:
         data = source
     if not isinstance(data, Mapping):
-        raise DefinitionError(origin, f"a workflow must be a mapping, got {_typename(data)}", line=lines.line(()))
+        raise DefinitionError(
+            origin, f"a workflow must be a mapping, got {_typename(data)}", line=lines.line(())
+        )
     return _build(data, _Checker(origin, lines))
 
 
@@ -504,9 +580,15 @@ def _build(data: Mapping[str, Any], c: _Checker) -> Workflow:
         timeout_sec=c.number(data, "timeout_sec", (), None),
         steps=steps,
         input_schema=c.mapping(data, "input_schema", (), None),
-        parameters=_plain_copy(data.get("parameters")),
+        parameters=(
+            _plain_copy(data.get("parameters")) if _present(data.get("parameters")) else None
+        ),
         config=c.mapping(data, "config", (), None),
-        policy_override=_plain_copy(data.get("policy_override")),
+        policy_override=(
+            _plain_copy(data.get("policy_override"))
+            if _present(data.get("policy_override"))
+            else None
+        ),
         org_id=c.string(data, "org_id", (), None),
         team_id=c.string(data, "team_id", (), None),
         created_by=c.string(data, "created_by", (), None),
@@ -527,7 +609,12 @@ def _normalise_steps(raw: Any, c: _Checker) -> dict[str, Mapping[str, Any]]:
             if not isinstance(step, Mapping):
                 raise c.fail(path, f"a step must be a mapping, got {_typename(step)}", step=sid)
             if "id" in step and step["id"] != sid:
-                raise c.fail(path + ("id",), f"id {step['id']!r} differs from its key {sid!r}", step=sid, fld="id")
+                raise c.fail(
+                    path + ("id",),
+                    f"id {step['id']!r} differs from its key {sid!r}",
+                    step=sid,
+                    fld="id",
+                )
             c.step_paths[sid] = path
             out[sid] = step
         return out
@@ -535,7 +622,9 @@ def _normalise_steps(raw: Any, c: _Checker) -> dict[str, Mapping[str, Any]]:
         for i, step in enumerate(raw):
             path = ("steps", i)
             if not isinstance(step, Mapping):
-                raise c.fail(path, f"steps[{i}] must be a mapping, got {_typename(step)}", fld="steps")
+                raise c.fail(
+                    path, f"steps[{i}] must be a mapping, got {_typename(step)}", fld="steps"
+                )
             if "id" not in step:
                 raise c.fail(path, f"steps[{i}] has no id", fld="id")
             sid = c.check_id(step["id"], path + ("id",), "step id", step=f"steps[{i}]", fld="id")
@@ -553,7 +642,11 @@ def _build_step(sid: str, raw: Mapping[str, Any], c: _Checker) -> Step:
     stype = c.string(raw, "type", path, sid) or "worker"
     if stype not in STEP_TYPES:
         hint = difflib.get_close_matches(stype, sorted(STEP_TYPES), n=1)
-        tip = f" (did you mean {hint[0]!r}?)" if hint else f" (expected one of: {', '.join(sorted(STEP_TYPES))})"
+        tip = (
+            f" (did you mean {hint[0]!r}?)"
+            if hint
+            else f" (expected one of: {', '.join(sorted(STEP_TYPES))})"
+        )
         raise c.step_fail(sid, "type", f"unknown step type {stype!r}{tip}")
     deps_raw = raw.get("depends_on")
     if deps_raw is None:
@@ -563,10 +656,14 @@ def _build_step(sid: str, raw: Mapping[str, Any], c: _Checker) -> Step:
     elif isinstance(deps_raw, list):
         for i, d in enumerate(deps_raw):
             if not isinstance(d, str) or not d:
-                raise c.step_fail(sid, "depends_on", f"item {i} must be a step id, got {_typename(d)}", i)
+                raise c.step_fail(
+                    sid, "depends_on", f"item {i} must be a step id, got {_typename(d)}", i
+                )
         deps = tuple(dict.fromkeys(deps_raw))
     else:
-        raise c.step_fail(sid, "depends_on", f"must be a list of step ids, got {_typename(deps_raw)}")
+        raise c.step_fail(
+            sid, "depends_on", f"must be a list of step ids, got {_typename(deps_raw)}"
+        )
     retry = None
     retry_raw = c.mapping(raw, "retry", path, sid)
     if retry_raw is not None:
@@ -575,19 +672,25 @@ def _build_step(sid: str, raw: Mapping[str, Any], c: _Checker) -> Step:
         defaults = RetryPolicy()
         retry = RetryPolicy(
             max_retries=c.number(retry_raw, "max_retries", rpath, sid, integer=True),
-            initial_backoff_sec=c.number(retry_raw, "initial_backoff_sec", rpath, sid)
-            if "initial_backoff_sec" in retry_raw
-            else defaults.initial_backoff_sec,
+            initial_backoff_sec=(
+                c.number(retry_raw, "initial_backoff_sec", rpath, sid)
+                if "initial_backoff_sec" in retry_raw
+                else defaults.initial_backoff_sec
+            ),
             max_backoff_sec=c.number(retry_raw, "max_backoff_sec", rpath, sid),
-            multiplier=c.number(retry_raw, "multiplier", rpath, sid)
-            if "multiplier" in retry_raw
-            else defaults.multiplier,
+            multiplier=(
+                c.number(retry_raw, "multiplier", rpath, sid)
+                if "multiplier" in retry_raw
+                else defaults.multiplier
+            ),
         )
     meta = c.mapping(raw, "meta", path, sid, default={})
     c.unknown(meta, _META_FIELDS, path + ("meta",), step=sid, what="meta field")
     policy_gate = c.string(raw, "policy_gate", path, sid)
     if policy_gate and policy_gate not in POLICY_GATES:
-        raise c.step_fail(sid, "policy_gate", f"must be one of {', '.join(POLICY_GATES)}, got {policy_gate!r}")
+        raise c.step_fail(
+            sid, "policy_gate", f"must be one of {', '.join(POLICY_GATES)}, got {policy_gate!r}"
+        )
     step = Step(
         id=sid,
         type=stype,
@@ -630,50 +733,94 @@ def _check_type(step: Step, c: _Checker) -> None:
     if step.type == "condition" and not step.condition:
         raise c.step_fail(sid, "condition", "a condition step needs a condition expression")
     if step.type == "delay":
-        if step.delay_until and not _is_template(step.delay_until) and not _rfc3339(step.delay_until):
-            raise c.step_fail(sid, "delay_until", f"must be an RFC3339 timestamp with a zone, got {step.delay_until!r}")
+        if (
+            step.delay_until
+            and not _is_template(step.delay_until)
+            and not _rfc3339(step.delay_until)
+        ):
+            raise c.step_fail(
+                sid,
+                "delay_until",
+                f"must be an RFC3339 timestamp with a zone, got {step.delay_until!r}",
+            )
         if not (step.delay_sec or step.delay_until or step.timeout_sec):
-            raise c.step_fail(sid, "delay_sec", "a delay step needs delay_sec, delay_until (RFC3339) or timeout_sec")
+            raise c.step_fail(
+                sid,
+                "delay_sec",
+                "a delay step needs delay_sec, delay_until (RFC3339) or timeout_sec",
+            )
     if step.type == "switch":
         if not step.condition:
             raise c.step_fail(sid, "condition", "a switch step needs a condition expression")
         cases = inp.get("cases")
         if not cases or not isinstance(cases, (list, Mapping)):
-            raise c.step_fail(sid, "input", "a switch step needs input.cases (a list or a mapping)", "cases")
+            raise c.step_fail(
+                sid, "input", "a switch step needs input.cases (a list or a mapping)", "cases"
+            )
         if isinstance(cases, list):
             for i, case in enumerate(cases):
-                if not isinstance(case, Mapping) or not any(k in case for k in ("next", "step", "target")):
-                    raise c.step_fail(sid, "input", f"input.cases[{i}] needs next (or step/target)", "cases", i)
+                if not isinstance(case, Mapping) or not any(
+                    k in case for k in ("next", "step", "target")
+                ):
+                    raise c.step_fail(
+                        sid, "input", f"input.cases[{i}] needs next (or step/target)", "cases", i
+                    )
     if step.type == "parallel":
         children = inp.get("steps")
-        if not isinstance(children, list) or not children or not all(isinstance(s, str) for s in children):
-            raise c.step_fail(sid, "input", "a parallel step needs input.steps, a list of step ids", "steps")
+        if (
+            not isinstance(children, list)
+            or not children
+            or not all(isinstance(s, str) for s in children)
+        ):
+            raise c.step_fail(
+                sid, "input", "a parallel step needs input.steps, a list of step ids", "steps"
+            )
         strategy = inp.get("strategy", "all")
         if strategy not in PARALLEL_STRATEGIES:
             raise c.step_fail(
-                sid, "input", f"input.strategy must be one of {', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}", "strategy"
+                sid,
+                "input",
+                f"input.strategy must be one of {', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}",
+                "strategy",
             )
         if strategy == "n_of_m":
             req = inp.get("required")
             if isinstance(req, bool) or not isinstance(req, int) or not 1 <= req <= len(children):
                 raise c.step_fail(
-                    sid, "input", f"n_of_m needs input.required between 1 and {len(children)}, got {req!r}", "required"
+                    sid,
+                    "input",
+                    f"n_of_m needs input.required between 1 and {len(children)}, got {req!r}",
+                    "required",
                 )
     if step.type == "loop":
         body = inp.get("body_step", inp.get("body"))
         if not isinstance(body, str) or not body:
-            raise c.step_fail(sid, "input", "a loop step needs input.body_step (a step id)", "body_step")
+            raise c.step_fail(
+                sid, "input", "a loop step needs input.body_step (a step id)", "body_step"
+            )
         n = inp.get("max_iterations", LOOP_DEFAULT_MAX_ITERATIONS)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise c.step_fail(sid, "input", f"input.max_iterations must be an integer ≥ 1, got {n!r}", "max_iterations")
+            raise c.step_fail(
+                sid,
+                "input",
+                f"input.max_iterations must be an integer ≥ 1, got {n!r}",
+                "max_iterations",
+            )
     if step.type == "subworkflow":
         target = inp.get("workflow_id")
         if not isinstance(target, str) or not target:
-            raise c.step_fail(sid, "input", "a subworkflow step needs input.workflow_id", "workflow_id")
+            raise c.step_fail(
+                sid, "input", "a subworkflow step needs input.workflow_id", "workflow_id"
+            )
     if step.type == "storage":
         op = inp.get("operation")
         if op not in STORAGE_OPERATIONS:
-            raise c.step_fail(sid, "input", f"input.operation must be one of {', '.join(STORAGE_OPERATIONS)}, got {op!r}", "operation")
+            raise c.step_fail(
+                sid,
+                "input",
+                f"input.operation must be one of {', '.join(STORAGE_OPERATIONS)}, got {op!r}",
+                "operation",
+            )
         if not isinstance(inp.get("key"), str) or not inp.get("key"):
             raise c.step_fail(sid, "input", "a storage step needs input.key (a dot path)", "key")
 
@@ -697,7 +844,9 @@ def _check_refs(step: Step, steps: Mapping[str, Step], wf_id: str, c: _Checker) 
         if target not in steps:
             hint = difflib.get_close_matches(target, list(steps), n=1)
             tip = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise c.step_fail(sid, fld, f"{what} {target!r} is not a step of this workflow{tip}", *sub)
+            raise c.step_fail(
+                sid, fld, f"{what} {target!r} is not a step of this workflow{tip}", *sub
+            )
 
     for i, dep in enumerate(step.depends_on):
         known(dep, "depends_on", "dependency", i)
@@ -719,12 +868,25 @@ def _check_refs(step: Step, steps: Mapping[str, Step], wf_id: str, c: _Checker) 
         targets += [inp[k] for k in ("default", "default_step") if inp.get(k)]
         for t in targets:
             if not isinstance(t, str):
-                raise c.step_fail(sid, "input", f"switch target must be a step id, got {_typename(t)}", "cases")
+                raise c.step_fail(
+                    sid, "input", f"switch target must be a step id, got {_typename(t)}", "cases"
+                )
             known(t, "input", "switch target", "cases")
     if step.type == "subworkflow" and inp["workflow_id"] == wf_id:
-        raise c.step_fail(sid, "input", "circular workflow reference detected (calls its own workflow)", "workflow_id")
+        raise c.step_fail(
+            sid,
+            "input",
+            "circular workflow reference detected (calls its own workflow)",
+            "workflow_id",
+        )
     if step.type == "subworkflow" and not _is_template(inp["workflow_id"]):
-        c.check_id(inp["workflow_id"], c.step_paths[sid] + ("input", "workflow_id"), "input.workflow_id", step=sid, fld="input")
+        c.check_id(
+            inp["workflow_id"],
+            c.step_paths[sid] + ("input", "workflow_id"),
+            "input.workflow_id",
+            step=sid,
+            fld="input",
+        )
 
 
 def _check_expressions(step: Step, c: _Checker) -> None:
@@ -749,7 +911,7 @@ def _check_expressions(step: Step, c: _Checker) -> None:
         except expr.ExprError as exc:
             where = f"input.{sub[0]}" if sub else fld
             raise c.step_fail(sid, fld, f"bad expression in {where}: {exc}", *sub) from None
-    for fld in ("input", "route_labels"):
+    for fld in ("input", "route_labels", "delay_until"):
         problems = expr.template_problems(getattr(step, fld))
         if problems:
             raise c.step_fail(sid, fld, "bad template: " + "; ".join(problems))
@@ -768,7 +930,7 @@ def _find_cycle(steps: Mapping[str, Step]) -> list[str] | None:
             if dep not in steps:
                 continue
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state:
                 found = visit(dep)
                 if found:

@@ -69,7 +69,11 @@ def example_dict() -> dict:
         "id": "triage",
         "name": "Triage incidents",
         "steps": {
-            "fetch": {"type": "worker", "topic": "job.echo", "input": {"tickets": "${input.tickets}"}},
+            "fetch": {
+                "type": "worker",
+                "topic": "job.echo",
+                "input": {"tickets": "${input.tickets}"},
+            },
             "decide": {
                 "type": "condition",
                 "depends_on": ["fetch"],
@@ -105,7 +109,9 @@ def test_yaml_example_parses() -> None:
     assert act.for_each == "steps.fetch.output.items" and act.max_parallel == 4
     assert act.retry == RetryPolicy(max_retries=2, initial_backoff_sec=0.5)
     assert act.depends_on == ("approve",) and act.dispatches
-    assert wf.steps["approve"].input == {"summary": "act on ${length(steps.fetch.output.items)} tickets"}
+    assert wf.steps["approve"].input == {
+        "summary": "act on ${length(steps.fetch.output.items)} tickets"
+    }
 
 
 def test_json_text_bytes_and_mapping_agree() -> None:
@@ -122,7 +128,9 @@ def test_list_steps_normalise_to_map() -> None:
     data = example_dict()
     listed = dict(data, steps=[dict(step, id=sid) for sid, step in data["steps"].items()])
     assert parse_workflow(listed) == parse_workflow(data)
-    yaml_list = "id: w\nsteps:\n  - id: a\n    topic: t\n  - id: b\n    topic: t\n    depends_on: a\n"
+    yaml_list = (
+        "id: w\nsteps:\n  - id: a\n    topic: t\n  - id: b\n    topic: t\n    depends_on: a\n"
+    )
     wf = parse_workflow(yaml_list)
     assert list(wf.steps) == ["a", "b"] and wf.steps["b"].depends_on == ("a",)
 
@@ -176,7 +184,9 @@ def test_unknown_step_field_names_line_step_and_field() -> None:
 
 
 def test_unknown_fields_elsewhere() -> None:
-    assert "unknown workflow field" in str(err({"id": "w", "stepz": {}, "steps": {"a": {"topic": "t"}}}))
+    assert "unknown workflow field" in str(
+        err({"id": "w", "stepz": {}, "steps": {"a": {"topic": "t"}}})
+    )
     e = err({"id": "w", "steps": {"a": {"topic": "t", "retry": {"max_retry": 1}}}})
     assert e.field == "max_retry" and "did you mean 'max_retries'" in str(e)
     e = err({"id": "w", "steps": {"a": {"topic": "t", "meta": {"pak_id": "x"}}}})
@@ -211,9 +221,7 @@ def test_cycle_path_is_reported() -> None:
     assert "dependency cycle: a → c → b → a" in str(e) and e.step == "a"
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "-lead", "has space", "a:b", "x@1", "a[0]", "é", "x" * 65]
-)
+@pytest.mark.parametrize("bad", ["", "-lead", "has space", "a:b", "x@1", "a[0]", "é", "x" * 65])
 def test_bad_ids(bad: str) -> None:
     e = err({"id": bad, "steps": {"a": {"topic": "t"}}})
     assert e.field == "id"
@@ -257,16 +265,24 @@ def test_type_requirements() -> None:
     )
     assert "input.steps" in problem({"type": "parallel"})
     assert "parallel child 'q'" in problem({"type": "parallel", "input": {"steps": ["b", "q"]}})
-    assert "input.strategy" in problem({"type": "parallel", "input": {"steps": ["b"], "strategy": "most"}})
+    assert "input.strategy" in problem(
+        {"type": "parallel", "input": {"steps": ["b"], "strategy": "most"}}
+    )
     assert "between 1 and 2" in problem(
         {"type": "parallel", "input": {"steps": ["b", "c"], "strategy": "n_of_m", "required": 3}}
     )
     assert "body_step" in problem({"type": "loop"})
     assert "loop body 'q'" in problem({"type": "loop", "input": {"body_step": "q"}})
-    assert "max_iterations" in problem({"type": "loop", "input": {"body_step": "b", "max_iterations": 0}})
+    assert "max_iterations" in problem(
+        {"type": "loop", "input": {"body_step": "b", "max_iterations": 0}}
+    )
     assert "input.workflow_id" in problem({"type": "subworkflow"})
-    assert "circular workflow reference" in problem({"type": "subworkflow", "input": {"workflow_id": "w"}})
-    assert "input.operation" in problem({"type": "storage", "input": {"operation": "move", "key": "k"}})
+    assert "circular workflow reference" in problem(
+        {"type": "subworkflow", "input": {"workflow_id": "w"}}
+    )
+    assert "input.operation" in problem(
+        {"type": "storage", "input": {"operation": "move", "key": "k"}}
+    )
     assert "policy_gate" in problem({"topic": "t", "policy_gate": "maybe"})
 
 
@@ -277,12 +293,22 @@ def test_valid_special_steps() -> None:
             "steps": {
                 "b": {"topic": "t"},
                 "c": {"topic": "t"},
-                "par": {"type": "parallel", "input": {"steps": ["b", "c"], "strategy": "n_of_m", "required": 1}},
+                "par": {
+                    "type": "parallel",
+                    "input": {"steps": ["b", "c"], "strategy": "n_of_m", "required": 1},
+                },
                 "loop": {"type": "loop", "input": {"body": "c", "until": "loop.index >= 3"}},
-                "sw": {"type": "switch", "condition": "input.x", "input": {"cases": {"1": "b"}, "default": "c"}},
+                "sw": {
+                    "type": "switch",
+                    "condition": "input.x",
+                    "input": {"cases": {"1": "b"}, "default": "c"},
+                },
                 "d": {"type": "delay", "delay_sec": 5},
                 "sub": {"type": "subworkflow", "input": {"workflow_id": "other"}},
-                "st": {"type": "storage", "input": {"operation": "write", "key": "a.b", "value": 1}},
+                "st": {
+                    "type": "storage",
+                    "input": {"operation": "write", "key": "a.b", "value": 1},
+                },
             },
         }
     )
@@ -309,7 +335,15 @@ def test_expression_and_template_errors() -> None:
     assert e.field == "input" and "bad template" in str(e)
     e = err({"id": "w", "steps": {"a": {"topic": "t", "route_labels": {"x": "${"}}}})
     assert e.field == "route_labels"
-    e = err({"id": "w", "steps": {"b": {"topic": "t"}, "l": {"type": "loop", "input": {"body_step": "b", "while": "&&"}}}})
+    e = err(
+        {
+            "id": "w",
+            "steps": {
+                "b": {"topic": "t"},
+                "l": {"type": "loop", "input": {"body_step": "b", "while": "&&"}},
+            },
+        }
+    )
     assert "input.while" in str(e)
 
 
@@ -321,8 +355,15 @@ def test_topological_order() -> None:
     for sid, step in wf.steps.items():
         assert all(order.index(d) < order.index(sid) for d in step.depends_on)
     diamond = parse_workflow(
-        {"id": "w", "steps": {"d": {"topic": "t", "depends_on": ["b", "c"]}, "c": {"topic": "t", "depends_on": ["a"]},
-                              "b": {"topic": "t", "depends_on": ["a"]}, "a": {"topic": "t"}}}
+        {
+            "id": "w",
+            "steps": {
+                "d": {"topic": "t", "depends_on": ["b", "c"]},
+                "c": {"topic": "t", "depends_on": ["a"]},
+                "b": {"topic": "t", "depends_on": ["a"]},
+                "a": {"topic": "t"},
+            },
+        }
     )
     assert topological_order(diamond) == ["a", "c", "b", "d"]
 
@@ -352,8 +393,14 @@ def test_ready_steps_on_error() -> None:
 
 def test_ready_steps_leaves_owned_children_to_parent() -> None:
     wf = parse_workflow(
-        {"id": "w", "steps": {"b": {"topic": "t"}, "c": {"topic": "t"},
-                              "par": {"type": "parallel", "input": {"steps": ["b", "c"]}}}}
+        {
+            "id": "w",
+            "steps": {
+                "b": {"topic": "t"},
+                "c": {"topic": "t"},
+                "par": {"type": "parallel", "input": {"steps": ["b", "c"]}},
+            },
+        }
     )
     assert ready_steps(wf, {}) == ["par"]
 
@@ -371,3 +418,30 @@ def test_subworkflow_cycle() -> None:
     assert subworkflow_cycle(["root", "child"], "root")
     assert not subworkflow_cycle(["root", "child"], "grandchild")
     assert not subworkflow_cycle([], "root")
+
+
+def test_lines_for_list_steps_and_json_text() -> None:
+    text = "id: w\nsteps:\n  - id: a\n    topic: t\n  - id: b\n    topic: t\n    on_eror: a\n"
+    e = err(text, origin="l.yaml")
+    assert (e.line, e.step, e.field) == (7, "b", "on_eror")
+    as_json = json.dumps(
+        {"id": "w", "steps": {"a": {"topic": "t"}, "b": {"topic": "t", "depends_on": ["zz"]}}},
+        indent=2,
+    )
+    e = err(as_json, origin="w.json")
+    assert e.step == "b" and e.line is not None and str(e).startswith(f"w.json:{e.line}: step 'b'")
+    assert '"zz"' in as_json.splitlines()[e.line - 1]  # the offending item's own line
+
+
+def test_empty_optionals_round_trip() -> None:
+    data = {
+        "id": "w",
+        "config": {},
+        "parameters": [],
+        "input_schema": None,
+        "steps": {"a": {"topic": "t", "input": {}, "meta": {}, "output_schema": {}, "retry": {}}},
+    }
+    wf = parse_workflow(data)
+    assert wf.config is None and wf.parameters is None and wf.steps["a"].output_schema is None
+    assert wf.steps["a"].retry is None  # an empty retry{} is no retry policy
+    assert parse_workflow(wf.to_json()) == wf
