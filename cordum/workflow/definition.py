@@ -509,7 +509,7 @@ class _Checker:
                 step=step,
                 fld=fld,
             )
-        if not ID_PATTERN.match(value):
+        if not ID_PATTERN.fullmatch(value):  # fullmatch: "$" alone would allow a trailing "\n"
             raise self.fail(
                 path,
                 f"{what} {value!r} is invalid (letters, digits, '.', '_', '-'; starting with a letter or digit)",
@@ -570,6 +570,7 @@ def _build(data: Mapping[str, Any], c: _Checker) -> Workflow:
     cycle = _find_cycle(steps)
     if cycle:
         raise c.step_fail(cycle[0], "depends_on", "dependency cycle: " + " → ".join(cycle))
+    _check_ownership(steps, c)
     for step in steps.values():
         _check_expressions(step, c)
     return Workflow(
@@ -887,6 +888,25 @@ def _check_refs(step: Step, steps: Mapping[str, Step], wf_id: str, c: _Checker) 
             step=sid,
             fld="input",
         )
+
+
+def _check_ownership(steps: Mapping[str, Step], c: _Checker) -> None:
+    """A parallel child or loop body belongs to one parent and must not wait for it."""
+    owner: dict[str, str] = {}
+    for sid, step in steps.items():
+        for child in step.owned():
+            if child in owner and owner[child] != sid:
+                raise c.step_fail(
+                    sid, "input", f"step {child!r} is already run by {owner[child]!r}"
+                )
+            owner[child] = sid
+            deps = _closure(child, {k: s.depends_on for k, s in steps.items()})
+            if sid in deps:
+                raise c.step_fail(
+                    sid,
+                    "input",
+                    f"{child!r} is run by this {step.type} step but depends on it (deadlock)",
+                )
 
 
 def _check_expressions(step: Step, c: _Checker) -> None:

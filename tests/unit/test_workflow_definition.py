@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -297,7 +298,8 @@ def test_valid_special_steps() -> None:
                     "type": "parallel",
                     "input": {"steps": ["b", "c"], "strategy": "n_of_m", "required": 1},
                 },
-                "loop": {"type": "loop", "input": {"body": "c", "until": "loop.index >= 3"}},
+                "e": {"type": "transform", "input": {"n": "${loop.index}"}},
+                "loop": {"type": "loop", "input": {"body": "e", "until": "loop.index >= 3"}},
                 "sw": {
                     "type": "switch",
                     "condition": "input.x",
@@ -312,7 +314,7 @@ def test_valid_special_steps() -> None:
             },
         }
     )
-    assert wf.steps["loop"].owned() == ("c",) and wf.steps["par"].owned() == ("b", "c")
+    assert wf.steps["loop"].owned() == ("e",) and wf.steps["par"].owned() == ("b", "c")
 
 
 def test_text_errors() -> None:
@@ -445,3 +447,61 @@ def test_empty_optionals_round_trip() -> None:
     assert wf.config is None and wf.parameters is None and wf.steps["a"].output_schema is None
     assert wf.steps["a"].retry is None  # an empty retry{} is no retry policy
     assert parse_workflow(wf.to_json()) == wf
+
+
+def test_id_with_trailing_newline_is_refused() -> None:
+    assert err({"id": "w\n", "steps": {"a": {"topic": "t"}}}).field == "id"
+
+
+def test_ownership_rules() -> None:
+    e = err(
+        {
+            "id": "w",
+            "steps": {
+                "b": {"topic": "t", "depends_on": ["par"]},
+                "par": {"type": "parallel", "input": {"steps": ["b"]}},
+            },
+        }
+    )
+    assert e.step == "par" and "deadlock" in str(e)
+    e = err(
+        {
+            "id": "w",
+            "steps": {
+                "b": {"topic": "t"},
+                "p1": {"type": "parallel", "input": {"steps": ["b"]}},
+                "p2": {"type": "loop", "input": {"body_step": "b"}},
+            },
+        }
+    )
+    assert e.step == "p2" and "already run by 'p1'" in str(e)
+
+
+def test_random_dags_property() -> None:
+    """Seeded random DAGs: order respects deps, round trip is exact, ready/descendants agree."""
+    rng = random.Random(9)
+    for _ in range(200):
+        n = rng.randint(1, 25)
+        ids = [f"s{i}" for i in range(n)]
+        rng.shuffle(ids)  # definition order ≠ dependency order
+        rank = {sid: i for i, sid in enumerate(sorted(ids, key=lambda s: int(s[1:])))}
+        steps = {}
+        for sid in ids:
+            earlier = [d for d in ids if rank[d] < rank[sid]]
+            deps = rng.sample(earlier, k=min(len(earlier), rng.randint(0, 3)))
+            steps[sid] = {"topic": "t", "depends_on": deps}
+        wf = parse_workflow({"id": "w", "steps": steps})
+        assert parse_workflow(wf.to_json()) == wf
+        order = topological_order(wf)
+        assert sorted(order) == sorted(ids)
+        pos = {sid: i for i, sid in enumerate(order)}
+        for sid, step in wf.steps.items():
+            assert all(pos[d] < pos[sid] for d in step.depends_on)
+        # running the order one step at a time, each step is ready exactly when its turn comes
+        statuses: dict[str, str] = {}
+        for sid in order:
+            assert sid in ready_steps(wf, statuses)
+            statuses[sid] = "succeeded"
+        assert ready_steps(wf, statuses) == []
+        a, b = rng.choice(ids), rng.choice(ids)
+        assert (b in descendants(wf, a)) == (a in ancestors(wf, b))
