@@ -18,6 +18,9 @@ Grammar, lowest precedence first::
     primary     := NUMBER | STRING | true | false | null | nil | NAME | NAME "(" args ")"
                  | "(" expr ")" | "[" (expr ("," expr)*)? "]"
 
+Unary operators bind tighter than every binary one (as in expr-lang): ``not a == b`` is
+``(not a) == b``; write ``not (a == b)`` or ``a not in b``.
+
 Semantics:
 - A name or a path that does not exist evaluates to ``None``; ``.name`` only looks into mappings and
   ``[i]`` only into mappings, lists and strings (never ``getattr``); a list index out of range (negative
@@ -35,7 +38,8 @@ Semantics:
 
 Limits: expressions longer than ``MAX_EXPRESSION_LENGTH`` characters; nesting deeper than ``MAX_DEPTH``
 (parentheses, unary operators, and the height of the tree, so a long ``a+a+a…`` chain counts too);
-string results longer than ``MAX_STRING_LENGTH``; the spec's forbidden words anywhere in the text
+string results longer than ``MAX_STRING_LENGTH``; integer results outside 64 bits and
+non-finite float results (errors, not wrap-around or inf); the spec's forbidden words anywhere in the text
 (case-insensitive substring, as the Go sandbox does: ``steps.executor`` is rejected because it contains
 ``exec``); any name starting with ``_``. There is no repetition operator (no ``"a" * n``, no list
 multiplication), so work and memory stay proportional to the expression and the scope.
@@ -55,7 +59,9 @@ from typing import Any
 __all__ = [
     "MAX_DEPTH",
     "MAX_EXPRESSION_LENGTH",
+    "MAX_INT",
     "MAX_STRING_LENGTH",
+    "MIN_INT",
     "FORBIDDEN_WORDS",
     "FUNCTIONS",
     "Expr",
@@ -91,6 +97,22 @@ FUNCTIONS: Mapping[str, tuple[int, int]] = {
     "endsWith": (2, 2),
 }
 _KEYWORDS = frozenset({"true", "false", "null", "nil", "and", "or", "not", "in"})
+# Binary operator levels, lowest precedence first: spelling -> operator. "not in" is read by the parser.
+_LEVELS: tuple[Mapping[str, str], ...] = (
+    {"??": "??"},
+    {"||": "||", "or": "||"},
+    {"&&": "&&", "and": "&&"},
+    {"==": "==", "!=": "!="},
+    {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "in": "in"},
+    {"+": "+", "-": "-"},
+    {"*": "*", "/": "/", "%": "%"},
+)
+_BINARY: Mapping[str, tuple[str, int]] = {
+    spelling: (op, level) for level, ops in enumerate(_LEVELS) for spelling, op in ops.items()
+}
+# integer arithmetic results must fit a signed 64-bit int, as Go's do (Python's ints would grow without
+# bound: a few thousand characters of multiplications over a large input number could take seconds)
+MIN_INT, MAX_INT = -(1 << 63), (1 << 63) - 1
 _SHOWN_CHARS = 200  # how much of a long expression an error message quotes
 
 
@@ -188,12 +210,6 @@ def _member(container: Any, item: Any, position: int) -> bool:
     if isinstance(container, (list, tuple)):
         return any(_equal(item, element) for element in container)
     raise _Fail(position, f"'in' needs a list, map or string on the right, got {_type_name(container)}")
-
-
-def _check_string(value: Any, position: int) -> Any:
-    if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
-        raise _Fail(position, f"string result longer than {MAX_STRING_LENGTH} characters")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,19 +400,29 @@ class _Binary(_Node):
         if not (_is_number(a) and _is_number(b)):
             raise _Fail(self.position, f"cannot apply {op!r} to {_type_name(a)} and {_type_name(b)}")
         try:
-            if op == "+":
-                return a + b
-            if op == "-":
-                return a - b
-            if op == "*":
-                return a * b
-            if b == 0:
-                raise _Fail(self.position, "division by zero")
-            if op == "/":
-                return a / b
-            return a % b
+            result = _arithmetic(op, a, b, self.position)
         except OverflowError:
             raise _Fail(self.position, "numeric overflow") from None
+        if isinstance(result, int):
+            if not MIN_INT <= result <= MAX_INT:
+                raise _Fail(self.position, "integer overflow (results are 64-bit)")
+        elif not math.isfinite(result):
+            raise _Fail(self.position, "numeric overflow")
+        return result
+
+
+def _arithmetic(op: str, a: int | float, b: int | float, position: int) -> int | float:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if b == 0:
+        raise _Fail(position, "division by zero")
+    if op == "/":
+        return a / b
+    return a % b
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,8 +437,8 @@ class Expr:
             return self.root.eval(scope if scope is not None else {})
         except _Fail as fail:
             raise ExprError(self.text, fail.position, fail.reason) from None
-        except RecursionError:  # pragma: no cover - MAX_DEPTH keeps trees far below the limit
-            raise ExprError(self.text, 0, "expression too deeply nested") from None
+        except RecursionError:  # the tree is capped by MAX_DEPTH; only scope data can be this deep
+            raise ExprError(self.text, 0, "a value in scope is nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +611,7 @@ class _Parser:
     def expression(self) -> _Node:
         self._enter()
         try:
-            test = self.coalesce()
+            test = self.binary()
             if self._is("op", "?"):
                 pos = self._next().position
                 then = self.expression()
@@ -596,72 +622,32 @@ class _Parser:
         finally:
             self.depth -= 1
 
-    def coalesce(self) -> _Node:
-        node = self.logical_or()
-        while self._is("op", "??"):
-            pos = self._next().position
-            right = self.logical_or()
-            node = _Logical("??", node, right, pos, self._height(pos, node, right))
-        return node
+    def binary(self, min_level: int = 0) -> _Node:
+        """Left-associative binary operators by precedence climbing over _LEVELS.
 
-    def logical_or(self) -> _Node:
-        node = self.logical_and()
-        while self._is("op", "||") or self._is("name", "or"):
-            pos = self._next().position
-            right = self.logical_and()
-            node = _Logical("||", node, right, pos, self._height(pos, node, right))
-        return node
-
-    def logical_and(self) -> _Node:
-        node = self.equality()
-        while self._is("op", "&&") or self._is("name", "and"):
-            pos = self._next().position
-            right = self.equality()
-            node = _Logical("&&", node, right, pos, self._height(pos, node, right))
-        return node
-
-    def equality(self) -> _Node:
-        node = self.relation()
-        while self._is("op", "==", "!="):
-            tok = self._next()
-            right = self.relation()
-            node = _Binary(tok.value, node, right, tok.position, self._height(tok.position, node, right))
-        return node
-
-    def relation(self) -> _Node:
-        node = self.additive()
-        while True:
-            if self._is("op", "<", "<=", ">", ">="):
-                tok = self._next()
-                op = tok.value
-            elif self._is("name", "in"):
-                tok = self._next()
-                op = "in"
-            elif self._is("name", "not") and self.tokens[self.index + 1].kind == "name" \
-                    and self.tokens[self.index + 1].value == "in":
-                tok = self._next()
-                self._next()
-                op = "not in"
-            else:
-                return node
-            right = self.additive()
-            node = _Binary(op, node, right, tok.position, self._height(tok.position, node, right))
-
-    def additive(self) -> _Node:
-        node = self.term()
-        while self._is("op", "+", "-"):
-            tok = self._next()
-            right = self.term()
-            node = _Binary(tok.value, node, right, tok.position, self._height(tok.position, node, right))
-        return node
-
-    def term(self) -> _Node:
+        One Python frame per operand rather than one per precedence level, so deep nesting stays
+        well inside the interpreter's recursion limit.
+        """
         node = self.unary()
-        while self._is("op", "*", "/", "%"):
-            tok = self._next()
-            right = self.unary()
-            node = _Binary(tok.value, node, right, tok.position, self._height(tok.position, node, right))
-        return node
+        while True:
+            tok = self.token
+            found = _BINARY.get(tok.value) if tok.kind in ("op", "name") else None
+            if found is None and tok.kind == "name" and tok.value == "not":
+                after = self.tokens[self.index + 1]
+                if after.kind == "name" and after.value == "in":
+                    found = ("not in", _BINARY["in"][1])
+            if found is None or found[1] < min_level:
+                return node
+            op, level = found
+            self._next()
+            if op == "not in":
+                self._next()
+            right = self.binary(level + 1)
+            height = self._height(tok.position, node, right)
+            if op in ("??", "||", "&&"):
+                node = _Logical(op, node, right, tok.position, height)
+            else:
+                node = _Binary(op, node, right, tok.position, height)
 
     def unary(self) -> _Node:
         if self._is("op", "!", "-") or self._is("name", "not"):
@@ -849,7 +835,7 @@ def _stringify(value: Any) -> str:
         return repr(value)
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return str(value)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 
@@ -10,6 +11,7 @@ from cordum.workflow.expr import (
     FORBIDDEN_WORDS,
     MAX_DEPTH,
     MAX_EXPRESSION_LENGTH,
+    MAX_INT,
     MAX_STRING_LENGTH,
     Expr,
     ExprError,
@@ -17,6 +19,7 @@ from cordum.workflow.expr import (
     parse,
     render,
     template_problems,
+    _parse_cached,
     truthy,
 )
 
@@ -101,7 +104,10 @@ SCOPE = {
         ("'bo' in input.name", True),
         ("1 in missing", False),
         ("'z' not in input.tags", True),
-        ("not 'a' in input.tags", False),
+        ("not ('a' in input.tags)", False),
+        ("'a' not in input.tags", False),
+        ("not 'x' == 'y'", False),  # unary operators bind tighter than every binary one: (not 'x') == 'y'
+        ("!missing == true", True),
         ("contains(input.tags, 'b')", True),
         ("contains(input.name, 'ob')", True),
         ("contains(input, 'count')", True),
@@ -247,12 +253,17 @@ def test_error_message_format() -> None:
         ("-'a'", 0, "cannot negate string"),
         ("1 in 5", 2, "'in' needs a list, map or string"),
         ("1 in 'abc'", 2, "'in' needs a string on the left"),
+        ("9223372036854775807 + 1", 20, "integer overflow"),
+        ("-9223372036854775807 - 2", 21, "integer overflow"),
+        ("big * big", 4, "integer overflow"),
+        ("1e308 * 10", 6, "numeric overflow"),
+        ("1e308 + 1e308", 6, "numeric overflow"),
     ],
 )
 def test_type_errors_are_expr_errors(text: str, position: int, fragment: str) -> None:
     expr = parse(text)
     with pytest.raises(ExprError) as info:
-        expr.evaluate(SCOPE)
+        expr.evaluate({**SCOPE, "big": 1 << 40})
     assert info.value.expression == text
     assert info.value.position == position
     assert fragment in str(info.value)
@@ -315,6 +326,41 @@ def test_depth_limit_parentheses_unary_and_chains() -> None:
         with pytest.raises(ExprError) as info:
             parse(text)
         assert "nested deeper" in str(info.value) or "unknown function" in str(info.value)
+
+
+def test_integer_range_is_64_bit() -> None:
+    assert evaluate("9223372036854775806 + 1", {}) == MAX_INT
+    assert evaluate("-9223372036854775807 - 1", {}) == -MAX_INT - 1
+    assert evaluate("big > 1", {"big": 10**30}) is True  # large inputs compare; only results are capped
+
+
+def _stack_depth() -> int:
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return depth
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(" * (MAX_DEPTH - 1) + "1" + ")" * (MAX_DEPTH - 1),
+        "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1),
+        "length(" * (MAX_DEPTH - 1) + "1" + ")" * (MAX_DEPTH - 1),
+        "-(" * 31 + "1" + ")" * 31,
+        "a" + "[a" * 31 + "]" * 31,
+        "!" * (MAX_DEPTH - 2) + "true",
+    ],
+)
+def test_deepest_accepted_expressions_fit_in_500_frames(text: str) -> None:
+    """The depth limit keeps parse + evaluate far from Python's default limit of 1000 frames."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_stack_depth() + 500)
+    try:
+        _parse_cached.cache_clear()  # parse for real, not from the cache
+        parse(text).evaluate({"a": [0]})
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def test_string_results_are_capped() -> None:
