@@ -512,3 +512,23 @@ def test_render_without_templates_is_identity() -> None:
         assert render(text, {}) == text
         assert render({"k": [text]}, {}) == {"k": [text]}
         assert template_problems(text) == []
+
+
+def test_random_token_soup_only_ever_raises_expr_error() -> None:
+    rng = random.Random(3)
+    atoms = ["a", "b.c", "x[0]", "1", "2.5", "'s'", '"t"', "true", "null", "[1,2]", "length(a)",
+             "first(x)", "contains(x, 1)", "endsWith(s, 'c')", "(", ")", "[", "]", "+", "-", "*", "/",
+             "%", "==", "!=", "<", ">=", "&&", "||", "!", "not", "in", "?", ":", "??", ",", ".", "'",
+             "\\", "${", "}", "1e5", "0"]
+    scope = {"a": [1, "x", None, {"k": 2}], "b": {"c": 3}, "x": [0, 1.5], "s": "abc"}
+    for _ in range(3000):
+        text = " ".join(rng.choice(atoms) for _ in range(rng.randint(1, 9)))
+        for attempt in (
+            lambda: parse(text).evaluate(scope),
+            lambda: render({"k": ["x ${" + text + "} y", "${" + text + "}"]}, scope),
+        ):
+            try:
+                attempt()
+            except ExprError:
+                pass
+        assert isinstance(template_problems("${" + text + "}"), list)
