@@ -147,3 +147,60 @@ def dlq_entry(job_id: str) -> str:
 # ---- configuration documents -------------------------------------------------------------------
 def config_doc(scope: str, scope_id: str) -> str:
     return f"cfg:{scope}:{scope_id}"
+
+
+# ---- workflows (spec cordum-services §2.12) -----------------------------------------------------
+# The spec's names are kept. None is hash-tagged: every script touches one of them alone (the run
+# hash, a definition, the timer zset, an idempotency key); the indexes follow in pipelines of
+# single-key commands. A workflow id cannot contain ':' (definition.ID_PATTERN), so `wf:runs:<id>`
+# never meets `wf:runs:status:*`/`wf:runs:active:*`/`wf:runs:org:*`; a workflow named "all" shares
+# `wf:runs:all`, which is why run listings re-check each run's own workflow_id.
+WF_INDEX_ALL = "wf:index:all"
+WF_RUNS_ALL = "wf:runs:all"
+WF_DELAY_TIMERS = "cordum:wf:delay:timers"
+
+
+def wf_def(workflow_id: str) -> str:
+    return f"wf:def:{workflow_id}"
+
+
+def wf_index_org(org: str) -> str:
+    return f"wf:index:org:{org}"
+
+
+def wf_run(run_id: str) -> str:
+    """A run: a hash (`doc` = run JSON, `_fence`, and `status`/`tenant`/`workflow_id`/`updated`
+    copies for cheap reads), so the fence lives in the same single key as the document."""
+    return f"wf:run:{run_id}"
+
+
+def wf_runs(workflow_id: str) -> str:
+    return f"wf:runs:{workflow_id}"
+
+
+def wf_runs_org(org: str) -> str:
+    """Our addition: each tenant's runs (zset by update µs), so listings never scan other tenants."""
+    return f"wf:runs:org:{org}"
+
+
+def wf_runs_status(status: str) -> str:
+    return f"wf:runs:status:{status}"
+
+
+def wf_runs_active(org: str) -> str:
+    return f"wf:runs:active:{org}"
+
+
+def wf_run_timeline(run_id: str) -> str:
+    return f"wf:run:timeline:{run_id}"
+
+
+def wf_run_job(job_id: str) -> str:
+    return f"wf:run:job:{job_id}"
+
+
+def wf_run_idempotency(tenant: str, key: str) -> str:
+    """Tenant-scoped, unlike the spec's `wf:run:idempotency:<key>`: with one global namespace two
+    tenants choosing the same key would collide, and the second would be handed the first tenant's
+    run id (a cross-tenant leak and a silently skipped run)."""
+    return f"wf:run:idempotency:{tenant}:{key}"
