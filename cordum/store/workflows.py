@@ -181,6 +181,12 @@ def _parse_cursor(cursor: str | None) -> tuple[int, str] | None:
 
 
 class WorkflowStore:
+    #: How long a claimed idempotency key whose run does not exist yet is left to its creator
+    #: before another create takes it over (the creator died between the claim and the write).
+    IDEMPOTENCY_GRACE = 1.0
+    #: A listing page looks at no more than this many index entries per returned item.
+    SCAN_FACTOR = 20
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._put_definition = redis.script(_PUT_DEFINITION)
@@ -277,7 +283,7 @@ class WorkflowStore:
             if await self._redis.execute("EXISTS", keys.wf_run(holder)):
                 return holder
             # The holder's run is not written yet: its creator is between the two steps, or died.
-            await trio.sleep(0.25)
+            await trio.sleep(self.IDEMPOTENCY_GRACE)
             if await self._redis.execute("EXISTS", keys.wf_run(holder)):
                 return holder
             if await self._cas([name], [holder, run_id]):
@@ -406,9 +412,11 @@ class WorkflowStore:
     async def _page(self, index: str, limit: int, cursor: str | None,
                     load: Callable[[list[str]], Awaitable[list[dict[str, Any] | None]]],
                     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Walk a zset newest first, keeping what `load` returns (None = skip). The cursor is
-        `<score>:<member>` of the last item returned: ties of equal score come in reverse member
-        order, so the next page starts at that score and skips the members not after it."""
+        """Walk a zset newest first, keeping what `load` returns (None = filtered out or stale).
+        The cursor is `<score>:<member>` of the last entry looked at: ties of equal score come in
+        reverse member order, so the next page starts at that score and skips the members not
+        after it. At most SCAN_FACTOR × limit entries are looked at per call, so a filter that
+        rarely matches returns a short page (with a cursor) instead of walking the whole index."""
         if limit <= 0:
             return [], None
         after = _parse_cursor(cursor)
@@ -416,27 +424,27 @@ class WorkflowStore:
         batch = max(10, min(500, limit * 2))
         found: list[dict[str, Any]] = []
         last: tuple[float, str] | None = None
-        offset = 0
-        while len(found) < limit:
+        offset, scanned, more = 0, 0, True
+        while more and len(found) < limit:
             reply = await self._redis.execute("ZREVRANGEBYSCORE", index, high, "-inf", "WITHSCORES",
                                               "LIMIT", offset, batch)
             pairs = score_pairs(reply)
-            fetched = len(pairs)
-            offset += fetched
+            offset += len(pairs)
+            more = len(pairs) == batch
             if after is not None:
                 pairs = [(m, s) for m, s in pairs if not (int(s) == after[0] and m >= after[1])]
             docs = await load([m for m, _ in pairs]) if pairs else []
-            for (member, score), doc in zip(pairs, docs):
-                if doc is None:
-                    continue
-                found.append(doc)
+            for position, ((member, score), doc) in enumerate(zip(pairs, docs)):
                 last = (score, member)
+                scanned += 1
+                if doc is not None:
+                    found.append(doc)
                 if len(found) == limit:
+                    more = more or position + 1 < len(pairs)
                     break
-            if fetched < batch:
+            if scanned >= self.SCAN_FACTOR * limit:
                 break
-        next_cursor = _cursor_text(*last) if last is not None and len(found) == limit else None
-        return found, next_cursor
+        return found, (_cursor_text(*last) if more and last is not None else None)
 
     # ---- timeline ------------------------------------------------------------------------------
 
