@@ -1,0 +1,903 @@
+"""The workflow run state machine: pure transitions over the ``wf:run:<id>`` document (spec §2.5–2.8,
+§2.11).
+
+Pure, like ``definition.py`` and ``expr.py``: no I/O, no trio, no redis; time arrives as numbers (unix
+seconds). Every transition takes a :class:`Run` and returns a NEW run plus a list of *effects* — small
+dataclasses the I/O layer carries out after persisting the run (persist before publish, §2.6):
+
+- :class:`DispatchStep` — publish the step's JobRequest on ``sys.job.submit``;
+- :class:`CancelJob` — publish ``JobCancel`` on ``sys.job.cancel``;
+- :class:`ArmTimer` — wake the run at ``due_at`` (a retry's ``next_attempt_at``; ``step_path == ""``
+  is the workflow timeout);
+- :class:`TimelineEvent` — append to ``wf:run:timeline:<run>``.
+
+A transition that does not apply (stale or duplicate result, terminal run) returns the input run object
+itself and no effects, so replays are idempotent.
+
+The engine loop (I/O layer)::
+
+    run, fx = start(run, now, workflow)
+    for path in next_dispatches(workflow, run, now):
+        step = workflow.steps[base_step(path)]
+        if step.for_each and path == step.id:        # evaluate items once, then dispatch children
+            run, fx = expand_for_each(workflow, run, path, items, now)
+        elif step.dispatches or step.type == "approval":
+            run, fx = mark_dispatched(workflow, run, path, now)   # persist, then publish
+        else:                                          # inline types: a later module computes them
+            run, fx = complete_step(workflow, run, path, status, output, error, now)
+    ... on sys.job.result: run, fx = apply_result(workflow, run, job_id, status, output, error, now)
+
+Inline step types (condition, switch, transform, storage, notify, delay, parallel, loop,
+subworkflow) are NOT evaluated here: their handler module computes the outcome and reports it through
+:func:`complete_step` (or :func:`mark_dispatched` with ``status=WAITING`` for approvals). Loop children
+``<loop>[i]`` and switch branch cancellation are left to that module too.
+
+Rules (beyond the spec text) chosen here:
+- A failed/denied/timed_out/cancelled step with no recovering ``on_error`` chain ends the run at once:
+  its pending dependents are ``skipped`` ("dependency X failed"), every other non-terminal step is
+  ``cancelled`` (CancelJob for those with a running/waiting job). Run status priority when several
+  steps failed: failed > denied > timed_out > cancelled.
+- A pending step that can never become ready (a dependency skipped, or failed without recovery) is
+  marked ``skipped`` with ``skip_reason = "dependency <dep> <status>"``; so skips propagate and a
+  run always terminates once all its jobs answered.
+- A terminal run is sticky: no transition changes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
+
+from cordum.store.validate import job_id_problems
+from cordum.workflow.definition import (
+    FAILED_STATUSES,
+    Step,
+    Workflow,
+    owned_steps,
+    ready_steps,
+    topological_order,
+)
+
+__all__ = [
+    "CANCELLED",
+    "DENIED",
+    "FAILED",
+    "PENDING",
+    "RESULT_STATUSES",
+    "RUNNING",
+    "RUN_STATUSES",
+    "SKIPPED",
+    "STEP_STATUSES",
+    "SUCCEEDED",
+    "TERMINAL_RUN_STATUSES",
+    "TERMINAL_STEP_STATUSES",
+    "TIMED_OUT",
+    "WAITING",
+    "ArmTimer",
+    "CancelJob",
+    "DispatchStep",
+    "Effect",
+    "Run",
+    "StepRun",
+    "TimelineEvent",
+    "aggregate",
+    "apply_result",
+    "base_step",
+    "cancel",
+    "complete_step",
+    "expand_for_each",
+    "job_id",
+    "mark_dispatched",
+    "next_dispatches",
+    "parse_job_id",
+    "start",
+    "time_out",
+]
+
+# --- statuses ----------------------------------------------------------------------------------
+PENDING = "pending"
+RUNNING = "running"
+WAITING = "waiting"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+DENIED = "denied"
+CANCELLED = "cancelled"
+TIMED_OUT = "timed_out"
+SKIPPED = "skipped"
+
+RUN_STATUSES = (PENDING, RUNNING, WAITING, SUCCEEDED, FAILED, DENIED, CANCELLED, TIMED_OUT)
+TERMINAL_RUN_STATUSES = frozenset({SUCCEEDED, FAILED, DENIED, CANCELLED, TIMED_OUT})
+STEP_STATUSES = RUN_STATUSES + (SKIPPED,)
+TERMINAL_STEP_STATUSES = TERMINAL_RUN_STATUSES | {SKIPPED}
+#: step statuses that block dependents unless an ``on_error`` handler recovers them
+_BAD = frozenset({FAILED, DENIED, TIMED_OUT, CANCELLED})
+#: when several steps failed, the run takes the first of these present
+_BAD_PRIORITY = (FAILED, DENIED, TIMED_OUT, CANCELLED)
+
+#: JobResult statuses (CAP ``JobStatus`` names) that :func:`apply_result` understands
+RESULT_STATUSES = (
+    "SUCCEEDED",
+    "FAILED",
+    "FAILED_RETRYABLE",
+    "FAILED_FATAL",
+    "TIMEOUT",
+    "DENIED",
+    "CANCELLED",
+)
+_RETRYABLE_RESULTS = frozenset({"FAILED", "FAILED_RETRYABLE", "TIMEOUT"})
+
+_STEP_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[0-9]+\])*$")
+_CHILD = re.compile(r"^(.*)\[([0-9]+)\]$")
+
+
+# --- model -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepRun:
+    """One step (or one ``step[i]`` child) of a run; field names are the spec's JSON names."""
+
+    step_id: str
+    status: str = PENDING
+    started_at: float | None = None
+    completed_at: float | None = None
+    #: set while a retry is scheduled (status pending)
+    next_attempt_at: float | None = None
+    #: dispatches so far (attempt n has job id ``<run>:<step>@n``)
+    attempts: int = 0
+    input: Any = None
+    output: Any = None
+    #: ``{"message": …, …}``
+    error: Mapping[str, Any] | None = None
+    job_id: str = ""
+    item: Any = None
+    #: for_each children paths ``step[i]``
+    children: tuple[str, ...] = ()
+    resolved_items: tuple[Any, ...] | None = None
+    skip_reason: str = ""
+    audit_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step_id": self.step_id, "status": self.status}
+        for name in _STEP_RUN_FIELDS[2:]:
+            value = getattr(self, name)
+            if value is None or (name in _STEP_RUN_STRINGS and value == "") or (
+                name == "attempts" and value == 0
+            ):
+                continue
+            if name in ("children", "resolved_items"):
+                if name == "children" and not value:
+                    continue
+                value = list(value)
+            out[name] = copy.deepcopy(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepRun:
+        kw: dict[str, Any] = {}
+        for name in _STEP_RUN_FIELDS:
+            if name not in data or data[name] is None:
+                continue
+            value = copy.deepcopy(data[name])
+            if name in ("children", "resolved_items"):
+                value = tuple(value)
+            kw[name] = value
+        return cls(**kw)
+
+
+_STEP_RUN_STRINGS = frozenset({"job_id", "skip_reason", "audit_hash"})
+_STEP_RUN_FIELDS = (
+    "step_id",
+    "status",
+    "started_at",
+    "completed_at",
+    "next_attempt_at",
+    "attempts",
+    "input",
+    "output",
+    "error",
+    "job_id",
+    "item",
+    "children",
+    "resolved_items",
+    "skip_reason",
+    "audit_hash",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run document stored at ``wf:run:<id>`` (§2.5). Times are unix seconds."""
+
+    id: str
+    workflow_id: str
+    org_id: str = ""
+    team_id: str = ""
+    input: Mapping[str, Any] = field(default_factory=dict)
+    #: ``ctx``; ``context["steps"][step_id] = {"output": …, "result_ptr": …}``
+    context: Mapping[str, Any] = field(default_factory=dict)
+    status: str = PENDING
+    started_at: float | None = None
+    completed_at: float | None = None
+    output: Any = None
+    error: Mapping[str, Any] | None = None
+    #: step path → StepRun; for_each children ``step[i]`` are flattened in here too
+    steps: Mapping[str, StepRun] = field(default_factory=dict)
+    total_cost: float = 0.0
+    triggered_by: str = ""
+    created_at: float | None = None
+    updated_at: float | None = None
+    labels: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    idempotency_key: str = ""
+    rerun_of: str = ""
+    rerun_step: str = ""
+    dry_run: bool = False
+
+    @property
+    def tenant(self) -> str:
+        return self.org_id
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_RUN_STATUSES
+
+    def step(self, path: str) -> StepRun:
+        """The StepRun at ``path``, or a fresh pending one when the step has not started."""
+        return self.steps.get(path) or StepRun(step_id=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in _RUN_FIELDS:
+            value = getattr(self, name)
+            if name == "steps":
+                out[name] = {path: sr.to_dict() for path, sr in value.items()}
+            elif name in ("id", "workflow_id", "status", "input", "context"):
+                out[name] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+            elif value is None or (name in _RUN_OMIT_EMPTY and not value):
+                continue
+            else:
+                out[name] = copy.deepcopy(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Run:
+        kw: dict[str, Any] = {}
+        for name in _RUN_FIELDS:
+            if name not in data or data[name] is None:
+                continue
+            if name == "steps":
+                kw[name] = {p: StepRun.from_dict(s) for p, s in data[name].items()}
+            else:
+                kw[name] = copy.deepcopy(data[name])
+        return cls(**kw)
+
+
+#: omitted from the document when empty / zero / false (times and output only when None)
+_RUN_OMIT_EMPTY = frozenset({
+    "org_id", "team_id", "total_cost", "triggered_by", "labels", "metadata", "idempotency_key",
+    "rerun_of", "rerun_step", "dry_run",
+})
+_RUN_FIELDS = (
+    "id",
+    "workflow_id",
+    "org_id",
+    "team_id",
+    "input",
+    "context",
+    "status",
+    "started_at",
+    "completed_at",
+    "output",
+    "error",
+    "steps",
+    "total_cost",
+    "triggered_by",
+    "created_at",
+    "updated_at",
+    "labels",
+    "metadata",
+    "idempotency_key",
+    "rerun_of",
+    "rerun_step",
+    "dry_run",
+)
+
+
+# --- effects -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DispatchStep:
+    step_path: str
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ArmTimer:
+    #: ``""`` = the workflow timeout of the whole run
+    step_path: str
+    due_at: float
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    type: str
+    step_id: str = ""
+    job_id: str = ""
+    status: str = ""
+    message: str = ""
+    data: Mapping[str, Any] | None = None
+
+
+Effect = DispatchStep | CancelJob | ArmTimer | TimelineEvent
+
+
+# --- job ids -----------------------------------------------------------------------------------
+def job_id(run_id: str, step_path: str, attempt: int) -> str:
+    """``<run>:<step>@<n>`` (children ``<run>:<step>[i]@<n>``, §2.6); ValueError when the parts or
+    the result are not a valid job id (``cordum.store.validate.job_id_problems``)."""
+    if not run_id or ":" in run_id:
+        raise ValueError(f"run id {run_id!r} must be non-empty and contain no ':'")
+    if not _STEP_PATH.match(step_path):
+        raise ValueError(f"step path {step_path!r} is not a step id or step[i]")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be an integer >= 1, got {attempt!r}")
+    jid = f"{run_id}:{step_path}@{attempt}"
+    problems = job_id_problems(jid)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return jid
+
+
+def parse_job_id(jid: str) -> tuple[str, str, int] | None:
+    """``(run_id, step_path, attempt)`` of a workflow job id, or None when it is not one."""
+    if not isinstance(jid, str) or ":" not in jid:
+        return None
+    run_id, rest = jid.split(":", 1)
+    path, sep, attempt = rest.rpartition("@")
+    if not run_id or not sep or not attempt.isdigit() or not attempt.isascii():
+        return None
+    if not _STEP_PATH.match(path) or int(attempt) < 1:
+        return None
+    return run_id, path, int(attempt)
+
+
+def base_step(path: str) -> str:
+    """The workflow step id of a step path: ``fetch[3]`` → ``fetch``."""
+    return path.split("[", 1)[0]
+
+
+def _parent(path: str) -> str | None:
+    m = _CHILD.match(path)
+    return m.group(1) if m else None
+
+
+# --- working copy ------------------------------------------------------------------------------
+class _Work:
+    """A mutable copy of a run used inside one transition (the input run is never touched)."""
+
+    def __init__(self, run: Run) -> None:
+        self.orig = run
+        self.steps: dict[str, StepRun] = dict(run.steps)
+        self.context: dict[str, Any] = copy.deepcopy(dict(run.context))
+        self.fields: dict[str, Any] = {}
+        self.effects: list[Effect] = []
+
+    def get(self, name: str) -> Any:
+        return self.fields.get(name, getattr(self.orig, name))
+
+    @property
+    def status(self) -> str:
+        return str(self.get("status"))
+
+    def step(self, path: str) -> StepRun:
+        return self.steps.get(path) or StepRun(step_id=path)
+
+    def put(self, sr: StepRun, **changes: Any) -> StepRun:
+        new = replace(sr, **changes)
+        self.steps[new.step_id] = new
+        return new
+
+    def emit(self, *effects: Effect) -> None:
+        self.effects.extend(effects)
+
+    def set_status(self, status: str, now: float) -> None:
+        if status == self.status:
+            return
+        self.fields["status"] = status
+        if status == RUNNING and self.get("started_at") is None:
+            self.fields["started_at"] = now
+        if status in TERMINAL_RUN_STATUSES:
+            self.fields["completed_at"] = now
+        self.emit(TimelineEvent("run_status", status=status, message=f"run {status}"))
+
+    def build(self, now: float) -> tuple[Run, list[Effect]]:
+        new = replace(
+            self.orig, steps=self.steps, context=self.context, updated_at=now, **self.fields
+        )
+        return new, self.effects
+
+
+def _statuses(run_steps: Mapping[str, StepRun]) -> dict[str, str]:
+    return {p: sr.status for p, sr in run_steps.items()}
+
+
+# --- aggregation -------------------------------------------------------------------------------
+def _handlers(workflow: Workflow) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for sid, s in workflow.steps.items():
+        if s.on_error:
+            out.setdefault(s.on_error, []).append(sid)
+    return out
+
+
+def _recovering(workflow: Workflow, statuses: Mapping[str, str], sid: str) -> bool:
+    """True when ``sid`` failed but its ``on_error`` handler succeeded or may still succeed."""
+    handler = workflow.steps[sid].on_error
+    if not handler or statuses.get(sid, "") not in FAILED_STATUSES:
+        return False
+    return statuses.get(handler, PENDING) not in TERMINAL_STEP_STATUSES or (
+        statuses.get(handler) == SUCCEEDED
+    )
+
+
+def _expected(workflow: Workflow, statuses: Mapping[str, str]) -> list[str]:
+    """Top-level steps the run must complete: not parallel/loop-owned, not unactivated handlers."""
+    owned = owned_steps(workflow)
+    handlers = _handlers(workflow)
+    out = []
+    for sid in workflow.steps:
+        if sid in owned:
+            continue
+        if sid in handlers and not (
+            statuses.get(sid, PENDING) != PENDING
+            or any(statuses.get(src, "") in FAILED_STATUSES for src in handlers[sid])
+        ):
+            continue
+        out.append(sid)
+    return out
+
+
+def _dead(workflow: Workflow, statuses: Mapping[str, str], sid: str) -> bool:
+    """A finished step that does not satisfy its dependents and never will."""
+    status = statuses.get(sid, PENDING)
+    if status == SKIPPED:
+        return True
+    return status in _BAD and not _recovering(workflow, statuses, sid)
+
+
+def _blocked(workflow: Workflow, run_steps: Mapping[str, StepRun]) -> dict[str, str]:
+    """Not-started top-level steps that can never become ready → the skip reason."""
+    statuses = _statuses(run_steps)
+    handlers = _handlers(workflow)
+    owned = owned_steps(workflow)
+    out: dict[str, str] = {}
+    for sid in topological_order(workflow):
+        sr = run_steps.get(sid)
+        if sid in owned or (sr is not None and (sr.status != PENDING or sr.attempts > 0)):
+            continue
+        if sid in handlers and any(statuses.get(s, "") in FAILED_STATUSES for s in handlers[sid]):
+            continue  # an activated handler bypasses its dependency check
+        for dep in workflow.steps[sid].depends_on:
+            if dep in out:
+                out[sid] = f"dependency {dep} skipped"
+                statuses[sid] = SKIPPED
+                break
+            if _dead(workflow, statuses, dep):
+                out[sid] = f"dependency {dep} {statuses[dep]}"
+                statuses[sid] = SKIPPED
+                break
+    return out
+
+
+def aggregate(workflow: Workflow, run: Run) -> str:
+    """The run status its steps imply (§2.5); a terminal run keeps its status.
+
+    An unrecovered failed/denied/timed_out/cancelled step → that status (priority failed, denied,
+    timed_out, cancelled); else any waiting step → waiting; else every expected step finished (steps
+    that can never run count as skipped) → succeeded; else running (pending if never started).
+    """
+    if run.terminal:
+        return run.status
+    statuses = _statuses(run.steps)
+    expected = _expected(workflow, statuses)
+    bad = {statuses.get(sid, "") for sid in expected if _dead(workflow, statuses, sid)} - {SKIPPED}
+    for status in _BAD_PRIORITY:
+        if status in bad:
+            return status
+    if any(sr.status == WAITING for sr in run.steps.values()):
+        return WAITING
+    blocked = _blocked(workflow, run.steps)
+    if all(statuses.get(s, PENDING) in TERMINAL_STEP_STATUSES or s in blocked for s in expected):
+        return SUCCEEDED
+    return PENDING if run.status == PENDING else RUNNING
+
+
+def _settle(workflow: Workflow, w: _Work, now: float) -> None:
+    """Skip blocked steps, recompute the run status, close the run out when it ended."""
+    for sid, reason in _blocked(workflow, w.steps).items():
+        w.put(w.step(sid), status=SKIPPED, skip_reason=reason, completed_at=now)
+        w.emit(TimelineEvent("step_skipped", step_id=sid, status=SKIPPED, message=reason))
+    snapshot = replace(w.orig, steps=w.steps, status=w.status)
+    status = aggregate(workflow, snapshot)
+    if status in TERMINAL_RUN_STATUSES and status != SUCCEEDED:
+        statuses = _statuses(w.steps)
+        culprit = next(
+            (s for s in _expected(workflow, statuses)
+             if _dead(workflow, statuses, s) and statuses.get(s) == status),
+            "",
+        )
+        err = dict(w.step(culprit).error or {}) if culprit else {}
+        err["message"] = f"step {culprit} {status}"
+        err["step_id"] = culprit
+        w.fields["error"] = err
+        _close_steps(w, CANCELLED, f"workflow run {status}", now)
+    w.set_status(status, now)
+
+
+def _close_steps(w: _Work, status: str, reason: str, now: float) -> None:
+    """Every non-terminal step → ``status``; CancelJob for the ones with a live job."""
+    for path, sr in list(w.steps.items()):
+        if sr.status in TERMINAL_STEP_STATUSES:
+            continue
+        if sr.status in (RUNNING, WAITING) and sr.job_id:
+            w.emit(CancelJob(sr.job_id, reason))
+        w.put(sr, status=status, completed_at=now, next_attempt_at=None, skip_reason=reason)
+
+
+# --- transitions -------------------------------------------------------------------------------
+def start(run: Run, now: float, workflow: Workflow | None = None) -> tuple[Run, list[Effect]]:
+    """pending → running (``started_at``); with ``workflow`` also arm its timeout timer."""
+    if run.status != PENDING:
+        return run, []
+    w = _Work(run)
+    w.set_status(RUNNING, now)
+    if workflow is not None and workflow.timeout_sec > 0:
+        w.emit(ArmTimer("", w.get("started_at") + workflow.timeout_sec))
+    return w.build(now)
+
+
+def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
+    """Step paths the engine should start now: ready top-level steps (definition.ready_steps) whose
+    retry is due, then due pending ``step[i]`` children of running for_each parents within
+    ``max_parallel``. Empty when the run is pending or terminal."""
+    if run.status not in (RUNNING, WAITING):
+        return []
+    out = []
+    for sid in ready_steps(workflow, _statuses(run.steps)):
+        due = run.step(sid).next_attempt_at
+        if due is None or due <= now:
+            out.append(sid)
+    for sid, sr in run.steps.items():
+        if sr.status != RUNNING or not sr.children:
+            continue
+        limit = workflow.steps[base_step(sid)].max_parallel
+        live = sum(run.step(c).status in (RUNNING, WAITING) for c in sr.children)
+        for child in sr.children:
+            if limit > 0 and live >= limit:
+                break
+            csr = run.step(child)
+            if csr.status == PENDING and (csr.next_attempt_at is None or csr.next_attempt_at <= now):
+                out.append(child)
+                live += 1
+    return out
+
+
+def mark_dispatched(
+    workflow: Workflow, run: Run, path: str, now: float, *, status: str = RUNNING
+) -> tuple[Run, list[Effect]]:
+    """Persist-before-publish step of §2.6: step → running (or ``waiting`` for an approval gate),
+    attempts+1, new job id; effects DispatchStep + timeline. ValueError if it cannot start."""
+    if status not in (RUNNING, WAITING):
+        raise ValueError(f"dispatch status must be running or waiting, got {status!r}")
+    if run.terminal:
+        raise ValueError(f"run {run.id} is {run.status}")
+    if base_step(path) not in workflow.steps:
+        raise ValueError(f"unknown step {path!r}")
+    sr = run.step(path)
+    if sr.status != PENDING:
+        raise ValueError(f"step {path!r} is {sr.status}, not pending")
+    attempt = sr.attempts + 1
+    jid = job_id(run.id, path, attempt)
+    w = _Work(run)
+    w.set_status(RUNNING if run.status == PENDING else w.status, now)
+    w.put(
+        sr,
+        status=status,
+        attempts=attempt,
+        job_id=jid,
+        started_at=sr.started_at if sr.started_at is not None else now,
+        next_attempt_at=None,
+    )
+    if status == WAITING:
+        w.set_status(WAITING, now)
+    kind = "step_waiting" if status == WAITING else "step_dispatched"
+    w.emit(
+        DispatchStep(path, jid, attempt),
+        TimelineEvent(kind, step_id=path, job_id=jid, status=status, data={"attempt": attempt}),
+    )
+    return w.build(now)
+
+
+def expand_for_each(
+    workflow: Workflow, run: Run, path: str, items: Iterable[Any], now: float
+) -> tuple[Run, list[Effect]]:
+    """Record the evaluated ``for_each`` items (once) and create pending children ``step[i]``
+    carrying ``item``; no items → the step succeeds at once with output ``[]``."""
+    sr = run.step(path)
+    if sr.status != PENDING or sr.resolved_items is not None:
+        raise ValueError(f"step {path!r} is {sr.status} / already expanded")
+    items = tuple(items)
+    w = _Work(run)
+    children = tuple(f"{path}[{i}]" for i in range(len(items)))
+    w.put(sr, status=RUNNING, started_at=now, resolved_items=items, children=children)
+    for child, item in zip(children, items):
+        w.put(StepRun(step_id=child, item=copy.deepcopy(item)))
+    if w.status == PENDING:
+        w.set_status(RUNNING, now)
+    if not items:
+        _finish(workflow, w, path, SUCCEEDED, [], None, now, retryable=False)
+    _settle(workflow, w, now)
+    return w.build(now)
+
+
+def complete_step(
+    workflow: Workflow,
+    run: Run,
+    path: str,
+    status: str,
+    output: Any = None,
+    error: Any = None,
+    now: float = 0.0,
+) -> tuple[Run, list[Effect]]:
+    """Finish a step without a job (inline types, condition pre-gate): ``status`` is a terminal step
+    status. The hook where the inline step-type module reports its outcome. No retries."""
+    if status not in TERMINAL_STEP_STATUSES:
+        raise ValueError(f"not a terminal step status: {status!r}")
+    if run.terminal or run.step(path).status in TERMINAL_STEP_STATUSES:
+        return run, []
+    w = _Work(run)
+    if w.status == PENDING:
+        w.set_status(RUNNING, now)
+    if w.step(path).started_at is None:
+        w.put(w.step(path), started_at=now)
+    _finish(workflow, w, path, status, output, error, now, retryable=False)
+    _settle(workflow, w, now)
+    return w.build(now)
+
+
+def apply_result(
+    workflow: Workflow,
+    run: Run,
+    jid: str,
+    status: str,
+    output: Any = None,
+    error: Any = None,
+    now: float = 0.0,
+    *,
+    result_ptr: str = "",
+) -> tuple[Run, list[Effect]]:
+    """Apply one ``sys.job.result`` (§2.7). ``output`` is the decoded result payload (or None),
+    ``error`` a message or a mapping. Ignored (same run, no effects): an id that does not parse or
+    names another run, a terminal run, a job id that is not the step's current one, a step that is
+    not running/waiting (terminal, or pending with a scheduled retry)."""
+    parsed = parse_job_id(jid)
+    if parsed is None or parsed[0] != run.id or run.terminal:
+        return run, []
+    if _timeout_due(workflow, run, now):
+        return time_out(workflow, run, now)
+    path = parsed[1]
+    sr = run.steps.get(path)
+    if sr is None or sr.job_id != jid or sr.status not in (RUNNING, WAITING):
+        return run, []
+    if base_step(path) not in workflow.steps:
+        return run, []
+    mapped = {
+        "SUCCEEDED": SUCCEEDED,
+        "DENIED": DENIED,
+        "CANCELLED": CANCELLED,
+        "TIMEOUT": TIMED_OUT,
+    }.get(status, FAILED)
+    w = _Work(run)
+    _finish(
+        workflow,
+        w,
+        path,
+        mapped,
+        output,
+        error,
+        now,
+        retryable=status in _RETRYABLE_RESULTS,
+        result_ptr=result_ptr,
+    )
+    if w.status == WAITING and not any(s.status == WAITING for s in w.steps.values()):
+        w.set_status(RUNNING, now)
+    _settle(workflow, w, now)
+    return w.build(now)
+
+
+def _error_dict(error: Any, default: str) -> dict[str, Any]:
+    if isinstance(error, Mapping):
+        out = copy.deepcopy(dict(error))
+        out.setdefault("message", default)
+        return out
+    return {"message": str(error) if error else default}
+
+
+def _finish(
+    workflow: Workflow,
+    w: _Work,
+    path: str,
+    status: str,
+    output: Any,
+    error: Any,
+    now: float,
+    *,
+    retryable: bool,
+    result_ptr: str = "",
+) -> None:
+    step = workflow.steps[base_step(path)]
+    sr = w.step(path)
+    parent = _parent(path)
+    if status == SUCCEEDED:
+        value = _get_path(output, step.result_data_path) if step.result_data_path else output
+        w.put(sr, status=SUCCEEDED, output=copy.deepcopy(value), error=None, completed_at=now,
+              next_attempt_at=None)
+        w.emit(TimelineEvent("step_completed", step_id=path, job_id=sr.job_id, status=SUCCEEDED))
+        if parent is None:
+            _record_output(w, step, value, result_ptr)
+    else:
+        err = _error_dict(error, f"step {path} {status}")
+        policy = step.retry
+        if (
+            retryable
+            and status in (FAILED, TIMED_OUT)
+            and policy is not None
+            and policy.max_retries > 0
+            and 0 < sr.attempts <= policy.max_retries
+        ):
+            due = now + policy.backoff(sr.attempts)
+            w.put(sr, status=PENDING, error=err, next_attempt_at=due)
+            w.emit(
+                ArmTimer(path, due),
+                TimelineEvent("step_failed", step_id=path, job_id=sr.job_id, status=PENDING,
+                              message=err["message"], data={"retry_at": due,
+                                                            "attempt": sr.attempts}),
+            )
+            return
+        if status == SKIPPED:
+            w.put(sr, status=SKIPPED, completed_at=now, next_attempt_at=None,
+                  skip_reason=err["message"] if error else "skipped")
+            w.emit(TimelineEvent("step_skipped", step_id=path, status=SKIPPED,
+                                 message=w.step(path).skip_reason))
+            if parent is not None:
+                _roll_up(workflow, w, parent, now)
+            return
+        w.put(sr, status=status, error=err, completed_at=now, next_attempt_at=None)
+        w.emit(TimelineEvent("step_failed", step_id=path, job_id=sr.job_id, status=status,
+                             message=err["message"]))
+        if parent is None and status in FAILED_STATUSES and step.on_error:
+            _activate_handler(w, step, path, err, now)
+    if parent is not None:
+        _roll_up(workflow, w, parent, now)
+
+
+def _activate_handler(w: _Work, step: Step, path: str, err: Mapping[str, Any], now: float) -> None:
+    target = w.step(step.on_error)
+    if target.status != PENDING or target.attempts > 0:
+        return
+    inp = dict(target.input) if isinstance(target.input, Mapping) else {}
+    inp["error"] = {**err, "step_id": path}
+    w.put(target, input=inp)
+    w.emit(TimelineEvent("step_error_redirect", step_id=path, status=w.step(path).status,
+                         message=f"on_error → {step.on_error}", data={"target": step.on_error}))
+
+
+def _roll_up(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
+    """A for_each parent after one of its children changed (§2.7 child aggregation)."""
+    psr = w.step(parent)
+    if psr.status in TERMINAL_STEP_STATUSES:
+        return
+    kids = [w.step(c) for c in psr.children]
+    bad = {k.status for k in kids} & (_BAD | {SKIPPED})
+    if bad:
+        status = DENIED if bad == {DENIED} else FAILED
+        culprit = next(k for k in kids if k.status in bad)
+        for k in kids:
+            if k.status not in TERMINAL_STEP_STATUSES:
+                if k.status in (RUNNING, WAITING) and k.job_id:
+                    w.emit(CancelJob(k.job_id, f"for_each sibling {culprit.step_id} {culprit.status}"))
+                w.put(k, status=CANCELLED, completed_at=now, next_attempt_at=None,
+                      skip_reason=f"sibling {culprit.step_id} {culprit.status}")
+        err = dict(culprit.error or {})
+        err["message"] = f"child {culprit.step_id} {culprit.status}"
+        _finish(workflow, w, parent, status, None, err, now, retryable=False)
+    elif all(k.status == SUCCEEDED for k in kids):
+        # children already had result_data_path applied; record the list as the parent's output
+        step = workflow.steps[base_step(parent)]
+        outputs = [copy.deepcopy(k.output) for k in kids]
+        w.put(psr, status=SUCCEEDED, output=outputs, completed_at=now)
+        w.emit(TimelineEvent("step_completed", step_id=parent, status=SUCCEEDED))
+        _record_output(w, step, outputs, "")
+
+
+def _record_output(w: _Work, step: Step, value: Any, result_ptr: str) -> None:
+    """``ctx.steps[id] = {result_ptr?, output}``; ``output_path`` gets the value (or pointer)."""
+    entry: dict[str, Any] = {}
+    if result_ptr:
+        entry["result_ptr"] = result_ptr
+    entry["output"] = copy.deepcopy(value)
+    steps = w.context.get("steps")
+    if not isinstance(steps, dict):
+        steps = w.context["steps"] = {}
+    steps[step.id] = entry
+    if step.output_path:
+        _set_path(w.context, step.output_path,
+                  copy.deepcopy(value if value is not None or not result_ptr else result_ptr))
+
+
+def _get_path(value: Any, path: str) -> Any:
+    for part in path.split("."):
+        if part == "":
+            continue
+        if isinstance(value, Mapping):
+            value = value.get(part)
+        elif isinstance(value, list) and part.lstrip("-").isdigit():
+            i = int(part)
+            value = value[i] if -len(value) <= i < len(value) else None
+        else:
+            return None
+    return value
+
+
+def _set_path(target: dict[str, Any], path: str, value: Any) -> None:
+    parts = [p for p in path.split(".") if p]
+    if not parts:
+        return
+    for part in parts[:-1]:
+        nxt = target.get(part)
+        if not isinstance(nxt, dict):
+            nxt = target[part] = {}
+        target = nxt
+    target[parts[-1]] = value
+
+
+def cancel(
+    run: Run, reason: str = "workflow run cancelled", now: float = 0.0
+) -> tuple[Run, list[Effect]]:
+    """§2.11 CancelRun: no-op when terminal; every non-terminal step (and child) → cancelled,
+    CancelJob for each running/waiting step job, run → cancelled."""
+    if run.terminal:
+        return run, []
+    w = _Work(run)
+    _close_steps(w, CANCELLED, reason, now)
+    w.fields["error"] = {"message": reason}
+    w.set_status(CANCELLED, now)
+    return w.build(now)
+
+
+def _timeout_due(workflow: Workflow, run: Run, now: float) -> bool:
+    return (
+        workflow.timeout_sec > 0
+        and run.started_at is not None
+        and not run.terminal
+        and now >= run.started_at + workflow.timeout_sec
+    )
+
+
+def time_out(workflow: Workflow, run: Run, now: float) -> tuple[Run, list[Effect]]:
+    """Workflow ``timeout_sec`` (§2.11): once ``now >= started_at + timeout_sec`` every non-terminal
+    step → timed_out (CancelJob for live jobs), run → timed_out. Otherwise a no-op."""
+    if not _timeout_due(workflow, run, now):
+        return run, []
+    w = _Work(run)
+    _close_steps(w, TIMED_OUT, "workflow run timed out", now)
+    w.fields["error"] = {"message": "workflow run timed out"}
+    w.set_status(TIMED_OUT, now)
+    return w.build(now)
