@@ -55,6 +55,10 @@ return 'OK'
 # KEYS[1] wf:run:<id>
 # ARGV[1] 'create' | 'update'  ARGV[2] fence  ARGV[3] doc JSON  ARGV[4] status  ARGV[5] updated µs
 # ARGV[6] tenant, ARGV[7] workflow id (create only)
+# ARGV[8] '1' when the new doc has a step with a job and no audit_hash (update only): then the
+# stored doc's audit hashes of those jobs are looked up, and if any would be lost the write is not
+# made: {'AUDIT', JSON {job id: hash}} (the caller copies them in and writes again). The doc is
+# never re-encoded here (cjson would turn empty arrays into objects).
 # Fence rule: a write whose fence is older than the stored one is refused (0 counts as 0, so once
 # a fenced writer has written, unfenced writes are refused too); an equal or newer one wins and
 # its fence is stored. Returns {'OK', previous status, tenant, workflow id}.
@@ -71,6 +75,35 @@ local held = tonumber(redis.call('HGET', KEYS[1], '_fence') or '0')
 local fence = tonumber(ARGV[2])
 local prev = redis.call('HGET', KEYS[1], 'status') or ''
 if fence < held then return {'STALE', prev, tostring(held), ''} end
+if ARGV[8] == '1' then
+  local function collect(steps, into, want_missing)
+    if type(steps) ~= 'table' then return end
+    for _, step in pairs(steps) do
+      if type(step) == 'table' then
+        local job, hash = step['job_id'], step['audit_hash']
+        if type(job) == 'string' and job ~= '' then
+          if want_missing then
+            if type(hash) ~= 'string' or hash == '' then into[job] = true end
+          elseif type(hash) == 'string' and hash ~= '' then
+            into[job] = hash
+          end
+        end
+        collect(step['children'], into, want_missing)
+      end
+    end
+  end
+  local ok_new, new = pcall(cjson.decode, ARGV[3])
+  local ok_old, old = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'doc') or '')
+  if ok_new and ok_old and type(new) == 'table' and type(old) == 'table' then
+    local missing, held_hashes, lost, any = {}, {}, {}, false
+    collect(new['steps'], missing, true)
+    collect(old['steps'], held_hashes, false)
+    for job, _ in pairs(missing) do
+      if held_hashes[job] then lost[job] = held_hashes[job]; any = true end
+    end
+    if any then return {'AUDIT', prev, cjson.encode(lost), ''} end
+  end
+end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], '_fence', ARGV[2], 'status', ARGV[4], 'updated', ARGV[5])
 return {'OK', prev, redis.call('HGET', KEYS[1], 'tenant') or '', redis.call('HGET', KEYS[1], 'workflow_id') or ''}
 """
@@ -165,6 +198,29 @@ def step_jobs(doc: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                 yield from walk(step["children"], path)
 
     yield from walk(doc.get("steps") or {}, "")
+
+
+def _lacks_audit_hash(doc: Mapping[str, Any]) -> bool:
+    """Whether some step with a job has no audit hash (one the stored run may have)."""
+    return any(step.get("job_id") and not step.get("audit_hash") for step in _all_steps(doc.get("steps")))
+
+
+def _all_steps(steps: Any) -> Iterator[dict[str, Any]]:
+    items = steps.values() if isinstance(steps, Mapping) else steps if isinstance(steps, list) else ()
+    for step in items:
+        if isinstance(step, dict):
+            yield step
+            yield from _all_steps(step.get("children"))
+
+
+def _with_audit_hashes(doc: Mapping[str, Any], hashes: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of `doc` whose steps without an audit hash take the one given for their job."""
+    copy = json.loads(_dumps(doc))
+    for step in _all_steps(copy.get("steps")):
+        job_id = step.get("job_id")
+        if isinstance(job_id, str) and job_id in hashes and not step.get("audit_hash"):
+            step["audit_hash"] = hashes[job_id]
+    return copy
 
 
 def _cursor_text(score: float, member: str) -> str:
@@ -298,7 +354,16 @@ class WorkflowStore:
         if not run_id:
             raise ValueError("run document without an id")
         status, ts = str(doc.get("status") or "pending"), now_us()
-        reply = await self._write_run([keys.wf_run(run_id)], ["update", int(fence), _dumps(doc), status, ts])
+        check = "1" if _lacks_audit_hash(doc) else ""
+        for _ in range(3):
+            reply = await self._write_run([keys.wf_run(run_id)],
+                                          ["update", int(fence), _dumps(doc), status, ts, "", "", check])
+            if reply[0] != "AUDIT":
+                break
+            # The stored run has audit hashes this doc lacks (spec §2.12): keep them, write again.
+            doc = _with_audit_hashes(doc, json.loads(reply[2]))
+        else:
+            raise WorkflowStoreError(f"run {run_id}: audit hashes kept changing under the write")
         if reply[0] == "MISSING":
             raise RunNotFound(run_id)
         if reply[0] == "STALE":

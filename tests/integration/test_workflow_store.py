@@ -338,3 +338,28 @@ async def test_update_and_timers_on_cluster_without_crossslot(store_redis):
     run_id, _ = await store.create_run(_run(), tenant="acme", idempotency_key="c")
     await store.append_timeline(run_id, {"type": "run_status"})
     assert await store.delete_run(run_id, "acme")
+
+
+async def test_update_keeps_stored_audit_hashes_the_new_doc_lacks(redis):
+    store = WorkflowStore(redis)
+    run_id, _ = await store.create_run(_run(), tenant="acme")
+    doc = await store.get_run(run_id)
+    doc["steps"] = {"a": {"job_id": "j-a", "status": "running", "output": []},
+                    "p": {"job_id": "j-p", "children": [{"job_id": "j-c", "status": "running"}]}}
+    await store.update_run(doc, fence=1)
+    stored = await store.get_run(run_id)
+    stored["steps"]["a"]["audit_hash"] = "h-a"
+    stored["steps"]["p"]["children"][0]["audit_hash"] = "h-c"
+    await store.update_run(stored, fence=1)
+
+    doc["steps"]["a"]["status"] = "succeeded"  # the engine's copy never saw the hashes
+    doc["steps"]["p"]["children"][0]["audit_hash"] = ""
+    await store.update_run(doc, fence=1)
+    after = await store.get_run(run_id)
+    assert after["steps"]["a"] == {"job_id": "j-a", "status": "succeeded", "output": [], "audit_hash": "h-a"}
+    assert after["steps"]["p"]["children"][0]["audit_hash"] == "h-c"
+    assert "audit_hash" not in doc["steps"]["a"]  # the caller's doc is not modified
+
+    doc["steps"]["a"]["audit_hash"] = "h-new"  # a doc that has its own hash keeps it
+    await store.update_run(doc, fence=1)
+    assert (await store.get_run(run_id))["steps"]["a"]["audit_hash"] == "h-new"
