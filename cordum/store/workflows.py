@@ -10,7 +10,8 @@ Documents are plain dicts (JSON); the engine converts them to and from its class
   string beside it, makes the fenced write a script on ONE key: it runs unchanged on Redis Cluster
   and a run can never lose its fence by expiry or deletion of a second key.
 - `update_run` is the spec's split update: (1) one script on `wf:run:<id>` compares fences, stores
-  the document and returns the previous status; (2) the indexes follow in a pipeline of idempotent
+  the document and returns the previous status (keeping, like the spec's script, any audit hash
+  the stored steps have and the new document lacks); (2) the indexes follow in a pipeline of idempotent
   single-key commands (`run_repeatable`). A crash between the two leaves an index stale, never the
   run; readers of indexes always re-check the hash, and the next update re-writes every index.
 - Reads given a tenant treat another tenant's definition or run exactly like a missing one.
