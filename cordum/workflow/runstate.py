@@ -1,45 +1,49 @@
-"""The workflow run state machine: pure transitions over the ``wf:run:<id>`` document (spec §2.5–2.8,
-§2.11).
+"""The workflow run state machine: pure transitions over the ``wf:run:<id>`` document (spec
+§2.5–2.8, §2.11).
 
-Pure, like ``definition.py`` and ``expr.py``: no I/O, no trio, no redis; time arrives as numbers (unix
-seconds). Every transition takes a :class:`Run` and returns a NEW run plus a list of *effects* — small
-dataclasses the I/O layer carries out after persisting the run (persist before publish, §2.6):
+Pure, like ``definition.py`` and ``expr.py``: no I/O, no trio, no redis; time arrives as numbers
+(unix seconds). Every transition takes a :class:`Run` and returns a NEW run plus a list of
+*effects*, small dataclasses the I/O layer carries out after persisting the run (persist before
+publish, §2.6):
 
-- :class:`DispatchStep` — publish the step's JobRequest on ``sys.job.submit``;
-- :class:`CancelJob` — publish ``JobCancel`` on ``sys.job.cancel``;
-- :class:`ArmTimer` — wake the run at ``due_at`` (a retry's ``next_attempt_at``; ``step_path == ""``
-  is the workflow timeout);
-- :class:`TimelineEvent` — append to ``wf:run:timeline:<run>``.
+- :class:`DispatchStep`: publish the step's JobRequest on ``sys.job.submit``;
+- :class:`CancelJob`: publish ``JobCancel`` on ``sys.job.cancel``;
+- :class:`ArmTimer`: wake the run at ``due_at`` (a retry's ``next_attempt_at``; ``step_path == ""``
+  is the workflow timeout, answered with :func:`time_out`);
+- :class:`TimelineEvent`: append to ``wf:run:timeline:<run>``.
 
-A transition that does not apply (stale or duplicate result, terminal run) returns the input run object
-itself and no effects, so replays are idempotent.
+A transition that does not apply (stale or duplicate result, terminal run) returns the input run
+object itself and no effects, so replays are idempotent.
 
 The engine loop (I/O layer)::
 
     run, fx = start(run, now, workflow)
     for path in next_dispatches(workflow, run, now):
         step = workflow.steps[base_step(path)]
-        if step.for_each and path == step.id:        # evaluate items once, then dispatch children
+        if step.for_each and path == step.id:     # evaluate the items once, children follow
             run, fx = expand_for_each(workflow, run, path, items, now)
         elif step.dispatches or step.type == "approval":
             run, fx = mark_dispatched(workflow, run, path, now)   # persist, then publish
-        else:                                          # inline types: a later module computes them
+        else:                                       # inline types: a later module computes them
             run, fx = complete_step(workflow, run, path, status, output, error, now)
-    ... on sys.job.result: run, fx = apply_result(workflow, run, job_id, status, output, error, now)
+    # on sys.job.result:
+    run, fx = apply_result(workflow, run, job_id, status, output, error, now)
 
 Inline step types (condition, switch, transform, storage, notify, delay, parallel, loop,
-subworkflow) are NOT evaluated here: their handler module computes the outcome and reports it through
-:func:`complete_step` (or :func:`mark_dispatched` with ``status=WAITING`` for approvals). Loop children
-``<loop>[i]`` and switch branch cancellation are left to that module too.
+subworkflow) and the ``condition`` pre-gate are NOT evaluated here: their handler module computes
+the outcome and reports it through :func:`complete_step` (or :func:`mark_dispatched` with
+``status=WAITING`` for an approval gate). Loop children ``<loop>[i]``, switch branch cancellation
+and templating a step's input (``StepRun.input["error"]`` of an activated ``on_error`` handler
+included) are that module's and the engine's.
 
-Rules (beyond the spec text) chosen here:
-- A failed/denied/timed_out/cancelled step with no recovering ``on_error`` chain ends the run at once:
-  its pending dependents are ``skipped`` ("dependency X failed"), every other non-terminal step is
-  ``cancelled`` (CancelJob for those with a running/waiting job). Run status priority when several
-  steps failed: failed > denied > timed_out > cancelled.
+Rules chosen here beyond the spec text:
+- A failed/denied/timed_out/cancelled step with no recovering ``on_error`` chain ends the run at
+  once: its pending dependents are ``skipped`` ("dependency X failed"), every other non-terminal
+  step is ``cancelled`` (CancelJob for those with a running/waiting job). With several failures the
+  run status is the first present of failed, denied, timed_out, cancelled.
 - A pending step that can never become ready (a dependency skipped, or failed without recovery) is
-  marked ``skipped`` with ``skip_reason = "dependency <dep> <status>"``; so skips propagate and a
-  run always terminates once all its jobs answered.
+  marked ``skipped`` with ``skip_reason = "dependency <dep> <status>"``; skips propagate, so a run
+  always ends once all its jobs answered.
 - A terminal run is sticky: no transition changes it.
 """
 
@@ -499,9 +503,10 @@ def _blocked(workflow: Workflow, run_steps: Mapping[str, StepRun]) -> dict[str, 
 def aggregate(workflow: Workflow, run: Run) -> str:
     """The run status its steps imply (§2.5); a terminal run keeps its status.
 
-    An unrecovered failed/denied/timed_out/cancelled step → that status (priority failed, denied,
-    timed_out, cancelled); else any waiting step → waiting; else every expected step finished (steps
-    that can never run count as skipped) → succeeded; else running (pending if never started).
+    An unrecovered failed/denied/timed_out/cancelled step → that status (priority failed,
+    denied, timed_out, cancelled); else any waiting step → waiting; else every expected step
+    finished (steps that can never run count as skipped) → succeeded; else running (pending if
+    never started). Expected: not parallel/loop-owned, not an unactivated ``on_error`` target.
     """
     if run.terminal:
         return run.status
@@ -534,7 +539,8 @@ def _settle(workflow: Workflow, w: _Work, now: float) -> None:
             "",
         )
         err = dict(w.step(culprit).error or {}) if culprit else {}
-        err["message"] = f"step {culprit} {status}"
+        cause = err.get("message")
+        err["message"] = f"step {culprit} {status}" + (f": {cause}" if cause else "")
         err["step_id"] = culprit
         w.fields["error"] = err
         _close_steps(w, CANCELLED, f"workflow run {status}", now)
@@ -566,8 +572,9 @@ def start(run: Run, now: float, workflow: Workflow | None = None) -> tuple[Run, 
 def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
     """Step paths the engine should start now: ready top-level steps (definition.ready_steps) whose
     retry is due, then due pending ``step[i]`` children of running for_each parents within
-    ``max_parallel``. Empty when the run is pending or terminal."""
-    if run.status not in (RUNNING, WAITING):
+    ``max_parallel``. Empty when the run is pending or terminal, or when its workflow timeout is
+    due (call :func:`time_out` then)."""
+    if run.status not in (RUNNING, WAITING) or _timeout_due(workflow, run, now):
         return []
     out = []
     for sid in ready_steps(workflow, _statuses(run.steps)):
@@ -583,7 +590,8 @@ def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
             if limit > 0 and live >= limit:
                 break
             csr = run.step(child)
-            if csr.status == PENDING and (csr.next_attempt_at is None or csr.next_attempt_at <= now):
+            due = csr.next_attempt_at is None or csr.next_attempt_at <= now
+            if csr.status == PENDING and due:
                 out.append(child)
                 live += 1
     return out
@@ -812,7 +820,8 @@ def _roll_up(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
         for k in kids:
             if k.status not in TERMINAL_STEP_STATUSES:
                 if k.status in (RUNNING, WAITING) and k.job_id:
-                    w.emit(CancelJob(k.job_id, f"for_each sibling {culprit.step_id} {culprit.status}"))
+                    reason = f"for_each sibling {culprit.step_id} {culprit.status}"
+                    w.emit(CancelJob(k.job_id, reason))
                 w.put(k, status=CANCELLED, completed_at=now, next_attempt_at=None,
                       skip_reason=f"sibling {culprit.step_id} {culprit.status}")
         err = dict(culprit.error or {})
@@ -892,8 +901,9 @@ def _timeout_due(workflow: Workflow, run: Run, now: float) -> bool:
 
 
 def time_out(workflow: Workflow, run: Run, now: float) -> tuple[Run, list[Effect]]:
-    """Workflow ``timeout_sec`` (§2.11): once ``now >= started_at + timeout_sec`` every non-terminal
-    step → timed_out (CancelJob for live jobs), run → timed_out. Otherwise a no-op."""
+    """Workflow ``timeout_sec`` (§2.11): once ``now >= started_at + timeout_sec`` every
+    non-terminal step → timed_out (CancelJob for live jobs), run → timed_out.
+    Otherwise a no-op."""
     if not _timeout_due(workflow, run, now):
         return run, []
     w = _Work(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -141,7 +142,7 @@ def test_failure_skips_dependents_and_fails_run():
     # the independent branch still running is cancelled, its job too
     assert run.steps["d"].status == "cancelled"
     assert CancelJob("run1:d@1", "workflow run failed") in fx
-    assert run.error["step_id"] == "a"
+    assert run.error == {"message": "step a failed: boom", "step_id": "a"}
     # a late result of d is ignored
     late, fx = rs.apply_result(w, run, "run1:d@1", "SUCCEEDED", {}, None, 2)
     assert late is run and fx == []
@@ -306,6 +307,7 @@ def test_workflow_timeout():
     run, _ = rs.start(new_run(), 100)
     run, _ = rs.mark_dispatched(w, run, "a", 100)
     assert rs.time_out(w, run, 159.9) == (run, [])
+    assert rs.next_dispatches(w, replace(run, steps={}), 160) == []  # due: time_out first
     out, fx = rs.time_out(w, run, 160)
     assert out.status == "timed_out" and out.error == {"message": "workflow run timed out"}
     assert out.steps["a"].status == "timed_out"
@@ -444,7 +446,8 @@ def test_random_result_orders_terminate(seed):
         run, fx = rs.apply_result(w, run, jid, status, {"j": jid}, "err", now)
         for p, s in terminal_before.items():  # terminal steps never move
             assert run.steps[p] == s
-        if jid in answered:
+        timeout_due = w.timeout_sec > 0 and now >= run.started_at + w.timeout_sec
+        if jid in answered and not timeout_due:
             assert run is before and fx == []
         answered.add(jid)
         if rnd.random() < 0.05:
@@ -456,3 +459,44 @@ def test_random_result_orders_terminate(seed):
                for s in run.steps.values())
     assert not any(s.status in ("running", "waiting") for s in run.steps.values())
     assert Run.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+
+
+def test_approval_waiting_then_approved():
+    w = wf({"g": {"type": "approval"}, "b": step("g")})
+    run, _ = rs.start(new_run(), 0)
+    run, fx = rs.mark_dispatched(w, run, "g", 0, status="waiting")
+    assert run.status == "waiting" and DispatchStep("g", "run1:g@1", 1) in fx
+    assert rs.aggregate(w, run) == "waiting"
+    run, fx = rs.apply_result(w, run, "run1:g@1", "SUCCEEDED", None, None, 5)
+    assert run.status == "running" and rs.next_dispatches(w, run, 5) == ["b"]
+
+
+def test_aggregate_on_documents():
+    w = wf({"a": step(), "b": step("a"), "c": step()})
+    doc = {"id": "r", "workflow_id": "wf1", "status": "running", "steps": {
+        "a": {"step_id": "a", "status": "succeeded"}, "c": {"step_id": "c", "status": "running"}}}
+    assert rs.aggregate(w, Run.from_dict(doc)) == "running"
+    doc["steps"]["a"]["status"] = "timed_out"
+    assert rs.aggregate(w, Run.from_dict(doc)) == "timed_out"
+    doc["steps"]["c"]["status"] = "denied"
+    assert rs.aggregate(w, Run.from_dict(doc)) == "denied"  # denied outranks timed_out
+    doc["steps"]["a"]["status"] = "succeeded"
+    doc["steps"]["b"] = {"step_id": "b", "status": "succeeded"}
+    doc["steps"]["c"]["status"] = "succeeded"
+    assert rs.aggregate(w, Run.from_dict(doc)) == "succeeded"
+    doc["status"] = "cancelled"  # a terminal run keeps its status
+    assert rs.aggregate(w, Run.from_dict(doc)) == "cancelled"
+    assert rs.aggregate(w, Run(id="r", workflow_id="wf1")) == "pending"
+
+
+def test_mark_dispatched_refuses():
+    w = wf({"a": step()})
+    run, _ = rs.start(new_run(), 0)
+    run, _ = rs.mark_dispatched(w, run, "a", 0)
+    with pytest.raises(ValueError):
+        rs.mark_dispatched(w, run, "a", 0)  # already running
+    with pytest.raises(ValueError):
+        rs.mark_dispatched(w, run, "nope", 0)
+    done, _ = rs.cancel(run, now=1)
+    with pytest.raises(ValueError):
+        rs.mark_dispatched(w, done, "a", 1)
