@@ -1,0 +1,479 @@
+"""The workflow engine's I/O core: drives runs through the pure state machine (``runstate``).
+
+One operation per run at a time, under the run lock ``cordum:wf:run:lock:<runID>`` (a 30 s
+``runtime.lease`` renewed at TTL/3). The lock is re-entrant for its holder within one operation
+(``handle_result`` → ``advance`` takes it once), and its fencing token goes with every
+``WorkflowStore.update_run``: a replica that lost the lock (paused past the TTL) gets
+``RunFenceStale`` and its whole operation is dropped and logged — no effect of it is carried out.
+
+Order inside an operation (spec cordum-services §2.6/§2.7): a transition yields a new run and
+effects; the run is persisted with the fence FIRST, then the effects are carried out (timeline,
+timers, ``sys.job.cancel``), and a step job is published on ``sys.job.submit`` only after the
+``running`` step that names it was stored ("persist before publish"). A failed publish puts the
+step back (``revert_dispatch``), persists again and arms a timer to try later.
+
+Step types handled: worker and its aliases (a job), approval (a gate job on
+``job.cordum.approval-gate``, step ``waiting``), condition, transform, notify (inline), and
+``for_each`` on any of them. Others (delay, switch, storage, parallel, loop, subworkflow) fail the
+step with "step type X is not supported yet" so a run never hangs on them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+
+import trio
+
+from cordum.agent.v1.alert_pb2 import SystemAlert
+from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.agent.v1.job_pb2 import Budget, JobCancel, JobMetadata, JobPriority, JobRequest, JobStatus
+from cordum.infra.bus import Bus
+from cordum.infra.redis import Redis
+from cordum.protocol import subjects
+from cordum.protocol.packets import encode, new_packet
+from cordum.protocol.pointers import context_key, ptr
+from cordum.runtime.consumer import Retry
+from cordum.runtime.lease import Lease, LeaseLost, Leases
+from cordum.runtime.log import get_logger
+from cordum.store import keys
+from cordum.store.jobs import InvalidTransition, JobStore
+from cordum.store.jobstate import JobState
+from cordum.store.workflows import RunFenceStale, RunNotFound, WorkflowStore
+from cordum.workflow import expr
+from cordum.workflow import runstate as rs
+from cordum.workflow.definition import Step, Workflow, parse_workflow
+from cordum.workflow.runstate import Run, StepRun
+
+log = get_logger("workflow.engine")
+
+SENDER = "workflow-engine"
+RUN_LOCK_TTL = 30.0
+LOCK_WAIT = 2.0  # how long an operation waits for a busy run lock before asking for a retry
+MAX_RESULT_BYTES = 256 * 1024
+PUBLISH_RETRY_S = 1.0
+#: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
+MAX_TRANSITIONS = 10_000
+INLINE_TYPES = frozenset({"condition", "transform", "notify"})
+UNSUPPORTED_TYPES = frozenset({"delay", "switch", "storage", "parallel", "loop", "subworkflow"})
+_PRIORITIES = {"interactive": JobPriority.JOB_PRIORITY_INTERACTIVE, "batch": JobPriority.JOB_PRIORITY_BATCH,
+               "critical": JobPriority.JOB_PRIORITY_CRITICAL}
+
+#: (engine, run id) → lease held by the current task's operation (re-entrancy of the run lock)
+_HELD: contextvars.ContextVar[Mapping[tuple[int, str], Lease]] = contextvars.ContextVar("wf_run_locks", default={})
+
+
+class RunBusy(Retry):
+    """The run lock is held by another operation: try again shortly."""
+
+
+class OperationDropped(Exception):
+    """The operation's fenced write was refused (a newer holder wrote): nothing of it took effect."""
+
+
+def revert_dispatch(before: Run, now: float) -> Run:
+    """The run as it was before ``mark_dispatched`` (its job never reached the bus): the step is
+    pending again with its earlier attempt count, so the next dispatch reuses the same attempt."""
+    return replace(before, updated_at=now)
+
+
+def timer_member(run: Run) -> str:
+    return f"{run.workflow_id}:{run.id}"
+
+
+def status_name(status: int) -> str:
+    """CAP JobStatus number → the name runstate.apply_result understands (``SUCCEEDED`` …)."""
+    try:
+        return JobStatus.Name(status).removeprefix("JOB_STATUS_")
+    except ValueError:
+        return "FAILED"
+
+
+class WorkflowEngine:
+    def __init__(self, *, store: WorkflowStore, jobs: JobStore, bus: Bus, leases: Leases, redis: Redis,
+                 clock: Callable[[], float] = time.time, lock_ttl: float = RUN_LOCK_TTL,
+                 lock_wait: float = LOCK_WAIT) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.bus = bus
+        self.leases = leases
+        self.redis = redis
+        self.clock = clock
+        self.lock_ttl = lock_ttl
+        self.lock_wait = lock_wait
+
+    # ---- the run lock -------------------------------------------------------------------------
+
+    async def _acquire(self, run_id: str) -> Lease:
+        deadline = trio.current_time() + self.lock_wait
+        delay = 0.005
+        while True:
+            lease = await self.leases.try_acquire(keys.workflow_run_lock(run_id), self.lock_ttl)
+            if lease is not None:
+                return lease
+            if trio.current_time() + delay > deadline:
+                raise RunBusy(0.5, f"run {run_id} is locked")
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    @asynccontextmanager
+    async def run_locked(self, run_id: str) -> AsyncIterator[tuple[Run | None, int]]:
+        """Hold the run lock (re-entrant within one operation) and yield ``(run, fence)``; run is
+        None when the run does not exist. LeaseLost if the lock was lost meanwhile."""
+        held = _HELD.get()
+        lease = held.get((id(self), run_id))
+        if lease is not None:
+            yield await self.load_run(run_id), lease.fence
+            return
+        lease = await self._acquire(run_id)
+        token = _HELD.set({**held, (id(self), run_id): lease})
+        try:
+            async with self.leases.holding(lease):
+                yield await self.load_run(run_id), lease.fence
+        finally:
+            _HELD.reset(token)
+
+    async def load_run(self, run_id: str) -> Run | None:
+        doc = await self.store.get_run(run_id)
+        return None if doc is None else Run.from_dict(doc)
+
+    async def load_workflow(self, workflow_id: str) -> Workflow | None:
+        doc = await self.store.get_definition(workflow_id)
+        if doc is None:
+            return None
+        return parse_workflow(doc, origin=f"workflow {workflow_id}")
+
+    async def save(self, run: Run, fence: int) -> bool:
+        """Persist ``run`` with ``fence``; False (logged) when a newer fence already wrote."""
+        try:
+            await self.store.update_run(run.to_dict(), fence=fence)
+        except RunFenceStale as exc:
+            log.warning("workflow.stale_fence", run_id=run.id, fence=exc.fence, held=exc.held)
+            return False
+        except RunNotFound:
+            log.warning("workflow.run_deleted", run_id=run.id)
+            return False
+        return True
+
+    async def _commit(self, run: Run, fence: int, effects: Sequence[rs.Effect]) -> None:
+        """Persist, then carry out the non-dispatch effects; OperationDropped on a stale fence."""
+        if not await self.save(run, fence):
+            raise OperationDropped(run.id)
+        for effect in effects:
+            await self._carry_out(run, effect)
+
+    async def _carry_out(self, run: Run, effect: rs.Effect) -> None:
+        if isinstance(effect, rs.TimelineEvent):
+            event: dict[str, Any] = {"type": effect.type, "at": self.clock()}
+            for name in ("step_id", "job_id", "status", "message"):
+                if getattr(effect, name):
+                    event[name] = getattr(effect, name)
+            if effect.data:
+                event["data"] = dict(effect.data)
+            await self.store.append_timeline(run.id, event)
+        elif isinstance(effect, rs.ArmTimer):
+            await self._arm(run, effect.due_at)
+        elif isinstance(effect, rs.CancelJob):
+            cancel = JobCancel(job_id=effect.job_id, reason=effect.reason, requested_by=SENDER)
+            await self.bus.publish(subjects.CANCEL, encode(new_packet(cancel, sender_id=SENDER, trace_id=run.id)))
+        # DispatchStep is carried out by the dispatch path itself (persist before publish)
+
+    async def _arm(self, run: Run, due: float) -> None:
+        member = timer_member(run)
+        current = await self.store.timer_due(member)
+        if current is None or current <= self.clock() or due < current:
+            await self.store.arm_timer(member, due)
+
+    # ---- public operations ----------------------------------------------------------------------
+
+    async def start_run(self, workflow_id: str, tenant: str, input: Mapping[str, Any] | None = None, *,
+                        idempotency_key: str | None = None, dry_run: bool = False,
+                        triggered_by: str = "") -> str:
+        """Create a run of a tenant's workflow and advance it; returns the run id (the existing
+        run's for a repeated idempotency key). LookupError when the workflow is unknown."""
+        doc = await self.store.get_definition(workflow_id, tenant=tenant)
+        if doc is None:
+            raise LookupError(f"workflow {workflow_id} not found")
+        parse_workflow(doc, origin=f"workflow {workflow_id}")  # refuse a definition that no longer parses
+        now = self.clock()
+        run = Run(id=str(uuid.uuid4()), workflow_id=workflow_id, org_id=tenant,
+                  team_id=str(doc.get("team_id") or ""), input=dict(input or {}), created_at=now,
+                  updated_at=now, dry_run=dry_run, triggered_by=triggered_by,
+                  idempotency_key=idempotency_key or "")
+        run_id, created = await self.store.create_run(run.to_dict(), tenant=tenant, idempotency_key=idempotency_key)
+        if created:
+            await self.store.append_timeline(run_id, {"type": "run_created", "at": now, "status": rs.PENDING})
+            await self.advance(run_id)
+        return run_id
+
+    async def advance(self, run_id: str) -> None:
+        """Start/time out the run and dispatch (or complete inline) every step that is ready."""
+        try:
+            async with self.run_locked(run_id) as (run, fence):
+                if run is None:
+                    log.info("workflow.run_missing", run_id=run_id)
+                    return
+                await self._advance(run, fence)
+        except (OperationDropped, LeaseLost) as exc:
+            log.warning("workflow.operation_dropped", run_id=run_id, op="advance", error=repr(exc))
+
+    async def handle_result(self, packet: BusPacket) -> None:
+        """One ``sys.job.result`` packet: apply it to its run (ignored when not a workflow job),
+        persist, carry out its effects, then advance the run."""
+        if packet.WhichOneof("payload") != "job_result":
+            return
+        result = packet.job_result
+        parsed = rs.parse_job_id(result.job_id)
+        if parsed is None:
+            return
+        run_id = parsed[0]
+        status = status_name(result.status)
+        output = await self._read_output(result.job_id, result.result_ptr) if status == "SUCCEEDED" else None
+        error: Any = None
+        if status != "SUCCEEDED":
+            error = {"message": result.error_message or f"job {status.lower()}"}
+            if result.error_code:
+                error["code"] = result.error_code
+        try:
+            async with self.run_locked(run_id) as (run, fence):
+                if run is None:
+                    log.info("workflow.result_unknown_run", job_id=result.job_id)
+                    return
+                workflow = await self.load_workflow(run.workflow_id)
+                if workflow is None:
+                    return
+                new, effects = rs.apply_result(workflow, run, result.job_id, status, output, error,
+                                               self.clock(), result_ptr=result.result_ptr)
+                if new is run:
+                    log.debug("workflow.result_ignored", job_id=result.job_id, status=status)
+                    return
+                await self._commit(new, fence, effects)
+                await self._advance(new, fence, workflow)
+        except (OperationDropped, LeaseLost) as exc:
+            log.warning("workflow.operation_dropped", run_id=run_id, op="result", job_id=result.job_id,
+                        error=repr(exc))
+
+    async def cancel_run(self, run_id: str, tenant: str, reason: str = "workflow run cancelled") -> bool:
+        """Cancel a tenant's run (JobCancel for its running step jobs). False when missing or
+        another tenant's; True also when it was already terminal."""
+        try:
+            async with self.run_locked(run_id) as (run, fence):
+                if run is None or run.org_id != tenant:
+                    return False
+                new, effects = rs.cancel(run, reason, self.clock())
+                if new is not run:
+                    await self._commit(new, fence, effects)
+                return True
+        except (OperationDropped, LeaseLost) as exc:
+            log.warning("workflow.operation_dropped", run_id=run_id, op="cancel", error=repr(exc))
+            return False
+
+    # ---- advancing ---------------------------------------------------------------------------------
+
+    async def _advance(self, run: Run, fence: int, workflow: Workflow | None = None) -> None:
+        if run.terminal:
+            return
+        if workflow is None:
+            workflow = await self.load_workflow(run.workflow_id)
+        if workflow is None:
+            log.warning("workflow.definition_missing", run_id=run.id, workflow_id=run.workflow_id)
+            return
+        now = self.clock()
+        original = run
+        effects: list[rs.Effect] = []
+        run, fx = rs.start(run, now, workflow)
+        effects += fx
+        run, fx = rs.time_out(workflow, run, now)
+        effects += fx
+        transitions = 0
+        while transitions < MAX_TRANSITIONS:
+            paths = rs.next_dispatches(workflow, run, now)
+            if not paths:
+                break
+            progressed = False
+            for path in paths:
+                transitions += 1
+                step = workflow.steps[rs.base_step(path)]
+                if run.step(path).status != rs.PENDING or run.terminal:
+                    continue
+                if step.for_each and path == step.id:
+                    run, fx = self._expand(workflow, run, step, now)
+                elif step.condition and step.type not in ("condition", "switch", "loop") \
+                        and not self._gate_passes(run, step, path):
+                    run, fx = rs.complete_step(workflow, run, path, rs.SKIPPED, None,
+                                               {"message": "condition_false"}, now)
+                elif step.dispatches or step.type == "approval":
+                    before = run
+                    attempt = run.step(path).attempts + 1
+                    try:
+                        job = self.build_step_job(workflow, run, step, path, rs.job_id(run.id, path, attempt), attempt)
+                    except Exception as exc:  # e.g. a template that does not render: the step cannot start
+                        run, fx = rs.complete_step(workflow, run, path, rs.FAILED, None,
+                                                   {"message": f"step input: {exc}"}, now)
+                        effects += fx
+                        progressed = True
+                        continue
+                    status = rs.WAITING if step.type == "approval" else rs.RUNNING
+                    run, fx = rs.mark_dispatched(workflow, run, path, now, status=status)
+                    await self._commit(run, fence, effects + [e for e in fx if not isinstance(e, rs.DispatchStep)])
+                    effects = []
+                    dispatch = next(e for e in fx if isinstance(e, rs.DispatchStep))
+                    if dispatch.job_id != job[0].job_id:  # runstate and our prediction disagree
+                        job = self.build_step_job(workflow, run, step, path, dispatch.job_id, dispatch.attempt)
+                    if not await self._publish_step(run, job):
+                        run = revert_dispatch(before, self.clock())
+                        await self._commit(run, fence, [rs.TimelineEvent(
+                            "step_dispatch_failed", step_id=path, job_id=dispatch.job_id,
+                            message="publish to sys.job.submit failed; retrying")])
+                        await self._arm(run, self.clock() + PUBLISH_RETRY_S)
+                        return
+                    progressed = True
+                    continue
+                else:
+                    run, fx = await self._inline(workflow, run, step, path, now)
+                effects += fx
+                progressed = True
+                if run.terminal:
+                    break
+            if not progressed or run.terminal:
+                break
+        if run is not original or effects:
+            await self._commit(run, fence, effects)
+
+    def _scope(self, run: Run, path: str) -> dict[str, Any]:
+        steps = run.context.get("steps") if isinstance(run.context, Mapping) else None
+        return {"input": run.input, "ctx": run.context, "steps": steps or {}, "item": run.step(path).item}
+
+    def _gate_passes(self, run: Run, step: Step, path: str) -> bool:
+        try:
+            return expr.truthy(expr.evaluate(step.condition, self._scope(run, path)))
+        except Exception as exc:  # a bad pre-gate skips the step rather than hanging the run
+            log.warning("workflow.condition_error", run_id=run.id, step=path, error=str(exc))
+            return False
+
+    def _expand(self, workflow: Workflow, run: Run, step: Step, now: float) -> tuple[Run, list[rs.Effect]]:
+        try:
+            items = expr.evaluate(step.for_each, self._scope(run, step.id))
+        except Exception as exc:
+            return rs.complete_step(workflow, run, step.id, rs.FAILED, None,
+                                    {"message": f"for_each: {exc}"}, now)
+        if items is None:
+            items = []
+        if isinstance(items, Mapping):
+            items = list(items.values())
+        if not isinstance(items, (list, tuple)):
+            return rs.complete_step(workflow, run, step.id, rs.FAILED, None,
+                                    {"message": f"for_each: {step.for_each!r} is not a list"}, now)
+        return rs.expand_for_each(workflow, run, step.id, items, now)
+
+    async def _inline(self, workflow: Workflow, run: Run, step: Step, path: str,
+                      now: float) -> tuple[Run, list[rs.Effect]]:
+        scope = self._scope(run, path)
+        try:
+            if step.type == "condition":
+                if not step.condition:
+                    raise ValueError("condition step without a condition")
+                output: Any = expr.truthy(expr.evaluate(step.condition, scope))
+            elif step.type == "transform":
+                output = expr.render(dict(step.input), scope)
+            elif step.type == "notify":
+                output = expr.render(dict(step.input), scope)
+                await self._notify(run, path, output if isinstance(output, Mapping) else {})
+            else:
+                return rs.complete_step(workflow, run, path, rs.FAILED, None,
+                                        {"message": f"step type {step.type} is not supported yet"}, now)
+        except Exception as exc:
+            return rs.complete_step(workflow, run, path, rs.FAILED, None, {"message": str(exc)}, now)
+        return rs.complete_step(workflow, run, path, rs.SUCCEEDED, output, None, now)
+
+    async def _notify(self, run: Run, path: str, data: Mapping[str, Any]) -> None:
+        alert = SystemAlert(
+            level=str(data.get("level") or "info"), message=str(data.get("message") or ""),
+            code=str(data.get("code") or ""), component=str(data.get("component") or SENDER),
+            source_component=SENDER, trace_id=run.id,
+            details={"workflow_id": run.workflow_id, "run_id": run.id, "step_id": path, "tenant_id": run.org_id},
+        )
+        await self.bus.publish(subjects.WORKFLOW_EVENT, encode(new_packet(alert, sender_id=SENDER, trace_id=run.id)))
+
+    # ---- step jobs -----------------------------------------------------------------------------------
+
+    def build_step_job(self, workflow: Workflow, run: Run, step: Step, path: str,
+                       jid: str, attempt: int) -> tuple[JobRequest, Any]:
+        """The JobRequest of a step attempt and the context stored at ``ctx:<jobID>`` (§2.6, §2.3)."""
+        sr: StepRun = run.step(path)
+        scope = self._scope(run, path)
+        tenant = run.org_id
+        rendered = expr.render(dict(step.input), scope) if step.input else dict(run.input)
+        labels = {"workflow_id": run.workflow_id, "run_id": run.id, "step_id": path, "_source": "workflow"}
+        if step.worker_id:
+            labels["worker_id"] = step.worker_id
+        for key, value in step.route_labels.items():
+            labels[str(key)] = str(value)
+        memory_id = str(run.input.get("memory_id") or f"run:{run.id}")
+        env = {"workflow_id": run.workflow_id, "run_id": run.id, "step_id": path, "tenant_id": tenant,
+               "team_id": run.team_id, "memory_id": memory_id, "context_mode": "raw"}
+        if run.dry_run:
+            env["dry_run"] = "true"
+        if step.type == "approval":
+            topic, priority = subjects.APPROVAL_GATE_TOPIC, JobPriority.JOB_PRIORITY_INTERACTIVE
+            labels["gate_type"] = "workflow_approval"
+            idempotency = f"wf:{run.id}:{path}:{attempt}:approval"
+            context: Any = {
+                "kind": "workflow_approval_context", "version": 1,
+                "workflow": {"workflow_id": run.workflow_id, "workflow_name": workflow.name, "run_id": run.id,
+                             "step_id": path, "step_name": step.name, "requested_at": self.clock(),
+                             "triggered_by": run.triggered_by, "tenant_id": tenant, "team_id": run.team_id},
+                "decision": rendered,
+            }
+        else:
+            topic = step.topic or f"job.workflow.{run.workflow_id}"
+            priority = _PRIORITIES.get(str(run.input.get("priority") or "batch"), JobPriority.JOB_PRIORITY_BATCH)
+            idempotency = f"wf:{run.id}:{path}:{attempt}"
+            context = dict(rendered) if isinstance(rendered, Mapping) else {"input": rendered}
+            if isinstance(sr.input, Mapping):
+                context.update(sr.input)  # e.g. the error of an activated on_error handler
+            if sr.item is not None or rs.base_step(path) != path:
+                context["item"] = sr.item
+                env["foreach_item"] = json.dumps(sr.item, separators=(",", ":"), default=str)
+        meta = JobMetadata(tenant_id=tenant, idempotency_key=idempotency, labels=labels)
+        request = JobRequest(
+            job_id=jid, topic=topic, priority=priority, context_ptr=ptr(context_key(jid)),
+            adapter_id=step.worker_id, env=env, workflow_id=run.workflow_id, memory_id=memory_id,
+            tenant_id=tenant, labels=labels, meta=meta,
+            budget=Budget(deadline_ms=int(step.timeout_sec * 1000)),
+        )
+        return request, context
+
+    async def _publish_step(self, run: Run, job: tuple[JobRequest, Any]) -> bool:
+        """Create the job record (PENDING, with its context) and publish the request; False when
+        either failed (the caller reverts the step)."""
+        request, context = job
+        jid = request.job_id
+        fields = {"topic": request.topic, "tenant": run.org_id, "trace_id": run.id, "labels": dict(request.labels),
+                  "idempotency_key": request.meta.idempotency_key, "memory_id": request.memory_id,
+                  "submitted_by": SENDER}
+        try:
+            try:
+                await self.jobs.create(jid, JobState.PENDING, request=request, fields=fields, context=context)
+            except InvalidTransition:
+                pass  # created by an earlier try of this same attempt
+            packet = new_packet(request, sender_id=SENDER, trace_id=run.id)
+            await self.bus.publish(subjects.SUBMIT, encode(packet), msg_id=f"jobreq:{jid}")
+        except Exception as exc:
+            log.error("workflow.publish_failed", run_id=run.id, job_id=jid, error=repr(exc))
+            return False
+        return True
+
+    async def _read_output(self, job_id: str, result_ptr: str) -> Any:
+        """The JSON output a worker stored at ``res:<jobID>`` (None if absent or over 256 KiB)."""
+        if not result_ptr:
+            return None
+        size = int(await self.redis.execute("STRLEN", keys.result(job_id)) or 0)
+        if size == 0 or size > MAX_RESULT_BYTES:
+            return None
+        return await self.jobs.get_result(job_id)
