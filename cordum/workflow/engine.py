@@ -284,7 +284,7 @@ class WorkflowEngine:
             log.warning("workflow.definition_missing", run_id=run.id, workflow_id=run.workflow_id)
             return
         now = self.clock()
-        original = run
+        saved = run
         effects: list[rs.Effect] = []
         run, fx = rs.start(run, now, workflow)
         effects += fx
@@ -321,7 +321,7 @@ class WorkflowEngine:
                     status = rs.WAITING if step.type == "approval" else rs.RUNNING
                     run, fx = rs.mark_dispatched(workflow, run, path, now, status=status)
                     await self._commit(run, fence, effects + [e for e in fx if not isinstance(e, rs.DispatchStep)])
-                    effects = []
+                    effects, saved = [], run
                     dispatch = next(e for e in fx if isinstance(e, rs.DispatchStep))
                     if dispatch.job_id != job[0].job_id:  # runstate and our prediction disagree
                         job = self.build_step_job(workflow, run, step, path, dispatch.job_id, dispatch.attempt)
@@ -342,7 +342,7 @@ class WorkflowEngine:
                     break
             if not progressed or run.terminal:
                 break
-        if run is not original or effects:
+        if run is not saved or effects:
             await self._commit(run, fence, effects)
 
     def _scope(self, run: Run, path: str) -> dict[str, Any]:

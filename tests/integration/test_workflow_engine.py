@@ -334,3 +334,80 @@ def test_status_names() -> None:
     assert status_name(JobStatus.JOB_STATUS_SUCCEEDED) == "SUCCEEDED"
     assert status_name(JobStatus.JOB_STATUS_FAILED_RETRYABLE) == "FAILED_RETRYABLE"
     assert status_name(999) == "FAILED"
+
+
+async def test_for_each_fans_out_and_collects(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "each": worker(for_each="input.items", max_parallel=2, input={"tag": "x"}),
+            "after": worker(depends_on=["each"], input={"all": "${steps.each.output}"}),
+        })
+        run_id = await env.start(workflow_id, {"items": [10, 20, 30]})
+        await env.request(f"{run_id}:each[0]@1")
+        await env.request(f"{run_id}:each[1]@1")
+        assert env.requests(f"{run_id}:each[2]@1") == []  # max_parallel 2
+        assert await env.jobs.get_context(f"{run_id}:each[1]@1") == {"tag": "x", "item": 20}
+        await env.answer(f"{run_id}:each[0]@1", output=100)
+        await env.request(f"{run_id}:each[2]@1")
+        await env.answer(f"{run_id}:each[2]@1", output=300)
+        await env.answer(f"{run_id}:each[1]@1", output=200)
+        await env.request(f"{run_id}:after@1")
+        assert await env.jobs.get_context(f"{run_id}:after@1") == {"all": [100, 200, 300]}
+
+
+async def test_approval_gate_job_waits_then_continues(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"ask": {"type": "approval", "input": {"amount": "${input.amount}"}},
+                                        "act": worker(depends_on=["ask"])})
+        run_id = await env.start(workflow_id, {"amount": 5})
+        gate = await env.request(f"{run_id}:ask@1")
+        assert gate.topic == subjects.APPROVAL_GATE_TOPIC and gate.labels["gate_type"] == "workflow_approval"
+        context = await env.jobs.get_context(f"{run_id}:ask@1")
+        assert context["kind"] == "workflow_approval_context" and context["decision"] == {"amount": 5}
+        run = await env.run(run_id)
+        assert run.status == "waiting" and run.step("ask").status == "waiting"
+        await env.answer(f"{run_id}:ask@1")  # approved
+        await env.request(f"{run_id}:act@1")
+
+        run_id = await env.start(workflow_id, {"amount": 9})
+        await env.request(f"{run_id}:ask@1")
+        await env.answer(f"{run_id}:ask@1", "DENIED", error="rejected by a human")
+        run = await env.run(run_id)
+        assert run.status == "denied" and run.step("act").status == "skipped"
+
+
+async def test_workflow_timeout_cancels_running_jobs(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker()}, timeout_sec=5)
+        run_id = await env.start(workflow_id)
+        await env.request(f"{run_id}:a@1")
+        assert await env.store.timer_due(f"{workflow_id}:{run_id}") == env.clock.now + 5
+        env.clock.now += 6
+        await env.engine.advance(run_id)
+        run = await env.run(run_id)
+        assert run.status == "timed_out" and run.step("a").status == "timed_out"
+        await env.cancels.wait(lambda p: p.job_cancel.job_id == f"{run_id}:a@1", "JobCancel after timeout")
+
+
+async def test_unsupported_step_type_fails_the_step(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"wait": {"type": "delay", "delay_sec": 30}, "b": worker(depends_on=["wait"])})
+        run_id = await env.start(workflow_id)
+        run = await env.run(run_id)
+        assert run.status == "failed"
+        assert run.step("wait").error["message"] == "step type delay is not supported yet"
+
+
+async def test_concurrent_results_of_parallel_steps(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker(), "b": worker(), "join": worker(depends_on=["a", "b"])})
+        run_id = await env.start(workflow_id)
+        await env.request(f"{run_id}:a@1")
+        await env.request(f"{run_id}:b@1")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(env.answer, f"{run_id}:a@1", "SUCCEEDED", {"a": 1})
+            nursery.start_soon(env.answer, f"{run_id}:b@1", "SUCCEEDED", {"b": 2})
+        await env.request(f"{run_id}:join@1")
+        await env.answer(f"{run_id}:join@1", output={})
+        assert (await env.run(run_id)).status == "succeeded"
+        assert len(env.requests(f"{run_id}:join@1")) == 1
