@@ -411,3 +411,25 @@ async def test_concurrent_results_of_parallel_steps(redis, bus, settings) -> Non
         await env.answer(f"{run_id}:join@1", output={})
         assert (await env.run(run_id)).status == "succeeded"
         assert len(env.requests(f"{run_id}:join@1")) == 1
+
+
+async def test_publish_failure_reverts_the_step(redis, bus, settings) -> None:
+    from cordum.infra.bus import open_bus
+
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker()})
+        async with open_bus(settings, name="closed-soon") as closed:
+            pass
+        broken = WorkflowEngine(store=env.store, jobs=env.jobs, bus=closed, leases=Leases(redis, "broken"),
+                                redis=redis, clock=env.clock)
+        with trio.fail_after(TIMEOUT):
+            run_id = await broken.start_run(workflow_id, TENANT, {})
+        env.runs.add(run_id)
+        run = await env.run(run_id)
+        assert run.step("a").status == "pending" and run.step("a").attempts == 0
+        assert await env.store.timer_due(f"{workflow_id}:{run_id}") == env.clock.now + 1
+        events = [e["type"] for e in await env.store.timeline(run_id)]
+        assert "step_dispatch_failed" in events
+        await env.engine.advance(run_id)  # the timer fired: the same attempt goes out
+        await env.request(f"{run_id}:a@1")
+        assert (await env.run(run_id)).step("a").status == "running"
