@@ -63,7 +63,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -89,6 +88,7 @@ from cordum.dev.chaos_core import (
     parse_list,
     plan_faults,
 )
+from cordum.dev.servers import free_block
 from cordum.dev.stack import _count  # an integer >= 0, as `cordumctl up` parses it
 
 # ---- options ------------------------------------------------------------------------------------
@@ -166,25 +166,6 @@ class Interrupted(Exception):
 
 def say(text: str) -> None:
     print(f"chaos: {text}", file=sys.stderr, flush=True)
-
-
-def free_block(size: int) -> int:
-    """A base port whose whole block of `size` loopback ports is free right now."""
-    for _ in range(50):
-        base = random.randrange(20000, 60000 - size, 2)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + size):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise ChaosError("no free block of loopback ports")
 
 
 @dataclass

@@ -94,6 +94,19 @@ class Leases:
         lease.valid_until = sent + ttl - lease.margin
         return lease
 
+    async def acquire_within(self, key: str, ttl: float, wait: float) -> Lease | None:
+        """`try_acquire`, polled with backoff (5 ms doubling to 100 ms) for up to `wait` seconds:
+        a lock held for a moment (a result arriving while its dispatch still holds the job) is
+        waited out instead of refused. None when still held at the end."""
+        deadline = trio.current_time() + wait
+        delay = 0.005
+        while True:
+            lease = await self.try_acquire(key, ttl)
+            if lease is not None or trio.current_time() + delay > deadline:
+                return lease
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
     async def renew(self, lease: Lease) -> bool:
         sent = trio.current_time()
         if int(await self._renew([lease.key], [lease.value, _ms(lease.ttl)])) != 1:

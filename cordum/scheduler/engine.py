@@ -86,16 +86,10 @@ class Engine:
 
     async def _lock(self, job_id: str) -> Lease:
         """Wait briefly for the job lock (a result often arrives while its dispatch still holds it)."""
-        deadline = trio.current_time() + LOCK_WAIT
-        delay = 0.005
-        while True:
-            lease = await self.leases.try_acquire(keys.job_lock(job_id), JOB_LOCK_TTL)
-            if lease is not None:
-                return lease
-            if trio.current_time() + delay > deadline:
-                raise Retry(RETRY_LOCK_BUSY_S, f"job {job_id} is locked")
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        lease = await self.leases.acquire_within(keys.job_lock(job_id), JOB_LOCK_TTL, LOCK_WAIT)
+        if lease is None:
+            raise Retry(RETRY_LOCK_BUSY_S, f"job {job_id} is locked")
+        return lease
 
     @asynccontextmanager
     async def lock_if_free(self, job_id: str) -> AsyncIterator[Lease | None]:

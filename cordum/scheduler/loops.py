@@ -314,6 +314,9 @@ class WorkerReaper:
             await engine.resubmit(job_id, meta.get("trace_id") or job_id, f"reroute:{job_id}:{attempt}")
 
 
+LIVE_STATES = frozenset(s.value for s in JobState if s not in TERMINAL)
+
+
 class IndexSweep:
     """Finds jobs whose index entries were lost (an index write on a cluster that failed after
     the job's own hash was written) by walking the job hashes themselves, a page per step: a live
@@ -328,10 +331,7 @@ class IndexSweep:
     async def tick(self, lease: Lease) -> None:
         store = self.engine.store
         self.cursor, metas = await store.scan_jobs(self.cursor, self.page)
-        for meta in metas:
-            try:
-                if not is_terminal(meta["state"]) and await store.repair_index(meta):
-                    self.repaired += 1
-                    log.warning("index_sweep.repaired", job_id=meta["id"], state=meta["state"])
-            except Exception as exc:
-                log.warning("index_sweep.job_failed", job_id=meta.get("id"), error=repr(exc))
+        live = [meta for meta in metas if meta.get("state") in LIVE_STATES]  # an unknown state is left alone
+        for job_id in await store.repair_indexes(live):
+            self.repaired += 1
+            log.warning("index_sweep.repaired", job_id=job_id)

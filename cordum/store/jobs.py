@@ -522,26 +522,42 @@ class JobStore:
         metas = await self.get_many(ids) if ids else []
         return cursor, [meta for meta in metas if meta is not None]
 
-    async def repair_index(self, meta: Mapping[str, Any]) -> bool:
-        """Put a live job back into its state index (and its tenant's active set, and the in-flight
-        list of the worker it was sent to) where a lost write left it out; True when it did."""
-        job_id, state = meta["id"], JobState(meta["state"])
-        worker_id = meta.get("worker_id", "") if state in (JobState.DISPATCHED, JobState.RUNNING) else ""
-        checks: list[tuple[Any, ...]] = [("ZSCORE", keys.job_index(state.value), job_id)]
-        if worker_id:
-            checks.append(("ZSCORE", keys.worker_inflight(worker_id), job_id))
-        found = await self._redis.pipeline(checks)
+    async def repair_indexes(self, metas: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Put live jobs back into their state index (and tenant's active set, and the in-flight
+        list of the worker they were sent to) where a lost write left them out: one pipeline of
+        checks and one of repairs for the whole page. Returns the ids repaired."""
+        checks: list[tuple[Any, ...]] = []
+        wanted: list[tuple[Mapping[str, Any], str]] = []  # (meta, what the check looks for)
+        for meta in metas:
+            state = JobState(meta["state"])
+            if state in TERMINAL:
+                continue
+            checks.append(("ZSCORE", keys.job_index(state.value), meta["id"]))
+            wanted.append((meta, "index"))
+            if state in (JobState.DISPATCHED, JobState.RUNNING) and meta.get("worker_id"):
+                checks.append(("ZSCORE", keys.worker_inflight(meta["worker_id"]), meta["id"]))
+                wanted.append((meta, "inflight"))
+        if not checks:
+            return []
         commands: list[tuple[Any, ...]] = []
-        if found[0] is None:
-            commands += [("ZADD", keys.job_index(state.value), int(meta.get("updated_at") or now_us()), job_id),
-                         ("SET", keys.job_state(job_id), state.value, "EX", self.meta_ttl)]
-            if meta.get("tenant"):
-                commands.append(("SADD", keys.tenant_active(meta["tenant"]), job_id))
-        if worker_id and found[1] is None:
-            commands += self.inflight_commands(worker_id, job_id, done=False)
+        repaired: list[str] = []
+        for (meta, kind), found in zip(wanted, await self._redis.pipeline(checks)):
+            if found is not None:  # present (or the check itself failed: the next pass looks again)
+                continue
+            job_id = meta["id"]
+            if kind == "inflight":
+                commands += self.inflight_commands(meta["worker_id"], job_id, done=False)
+            else:
+                state = meta["state"]
+                commands += [("ZADD", keys.job_index(state), int(meta.get("updated_at") or now_us()), job_id),
+                             ("SET", keys.job_state(job_id), state, "EX", self.meta_ttl)]
+                if meta.get("tenant"):
+                    commands.append(("SADD", keys.tenant_active(meta["tenant"]), job_id))
+            if job_id not in repaired:
+                repaired.append(job_id)
         if commands:
             await self.run_repeatable(commands)
-        return bool(commands)
+        return repaired
 
     async def drop_from_index(self, state: JobState, job_id: str) -> None:
         """Repair a stale index entry (the hash says the job moved on)."""

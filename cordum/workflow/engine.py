@@ -28,8 +28,6 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
-import trio
-
 from cordum.agent.v1.alert_pb2 import SystemAlert
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.agent.v1.job_pb2 import Budget, JobCancel, JobMetadata, JobPriority, JobRequest, JobStatus
@@ -110,16 +108,10 @@ class WorkflowEngine:
     # ---- the run lock -------------------------------------------------------------------------
 
     async def _acquire(self, run_id: str) -> Lease:
-        deadline = trio.current_time() + self.lock_wait
-        delay = 0.005
-        while True:
-            lease = await self.leases.try_acquire(keys.workflow_run_lock(run_id), self.lock_ttl)
-            if lease is not None:
-                return lease
-            if trio.current_time() + delay > deadline:
-                raise RunBusy(0.5, f"run {run_id} is locked")
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        lease = await self.leases.acquire_within(keys.workflow_run_lock(run_id), self.lock_ttl, self.lock_wait)
+        if lease is None:
+            raise RunBusy(0.5, f"run {run_id} is locked")
+        return lease
 
     @asynccontextmanager
     async def run_locked(self, run_id: str) -> AsyncIterator[tuple[Run | None, int]]:

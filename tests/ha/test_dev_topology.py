@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cordum.dev import chaos
+from cordum.dev.servers import free_block as servers_free_block
 from cordum.dev import state as st
 from cordum.dev.topology import BLOCK_SIZE
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 def free_block(size: int = BLOCK_SIZE) -> int:
     """A base port whose whole block is free right now."""
-    return chaos.free_block(size)
+    return servers_free_block(size)
 
 
 def cordumctl(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

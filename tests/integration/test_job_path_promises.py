@@ -29,6 +29,7 @@ from cordum.worker.core import JobFailed
 from tests.conftest import unique
 from tests.integration.stack import Stack, http_get, submit_direct, wait_state
 from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
+from tests.integration.test_worker_sdk import running
 
 S = JobState
 # Long enough that the reconciler and the replayer never rescue a job in these tests: what moves
@@ -63,15 +64,8 @@ async def serving(settings, worker_id: str, handler: Handler, *, max_parallel: i
     worker = Worker(worker_id, "default", ["job.default"], max_parallel_jobs=max_parallel, settings=settings,
                     heartbeat_interval=0.5)
     worker.handler()(handler)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(worker.run)
-        try:
-            yield worker
-        finally:
-            with trio.move_on_after(10) as scope:
-                await worker.drain(timeout=5)
-            if scope.cancelled_caught:
-                nursery.cancel_scope.cancel()
+    async with running(worker, drain=5) as serving_worker:
+        yield serving_worker
 
 
 def counting(runs: list, behave: Callable[[JobContext], Awaitable[object]] | None = None) -> Handler:

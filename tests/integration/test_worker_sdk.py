@@ -72,7 +72,7 @@ async def taps(bus, *subject_list: str) -> AsyncIterator[list[Tap]]:
 
 
 @asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[Worker]:
+async def running(worker: Worker, *, drain: float = 1.0) -> AsyncIterator[Worker]:
     # Stopped with drain(), not by cancelling: a cancelled scope around open_bus kills the bus's
     # batchers before its final flush, which then waits out its 3 s timeout.
     async with trio.open_nursery() as nursery:
@@ -80,8 +80,8 @@ async def running(worker: Worker) -> AsyncIterator[Worker]:
         try:
             yield worker
         finally:
-            with trio.move_on_after(5) as scope:
-                await worker.drain(timeout=1)
+            with trio.move_on_after(drain + 4) as scope:
+                await worker.drain(timeout=drain)
             if scope.cancelled_caught:
                 nursery.cancel_scope.cancel()
 
