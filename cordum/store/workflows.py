@@ -471,6 +471,11 @@ class WorkflowStore:
         return await self._redis.execute("ZRANGEBYSCORE", keys.wf_runs_status(status), "-inf", high,
                                          "LIMIT", 0, limit)
 
+    async def recent_runs_in_status(self, status: str, *, since_us: int, limit: int = 200) -> list[str]:
+        """Run ids in a status updated since `since_us`, newest first (all tenants)."""
+        return await self._redis.execute("ZREVRANGEBYSCORE", keys.wf_runs_status(status), "+inf", since_us,
+                                         "LIMIT", 0, limit)
+
     async def active_runs(self, tenant: str) -> int:
         """Non-terminal runs of a tenant (the concurrency limit's count)."""
         return int(await self._redis.execute("SCARD", keys.wf_runs_active(tenant)))

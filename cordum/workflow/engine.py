@@ -28,10 +28,13 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
+import trio
+
 from cordum.agent.v1.alert_pb2 import SystemAlert
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.agent.v1.job_pb2 import Budget, JobCancel, JobMetadata, JobPriority, JobRequest, JobStatus
 from cordum.infra.bus import Bus
+from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
@@ -41,7 +44,7 @@ from cordum.runtime.lease import Lease, LeaseLost, Leases
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobs import InvalidTransition, JobStore
-from cordum.store.jobstate import JobState
+from cordum.store.jobstate import TERMINAL as TERMINAL_JOB, JobState
 from cordum.store.workflows import RunFenceStale, RunNotFound, WorkflowStore
 from cordum.workflow import expr
 from cordum.workflow import runstate as rs
@@ -55,10 +58,15 @@ RUN_LOCK_TTL = 30.0
 LOCK_WAIT = 2.0  # how long an operation waits for a busy run lock before asking for a retry
 MAX_RESULT_BYTES = 256 * 1024
 PUBLISH_RETRY_S = 1.0
+#: a running step whose job record is still missing after this long is published again
+RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
 INLINE_TYPES = frozenset({"condition", "transform", "notify"})
 UNSUPPORTED_TYPES = frozenset({"delay", "switch", "storage", "parallel", "loop", "subworkflow"})
+#: a finished job's state → the result status runstate.apply_result understands
+_STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
+                    JobState.DENIED: "DENIED"}
 _PRIORITIES = {"interactive": JobPriority.JOB_PRIORITY_INTERACTIVE, "batch": JobPriority.JOB_PRIORITY_BATCH,
                "critical": JobPriority.JOB_PRIORITY_CRITICAL}
 
@@ -92,10 +100,33 @@ def status_name(status: int) -> str:
         return "FAILED"
 
 
+class WorkflowMetrics:
+    """The Go original's workflow series (spec metrics): runs started, completed by status, and
+    how long finished runs took, labelled by workflow id."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.started = metrics.counter("cordum_workflows_started_total", "Workflows started by name", ["workflow"])
+        self.completed = metrics.counter("cordum_workflows_completed_total", "Workflows completed by name and status",
+                                         ["workflow", "status"])
+        self.duration = metrics.histogram("cordum_workflow_duration_seconds", "Workflow duration seconds by name",
+                                          ["workflow"])
+
+    def moved(self, run: Run, previous: str) -> None:
+        if previous == run.status:
+            return
+        if previous == rs.PENDING:
+            self.started.labels(workflow=run.workflow_id).inc()
+        if run.terminal and previous not in rs.TERMINAL_RUN_STATUSES:
+            self.completed.labels(workflow=run.workflow_id, status=run.status).inc()
+            if run.started_at is not None and run.completed_at is not None:
+                self.duration.labels(workflow=run.workflow_id).observe(max(0.0, run.completed_at - run.started_at))
+
+
 class WorkflowEngine:
     def __init__(self, *, store: WorkflowStore, jobs: JobStore, bus: Bus, leases: Leases, redis: Redis,
                  clock: Callable[[], float] = time.time, lock_ttl: float = RUN_LOCK_TTL,
-                 lock_wait: float = LOCK_WAIT) -> None:
+                 lock_wait: float = LOCK_WAIT, metrics: WorkflowMetrics | None = None) -> None:
+        self.metrics = metrics
         self.store = store
         self.jobs = jobs
         self.bus = bus
@@ -143,13 +174,15 @@ class WorkflowEngine:
     async def save(self, run: Run, fence: int) -> bool:
         """Persist ``run`` with ``fence``; False (logged) when a newer fence already wrote."""
         try:
-            await self.store.update_run(run.to_dict(), fence=fence)
+            previous = await self.store.update_run(run.to_dict(), fence=fence)
         except RunFenceStale as exc:
             log.warning("workflow.stale_fence", run_id=run.id, fence=exc.fence, held=exc.held)
             return False
         except RunNotFound:
             log.warning("workflow.run_deleted", run_id=run.id)
             return False
+        if self.metrics is not None:
+            self.metrics.moved(run, previous)
         return True
 
     async def _commit(self, run: Run, fence: int, effects: Sequence[rs.Effect]) -> None:
@@ -214,41 +247,60 @@ class WorkflowEngine:
         except (OperationDropped, LeaseLost) as exc:
             log.warning("workflow.operation_dropped", run_id=run_id, op="advance", error=repr(exc))
 
+    async def on_result(self, packet: BusPacket, msg: Any = None) -> None:
+        """``sys.job.result`` consumer. A FAILED_RETRYABLE result is not the step's outcome: the
+        scheduler retries that job itself (same job id, next attempt), and its final failure
+        reaches us on ``sys.job.dlq`` (or through the reconciler)."""
+        if packet.WhichOneof("payload") == "job_result" and \
+                packet.job_result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE:
+            return
+        await self.handle_result(packet)
+
+    async def on_dlq(self, packet: BusPacket, msg: Any = None) -> None:
+        """``sys.job.dlq`` consumer: a step job the scheduler ended badly (denied by policy,
+        retries used up, timed out) without a worker result for it."""
+        await self.handle_result(packet)
+
     async def handle_result(self, packet: BusPacket) -> None:
-        """One ``sys.job.result`` packet: apply it to its run (ignored when not a workflow job),
-        persist, carry out its effects, then advance the run."""
+        """One JobResult packet: apply it to its run (ignored when not a workflow job), persist,
+        carry out its effects, then advance the run."""
         if packet.WhichOneof("payload") != "job_result":
             return
         result = packet.job_result
-        parsed = rs.parse_job_id(result.job_id)
-        if parsed is None:
-            return
-        run_id = parsed[0]
         status = status_name(result.status)
-        output = await self._read_output(result.job_id, result.result_ptr) if status == "SUCCEEDED" else None
         error: Any = None
         if status != "SUCCEEDED":
             error = {"message": result.error_message or f"job {status.lower()}"}
             if result.error_code:
                 error["code"] = result.error_code
+        await self.apply_outcome(result.job_id, status, error, result_ptr=result.result_ptr)
+
+    async def apply_outcome(self, jid: str, status: str, error: Any = None, *, result_ptr: str = "") -> None:
+        """Apply a step job's outcome (``status`` a CAP JobStatus name) to its run."""
+        parsed = rs.parse_job_id(jid)
+        if parsed is None:
+            return
+        run_id = parsed[0]
         try:
             async with self.run_locked(run_id) as (run, fence):
                 if run is None:
-                    log.info("workflow.result_unknown_run", job_id=result.job_id)
+                    log.info("workflow.result_unknown_run", job_id=jid)
                     return
+                if run.terminal or run.step(parsed[1]).job_id != jid:
+                    return  # stale or repeated: no need to read the output
                 workflow = await self.load_workflow(run.workflow_id)
                 if workflow is None:
                     return
-                new, effects = rs.apply_result(workflow, run, result.job_id, status, output, error,
-                                               self.clock(), result_ptr=result.result_ptr)
+                output = await self._read_output(jid, result_ptr) if status == "SUCCEEDED" else None
+                new, effects = rs.apply_result(workflow, run, jid, status, output, error,
+                                               self.clock(), result_ptr=result_ptr)
                 if new is run:
-                    log.debug("workflow.result_ignored", job_id=result.job_id, status=status)
+                    log.debug("workflow.result_ignored", job_id=jid, status=status)
                     return
                 await self._commit(new, fence, effects)
                 await self._advance(new, fence, workflow)
         except (OperationDropped, LeaseLost) as exc:
-            log.warning("workflow.operation_dropped", run_id=run_id, op="result", job_id=result.job_id,
-                        error=repr(exc))
+            log.warning("workflow.operation_dropped", run_id=run_id, op="result", job_id=jid, error=repr(exc))
 
     async def cancel_run(self, run_id: str, tenant: str, reason: str = "workflow run cancelled") -> bool:
         """Cancel a tenant's run (JobCancel for its running step jobs). False when missing or
@@ -264,6 +316,123 @@ class WorkflowEngine:
         except (OperationDropped, LeaseLost) as exc:
             log.warning("workflow.operation_dropped", run_id=run_id, op="cancel", error=repr(exc))
             return False
+
+    # ---- the safety nets: reconciler and timers ----------------------------------------------------
+
+    async def reconcile(self, run_id: str, *, stale_after: float = RECONCILE_STALE_S) -> None:
+        """Heal one active run (§2.10): a step whose job ended without its result reaching us gets
+        that outcome from the job store; a step whose job record never got written (the engine
+        died between persisting the step and publishing its job) is published again, same job id;
+        then the run is advanced (due retries, delays, timeouts). Skips a busy run."""
+        try:
+            lease = await self.leases.acquire_within(keys.workflow_run_lock(run_id), self.lock_ttl, 0.0)
+        except Exception as exc:
+            log.warning("workflow.reconcile_lock_failed", run_id=run_id, error=repr(exc))
+            return
+        if lease is None:
+            return  # someone is working on it right now
+        token = _HELD.set({**_HELD.get(), (id(self), run_id): lease})
+        try:
+            async with self.leases.holding(lease):
+                run = await self.load_run(run_id)
+                if run is None or run.terminal:
+                    return
+                outcomes, lost = await self._job_outcomes(run, stale_after)
+                for jid, status, error, result_ptr in outcomes:
+                    await self.apply_outcome(jid, status, error, result_ptr=result_ptr)
+                if lost:
+                    await self._republish(run_id, lost)
+                await self.advance(run_id)
+        except (OperationDropped, LeaseLost) as exc:
+            log.warning("workflow.operation_dropped", run_id=run_id, op="reconcile", error=repr(exc))
+        finally:
+            _HELD.reset(token)
+
+    async def _job_outcomes(self, run: Run, stale_after: float,
+                            ) -> tuple[list[tuple[str, str, Any, str]], list[str]]:
+        """(outcomes of ended step jobs, paths whose job record is missing past ``stale_after``)."""
+        live = [(path, sr) for path, sr in run.steps.items() if sr.status in (rs.RUNNING, rs.WAITING) and sr.job_id]
+        if not live:
+            return [], []
+        metas = await self.jobs.get_many([sr.job_id for _, sr in live])
+        outcomes: list[tuple[str, str, Any, str]] = []
+        lost: list[str] = []
+        now = self.clock()
+        for (path, sr), meta in zip(live, metas):
+            if meta is None:
+                if sr.started_at is not None and now - sr.started_at > stale_after:
+                    lost.append(path)
+                continue
+            state = JobState(meta["state"])
+            if state not in TERMINAL_JOB:
+                continue
+            status = _STATUS_OF_STATE.get(state, "FAILED")
+            error = None
+            if status != "SUCCEEDED":
+                error = {"message": str(meta.get("failure_reason") or f"job {state.value.lower()}")}
+            outcomes.append((sr.job_id, status, error, str(meta.get("result_ptr") or "")))
+        return outcomes, lost
+
+    async def _republish(self, run_id: str, paths: Sequence[str]) -> None:
+        async with self.run_locked(run_id) as (run, _fence):
+            if run is None or run.terminal:
+                return
+            workflow = await self.load_workflow(run.workflow_id)
+            if workflow is None:
+                return
+            for path in paths:
+                sr = run.step(path)
+                if sr.status not in (rs.RUNNING, rs.WAITING) or not sr.job_id:
+                    continue
+                parsed = rs.parse_job_id(sr.job_id)
+                step = workflow.steps.get(rs.base_step(path))
+                if parsed is None or step is None:
+                    continue
+                log.warning("workflow.step_job_republished", run_id=run_id, step=path, job_id=sr.job_id)
+                job = self.build_step_job(workflow, run, step, path, sr.job_id, parsed[2])
+                if not await self._publish_step(run, job):
+                    await self._arm(run, self.clock() + PUBLISH_RETRY_S)
+
+    async def cancel_strays(self, run_id: str) -> int:
+        """A finished run's step jobs that still run (a cancel that never went out): cancel them
+        again. Returns how many were cancelled."""
+        doc = await self.store.get_run(run_id)
+        if doc is None:
+            return 0
+        run = Run.from_dict(doc)
+        if not run.terminal:
+            return 0
+        jids = [sr.job_id for sr in run.steps.values() if sr.job_id]
+        if not jids:
+            return 0
+        metas = await self.jobs.get_many(jids)
+        sent = 0
+        for jid, meta in zip(jids, metas):
+            if meta is not None and JobState(meta["state"]) not in TERMINAL_JOB:
+                await self._carry_out(run, rs.CancelJob(jid, f"workflow run {run.status}"))
+                sent += 1
+        return sent
+
+    async def fire_timers(self, limit: int = 100) -> int:
+        """Advance the runs whose timers are due (retries, delays, timeouts, publish retries).
+        A timer is taken by one caller; if advancing fails it is armed again shortly, and the
+        reconciler advances every active run anyway, so a crash between the two loses nothing."""
+        members = await self.store.pop_due_timers(self.clock(), limit)
+        limiter = trio.CapacityLimiter(8)
+
+        async def fire(member: str) -> None:
+            run_id = member.rsplit(":", 1)[-1]
+            async with limiter:
+                try:
+                    await self.advance(run_id)
+                except Exception as exc:
+                    log.warning("workflow.timer_failed", run_id=run_id, error=repr(exc))
+                    await self.store.arm_timer(member, self.clock() + PUBLISH_RETRY_S)
+
+        async with trio.open_nursery() as nursery:
+            for member in members:
+                nursery.start_soon(fire, member)
+        return len(members)
 
     # ---- advancing ---------------------------------------------------------------------------------
 
@@ -336,6 +505,9 @@ class WorkflowEngine:
                 break
         if run is not saved or effects:
             await self._commit(run, fence, effects)
+        wake = rs.next_wake(workflow, run)
+        if wake is not None and wake > now:
+            await self._arm(run, wake)
 
     def _scope(self, run: Run, path: str) -> dict[str, Any]:
         steps = run.context.get("steps") if isinstance(run.context, Mapping) else None

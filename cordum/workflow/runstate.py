@@ -911,3 +911,17 @@ def time_out(workflow: Workflow, run: Run, now: float) -> tuple[Run, list[Effect
     w.fields["error"] = {"message": "workflow run timed out"}
     w.set_status(TIMED_OUT, now)
     return w.build(now)
+
+
+def next_wake(workflow: Workflow, run: Run) -> float | None:
+    """When the run next needs the engine without a result arriving: the earliest scheduled retry
+    or delay (``next_attempt_at`` of a pending or running step) or the workflow timeout; None for
+    a terminal run or nothing scheduled. Timers are derived from this, so a lost timer is re-armed
+    by the next advance of the run."""
+    if run.terminal:
+        return None
+    times = [sr.next_attempt_at for sr in run.steps.values()
+             if sr.next_attempt_at is not None and sr.status in (PENDING, RUNNING)]
+    if workflow.timeout_sec > 0 and run.started_at is not None:
+        times.append(run.started_at + workflow.timeout_sec)
+    return min(times) if times else None

@@ -100,7 +100,8 @@ class Stack:
     def start(self, name: str, module: str, **env: str) -> object:
         port = free_port()  # the process's HTTP (health/metrics, or the gateway's API)
         self.http_ports[name] = port
-        extra = {key: f"127.0.0.1:{port}" for key in ("SAFETY_KERNEL_ADMIN_ADDR", "SCHEDULER_METRICS_ADDR", "GATEWAY_HTTP_ADDR")}
+        extra = {key: f"127.0.0.1:{port}" for key in ("SAFETY_KERNEL_ADMIN_ADDR", "SCHEDULER_METRICS_ADDR", "GATEWAY_HTTP_ADDR",
+                                                           "WORKFLOW_ENGINE_HTTP_ADDR")}
         full_env = {**self.env, **extra, **env}
         proc = self.spawn(name, ["-m", module], env=full_env)
         self.procs[name] = proc
@@ -120,6 +121,9 @@ class Stack:
 
     def scheduler(self, name: str = "scheduler-1", **env: str) -> object:
         return self.start(name, "cordum.scheduler.service", **env)
+
+    def workflow_engine(self, name: str = "workflow-engine-1", **env: str) -> object:
+        return self.start(name, "cordum.workflow.service", **env)
 
     def worker(self, name: str = "worker-1", **env: str) -> object:
         # Echo workers count their executions (cordum.worker.echo): exactly-once is checked there.

@@ -247,6 +247,7 @@ def test_well_known_durables():
         ("cordum-scheduler", "sys.job.result"),
         ("cordum-scheduler", "sys.job.cancel"),
         ("cordum-workflow-engine", "sys.job.result"),
+        ("cordum-workflow-engine", "sys.job.dlq"),
         ("cordum-gateway", "sys.job.dlq"),
         ("audit-exporters", "sys.audit.export"),
     }
