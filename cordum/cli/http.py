@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 # Exit codes (documented in `cordumctl --help`).
 EXIT_OK = 0
-EXIT_FAILED = 1  # the job ended in a non-success state, or a generic failure (e.g. HTTP 400/409)
+EXIT_FAILED = 1  # the job/run ended in a non-success state, or a generic failure (e.g. HTTP 400/409)
 EXIT_USAGE = 2  # bad command line (argparse)
 EXIT_NOT_FOUND = 3  # HTTP 404
 EXIT_AUTH = 4  # HTTP 401/403, or a policy denial
@@ -27,9 +27,11 @@ EXIT_APPROVAL = 7  # the job is held for approval
 
 EXIT_CODES_HELP = """\
 exit codes:
-  0  ok (job get/watch, job submit --wait: the job SUCCEEDED)
-  1  the job ended in a non-success state (FAILED, DENIED, CANCELLED, TIMEOUT, ...),
-     or another failure (e.g. the gateway answered 400 or 409)
+  0  ok (job get/watch, job submit --wait: the job SUCCEEDED; run get, run start --wait:
+     the run succeeded)
+  1  the job ended in a non-success state (FAILED, DENIED, CANCELLED, TIMEOUT, ...), the run
+     in failed, denied, cancelled or timed_out, or another failure (e.g. the gateway
+     answered 400 or 409)
   2  usage error
   3  not found (404)
   4  authentication or permission (401/403); a policy denial on submit
@@ -132,9 +134,10 @@ class Client:
         return url
 
     def request(self, method: str, path: str, *, query: Mapping[str, Any] | None = None,
-                body: Any = None) -> Response:
-        """Send one request; return the 2xx response or raise `GatewayError`."""
-        headers = self.headers()
+                body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
+        """Send one request (extra `headers` on top of the usual ones); return the 2xx response or
+        raise `GatewayError`."""
+        headers = {**self.headers(), **(headers or {})}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -164,8 +167,10 @@ class Client:
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query).body
 
-    def post(self, path: str, body: Any = None) -> Any:
-        return self.request("POST", path, body=body if body is not None else {}).body
+    def post(self, path: str, body: Any = None, *, query: Mapping[str, Any] | None = None,
+             headers: Mapping[str, str] | None = None) -> Any:
+        return self.request("POST", path, query=query, body=body if body is not None else {},
+                            headers=headers).body
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path).body

@@ -1,7 +1,8 @@
 """cordumctl: the operator's command line for a Cordum gateway.
 
 `cordumctl [global options] COMMAND ...` talks to the gateway's REST API (`cordum.cli.http`) and, for
-`job watch` / `job submit --wait`, its WebSocket event stream (`cordum.cli.ws`). Human output is
+`job watch` / `job submit --wait`, its WebSocket event stream (`cordum.cli.ws`); `workflow` and
+`run` live in `cordum.cli.workflows`. Human output is
 aligned tables (`cordum.cli.render`); `--json` prints the gateway's JSON. `cordumctl up` runs the
 local control plane (`cordum.dev.stack`); `cordumctl dev` acts on its replicas (`cordum.dev.control`).
 Exit codes: `cordum.cli.http.EXIT_CODES_HELP`.
@@ -212,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", metavar="ID")
     _add_watch_options(p)
 
+    from cordum.cli import workflows  # imports this module: registered here, not at import time
+
+    workflows.add_commands(commands, sub)
+
     approval = sub(commands, "approval", "jobs held for approval")
     approvals = approval.add_subparsers(dest="approval_command", metavar="SUBCOMMAND", required=True)
     p = sub(approvals, "list", "list approval requests", func=cmd_approval_list)
@@ -252,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_watch_options(p: argparse.ArgumentParser) -> None:
+def _add_watch_options(p: argparse.ArgumentParser, what: str = "job") -> None:
     p.add_argument("--interval", type=_seconds, default=1.0, metavar="SECONDS",
-                   help="how often the job is polled while watching (default %(default)s)")
+                   help=f"how often the {what} is polled while watching (default %(default)s)")
     p.add_argument("--max-wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="give up watching after this long, exit 1 (default 0: no limit)")
 
@@ -493,14 +498,21 @@ def cmd_job_list(ctx: Ctx) -> int:
     a = ctx.args
     body = ctx.client.get("/api/v1/jobs", limit=a.limit, state=a.state, topic=a.topic,
                           cursor=a.cursor) or {}
+    return print_page(ctx, body, ("ID", "STATE", "TOPIC", "TENANT", "UPDATED"), lambda j: (
+        j.get("id"), render.short_enum(j.get("state")), j.get("topic"), j.get("tenant"),
+        render.timestamp(j.get("updated_at"))), "jobs")
+
+
+def print_page(ctx: Ctx, body: Any, headers: Sequence[str], row: Callable[[dict[str, Any]], Sequence[Any]],
+               what: str) -> int:
+    """A list answer (a JSON array, or a page `{items, next_cursor}`): its JSON with --json, else a
+    table of `row(item)` and, when there is a next page, its cursor on stderr."""
     if ctx.json:
         ctx.emit_json(body)
         return EXIT_OK
-    items = body.get("items") or []
-    rows = [(j.get("id"), render.short_enum(j.get("state")), j.get("topic"), j.get("tenant"),
-             render.timestamp(j.get("updated_at"))) for j in items]
-    _print_rows(ctx, ("ID", "STATE", "TOPIC", "TENANT", "UPDATED"), rows, "jobs")
-    if body.get("next_cursor"):
+    items = body.get("items") if isinstance(body, dict) else body
+    _print_rows(ctx, headers, [row(item) for item in items or [] if isinstance(item, dict)], what)
+    if isinstance(body, dict) and body.get("next_cursor"):
         ctx.io.err(f"more: --cursor {body['next_cursor']}")
     return EXIT_OK
 
@@ -707,21 +719,15 @@ def cmd_approval_list(ctx: Ctx) -> int:
     a = ctx.args
     body = ctx.client.get("/api/v1/approvals", limit=a.limit, cursor=a.cursor,
                           include_resolved="true" if a.include_resolved else None) or {}
-    if ctx.json:
-        ctx.emit_json(body)
-        return EXIT_OK
-    rows = []
-    for item in body.get("items") or []:
+
+    def row(item: dict[str, Any]) -> tuple[Any, ...]:
         job = item.get("job") or {}
-        rows.append((job.get("id") or item.get("job_id"), job.get("topic"),
-                     render.short_enum(job.get("state")), item.get("approval_status"),
-                     render.short_enum(item.get("decision")),
-                     item.get("policy_reason") or item.get("decision_summary")))
-    _print_rows(ctx, ("JOB_ID", "TOPIC", "STATE", "APPROVAL", "DECISION", "REASON"), rows,
-                "approval requests")
-    if body.get("next_cursor"):
-        ctx.io.err(f"more: --cursor {body['next_cursor']}")
-    return EXIT_OK
+        return (job.get("id") or item.get("job_id"), job.get("topic"), render.short_enum(job.get("state")),
+                item.get("approval_status"), render.short_enum(item.get("decision")),
+                item.get("policy_reason") or item.get("decision_summary"))
+
+    return print_page(ctx, body, ("JOB_ID", "TOPIC", "STATE", "APPROVAL", "DECISION", "REASON"), row,
+                      "approval requests")
 
 
 def cmd_approval_approve(ctx: Ctx) -> int:
@@ -773,10 +779,17 @@ def cmd_dlq_retry(ctx: Ctx) -> int:
 
 def cmd_dlq_delete(ctx: Ctx) -> int:
     body = ctx.client.delete(_path("dlq", ctx.args.job_id))
+    return acknowledge(ctx, body, {"job_id": ctx.args.job_id, "deleted": True},
+                       f"DLQ entry {ctx.args.job_id} deleted")
+
+
+def acknowledge(ctx: Ctx, body: Any, fallback: Mapping[str, Any], message: str) -> int:
+    """Report an action the gateway confirms, often with an empty 204: its JSON (or `fallback`)
+    with --json, else `message`."""
     if ctx.json:
-        ctx.emit_json(body if body is not None else {"job_id": ctx.args.job_id, "deleted": True})
+        ctx.emit_json(body if body is not None else dict(fallback))
     else:
-        ctx.io.out(f"DLQ entry {ctx.args.job_id} deleted")
+        ctx.io.out(message)
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 import pytest
+import yaml
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, RejectConnection, Request, TextMessage
 
@@ -678,3 +679,304 @@ def test_watch_on_a_terminal_redraws_one_line(gateway: FakeGateway) -> None:
     assert "\r[###############---------------]  50% RUNNING  half\x1b[K" in text
     assert "\r[##############################] 100% SUCCEEDED  half\x1b[K\n" in text
     assert text.splitlines()[-1] == "state  SUCCEEDED"
+
+
+# -- workflows and runs ----------------------------------------------------------------------------
+
+FLOW_YAML = """\
+id: order-flow
+name: Orders
+steps:
+  fetch:
+    topic: job.default
+    input: {order: "${input.order}"}
+  decide:
+    type: condition
+    depends_on: [fetch]
+    condition: "steps.fetch.output != null"
+"""
+
+
+def _sequence(*docs: Any) -> Callable[[Seen], Answer]:
+    """Answers the i-th request with docs[i] (the last one from then on)."""
+    calls = {"n": 0}
+
+    def answer(seen: Seen) -> Answer:
+        doc = docs[min(calls["n"], len(docs) - 1)]
+        calls["n"] += 1
+        return doc if isinstance(doc, tuple) else (200, doc)
+    return answer
+
+
+def _run_doc(status: str, **steps: tuple[str, str]) -> dict[str, Any]:
+    return {"id": "r1", "workflow_id": "order-flow", "status": status, "created_at": 1704067200,
+            "steps": {sid: {"step_id": sid, "status": st, "job_id": job or None, "attempts": 1 if job else 0}
+                      for sid, (st, job) in steps.items()}}
+
+
+@pytest.mark.parametrize("argv", [
+    ["workflow"],
+    ["workflow", "create"],
+    ["workflow", "get"],
+    ["run", "start"],
+    ["run", "start", "wf", "--input", "{}", "--input-file", "f"],
+    ["run", "list", "--limit", "0"],
+    ["run", "rerun"],
+])
+def test_workflow_and_run_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(None, *argv).code == 2
+    assert "error" in capsys.readouterr().err  # argparse writes to sys.stderr
+
+
+def test_workflow_create_validates_the_file_and_sends_the_definition(gateway: FakeGateway,
+                                                                      tmp_path: Any) -> None:
+    gateway.route("POST", "/api/v1/workflows", (201, {"id": "order-flow"}))
+    path = tmp_path / "flow.yaml"
+    path.write_text(FLOW_YAML)
+    result = run(gateway, "workflow", "create", "-f", str(path))
+    assert (result.code, result.out.strip()) == (0, "workflow order-flow saved (2 steps)")
+    sent = gateway.last("POST", "/api/v1/workflows").body
+    assert sent["id"] == "order-flow" and sent["name"] == "Orders"
+    assert list(sent["steps"]) == ["fetch", "decide"]
+    assert sent["steps"]["decide"]["depends_on"] == ["fetch"]
+    assert sent["steps"]["fetch"]["input"] == {"order": "${input.order}"}
+    # the same definition as JSON: the same request
+    as_json = tmp_path / "flow.json"
+    as_json.write_text(json.dumps(yaml.safe_load(FLOW_YAML)))
+    assert run(gateway, "workflow", "create", "--file", str(as_json), "--json").json == {"id": "order-flow"}
+    assert gateway.requests[-1].body == sent
+
+
+@pytest.mark.parametrize("text,needle", [
+    (FLOW_YAML.replace("depends_on: [fetch]", "depends_on: [fetsh]"), "flow.yaml:9: step 'decide'"),
+    (FLOW_YAML.replace("    topic: job.default\n", "    topc: job.default\n"), "did you mean 'topic'"),
+    ("id: x\nsteps: [unclosed\n", "invalid YAML"),
+    ('{"id": "x", "steps": ', "invalid JSON"),
+])
+def test_workflow_create_refuses_an_invalid_file_before_sending(gateway: FakeGateway, tmp_path: Any,
+                                                                text: str, needle: str) -> None:
+    path = tmp_path / "flow.yaml"
+    path.write_text(text)
+    result = run(gateway, "workflow", "create", "-f", str(path))
+    assert result.code == 2 and needle in result.err, result.err
+    assert gateway.requests == []
+    missing = run(gateway, "workflow", "create", "-f", str(tmp_path / "nope.yaml"))
+    assert missing.code == 2 and "cannot read" in missing.err
+
+
+def test_workflow_create_reports_the_gateways_refusal(gateway: FakeGateway, tmp_path: Any) -> None:
+    gateway.route("POST", "/api/v1/workflows", (400, {"error": "step 'x': unknown topic", "status": 400}))
+    path = tmp_path / "flow.yaml"
+    path.write_text(FLOW_YAML)
+    result = run(gateway, "workflow", "create", "-f", str(path))
+    assert result.code == 1 and "HTTP 400: step 'x': unknown topic" in result.err
+
+
+def test_workflow_list_get_delete(gateway: FakeGateway) -> None:
+    doc = yaml.safe_load(FLOW_YAML)
+    gateway.route("GET", "/api/v1/workflows", (200, [
+        {**doc, "version": "3", "updated_at": 1704067200},
+        {"id": "other", "steps": {"a": {}}}]))
+    result = run(gateway, "workflow", "list")
+    assert result.out.splitlines() == [
+        "ID          NAME    VERSION  STEPS  UPDATED",
+        "order-flow  Orders  3        2      2024-01-01 00:00:00Z",
+        "other       -       -        1      -",
+    ]
+    gateway.route("GET", "/api/v1/workflows", (200, {"items": []}))
+    assert run(gateway, "workflow", "list").err.strip() == "no workflows"
+
+    gateway.route("GET", "/api/v1/workflows/order-flow", (200, doc))
+    result = run(gateway, "workflow", "get", "order-flow")
+    assert result.code == 0 and yaml.safe_load(result.out) == doc  # YAML that `create -f` takes back
+    assert result.out.startswith("id: order-flow\nname: Orders\nsteps:\n")
+    assert run(gateway, "workflow", "get", "order-flow", "--json").json == doc
+    assert run(gateway, "workflow", "get", "nope").code == 3
+
+    gateway.route("DELETE", "/api/v1/workflows/order-flow", (204, None))
+    result = run(gateway, "workflow", "delete", "order-flow")
+    assert (result.code, result.out.strip()) == (0, "workflow order-flow deleted")
+    assert run(gateway, "workflow", "delete", "nope").code == 3
+
+
+def test_run_start_builds_the_request(gateway: FakeGateway, tmp_path: Any) -> None:
+    gateway.route("POST", "/api/v1/workflows/order-flow/runs", (200, {"run_id": "r1"}))
+    result = run(gateway, "run", "start", "order-flow", "--input", '{"order": 7}',
+                 "--idempotency-key", "idem-1", "--dry-run")
+    assert result.code == 0 and result.out.splitlines() == ["run_id   r1", "dry_run  yes"]
+    seen = gateway.last("POST", "/api/v1/workflows/order-flow/runs")
+    assert seen.body == {"order": 7} and seen.query == {"dry_run": "true"}
+    assert seen.headers["idempotency-key"] == "idem-1" and seen.headers["x-tenant-id"] == "acme"
+    path = tmp_path / "in.json"
+    path.write_text('{"order": 8}')
+    assert run(gateway, "run", "start", "order-flow", "--input-file", str(path), "--json").json == {"run_id": "r1"}
+    seen = gateway.last("POST", "/api/v1/workflows/order-flow/runs")
+    assert seen.body == {"order": 8} and seen.query == {} and "idempotency-key" not in seen.headers
+    assert run(gateway, "run", "start", "order-flow").code == 0
+    assert gateway.last("POST", "/api/v1/workflows/order-flow/runs").body == {}
+    assert run(gateway, "run", "start", "a/b").code == 3  # the id is one path segment: no such route
+
+
+def test_run_start_refuses_input_that_is_not_an_object(gateway: FakeGateway) -> None:
+    for text, needle in (("[1, 2]", "--input must be a JSON object"), ("{nope", "--input is not valid JSON")):
+        result = run(gateway, "run", "start", "wf", "--input", text)
+        assert result.code == 2 and needle in result.err
+    assert gateway.requests == []
+    gateway.route("POST", "/api/v1/workflows/wf/runs",
+                  (409, {"error": "idempotency key used by another workflow", "status": 409,
+                         "code": "RUN_IDEMPOTENCY_CONFLICT"}))
+    result = run(gateway, "run", "start", "wf", "--idempotency-key", "k")
+    assert result.code == 1 and "RUN_IDEMPOTENCY_CONFLICT" in result.err
+
+
+@pytest.mark.parametrize("status,code", [
+    ("succeeded", 0), ("running", 0), ("pending", 0), ("waiting", 0), ("failed", 1), ("denied", 1),
+    ("cancelled", 1), ("timed_out", 1),
+])
+def test_run_get_exit_code_follows_status(gateway: FakeGateway, status: str, code: int) -> None:
+    gateway.route("GET", "/api/v1/workflow-runs/r1", (200, _run_doc(status, fetch=("succeeded", "r1:fetch@1"))))
+    assert run(gateway, "run", "get", "r1").code == code
+
+
+def test_run_get_shows_the_run_and_its_steps(gateway: FakeGateway) -> None:
+    doc = _run_doc("failed", fetch=("succeeded", "r1:fetch@1"), decide=("failed", "r1:decide@2"),
+                   notify=("skipped", ""))
+    doc["steps"]["decide"]["error"] = {"message": "worker crashed", "step_id": "decide"}
+    doc["steps"]["notify"]["skip_reason"] = "dependency decide failed"
+    doc["error"] = {"message": "step decide failed: worker crashed"}
+    doc["completed_at"] = 1704067260
+    gateway.route("GET", "/api/v1/workflow-runs/r1", (200, doc))
+    result = run(gateway, "run", "get", "r1")
+    assert result.code == 1
+    assert result.out.splitlines() == [
+        "id         r1",
+        "workflow   order-flow",
+        "status     failed",
+        "created    2024-01-01 00:00:00Z",
+        "completed  2024-01-01 00:01:00Z",
+        "error      step decide failed: worker crashed",
+        "",
+        "STEP    STATUS     ATTEMPTS  JOB          ERROR",
+        "fetch   succeeded  1         r1:fetch@1   -",
+        "decide  failed     1         r1:decide@2  worker crashed",
+        "notify  skipped    0         -            dependency decide failed",
+    ]
+    assert run(gateway, "run", "get", "r1", "--json").json == doc
+
+
+def test_run_list_and_timeline(gateway: FakeGateway) -> None:
+    gateway.route("GET", "/api/v1/workflow-runs", (200, {"items": [
+        {"id": "r2", "workflow_id": "order-flow", "status": "running", "created_at": 1704067260},
+        {"id": "r1", "workflow_id": "order-flow", "status": "succeeded", "created_at": 1704067200,
+         "completed_at": 1704067230}], "next_cursor": "1704067200:r1"}))
+    result = run(gateway, "run", "list", "--workflow", "order-flow", "--status", "running", "--limit", "2")
+    assert gateway.last("GET", "/api/v1/workflow-runs").query == {
+        "limit": "2", "status": "running", "workflow_id": "order-flow"}
+    assert result.out.splitlines() == [
+        "ID  WORKFLOW    STATUS     CREATED               COMPLETED",
+        "r2  order-flow  running    2024-01-01 00:01:00Z  -",
+        "r1  order-flow  succeeded  2024-01-01 00:00:00Z  2024-01-01 00:00:30Z",
+    ]
+    assert "--cursor 1704067200:r1" in result.err
+    assert run(gateway, "run", "list", "--cursor", "c1").code == 0
+    assert gateway.last("GET", "/api/v1/workflow-runs").query == {"limit": "50", "cursor": "c1"}
+
+    events = [{"type": "run_created", "at": 1704067200.25, "status": "pending"},
+              {"type": "step_dispatched", "at": 1704067201, "step_id": "fetch", "job_id": "r1:fetch@1",
+               "status": "running"},
+              {"type": "step_failed", "at": 1704067202, "step_id": "fetch", "message": "boom\nagain"}]
+    gateway.route("GET", "/api/v1/workflow-runs/r1/timeline", (200, events))
+    result = run(gateway, "run", "timeline", "r1", "--limit", "3")
+    assert gateway.last("GET", "/api/v1/workflow-runs/r1/timeline").query == {"limit": "3"}
+    assert result.out.splitlines() == [
+        "AT                    TYPE             STEP   STATUS   JOB         MESSAGE",
+        "2024-01-01 00:00:00Z  run_created      -      pending  -           -",
+        "2024-01-01 00:00:01Z  step_dispatched  fetch  running  r1:fetch@1  -",
+        "2024-01-01 00:00:02Z  step_failed      fetch  -        -           boom again",
+    ]
+    assert run(gateway, "run", "timeline", "r1", "--json").json == events
+    assert run(gateway, "run", "timeline", "nope").code == 3
+
+
+def test_run_cancel_rerun_delete(gateway: FakeGateway) -> None:
+    gateway.route("POST", "/api/v1/workflow-runs/r1/cancel", (204, None))
+    result = run(gateway, "run", "cancel", "r1")
+    assert (result.code, result.out.strip()) == (0, "run r1: cancelled")
+    assert run(gateway, "run", "cancel", "r1", "--json").json == {"run_id": "r1", "cancelled": True}
+    gateway.route("POST", "/api/v1/workflow-runs/r1/cancel",
+                  (409, {"error": "workflow run is busy, retry", "status": 409, "code": "RUN_NOT_CANCELLABLE"}))
+    result = run(gateway, "run", "cancel", "r1")
+    assert result.code == 1 and "workflow run is busy, retry (RUN_NOT_CANCELLABLE)" in result.err
+
+    gateway.route("POST", "/api/v1/workflow-runs/r1/rerun", (200, {"run_id": "r9"}))
+    result = run(gateway, "run", "rerun", "r1", "--from-step", "decide")
+    assert (result.code, result.out.strip()) == (0, "run_id  r9")
+    assert gateway.last("POST", "/api/v1/workflow-runs/r1/rerun").body == {"dry_run": False, "from_step": "decide"}
+    run(gateway, "run", "rerun", "r1", "--dry-run")
+    assert gateway.last("POST", "/api/v1/workflow-runs/r1/rerun").body == {"dry_run": True}
+
+    gateway.route("DELETE", "/api/v1/workflow-runs/r1", (204, None))
+    result = run(gateway, "run", "delete", "r1")
+    assert (result.code, result.out.strip()) == (0, "run r1 deleted")
+    assert run(gateway, "run", "delete", "nope").code == 3
+
+
+def test_run_start_wait_prints_each_step_change_and_succeeds(gateway: FakeGateway) -> None:
+    gateway.route("POST", "/api/v1/workflows/order-flow/runs", (200, {"run_id": "r1"}))
+    final = _run_doc("succeeded", fetch=("succeeded", "r1:fetch@1"), approve=("succeeded", "r1:approve@1"))
+    final["output"] = {"total": 42}
+    gateway.route("GET", "/api/v1/workflow-runs/r1", _sequence(
+        _run_doc("pending"),
+        _run_doc("running", fetch=("running", "r1:fetch@1")),
+        _run_doc("running", fetch=("running", "r1:fetch@1")),  # no change: no line
+        (503, {"error": "gateway restarting", "status": 503}),  # a replica restarting: retried
+        _run_doc("waiting", fetch=("succeeded", "r1:fetch@1"), approve=("waiting", "r1:approve@1")),
+        final))
+    result = run(gateway, "run", "start", "order-flow", "--wait", "--interval", "0.05")
+    assert result.code == 0, result.err
+    assert result.out.splitlines() == [
+        "run_id  r1",
+        "fetch     running    r1:fetch@1",
+        "fetch     succeeded  r1:fetch@1",
+        "approve   waiting    r1:approve@1  (cordumctl approval approve r1:approve@1)",
+        "approve   succeeded  r1:approve@1",
+        "run     r1",
+        "status  succeeded",
+        "output  total=42",
+    ]
+    assert "HTTP 503: gateway restarting (retrying)" in result.err
+
+
+@pytest.mark.parametrize("status", ["failed", "denied", "cancelled", "timed_out"])
+def test_run_wait_exits_1_when_the_run_does_not_succeed(gateway: FakeGateway, status: str) -> None:
+    gateway.route("POST", "/api/v1/workflow-runs/r0/rerun", (200, {"run_id": "r1"}))
+    end = _run_doc(status, fetch=(status, "r1:fetch@1"))
+    end["error"] = {"message": f"step fetch {status}"}
+    gateway.route("GET", "/api/v1/workflow-runs/r1", _sequence(_run_doc("running", fetch=("running", "r1:fetch@1")),
+                                                               end))
+    result = run(gateway, "run", "rerun", "r0", "--wait", "--interval", "0.05")
+    assert result.code == 1
+    assert f"status  {status}" in result.out and f"error   step fetch {status}" in result.out
+
+
+def test_run_wait_json_lines_max_wait_and_errors(gateway: FakeGateway) -> None:
+    gateway.route("POST", "/api/v1/workflows/wf/runs", (200, {"run_id": "r1"}))
+    end = _run_doc("succeeded", fetch=("succeeded", "r1:fetch@1"))
+    gateway.route("GET", "/api/v1/workflow-runs/r1", _sequence(_run_doc("running", fetch=("running", "r1:fetch@1")),
+                                                               end))
+    result = run(gateway, "run", "start", "wf", "--wait", "--interval", "0.05", "--json")
+    assert result.code == 0
+    assert [json.loads(line) for line in result.out.splitlines()] == [
+        {"run_id": "r1"},
+        {"step_id": "fetch", "status": "running", "job_id": "r1:fetch@1"},
+        {"step_id": "fetch", "status": "succeeded", "job_id": "r1:fetch@1"},
+        end]
+
+    gateway.route("GET", "/api/v1/workflow-runs/r1", (200, _run_doc("waiting")))
+    started = time.monotonic()
+    result = run(gateway, "run", "start", "wf", "--wait", "--interval", "0.05", "--max-wait", "0.3")
+    assert result.code == 1 and "run r1 still waiting after 0.3s" in result.err
+    assert time.monotonic() - started < 5
+    gateway.route("GET", "/api/v1/workflow-runs/r1", (404, {"error": "workflow run not found", "status": 404}))
+    result = run(gateway, "run", "start", "wf", "--wait", "--interval", "0.05")
+    assert result.code == 3 and "workflow run not found" in result.err
