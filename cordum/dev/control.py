@@ -251,7 +251,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Act on the replicas of a local topology started by `cordumctl up` "
         "(state under .cordum/dev/, env CORDUM_DEV_DIR).",
-        epilog="names: redis, nats, safety-kernel-N, scheduler-N, api-gateway-N, worker-N (see `ps`)",
+        epilog="names: redis, nats, safety-kernel-N, scheduler-N, workflow-engine-N, api-gateway-N, "
+        "worker-N (see `ps`)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("ps", help="list the replicas: name, pid, state, ports, log")

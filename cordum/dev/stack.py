@@ -3,14 +3,14 @@
 `cordumctl up [--replicas N] [--workers K] [--detach] [--base-port B] [--redis-port P] [--nats-port P]`
 starts a supervision tree of real processes (`cordum.dev.supervisor`): redis-server and nats-server
 (JetStream), unless REDIS_URL / NATS_URL are set (then it uses those and starts nothing for them),
-N safety kernels, N schedulers, N api-gateways and K echo workers, each replica with its own
-CORDUM_INSTANCE_ID (`safety-kernel-1`, `scheduler-2`, `api-gateway-1`, `worker-1`, ...; names,
+N safety kernels, N schedulers, N workflow engines, N api-gateways and K echo workers, each replica
+with its own CORDUM_INSTANCE_ID (`safety-kernel-1`, `scheduler-2`, `workflow-engine-1`, `worker-1`, ...; names,
 ports and env: `cordum.dev.topology`). Data, logs and state (pids, ports, env) live under
 `.cordum/dev/` (or $CORDUM_DEV_DIR; `cordum.dev.state`). Once every replica is healthy it prints the
 endpoints and the API key (CORDUM_API_KEY, generated when unset; CORDUM_ENV defaults to dev).
 
 Foreground (default): SIGTERM or Ctrl-C stops everything in reverse start order (workers, gateways,
-schedulers, kernels, nats, redis): SIGTERM, up to 15 s, then SIGKILL; exit 0. A replica that dies
+workflow engines, schedulers, kernels, nats, redis): SIGTERM, up to 15 s, then SIGKILL; exit 0. A replica that dies
 is reported and the rest keeps running. `--detach`: the supervisor runs as its own background
 process (pid in the state) and `up` returns once all replicas are healthy; `cordumctl dev ...`
 (`cordum.dev.control`) then acts on single replicas and `cordumctl dev down` stops it all.
@@ -130,14 +130,15 @@ def build_parser(prog: str, default_workers: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run the Cordum control plane locally as a supervision tree of processes: "
-        "redis-server, nats-server (JetStream), N safety kernels, N schedulers, N api-gateways and K "
-        "echo workers; in the foreground until Ctrl-C or SIGTERM, or --detach. State, data and logs "
+        "redis-server, nats-server (JetStream), N safety kernels, N schedulers, N workflow engines, "
+        "N api-gateways and K echo workers; in the foreground until Ctrl-C or SIGTERM, or --detach. State, data and logs "
         "under .cordum/dev/ (env CORDUM_DEV_DIR); `cordumctl dev ps|stop|start|kill|pause|resume|down` "
         "act on a running topology.",
     )
     parser.add_argument("--replicas", type=_count, default=1, metavar="N",
-                        help="replicas of the safety kernel, scheduler and api-gateway (default %(default)s; "
-                        "gateways on HTTP 8081, 8083, ...)")
+                        help="replicas of the safety kernel, scheduler, workflow engine and api-gateway "
+                        "(default %(default)s; gateways on HTTP 8081, 8083, ..., workflow engines on "
+                        "9093, 9091, ...)")
     parser.add_argument("--workers", type=_count, default=default_workers, metavar="K",
                         help="echo workers worker-1..K (default %(default)s)")
     parser.add_argument("--detach", action="store_true",
@@ -145,9 +146,9 @@ def build_parser(prog: str, default_workers: int) -> argparse.ArgumentParser:
                         "(stop it with `cordumctl dev down`)")
     parser.add_argument("--base-port", type=_port, metavar="B",
                         default=os.environ.get("CORDUM_DEV_BASE_PORT") or None,  # argparse converts it
-                        help="move every port into the block B..B+81 (gateways B, B+2, ...; schedulers "
-                        "B+20...; kernels gRPC B+40..., admin B+60...; redis B+80, nats B+81) instead of "
-                        "the defaults (env CORDUM_DEV_BASE_PORT)")
+                        help=f"move every port into the block B..B+{topo.BLOCK_SIZE - 1} (gateways B, B+2, "
+                        "...; schedulers B+20...; kernels gRPC B+40..., admin B+60...; redis B+80, nats "
+                        "B+81; workflow engines B+82...) instead of the defaults (env CORDUM_DEV_BASE_PORT)")
     parser.add_argument("--redis-port", type=_port, default=None, help="port of the redis-server "
                         f"started when REDIS_URL is not set (default {REDIS_PORT})")
     parser.add_argument("--nats-port", type=_port, default=None, help="port of the nats-server "

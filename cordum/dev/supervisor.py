@@ -6,7 +6,7 @@ PR_SET_PDEATHSIG so the kernel sends it SIGTERM if the supervisor dies: a replic
 parent. The supervisor
 
 1. starts the replicas tier by tier in `cordum.dev.topology` order (redis, nats, kernels,
-   schedulers, gateways, workers), creating the JetStream streams once nats is up, and waits for
+   schedulers, workflow engines, gateways, workers), creating the JetStream streams once nats is up, and waits for
    each tier to be healthy (HTTP /health 200, a listening port for redis/nats, alive for
    ALIVE_SECONDS for workers) before starting the next;
 2. records pids, ports, env and logs in the state directory (`cordum.dev.state`) and sets its phase

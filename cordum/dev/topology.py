@@ -3,22 +3,25 @@
 Pure (no processes, no I/O): `build()` turns `cordumctl up` options into the ordered list of
 replicas the supervisor (`cordum.dev.supervisor`) starts tier by tier and stops in reverse.
 
-Start order (tiers): redis, nats, the safety kernels, the schedulers, the api-gateways, the echo
-workers. Services of the release that are not replicated (context engine, workflow engine, MCP)
-run once each, between the tiers where `cordum.dev.stack.SERVICES` lists them, when available.
+Start order (tiers): redis, nats, the safety kernels, the schedulers, the workflow engines, the
+api-gateways, the echo workers. Services of the release that are not replicated (context engine,
+MCP) run once each, between the tiers where `cordum.dev.stack.SERVICES` lists them, when available.
 
 Ports. Without a base port the documented defaults, two apart per replica:
 
-    api-gateway-i    HTTP      8081 + 2(i-1)   (8081, 8083, 8085, ...)
-    scheduler-i      metrics   9090 + 2(i-1)
-    safety-kernel-i  gRPC     50051 + 2(i-1),  admin 9095 + 2(i-1)
+    api-gateway-i      HTTP      8081 + 2(i-1)   (8081, 8083, 8085, ...)
+    scheduler-i        metrics   9090 + 2(i-1)
+    safety-kernel-i    gRPC     50051 + 2(i-1),  admin 9095 + 2(i-1)
+    workflow-engine-i  HTTP      9093 - 2(i-1)   (9093, 9091, 9089, ...: upwards it would take the
+                                                  kernels' admin ports 9095, 9097, ...)
     redis 6379, nats 4222
 
 With a base port B (`--base-port`, env CORDUM_DEV_BASE_PORT) every port moves into the block
-B .. B+81 so tests and parallel topologies do not collide with the defaults:
+B .. B+100 so tests and parallel topologies do not collide with the defaults:
 
     api-gateway-i B + 2(i-1), scheduler-i B+20 + 2(i-1), safety-kernel-i gRPC B+40 + 2(i-1) and
-    admin B+60 + 2(i-1), redis B+80, nats B+81 (unless --redis-port / --nats-port say otherwise).
+    admin B+60 + 2(i-1), redis B+80, nats B+81 (unless --redis-port / --nats-port say otherwise),
+    workflow-engine-i B+82 + 2(i-1).
 
 Scheduler and gateway replica i dial safety kernel ((i-1) mod N)+1.
 """
@@ -38,14 +41,20 @@ DEFAULT_PORTS: dict[str, dict[str, int]] = {
     "api-gateway": {"http": 8081},
     "scheduler": {"metrics": 9090},
     "safety-kernel": {"grpc": 50051, "admin": 9095},
+    "workflow-engine": {"http": 9093},
 }
+# Distance between replicas' default ports (2 unless listed).
+DEFAULT_STRIDE: dict[str, int] = {"workflow-engine": -2}
 # Offsets inside the base-port block.
 BLOCK_OFFSETS: dict[str, dict[str, int]] = {
     "api-gateway": {"http": 0},
     "scheduler": {"metrics": 20},
     "safety-kernel": {"grpc": 40, "admin": 60},
+    # after redis and nats, which keep B+80 and B+81 for whoever relies on them
+    "workflow-engine": {"http": 82},
 }
-BLOCK_REDIS, BLOCK_NATS, BLOCK_SIZE = 80, 81, 82
+BLOCK_REDIS, BLOCK_NATS = 80, 81
+BLOCK_SIZE = 82 + 2 * (MAX_REPLICAS - 1) + 1  # B .. B+100
 
 # Console script (cordum.dev.stack.SERVICES) -> replica kind.
 KINDS: dict[str, str] = {
@@ -57,7 +66,10 @@ KINDS: dict[str, str] = {
     "cordum-mcp": "mcp",
     "cordum-worker-echo": "worker",
 }
-REPLICATED = ("safety-kernel", "scheduler", "api-gateway")
+REPLICATED = ("safety-kernel", "scheduler", "workflow-engine", "api-gateway")
+# replica kind -> the variable naming its HTTP listen address (health and metrics)
+HTTP_ADDR_VARS = {"scheduler": "SCHEDULER_METRICS_ADDR", "workflow-engine": "WORKFLOW_ENGINE_HTTP_ADDR",
+                  "api-gateway": "GATEWAY_HTTP_ADDR"}
 
 
 class TopologyError(ValueError):
@@ -116,10 +128,10 @@ class Topology:
 
 def service_ports(kind: str, index: int, base_port: int | None = None) -> dict[str, int]:
     """The ports of replica `index` (1-based) of a replicated service."""
-    step = 2 * (index - 1)
     if base_port is None:
+        step = DEFAULT_STRIDE.get(kind, 2) * (index - 1)
         return {name: port + step for name, port in DEFAULT_PORTS[kind].items()}
-    return {name: base_port + off + step for name, off in BLOCK_OFFSETS[kind].items()}
+    return {name: base_port + off + 2 * (index - 1) for name, off in BLOCK_OFFSETS[kind].items()}
 
 
 DEV_EXECUTIONS_KEY = "cordum:dev:echo:executions"
@@ -154,7 +166,7 @@ def build(
 
     `services`: (console script, "module:function", forced env) of the *available* services in
     start order (cordum.dev.stack.SERVICES filtered by availability). Without it, the kernel,
-    scheduler, gateway and echo worker are assumed. `redis_url`/`nats_url`: external servers
+    scheduler, workflow engine, gateway and echo worker are assumed. `redis_url`/`nats_url`: external servers
     (REDIS_URL/NATS_URL); empty means the topology starts its own.
     """
     if not 1 <= replicas <= MAX_REPLICAS:
@@ -174,6 +186,7 @@ def build(
         services = (
             ("cordum-safety-kernel", "cordum.safety.service:main", None),
             ("cordum-scheduler", "cordum.scheduler.service:main", None),
+            ("cordum-workflow-engine", "cordum.workflow.service:main", None),
             ("cordum-api-gateway", "cordum.gateway.service:main", None),
             ("cordum-worker-echo", "cordum.worker.echo:main", None),
         )
@@ -203,12 +216,12 @@ def build(
                 env["SAFETY_KERNEL_ADDR"] = f":{ports['grpc']}"
                 env["SAFETY_KERNEL_ADMIN_ADDR"] = f":{ports['admin']}"
                 health = f"http://127.0.0.1:{ports['admin']}/health"
-            elif kind in ("scheduler", "api-gateway"):
-                if kernels:
+            elif kind in HTTP_ADDR_VARS:
+                if kernels and kind != "workflow-engine":  # the engine dispatches through the scheduler
                     env["SAFETY_KERNEL_ADDR"] = ",".join(
                         f"127.0.0.1:{service_ports('safety-kernel', k, base_port)['grpc']}" for k in kernels_for(i, kernels))
-                port = ports["metrics" if kind == "scheduler" else "http"]
-                env["SCHEDULER_METRICS_ADDR" if kind == "scheduler" else "GATEWAY_HTTP_ADDR"] = f":{port}"
+                (port,) = ports.values()
+                env[HTTP_ADDR_VARS[kind]] = f":{port}"
                 health = f"http://127.0.0.1:{port}/health"
             elif kind == "worker":
                 env["WORKER_ID"] = name

@@ -77,12 +77,17 @@ def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
 
         replicas = ps(env)
         expected = {"redis", "nats", "safety-kernel-1", "safety-kernel-2", "scheduler-1", "scheduler-2",
-                    "api-gateway-1", "api-gateway-2", "worker-1"}
+                    "workflow-engine-1", "workflow-engine-2", "api-gateway-1", "api-gateway-2", "worker-1"}
         assert set(replicas) == expected
         assert {r["state"] for r in replicas.values()} == {"running"}
         ids = [r["instance_id"] for n, r in replicas.items() if n not in ("redis", "nats")]
-        assert len(set(ids)) == len(ids) == 7
+        assert len(set(ids)) == len(ids) == 9
         assert replicas["api-gateway-2"]["ports"] == {"http": base + 2}
+        engines = [f"http://127.0.0.1:{base + 82 + 2 * i}" for i in range(2)]
+        assert [replicas[f"workflow-engine-{i}"]["ports"] for i in (1, 2)] == [{"http": base + 82},
+                                                                              {"http": base + 84}]
+        for url in engines:
+            assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
         data = st.load(sdir)
         assert data is not None and data["api_key"] == KEY and data["supervisor"]["mode"] == "detached"
 
@@ -98,6 +103,14 @@ def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
         assert ps(env)["scheduler-1"]["state"] == "paused"
         assert cordumctl(env, "dev", "resume", "scheduler-1").returncode == 0
         assert ps(env)["scheduler-1"]["state"] == "running"
+
+        # a workflow engine is a replica like the others: stopped, then started healthy again
+        assert cordumctl(env, "dev", "stop", "workflow-engine-2").returncode == 0
+        assert ps(env)["workflow-engine-2"]["state"] == "stopped"
+        started = cordumctl(env, "dev", "start", "workflow-engine-2")  # returns once /health answers
+        assert started.returncode == 0, started.stderr
+        assert ps(env)["workflow-engine-2"]["state"] == "running"
+        assert urllib.request.urlopen(engines[1] + "/health", timeout=5).status == 200
 
         old_pid = replicas["worker-1"]["pid"]
         assert cordumctl(env, "dev", "kill", "worker-1").returncode == 0

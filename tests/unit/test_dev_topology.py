@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,14 +14,20 @@ from cordum.dev import control, stack
 from cordum.dev import state as st
 from cordum.dev import topology as topo
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_default_ports_names_and_order() -> None:
     t = topo.build(replicas=3, workers=2, api_key="k")
     assert t.names == ["redis", "nats", "safety-kernel-1", "safety-kernel-2", "safety-kernel-3",
-                       "scheduler-1", "scheduler-2", "scheduler-3", "api-gateway-1", "api-gateway-2",
-                       "api-gateway-3", "worker-1", "worker-2"]
+                       "scheduler-1", "scheduler-2", "scheduler-3", "workflow-engine-1", "workflow-engine-2",
+                       "workflow-engine-3", "api-gateway-1", "api-gateway-2", "api-gateway-3", "worker-1",
+                       "worker-2"]
     assert [t.get(f"api-gateway-{i}").ports["http"] for i in (1, 2, 3)] == [8081, 8083, 8085]
     assert [t.get(f"scheduler-{i}").ports["metrics"] for i in (1, 2, 3)] == [9090, 9092, 9094]
+    # the documented 9093 first, then downwards: 9095, 9097, ... are the kernels' admin ports
+    assert [dict(t.get(f"workflow-engine-{i}").ports) for i in (1, 2, 3)] == [
+        {"http": 9093}, {"http": 9091}, {"http": 9089}]
     assert [dict(t.get(f"safety-kernel-{i}").ports) for i in (1, 2)] == [
         {"grpc": 50051, "admin": 9095}, {"grpc": 50053, "admin": 9097}]
     assert (t.get("redis").ports["port"], t.get("nats").ports["port"]) == (6379, 4222)
@@ -28,7 +35,7 @@ def test_default_ports_names_and_order() -> None:
     assert [r.kind for r in t.stop_order()][:4] == ["worker", "worker", "api-gateway", "api-gateway"]
     assert [r.name for r in t.stop_order()][-2:] == ["nats", "redis"]
     assert [[r.kind for r in tier][0] for tier in t.tiers()] == [
-        "redis", "nats", "safety-kernel", "scheduler", "api-gateway", "worker"]
+        "redis", "nats", "safety-kernel", "scheduler", "workflow-engine", "api-gateway", "worker"]
 
 
 def test_env_per_replica() -> None:
@@ -41,6 +48,9 @@ def test_env_per_replica() -> None:
     assert (s2.env["SCHEDULER_METRICS_ADDR"], s2.env["SAFETY_KERNEL_ADDR"]) == (":9092", "127.0.0.1:50053,127.0.0.1:50051")
     assert (g1.env["GATEWAY_HTTP_ADDR"], g1.env["SAFETY_KERNEL_ADDR"]) == (":8081", "127.0.0.1:50051,127.0.0.1:50053")
     assert g1.health == "http://127.0.0.1:8081/health"
+    e2 = t.get("workflow-engine-2")
+    assert (e2.env["WORKFLOW_ENGINE_HTTP_ADDR"], e2.health) == (":9091", "http://127.0.0.1:9091/health")
+    assert "SAFETY_KERNEL_ADDR" not in e2.env  # it dispatches through the scheduler
     w2 = t.get("worker-2")
     assert (w2.env["WORKER_ID"], w2.health) == ("worker-2", "alive")
     for r in t.replicas:
@@ -59,6 +69,8 @@ def test_external_servers_and_base_port() -> None:
     assert t.get("api-gateway-2").ports["http"] == 30002
     assert t.get("scheduler-2").ports["metrics"] == 30022
     assert dict(t.get("safety-kernel-2").ports) == {"grpc": 30042, "admin": 30062}
+    assert [t.get(f"workflow-engine-{i}").ports["http"] for i in (1, 2)] == [30082, 30084]
+    assert t.get("workflow-engine-1").env["WORKFLOW_ENGINE_HTTP_ADDR"] == ":30082"
     own = topo.build(replicas=1, workers=0, api_key="k", base_port=30000)
     assert (own.get("redis").ports["port"], own.get("nats").ports["port"]) == (30080, 30081)
     assert topo.build(replicas=1, api_key="k", base_port=30000, redis_port=7000).get("redis").ports["port"] == 7000
@@ -68,6 +80,17 @@ def test_external_servers_and_base_port() -> None:
         assert topo.duplicates(ports) == []
         if base:
             assert all(base <= p < base + topo.BLOCK_SIZE for _, p in ports)
+            assert max(p for _, p in ports) == base + topo.BLOCK_SIZE - 1  # no slack either
+
+
+def test_the_stack_runs_the_workflow_engine_and_the_bench_knows_the_block() -> None:
+    engine = next(s for s in stack.SERVICES if s.name == "cordum-workflow-engine")
+    assert stack.is_available(engine)  # so `cordumctl up` starts workflow-engine-1..N
+    # scripts/bench_driver.py runs in another venv and keeps its own copy of the block size
+    spec = importlib.util.spec_from_file_location("bench_driver", ROOT / "scripts" / "bench_driver.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.BLOCK_SIZE == topo.BLOCK_SIZE
 
 
 @pytest.mark.parametrize("kwargs", [{"replicas": 0}, {"replicas": topo.MAX_REPLICAS + 1}, {"workers": -1},
