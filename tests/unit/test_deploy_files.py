@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from cordum.dev import stack
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 BASE = COMPOSE_DIR / "docker-compose.yml"
@@ -38,9 +40,13 @@ GUIDE_LIMITS = {
     "cordum-mcp": (1, 2),
 }
 # Console scripts that exist but still exit 1 "not available yet": nothing may deploy them.
-NOT_YET_AVAILABLE = {"cordum-workflow-engine", "cordum-context-engine", "cordum-mcp"}
-# program → (port of /health, the HA overlay's second replica in compose)
-HEALTH_PORTS = {"cordum-api-gateway": 8081, "cordum-scheduler": 9090, "cordum-safety-kernel": 9095}
+NOT_YET_AVAILABLE = {s.name for s in stack.SERVICES if not stack.is_available(s)}
+# program → port of its /health
+HEALTH_PORTS = {"cordum-api-gateway": 8081, "cordum-scheduler": 9090, "cordum-safety-kernel": 9095,
+                "cordum-workflow-engine": 9093}
+# what compose and k8s deploy (the example worker included)
+DEPLOYED = {"cordum-safety-kernel", "cordum-scheduler", "cordum-workflow-engine", "cordum-api-gateway",
+            "cordum-worker-echo"}
 API_KEY_REF = "${CORDUM_API_KEY:?set CORDUM_API_KEY}"
 
 
@@ -149,8 +155,12 @@ def test_compose_runs_redis_nats_jetstream_and_every_available_program() -> None
         "the JetStream store must live on a named volume"
     assert "sync_interval: always" in conf
     commands = {s["command"][0] for s in base.values() if _is_cordum(s)}
-    assert commands == {"cordum-safety-kernel", "cordum-scheduler", "cordum-api-gateway", "cordum-worker-echo"}
+    assert commands == DEPLOYED
     assert base["api-gateway"]["ports"] == ["8081:8081"]
+    # the local topology's order: schedulers, then workflow engines, then gateways
+    assert "scheduler" in base["workflow-engine"]["depends_on"]
+    assert "workflow-engine" in base["api-gateway"]["depends_on"]
+    assert _env_map(base["workflow-engine"])["WORKFLOW_ENGINE_HTTP_ADDR"] == ":9093"
     for name, service in base.items():
         if _is_cordum(service) and service["command"][0] in HEALTH_PORTS:
             probe = " ".join(service["healthcheck"]["test"])
@@ -160,7 +170,7 @@ def test_compose_runs_redis_nats_jetstream_and_every_available_program() -> None
 def test_ha_overlay_adds_second_replicas_with_the_same_settings() -> None:
     base, ha = _compose_services()
     pairs = {"api-gateway-2": "api-gateway", "scheduler-2": "scheduler",
-             "safety-kernel-2": "safety-kernel", "worker-2": "worker"}
+             "safety-kernel-2": "safety-kernel", "workflow-engine-2": "workflow-engine", "worker-2": "worker"}
     assert set(ha) == set(pairs)
     assert ha["api-gateway-2"]["ports"] == ["8083:8081"]
     for second, first in pairs.items():
@@ -171,6 +181,7 @@ def test_ha_overlay_adds_second_replicas_with_the_same_settings() -> None:
         assert env_b.pop("CORDUM_INSTANCE_ID") != env_a.pop("CORDUM_INSTANCE_ID")
         assert env_b == env_a, f"{second}'s environment drifted from {first}'s"
         assert b.get("networks") == a.get("networks"), second
+        assert b.get("depends_on") == a.get("depends_on"), second
 
 
 def test_compose_takes_the_api_key_from_the_environment() -> None:
@@ -195,9 +206,10 @@ def test_k8s_manifests_are_namespace_agnostic_objects() -> None:
 def test_k8s_deployments_follow_the_guide() -> None:
     docs = _k8s_docs()
     deployments = {d["metadata"]["name"]: d for d in _kind(docs, "Deployment")}
-    assert set(deployments) == {"cordum-api-gateway", "cordum-scheduler", "cordum-safety-kernel", "cordum-worker-echo"}
+    assert set(deployments) == DEPLOYED
     configmaps = {d["metadata"]["name"] for d in _kind(docs, "ConfigMap")}
-    expected_replicas = {"cordum-api-gateway": 2, "cordum-scheduler": 2, "cordum-safety-kernel": 2}
+    expected_replicas = {"cordum-api-gateway": 2, "cordum-scheduler": 2, "cordum-safety-kernel": 2,
+                         "cordum-workflow-engine": 2}
     for name, dep in deployments.items():
         spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
         if name in GUIDE_LIMITS:
@@ -366,8 +378,9 @@ def test_compose_config_accepts_both_files() -> None:
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     services = model["services"]
-    assert set(services) == {"redis", "nats", "safety-kernel", "scheduler", "api-gateway", "worker",
-                             "safety-kernel-2", "scheduler-2", "api-gateway-2", "worker-2"}
+    assert set(services) == {"redis", "nats", "safety-kernel", "scheduler", "workflow-engine", "api-gateway",
+                             "worker", "safety-kernel-2", "scheduler-2", "workflow-engine-2", "api-gateway-2",
+                             "worker-2"}
     published = {name: [(p["published"], p["target"]) for p in s.get("ports", [])] for name, s in services.items()}
     assert published["api-gateway"] == [("8081", 8081)]
     assert published["api-gateway-2"] == [("8083", 8081)]
