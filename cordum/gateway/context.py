@@ -23,6 +23,8 @@ from cordum.safety.client import SafetyClient, parse_kernel_addrs
 from cordum.store.config import ConfigStore
 from cordum.store.dlq import DlqStore
 from cordum.store.jobs import JobStore
+from cordum.store.workflows import WorkflowStore
+from cordum.workflow.engine import WorkflowEngine
 
 SERVICE = "cordum-api-gateway"
 SENDER = "api-gateway"
@@ -86,6 +88,9 @@ class Gateway:
     jobs: JobStore = field(init=False)
     dlq: DlqStore = field(init=False)
     configs: ConfigStore = field(init=False)
+    workflows: WorkflowStore = field(init=False)
+    # Start, cancel and rerun only: results are the cordum-workflow-engine service's.
+    workflow_engine: WorkflowEngine = field(init=False)
     started_at: float = field(default_factory=time.time)
     hub: Any = None  # stream.StreamHub, set by the service
     ratelimiter: Any = None  # ratelimit.RateLimiter, set by the service (None: no limiting)
@@ -95,6 +100,9 @@ class Gateway:
         self.jobs = JobStore(self.redis)
         self.dlq = DlqStore(self.redis)
         self.configs = ConfigStore(self.redis)
+        self.workflows = WorkflowStore(self.redis)
+        self.workflow_engine = WorkflowEngine(store=self.workflows, jobs=self.jobs, bus=self.bus, leases=self.leases,
+                                              redis=self.redis)
         self.idempotency = IdempotencyKeys(self.redis)
         self.submitted = self.metrics.counter(
             # The guide's per-replica throughput metric: summed over gateway replicas,

@@ -1,11 +1,13 @@
-"""`GET /api/v1/stream`: job events, progress and heartbeats over a WebSocket.
+"""`GET /api/v1/stream`: job events, progress, workflow events and heartbeats over a WebSocket.
 
-Each replica taps `sys.job.>` and `sys.heartbeat` once, by broadcast (core NATS), and fans every
-packet out to its connected clients as a protobuf-JSON text frame. A client sees only its tenant's
-job events (a JobRequest names its tenant; for results, progress and cancels the job's tenant is
-read from its meta, through a small LRU cache) and every heartbeat. Each client has a bounded
-queue (CORDUM_WS_CLIENT_BUFFER_SIZE, 256): a client that falls behind is dropped (close 1013),
-never waited for. No replay: clients re-read the REST API after a reconnect.
+Each replica taps `sys.job.>`, `sys.workflow.event` and `sys.heartbeat` once, by broadcast (core
+NATS), and fans every packet out to its connected clients as a protobuf-JSON text frame. A client
+sees only its tenant's job events (a JobRequest names its tenant; for results, progress and
+cancels the job's tenant is read from its meta, through a small LRU cache) and workflow events
+(an Alert names its tenant in `details.tenant_id`; one that names none goes to nobody), and every
+heartbeat. Each client has a bounded queue (CORDUM_WS_CLIENT_BUFFER_SIZE, 256): a client that
+falls behind is dropped (close 1013), never waited for. No replay: clients re-read the REST API
+after a reconnect.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class StreamHub:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._tap, subjects.JOB_EVENTS_ALL)
             await nursery.start(self._tap, subjects.HEARTBEAT)
+            await nursery.start(self._tap, subjects.WORKFLOW_EVENT)
             task_status.started()
 
     async def _tap(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -102,6 +105,8 @@ class StreamHub:
         kind = packet.WhichOneof("payload")
         if kind == "heartbeat":
             return None
+        if kind == "alert":  # workflow events (notify steps) name their run's tenant
+            return packet.alert.details.get("tenant_id", "")
         if kind == "job_request":
             req = packet.job_request
             tenant = req.tenant_id or req.env.get("tenant_id", "")
