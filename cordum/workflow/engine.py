@@ -13,9 +13,11 @@ timers, ``sys.job.cancel``), and a step job is published on ``sys.job.submit`` o
 step back (``revert_dispatch``), persists again and arms a timer to try later.
 
 Step types handled: worker and its aliases (a job), approval (a gate job on
-``job.cordum.approval-gate``, step ``waiting``), condition, transform, notify (inline), and
-``for_each`` on any of them. Others (delay, switch, storage, parallel, loop, subworkflow) fail the
-step with "step type X is not supported yet" so a run never hangs on them.
+``job.cordum.approval-gate``, step ``waiting``), condition, transform, notify (inline), delay (the
+step waits ``running`` with ``next_attempt_at`` = due, persisted; the first advance at/after due —
+its timer, any replica's poller, or the reconciler — completes it), and ``for_each`` on any of
+them. Others (switch, storage, parallel, loop, subworkflow) fail the step with "step type X is not
+supported yet" so a run never hangs on them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from cordum.workflow import expr
 from cordum.workflow import runstate as rs
 from cordum.workflow.definition import Step, Workflow, parse_workflow
 from cordum.workflow.runstate import Run, StepRun
+from cordum.workflow.steps import delay_due
 
 log = get_logger("workflow.engine")
 
@@ -62,8 +65,8 @@ PUBLISH_RETRY_S = 1.0
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
-INLINE_TYPES = frozenset({"condition", "transform", "notify"})
-UNSUPPORTED_TYPES = frozenset({"delay", "switch", "storage", "parallel", "loop", "subworkflow"})
+INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay"})
+UNSUPPORTED_TYPES = frozenset({"switch", "storage", "parallel", "loop", "subworkflow"})
 #: a finished job's state → the result status runstate.apply_result understands
 _STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
                     JobState.DENIED: "DENIED"}
@@ -453,6 +456,10 @@ class WorkflowEngine:
         effects += fx
         transitions = 0
         while transitions < MAX_TRANSITIONS:
+            for path in rs.due_steps(workflow, run, now):
+                transitions += 1
+                run, fx = rs.finish_delay(workflow, run, path, now)
+                effects += fx
             paths = rs.next_dispatches(workflow, run, now)
             if not paths:
                 break
@@ -548,6 +555,11 @@ class WorkflowEngine:
             elif step.type == "notify":
                 output = expr.render(dict(step.input), scope)
                 await self._notify(run, path, output if isinstance(output, Mapping) else {})
+            elif step.type == "delay":
+                due = delay_due(step, scope, now)
+                if due > now:
+                    return rs.start_delay(workflow, run, path, due, now)
+                output = {"due_at": due}
             else:
                 return rs.complete_step(workflow, run, path, rs.FAILED, None,
                                         {"message": f"step type {step.type} is not supported yet"}, now)

@@ -29,6 +29,9 @@ The engine loop (I/O layer)::
     # on sys.job.result:
     run, fx = apply_result(workflow, run, job_id, status, output, error, now)
 
+A delay step waits ``running`` with ``next_attempt_at`` = due (:func:`start_delay`); once due it
+is among :func:`due_steps` and :func:`finish_delay` completes it.
+
 Inline step types (condition, switch, transform, storage, notify, delay, parallel, loop,
 subworkflow) and the ``condition`` pre-gate are NOT evaluated here: their handler module computes
 the outcome and reports it through :func:`complete_step` (or :func:`mark_dispatched` with
@@ -91,12 +94,15 @@ __all__ = [
     "base_step",
     "cancel",
     "complete_step",
+    "due_steps",
     "expand_for_each",
+    "finish_delay",
     "job_id",
     "mark_dispatched",
     "next_dispatches",
     "parse_job_id",
     "start",
+    "start_delay",
     "time_out",
 ]
 
@@ -911,6 +917,52 @@ def time_out(workflow: Workflow, run: Run, now: float) -> tuple[Run, list[Effect
     w.fields["error"] = {"message": "workflow run timed out"}
     w.set_status(TIMED_OUT, now)
     return w.build(now)
+
+
+def start_delay(
+    workflow: Workflow, run: Run, path: str, due: float, now: float
+) -> tuple[Run, list[Effect]]:
+    """A delay step starts waiting: ``running`` with ``next_attempt_at = due`` (persisted, so the
+    wait survives engine restarts; :func:`next_wake` arms the timer). No job is dispatched;
+    :func:`finish_delay` completes it once due. ValueError unless the step is pending."""
+    sr = run.step(path)
+    if run.terminal or sr.status != PENDING:
+        raise ValueError(f"step {path!r} is {sr.status}, not pending")
+    w = _Work(run)
+    if w.status == PENDING:
+        w.set_status(RUNNING, now)
+    w.put(sr, status=RUNNING, started_at=now, next_attempt_at=due)
+    w.emit(ArmTimer(path, due), TimelineEvent("step_delay_started", step_id=path, status=RUNNING,
+                                              data={"due_at": due}))
+    return w.build(now)
+
+
+def finish_delay(workflow: Workflow, run: Run, path: str, now: float) -> tuple[Run, list[Effect]]:
+    """A waiting delay step whose time came succeeds (output ``{"due_at": …}``); a no-op when it
+    is not a running delay or not due yet."""
+    sr = run.steps.get(path)
+    if run.terminal or sr is None or sr.status != RUNNING or sr.job_id or (
+        sr.next_attempt_at is None or sr.next_attempt_at > now
+    ):
+        return run, []
+    w = _Work(run)
+    w.emit(TimelineEvent("step_delay_completed", step_id=path, status=SUCCEEDED,
+                         data={"due_at": sr.next_attempt_at}))
+    _finish(workflow, w, path, SUCCEEDED, {"due_at": sr.next_attempt_at}, None, now,
+            retryable=False)
+    _settle(workflow, w, now)
+    return w.build(now)
+
+
+def due_steps(workflow: Workflow, run: Run, now: float) -> list[str]:
+    """Running steps without a job that the engine must move on now: delays whose time came."""
+    if run.terminal:
+        return []
+    return [
+        path for path, sr in run.steps.items()
+        if sr.status == RUNNING and not sr.job_id and not sr.children
+        and sr.next_attempt_at is not None and sr.next_attempt_at <= now
+    ]
 
 
 def next_wake(workflow: Workflow, run: Run) -> float | None:

@@ -1,0 +1,94 @@
+"""The engine's own step types (delay, switch, storage, parallel, loop, subworkflow) against real
+Redis and NATS, with the deterministic harness of test_workflow_engine.py: the test plays the
+scheduler (answers step jobs) and moves the engine's clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from cordum.runtime.lease import Leases
+from cordum.workflow.engine import WorkflowEngine
+from tests.integration.test_workflow_engine import TENANT, Env, engine_env, worker
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+async def timeline_types(env: Env, run_id: str) -> list[str]:
+    return [e["type"] for e in await env.store.timeline(run_id) or []]
+
+
+def other_engine(env: Env, name: str) -> WorkflowEngine:
+    """A second engine on the same stores (another replica, or this one after a restart)."""
+    return WorkflowEngine(store=env.store, jobs=env.jobs, bus=env.bus, leases=Leases(env.redis, name),
+                          redis=env.redis, clock=env.clock)
+
+
+# --- delay -------------------------------------------------------------------------------------
+async def test_delay_waits_durably_then_its_dependent_runs(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker(), "wait": {"type": "delay", "delay_sec": 30,
+                                                                "depends_on": ["a"]},
+                                        "b": worker(depends_on=["wait"])})
+        run_id = await env.start(workflow_id)
+        await env.answer(f"{run_id}:a@1", output={})
+        t0 = env.clock.now
+        run = await env.run(run_id)
+        wait = run.step("wait")
+        assert (wait.status, wait.next_attempt_at, wait.job_id) == ("running", t0 + 30, "")
+        assert await env.store.timer_due(f"{workflow_id}:{run_id}") == t0 + 30
+        assert "step_delay_started" in await timeline_types(env, run_id)
+        assert env.requests(f"{run_id}:wait@1") == []  # a delay dispatches no job
+
+        env.clock.now = t0 + 29
+        await env.engine.advance(run_id)  # early: still waiting
+        assert (await env.run(run_id)).step("wait").status == "running"
+
+        # the replica that started the wait is gone; another one's poller fires the timer
+        env.clock.now = t0 + 30
+        assert await other_engine(env, "replica-2").fire_timers() >= 1
+        await env.request(f"{run_id}:b@1")
+        run = await env.run(run_id)
+        assert run.step("wait").status == "succeeded" and run.step("wait").output == {"due_at": t0 + 30}
+        assert "step_delay_completed" in await timeline_types(env, run_id)
+        await env.answer(f"{run_id}:b@1", output={})
+        assert (await env.run(run_id)).status == "succeeded"
+
+
+async def test_delay_reconciler_completes_a_due_wait(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"wait": {"type": "delay", "timeout_sec": 10}, "b": worker(depends_on=["wait"])})
+        run_id = await env.start(workflow_id)
+        assert (await env.run(run_id)).step("wait").next_attempt_at == env.clock.now + 10
+        env.clock.now += 10
+        await env.engine.reconcile(run_id)  # the timer was lost: the reconciler's pass still moves it
+        await env.request(f"{run_id}:b@1")
+
+
+async def test_delay_until_past_or_bad(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"wait": {"type": "delay", "delay_until": "${input.at}"},
+                                        "b": worker(depends_on=["wait"])})
+        run_id = await env.start(workflow_id, {"at": iso(env.clock.now - 60)})
+        await env.request(f"{run_id}:b@1")  # a past time: no wait at all
+        run = await env.run(run_id)
+        assert run.step("wait").status == "succeeded" and run.step("wait").next_attempt_at is None
+
+        run_id = await env.start(workflow_id, {"at": iso(env.clock.now + 3600)})
+        assert (await env.run(run_id)).step("wait").next_attempt_at == env.clock.now + 3600
+
+        run_id = await env.start(workflow_id, {"at": "next tuesday"})
+        run = await env.run(run_id)
+        assert run.status == "failed" and "not an RFC3339" in run.step("wait").error["message"]
+
+
+async def test_delay_is_cancelled_with_its_run(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"wait": {"type": "delay", "delay_sec": 5}, "b": worker(depends_on=["wait"])})
+        run_id = await env.start(workflow_id)
+        assert await env.engine.cancel_run(run_id, TENANT)
+        env.clock.now += 10
+        await env.engine.advance(run_id)
+        run = await env.run(run_id)
+        assert run.status == "cancelled" and run.step("wait").status == "cancelled"
+        assert env.requests(f"{run_id}:b@1") == []
