@@ -6,6 +6,11 @@ Approve: APPROVAL_REQUIRED → PENDING, the stored JobRequest gets `approval_gra
 `cordum.bus_msg_id=approval:<id>`, and is re-published on `sys.job.submit`. Reject: → DENIED, its
 DLQ entry `approval_rejected` written, then the DLQ event published (best effort).
 
+Workflow approval gates (topic `job.cordum.approval-gate`) share the list, with their run's
+`workflow_id` / `workflow_run_id` / `workflow_step_id` / `gate_type` from the job's labels. An
+approved gate is completed by the scheduler (never a worker); a rejected one is also announced as
+`JobResult{DENIED, approval_rejected}` on `sys.job.result`, so the engine denies its step.
+
 The job is looked up in the caller's tenant before the lock is taken (another tenant's job is a
 404, never a 409). Nobody approves a job they submitted (403 `self_approval_denied`): not with the
 same API key (the job's `submitted_key` fingerprint, which covers the static admin key and keys
@@ -22,13 +27,15 @@ from quart import Quart, request
 from cordum.agent.v1 import job_pb2
 from cordum.gateway import deadletter
 from cordum.gateway.auth import Principal
-from cordum.gateway.context import Gateway, caller, cursor_text, json_body, optional_str, query_int, require
+from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, json_body, optional_str, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import checked_job_id, job_summary, publish_request
 from cordum.protocol import subjects
+from cordum.protocol.packets import encode
 from cordum.runtime.lease import Lease, LeaseUnavailable
 from cordum.runtime.log import get_logger
 from cordum.store import keys
+from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import InvalidTransition, now_us
 from cordum.store.jobstate import JobState
 
@@ -38,6 +45,7 @@ LOCK_TTL = 10.0
 
 
 def approval_item(meta: dict[str, Any]) -> dict[str, Any]:
+    labels = _labels(meta)
     return {
         "job": job_summary(meta),
         "decision": meta.get("safety_decision", ""),
@@ -46,6 +54,11 @@ def approval_item(meta: dict[str, Any]) -> dict[str, Any]:
         "policy_snapshot": meta.get("safety_snapshot", ""),
         "job_hash": meta.get("safety_job_hash", ""),
         "approval_status": meta.get("approval_status", "pending"),
+        # a workflow approval gate's step (the engine's labels); empty for submit-time approvals
+        "workflow_id": labels.get("workflow_id", ""),
+        "workflow_run_id": labels.get("run_id", ""),
+        "workflow_step_id": labels.get("step_id", ""),
+        "gate_type": labels.get("gate_type", ""),
     }
 
 
@@ -160,7 +173,21 @@ async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, An
         }, event={"approval": "rejected", "by": who.identity})
     await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected",
                                  reason=reason)
+    if meta.get("topic") == subjects.APPROVAL_GATE_TOPIC:
+        await _announce_gate_result(gw, job_id, reason)
     return {"job_id": job_id, "state": JobState.DENIED.value}
+
+
+async def _announce_gate_result(gw: Gateway, job_id: str, reason: str) -> None:
+    """A rejected workflow gate also answers on `sys.job.result` (jobpath §4.5 item 6), where the
+    workflow engine denies its step. Best effort: the job is DENIED in the store, which the
+    engine's reconciler reads when this result is lost."""
+    packet = dlq_packet(job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected", reason=reason,
+                        sender_id=SENDER)
+    try:
+        await gw.bus.publish(subjects.RESULT, encode(packet), msg_id=subjects.msg_id_for(packet, subjects.RESULT))
+    except Exception as exc:
+        log.warning("reject.gate_result_publish_failed", job_id=job_id, error=repr(exc))
 
 
 def register(app: Quart, gw: Gateway) -> None:

@@ -204,14 +204,18 @@ class Engine:
             recorded = self.store.decision_commands(job_id, _decision_record(decision))
         if decision.verdict is Verdict.THROTTLE:
             raise Retry(RETRY_SAFETY_THROTTLE_S, "throttled by policy")
-        if decision.verdict is Verdict.REQUIRE_APPROVAL:
-            await self.store.transition(job_id, S.APPROVAL_REQUIRED, fence=fence, tenant=tenant, after=recorded,
-                                        fields={**decided, "approval_status": "pending", "safety_approval_required": True})
-            return
-        if decision.verdict is Verdict.DENY:
+        if decision.verdict is Verdict.DENY:  # a workflow approval gate too: policy first
             self.metrics.denied.labels(topic=request.topic).inc()
             await self._finish(job_id, request.topic, S.DENIED, fence, "safety_denied", decision.reason or "denied by policy",
                                tenant=tenant, fields=decided, after=recorded)
+            return
+        gate = request.topic == subjects.APPROVAL_GATE_TOPIC
+        if decision.verdict is Verdict.REQUIRE_APPROVAL or (gate and not _approved(request, meta)):
+            await self.store.transition(job_id, S.APPROVAL_REQUIRED, fence=fence, tenant=tenant, after=recorded,
+                                        fields={**decided, "approval_status": "pending", "safety_approval_required": True})
+            return
+        if gate:  # approved: a gate has no work to do, no worker ever sees it
+            await self._complete_gate(packet, request, fence, tenant, decided, recorded)
             return
         max_retries = _max_retries(decision)
         if max_retries and not retries_left(int(meta.get("retries") or 0) - 1, max_retries):
@@ -286,9 +290,21 @@ class Engine:
         await self._confirm_dispatch(job_id, meta.get("topic", ""), meta["worker_id"], lease.fence, meta.get("tenant", ""))
         return True
 
+    async def _complete_gate(self, packet: BusPacket, request: JobRequest, fence: int, tenant: str, decided: dict,
+                             recorded: list) -> None:
+        """An approved workflow approval gate (jobpath §3.3 e): its synthetic result goes out on
+        `sys.job.result` first, then the job is SUCCEEDED. A failed publish is retried with the
+        message; a crash in between re-publishes (same msg id: JetStream keeps one)."""
+        job_id = request.job_id
+        result = JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_SUCCEEDED, worker_id=SENDER)
+        out = new_packet(result, sender_id=SENDER, trace_id=packet.trace_id or job_id)
+        await self.bus.publish(subjects.RESULT, encode(out), msg_id=subjects.msg_id_for(out, subjects.RESULT))
+        await self.end_job(job_id, S.SUCCEEDED, fence=fence, code="", reason="", tenant=tenant, after=recorded,
+                           fields={**decided, "worker_id": SENDER})
+        self.metrics.finished.labels(topic=request.topic, state=S.SUCCEEDED.value).inc()
+
     async def _safety(self, request: JobRequest, meta: dict, tenant: str) -> SafetyDecision:
-        labels = request.labels
-        if labels.get("approval_granted") == "true" and meta.get("approval_status") == "approved":
+        if _approved(request, meta):
             return SafetyDecision(Verdict.ALLOW, "approval granted")
         check = PolicyCheckRequest(
             job_id=request.job_id, topic=request.topic, tenant=tenant, priority=request.priority,
@@ -456,6 +472,11 @@ class Engine:
         await self.bus.publish(subjects.DLQ, encode(packet), msg_id=f"dlq:{job_id}:{code}")
         await self.store.set_fields(job_id, {"dlq_pending": ""})
         await self.store.run_repeatable(self.store.dlq_pending_commands(job_id, pending=False))
+
+
+def _approved(request: JobRequest, meta: dict) -> bool:
+    """A human approved this job (the approve route set both the label and the stored status)."""
+    return request.labels.get("approval_granted") == "true" and meta.get("approval_status") == "approved"
 
 
 def _tenant_of(request: JobRequest) -> str:

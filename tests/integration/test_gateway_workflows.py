@@ -27,6 +27,7 @@ from cordum.store.workflows import WorkflowStore
 from cordum.workflow.engine import UNSUPPORTED_TYPES, WorkflowEngine
 from tests.conftest import unique
 from tests.integration import stack as stack_module
+from tests.integration.stack import Stack
 from tests.integration import test_gateway as gateway_tests
 from tests.integration.test_gateway import ACME, ACME_ADMIN, ADMIN, ALICE, VIEWER, Api
 
@@ -120,7 +121,7 @@ class ResultDriver:
         self.engine = WorkflowEngine(store=WorkflowStore(redis), jobs=JobStore(redis), bus=bus,
                                      leases=Leases(redis, f"{settings.instance_id}-engine"), redis=redis)
         self.bus = bus
-        self.results: list[JobResult] = []
+        self.seen: list[tuple[str, JobResult]] = []  # (subject, result)
 
     async def consume(self, subject: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with self.bus.consume(subject, unique("wf-driver")) as messages:
@@ -128,7 +129,7 @@ class ResultDriver:
             async for msg in messages:
                 packet = decode(msg.data)
                 if packet.WhichOneof("payload") == "job_result":
-                    self.results.append(packet.job_result)
+                    self.seen.append((subject, packet.job_result))
                     await self.engine.handle_result(packet)
                 await msg.ack()
 
@@ -587,3 +588,111 @@ async def test_stream_relays_workflow_events_to_their_tenant(api: Api) -> None:
     finally:
         for client in clients.values():
             client.close()
+
+
+# ---- workflow approval gates through the normal approvals path (real scheduler, kernel, worker) ---
+
+GATE_POLICY = """
+version: gate-test
+default_decision: deny
+rules:
+  - id: no-gates-for-acme
+    match: {topics: ["job.cordum.approval-gate"], tenants: [acme]}
+    decision: deny
+    reason: acme may not open approval gates
+  - id: gates-are-held-for-humans
+    match: {topics: ["job.cordum.approval-gate"]}
+    decision: allow
+  - id: allow-default
+    match: {topics: ["job.default", "job.default.*"]}
+    decision: allow
+"""
+
+
+async def wait_job(redis, job_id: str, states: set[str]) -> dict[str, Any]:
+    async def reached():
+        meta = await JobStore(redis).get(job_id)
+        return meta if meta is not None and meta.get("state") in states else None
+
+    return await eventually(reached, timeout=WAIT, interval=0.1, what=f"job {job_id} in {states}")
+
+
+async def wait_run(api: Api, run_id: str, statuses: set[str], key: str = ADMIN) -> dict[str, Any]:
+    async def reached():
+        doc = await run_doc(api, run_id, key)
+        return doc if doc["status"] in statuses else None
+
+    return await eventually(reached, timeout=WAIT, interval=0.1, what=f"run {run_id} in {statuses}")
+
+
+async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spawn, tmp_path, start_gateway, redis,
+                                                                              bus, settings) -> None:
+    policy = tmp_path / "gate-policy.yaml"
+    policy.write_text(GATE_POLICY)
+    stack = Stack.create(spawn, tmp_path, SAFETY_POLICY_PATH=str(policy))
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    await stack.ready(timeout=WAIT)
+    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
+    api = await start_gateway(SAFETY_KERNEL_ADDR=stack.env["SAFETY_KERNEL_ADDR"])
+    steps = {"ask": {"type": "approval", "input": {"amount": "${input.amount}"}},
+             "act": worker(depends_on=["ask"], input={"prompt": "pay ${input.amount}"})}
+
+    async with result_driver(redis, bus, settings, consume=True) as driver:
+        workflow_id = await define(api, steps)
+        run_id = await start(api, workflow_id, {"amount": 5}, key=ALICE)
+        gate = f"{run_id}:ask@1"
+        held = await wait_job(redis, gate, {"APPROVAL_REQUIRED"})
+        assert held["topic"] == "job.cordum.approval-gate" and held["safety_decision"] == "ALLOW"
+        assert (await run_doc(api, run_id))["status"] == "waiting"
+
+        listed = await api.call("GET", "/api/v1/approvals", key=VIEWER)
+        item = next(i for i in listed.body["items"] if i["job"]["id"] == gate)
+        assert (item["workflow_id"], item["workflow_run_id"], item["workflow_step_id"], item["gate_type"]) == \
+            (workflow_id, run_id, "ask", "workflow_approval")
+        assert item["approval_status"] == "pending"
+        context = (await api.call("GET", f"/api/v1/jobs/{gate}")).body["context"]
+        assert context["kind"] == "workflow_approval_context" and context["decision"] == {"amount": 5}
+
+        approved = await api.call("POST", f"/api/v1/approvals/{gate}/approve", {"reason": "fine"}, key=ALICE)
+        assert approved.status == 200, approved.raw
+        done = await wait_job(redis, gate, {"SUCCEEDED", "FAILED", "DENIED"})
+        assert done["state"] == "SUCCEEDED" and done["worker_id"] == "cordum-scheduler"
+        finished = await wait_run(api, run_id, {"succeeded", "failed", "denied"})
+        assert finished["status"] == "succeeded" and finished["steps"]["ask"]["status"] == "succeeded"
+        # the gate never reached a worker; the step after it ran exactly once
+        assert await redis.execute("HGET", stack_module.EXECUTIONS_KEY, gate) is None
+        assert await redis.execute("HGET", stack_module.EXECUTIONS_KEY, f"{run_id}:act@1") == "1"
+        gate_results = [r for s, r in driver.seen if r.job_id == gate]
+        assert [(s, r.worker_id) for s, r in driver.seen if r.job_id == gate] == [(subjects.RESULT, "cordum-scheduler")]
+        assert gate_results[0].status == JobStatus.JOB_STATUS_SUCCEEDED
+        assert not any(i["job"]["id"] == gate for i in (await api.call("GET", "/api/v1/approvals")).body["items"])
+
+        # rejected: DENIED, announced on sys.job.result (and the DLQ), the run is denied
+        rejected_run = await start(api, workflow_id, {"amount": 9})
+        gate2 = f"{rejected_run}:ask@1"
+        await wait_job(redis, gate2, {"APPROVAL_REQUIRED"})
+        rejected = await api.call("POST", f"/api/v1/approvals/{gate2}/reject", {"reason": "too much"}, key=ALICE)
+        assert rejected.status == 200 and rejected.body["state"] == "DENIED", rejected.raw
+        denied = await wait_run(api, rejected_run, {"succeeded", "failed", "denied"})
+        assert denied["status"] == "denied" and denied["steps"]["ask"]["status"] == "denied"
+        assert denied["steps"]["act"]["status"] == "skipped"
+
+        async def announced():
+            return {s for s, r in driver.seen if r.job_id == gate2} >= {subjects.RESULT, subjects.DLQ}
+
+        await eventually(announced, what="the rejection on sys.job.result and sys.job.dlq")
+        on_result = next(r for s, r in driver.seen if r.job_id == gate2 and s == subjects.RESULT)
+        assert on_result.status == JobStatus.JOB_STATUS_DENIED and on_result.error_code == "approval_rejected"
+        assert await redis.execute("HGET", stack_module.EXECUTIONS_KEY, f"{rejected_run}:act@1") is None
+
+        # a policy that denies the gate denies it: never held, never in the approvals list
+        acme_workflow = await define(api, steps, key=ACME_ADMIN)
+        acme_run = await start(api, acme_workflow, {"amount": 1}, key=ACME)
+        gate3 = f"{acme_run}:ask@1"
+        refused = await wait_job(redis, gate3, {"DENIED", "APPROVAL_REQUIRED", "SUCCEEDED"})
+        assert refused["state"] == "DENIED" and refused["safety_reason"] == "acme may not open approval gates"
+        outcome = await wait_run(api, acme_run, {"succeeded", "failed", "denied"}, key=ACME)
+        assert outcome["status"] == "denied"
+        assert (await api.call("GET", "/api/v1/approvals", key=ACME)).body["items"] == []
