@@ -78,29 +78,46 @@ def progress_bar(percent: float | None, *, width: int = 30, state: str = "", mes
 
 
 def timestamp(value: Any) -> str:
-    """Unix seconds, ms or µs (auto-detected) → `2024-05-01 12:00:00Z`; strings pass through."""
+    """Unix seconds, ms or µs (auto-detected) or an RFC 3339 string → `2024-05-01 12:00:00Z`;
+    other strings pass through."""
     if value is None or value == "" or value == 0:
         return "-"
+    seconds = epoch(value)
+    if seconds is None:
+        return str(value)
+    try:
+        moment = _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def epoch(value: Any) -> float | None:
+    """Unix seconds of a time given as s/ms/µs/ns since the epoch or as RFC 3339; None if it is not one."""
+    if isinstance(value, bool):
+        return None
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            return value
+            try:  # the workflow routes answer RFC 3339, as the public SDK expects
+                moment = _dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            except ValueError:
+                return None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=_dt.timezone.utc)
+            return moment.timestamp()
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return str(value)
+        return None
     if number > 1e17:  # ns
         number /= 1e9
     elif number > 1e14:  # µs
         number /= 1e6
     elif number > 1e11:  # ms
         number /= 1e3
-    try:
-        moment = _dt.datetime.fromtimestamp(number, tz=_dt.timezone.utc)
-    except (OverflowError, OSError, ValueError):
-        return str(value)
-    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+    return number
 
 
 def to_json(value: Any) -> str:

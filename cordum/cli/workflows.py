@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -136,14 +137,17 @@ def _steps(run: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
 
 
 def step_changes(seen: dict[str, tuple[str, str]], run: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(step id, status, job id) of every step whose status or job changed since `seen` (updated)."""
+    """(step id, status, job id) of every step whose status or job changed since `seen` (updated),
+    in the order they happened as far as the steps' times tell (else in the document's order)."""
     changes = []
     for step_id, step in _steps(run):
         now = (str(step.get("status") or "pending").lower(), str(step.get("job_id") or ""))
         if seen.get(step_id) != now:
             seen[step_id] = now
-            changes.append((step_id, *now))
-    return changes
+            when = render.epoch(step.get("completed_at") or step.get("started_at"))
+            changes.append((math.inf if when is None else when, step_id, *now))
+    changes.sort(key=lambda change: change[0])  # stable: untimed steps keep their order, last
+    return [change[1:] for change in changes]
 
 
 def error_text(error: Any) -> str | None:

@@ -299,7 +299,10 @@ def test_short_enum_and_timestamps() -> None:
     expected = "2024-01-01 00:00:00Z"
     for value in (1704067200, 1704067200_000, 1704067200_000_000, "1704067200"):
         assert render.timestamp(value) == expected
-    assert render.timestamp("2024-01-01T00:00:00Z") == "2024-01-01T00:00:00Z"
+    for iso in ("2024-01-01T00:00:00Z", "2024-01-01T00:00:00.000000+00:00", "2024-01-01T01:00:00+01:00"):
+        assert render.timestamp(iso) == expected
+    assert render.timestamp("yesterday") == "yesterday" and render.epoch("yesterday") is None
+    assert render.epoch("2024-01-01T00:00:00.5Z") == 1704067200.5 and render.epoch(True) is None
     assert render.timestamp(None) == "-"
 
 
@@ -945,6 +948,24 @@ def test_run_start_wait_prints_each_step_change_and_succeeds(gateway: FakeGatewa
         "output  total=42",
     ]
     assert "HTTP 503: gateway restarting (retrying)" in result.err
+
+
+def test_step_changes_come_in_the_order_they_happened() -> None:
+    from cordum.cli.workflows import step_changes
+
+    seen: dict[str, tuple[str, str]] = {}
+    run_doc = {"steps": {  # as the gateway sends them: keys sorted, times RFC 3339 or unix seconds
+        "b": {"status": "succeeded", "job_id": "r:b@1", "started_at": "2024-01-01T00:00:02Z",
+              "completed_at": "2024-01-01T00:00:03Z"},
+        "fetch": {"status": "succeeded", "job_id": "r:fetch@1", "started_at": 1704067200,
+                  "completed_at": 1704067201.5},
+        "later": {"status": "pending"},
+        "a": {"status": "running", "job_id": "r:a@1", "started_at": "2024-01-01T00:00:02.5Z"}}}
+    assert step_changes(seen, run_doc) == [("fetch", "succeeded", "r:fetch@1"), ("a", "running", "r:a@1"),
+                                           ("b", "succeeded", "r:b@1"), ("later", "pending", "")]
+    assert step_changes(seen, run_doc) == []
+    run_doc["steps"]["a"].update(status="failed", completed_at="2024-01-01T00:00:04Z")
+    assert step_changes(seen, run_doc) == [("a", "failed", "r:a@1")]
 
 
 @pytest.mark.parametrize("status", ["failed", "denied", "cancelled", "timed_out"])
