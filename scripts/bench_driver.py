@@ -34,6 +34,8 @@ like a state transition, on a fresh redis-server; NATS core publish/consume and 
 --profile: a separate pass after the measured one: py-spy record (raw, nonblocking, 100 Hz) on the
 first gateway and scheduler replica while clients submit for --profile-seconds; top functions by
 own time.
+Workflows (scripts/bench_workflows.py, after the job-path peers; --workflows-only runs just this,
+--no-workflows skips it): a 5-step chain and a fan-out of 10 + join on ours, Celery and Dramatiq.
 """
 
 from __future__ import annotations
@@ -1107,7 +1109,8 @@ def report_text(data: Mapping[str, Any]) -> str:
     out.append(f"machine: {m['nproc']} CPU ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.1f} GiB, Linux "
                f"{m['kernel']}, Python {m['python']}, Redis {m['redis']}, load at start {m['loadavg_at_start'][0]:.2f}")
     loop = f"open loop at {data['rate']:g} jobs/s" if data.get("rate") else "closed loop"
-    out.append(f"workload: {data['jobs']} no-op jobs, {data['clients']} concurrent clients ({loop})")
+    if data.get("ours") or data.get("peers"):
+        out.append(f"workload: {data['jobs']} no-op jobs, {data['clients']} concurrent clients ({loop})")
     ours = data.get("ours", [])
     rows = []
     for r in ours:
@@ -1125,12 +1128,13 @@ def report_text(data: Mapping[str, Any]) -> str:
         lat = p["enqueue_to_done_ms"]
         cpu = (p["cpu_ms_per_job"].get("workers") or 0) + (p["cpu_ms_per_job"].get("redis") or 0)
         rows.append([p["peer"], p["jobs_per_s"], "", "", "", lat["p50"], lat["p95"], lat["p99"], cpu])
-    out.append("")
-    out.append(table(["system", "jobs/s", "disp p50", "disp p95", "disp p99", "end p50", "end p95", "end p99",
-                      "CPU ms/job"], rows))
-    out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = the "
-               "serving side: all our service processes incl. redis and nats / the peer's worker processes and redis; "
-               "clients and producers not included)")
+    if rows:
+        out.append("")
+        out.append(table(["system", "jobs/s", "disp p50", "disp p95", "disp p99", "end p50", "end p95", "end p99",
+                          "CPU ms/job"], rows))
+        out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = the "
+                   "serving side: all our service processes incl. redis and nats / the peer's worker processes and "
+                   "redis; clients and producers not included)")
     for r in ours:
         if "error" in r:
             continue
@@ -1234,6 +1238,8 @@ def report_text(data: Mapping[str, Any]) -> str:
                 if per and c["core"].get("delivered_per_s"):
                     out.append(f"  cordum r={r['replicas']}: {fmt(per)} messages/job → NATS core delivery alone could "
                                f"carry {fmt(c['core']['delivered_per_s'] / per)} jobs/s")
+    if data.get("workflows"):
+        out += workflows().report_lines(data["workflows"])
     out.append("")
     out.append(f"total benchmark time {data['bench_seconds']:.0f} s")
     return "\n".join(out)
@@ -1285,6 +1291,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="give up waiting for jobs after this long without progress (s)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary state directories (logs)")
     parser.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    workflows().add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         args.replica_counts = [int(x) for x in args.replicas.split(",") if x.strip()]
@@ -1292,7 +1299,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--replicas: not a list of integers: {args.replicas!r}")
     if args.jobs <= 0 or args.clients <= 0:
         parser.error("--jobs and --clients must be > 0")
+    if args.wf_runs < 0 or args.wf_idle_runs < 0 or args.wf_clients <= 0 or args.wf_replicas <= 0:
+        parser.error("--wf-runs and --wf-idle-runs must be >= 0, --wf-clients and --wf-replicas > 0")
+    if args.workflows_only and args.no_workflows:
+        parser.error("--workflows-only and --no-workflows exclude each other")
     return args
+
+
+def workflows():
+    """The workflow figure's module (scripts/bench_workflows.py), imported when needed: it imports
+    this one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_workflows
+
+    return bench_workflows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1303,13 +1323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "peers": [], "ratios": {}, "ceiling": {}}
     work = Path(tempfile.mkdtemp(prefix="cordum-bench-"))
     try:
-        for replicas in args.replica_counts:
+        for replicas in ([] if args.workflows_only else args.replica_counts):
             try:
                 data["ours"].append(run_ours(args, replicas))
             except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
                 say(f"ours, {replicas} replica(s) failed: {exc!r}")
                 data["ours"].append({"replicas": replicas, "error": repr(exc)})
-        if not args.no_peers:
+        if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:
                     data["peers"].append(run_peer(args, peer, work))
@@ -1319,7 +1339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p in data["peers"]:
                 if "error" not in r and "error" not in p:
                     data["ratios"][f"{r['replicas']}/{p['peer']}"] = ratio(r["jobs_per_s"], p["jobs_per_s"])
-        if not args.no_ceiling:
+        if not args.no_workflows:
+            data["workflows"] = workflows().run_figure(args, work)
+        if not args.no_ceiling and not args.workflows_only:
             say("ceiling: redis-benchmark")
             try:
                 redis = redis_ceiling(work, args.redis_benchmark_n)
@@ -1351,7 +1373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(data, indent=None, sort_keys=False, default=str))
     else:
         print(report_text(data))
-    return 1 if any("error" in r for r in data["ours"]) else 0
+    failed = any("error" in r for r in data["ours"]) or "error" in ((data.get("workflows") or {}).get("systems") or {}).get("cordum", {})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

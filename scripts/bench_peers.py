@@ -45,7 +45,8 @@ _client = None
 _client_lock = threading.Lock()
 
 
-def _redis():
+def redis_client():
+    """This process's Redis client on the broker's Redis (BENCH_REDIS_URL), made on first use."""
     global _client
     if _client is None:
         with _client_lock:
@@ -57,7 +58,7 @@ def _redis():
 
 
 def record_done(idx: int, enqueued_us: int) -> None:
-    _redis().rpush(DONE_KEY, f"{idx} {enqueued_us} {time.time_ns() // 1000}")
+    redis_client().rpush(DONE_KEY, f"{idx} {enqueued_us} {time.time_ns() // 1000}")
 
 
 # ---- the task modules (imported by the workers) -----------------------------------------------
@@ -99,14 +100,37 @@ elif PEER == "dramatiq":
 # ---- the runner -----------------------------------------------------------------------------------
 
 
-def worker_argv(peer: str, python: str, procs: int, threads: int) -> list[str]:
+def worker_argv(peer: str, python: str, procs: int, threads: int, *, module: str = "bench_peers",
+                queue: str = QUEUE) -> list[str]:
+    """The peer's worker command line for the task module `module` (the workflow figure has its own)."""
     bindir = Path(python).parent
     if peer == "celery":
-        return [str(bindir / "celery"), "-A", "bench_peers", "worker", "--pool", "prefork",
-                "--concurrency", str(procs), "-Q", QUEUE, "--without-gossip", "--without-mingle",
+        return [str(bindir / "celery"), "-A", module, "worker", "--pool", "prefork",
+                "--concurrency", str(procs), "-Q", queue, "--without-gossip", "--without-mingle",
                 "--without-heartbeat", "--loglevel", "WARNING"]
-    return [str(bindir / "dramatiq"), "bench_peers", "--processes", str(procs), "--threads", str(threads),
-            "--queues", QUEUE]
+    return [str(bindir / "dramatiq"), module, "--processes", str(procs), "--threads", str(threads),
+            "--queues", queue]
+
+
+def start_workers(argv: list[str], log: str) -> subprocess.Popen:
+    """The peer's worker CLI in its own process group, importing the task modules from here."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), "PYTHONUNBUFFERED": "1"}
+    sink = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(argv, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_workers(proc: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group, SIGKILL it after 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def tree_cpu(root_pid: int) -> float:
@@ -198,10 +222,7 @@ def run(args: argparse.Namespace) -> dict:
 
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     client.delete(DONE_KEY)
-    env = {**os.environ, "PYTHONPATH": str(HERE), "PYTHONUNBUFFERED": "1"}
-    log = open(args.log, "ab") if args.log else subprocess.DEVNULL
-    proc = subprocess.Popen(worker_argv(args.peer, sys.executable, args.procs, args.threads), cwd=HERE, env=env,
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_workers(worker_argv(args.peer, sys.executable, args.procs, args.threads), args.log)
     try:
         # Warm-up: the workers are up, connected and have imported everything.
         warm = 20
@@ -222,15 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         stats1 = commandstats(client)
         records = client.lrange(DONE_KEY, 0, -1)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        stop_workers(proc)
     rows = [line.split() for line in records]
     latencies_ms = [(int(done) - int(enq)) / 1000.0 for _, enq, done in rows]
     last_done = max(int(done) for _, _, done in rows) / 1e6
@@ -253,17 +266,23 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def runner_parser(description: str, timeout: float) -> argparse.ArgumentParser:
+    """The options of a peer runner (this one and the workflow figure's, bench_workflow_peers.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--peer", choices=("celery", "dramatiq"), required=True)
-    parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--redis-pid", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--timeout", type=float, default=timeout)
     parser.add_argument("--log", default="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = runner_parser(__doc__.split("\n\n")[0], 600)
+    parser.add_argument("--jobs", type=int, default=2000)
     args = parser.parse_args(argv)
     json.dump(run(args), sys.stdout)
     print()

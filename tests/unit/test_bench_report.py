@@ -1,9 +1,13 @@
 """The pure report math of the job-path benchmark (scripts/bench_driver.py): percentiles, per-job
-timelines and latencies, throughput, ratios, per-job figures, Redis/NATS/proc/py-spy parsing."""
+timelines and latencies, throughput, ratios, per-job figures, Redis/NATS/proc/py-spy parsing; and of
+its workflow figure (scripts/bench_workflows.py): definitions, step records, gaps and their parts,
+the budget, the report, and the closed-loop clients (against the session's redis-server)."""
 
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +199,191 @@ def test_report_text_renders_a_minimal_run() -> None:
     }
     text = bench.report_text(data)
     assert "cordum r=1" in text and "celery" in text and "r=1 vs celery 0.50" in text
+
+
+# ---- the workflow figure (scripts/bench_workflows.py) -------------------------------------------
+
+_wf_spec = importlib.util.spec_from_file_location("bench_workflows", PATH.parent / "bench_workflows.py")
+wf = importlib.util.module_from_spec(_wf_spec)
+_wf_spec.loader.exec_module(wf)  # the standard library and bench_driver only
+
+
+def test_workflow_definitions_parse_and_only_the_last_step_notifies() -> None:
+    from cordum.workflow.definition import parse_workflow
+
+    defs = wf.definitions()
+    chain = parse_workflow(defs["chain5"])
+    assert list(chain.steps) == list(wf.CHAIN)
+    assert [tuple(chain.steps[s].depends_on) for s in wf.CHAIN] == [(), ("a",), ("b",), ("c",), ("d",)]
+    assert [s for s in wf.CHAIN if "notify" in chain.steps[s].input] == ["e"]
+    assert all(chain.steps[s].topic == "job.default" for s in wf.CHAIN)
+    fan = parse_workflow(defs["fanout10"])
+    assert fan.steps["fan"].for_each == "input.items" and fan.steps["fan"].max_parallel == 10
+    assert "notify" not in fan.steps["fan"].input and fan.steps["join"].input["notify"] == "${input.notify}"
+    assert tuple(fan.steps["join"].depends_on) == ("fan",)
+    assert wf.run_input("fanout10", "k") == {"notify": "k", "items": list(range(10))}
+    assert wf.run_input("chain5", "k") == {"notify": "k"}
+
+
+def test_step_of_a_workflow_job_id() -> None:
+    spec = importlib.util.spec_from_file_location("bench_workflow_worker", PATH.parent / "bench_workflow_worker.py")
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    assert worker.step_of("3f2a-9c:fan[3]@2") == ("3f2a-9c", "fan[3]")
+    assert worker.step_of("r1:a@1") == ("r1", "a")
+    assert worker.step_of("r1:odd") == ("r1", "odd")
+
+
+def test_parse_records_keeps_a_steps_first_record_and_counts_repeats() -> None:
+    spans, repeats = wf.parse_records(["r1 a 100 200", "r1 b 300 350", "r1 a 900 950", "junk", "r2 a x 1",
+                                       "r2 a 5 6"])
+    assert spans == {"r1": {"a": (100, 200), "b": (300, 350)}, "r2": {"a": (5, 6)}}
+    assert repeats == 1
+
+
+def _chain(start: int, gaps_us: tuple[int, ...], work_us: int = 100) -> dict[str, tuple[int, int]]:
+    steps, t = {}, start
+    for name, gap in zip(wf.CHAIN, (0,) + gaps_us):
+        t += gap
+        steps[name] = (t, t + work_us)
+        t += work_us
+    return steps
+
+
+def test_gap_pairs_chain_and_fan_in() -> None:
+    assert wf.gap_pairs("chain5", _chain(0, (1, 1, 1, 1))) == [("a", "b"), ("b", "c"), ("c", "d"), ("d", "e")]
+    assert wf.gap_pairs("chain5", {"a": (0, 1), "c": (5, 6), "d": (7, 8)}) == [("c", "d")]
+    fan = {c: (10, 20 + k) for k, c in enumerate(wf.FAN)}
+    fan["fan[4]"] = (10, 99)  # ends last
+    fan["join"] = (120, 130)
+    assert wf.gap_pairs("fanout10", fan) == [("fan[4]", "join")]
+    del fan["fan[7]"]
+    assert wf.gap_pairs("fanout10", fan) == []  # not every child ran: no fan-in gap
+
+
+def test_run_figures_chain_gaps_run_and_start_latency() -> None:
+    runs = [{"run": "r1", "submit_us": 1_000_000}, {"run": "r2", "submit_us": 1_001_000},
+            {"run": "r3", "submit_us": 1_002_000}]
+    spans = {"r1": _chain(1_002_000, (1000, 2000, 3000, 4000)),  # starts 2 ms after submit
+             "r2": _chain(1_004_000, (500, 500, 500, 500)),
+             "r3": {"a": (1_003_000, 1_003_100)}}  # never finished
+    fig = wf.run_figures("chain5", runs, spans)
+    assert fig["complete"] == 2 and fig["incomplete"] == 1
+    assert fig["gap_ms"] == [1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 0.5]
+    assert fig["start_ms"] == [2.0, 3.0]
+    # r1: 5 steps of 0.1 ms + 10 ms of gaps, from 2 ms after submit; done = e's end
+    assert fig["run_ms"] == [pytest.approx(12.5), pytest.approx(5.5)]
+    assert fig["first_submit_us"] == 1_000_000 and fig["last_done_us"] == spans["r1"]["e"][1]
+    # when the system says when a run was done (ours: the run document), that time counts
+    done = {"r1": spans["r1"]["e"][1] + 3000, "r2": None}
+    fig = wf.run_figures("chain5", runs, spans, done)
+    assert fig["complete"] == 1 and fig["run_ms"] == [pytest.approx(15.5)]
+    out = wf.phase_figures("chain5", wf.run_figures("chain5", runs, spans))
+    assert out["runs_per_s"] == pytest.approx(2 / 0.0125)  # 2 runs from the first submit to r1's end
+    assert out["steps_per_s"] == pytest.approx(5 * 2 / 0.0125)
+    assert out["gap_ms"]["n"] == 8 and out["gap_ms"]["p50"] == pytest.approx(0.75)
+    assert "spread_ms" not in out
+
+
+def test_run_figures_fan_in_and_spread() -> None:
+    steps = {c: (2_000 + 100 * k, 3_000 + 100 * k) for k, c in enumerate(wf.FAN)}  # last ends at 3_900
+    steps["join"] = (6_900, 7_000)
+    fig = wf.run_figures("fanout10", [{"run": "r", "submit_us": 0}], {"r": steps})
+    assert fig["gap_ms"] == [3.0] and fig["spread_ms"] == [0.9] and fig["start_ms"] == [2.0]
+    assert fig["run_ms"] == [7.0]
+    out = wf.phase_figures("fanout10", fig)
+    assert out["spread_ms"]["p50"] == pytest.approx(0.9) and out["steps_per_s"] == pytest.approx(11 / 0.007)
+    empty = wf.phase_figures("fanout10", wf.run_figures("fanout10", [{"run": "x", "submit_us": 5}], {}))
+    assert empty["complete"] == 0 and empty["runs_per_s"] is None and empty["gap_ms"]["p50"] is None
+
+
+def test_gap_breakdown_splits_a_gap_into_its_parts() -> None:
+    spans = {"r": {"a": (0, 1_000), "b": (11_000, 11_500)}}
+    docs = {"r": {"steps": {"a": {"completed_at": 0.003, "job_id": "r:a@1"},
+                            "b": {"completed_at": 0.02, "job_id": "r:b@1"}}}}
+    events = {"r:b@1": {"submit": 5_000, "dispatch": 9_000}}
+    parts = wf.gap_breakdown("chain5", spans, docs, events)
+    assert parts == {"result→engine": [2.0], "engine": [2.0], "scheduler": [4.0], "to worker": [2.0]}
+    assert sum(v[0] for v in parts.values()) == 10.0  # the whole gap: b's start − a's end
+    # a pair without the job's events is left out
+    assert wf.gap_breakdown("chain5", spans, docs, {}) == {name: [] for name in wf.SEGMENTS}
+
+
+def test_gap_breakdown_fan_in_counts_from_the_last_result_the_engine_applied() -> None:
+    steps = {c: (0, 1_000) for c in wf.FAN}
+    steps["fan[2]"] = (0, 2_000)  # the last to end at the worker ...
+    steps["join"] = (20_000, 20_100)
+    doc_steps = {c: {"completed_at": 0.004} for c in wf.FAN}
+    doc_steps["fan[6]"] = {"completed_at": 0.010}  # ... but fan[6]'s result was applied last
+    doc_steps["join"] = {"job_id": "r:join@1"}
+    parts = wf.gap_breakdown("fanout10", {"r": steps}, {"r": {"steps": doc_steps}},
+                             {"r:join@1": {"submit": 12_000, "dispatch": 15_000}})
+    assert parts == {"result→engine": [8.0], "engine": [2.0], "scheduler": [3.0], "to worker": [5.0]}
+
+
+def test_budget_is_the_idle_chain_gap_p50() -> None:
+    def system(chain_p50, fan_p50):
+        return {"shapes": {"chain5": {"idle": {"gap_ms": {"p50": chain_p50}}},
+                           "fanout10": {"idle": {"gap_ms": {"p50": fan_p50}}}}}
+
+    assert wf.budget({"cordum": system(9.5, 30.0)})["met"] is True
+    out = wf.budget({"cordum": system(10.5, 3.0)})
+    assert out["met"] is False and out["fanout10_idle_gap_p50_ms"] == 3.0
+    assert wf.budget({"cordum": {"error": "boom"}})["met"] is None
+
+
+def test_workflow_report_lines_render_systems_side_by_side() -> None:
+    phase = wf.phase_figures("chain5", wf.run_figures(
+        "chain5", [{"run": "r", "submit_us": 0}], {"r": _chain(1_000, (2_000, 2_000, 2_000, 2_000))}))
+    phase.update({"cpu_ms_per_step": 1.5, "redis_commands_per_step": 12.0, "redis_by_command_per_step": {"evalsha": 3.0},
+                  "breakdown_ms": {"engine": bench.summarize([1.25])}})
+    systems = {"cordum": {"worker": "1 step worker", "shapes": {"chain5": {"idle": phase, "load": phase}}},
+               "celery": {"error": "RuntimeError('no broker')"}}
+    text = "\n".join(wf.report_lines({"settings": {"runs": 1, "idle_runs": 1, "clients": 1}, "systems": systems,
+                                      "budget": wf.budget(systems), "seconds": 3.0}))
+    row = next(line for line in text.splitlines() if line.startswith("cordum") and "chain5" in line)
+    assert row.split()[:3] == ["cordum", "chain5", "105"]  # 1 run in 9.5 ms
+    assert "celery" in text and "no broker" in text
+    assert "engine 1.25" in text and "evalsha 3.0" in text
+    assert "cordum chain5 2.00 ms (met)" in text
+
+
+def test_closed_loop_keeps_runs_in_flight_per_client_and_counts_failures(redis_server) -> None:
+    import redis as redis_py
+
+    pusher = redis_py.Redis.from_url(redis_server.url, decode_responses=True)
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def open_client(k: int):
+        def send(tag: str, notify: str) -> str:
+            if tag.endswith("-3"):
+                raise RuntimeError("refused")  # a failed start: counted, no wait
+
+            def finish() -> None:
+                time.sleep(0.02)
+                with lock:
+                    in_flight[0] -= 1
+                pusher.rpush(notify, "stale-run")  # a late signal of another run is skipped
+                pusher.rpush(notify, tag)
+
+            with lock:
+                in_flight[0] += 1
+                peak[0] = max(peak[0], in_flight[0])
+            threading.Thread(target=finish, daemon=True).start()
+            return tag
+
+        return send
+
+    prefix = f"t{time.time_ns()}"
+    out = wf.closed_loop(12, 3, open_client, redis_server.url, 10, prefix=prefix)
+    assert out["errors"] == 1 and "refused" in out["error_samples"][0]
+    assert out["timeouts"] == 0 and out["clients"] == 3
+    assert sorted(r["run"] for r in out["runs"]) == sorted(f"{prefix}-{i}" for i in range(12) if i != 3)
+    assert peak[0] <= 3  # each client waited for its run before the next
+    assert all(isinstance(r["submit_us"], int) for r in out["runs"])
+
+    def never(k: int):
+        return lambda tag, notify: tag
+
+    slow = wf.closed_loop(1, 1, never, redis_server.url, 0.3, prefix=f"t{time.time_ns()}")
+    assert slow["timeouts"] == 1 and len(slow["runs"]) == 1
