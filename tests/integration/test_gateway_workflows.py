@@ -1,11 +1,11 @@
 """The gateway's workflow routes (cordum/gateway/workflows.py) over real HTTP, against real Redis
-and NATS servers of this module's own (a scheduler process reads the shared submit durable).
+and NATS servers of this module's own (processes share JetStream durables).
 
 The gateway runs in the test's nursery like in test_gateway.py; its embedded WorkflowEngine
-starts, cancels and reruns runs. Results are processed only where a test says so: by an engine of
-the test (`ResultDriver`, what the cordum-workflow-engine service does), so every run moves only
-when the test answers its jobs — or, in the approval-gate test, through real scheduler, safety
-kernel and echo worker processes."""
+starts, cancels and reruns runs. In the route tests nothing else runs: an engine of the test
+(`ResultDriver`) applies the answers the test gives to step jobs, so every run moves only when the
+test says. The approval-gate test runs the real thing: safety kernel, scheduler,
+cordum-workflow-engine and echo worker processes."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ redis_server, nats_server = stack_module.redis_server, stack_module.nats_server
 kernel, start_gateway = gateway_tests.kernel, gateway_tests.start_gateway
 
 WAIT = 60  # generous: process start-up on a loaded 2-core machine
+FAST_ENGINE = {"WORKFLOW_ENGINE_SCAN_INTERVAL": "1s", "WORKFLOW_ENGINE_DELAY_POLL_INTERVAL": "0.5s"}
 
 
 async def eventually(check, timeout: float = 20, interval: float = 0.05, what: str = "condition") -> Any:
@@ -114,24 +115,12 @@ async def submits(bus) -> AsyncIterator[Submits]:
 
 
 class ResultDriver:
-    """What cordum-workflow-engine does with results, in the test: an engine of its own applies
-    every JobResult seen on `sys.job.result` and `sys.job.dlq`."""
+    """What cordum-workflow-engine does with results, played by the test: an engine of its own
+    applies the answers the test gives (`answer`), so runs move only when the test says."""
 
     def __init__(self, redis, bus, settings) -> None:
         self.engine = WorkflowEngine(store=WorkflowStore(redis), jobs=JobStore(redis), bus=bus,
                                      leases=Leases(redis, f"{settings.instance_id}-engine"), redis=redis)
-        self.bus = bus
-        self.seen: list[tuple[str, JobResult]] = []  # (subject, result)
-
-    async def consume(self, subject: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with self.bus.consume(subject, unique("wf-driver")) as messages:
-            task_status.started()
-            async for msg in messages:
-                packet = decode(msg.data)
-                if packet.WhichOneof("payload") == "job_result":
-                    self.seen.append((subject, packet.job_result))
-                    await self.engine.handle_result(packet)
-                await msg.ack()
 
     async def answer(self, job_id: str, status: str = "SUCCEEDED", output: Any = None, error: str = "") -> None:
         """A worker's answer to a step job: output at `res:<id>`, then the result, applied."""
@@ -143,14 +132,30 @@ class ResultDriver:
         await self.engine.handle_result(new_packet(result, sender_id="test-worker", trace_id=job_id.split(":")[0]))
 
 
+class Results:
+    """Every JobResult published on `sys.job.result` and `sys.job.dlq`, by subject (durables of the
+    test's own: it only watches)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, JobResult]] = []
+
+    async def consume(self, bus, subject: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with bus.consume(subject, unique("wf-results")) as messages:
+            task_status.started()
+            async for msg in messages:
+                packet = decode(msg.data)
+                if packet.WhichOneof("payload") == "job_result":
+                    self.seen.append((subject, packet.job_result))
+                await msg.ack()
+
+
 @asynccontextmanager
-async def result_driver(redis, bus, settings, *, consume: bool = False) -> AsyncIterator[ResultDriver]:
-    driver = ResultDriver(redis, bus, settings)
+async def results(bus) -> AsyncIterator[Results]:
+    tap = Results()
     async with trio.open_nursery() as nursery:
-        if consume:
-            await nursery.start(driver.consume, subjects.RESULT)
-            await nursery.start(driver.consume, subjects.DLQ)
-        yield driver
+        await nursery.start(tap.consume, bus, subjects.RESULT)
+        await nursery.start(tap.consume, bus, subjects.DLQ)
+        yield tap
         nursery.cancel_scope.cancel()
 
 
@@ -330,8 +335,7 @@ async def test_run_listing_pages_and_filters(api: Api, bus) -> None:
     first = await define(api, {"a": worker()})
     second = await define(api, {"a": worker()})
     runs = [await start(api, first) for _ in range(3)] + [await start(api, second) for _ in range(2)]
-    async with result_driver(api.gw.redis, bus, api.gw.settings) as driver:
-        await driver.answer(f"{runs[0]}:a@1", output={"ok": 1})
+    await ResultDriver(api.gw.redis, bus, api.gw.settings).answer(f"{runs[0]}:a@1", output={"ok": 1})
     assert (await run_doc(api, runs[0]))["status"] == "succeeded"
 
     listed = await api.call("GET", "/api/v1/workflow-runs", key=VIEWER)
@@ -377,8 +381,7 @@ async def test_run_listing_pages_and_filters(api: Api, bus) -> None:
 async def test_run_detail_timeline_and_timers(api: Api, bus) -> None:
     workflow_id = await define(api, {"a": worker(), "b": worker(depends_on=["a"])}, timeout_sec=300)
     run_id = await start(api, workflow_id, {"x": 1})
-    async with result_driver(api.gw.redis, bus, api.gw.settings) as driver:
-        await driver.answer(f"{run_id}:a@1", "FAILED_FATAL", error="boom")
+    await ResultDriver(api.gw.redis, bus, api.gw.settings).answer(f"{run_id}:a@1", "FAILED_FATAL", error="boom")
     doc = await run_doc(api, run_id)
     assert doc["status"] == "failed" and doc["error"]["message"] == "step a failed: boom"
     assert doc["started_at"].endswith("Z") and doc["completed_at"].endswith("Z")
@@ -456,7 +459,8 @@ async def test_rerun_from_a_step(api: Api, bus, redis) -> None:
     workflow_id = await define(api, {"a": worker(output_path="fetched"),
                                      "b": worker(depends_on=["a"], input={"v": "${steps.a.output.v}"}),
                                      "c": worker(depends_on=["b"])})
-    async with submits(bus) as seen, result_driver(redis, bus, api.gw.settings) as driver:
+    driver = ResultDriver(redis, bus, api.gw.settings)
+    async with submits(bus) as seen:
         old = await start(api, workflow_id, {"q": "x"})
         await driver.answer(f"{old}:a@1", output={"v": 7})
         await seen.wait(f"{old}:b@1")
@@ -626,12 +630,13 @@ async def wait_run(api: Api, run_id: str, statuses: set[str], key: str = ADMIN) 
 
 
 async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spawn, tmp_path, start_gateway, redis,
-                                                                              bus, settings) -> None:
+                                                                              bus) -> None:
     policy = tmp_path / "gate-policy.yaml"
     policy.write_text(GATE_POLICY)
-    stack = Stack.create(spawn, tmp_path, SAFETY_POLICY_PATH=str(policy))
+    stack = Stack.create(spawn, tmp_path, SAFETY_POLICY_PATH=str(policy), **FAST_ENGINE)
     stack.kernel()
     stack.scheduler()
+    stack.workflow_engine()
     stack.worker()
     await stack.ready(timeout=WAIT)
     await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
@@ -639,7 +644,7 @@ async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spa
     steps = {"ask": {"type": "approval", "input": {"amount": "${input.amount}"}},
              "act": worker(depends_on=["ask"], input={"prompt": "pay ${input.amount}"})}
 
-    async with result_driver(redis, bus, settings, consume=True) as driver:
+    async with results(bus) as driver:
         workflow_id = await define(api, steps)
         run_id = await start(api, workflow_id, {"amount": 5}, key=ALICE)
         gate = f"{run_id}:ask@1"
