@@ -13,7 +13,9 @@ change behaviour (workflow, step, ``retry``, ``meta``).
 Step types (§2.3): ``worker`` (the default) and its dispatch aliases ``llm, http, container,
 script, input`` dispatch a job and need a ``topic``; ``approval, condition, switch, delay,
 notify, transform, storage, parallel, loop, subworkflow`` have their own requirements, checked
-in :func:`_check_type`. Loop settings live in ``input``: ``body_step`` (or ``body``),
+in :func:`_check_type`. A switch target must depend (directly or through other steps) on its
+switch, which skips it when its branch is not taken; switch, parallel and loop steps take no
+``for_each``. Loop settings live in ``input``: ``body_step`` (or ``body``),
 ``max_iterations`` (default :data:`LOOP_DEFAULT_MAX_ITERATIONS`), ``while`` / ``until``.
 
 Expressions (``condition``, ``for_each``, loop ``while``/``until``, switch ``condition``) are
@@ -28,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -51,6 +53,7 @@ __all__ = [
     "parse_workflow",
     "ready_steps",
     "subworkflow_cycle",
+    "switch_targets",
     "topological_order",
 ]
 
@@ -571,6 +574,7 @@ def _build(data: Mapping[str, Any], c: _Checker) -> Workflow:
     if cycle:
         raise c.step_fail(cycle[0], "depends_on", "dependency cycle: " + " → ".join(cycle))
     _check_ownership(steps, c)
+    _check_switches(steps, c)
     for step in steps.values():
         _check_expressions(step, c)
     return Workflow(
@@ -909,6 +913,40 @@ def _check_ownership(steps: Mapping[str, Step], c: _Checker) -> None:
                 )
 
 
+def switch_targets(step: Step) -> list[str]:
+    """The steps a switch chooses among (cases in order, then the default), without repeats."""
+    if step.type != "switch":
+        return []
+    inp = step.input
+    cases = inp.get("cases")
+    if isinstance(cases, list):
+        targets = [case.get("next", case.get("step", case.get("target"))) for case in cases]
+    elif isinstance(cases, Mapping):
+        targets = list(cases.values())
+    else:
+        targets = []
+    targets += [inp[k] for k in ("default", "default_step") if inp.get(k)]
+    return list(dict.fromkeys(t for t in targets if isinstance(t, str)))
+
+
+def _check_switches(steps: Mapping[str, Step], c: _Checker) -> None:
+    """A switch target must wait for its switch (the switch skips it when not taken, so it must
+    not have started), and control steps take no ``for_each`` (one decision per step)."""
+    edges = {k: s.depends_on for k, s in steps.items()}
+    for sid, step in steps.items():
+        if step.for_each and step.type in ("switch", "parallel", "loop"):
+            raise c.step_fail(sid, "for_each", f"a {step.type} step cannot have for_each")
+        for target in switch_targets(step):
+            if sid not in _closure(target, edges):
+                raise c.step_fail(
+                    sid,
+                    "input",
+                    f"switch target {target!r} must depend on this switch (add {sid!r} to its "
+                    "depends_on)",
+                    "cases",
+                )
+
+
 def _check_expressions(step: Step, c: _Checker) -> None:
     from cordum.workflow import expr  # lazily: a sibling pure module
 
@@ -997,7 +1035,9 @@ def owned_steps(workflow: Workflow) -> set[str]:
     return {child for s in workflow.steps.values() for child in s.owned()}
 
 
-def ready_steps(workflow: Workflow, statuses: Mapping[str, str]) -> list[str]:
+def ready_steps(
+    workflow: Workflow, statuses: Mapping[str, str], not_taken: Collection[str] = ()
+) -> list[str]:
     """Steps the engine may start now, in definition order.
 
     ``statuses`` maps step id → status (§2.5); a missing id or ``pending`` means not started
@@ -1006,6 +1046,10 @@ def ready_steps(workflow: Workflow, statuses: Mapping[str, str]) -> list[str]:
     handler that succeeded. ``on_error`` targets run only when activated (a step naming them
     failed, was denied or timed out) and then bypass their own dependency check; parallel children
     and loop bodies are left to their parent. Retry timers (``next_attempt_at``) are the caller's.
+
+    ``not_taken``: skipped steps on a switch branch that was not taken. A join after a switch
+    treats them as satisfied as long as at least one of its other dependencies succeeded (a step
+    all of whose dependencies were not taken is never ready: the run skips it as not taken too).
     """
     steps = workflow.steps
     handlers: dict[str, list[str]] = {}
@@ -1029,7 +1073,10 @@ def ready_steps(workflow: Workflow, statuses: Mapping[str, str]) -> list[str]:
             if any(statuses.get(src, "") in FAILED_STATUSES for src in handlers[sid]):
                 out.append(sid)
             continue
-        if all(satisfied(dep) for dep in s.depends_on):
+        met = [satisfied(dep) for dep in s.depends_on]
+        if all(ok or dep in not_taken for ok, dep in zip(met, s.depends_on)) and (
+            any(met) or not met
+        ):
             out.append(sid)
     return out
 

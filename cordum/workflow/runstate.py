@@ -48,6 +48,12 @@ Rules chosen here beyond the spec text:
   marked ``skipped`` with ``skip_reason = "dependency <dep> <status>"``; skips propagate, so a run
   always ends once all its jobs answered.
 - A terminal run is sticky: no transition changes it.
+- Switch joins (:func:`take_branch`): a target not taken is ``skipped`` with ``skip_reason =
+  NOT_TAKEN``. A dependency not taken counts as satisfied for a step with at least one other
+  dependency that succeeded, so a join after the branches runs after the branch that was taken; a
+  step ALL of whose dependencies were not taken is skipped as ``NOT_TAKEN`` too (so the rule holds
+  through chains of steps on a branch and through nested switches). Any other skip still skips
+  the dependents ("dependency X skipped").
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ __all__ = [
     "CANCELLED",
     "DENIED",
     "FAILED",
+    "NOT_TAKEN",
     "PENDING",
     "RESULT_STATUSES",
     "RUNNING",
@@ -103,6 +110,7 @@ __all__ = [
     "parse_job_id",
     "start",
     "start_delay",
+    "take_branch",
     "time_out",
 ]
 
@@ -137,6 +145,9 @@ RESULT_STATUSES = (
     "CANCELLED",
 )
 _RETRYABLE_RESULTS = frozenset({"FAILED", "FAILED_RETRYABLE", "TIMEOUT"})
+
+#: skip reason of a switch target whose branch was not taken (and of steps only it led to)
+NOT_TAKEN = "switch_branch_not_taken"
 
 _STEP_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[0-9]+\])*$")
 _CHILD = re.compile(r"^(.*)\[([0-9]+)\]$")
@@ -482,9 +493,16 @@ def _dead(workflow: Workflow, statuses: Mapping[str, str], sid: str) -> bool:
     return status in _BAD and not _recovering(workflow, statuses, sid)
 
 
+def _not_taken(run_steps: Mapping[str, StepRun]) -> set[str]:
+    return {p for p, sr in run_steps.items() if sr.status == SKIPPED and sr.skip_reason == NOT_TAKEN}
+
+
 def _blocked(workflow: Workflow, run_steps: Mapping[str, StepRun]) -> dict[str, str]:
-    """Not-started top-level steps that can never become ready → the skip reason."""
+    """Not-started top-level steps that can never become ready → the skip reason. A dependency on
+    a switch branch not taken blocks nothing by itself; a step ALL of whose dependencies were not
+    taken is not taken either (reason ``NOT_TAKEN``, so joins further down see it the same way)."""
     statuses = _statuses(run_steps)
+    not_taken = _not_taken(run_steps)
     handlers = _handlers(workflow)
     owned = owned_steps(workflow)
     out: dict[str, str] = {}
@@ -494,15 +512,15 @@ def _blocked(workflow: Workflow, run_steps: Mapping[str, StepRun]) -> dict[str, 
             continue
         if sid in handlers and any(statuses.get(s, "") in FAILED_STATUSES for s in handlers[sid]):
             continue  # an activated handler bypasses its dependency check
-        for dep in workflow.steps[sid].depends_on:
-            if dep in out:
-                out[sid] = f"dependency {dep} skipped"
-                statuses[sid] = SKIPPED
-                break
-            if _dead(workflow, statuses, dep):
-                out[sid] = f"dependency {dep} {statuses[dep]}"
-                statuses[sid] = SKIPPED
-                break
+        deps = workflow.steps[sid].depends_on
+        reason = next((f"dependency {dep} {statuses[dep]}" for dep in deps
+                       if dep not in not_taken and _dead(workflow, statuses, dep)), None)
+        if reason is None and deps and all(dep in not_taken for dep in deps):
+            reason = NOT_TAKEN
+            not_taken.add(sid)
+        if reason is not None:
+            out[sid] = reason
+            statuses[sid] = SKIPPED
     return out
 
 
@@ -583,7 +601,7 @@ def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
     if run.status not in (RUNNING, WAITING) or _timeout_due(workflow, run, now):
         return []
     out = []
-    for sid in ready_steps(workflow, _statuses(run.steps)):
+    for sid in ready_steps(workflow, _statuses(run.steps), _not_taken(run.steps)):
         due = run.step(sid).next_attempt_at
         if due is None or due <= now:
             out.append(sid)
@@ -674,16 +692,24 @@ def complete_step(
     status. The hook where the inline step-type module reports its outcome. No retries."""
     if status not in TERMINAL_STEP_STATUSES:
         raise ValueError(f"not a terminal step status: {status!r}")
-    if run.terminal or run.step(path).status in TERMINAL_STEP_STATUSES:
+    w = _begin(run, path, now)
+    if w is None:
         return run, []
+    _finish(workflow, w, path, status, output, error, now, retryable=False)
+    _settle(workflow, w, now)
+    return w.build(now)
+
+
+def _begin(run: Run, path: str, now: float) -> _Work | None:
+    """A working copy to finish ``path`` without a job; None when the run or the step ended."""
+    if run.terminal or run.step(path).status in TERMINAL_STEP_STATUSES:
+        return None
     w = _Work(run)
     if w.status == PENDING:
         w.set_status(RUNNING, now)
     if w.step(path).started_at is None:
         w.put(w.step(path), started_at=now)
-    _finish(workflow, w, path, status, output, error, now, retryable=False)
-    _settle(workflow, w, now)
-    return w.build(now)
+    return w
 
 
 def apply_result(
@@ -916,6 +942,31 @@ def time_out(workflow: Workflow, run: Run, now: float) -> tuple[Run, list[Effect
     _close_steps(w, TIMED_OUT, "workflow run timed out", now)
     w.fields["error"] = {"message": "workflow run timed out"}
     w.set_status(TIMED_OUT, now)
+    return w.build(now)
+
+
+def take_branch(
+    workflow: Workflow,
+    run: Run,
+    path: str,
+    output: Any,
+    not_taken: Iterable[str],
+    now: float,
+) -> tuple[Run, list[Effect]]:
+    """A switch decided: it succeeds with ``output`` and each of ``not_taken`` that has not
+    started is skipped with ``skip_reason = NOT_TAKEN`` (steps after them follow, see
+    :func:`_blocked`). A no-op when the switch already finished."""
+    w = _begin(run, path, now)
+    if w is None:
+        return run, []
+    _finish(workflow, w, path, SUCCEEDED, output, None, now, retryable=False)
+    for target in not_taken:
+        sr = w.step(target)
+        if sr.status == PENDING and sr.attempts == 0:
+            w.put(sr, status=SKIPPED, skip_reason=NOT_TAKEN, completed_at=now)
+            w.emit(TimelineEvent("step_skipped", step_id=target, status=SKIPPED, message=NOT_TAKEN,
+                                 data={"switch": path}))
+    _settle(workflow, w, now)
     return w.build(now)
 
 

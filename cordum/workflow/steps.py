@@ -6,17 +6,24 @@ a ``runstate`` transition; a problem is a :class:`StepError` whose message becom
 
 - ``delay``: :func:`delay_due` — when the step is due (``delay_sec`` > 0, else ``delay_until`` −
   now, else ``timeout_sec``); a due time at or before now means "succeed at once".
+- ``switch``: :func:`choose_branch` — the first case whose value equals the switch's value (list
+  cases ``{when|match|value, next|step|target}`` in order, or a map value → step), else
+  ``default``/``default_step``, else no branch at all (the switch still succeeds; every target is
+  not taken). Equality: numbers by value (``1 == 1.0``), booleans only with booleans, and a string
+  equals a number or boolean written the same way (``"1"`` matches 1, ``"true"`` matches true), so
+  map keys — always strings — match numeric and boolean values.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
 from cordum.workflow import expr
-from cordum.workflow.definition import Step
+from cordum.workflow.definition import Step, switch_targets
 
-__all__ = ["StepError", "delay_due"]
+__all__ = ["Branch", "StepError", "choose_branch", "delay_due"]
 
 
 class StepError(ValueError):
@@ -40,3 +47,67 @@ def delay_due(step: Step, scope: Mapping[str, Any], now: float) -> float:
             raise StepError(f"delay_until {text!r} has no time zone")
         return when.timestamp()
     return now + max(step.timeout_sec, 0.0)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A switch's decision: ``output`` is the step's output, ``not_taken`` the targets to skip."""
+
+    matched_case: Any
+    matched_value: Any
+    target_step: str | None
+    not_taken: tuple[str, ...]
+
+    @property
+    def output(self) -> dict[str, Any]:
+        return {"matched_case": self.matched_case, "matched_value": self.matched_value,
+                "target_step": self.target_step}
+
+
+def _text(value: Any) -> str | None:
+    """How a scalar is written, for comparing a string with a number or a boolean."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Switch equality (see the module docstring)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        if isinstance(a, bool) and isinstance(b, bool):
+            return a == b
+    elif isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, str) != isinstance(b, str):
+        return _text(a) is not None and _text(a) == _text(b)
+    return type(a) is type(b) and a == b
+
+
+def choose_branch(step: Step, inp: Mapping[str, Any], value: Any) -> Branch:
+    """Which target a switch takes for ``value``; ``inp`` is its rendered ``input``."""
+    cases = inp.get("cases")
+    matched: tuple[Any, str] | None = None
+    if isinstance(cases, list):
+        for i, case in enumerate(cases):
+            if not isinstance(case, Mapping):
+                continue
+            when = case.get("when", case.get("match", case.get("value")))
+            if same_value(value, when):
+                matched = (i, case.get("next", case.get("step", case.get("target"))))
+                break
+    elif isinstance(cases, Mapping):
+        matched = next(((k, t) for k, t in cases.items() if same_value(value, k)), None)
+    if matched is None:
+        default = inp.get("default") or inp.get("default_step")
+        matched = ("default", default) if isinstance(default, str) and default else None
+    target = matched[1] if matched is not None else None
+    return Branch(
+        matched_case=matched[0] if matched is not None else None,
+        matched_value=value,
+        target_step=target,
+        not_taken=tuple(t for t in switch_targets(step) if t != target),
+    )

@@ -92,3 +92,54 @@ async def test_delay_is_cancelled_with_its_run(redis, bus, settings) -> None:
         run = await env.run(run_id)
         assert run.status == "cancelled" and run.step("wait").status == "cancelled"
         assert env.requests(f"{run_id}:b@1") == []
+
+
+# --- switch ------------------------------------------------------------------------------------
+async def test_switch_runs_one_branch_and_the_join(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "route": {"type": "switch", "condition": "input.size > 10 ? 'big' : input.size",
+                      "input": {"cases": [{"when": "big", "next": "big"}, {"when": 0, "next": "empty"}],
+                                "default": "small"}},
+            "big": worker(depends_on=["route"]),
+            "empty": {"type": "transform", "depends_on": ["route"], "input": {"none": True}},
+            "small": worker(depends_on=["route"]),
+            "small2": worker(depends_on=["small"]),
+            "join": worker(depends_on=["big", "empty", "small2"], input={"via": "${steps.route.output.target_step}"}),
+        })
+        run_id = await env.start(workflow_id, {"size": 50})
+        await env.answer(f"{run_id}:big@1", output={"b": 1})
+        join = await env.request(f"{run_id}:join@1")
+        assert await env.jobs.get_context(join.job_id) == {"via": "big"}
+        await env.answer(f"{run_id}:join@1", output={})
+        run = await env.run(run_id)
+        assert run.status == "succeeded"
+        assert run.step("route").output == {"matched_case": 0, "matched_value": "big", "target_step": "big"}
+        for sid in ("empty", "small", "small2"):
+            assert (run.step(sid).status, run.step(sid).skip_reason) == ("skipped", "switch_branch_not_taken")
+        assert env.requests(f"{run_id}:small@1") == [] and env.requests(f"{run_id}:small2@1") == []
+        skipped = [e for e in await env.store.timeline(run_id) if e["type"] == "step_skipped"]
+        assert {e["step_id"] for e in skipped} == {"empty", "small", "small2"}
+
+        run_id = await env.start(workflow_id, {"size": 0})  # an inline branch: the join follows at once
+        await env.request(f"{run_id}:join@1")
+        assert (await env.run(run_id)).step("empty").output == {"none": True}
+
+        run_id = await env.start(workflow_id, {"size": 3})  # the default, a two-step branch
+        await env.answer(f"{run_id}:small@1", output={})
+        await env.answer(f"{run_id}:small2@1", output={})
+        await env.request(f"{run_id}:join@1")
+        run = await env.run(run_id)
+        assert run.step("route").output["matched_case"] == "default" and run.step("big").status == "skipped"
+
+
+async def test_switch_with_a_bad_condition_fails(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "route": {"type": "switch", "condition": "input.n > 1", "input": {"cases": {"1": "a"}}},
+            "a": worker(depends_on=["route"]),
+        })
+        run_id = await env.start(workflow_id, {})  # n missing: null > 1 is an error
+        run = await env.run(run_id)
+        assert run.status == "failed" and run.step("route").status == "failed"
+        assert "route" in run.error["message"] and run.step("a").status == "skipped"

@@ -303,8 +303,11 @@ def test_valid_special_steps() -> None:
                 "sw": {
                     "type": "switch",
                     "condition": "input.x",
-                    "input": {"cases": {"1": "b"}, "default": "c"},
+                    "input": {"cases": {"1": "yes"}, "default": "no"},
                 },
+                "yes": {"topic": "t", "depends_on": ["sw"]},
+                "no": {"topic": "t", "depends_on": ["yes2"]},
+                "yes2": {"type": "notify", "depends_on": ["sw"]},
                 "d": {"type": "delay", "delay_sec": 5},
                 "sub": {"type": "subworkflow", "input": {"workflow_id": "other"}},
                 "st": {
@@ -315,6 +318,25 @@ def test_valid_special_steps() -> None:
         }
     )
     assert wf.steps["loop"].owned() == ("e",) and wf.steps["par"].owned() == ("b", "c")
+
+
+def test_switch_rules() -> None:
+    def problem(extra: dict) -> DefinitionError:
+        sw = {"type": "switch", "condition": "input.x", "input": {"cases": [{"when": 1, "next": "b"}],
+                                                                    "default": "c"}}
+        return err({"id": "w", "steps": {"sw": sw, "b": {"topic": "t", "depends_on": ["sw"]},
+                                         "c": {"topic": "t"}, **extra}})
+
+    e = problem({})
+    assert e.step == "sw" and "switch target 'c' must depend on this switch" in str(e)
+    e = problem({"c": {"topic": "t", "depends_on": ["b"]}, "sw2": {
+        "type": "switch", "condition": "input.x", "for_each": "input.items",
+        "input": {"cases": {"1": "b"}}}})
+    assert e.step == "sw2" and e.field == "for_each"
+    for kind, inp in (("parallel", {"steps": ["b"]}), ("loop", {"body_step": "b"})):
+        e = err({"id": "w", "steps": {"p": {"type": kind, "for_each": "input.items", "input": inp},
+                                      "b": {"topic": "t"}}})
+        assert e.field == "for_each" and f"a {kind} step cannot have for_each" in str(e)
 
 
 def test_text_errors() -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from cordum.workflow import runstate as rs
 from cordum.workflow.runstate import ArmTimer, TimelineEvent
-from cordum.workflow.steps import StepError, delay_due
+from cordum.workflow.definition import ready_steps
+from cordum.workflow.steps import StepError, choose_branch, delay_due, same_value
 from tests.unit.test_workflow_runstate import new_run, wf
 from tests.unit.test_workflow_runstate import step as worker
 
@@ -78,3 +79,94 @@ def test_start_delay_refuses_a_started_step() -> None:
     run, _ = rs.start_delay(w, rs.start(new_run(), NOW, w)[0], "d", NOW + 30, NOW)
     with pytest.raises(ValueError, match="not pending"):
         rs.start_delay(w, run, "d", NOW + 30, NOW)
+
+
+# --- switch ------------------------------------------------------------------------------------
+def switch_wf(cases, **inp) -> object:
+    return wf({
+        "sw": {"type": "switch", "condition": "input.kind", "input": {"cases": cases, **inp}},
+        "small": worker("sw"),
+        "big": worker("sw"),
+        "big2": worker("big"),
+        "other": worker("sw"),
+        "join": worker("small", "big2"),
+    })
+
+
+def test_same_value() -> None:
+    assert same_value(1, 1.0) and same_value("1", 1) and same_value(1.0, "1") and same_value("a", "a")
+    assert same_value(True, "true") and same_value(None, None) and same_value([1], [1])
+    assert not same_value(True, 1) and not same_value(1, True) and not same_value(0, False)
+    assert not same_value("1.0", 1) and not same_value(None, "null") and not same_value("a", "b")
+
+
+def test_choose_branch_list_map_default_and_none() -> None:
+    cases = [{"when": "s", "next": "small"}, {"match": 2, "step": "big"}, {"value": "x", "target": "big"}]
+    w = switch_wf(cases, default="other")
+    sw = w.steps["sw"]
+    b = choose_branch(sw, sw.input, "s")
+    assert b.output == {"matched_case": 0, "matched_value": "s", "target_step": "small"}
+    assert b.not_taken == ("big", "other")
+    assert choose_branch(sw, sw.input, 2.0).target_step == "big"
+    assert choose_branch(sw, sw.input, "x").matched_case == 2
+    b = choose_branch(sw, sw.input, "zzz")
+    assert (b.matched_case, b.target_step, b.not_taken) == ("default", "other", ("small", "big"))
+
+    w = switch_wf({"1": "small", "true": "big"})
+    sw = w.steps["sw"]
+    assert choose_branch(sw, sw.input, 1).output == {"matched_case": "1", "matched_value": 1,
+                                                      "target_step": "small"}
+    assert choose_branch(sw, sw.input, True).target_step == "big"
+    b = choose_branch(sw, sw.input, None)  # no match, no default: no branch at all
+    assert b.target_step is None and b.matched_case is None and b.not_taken == ("small", "big")
+
+
+def test_take_branch_skips_the_others_and_the_join_still_runs() -> None:
+    w = switch_wf({"s": "small", "b": "big"}, default="other")
+    run, _ = rs.start(new_run(), NOW, w)
+    b = choose_branch(w.steps["sw"], w.steps["sw"].input, "s")
+    run, fx = rs.take_branch(w, run, "sw", b.output, b.not_taken, NOW)
+    assert run.step("sw").status == "succeeded" and run.step("sw").output["target_step"] == "small"
+    for sid in ("big", "other", "big2"):  # big2 only follows the branch not taken
+        assert run.step(sid).status == "skipped" and run.step(sid).skip_reason == rs.NOT_TAKEN
+    assert [e.step_id for e in events(fx) if e.type == "step_skipped"] == ["big", "other", "big2"]
+    assert rs.next_dispatches(w, run, NOW) == ["small"]
+    run, fx = rs.mark_dispatched(w, run, "small", NOW)
+    run, _ = rs.apply_result(w, run, "run1:small@1", "SUCCEEDED", {"v": 1}, now=NOW)
+    assert rs.next_dispatches(w, run, NOW) == ["join"]  # small succeeded, big2 not taken
+    run, _ = rs.mark_dispatched(w, run, "join", NOW)
+    run, _ = rs.apply_result(w, run, "run1:join@1", "SUCCEEDED", {}, now=NOW)
+    assert run.status == "succeeded"
+    assert rs.take_branch(w, run, "sw", b.output, b.not_taken, NOW) == (run, [])  # terminal: no-op
+
+
+def test_no_branch_taken_skips_the_join_and_the_run_succeeds() -> None:
+    w = switch_wf({"s": "small", "b": "big"}, default="other")
+    w2 = switch_wf({"s": "small", "b": "big"})
+    run, _ = rs.start(new_run(), NOW, w2)
+    b = choose_branch(w2.steps["sw"], w2.steps["sw"].input, "nothing")
+    run, _ = rs.take_branch(w2, run, "sw", b.output, b.not_taken, NOW)
+    assert run.step("join").status == "skipped" and run.step("join").skip_reason == rs.NOT_TAKEN
+    assert rs.next_dispatches(w2, run, NOW) == ["other"]  # a plain dependent of the switch
+    run, _ = rs.mark_dispatched(w2, run, "other", NOW)
+    run, _ = rs.apply_result(w2, run, "run1:other@1", "SUCCEEDED", {}, now=NOW)
+    assert run.status == "succeeded"
+    # a join waits while a taken branch is still running
+    run, _ = rs.start(new_run(), NOW, w)
+    b = choose_branch(w.steps["sw"], w.steps["sw"].input, "b")
+    run, _ = rs.take_branch(w, run, "sw", b.output, b.not_taken, NOW)
+    assert run.step("small").skip_reason == rs.NOT_TAKEN and rs.next_dispatches(w, run, NOW) == ["big"]
+    run, _ = rs.mark_dispatched(w, run, "big", NOW)
+    assert run.step("join").status == "pending"
+    run, _ = rs.apply_result(w, run, "run1:big@1", "FAILED_FATAL", error="boom", now=NOW)
+    assert run.status == "failed"  # a real failure on the taken branch still ends the run
+    assert run.step("big2").skip_reason == "dependency big failed"
+
+
+def test_ready_steps_with_not_taken() -> None:
+    w = switch_wf({"s": "small"}, default="big")
+    done = {"sw": "succeeded", "other": "running", "big": "skipped"}
+    assert ready_steps(w, {**done, "small": "succeeded", "big2": "skipped"}) == []
+    assert ready_steps(w, {**done, "small": "succeeded", "big2": "skipped"}, {"big", "big2"}) == ["join"]
+    assert ready_steps(w, {**done, "small": "skipped", "big2": "skipped"}, {"small", "big", "big2"}) == []
+    assert ready_steps(w, {**done, "small": "running", "big2": "skipped"}, {"big", "big2"}) == []
