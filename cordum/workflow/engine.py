@@ -17,8 +17,9 @@ Step types handled: worker and its aliases (a job), approval (a gate job on
 step waits ``running`` with ``next_attempt_at`` = due, persisted; the first advance at/after due —
 its timer, any replica's poller, or the reconciler — completes it), and ``for_each`` on any of
 them; switch (its not-taken targets are skipped as ``switch_branch_not_taken``: see runstate on
-joins). Others (storage, parallel, loop, subworkflow) fail the step with "step type X is not
-supported yet" so a run never hangs on them.
+joins); storage (reads/writes the run context in the step's own transition). Others (parallel,
+loop, subworkflow) fail the step with "step type X is not supported yet" so a run never hangs on
+them.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from cordum.workflow import expr
 from cordum.workflow import runstate as rs
 from cordum.workflow.definition import Step, Workflow, parse_workflow
 from cordum.workflow.runstate import Run, StepRun
-from cordum.workflow.steps import choose_branch, delay_due
+from cordum.workflow.steps import choose_branch, delay_due, storage_op
 
 log = get_logger("workflow.engine")
 
@@ -66,8 +67,8 @@ PUBLISH_RETRY_S = 1.0
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
-INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch"})
-UNSUPPORTED_TYPES = frozenset({"storage", "parallel", "loop", "subworkflow"})
+INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch", "storage"})
+UNSUPPORTED_TYPES = frozenset({"parallel", "loop", "subworkflow"})
 #: a finished job's state → the result status runstate.apply_result understands
 _STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
                     JobState.DENIED: "DENIED"}
@@ -560,6 +561,9 @@ class WorkflowEngine:
                 branch = choose_branch(step, expr.render(dict(step.input), scope),
                                        expr.evaluate(step.condition, scope))
                 return rs.take_branch(workflow, run, path, branch.output, branch.not_taken, now)
+            elif step.type == "storage":
+                context, output = storage_op(run.context, expr.render(dict(step.input), scope))
+                return rs.complete_step(workflow, run, path, rs.SUCCEEDED, output, None, now, context=context)
             elif step.type == "delay":
                 due = delay_due(step, scope, now)
                 if due > now:

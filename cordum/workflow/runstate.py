@@ -687,14 +687,19 @@ def complete_step(
     output: Any = None,
     error: Any = None,
     now: float = 0.0,
+    *,
+    context: Mapping[str, Any] | None = None,
 ) -> tuple[Run, list[Effect]]:
     """Finish a step without a job (inline types, condition pre-gate): ``status`` is a terminal step
-    status. The hook where the inline step-type module reports its outcome. No retries."""
+    status. The hook where the inline step-type module reports its outcome. No retries.
+    ``context``: the run context the step leaves behind (a storage write/delete)."""
     if status not in TERMINAL_STEP_STATUSES:
         raise ValueError(f"not a terminal step status: {status!r}")
     w = _begin(run, path, now)
     if w is None:
         return run, []
+    if context is not None:
+        w.context = copy.deepcopy(dict(context))
     _finish(workflow, w, path, status, output, error, now, retryable=False)
     _settle(workflow, w, now)
     return w.build(now)

@@ -12,10 +12,14 @@ a ``runstate`` transition; a problem is a :class:`StepError` whose message becom
   not taken). Equality: numbers by value (``1 == 1.0``), booleans only with booleans, and a string
   equals a number or boolean written the same way (``"1"`` matches 1, ``"true"`` matches true), so
   map keys — always strings — match numeric and boolean values.
+- ``storage``: :func:`storage_op` — ``read``/``write``/``delete`` at the dot path ``key`` of the
+  run context. The output is the value at the key (read; written; deleted — null when there was
+  none). Reading a missing key fails naming it; ``steps…`` is read-only (the step outputs).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
@@ -23,7 +27,7 @@ from typing import Any, Mapping
 from cordum.workflow import expr
 from cordum.workflow.definition import Step, switch_targets
 
-__all__ = ["Branch", "StepError", "choose_branch", "delay_due"]
+__all__ = ["Branch", "StepError", "choose_branch", "delay_due", "storage_op"]
 
 
 class StepError(ValueError):
@@ -111,3 +115,53 @@ def choose_branch(step: Step, inp: Mapping[str, Any], value: Any) -> Branch:
         target_step=target,
         not_taken=tuple(t for t in switch_targets(step) if t != target),
     )
+
+
+_MISSING = object()
+
+
+def _lookup(value: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def storage_op(context: Mapping[str, Any], inp: Mapping[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+    """``(new context or None when unchanged, output)`` of a storage step with rendered ``inp``."""
+    op, key = inp.get("operation"), inp.get("key")
+    if not isinstance(key, str) or not key.strip("."):
+        raise StepError(f"storage key must be a non-empty dot path, got {key!r}")
+    parts = key.split(".")
+    if "" in parts:
+        raise StepError(f"storage key {key!r} has an empty part")
+    current = _lookup(context, parts)
+    if op == "read":
+        if current is _MISSING:
+            raise StepError(f"storage read: key {key!r} is not in the run context")
+        return None, copy.deepcopy(current)
+    if op not in ("write", "delete"):
+        raise StepError(f"storage operation must be read, write or delete, got {op!r}")
+    if parts[0] == "steps":
+        raise StepError(f"storage {op}: key {key!r} is read-only (step outputs live under steps)")
+    if op == "delete" and current is _MISSING:
+        return None, None
+    new = copy.deepcopy(dict(context))
+    target: Any = new
+    for i, part in enumerate(parts[:-1]):
+        nxt = target.get(part)
+        if nxt is None and op == "write":
+            nxt = target[part] = {}
+        if not isinstance(nxt, dict):
+            where = ".".join(parts[: i + 1])
+            raise StepError(f"storage {op}: {where!r} is {type(nxt).__name__}, not a mapping")
+        target = nxt
+    if op == "delete":
+        return new, target.pop(parts[-1])
+    value = copy.deepcopy(inp.get("value"))
+    target[parts[-1]] = value
+    return new, copy.deepcopy(value)

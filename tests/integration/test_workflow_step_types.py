@@ -143,3 +143,26 @@ async def test_switch_with_a_bad_condition_fails(redis, bus, settings) -> None:
         run = await env.run(run_id)
         assert run.status == "failed" and run.step("route").status == "failed"
         assert "route" in run.error["message"] and run.step("a").status == "skipped"
+
+
+# --- storage -----------------------------------------------------------------------------------
+async def test_storage_writes_reads_and_deletes_run_context(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "put": {"type": "storage", "input": {"operation": "write", "key": "cart.${input.who}",
+                                                 "value": {"n": "${input.n}"}}},
+            "use": worker(depends_on=["put"], input={"n": "${ctx.cart.bob.n}"}),
+            "get": {"type": "storage", "depends_on": ["use"], "input": {"operation": "read", "key": "cart.bob"}},
+            "drop": {"type": "storage", "depends_on": ["get"], "input": {"operation": "delete", "key": "cart.bob"}},
+            "again": {"type": "storage", "depends_on": ["drop"], "input": {"operation": "read", "key": "cart.bob"}},
+        })
+        run_id = await env.start(workflow_id, {"who": "bob", "n": 2})
+        use = await env.request(f"{run_id}:use@1")
+        assert await env.jobs.get_context(use.job_id) == {"n": 2}
+        assert (await env.run(run_id)).context["cart"] == {"bob": {"n": 2}}
+        await env.answer(use.job_id, output={})
+        run = await env.run(run_id)
+        assert run.step("get").output == {"n": 2} and run.step("drop").output == {"n": 2}
+        assert run.context["cart"] == {}
+        assert run.status == "failed" and run.step("again").status == "failed"
+        assert run.step("again").error["message"] == "storage read: key 'cart.bob' is not in the run context"

@@ -10,7 +10,7 @@ import pytest
 from cordum.workflow import runstate as rs
 from cordum.workflow.runstate import ArmTimer, TimelineEvent
 from cordum.workflow.definition import ready_steps
-from cordum.workflow.steps import StepError, choose_branch, delay_due, same_value
+from cordum.workflow.steps import StepError, choose_branch, delay_due, same_value, storage_op
 from tests.unit.test_workflow_runstate import new_run, wf
 from tests.unit.test_workflow_runstate import step as worker
 
@@ -170,3 +170,40 @@ def test_ready_steps_with_not_taken() -> None:
     assert ready_steps(w, {**done, "small": "succeeded", "big2": "skipped"}, {"big", "big2"}) == ["join"]
     assert ready_steps(w, {**done, "small": "skipped", "big2": "skipped"}, {"small", "big", "big2"}) == []
     assert ready_steps(w, {**done, "small": "running", "big2": "skipped"}, {"big", "big2"}) == []
+
+
+# --- storage -----------------------------------------------------------------------------------
+def test_storage_read_write_delete() -> None:
+    ctx = {"cfg": {"limit": 5, "tags": ["a", "b"]}, "steps": {"s": {"output": 1}}}
+    assert storage_op(ctx, {"operation": "read", "key": "cfg.limit"}) == (None, 5)
+    assert storage_op(ctx, {"operation": "read", "key": "cfg.tags.1"}) == (None, "b")
+    assert storage_op(ctx, {"operation": "read", "key": "steps.s.output"}) == (None, 1)
+    with pytest.raises(StepError, match="key 'cfg.nope' is not in the run context"):
+        storage_op(ctx, {"operation": "read", "key": "cfg.nope"})
+
+    new, out = storage_op(ctx, {"operation": "write", "key": "a.b.c", "value": {"x": [1]}})
+    assert out == {"x": [1]} and new["a"] == {"b": {"c": {"x": [1]}}} and new["cfg"] == ctx["cfg"]
+    assert "a" not in ctx  # the input context is never changed
+    new, out = storage_op(ctx, {"operation": "write", "key": "cfg.limit", "value": None})
+    assert out is None and new["cfg"]["limit"] is None
+    with pytest.raises(StepError, match="'cfg.limit' is int, not a mapping"):
+        storage_op(ctx, {"operation": "write", "key": "cfg.limit.x", "value": 1})
+
+    new, out = storage_op(ctx, {"operation": "delete", "key": "cfg.limit"})
+    assert out == 5 and new["cfg"] == {"tags": ["a", "b"]} and ctx["cfg"]["limit"] == 5
+    assert storage_op(ctx, {"operation": "delete", "key": "cfg.gone.deeper"}) == (None, None)
+    for op in ("write", "delete"):
+        with pytest.raises(StepError, match="read-only"):
+            storage_op(ctx, {"operation": op, "key": "steps.s", "value": 1})
+    for bad in ("", ".", "a..b", 5, None):
+        with pytest.raises(StepError, match="storage key"):
+            storage_op(ctx, {"operation": "read", "key": bad})
+
+
+def test_complete_step_keeps_the_context_a_step_leaves() -> None:
+    w = wf({"st": {"type": "storage", "input": {"operation": "write", "key": "k", "value": 1}},
+            "b": worker("st")})
+    run, _ = rs.start(new_run(), NOW, w)
+    new_ctx, out = storage_op(run.context, w.steps["st"].input)
+    run, _ = rs.complete_step(w, run, "st", "succeeded", out, None, NOW, context=new_ctx)
+    assert run.context["k"] == 1 and run.context["steps"]["st"] == {"output": 1}
