@@ -19,6 +19,10 @@ deletes):
     POST   /api/v1/workflow-runs/{run}/cancel         → 204
     POST   /api/v1/workflow-runs/{run}/rerun          → {run_id} + X-Trace-Id   body {from_step, dry_run}
 
+A start is refused with 429 `RUN_NOT_RUNNABLE` while the tenant has `max_concurrent_runs` runs
+active (effective config or the definition's `config`; checked under the tenant's admission lock);
+a repeated idempotency key answers with its run before that check.
+
 Start, cancel and rerun go through the gateway's own `WorkflowEngine` (`gw.workflow_engine`),
 which takes the run lock like every engine replica; results are never processed here (the
 cordum-workflow-engine service owns them). A busy run lock is a 409 (`RUN_NOT_CANCELLABLE` for a
@@ -32,7 +36,8 @@ import datetime
 import json
 import re
 import uuid
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import yaml
 from quart import Quart, request
@@ -49,6 +54,7 @@ from cordum.gateway.workflow_views import (
     timer_view,
 )
 from cordum.infra.config import parse_bool
+from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.workflows import DefinitionOwned, TERMINAL_STATUSES
@@ -65,6 +71,7 @@ MAX_TIMEOUT_SEC = 604_800  # 7 days (spec §1.5)
 MAX_IDEMPOTENCY_KEY = 256
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LIST_MAX = 500
+ADMISSION_TTL, ADMISSION_WAIT = 10.0, 2.0  # spec §1.5: admission lock TTL 10 s, wait ≤ 2 s
 
 
 # ---- request parsing (path ids, bodies, queries) ------------------------------------------------
@@ -253,17 +260,52 @@ async def start_run(gw: Gateway, workflow_id: str) -> tuple[dict[str, Any], int,
     if key:
         holder = await gw.redis.execute("GET", keys.wf_run_idempotency(who.tenant, key))
         held = await gw.workflows.get_run(holder, tenant=who.tenant) if holder else None
-        if held is not None and held.get("workflow_id") != workflow_id:
-            raise ApiError(409, "idempotency key already used for a run of another workflow",
-                           code="RUN_IDEMPOTENCY_CONFLICT", extra={"run_id": held.get("id")})
-    try:
-        run_id = await gw.workflow_engine.start_run(workflow_id, who.tenant, run_input, idempotency_key=key or None,
-                                                    dry_run=dry_run, triggered_by=who.identity)
-    except LookupError:
-        raise not_found("workflow not found") from None
-    except wf_engine.RunBusy:
-        raise ApiError(409, "workflow run is busy, retry", code="RUN_BUSY", headers={"Retry-After": "1"}) from None
+        if held is not None:  # a repeat: answered before any limit applies
+            if held.get("workflow_id") != workflow_id:
+                raise ApiError(409, "idempotency key already used for a run of another workflow",
+                               code="RUN_IDEMPOTENCY_CONFLICT", extra={"run_id": held.get("id")})
+            return _started(str(held["id"]))
+    limit = await concurrent_run_limit(gw, who.tenant, workflow)
+    async with admitted(gw, who.tenant, limit):
+        try:
+            run_id = await gw.workflow_engine.start_run(workflow_id, who.tenant, run_input,
+                                                        idempotency_key=key or None, dry_run=dry_run,
+                                                        triggered_by=who.identity)
+        except LookupError:
+            raise not_found("workflow not found") from None
+        except wf_engine.RunBusy:
+            raise ApiError(409, "workflow run is busy, retry", code="RUN_BUSY", headers={"Retry-After": "1"}) from None
     return _started(run_id)
+
+
+async def concurrent_run_limit(gw: Gateway, tenant: str, workflow: Workflow) -> int:
+    """`max_concurrent_runs` of the effective config (system → org → workflow scope) and of the
+    definition's own `config`: the smaller positive one applies (0 = no limit)."""
+    merged = await gw.configs.effective(("system", "default"), ("org", tenant), ("workflow", f"{tenant}:{workflow.id}"))
+    limits = [v for v in (merged.get("max_concurrent_runs"), (workflow.config or {}).get("max_concurrent_runs"))
+              if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(limits, default=0)
+
+
+@asynccontextmanager
+async def admitted(gw: Gateway, tenant: str, limit: int) -> AsyncIterator[None]:
+    """With a limit: under the tenant's admission lock (waited for ≤ 2 s), its active runs are
+    below the limit (else 429 RUN_NOT_RUNNABLE) until the body has created the new run."""
+    if limit <= 0:
+        yield
+        return
+    lease = await gw.leases.acquire_within(keys.workflow_run_admission(tenant), ADMISSION_TTL, ADMISSION_WAIT)
+    if lease is None:
+        raise ApiError(429, "run admission is busy, retry", code="RUN_NOT_RUNNABLE", headers={"Retry-After": "1"})
+    try:
+        active = await gw.workflows.active_runs(tenant)
+        if active >= limit:
+            raise ApiError(429, f"{active} runs are active; max_concurrent_runs is {limit}", code="RUN_NOT_RUNNABLE",
+                           headers={"Retry-After": "5"})
+        yield
+    finally:
+        with close_scope(2):
+            await gw.leases.release(lease)
 
 
 async def cancel_run(gw: Gateway, run_id: str, workflow_id: str | None = None) -> tuple[str, int]:

@@ -38,6 +38,11 @@ def workflow_run_lock(run_id: str) -> str:
     return f"cordum:wf:run:lock:{run_id}"
 
 
+def workflow_run_admission(org: str) -> str:
+    """Serialises run starts of one tenant while its concurrent-run limit is checked (TTL 10 s)."""
+    return f"cordum:wf:run:admission:{org}"
+
+
 def rate_limit(key: str, unix_second: int) -> str:
     return f"cordum:rl:{key}:{unix_second}"
 

@@ -701,3 +701,34 @@ async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spa
         outcome = await wait_run(api, acme_run, {"succeeded", "failed", "denied"}, key=ACME)
         assert outcome["status"] == "denied"
         assert (await api.call("GET", "/api/v1/approvals", key=ACME)).body["items"] == []
+
+
+async def test_concurrent_run_limit(api: Api, redis) -> None:
+    workflow_id = await define(api, {"a": worker()}, config={"max_concurrent_runs": 2})
+    first = await start(api, workflow_id, headers={"Idempotency-Key": "first"})
+    second = await start(api, workflow_id)
+    full = await api.call("POST", f"/api/v1/workflows/{workflow_id}/runs", {})
+    assert full.status == 429 and full.body["code"] == "RUN_NOT_RUNNABLE", full.raw
+    assert full.body["error"] == "2 runs are active; max_concurrent_runs is 2" and full.headers["Retry-After"]
+    assert await start(api, workflow_id, headers={"Idempotency-Key": "first"}) == first  # a repeat is no new run
+    assert (await api.call("POST", f"/api/v1/workflow-runs/{first}/cancel")).status == 204
+    third = await start(api, workflow_id)
+
+    # the org's config can be tighter than the definition's; other tenants are not counted
+    org = await api.call("PUT", "/api/v1/config", {"scope": "org", "scope_id": "default",
+                                                   "data": {"max_concurrent_runs": 1}})
+    assert org.status == 204, org.raw
+    assert (await api.call("POST", f"/api/v1/workflow-runs/{third}/cancel")).status == 204
+    assert (await api.call("POST", f"/api/v1/workflows/{workflow_id}/runs", {})).status == 429  # second is active
+    assert (await api.call("POST", f"/api/v1/workflow-runs/{second}/cancel")).status == 204
+    only = await start(api, workflow_id)
+    assert only and (await api.call("POST", f"/api/v1/workflows/{workflow_id}/runs", {})).status == 429
+    acme_flow = await define(api, {"a": worker()}, key=ACME_ADMIN)
+    await start(api, acme_flow, key=ACME)
+
+    # someone holds the admission lock past the wait: a retryable 429, no run created
+    before = await WorkflowStore(redis).active_runs("default")
+    await Leases(redis, "other-gateway").try_acquire(keys.workflow_run_admission("default"), 30)
+    busy = await api.call("POST", f"/api/v1/workflows/{workflow_id}/runs", {})
+    assert busy.status == 429 and busy.body["error"] == "run admission is busy, retry"
+    assert await WorkflowStore(redis).active_runs("default") == before
