@@ -788,6 +788,14 @@ def _check_type(step: Step, c: _Checker) -> None:
                 f"input.strategy must be one of {', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}",
                 "strategy",
             )
+        limit = inp.get("max_parallel", 0)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise c.step_fail(
+                sid,
+                "input",
+                f"input.max_parallel must be an integer ≥ 0, got {limit!r}",
+                "max_parallel",
+            )
         if strategy == "n_of_m":
             req = inp.get("required")
             if isinstance(req, bool) or not isinstance(req, int) or not 1 <= req <= len(children):
@@ -895,7 +903,9 @@ def _check_refs(step: Step, steps: Mapping[str, Step], wf_id: str, c: _Checker) 
 
 
 def _check_ownership(steps: Mapping[str, Step], c: _Checker) -> None:
-    """A parallel child or loop body belongs to one parent and must not wait for it."""
+    """A parallel child or loop body belongs to one parent and must not wait for it. It has no
+    ``depends_on`` (its parent starts it: put the dependencies on the parent) and no
+    ``on_error`` (its parent decides what its failure means)."""
     owner: dict[str, str] = {}
     for sid, step in steps.items():
         for child in step.owned():
@@ -904,12 +914,19 @@ def _check_ownership(steps: Mapping[str, Step], c: _Checker) -> None:
                     sid, "input", f"step {child!r} is already run by {owner[child]!r}"
                 )
             owner[child] = sid
-            deps = _closure(child, {k: s.depends_on for k, s in steps.items()})
-            if sid in deps:
+            for fld in ("depends_on", "on_error"):
+                if getattr(steps[child], fld):
+                    raise c.step_fail(
+                        child,
+                        fld,
+                        f"{child!r} is run by {step.type} step {sid!r}, so it cannot have "
+                        f"{fld}" + (f" (put it on {sid!r})" if fld == "depends_on" else ""),
+                    )
+            if child in _closure(sid, {k: s.depends_on for k, s in steps.items()}):
                 raise c.step_fail(
                     sid,
-                    "input",
-                    f"{child!r} is run by this {step.type} step but depends on it (deadlock)",
+                    "depends_on",
+                    f"this {step.type} step waits for {child!r}, which only it starts (deadlock)",
                 )
 
 

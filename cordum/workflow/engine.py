@@ -17,9 +17,10 @@ Step types handled: worker and its aliases (a job), approval (a gate job on
 step waits ``running`` with ``next_attempt_at`` = due, persisted; the first advance at/after due —
 its timer, any replica's poller, or the reconciler — completes it), and ``for_each`` on any of
 them; switch (its not-taken targets are skipped as ``switch_branch_not_taken``: see runstate on
-joins); storage (reads/writes the run context in the step's own transition). Others (parallel,
-loop, subworkflow) fail the step with "step type X is not supported yet" so a run never hangs on
-them.
+joins); storage (reads/writes the run context in the step's own transition); parallel (its
+children start as pending children of the parent, which rolls their outcomes up per strategy).
+Others (loop, subworkflow) fail the step with "step type X is not supported yet" so a run never
+hangs on them.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ PUBLISH_RETRY_S = 1.0
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
-INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch", "storage"})
-UNSUPPORTED_TYPES = frozenset({"parallel", "loop", "subworkflow"})
+INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch", "storage", "parallel"})
+UNSUPPORTED_TYPES = frozenset({"loop", "subworkflow"})
 #: a finished job's state → the result status runstate.apply_result understands
 _STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
                     JobState.DENIED: "DENIED"}
@@ -390,9 +391,9 @@ class WorkflowEngine:
                 if sr.status not in (rs.RUNNING, rs.WAITING) or not sr.job_id:
                     continue
                 parsed = rs.parse_job_id(sr.job_id)
-                step = workflow.steps.get(rs.base_step(path))
-                if parsed is None or step is None:
+                if parsed is None or not rs.is_step_path(workflow, path):
                     continue
+                step = rs.step_for_path(workflow, path)[0]
                 log.warning("workflow.step_job_republished", run_id=run_id, step=path, job_id=sr.job_id)
                 job = self.build_step_job(workflow, run, step, path, sr.job_id, parsed[2])
                 if not await self._publish_step(run, job):
@@ -468,11 +469,11 @@ class WorkflowEngine:
             progressed = False
             for path in paths:
                 transitions += 1
-                step = workflow.steps[rs.base_step(path)]
+                step, item = rs.step_for_path(workflow, path)
                 if run.step(path).status != rs.PENDING or run.terminal:
                     continue
-                if step.for_each and path == step.id:
-                    run, fx = self._expand(workflow, run, step, now)
+                if step.for_each and not item:
+                    run, fx = self._expand(workflow, run, step, path, now)
                 elif step.condition and step.type not in ("condition", "switch", "loop") \
                         and not self._gate_passes(run, step, path):
                     run, fx = rs.complete_step(workflow, run, path, rs.SKIPPED, None,
@@ -529,20 +530,21 @@ class WorkflowEngine:
             log.warning("workflow.condition_error", run_id=run.id, step=path, error=str(exc))
             return False
 
-    def _expand(self, workflow: Workflow, run: Run, step: Step, now: float) -> tuple[Run, list[rs.Effect]]:
+    def _expand(self, workflow: Workflow, run: Run, step: Step, path: str,
+                now: float) -> tuple[Run, list[rs.Effect]]:
         try:
-            items = expr.evaluate(step.for_each, self._scope(run, step.id))
+            items = expr.evaluate(step.for_each, self._scope(run, path))
         except Exception as exc:
-            return rs.complete_step(workflow, run, step.id, rs.FAILED, None,
+            return rs.complete_step(workflow, run, path, rs.FAILED, None,
                                     {"message": f"for_each: {exc}"}, now)
         if items is None:
             items = []
         if isinstance(items, Mapping):
             items = list(items.values())
         if not isinstance(items, (list, tuple)):
-            return rs.complete_step(workflow, run, step.id, rs.FAILED, None,
+            return rs.complete_step(workflow, run, path, rs.FAILED, None,
                                     {"message": f"for_each: {step.for_each!r} is not a list"}, now)
-        return rs.expand_for_each(workflow, run, step.id, items, now)
+        return rs.expand_for_each(workflow, run, path, items, now)
 
     async def _inline(self, workflow: Workflow, run: Run, step: Step, path: str,
                       now: float) -> tuple[Run, list[rs.Effect]]:
@@ -564,6 +566,8 @@ class WorkflowEngine:
             elif step.type == "storage":
                 context, output = storage_op(run.context, expr.render(dict(step.input), scope))
                 return rs.complete_step(workflow, run, path, rs.SUCCEEDED, output, None, now, context=context)
+            elif step.type == "parallel":
+                return rs.start_parallel(workflow, run, path, now)
             elif step.type == "delay":
                 due = delay_due(step, scope, now)
                 if due > now:
@@ -622,7 +626,7 @@ class WorkflowEngine:
             context = dict(rendered) if isinstance(rendered, Mapping) else {"input": rendered}
             if isinstance(sr.input, Mapping):
                 context.update(sr.input)  # e.g. the error of an activated on_error handler
-            if sr.item is not None or rs.base_step(path) != path:
+            if sr.item is not None or rs.step_for_path(workflow, path)[1]:
                 context["item"] = sr.item
                 env["foreach_item"] = json.dumps(sr.item, separators=(",", ":"), default=str)
         meta = JobMetadata(tenant_id=tenant, idempotency_key=idempotency, labels=labels)

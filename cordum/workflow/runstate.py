@@ -18,16 +18,23 @@ object itself and no effects, so replays are idempotent.
 The engine loop (I/O layer)::
 
     run, fx = start(run, now, workflow)
+    for path in due_steps(workflow, run, now):     # delays whose time came
+        run, fx = finish_delay(workflow, run, path, now)
     for path in next_dispatches(workflow, run, now):
-        step = workflow.steps[base_step(path)]
-        if step.for_each and path == step.id:     # evaluate the items once, children follow
+        step, item = step_for_path(workflow, path)
+        if step.for_each and not item:            # evaluate the items once, children follow
             run, fx = expand_for_each(workflow, run, path, items, now)
         elif step.dispatches or step.type == "approval":
             run, fx = mark_dispatched(workflow, run, path, now)   # persist, then publish
-        else:                                       # inline types: a later module computes them
+        else:                                       # the engine's own types (steps.py decides)
             run, fx = complete_step(workflow, run, path, status, output, error, now)
+            # or start_delay / take_branch / start_parallel
     # on sys.job.result:
     run, fx = apply_result(workflow, run, job_id, status, output, error, now)
+
+Step paths: a step id; ``step[i]`` an item of its ``for_each``. A parallel step's children are
+step ids of their own (listed in its ``children``); a child's outcome rolls up into its parent
+(:func:`_roll_up`), and :func:`step_for_path` maps any path to the definition step it runs.
 
 A delay step waits ``running`` with ``next_attempt_at`` = due (:func:`start_delay`); once due it
 is among :func:`due_steps` and :func:`finish_delay` completes it.
@@ -35,9 +42,8 @@ is among :func:`due_steps` and :func:`finish_delay` completes it.
 Inline step types (condition, switch, transform, storage, notify, delay, parallel, loop,
 subworkflow) and the ``condition`` pre-gate are NOT evaluated here: their handler module computes
 the outcome and reports it through :func:`complete_step` (or :func:`mark_dispatched` with
-``status=WAITING`` for an approval gate). Loop children ``<loop>[i]``, switch branch cancellation
-and templating a step's input (``StepRun.input["error"]`` of an activated ``on_error`` handler
-included) are that module's and the engine's.
+``status=WAITING`` for an approval gate). Templating a step's input (``StepRun.input["error"]``
+of an activated ``on_error`` handler included) is the engine's.
 
 Rules chosen here beyond the spec text:
 - A failed/denied/timed_out/cancelled step with no recovering ``on_error`` chain ends the run at
@@ -48,6 +54,12 @@ Rules chosen here beyond the spec text:
   marked ``skipped`` with ``skip_reason = "dependency <dep> <status>"``; skips propagate, so a run
   always ends once all its jobs answered.
 - A terminal run is sticky: no transition changes it.
+- Parallel (:func:`_roll_up_parallel`): ``all`` needs every child, ``any`` one, ``n_of_m``
+  ``input.required``; once met the parent succeeds with ``{child: output}`` and the children still
+  going are cancelled (their jobs get CancelJob); once too few children can still succeed the
+  parent fails (denied when every bad child was denied) and the rest are cancelled too. A child
+  skipped by its own condition is one fewer that ``all`` needs and one fewer that could count for
+  ``any``/``n_of_m``. A parallel child's output is also recorded at ``ctx.steps[child]``.
 - Switch joins (:func:`take_branch`): a target not taken is ``skipped`` with ``skip_reason =
   NOT_TAKEN``. A dependency not taken counts as satisfied for a step with at least one other
   dependency that succeeded, so a join after the branches runs after the branch that was taken; a
@@ -104,12 +116,16 @@ __all__ = [
     "due_steps",
     "expand_for_each",
     "finish_delay",
+    "is_step_path",
     "job_id",
     "mark_dispatched",
     "next_dispatches",
+    "parallel_required",
     "parse_job_id",
     "start",
     "start_delay",
+    "start_parallel",
+    "step_for_path",
     "take_branch",
     "time_out",
 ]
@@ -151,6 +167,8 @@ NOT_TAKEN = "switch_branch_not_taken"
 
 _STEP_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[0-9]+\])*$")
 _CHILD = re.compile(r"^(.*)\[([0-9]+)\]$")
+_PATH_PARTS = re.compile(r"^([^\[]+)((?:\[[0-9]+\])*)$")
+_INDEX = re.compile(r"\[([0-9]+)\]")
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -394,9 +412,42 @@ def base_step(path: str) -> str:
     return path.split("[", 1)[0]
 
 
-def _parent(path: str) -> str | None:
+def step_for_path(workflow: Workflow, path: str) -> tuple[Step, bool]:
+    """The definition step a step path runs and whether the path is a ``for_each`` item:
+    ``fetch`` → (fetch, False); ``fetch[2]`` → (fetch, True); ``loop[2]`` (iteration 2 of a loop)
+    → (the loop's body, False); ``loop[2][0]`` → (that body, True) when the body has a for_each.
+    KeyError when ``path`` is not a step path of ``workflow``."""
+    m = _PATH_PARTS.match(path)
+    if m is None or m.group(1) not in workflow.steps:
+        raise KeyError(path)
+    step, item = workflow.steps[m.group(1)], False
+    for _ in _INDEX.findall(m.group(2)):
+        if step.for_each and not item:
+            item = True
+        elif step.type == "loop" and not item and step.owned():
+            step = workflow.steps[step.owned()[0]]
+        else:
+            raise KeyError(path)
+    return step, item
+
+
+def is_step_path(workflow: Workflow, path: str) -> bool:
+    """Whether ``path`` names a step (or item/iteration) of ``workflow``."""
+    try:
+        step_for_path(workflow, path)
+    except KeyError:
+        return False
+    return True
+
+
+def _parent(workflow: Workflow, path: str) -> str | None:
+    """The step that rolls ``path`` up: ``x`` of ``x[i]`` (for_each item, loop iteration), or
+    the parallel step that runs ``path``."""
     m = _CHILD.match(path)
-    return m.group(1) if m else None
+    if m:
+        return m.group(1)
+    return next((sid for sid, s in workflow.steps.items()
+                 if s.type == "parallel" and path in s.owned()), None)
 
 
 # --- working copy ------------------------------------------------------------------------------
@@ -576,8 +627,7 @@ def _close_steps(w: _Work, status: str, reason: str, now: float) -> None:
     for path, sr in list(w.steps.items()):
         if sr.status in TERMINAL_STEP_STATUSES:
             continue
-        if sr.status in (RUNNING, WAITING) and sr.job_id:
-            w.emit(CancelJob(sr.job_id, reason))
+        _cancel_live(w, sr, reason)
         w.put(sr, status=status, completed_at=now, next_attempt_at=None, skip_reason=reason)
 
 
@@ -608,7 +658,7 @@ def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
     for sid, sr in run.steps.items():
         if sr.status != RUNNING or not sr.children:
             continue
-        limit = workflow.steps[base_step(sid)].max_parallel
+        limit = _child_limit(step_for_path(workflow, sid)[0])
         live = sum(run.step(c).status in (RUNNING, WAITING) for c in sr.children)
         for child in sr.children:
             if limit > 0 and live >= limit:
@@ -621,6 +671,14 @@ def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
     return out
 
 
+def _child_limit(step: Step) -> int:
+    """How many children of ``step`` may run at once (0: no limit); a loop runs one at a time."""
+    limit = step.input.get("max_parallel") if step.type == "parallel" else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        return limit
+    return step.max_parallel
+
+
 def mark_dispatched(
     workflow: Workflow, run: Run, path: str, now: float, *, status: str = RUNNING
 ) -> tuple[Run, list[Effect]]:
@@ -630,7 +688,7 @@ def mark_dispatched(
         raise ValueError(f"dispatch status must be running or waiting, got {status!r}")
     if run.terminal:
         raise ValueError(f"run {run.id} is {run.status}")
-    if base_step(path) not in workflow.steps:
+    if not is_step_path(workflow, path):
         raise ValueError(f"unknown step {path!r}")
     sr = run.step(path)
     if sr.status != PENDING:
@@ -741,7 +799,7 @@ def apply_result(
     sr = run.steps.get(path)
     if sr is None or sr.job_id != jid or sr.status not in (RUNNING, WAITING):
         return run, []
-    if base_step(path) not in workflow.steps:
+    if not is_step_path(workflow, path):
         return run, []
     mapped = {
         "SUCCEEDED": SUCCEEDED,
@@ -786,16 +844,21 @@ def _finish(
     *,
     retryable: bool,
     result_ptr: str = "",
+    narrow: bool = True,
 ) -> None:
-    step = workflow.steps[base_step(path)]
+    """Record a step's outcome (retry when allowed), then roll its parent up. ``narrow=False``:
+    ``output`` is already the step's value (a parent's collected child outputs)."""
+    step = step_for_path(workflow, path)[0]
     sr = w.step(path)
-    parent = _parent(path)
+    parent = _parent(workflow, path)
     if status == SUCCEEDED:
-        value = _get_path(output, step.result_data_path) if step.result_data_path else output
+        value = output
+        if narrow and step.result_data_path:
+            value = _get_path(output, step.result_data_path)
         w.put(sr, status=SUCCEEDED, output=copy.deepcopy(value), error=None, completed_at=now,
               next_attempt_at=None)
         w.emit(TimelineEvent("step_completed", step_id=path, job_id=sr.job_id, status=SUCCEEDED))
-        if parent is None:
+        if "[" not in path:  # a step id (top level or a parallel child), not an item/iteration
             _record_output(w, step, value, result_ptr)
     else:
         err = _error_dict(error, f"step {path} {status}")
@@ -845,32 +908,88 @@ def _activate_handler(w: _Work, step: Step, path: str, err: Mapping[str, Any], n
 
 
 def _roll_up(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
-    """A for_each parent after one of its children changed (§2.7 child aggregation)."""
-    psr = w.step(parent)
-    if psr.status in TERMINAL_STEP_STATUSES:
-        return
-    kids = [w.step(c) for c in psr.children]
+    """A parent after one of its children changed (§2.7 child aggregation)."""
+    if w.step(parent).status != RUNNING:
+        return  # finished already, or not started (a child a rerun kept)
+    step, item = step_for_path(workflow, parent)
+    if step.for_each and not item:
+        _roll_up_items(workflow, w, parent, now)
+    elif step.type == "parallel":
+        _roll_up_parallel(workflow, w, parent, step, now)
+
+
+def _roll_up_items(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
+    """for_each: the first bad child fails the parent (siblings cancelled); all succeeded → the
+    list of their outputs."""
+    kids = [w.step(c) for c in w.step(parent).children]
     bad = {k.status for k in kids} & (_BAD | {SKIPPED})
     if bad:
         status = DENIED if bad == {DENIED} else FAILED
         culprit = next(k for k in kids if k.status in bad)
         for k in kids:
-            if k.status not in TERMINAL_STEP_STATUSES:
-                if k.status in (RUNNING, WAITING) and k.job_id:
-                    reason = f"for_each sibling {culprit.step_id} {culprit.status}"
-                    w.emit(CancelJob(k.job_id, reason))
-                w.put(k, status=CANCELLED, completed_at=now, next_attempt_at=None,
-                      skip_reason=f"sibling {culprit.step_id} {culprit.status}")
+            _cancel_tree(w, k.step_id, f"for_each sibling {culprit.step_id} {culprit.status}", now)
         err = dict(culprit.error or {})
         err["message"] = f"child {culprit.step_id} {culprit.status}"
         _finish(workflow, w, parent, status, None, err, now, retryable=False)
     elif all(k.status == SUCCEEDED for k in kids):
-        # children already had result_data_path applied; record the list as the parent's output
-        step = workflow.steps[base_step(parent)]
         outputs = [copy.deepcopy(k.output) for k in kids]
-        w.put(psr, status=SUCCEEDED, output=outputs, completed_at=now)
-        w.emit(TimelineEvent("step_completed", step_id=parent, status=SUCCEEDED))
-        _record_output(w, step, outputs, "")
+        _finish(workflow, w, parent, SUCCEEDED, outputs, None, now, retryable=False, narrow=False)
+
+
+def parallel_required(step: Step) -> int:
+    """How many children must succeed: all of them, one (``any``) or ``input.required``."""
+    strategy = step.input.get("strategy") or "all"
+    if strategy == "any":
+        return 1
+    if strategy == "n_of_m":
+        return int(step.input.get("required") or 1)
+    return len(step.owned())
+
+
+def _roll_up_parallel(workflow: Workflow, w: _Work, parent: str, step: Step, now: float) -> None:
+    """Succeed once enough children succeeded (the rest are cancelled), fail once too few still
+    can. A child skipped by its own ``condition`` lowers what ``all`` needs; for ``any`` and
+    ``n_of_m`` it is one child fewer that could succeed. Output: ``{child: output}`` of the
+    children that succeeded."""
+    kids = [w.step(c) for c in w.step(parent).children]
+    ok = [k for k in kids if k.status == SUCCEEDED]
+    open_ = [k for k in kids if k.status not in TERMINAL_STEP_STATUSES]
+    need = parallel_required(step)
+    if (step.input.get("strategy") or "all") == "all":
+        need -= sum(k.status == SKIPPED for k in kids)
+    if len(ok) >= need:
+        for k in open_:
+            _cancel_tree(w, k.step_id, f"parallel {parent} already satisfied", now)
+        outputs = {k.step_id: copy.deepcopy(k.output) for k in ok}
+        _finish(workflow, w, parent, SUCCEEDED, outputs, None, now, retryable=False, narrow=False)
+    elif len(ok) + len(open_) < need:
+        bad = [k for k in kids if k.status in _BAD] or [k for k in kids if k.status == SKIPPED]
+        culprit = bad[0]
+        for k in open_:
+            _cancel_tree(w, k.step_id, f"parallel {parent} can no longer succeed", now)
+        err = dict(culprit.error or {})
+        cause = f": {err['message']}" if err.get("message") else ""
+        err["message"] = (f"{len(ok)} of the {need} children parallel {parent} needs succeeded; "
+                          f"child {culprit.step_id} {culprit.status}{cause}")
+        status = DENIED if all(k.status == DENIED for k in bad) else FAILED
+        _finish(workflow, w, parent, status, None, err, now, retryable=False)
+
+
+def _cancel_live(w: _Work, sr: StepRun, reason: str) -> None:
+    """The effects that stop what a non-terminal step has running (its job)."""
+    if sr.status in (RUNNING, WAITING) and sr.job_id:
+        w.emit(CancelJob(sr.job_id, reason))
+
+
+def _cancel_tree(w: _Work, path: str, reason: str, now: float) -> None:
+    """Cancel a non-terminal step and, first, all its non-terminal descendants."""
+    sr = w.step(path)
+    if sr.status in TERMINAL_STEP_STATUSES:
+        return
+    for child in sr.children:
+        _cancel_tree(w, child, reason, now)
+    _cancel_live(w, sr, reason)
+    w.put(sr, status=CANCELLED, completed_at=now, next_attempt_at=None, skip_reason=reason)
 
 
 def _record_output(w: _Work, step: Step, value: Any, result_ptr: str) -> None:
@@ -971,6 +1090,30 @@ def take_branch(
             w.put(sr, status=SKIPPED, skip_reason=NOT_TAKEN, completed_at=now)
             w.emit(TimelineEvent("step_skipped", step_id=target, status=SKIPPED, message=NOT_TAKEN,
                                  data={"switch": path}))
+    _settle(workflow, w, now)
+    return w.build(now)
+
+
+def start_parallel(workflow: Workflow, run: Run, path: str, now: float) -> tuple[Run, list[Effect]]:
+    """A parallel step starts: ``running`` with its ``input.steps`` as children, each pending
+    (:func:`next_dispatches` starts them within ``max_parallel``; their outcomes roll up into
+    the parent). ValueError unless it is a pending parallel step."""
+    step = step_for_path(workflow, path)[0]
+    sr = run.step(path)
+    if run.terminal or step.type != "parallel" or sr.status != PENDING:
+        raise ValueError(f"step {path!r} is not a pending parallel step")
+    w = _Work(run)
+    if w.status == PENDING:
+        w.set_status(RUNNING, now)
+    children = step.owned()
+    w.put(sr, status=RUNNING, started_at=now, children=children)
+    for child in children:
+        if child not in w.steps:
+            w.put(StepRun(step_id=child))
+    w.emit(TimelineEvent("parallel_started", step_id=path, status=RUNNING,
+                         data={"children": list(children),
+                               "strategy": step.input.get("strategy") or "all"}))
+    _roll_up(workflow, w, path, now)  # children a rerun kept may satisfy it already
     _settle(workflow, w, now)
     return w.build(now)
 

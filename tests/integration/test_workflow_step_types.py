@@ -166,3 +166,65 @@ async def test_storage_writes_reads_and_deletes_run_context(redis, bus, settings
         assert run.context["cart"] == {}
         assert run.status == "failed" and run.step("again").status == "failed"
         assert run.step("again").error["message"] == "storage read: key 'cart.bob' is not in the run context"
+
+
+# --- parallel ----------------------------------------------------------------------------------
+async def test_parallel_all_with_max_parallel(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "fan": {"type": "parallel", "input": {"steps": ["b", "c", "t"], "max_parallel": 1}},
+            "b": worker(input={"who": "b"}),
+            "c": worker(input={"who": "c"}),
+            "t": {"type": "transform", "input": {"x": "${input.x}"}},
+            "after": worker(depends_on=["fan"], input={"all": "${steps.fan.output}"}),
+        })
+        run_id = await env.start(workflow_id, {"x": 7})
+        await env.request(f"{run_id}:b@1")
+        assert env.requests(f"{run_id}:c@1") == []  # one child at a time
+        await env.answer(f"{run_id}:b@1", output={"b": 1})
+        await env.request(f"{run_id}:c@1")
+        await env.answer(f"{run_id}:c@1", output={"c": 2})
+        after = await env.request(f"{run_id}:after@1")
+        assert await env.jobs.get_context(after.job_id) == {"all": {"b": {"b": 1}, "c": {"c": 2}, "t": {"x": 7}}}
+        await env.answer(after.job_id, output={})
+        run = await env.run(run_id)
+        assert run.status == "succeeded" and run.step("fan").children == ("b", "c", "t")
+
+
+async def test_parallel_any_cancels_the_others(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "race": {"type": "parallel", "input": {"steps": ["fast", "slow", "wait"], "strategy": "any"}},
+            "fast": worker(),
+            "slow": worker(),
+            "wait": {"type": "delay", "delay_sec": 60},
+            "after": worker(depends_on=["race"]),
+        })
+        run_id = await env.start(workflow_id)
+        await env.request(f"{run_id}:slow@1")
+        await env.answer(f"{run_id}:fast@1", output={"won": True})
+        await env.cancels.wait(lambda p: p.job_cancel.job_id == f"{run_id}:slow@1", "cancel of the slower child")
+        await env.request(f"{run_id}:after@1")
+        run = await env.run(run_id)
+        assert run.step("race").output == {"fast": {"won": True}}
+        assert run.step("slow").status == "cancelled" and run.step("wait").status == "cancelled"
+        await env.answer(f"{run_id}:slow@1", output={"late": True})  # its late result changes nothing
+        assert (await env.run(run_id)).step("slow").status == "cancelled"
+        await env.answer(f"{run_id}:after@1", output={})
+        assert (await env.run(run_id)).status == "succeeded"
+
+
+async def test_parallel_n_of_m_fails_when_it_can_no_longer_succeed(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "vote": {"type": "parallel", "input": {"steps": ["v1", "v2", "v3"], "strategy": "n_of_m", "required": 2}},
+            "v1": worker(), "v2": worker(), "v3": worker(),
+        })
+        run_id = await env.start(workflow_id)
+        await env.answer(f"{run_id}:v1@1", "FAILED_FATAL", error="no")
+        assert (await env.run(run_id)).step("vote").status == "running"
+        await env.answer(f"{run_id}:v2@1", "FAILED_FATAL", error="nope")
+        await env.cancels.wait(lambda p: p.job_cancel.job_id == f"{run_id}:v3@1", "cancel of the last voter")
+        run = await env.run(run_id)
+        assert run.status == "failed" and run.step("vote").status == "failed"
+        assert run.step("vote").error["message"].startswith("0 of the 2 children parallel vote needs succeeded")

@@ -485,7 +485,32 @@ def test_ownership_rules() -> None:
             },
         }
     )
+    assert e.step == "b" and e.field == "depends_on" and "run by parallel step 'par'" in str(e)
+    e = err(
+        {
+            "id": "w",
+            "steps": {
+                "a": {"topic": "t", "depends_on": ["b"]},
+                "b": {"topic": "t"},
+                "par": {"type": "parallel", "depends_on": ["a"], "input": {"steps": ["b"]}},
+            },
+        }
+    )
     assert e.step == "par" and "deadlock" in str(e)
+    e = err(
+        {
+            "id": "w",
+            "steps": {
+                "h": {"topic": "t"},
+                "b": {"topic": "t", "on_error": "h"},
+                "loop": {"type": "loop", "input": {"body_step": "b"}},
+            },
+        }
+    )
+    assert e.step == "b" and e.field == "on_error" and "cannot have on_error" in str(e)
+    e = err({"id": "w", "steps": {"b": {"topic": "t"}, "par": {
+        "type": "parallel", "input": {"steps": ["b"], "max_parallel": -1}}}})
+    assert "input.max_parallel" in str(e)
     e = err(
         {
             "id": "w",

@@ -207,3 +207,131 @@ def test_complete_step_keeps_the_context_a_step_leaves() -> None:
     new_ctx, out = storage_op(run.context, w.steps["st"].input)
     run, _ = rs.complete_step(w, run, "st", "succeeded", out, None, NOW, context=new_ctx)
     assert run.context["k"] == 1 and run.context["steps"]["st"] == {"output": 1}
+
+
+# --- parallel ----------------------------------------------------------------------------------
+def par_wf(strategy: str = "all", **inp) -> object:
+    return wf({
+        "p": {"type": "parallel", "input": {"steps": ["b", "c", "e"], "strategy": strategy, **inp}},
+        "b": worker(),
+        "c": worker(),
+        "e": worker(for_each="input.items"),
+        "after": worker("p"),
+    })
+
+
+def started(w):
+    run, _ = rs.start(new_run(), NOW, w)
+    assert rs.next_dispatches(w, run, NOW) == ["p"]  # children are the parent's
+    return rs.start_parallel(w, run, "p", NOW)[0]
+
+
+def answer(w, run, path, status="SUCCEEDED", output=None):
+    if run.step(path).status == "pending":
+        run, _ = rs.mark_dispatched(w, run, path, NOW)
+    return rs.apply_result(w, run, f"run1:{path}@1", status, output, "boom" if status != "SUCCEEDED" else None,
+                           now=NOW)
+
+
+def test_parallel_all_collects_child_outputs() -> None:
+    w = par_wf(max_parallel=2)
+    run = started(w)
+    assert run.step("p").children == ("b", "c", "e") and run.step("p").status == "running"
+    assert rs.next_dispatches(w, run, NOW) == ["b", "c"]  # input.max_parallel 2
+    run, _ = answer(w, run, "b", output={"v": "b"})
+    run, _ = rs.mark_dispatched(w, run, "c", NOW)
+    assert rs.next_dispatches(w, run, NOW) == ["e"]  # b done, c running: one more fits
+    run, fx = rs.expand_for_each(w, run, "e", [1, 2], NOW)
+    run, _ = answer(w, run, "e[0]", output=10)
+    run, _ = answer(w, run, "e[1]", output=20)
+    assert run.step("e").output == [10, 20] and run.step("p").status == "running"
+    run, _ = answer(w, run, "c", output={"v": "c"})
+    p = run.step("p")
+    assert p.status == "succeeded" and p.output == {"b": {"v": "b"}, "c": {"v": "c"}, "e": [10, 20]}
+    assert run.context["steps"]["p"]["output"] == p.output
+    assert run.context["steps"]["b"]["output"] == {"v": "b"}  # a child is a step of its own too
+    assert rs.next_dispatches(w, run, NOW) == ["after"]
+
+
+def test_parallel_all_fails_on_the_first_failure_and_cancels_the_rest() -> None:
+    w = par_wf()
+    run = started(w)
+    for path in ("b", "c", "e"):
+        run, _ = rs.mark_dispatched(w, run, path, NOW) if path != "e" else rs.expand_for_each(
+            w, run, "e", [1], NOW)
+    run, _ = rs.mark_dispatched(w, run, "e[0]", NOW)
+    run, fx = answer(w, run, "c", "FAILED_FATAL")
+    p = run.step("p")
+    assert p.status == "failed"
+    assert p.error["message"] == "0 of the 3 children parallel p needs succeeded; child c failed: boom"
+    cancels = {e.job_id for e in events(fx, rs.CancelJob)}
+    assert cancels == {"run1:b@1", "run1:e[0]@1"}  # a for_each child's items too
+    assert run.step("e").status == "cancelled" and run.step("e[0]").status == "cancelled"
+    assert run.status == "failed" and run.step("after").status == "skipped"
+    assert rs.apply_result(w, run, "run1:b@1", "SUCCEEDED", {}, now=NOW)[0] is run  # late: ignored
+
+
+def test_parallel_any_and_n_of_m() -> None:
+    w = par_wf("any")
+    run = started(w)
+    run, _ = rs.mark_dispatched(w, run, "b", NOW)
+    run, _ = rs.mark_dispatched(w, run, "c", NOW)
+    run, _ = answer(w, run, "b", "FAILED_FATAL")
+    assert run.step("p").status == "running"  # c or e may still succeed
+    run, fx = answer(w, run, "c", output=3)
+    assert run.step("p").status == "succeeded" and run.step("p").output == {"c": 3}
+    assert run.step("e").status == "cancelled" and run.step("e").skip_reason == "parallel p already satisfied"
+    assert run.status == "running" and rs.next_dispatches(w, run, NOW) == ["after"]
+
+    w = par_wf("n_of_m", required=2)
+    run = started(w)
+    run, _ = answer(w, run, "b", output=1)
+    run, _ = answer(w, run, "c", "DENIED")
+    assert run.step("p").status == "running"
+    run, _ = rs.expand_for_each(w, run, "e", [], NOW)  # no items: e succeeds with []
+    assert run.step("p").status == "succeeded" and run.step("p").output == {"b": 1, "e": []}
+
+    run = started(w)
+    run, _ = answer(w, run, "b", "DENIED")
+    run, fx = answer(w, run, "c", "DENIED")
+    assert run.step("p").status == "denied" and run.status == "denied"  # only denials: denied
+
+
+def test_parallel_child_skipped_by_its_condition() -> None:
+    w = par_wf()
+    run = started(w)
+    for path in ("b", "e"):
+        run, _ = rs.complete_step(w, run, path, "skipped", None, {"message": "condition_false"}, NOW)
+    assert run.step("p").status == "running"
+    run, _ = answer(w, run, "c", output=1)
+    assert run.step("p").status == "succeeded" and run.step("p").output == {"c": 1}
+
+    w = par_wf("any")
+    run = started(w)
+    for path in ("b", "c", "e"):
+        run, _ = rs.complete_step(w, run, path, "skipped", None, {"message": "condition_false"}, NOW)
+    assert run.step("p").status == "failed" and "child b skipped" in run.step("p").error["message"]
+
+
+def test_start_parallel_refuses_other_steps() -> None:
+    w = par_wf()
+    run, _ = rs.start(new_run(), NOW, w)
+    with pytest.raises(ValueError, match="not a pending parallel"):
+        rs.start_parallel(w, run, "b", NOW)
+    with pytest.raises(ValueError, match="not a pending parallel"):
+        rs.start_parallel(w, started(w), "p", NOW)
+
+
+def test_step_for_path() -> None:
+    w = wf({"e": worker(for_each="input.items"), "b": worker(),
+            "l": {"type": "loop", "input": {"body_step": "b"}},
+            "l2": {"type": "loop", "input": {"body_step": "e"}}})
+    assert rs.step_for_path(w, "e") == (w.steps["e"], False)
+    assert rs.step_for_path(w, "e[3]") == (w.steps["e"], True)
+    assert rs.step_for_path(w, "l[0]") == (w.steps["b"], False)
+    assert rs.step_for_path(w, "l2[4]") == (w.steps["e"], False)
+    assert rs.step_for_path(w, "l2[4][1]") == (w.steps["e"], True)
+    for bad in ("zz", "b[0]", "e[1][2]", "l[0][0]", "e[x]", ""):
+        assert not rs.is_step_path(w, bad)
+        with pytest.raises(KeyError):
+            rs.step_for_path(w, bad)
