@@ -24,7 +24,7 @@ from cordum.store.config import ConfigStore
 from cordum.store.dlq import DlqStore
 from cordum.store.jobs import JobStore
 from cordum.store.workflows import WorkflowStore
-from cordum.workflow.engine import WorkflowEngine
+from cordum.workflow.engine import WorkflowEngine, WorkflowMetrics
 
 SERVICE = "cordum-api-gateway"
 SENDER = "api-gateway"
@@ -101,8 +101,9 @@ class Gateway:
         self.dlq = DlqStore(self.redis)
         self.configs = ConfigStore(self.redis)
         self.workflows = WorkflowStore(self.redis)
+        # Its metrics: a run the API starts goes pending → running here (cordum_workflows_started_total).
         self.workflow_engine = WorkflowEngine(store=self.workflows, jobs=self.jobs, bus=self.bus, leases=self.leases,
-                                              redis=self.redis)
+                                              redis=self.redis, metrics=WorkflowMetrics(self.metrics))
         self.idempotency = IdempotencyKeys(self.redis)
         self.submitted = self.metrics.counter(
             # The guide's per-replica throughput metric: summed over gateway replicas,

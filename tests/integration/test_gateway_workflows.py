@@ -314,6 +314,9 @@ async def test_start_with_idempotency_keys_and_tenant_isolation(api: Api, bus, r
         assert (await seen.wait(f"{dry}:a@1")).env["dry_run"] == "true"
         assert (await run_doc(api, dry))["dry_run"] is True
 
+    # the run went pending → running in the gateway's engine: counted there
+    metrics = await trio.to_thread.run_sync(stack_module.http_get, api.port, "/metrics")
+    assert stack_module.metric(metrics, "cordum_workflows_started_total") == 3  # run_id, other_run, dry
     doc = await run_doc(api, run_id, key=VIEWER)
     assert doc["id"] == run_id and doc["workflow_id"] == workflow_id and doc["org_id"] == "default"
     assert doc["status"] == "running" and doc["input"] == {"n": 1} and doc["idempotency_key"] == "k-1"
