@@ -269,13 +269,16 @@ async def test_policy_problems_at_start_are_configuration_errors(spawn, tmp_path
 # ---- the Kernel in process -----------------------------------------------------------------------
 
 
-def test_packaged_default_policy_allows_only_the_default_topic() -> None:
+def test_packaged_default_policy_allows_only_the_default_topic_and_approval_gates() -> None:
     kernel = Kernel()
     kernel.install(parse_policy(DEFAULT_POLICY_PATH.read_text(), str(DEFAULT_POLICY_PATH)))
     for topic, tenant in (("job.default", "acme"), ("job.default.sub.task", "globex"), ("job.default", "")):
         reply = kernel.check(_check(topic, tenant=tenant))
         assert (reply.decision, reply.rule_id) == (D.DECISION_TYPE_ALLOW, "allow-default-topic"), topic
-    for topic in ("job.other", "job.defaults", "job", "sys.config.changed"):
+    # a workflow's approval gate passes the policy; the scheduler then holds it for a human
+    reply = kernel.check(_check("job.cordum.approval-gate", tenant="acme"))
+    assert (reply.decision, reply.rule_id) == (D.DECISION_TYPE_ALLOW, "allow-workflow-approval-gates")
+    for topic in ("job.other", "job.defaults", "job", "sys.config.changed", "job.cordum.other"):
         assert kernel.check(_check(topic)).decision == D.DECISION_TYPE_DENY, topic
 
 
