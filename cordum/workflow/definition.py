@@ -15,7 +15,9 @@ script, input`` dispatch a job and need a ``topic``; ``approval, condition, swit
 notify, transform, storage, parallel, loop, subworkflow`` have their own requirements, checked
 in :func:`_check_type`. A switch target must depend (directly or through other steps) on its
 switch, which skips it when its branch is not taken; switch, parallel and loop steps take no
-``for_each``. Loop settings live in ``input``: ``body_step`` (or ``body``),
+``for_each``. A parallel child or loop body is started by its parent only: it has no
+``depends_on`` or ``on_error``, and a loop body is not a parallel or switch step (their children
+and targets have one state per run). Loop settings live in ``input``: ``body_step`` (or ``body``),
 ``max_iterations`` (default :data:`LOOP_DEFAULT_MAX_ITERATIONS`), ``while`` / ``until``.
 
 Expressions (``condition``, ``for_each``, loop ``while``/``until``, switch ``condition``) are
@@ -914,6 +916,11 @@ def _check_ownership(steps: Mapping[str, Step], c: _Checker) -> None:
                     sid, "input", f"step {child!r} is already run by {owner[child]!r}"
                 )
             owner[child] = sid
+            if step.type == "loop" and steps[child].type in ("parallel", "switch"):
+                # their children/targets are steps with one state per run: not repeatable
+                raise c.step_fail(
+                    sid, "input", f"a loop body cannot be a {steps[child].type} step", "body_step"
+                )
             for fld in ("depends_on", "on_error"):
                 if getattr(steps[child], fld):
                     raise c.step_fail(

@@ -18,9 +18,10 @@ step waits ``running`` with ``next_attempt_at`` = due, persisted; the first adva
 its timer, any replica's poller, or the reconciler — completes it), and ``for_each`` on any of
 them; switch (its not-taken targets are skipped as ``switch_branch_not_taken``: see runstate on
 joins); storage (reads/writes the run context in the step's own transition); parallel (its
-children start as pending children of the parent, which rolls their outcomes up per strategy).
-Others (loop, subworkflow) fail the step with "step type X is not supported yet" so a run never
-hangs on them.
+children start as pending children of the parent, which rolls their outcomes up per strategy);
+loop (iterations ``<loop>[i]`` run the body step one after the other; after each, the next
+advance decides with ``steps.loop_next``). Others (subworkflow) fail the step with "step type X
+is not supported yet" so a run never hangs on them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from cordum.workflow import expr
 from cordum.workflow import runstate as rs
 from cordum.workflow.definition import Step, Workflow, parse_workflow
 from cordum.workflow.runstate import Run, StepRun
-from cordum.workflow.steps import choose_branch, delay_due, storage_op
+from cordum.workflow.steps import choose_branch, delay_due, loop_next, loop_scope, storage_op
 
 log = get_logger("workflow.engine")
 
@@ -68,8 +69,8 @@ PUBLISH_RETRY_S = 1.0
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
-INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch", "storage", "parallel"})
-UNSUPPORTED_TYPES = frozenset({"loop", "subworkflow"})
+INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch", "storage", "parallel", "loop"})
+UNSUPPORTED_TYPES = frozenset({"subworkflow"})
 #: a finished job's state → the result status runstate.apply_result understands
 _STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
                     JobState.DENIED: "DENIED"}
@@ -461,7 +462,11 @@ class WorkflowEngine:
         while transitions < MAX_TRANSITIONS:
             for path in rs.due_steps(workflow, run, now):
                 transitions += 1
-                run, fx = rs.finish_delay(workflow, run, path, now)
+                step = rs.step_for_path(workflow, path)[0]
+                if step.type == "loop":  # an iteration ended: the next one, or done
+                    run, fx = await self._inline(workflow, run, step, path, now)
+                else:
+                    run, fx = rs.finish_delay(workflow, run, path, now)
                 effects += fx
             paths = rs.next_dispatches(workflow, run, now)
             if not paths:
@@ -475,7 +480,7 @@ class WorkflowEngine:
                 if step.for_each and not item:
                     run, fx = self._expand(workflow, run, step, path, now)
                 elif step.condition and step.type not in ("condition", "switch", "loop") \
-                        and not self._gate_passes(run, step, path):
+                        and not self._gate_passes(workflow, run, step, path):
                     run, fx = rs.complete_step(workflow, run, path, rs.SKIPPED, None,
                                                {"message": "condition_false"}, now)
                 elif step.dispatches or step.type == "approval":
@@ -519,13 +524,17 @@ class WorkflowEngine:
         if wake is not None and wake > now:
             await self._arm(run, wake)
 
-    def _scope(self, run: Run, path: str) -> dict[str, Any]:
+    def _scope(self, workflow: Workflow, run: Run, path: str) -> dict[str, Any]:
         steps = run.context.get("steps") if isinstance(run.context, Mapping) else None
-        return {"input": run.input, "ctx": run.context, "steps": steps or {}, "item": run.step(path).item}
+        scope = {"input": run.input, "ctx": run.context, "steps": steps or {}, "item": run.step(path).item}
+        loop = loop_scope(workflow, run, path) if "[" in path else None
+        if loop is not None:
+            scope["loop"] = loop
+        return scope
 
-    def _gate_passes(self, run: Run, step: Step, path: str) -> bool:
+    def _gate_passes(self, workflow: Workflow, run: Run, step: Step, path: str) -> bool:
         try:
-            return expr.truthy(expr.evaluate(step.condition, self._scope(run, path)))
+            return expr.truthy(expr.evaluate(step.condition, self._scope(workflow, run, path)))
         except Exception as exc:  # a bad pre-gate skips the step rather than hanging the run
             log.warning("workflow.condition_error", run_id=run.id, step=path, error=str(exc))
             return False
@@ -533,7 +542,7 @@ class WorkflowEngine:
     def _expand(self, workflow: Workflow, run: Run, step: Step, path: str,
                 now: float) -> tuple[Run, list[rs.Effect]]:
         try:
-            items = expr.evaluate(step.for_each, self._scope(run, path))
+            items = expr.evaluate(step.for_each, self._scope(workflow, run, path))
         except Exception as exc:
             return rs.complete_step(workflow, run, path, rs.FAILED, None,
                                     {"message": f"for_each: {exc}"}, now)
@@ -548,7 +557,7 @@ class WorkflowEngine:
 
     async def _inline(self, workflow: Workflow, run: Run, step: Step, path: str,
                       now: float) -> tuple[Run, list[rs.Effect]]:
-        scope = self._scope(run, path)
+        scope = self._scope(workflow, run, path)
         try:
             if step.type == "condition":
                 if not step.condition:
@@ -568,6 +577,11 @@ class WorkflowEngine:
                 return rs.complete_step(workflow, run, path, rs.SUCCEEDED, output, None, now, context=context)
             elif step.type == "parallel":
                 return rs.start_parallel(workflow, run, path, now)
+            elif step.type == "loop":
+                kids = run.step(path).children
+                output = loop_next(step, scope, len(kids), run.step(kids[-1]).output if kids else None)
+                if output is None:
+                    return rs.loop_iterate(workflow, run, path, now)
             elif step.type == "delay":
                 due = delay_due(step, scope, now)
                 if due > now:
@@ -595,7 +609,7 @@ class WorkflowEngine:
                        jid: str, attempt: int) -> tuple[JobRequest, Any]:
         """The JobRequest of a step attempt and the context stored at ``ctx:<jobID>`` (§2.6, §2.3)."""
         sr: StepRun = run.step(path)
-        scope = self._scope(run, path)
+        scope = self._scope(workflow, run, path)
         tenant = run.org_id
         rendered = expr.render(dict(step.input), scope) if step.input else dict(run.input)
         labels = {"workflow_id": run.workflow_id, "run_id": run.id, "step_id": path, "_source": "workflow"}

@@ -28,13 +28,16 @@ The engine loop (I/O layer)::
             run, fx = mark_dispatched(workflow, run, path, now)   # persist, then publish
         else:                                       # the engine's own types (steps.py decides)
             run, fx = complete_step(workflow, run, path, status, output, error, now)
-            # or start_delay / take_branch / start_parallel
+            # or start_delay / take_branch / start_parallel / loop_iterate
     # on sys.job.result:
     run, fx = apply_result(workflow, run, job_id, status, output, error, now)
 
-Step paths: a step id; ``step[i]`` an item of its ``for_each``. A parallel step's children are
-step ids of their own (listed in its ``children``); a child's outcome rolls up into its parent
+Step paths: a step id; ``step[i]`` an item of its ``for_each``; ``loop[i]`` iteration i of a loop,
+which runs the loop's body step (so ``loop[i][j]`` is item j of that iteration when the body has
+a for_each; job ids stay ``<run>:loop[i]@n``). A parallel step's children are step ids of their
+own. Each parent lists its children in ``children``; a child's outcome rolls up into its parent
 (:func:`_roll_up`), and :func:`step_for_path` maps any path to the definition step it runs.
+Outputs go to ``ctx.steps[id]`` for step ids only (not items or iterations).
 
 A delay step waits ``running`` with ``next_attempt_at`` = due (:func:`start_delay`); once due it
 is among :func:`due_steps` and :func:`finish_delay` completes it.
@@ -60,6 +63,9 @@ Rules chosen here beyond the spec text:
   parent fails (denied when every bad child was denied) and the rest are cancelled too. A child
   skipped by its own condition is one fewer that ``all`` needs and one fewer that could count for
   ``any``/``n_of_m``. A parallel child's output is also recorded at ``ctx.steps[child]``.
+- Loop (:func:`loop_iterate`, :func:`_roll_up_loop`): one iteration at a time; a bad iteration
+  (after the body's own retries) fails the loop; after a good one the loop is among
+  :func:`due_steps` until the engine starts the next iteration or completes it.
 - Switch joins (:func:`take_branch`): a target not taken is ``skipped`` with ``skip_reason =
   NOT_TAKEN``. A dependency not taken counts as satisfied for a step with at least one other
   dependency that succeeded, so a join after the branches runs after the branch that was taken; a
@@ -87,6 +93,7 @@ from cordum.workflow.definition import (
 
 __all__ = [
     "CANCELLED",
+    "CHILD_PATH",
     "DENIED",
     "FAILED",
     "NOT_TAKEN",
@@ -118,6 +125,7 @@ __all__ = [
     "finish_delay",
     "is_step_path",
     "job_id",
+    "loop_iterate",
     "mark_dispatched",
     "next_dispatches",
     "parallel_required",
@@ -167,6 +175,8 @@ NOT_TAKEN = "switch_branch_not_taken"
 
 _STEP_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[0-9]+\])*$")
 _CHILD = re.compile(r"^(.*)\[([0-9]+)\]$")
+#: ``parent[i]`` → (parent, i): for_each items and loop iterations
+CHILD_PATH = _CHILD
 _PATH_PARTS = re.compile(r"^([^\[]+)((?:\[[0-9]+\])*)$")
 _INDEX = re.compile(r"\[([0-9]+)\]")
 
@@ -656,7 +666,7 @@ def next_dispatches(workflow: Workflow, run: Run, now: float) -> list[str]:
         if due is None or due <= now:
             out.append(sid)
     for sid, sr in run.steps.items():
-        if sr.status != RUNNING or not sr.children:
+        if sr.status != RUNNING or not sr.children or not is_step_path(workflow, sid):
             continue
         limit = _child_limit(step_for_path(workflow, sid)[0])
         live = sum(run.step(c).status in (RUNNING, WAITING) for c in sr.children)
@@ -916,6 +926,20 @@ def _roll_up(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
         _roll_up_items(workflow, w, parent, now)
     elif step.type == "parallel":
         _roll_up_parallel(workflow, w, parent, step, now)
+    elif step.type == "loop":
+        _roll_up_loop(workflow, w, parent, now)
+
+
+def _roll_up_loop(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
+    """A failed/denied/timed_out/cancelled iteration fails the loop; after a good one the loop
+    waits for the engine's decision (:func:`due_steps`, :func:`loop_iterate`)."""
+    last = w.step(w.step(parent).children[-1])
+    if last.status in _BAD:
+        err = dict(last.error or {})
+        cause = f": {err['message']}" if err.get("message") else ""
+        err["message"] = f"loop iteration {last.step_id} {last.status}{cause}"
+        status = DENIED if last.status == DENIED else FAILED
+        _finish(workflow, w, parent, status, None, err, now, retryable=False)
 
 
 def _roll_up_items(workflow: Workflow, w: _Work, parent: str, now: float) -> None:
@@ -1154,14 +1178,45 @@ def finish_delay(workflow: Workflow, run: Run, path: str, now: float) -> tuple[R
 
 
 def due_steps(workflow: Workflow, run: Run, now: float) -> list[str]:
-    """Running steps without a job that the engine must move on now: delays whose time came."""
+    """Running steps without a job that the engine must move on now: delays whose time came
+    (:func:`finish_delay`) and loops whose last iteration ended well (the engine decides: next
+    iteration with :func:`loop_iterate`, or done with :func:`complete_step`)."""
     if run.terminal:
         return []
-    return [
-        path for path, sr in run.steps.items()
-        if sr.status == RUNNING and not sr.job_id and not sr.children
-        and sr.next_attempt_at is not None and sr.next_attempt_at <= now
-    ]
+    out = []
+    for path, sr in run.steps.items():
+        if sr.status != RUNNING or sr.job_id:
+            continue
+        if sr.children:
+            if is_step_path(workflow, path) and step_for_path(workflow, path)[0].type == "loop" and all(
+                run.step(c).status in TERMINAL_STEP_STATUSES for c in sr.children
+            ):
+                out.append(path)
+        elif sr.next_attempt_at is not None and sr.next_attempt_at <= now:
+            out.append(path)
+    return out
+
+
+def loop_iterate(workflow: Workflow, run: Run, path: str, now: float) -> tuple[Run, list[Effect]]:
+    """Start the next iteration of a loop step: a pending child ``<path>[i]`` (it runs the body
+    step, see :func:`step_for_path`); the loop goes ``running``. ValueError unless the loop is
+    pending, or running with every iteration so far finished."""
+    step = step_for_path(workflow, path)[0]
+    sr = run.step(path)
+    if run.terminal or step.type != "loop" or sr.status not in (PENDING, RUNNING) or any(
+        run.step(c).status not in TERMINAL_STEP_STATUSES for c in sr.children
+    ):
+        raise ValueError(f"step {path!r} is not a loop ready for its next iteration")
+    w = _Work(run)
+    if w.status == PENDING:
+        w.set_status(RUNNING, now)
+    child = f"{path}[{len(sr.children)}]"
+    w.put(sr, status=RUNNING, started_at=sr.started_at if sr.started_at is not None else now,
+          children=sr.children + (child,))
+    w.put(StepRun(step_id=child))
+    w.emit(TimelineEvent("loop_iteration", step_id=path, status=RUNNING,
+                         data={"index": len(sr.children), "child": child}))
+    return w.build(now)
 
 
 def next_wake(workflow: Workflow, run: Run) -> float | None:

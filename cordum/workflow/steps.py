@@ -15,6 +15,13 @@ a ``runstate`` transition; a problem is a :class:`StepError` whose message becom
 - ``storage``: :func:`storage_op` — ``read``/``write``/``delete`` at the dot path ``key`` of the
   run context. The output is the value at the key (read; written; deleted — null when there was
   none). Reading a missing key fails naming it; ``steps…`` is read-only (the step outputs).
+- ``loop``: :func:`loop_next` — before iteration ``i`` (0-based) the scope's ``loop`` is
+  ``{index: i, iteration: i + 1, previous_output: <output of iteration i-1, null at first>}``,
+  the same the body of iteration ``i`` sees (:func:`loop_scope`). Then ``until`` (from the second
+  iteration on) stops the loop when truthy, and ``while`` (``input.while``, else the step's
+  ``condition``) stops it when falsy — so ``until`` loops run at least once, ``while`` loops maybe
+  never. With neither, the loop runs ``max_iterations`` times. A loop with a condition that would
+  still go on after ``max_iterations`` iterations fails. Output ``{iterations, last_output}``.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from cordum.workflow import expr
-from cordum.workflow.definition import Step, switch_targets
+from cordum.workflow import runstate as rs
+from cordum.workflow.definition import LOOP_DEFAULT_MAX_ITERATIONS, Step, Workflow, switch_targets
 
-__all__ = ["Branch", "StepError", "choose_branch", "delay_due", "storage_op"]
+__all__ = ["Branch", "StepError", "choose_branch", "delay_due", "loop_next", "loop_scope", "storage_op"]
 
 
 class StepError(ValueError):
@@ -165,3 +173,37 @@ def storage_op(context: Mapping[str, Any], inp: Mapping[str, Any]) -> tuple[dict
     value = copy.deepcopy(inp.get("value"))
     target[parts[-1]] = value
     return new, copy.deepcopy(value)
+
+
+def _loop_vars(index: int, previous_output: Any) -> dict[str, Any]:
+    return {"index": index, "iteration": index + 1, "previous_output": copy.deepcopy(previous_output)}
+
+
+def loop_scope(workflow: Workflow, run: rs.Run, path: str) -> dict[str, Any] | None:
+    """The ``loop`` scope entry of the nearest loop iteration ``path`` is in (None outside)."""
+    while (m := rs.CHILD_PATH.match(path)) is not None:
+        parent, index = m.group(1), int(m.group(2))
+        if rs.is_step_path(workflow, parent) and rs.step_for_path(workflow, parent)[0].type == "loop":
+            previous = run.step(f"{parent}[{index - 1}]").output if index > 0 else None
+            return _loop_vars(index, previous)
+        path = parent
+    return None
+
+
+def loop_next(step: Step, scope: Mapping[str, Any], done: int, last_output: Any) -> dict[str, Any] | None:
+    """After ``done`` iterations (the last one's output ``last_output``): None to run the next
+    one, else the loop's output. StepError when the cap is reached and the loop would go on."""
+    inp = step.input
+    limit = inp.get("max_iterations", LOOP_DEFAULT_MAX_ITERATIONS)
+    until = inp.get("until") or ""
+    while_ = inp.get("while") or step.condition
+    here = {**scope, "loop": _loop_vars(done, last_output)}
+    stop = bool(until) and done > 0 and expr.truthy(expr.evaluate(until, here))
+    if not stop and while_:
+        stop = not expr.truthy(expr.evaluate(while_, here))
+    if not stop and done >= limit:
+        if until or while_:
+            raise StepError(f"loop {step.id} reached max_iterations {limit} and its condition still "
+                            "says go on")
+        stop = True
+    return {"iterations": done, "last_output": copy.deepcopy(last_output)} if stop else None

@@ -228,3 +228,66 @@ async def test_parallel_n_of_m_fails_when_it_can_no_longer_succeed(redis, bus, s
         run = await env.run(run_id)
         assert run.status == "failed" and run.step("vote").status == "failed"
         assert run.step("vote").error["message"].startswith("0 of the 2 children parallel vote needs succeeded")
+
+
+# --- loop --------------------------------------------------------------------------------------
+async def test_loop_runs_its_body_until_done(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "poll": {"type": "loop", "input": {"body_step": "check", "until": "loop.previous_output.done",
+                                               "max_iterations": 5}},
+            "check": worker(input={"i": "${loop.index}", "n": "${loop.iteration}", "prev": "${loop.previous_output}"}),
+            "after": worker(depends_on=["poll"], input={"got": "${steps.poll.output}"}),
+        })
+        run_id = await env.start(workflow_id)
+        first = await env.request(f"{run_id}:poll[0]@1")
+        assert first.labels["step_id"] == "poll[0]"
+        assert await env.jobs.get_context(first.job_id) == {"i": 0, "n": 1}  # a nil template drops its key
+        await env.answer(first.job_id, output={"done": False, "k": 1})
+        second = await env.request(f"{run_id}:poll[1]@1")
+        assert await env.jobs.get_context(second.job_id) == {"i": 1, "n": 2, "prev": {"done": False, "k": 1}}
+        await env.answer(second.job_id, output={"done": True, "k": 2})
+        after = await env.request(f"{run_id}:after@1")
+        assert await env.jobs.get_context(after.job_id) == {"got": {"iterations": 2,
+                                                                    "last_output": {"done": True, "k": 2}}}
+        run = await env.run(run_id)
+        assert run.step("poll").children == ("poll[0]", "poll[1]")
+        assert [e["data"]["index"] for e in await env.store.timeline(run_id) if e["type"] == "loop_iteration"] == [0, 1]
+        assert env.requests(f"{run_id}:poll[2]@1") == []
+
+
+async def test_inline_loop_and_the_cap(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "count": {"type": "loop", "input": {"body": "inc", "while": "loop.index < input.n", "max_iterations": 4}},
+            "inc": {"type": "transform", "input": {"v": "${(loop.previous_output.v ?? 0) + 10}"}},
+        })
+        run_id = await env.start(workflow_id, {"n": 3})  # inline body: the whole loop in one advance
+        run = await env.run(run_id)
+        assert run.status == "succeeded"
+        assert run.step("count").output == {"iterations": 3, "last_output": {"v": 30}}
+
+        run_id = await env.start(workflow_id, {"n": 0})
+        assert (await env.run(run_id)).step("count").output == {"iterations": 0, "last_output": None}
+
+        run_id = await env.start(workflow_id, {"n": 10})
+        run = await env.run(run_id)
+        assert run.status == "failed" and len(run.step("count").children) == 4
+        assert "reached max_iterations 4" in run.step("count").error["message"]
+
+
+async def test_loop_iteration_failure_fails_the_loop(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "l": {"type": "loop", "input": {"body_step": "b", "max_iterations": 3}},
+            "b": worker(retry={"max_retries": 1, "initial_backoff_sec": 1}),
+        })
+        run_id = await env.start(workflow_id)
+        await env.answer(f"{run_id}:l[0]@1", output=1)
+        await env.answer(f"{run_id}:l[1]@1", "FAILED", error="flaky")  # the body's retry policy applies
+        env.clock.now += 1
+        await env.engine.advance(run_id)
+        await env.answer(f"{run_id}:l[1]@2", "FAILED", error="still")
+        run = await env.run(run_id)
+        assert run.status == "failed" and run.step("l").error["message"] == "loop iteration l[1] failed: still"
+        assert env.requests(f"{run_id}:l[2]@1") == []

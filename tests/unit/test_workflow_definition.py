@@ -511,6 +511,9 @@ def test_ownership_rules() -> None:
     e = err({"id": "w", "steps": {"b": {"topic": "t"}, "par": {
         "type": "parallel", "input": {"steps": ["b"], "max_parallel": -1}}}})
     assert "input.max_parallel" in str(e)
+    e = err({"id": "w", "steps": {"b": {"topic": "t"}, "par": {"type": "parallel", "input": {"steps": ["b"]}},
+                                  "loop": {"type": "loop", "input": {"body_step": "par"}}}})
+    assert e.step == "loop" and "a loop body cannot be a parallel step" in str(e)
     e = err(
         {
             "id": "w",

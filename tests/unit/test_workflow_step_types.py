@@ -10,7 +10,7 @@ import pytest
 from cordum.workflow import runstate as rs
 from cordum.workflow.runstate import ArmTimer, TimelineEvent
 from cordum.workflow.definition import ready_steps
-from cordum.workflow.steps import StepError, choose_branch, delay_due, same_value, storage_op
+from cordum.workflow.steps import StepError, choose_branch, delay_due, loop_next, loop_scope, same_value, storage_op
 from tests.unit.test_workflow_runstate import new_run, wf
 from tests.unit.test_workflow_runstate import step as worker
 
@@ -335,3 +335,81 @@ def test_step_for_path() -> None:
         assert not rs.is_step_path(w, bad)
         with pytest.raises(KeyError):
             rs.step_for_path(w, bad)
+
+
+# --- loop --------------------------------------------------------------------------------------
+def loop_wf(**inp) -> object:
+    return wf({"l": {"type": "loop", "input": {"body_step": "b", **inp}}, "b": worker(), "after": worker("l")})
+
+
+def test_loop_next_until_while_and_the_cap() -> None:
+    until = loop_wf(until="loop.previous_output.done", max_iterations=3).steps["l"]
+    assert loop_next(until, {}, 0, None) is None  # until: always a first iteration
+    assert loop_next(until, {}, 1, {"done": False}) is None
+    assert loop_next(until, {}, 2, {"done": True}) == {"iterations": 2, "last_output": {"done": True}}
+    with pytest.raises(StepError, match="reached max_iterations 3"):
+        loop_next(until, {}, 3, {"done": False})
+
+    while_ = loop_wf(**{"while": "loop.index < input.n"}).steps["l"]
+    assert loop_next(while_, {"input": {"n": 0}}, 0, None) == {"iterations": 0, "last_output": None}
+    assert loop_next(while_, {"input": {"n": 2}}, 1, "x") is None
+    assert loop_next(while_, {"input": {"n": 2}}, 2, "y") == {"iterations": 2, "last_output": "y"}
+    cond = wf({"l": {"type": "loop", "condition": "loop.iteration <= 2", "input": {"body": "b"}},
+               "b": worker()}).steps["l"]
+    assert loop_next(cond, {}, 1, None) is None and loop_next(cond, {}, 2, 5)["iterations"] == 2
+
+    counted = loop_wf(max_iterations=2).steps["l"]
+    assert loop_next(counted, {}, 1, 1) is None
+    assert loop_next(counted, {}, 2, 2) == {"iterations": 2, "last_output": 2}  # no condition: no failure
+    with pytest.raises(Exception, match="cannot compare int < null"):
+        loop_next(while_, {}, 0, None)  # null < null: the expression's own error
+
+
+def test_loop_iterations_are_children_of_the_loop() -> None:
+    w = loop_wf(until="loop.previous_output.done")
+    run, _ = rs.start(new_run(), NOW, w)
+    assert rs.next_dispatches(w, run, NOW) == ["l"]  # the body is the loop's
+    run, fx = rs.loop_iterate(w, run, "l", NOW)
+    assert run.step("l").children == ("l[0]",) and run.step("l").status == "running"
+    assert [e.data["index"] for e in events(fx) if e.type == "loop_iteration"] == [0]
+    assert rs.next_dispatches(w, run, NOW) == ["l[0]"] and rs.due_steps(w, run, NOW) == []
+    with pytest.raises(ValueError, match="not a loop ready"):
+        rs.loop_iterate(w, run, "l", NOW)  # iteration 0 still going
+    run, fx = rs.mark_dispatched(w, run, "l[0]", NOW)
+    assert fx[0].job_id == "run1:l[0]@1"
+    run, _ = rs.apply_result(w, run, "run1:l[0]@1", "SUCCEEDED", {"done": False}, now=NOW)
+    assert run.step("l").status == "running" and rs.due_steps(w, run, NOW) == ["l"]
+    assert "b" not in run.context.get("steps", {}) and "l[0]" not in run.context.get("steps", {})
+    assert loop_scope(w, run, "l[1]") == {"index": 1, "iteration": 2, "previous_output": {"done": False}}
+    assert loop_scope(w, run, "l[0]") == {"index": 0, "iteration": 1, "previous_output": None}
+    assert loop_scope(w, run, "l") is None
+
+    run, _ = rs.loop_iterate(w, run, "l", NOW)
+    run, _ = rs.mark_dispatched(w, run, "l[1]", NOW)
+    run, _ = rs.apply_result(w, run, "run1:l[1]@1", "FAILED_FATAL", error="bad input", now=NOW)
+    assert run.step("l").status == "failed" and run.status == "failed"
+    assert run.step("l").error["message"] == "loop iteration l[1] failed: bad input"
+
+
+def test_loop_done_and_nested_paths() -> None:
+    w = wf({"l": {"type": "loop", "input": {"body_step": "e"}}, "e": worker(for_each="input.items"),
+            "outer": {"type": "loop", "input": {"body_step": "l2"}},
+            "l2": {"type": "loop", "input": {"body_step": "t"}}, "t": {"type": "transform"}})
+    run, _ = rs.start(new_run(), NOW, w)
+    run, _ = rs.loop_iterate(w, run, "l", NOW)
+    assert rs.next_dispatches(w, run, NOW) == ["outer", "l[0]"]  # top-level steps first
+    run, _ = rs.expand_for_each(w, run, "l[0]", ["x"], NOW)  # the body's for_each: items of the iteration
+    assert rs.next_dispatches(w, run, NOW) == ["outer", "l[0][0]"]
+    run, _ = rs.mark_dispatched(w, run, "l[0][0]", NOW)
+    run, _ = rs.apply_result(w, run, "run1:l[0][0]@1", "SUCCEEDED", 7, now=NOW)
+    assert run.step("l[0]").output == [7] and rs.due_steps(w, run, NOW) == ["l"]
+    assert loop_scope(w, run, "l[1][0]")["previous_output"] == [7]
+    run, _ = rs.complete_step(w, run, "l", "succeeded", {"iterations": 1, "last_output": [7]}, None, NOW)
+    assert run.context["steps"]["l"]["output"] == {"iterations": 1, "last_output": [7]}
+
+    run, _ = rs.loop_iterate(w, run, "outer", NOW)
+    run, _ = rs.loop_iterate(w, run, "outer[0]", NOW)  # an iteration that is a loop itself
+    assert rs.step_for_path(w, "outer[0][0]")[0].id == "t"
+    assert loop_scope(w, run, "outer[0][0]")["index"] == 0
+    run, _ = rs.complete_step(w, run, "outer[0][0]", "succeeded", {"n": 1}, None, NOW)
+    assert rs.due_steps(w, run, NOW) == ["outer[0]"]
