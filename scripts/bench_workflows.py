@@ -204,6 +204,19 @@ def budget(systems: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "met": None if chain is None else chain <= BUDGET_GAP_P50_MS}
 
 
+def ratios(systems: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """Ours / each peer's runs/s under load, per shape (`<shape>/<peer>`; > 1 = ours faster)."""
+    ours = (systems.get("cordum") or {}).get("shapes") or {}
+    out = {}
+    for peer, result in systems.items():
+        if peer == "cordum" or "error" in result:
+            continue
+        for shape, phases in (result.get("shapes") or {}).items():
+            theirs = (phases.get("load") or {}).get("runs_per_s")
+            out[f"{shape}/{peer}"] = jb.ratio(((ours.get(shape) or {}).get("load") or {}).get("runs_per_s"), theirs)
+    return out
+
+
 def report_lines(wf: Mapping[str, Any]) -> list[str]:
     """The workflow section of the text report."""
     s = wf["settings"]
@@ -243,6 +256,9 @@ def report_lines(wf: Mapping[str, Any]) -> list[str]:
                     top = ", ".join(f"{k} {v:.1f}" for k, v in (f.get("redis_by_command_per_step") or {}).items())
                     out.append(f"    Redis {jb.fmt(f['redis_commands_per_step'])} commands/step (commandstats, "
                                f"inside Lua included): {top}")
+    if wf.get("ratios"):
+        out.append("  ratios ours/peer (runs/s under load; >1 = ours faster): " + "; ".join(
+            f"{k.replace('/', ' vs ')} {jb.fmt(v, 3)}" for k, v in wf["ratios"].items()))
     b = wf.get("budget") or {}
     if b.get("chain5_idle_gap_p50_ms") is not None:
         verdict = "met" if b["met"] else "NOT met"
@@ -601,4 +617,5 @@ def run_figure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 systems[peer] = {"error": repr(exc)}
     return {"settings": {"runs": args.wf_runs, "idle_runs": args.wf_idle_runs, "clients": args.wf_clients,
                          "replicas": args.wf_replicas, "shapes": {k: list(v) for k, v in SHAPES.items()}},
-            "systems": systems, "budget": budget(systems), "seconds": time.monotonic() - started}
+            "systems": systems, "ratios": ratios(systems), "budget": budget(systems),
+            "seconds": time.monotonic() - started}

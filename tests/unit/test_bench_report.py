@@ -340,12 +340,26 @@ def test_workflow_report_lines_render_systems_side_by_side() -> None:
     systems = {"cordum": {"worker": "1 step worker", "shapes": {"chain5": {"idle": phase, "load": phase}}},
                "celery": {"error": "RuntimeError('no broker')"}}
     text = "\n".join(wf.report_lines({"settings": {"runs": 1, "idle_runs": 1, "clients": 1}, "systems": systems,
-                                      "budget": wf.budget(systems), "seconds": 3.0}))
+                                      "budget": wf.budget(systems), "ratios": {"chain5/dramatiq": 0.0625},
+                                      "seconds": 3.0}))
     row = next(line for line in text.splitlines() if line.startswith("cordum") and "chain5" in line)
     assert row.split()[:3] == ["cordum", "chain5", "105"]  # 1 run in 9.5 ms
     assert "celery" in text and "no broker" in text
     assert "engine 1.25" in text and "evalsha 3.0" in text
     assert "cordum chain5 2.00 ms (met)" in text
+    assert "chain5 vs dramatiq 0.062" in text
+
+
+def test_workflow_ratios_are_ours_over_each_peer_per_shape() -> None:
+    def load(rate):
+        return {"load": {"runs_per_s": rate}}
+
+    systems = {"cordum": {"shapes": {"chain5": load(10.0), "fanout10": load(None)}},
+               "celery": {"shapes": {"chain5": load(100.0), "fanout10": load(50.0)}},
+               "dramatiq": {"error": "x"}}
+    assert wf.ratios(systems) == {"chain5/celery": pytest.approx(0.1), "fanout10/celery": None}
+    assert wf.ratios({"cordum": {"error": "y"}, "celery": systems["celery"]}) == {
+        "chain5/celery": None, "fanout10/celery": None}
 
 
 def test_closed_loop_keeps_runs_in_flight_per_client_and_counts_failures(redis_server) -> None:
