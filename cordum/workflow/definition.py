@@ -827,6 +827,12 @@ def _check_type(step: Step, c: _Checker) -> None:
             raise c.step_fail(
                 sid, "input", "a subworkflow step needs input.workflow_id", "workflow_id"
             )
+        for key in ("input_mapping", "output_mapping"):
+            value = inp.get(key)
+            if value is not None and not isinstance(value, Mapping) and not _is_template(value):
+                raise c.step_fail(
+                    sid, "input", f"input.{key} must be a mapping, got {_typename(value)}", key
+                )
     if step.type == "storage":
         op = inp.get("operation")
         if op not in STORAGE_OPERATIONS:

@@ -12,16 +12,14 @@ timers, ``sys.job.cancel``), and a step job is published on ``sys.job.submit`` o
 ``running`` step that names it was stored ("persist before publish"). A failed publish puts the
 step back (``revert_dispatch``), persists again and arms a timer to try later.
 
-Step types handled: worker and its aliases (a job), approval (a gate job on
-``job.cordum.approval-gate``, step ``waiting``), condition, transform, notify (inline), delay (the
-step waits ``running`` with ``next_attempt_at`` = due, persisted; the first advance at/after due —
-its timer, any replica's poller, or the reconciler — completes it), and ``for_each`` on any of
-them; switch (its not-taken targets are skipped as ``switch_branch_not_taken``: see runstate on
-joins); storage (reads/writes the run context in the step's own transition); parallel (its
-children start as pending children of the parent, which rolls their outcomes up per strategy);
-loop (iterations ``<loop>[i]`` run the body step one after the other; after each, the next
-advance decides with ``steps.loop_next``). Others (subworkflow) fail the step with "step type X
-is not supported yet" so a run never hangs on them.
+Step types: worker and its aliases dispatch a job; approval a gate job on
+``job.cordum.approval-gate`` (step ``waiting``); the engine's own types (condition, transform,
+notify, switch, storage, delay, parallel, loop, subworkflow) are ``handlers.StepHandlers`` (I/O)
+over ``steps.py`` (pure decisions); ``for_each`` works on any step but switch/parallel/loop.
+Steps that wait without a job are moved on by later advances: a delay once due (its timer, any
+replica's poller, or the reconciler), a loop after each iteration (``runstate.due_steps``), a
+parallel step as its children roll up, a subworkflow step when its child run ended. A run that
+ends and has a parent run wakes that parent once its own lock is released (``_WAKE``).
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import trio
 
-from cordum.agent.v1.alert_pb2 import SystemAlert
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.agent.v1.job_pb2 import Budget, JobCancel, JobMetadata, JobPriority, JobRequest, JobStatus
 from cordum.infra.bus import Bus
@@ -55,12 +52,11 @@ from cordum.store.workflows import RunFenceStale, RunNotFound, WorkflowStore
 from cordum.workflow import expr
 from cordum.workflow import runstate as rs
 from cordum.workflow.definition import Step, Workflow, parse_workflow
+from cordum.workflow.handlers import SENDER, StepHandlers
 from cordum.workflow.runstate import Run, StepRun
-from cordum.workflow.steps import choose_branch, delay_due, loop_next, loop_scope, storage_op
 
 log = get_logger("workflow.engine")
 
-SENDER = "workflow-engine"
 RUN_LOCK_TTL = 30.0
 LOCK_WAIT = 2.0  # how long an operation waits for a busy run lock before asking for a retry
 MAX_RESULT_BYTES = 256 * 1024
@@ -69,8 +65,6 @@ PUBLISH_RETRY_S = 1.0
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
-INLINE_TYPES = frozenset({"condition", "transform", "notify", "delay", "switch", "storage", "parallel", "loop"})
-UNSUPPORTED_TYPES = frozenset({"subworkflow"})
 #: a finished job's state → the result status runstate.apply_result understands
 _STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
                     JobState.DENIED: "DENIED"}
@@ -79,6 +73,11 @@ _PRIORITIES = {"interactive": JobPriority.JOB_PRIORITY_INTERACTIVE, "batch": Job
 
 #: (engine, run id) → lease held by the current task's operation (re-entrancy of the run lock)
 _HELD: contextvars.ContextVar[Mapping[tuple[int, str], Lease]] = contextvars.ContextVar("wf_run_locks", default={})
+#: parent runs (id, workflow id) to advance once the current operation released its lock: their
+#: subworkflow child ended in it
+_WAKE: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("wf_wake", default=None)
+#: passes of one advance (a pass that started child runs is followed by one that looks at them)
+MAX_PASSES = 1000
 
 
 class RunBusy(Retry):
@@ -93,6 +92,10 @@ def revert_dispatch(before: Run, now: float) -> Run:
     """The run as it was before ``mark_dispatched`` (its job never reached the bus): the step is
     pending again with its earlier attempt count, so the next dispatch reuses the same attempt."""
     return replace(before, updated_at=now)
+
+
+def _spawns(effects: Sequence[rs.Effect]) -> bool:
+    return any(isinstance(e, rs.StartRun) for e in effects)
 
 
 def timer_member(run: Run) -> str:
@@ -129,7 +132,7 @@ class WorkflowMetrics:
                 self.duration.labels(workflow=run.workflow_id).observe(max(0.0, run.completed_at - run.started_at))
 
 
-class WorkflowEngine:
+class WorkflowEngine(StepHandlers):
     def __init__(self, *, store: WorkflowStore, jobs: JobStore, bus: Bus, leases: Leases, redis: Redis,
                  clock: Callable[[], float] = time.time, lock_ttl: float = RUN_LOCK_TTL,
                  lock_wait: float = LOCK_WAIT, metrics: WorkflowMetrics | None = None) -> None:
@@ -145,28 +148,46 @@ class WorkflowEngine:
 
     # ---- the run lock -------------------------------------------------------------------------
 
-    async def _acquire(self, run_id: str) -> Lease:
-        lease = await self.leases.acquire_within(keys.workflow_run_lock(run_id), self.lock_ttl, self.lock_wait)
+    async def _acquire(self, run_id: str, wait: float) -> Lease:
+        lease = await self.leases.acquire_within(keys.workflow_run_lock(run_id), self.lock_ttl, wait)
         if lease is None:
             raise RunBusy(0.5, f"run {run_id} is locked")
         return lease
 
     @asynccontextmanager
-    async def run_locked(self, run_id: str) -> AsyncIterator[tuple[Run | None, int]]:
+    async def run_locked(self, run_id: str, *, wait: float | None = None) -> AsyncIterator[tuple[Run | None, int]]:
         """Hold the run lock (re-entrant within one operation) and yield ``(run, fence)``; run is
-        None when the run does not exist. LeaseLost if the lock was lost meanwhile."""
+        None when the run does not exist. RunBusy when it stayed locked for ``wait`` seconds
+        (default ``lock_wait``), LeaseLost if the lock was lost meanwhile. Parents whose child run
+        ended in the operation are advanced after the lock is released."""
         held = _HELD.get()
         lease = held.get((id(self), run_id))
         if lease is not None:
             yield await self.load_run(run_id), lease.fence
             return
-        lease = await self._acquire(run_id)
+        lease = await self._acquire(run_id, self.lock_wait if wait is None else wait)
         token = _HELD.set({**held, (id(self), run_id): lease})
+        wake: list[tuple[str, str]] = []
+        wake_token = _WAKE.set(wake)
         try:
             async with self.leases.holding(lease):
                 yield await self.load_run(run_id), lease.fence
         finally:
+            _WAKE.reset(wake_token)
             _HELD.reset(token)
+        await self._wake(wake)
+
+    async def _wake(self, parents: Sequence[tuple[str, str]]) -> None:
+        """Advance parent runs whose child ended. One this task holds is skipped: the holder
+        started or cancelled the child and looks at it itself. A busy one gets a timer now."""
+        for run_id, workflow_id in dict.fromkeys(parents):
+            if (id(self), run_id) in _HELD.get():
+                continue
+            try:
+                await self.advance(run_id)
+            except Exception as exc:
+                log.info("workflow.parent_wake_deferred", run_id=run_id, error=repr(exc))
+                await self.store.arm_timer(f"{workflow_id}:{run_id}", self.clock())
 
     async def load_run(self, run_id: str) -> Run | None:
         doc = await self.store.get_run(run_id)
@@ -196,6 +217,10 @@ class WorkflowEngine:
         """Persist, then carry out the non-dispatch effects; OperationDropped on a stale fence."""
         if not await self.save(run, fence):
             raise OperationDropped(run.id)
+        parent = run.metadata.get("parent_run_id") if run.terminal else None
+        wake = _WAKE.get()
+        if isinstance(parent, str) and parent and wake is not None:
+            wake.append((parent, str(run.metadata.get("parent_workflow_id") or "")))
         for effect in effects:
             await self._carry_out(run, effect)
 
@@ -213,6 +238,10 @@ class WorkflowEngine:
         elif isinstance(effect, rs.CancelJob):
             cancel = JobCancel(job_id=effect.job_id, reason=effect.reason, requested_by=SENDER)
             await self.bus.publish(subjects.CANCEL, encode(new_packet(cancel, sender_id=SENDER, trace_id=run.id)))
+        elif isinstance(effect, rs.StartRun):
+            await self._spawn(run, effect)
+        elif isinstance(effect, rs.CancelRun):
+            await self._cancel_child(run, effect)
         # DispatchStep is carried out by the dispatch path itself (persist before publish)
 
     async def _arm(self, run: Run, due: float) -> None:
@@ -332,16 +361,7 @@ class WorkflowEngine:
         died between persisting the step and publishing its job) is published again, same job id;
         then the run is advanced (due retries, delays, timeouts). Skips a busy run."""
         try:
-            lease = await self.leases.acquire_within(keys.workflow_run_lock(run_id), self.lock_ttl, 0.0)
-        except Exception as exc:
-            log.warning("workflow.reconcile_lock_failed", run_id=run_id, error=repr(exc))
-            return
-        if lease is None:
-            return  # someone is working on it right now
-        token = _HELD.set({**_HELD.get(), (id(self), run_id): lease})
-        try:
-            async with self.leases.holding(lease):
-                run = await self.load_run(run_id)
+            async with self.run_locked(run_id, wait=0.0) as (run, _fence):
                 if run is None or run.terminal:
                     return
                 outcomes, lost = await self._job_outcomes(run, stale_after)
@@ -350,10 +370,12 @@ class WorkflowEngine:
                 if lost:
                     await self._republish(run_id, lost)
                 await self.advance(run_id)
+        except RunBusy:
+            return  # someone is working on it right now
         except (OperationDropped, LeaseLost) as exc:
             log.warning("workflow.operation_dropped", run_id=run_id, op="reconcile", error=repr(exc))
-        finally:
-            _HELD.reset(token)
+        except Exception as exc:
+            log.warning("workflow.reconcile_failed", run_id=run_id, error=repr(exc))
 
     async def _job_outcomes(self, run: Run, stale_after: float,
                             ) -> tuple[list[tuple[str, str, Any, str]], list[str]]:
@@ -409,11 +431,16 @@ class WorkflowEngine:
         run = Run.from_dict(doc)
         if not run.terminal:
             return 0
+        sent = 0
+        for sr in run.steps.values():  # child runs of subworkflow steps, the same way
+            child = await self.load_run(sr.child_run_id) if sr.child_run_id else None
+            if child is not None and not child.terminal:
+                await self._cancel_child(run, rs.CancelRun(child.id, f"workflow run {run.status}"))
+                sent += 1
         jids = [sr.job_id for sr in run.steps.values() if sr.job_id]
         if not jids:
-            return 0
+            return sent
         metas = await self.jobs.get_many(jids)
-        sent = 0
         for jid, meta in zip(jids, metas):
             if meta is not None and JobState(meta["state"]) not in TERMINAL_JOB:
                 await self._carry_out(run, rs.CancelJob(jid, f"workflow run {run.status}"))
@@ -451,12 +478,28 @@ class WorkflowEngine:
         if workflow is None:
             log.warning("workflow.definition_missing", run_id=run.id, workflow_id=run.workflow_id)
             return
+        for _ in range(MAX_PASSES):
+            passed = await self._pass(run, fence, workflow)
+            if passed is None:
+                return  # a publish failed: its retry timer is armed
+            run, spawned = passed
+            if not spawned or run.terminal:
+                break  # else: child runs started in that pass may have ended already
+        wake = rs.next_wake(workflow, run)
+        if wake is not None and wake > self.clock():
+            await self._arm(run, wake)
+
+    async def _pass(self, run: Run, fence: int, workflow: Workflow) -> tuple[Run, bool] | None:
+        """One pass of advance: returns the stored run and whether child runs were started."""
         now = self.clock()
         saved = run
+        spawned = False
         effects: list[rs.Effect] = []
         run, fx = rs.start(run, now, workflow)
         effects += fx
         run, fx = rs.time_out(workflow, run, now)
+        effects += fx
+        run, fx = await self._look_at_children(workflow, run, now)
         effects += fx
         transitions = 0
         while transitions < MAX_TRANSITIONS:
@@ -496,7 +539,9 @@ class WorkflowEngine:
                         continue
                     status = rs.WAITING if step.type == "approval" else rs.RUNNING
                     run, fx = rs.mark_dispatched(workflow, run, path, now, status=status)
-                    await self._commit(run, fence, effects + [e for e in fx if not isinstance(e, rs.DispatchStep)])
+                    effects += [e for e in fx if not isinstance(e, rs.DispatchStep)]
+                    spawned |= _spawns(effects)
+                    await self._commit(run, fence, effects)
                     effects, saved = [], run
                     dispatch = next(e for e in fx if isinstance(e, rs.DispatchStep))
                     if dispatch.job_id != job[0].job_id:  # runstate and our prediction disagree
@@ -507,7 +552,7 @@ class WorkflowEngine:
                             "step_dispatch_failed", step_id=path, job_id=dispatch.job_id,
                             message="publish to sys.job.submit failed; retrying")])
                         await self._arm(run, self.clock() + PUBLISH_RETRY_S)
-                        return
+                        return None
                     progressed = True
                     continue
                 else:
@@ -519,89 +564,9 @@ class WorkflowEngine:
             if not progressed or run.terminal:
                 break
         if run is not saved or effects:
+            spawned |= _spawns(effects)
             await self._commit(run, fence, effects)
-        wake = rs.next_wake(workflow, run)
-        if wake is not None and wake > now:
-            await self._arm(run, wake)
-
-    def _scope(self, workflow: Workflow, run: Run, path: str) -> dict[str, Any]:
-        steps = run.context.get("steps") if isinstance(run.context, Mapping) else None
-        scope = {"input": run.input, "ctx": run.context, "steps": steps or {}, "item": run.step(path).item}
-        loop = loop_scope(workflow, run, path) if "[" in path else None
-        if loop is not None:
-            scope["loop"] = loop
-        return scope
-
-    def _gate_passes(self, workflow: Workflow, run: Run, step: Step, path: str) -> bool:
-        try:
-            return expr.truthy(expr.evaluate(step.condition, self._scope(workflow, run, path)))
-        except Exception as exc:  # a bad pre-gate skips the step rather than hanging the run
-            log.warning("workflow.condition_error", run_id=run.id, step=path, error=str(exc))
-            return False
-
-    def _expand(self, workflow: Workflow, run: Run, step: Step, path: str,
-                now: float) -> tuple[Run, list[rs.Effect]]:
-        try:
-            items = expr.evaluate(step.for_each, self._scope(workflow, run, path))
-        except Exception as exc:
-            return rs.complete_step(workflow, run, path, rs.FAILED, None,
-                                    {"message": f"for_each: {exc}"}, now)
-        if items is None:
-            items = []
-        if isinstance(items, Mapping):
-            items = list(items.values())
-        if not isinstance(items, (list, tuple)):
-            return rs.complete_step(workflow, run, path, rs.FAILED, None,
-                                    {"message": f"for_each: {step.for_each!r} is not a list"}, now)
-        return rs.expand_for_each(workflow, run, path, items, now)
-
-    async def _inline(self, workflow: Workflow, run: Run, step: Step, path: str,
-                      now: float) -> tuple[Run, list[rs.Effect]]:
-        scope = self._scope(workflow, run, path)
-        try:
-            if step.type == "condition":
-                if not step.condition:
-                    raise ValueError("condition step without a condition")
-                output: Any = expr.truthy(expr.evaluate(step.condition, scope))
-            elif step.type == "transform":
-                output = expr.render(dict(step.input), scope)
-            elif step.type == "notify":
-                output = expr.render(dict(step.input), scope)
-                await self._notify(run, path, output if isinstance(output, Mapping) else {})
-            elif step.type == "switch":
-                branch = choose_branch(step, expr.render(dict(step.input), scope),
-                                       expr.evaluate(step.condition, scope))
-                return rs.take_branch(workflow, run, path, branch.output, branch.not_taken, now)
-            elif step.type == "storage":
-                context, output = storage_op(run.context, expr.render(dict(step.input), scope))
-                return rs.complete_step(workflow, run, path, rs.SUCCEEDED, output, None, now, context=context)
-            elif step.type == "parallel":
-                return rs.start_parallel(workflow, run, path, now)
-            elif step.type == "loop":
-                kids = run.step(path).children
-                output = loop_next(step, scope, len(kids), run.step(kids[-1]).output if kids else None)
-                if output is None:
-                    return rs.loop_iterate(workflow, run, path, now)
-            elif step.type == "delay":
-                due = delay_due(step, scope, now)
-                if due > now:
-                    return rs.start_delay(workflow, run, path, due, now)
-                output = {"due_at": due}
-            else:
-                return rs.complete_step(workflow, run, path, rs.FAILED, None,
-                                        {"message": f"step type {step.type} is not supported yet"}, now)
-        except Exception as exc:
-            return rs.complete_step(workflow, run, path, rs.FAILED, None, {"message": str(exc)}, now)
-        return rs.complete_step(workflow, run, path, rs.SUCCEEDED, output, None, now)
-
-    async def _notify(self, run: Run, path: str, data: Mapping[str, Any]) -> None:
-        alert = SystemAlert(
-            level=str(data.get("level") or "info"), message=str(data.get("message") or ""),
-            code=str(data.get("code") or ""), component=str(data.get("component") or SENDER),
-            source_component=SENDER, trace_id=run.id,
-            details={"workflow_id": run.workflow_id, "run_id": run.id, "step_id": path, "tenant_id": run.org_id},
-        )
-        await self.bus.publish(subjects.WORKFLOW_EVENT, encode(new_packet(alert, sender_id=SENDER, trace_id=run.id)))
+        return run, spawned
 
     # ---- step jobs -----------------------------------------------------------------------------------
 

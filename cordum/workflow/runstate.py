@@ -10,7 +10,8 @@ publish, §2.6):
 - :class:`CancelJob`: publish ``JobCancel`` on ``sys.job.cancel``;
 - :class:`ArmTimer`: wake the run at ``due_at`` (a retry's ``next_attempt_at``; ``step_path == ""``
   is the workflow timeout, answered with :func:`time_out`);
-- :class:`TimelineEvent`: append to ``wf:run:timeline:<run>``.
+- :class:`TimelineEvent`: append to ``wf:run:timeline:<run>``;
+- :class:`StartRun` / :class:`CancelRun`: create and advance / cancel a subworkflow's child run.
 
 A transition that does not apply (stale or duplicate result, terminal run) returns the input run
 object itself and no effects, so replays are idempotent.
@@ -28,7 +29,7 @@ The engine loop (I/O layer)::
             run, fx = mark_dispatched(workflow, run, path, now)   # persist, then publish
         else:                                       # the engine's own types (steps.py decides)
             run, fx = complete_step(workflow, run, path, status, output, error, now)
-            # or start_delay / take_branch / start_parallel / loop_iterate
+            # or start_delay / take_branch / start_parallel / loop_iterate / start_subworkflow
     # on sys.job.result:
     run, fx = apply_result(workflow, run, job_id, status, output, error, now)
 
@@ -63,6 +64,9 @@ Rules chosen here beyond the spec text:
   parent fails (denied when every bad child was denied) and the rest are cancelled too. A child
   skipped by its own condition is one fewer that ``all`` needs and one fewer that could count for
   ``any``/``n_of_m``. A parallel child's output is also recorded at ``ctx.steps[child]``.
+- Subworkflow (:func:`start_subworkflow`): the step is ``running`` with ``child_run_id`` until the
+  engine completes it from the child run's end; cancelling the step (or the run) cancels the
+  child (:class:`CancelRun`).
 - Loop (:func:`loop_iterate`, :func:`_roll_up_loop`): one iteration at a time; a bad iteration
   (after the body's own retries) fails the loop; after a good one the loop is among
   :func:`due_steps` until the engine starts the next iteration or completes it.
@@ -110,9 +114,11 @@ __all__ = [
     "WAITING",
     "ArmTimer",
     "CancelJob",
+    "CancelRun",
     "DispatchStep",
     "Effect",
     "Run",
+    "StartRun",
     "StepRun",
     "TimelineEvent",
     "aggregate",
@@ -133,6 +139,7 @@ __all__ = [
     "start",
     "start_delay",
     "start_parallel",
+    "start_subworkflow",
     "step_for_path",
     "take_branch",
     "time_out",
@@ -205,6 +212,8 @@ class StepRun:
     resolved_items: tuple[Any, ...] | None = None
     skip_reason: str = ""
     audit_hash: str = ""
+    #: the child run of a subworkflow step
+    child_run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step_id": self.step_id, "status": self.status}
@@ -234,7 +243,7 @@ class StepRun:
         return cls(**kw)
 
 
-_STEP_RUN_STRINGS = frozenset({"job_id", "skip_reason", "audit_hash"})
+_STEP_RUN_STRINGS = frozenset({"job_id", "skip_reason", "audit_hash", "child_run_id"})
 _STEP_RUN_FIELDS = (
     "step_id",
     "status",
@@ -251,6 +260,7 @@ _STEP_RUN_FIELDS = (
     "resolved_items",
     "skip_reason",
     "audit_hash",
+    "child_run_id",
 )
 
 
@@ -384,7 +394,26 @@ class TimelineEvent:
     data: Mapping[str, Any] | None = None
 
 
-Effect = DispatchStep | CancelJob | ArmTimer | TimelineEvent
+@dataclass(frozen=True)
+class StartRun:
+    """Create (if it does not exist yet) and advance the child run of a subworkflow step; the
+    tenant, dry_run and triggered_by come from the parent run."""
+
+    run_id: str
+    workflow_id: str
+    input: Mapping[str, Any]
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class CancelRun:
+    """Cancel a subworkflow step's child run."""
+
+    run_id: str
+    reason: str
+
+
+Effect = DispatchStep | CancelJob | ArmTimer | TimelineEvent | StartRun | CancelRun
 
 
 # --- job ids -----------------------------------------------------------------------------------
@@ -1000,9 +1029,11 @@ def _roll_up_parallel(workflow: Workflow, w: _Work, parent: str, step: Step, now
 
 
 def _cancel_live(w: _Work, sr: StepRun, reason: str) -> None:
-    """The effects that stop what a non-terminal step has running (its job)."""
+    """The effects that stop what a non-terminal step has running (its job, its child run)."""
     if sr.status in (RUNNING, WAITING) and sr.job_id:
         w.emit(CancelJob(sr.job_id, reason))
+    if sr.status == RUNNING and sr.child_run_id:
+        w.emit(CancelRun(sr.child_run_id, reason))
 
 
 def _cancel_tree(w: _Work, path: str, reason: str, now: float) -> None:
@@ -1093,6 +1124,19 @@ def time_out(workflow: Workflow, run: Run, now: float) -> tuple[Run, list[Effect
     return w.build(now)
 
 
+def _start_running(run: Run, path: str, now: float, **changes: Any) -> _Work:
+    """A working copy in which the pending step ``path`` went ``running`` (and the run too);
+    ValueError when the step is not pending or the run ended."""
+    sr = run.step(path)
+    if run.terminal or sr.status != PENDING:
+        raise ValueError(f"step {path!r} is {sr.status}, not pending")
+    w = _Work(run)
+    if w.status == PENDING:
+        w.set_status(RUNNING, now)
+    w.put(sr, status=RUNNING, started_at=now, **changes)
+    return w
+
+
 def take_branch(
     workflow: Workflow,
     run: Run,
@@ -1123,14 +1167,10 @@ def start_parallel(workflow: Workflow, run: Run, path: str, now: float) -> tuple
     (:func:`next_dispatches` starts them within ``max_parallel``; their outcomes roll up into
     the parent). ValueError unless it is a pending parallel step."""
     step = step_for_path(workflow, path)[0]
-    sr = run.step(path)
-    if run.terminal or step.type != "parallel" or sr.status != PENDING:
-        raise ValueError(f"step {path!r} is not a pending parallel step")
-    w = _Work(run)
-    if w.status == PENDING:
-        w.set_status(RUNNING, now)
+    if step.type != "parallel":
+        raise ValueError(f"step {path!r} is not a parallel step")
     children = step.owned()
-    w.put(sr, status=RUNNING, started_at=now, children=children)
+    w = _start_running(run, path, now, children=children)
     for child in children:
         if child not in w.steps:
             w.put(StepRun(step_id=child))
@@ -1142,19 +1182,27 @@ def start_parallel(workflow: Workflow, run: Run, path: str, now: float) -> tuple
     return w.build(now)
 
 
+def start_subworkflow(
+    workflow: Workflow, run: Run, path: str, call: StartRun, now: float
+) -> tuple[Run, list[Effect]]:
+    """A subworkflow step starts its child run: ``running`` with ``child_run_id`` and ``input`` =
+    ``{workflow_id, input}`` of the call (enough to create the child again should the engine die
+    between persisting this and creating it); effect ``call``. The engine completes the step
+    with :func:`complete_step` once the child run ended. ValueError unless it is pending."""
+    w = _start_running(run, path, now, attempts=run.step(path).attempts + 1, child_run_id=call.run_id,
+                       input={"workflow_id": call.workflow_id, "input": copy.deepcopy(dict(call.input))})
+    w.emit(call, TimelineEvent("subworkflow_started", step_id=path, status=RUNNING,
+                               data={"child_run_id": call.run_id, "workflow_id": call.workflow_id}))
+    return w.build(now)
+
+
 def start_delay(
     workflow: Workflow, run: Run, path: str, due: float, now: float
 ) -> tuple[Run, list[Effect]]:
     """A delay step starts waiting: ``running`` with ``next_attempt_at = due`` (persisted, so the
     wait survives engine restarts; :func:`next_wake` arms the timer). No job is dispatched;
     :func:`finish_delay` completes it once due. ValueError unless the step is pending."""
-    sr = run.step(path)
-    if run.terminal or sr.status != PENDING:
-        raise ValueError(f"step {path!r} is {sr.status}, not pending")
-    w = _Work(run)
-    if w.status == PENDING:
-        w.set_status(RUNNING, now)
-    w.put(sr, status=RUNNING, started_at=now, next_attempt_at=due)
+    w = _start_running(run, path, now, next_attempt_at=due)
     w.emit(ArmTimer(path, due), TimelineEvent("step_delay_started", step_id=path, status=RUNNING,
                                               data={"due_at": due}))
     return w.build(now)

@@ -22,20 +22,52 @@ a ``runstate`` transition; a problem is a :class:`StepError` whose message becom
   ``condition``) stops it when falsy — so ``until`` loops run at least once, ``while`` loops maybe
   never. With neither, the loop runs ``max_iterations`` times. A loop with a condition that would
   still go on after ``max_iterations`` iterations fails. Output ``{iterations, last_output}``.
+- ``subworkflow``: :func:`subworkflow_call` — the child run to start: ``input.workflow_id``
+  (templated), input = rendered ``input.input_mapping`` (``{}`` without one), metadata
+  ``parent_run_id, parent_step_id, parent_workflow_id, call_stack`` (the workflow ids above it;
+  calling one of them again fails: ``circular workflow reference detected``), and an id derived
+  from the parent run and step path, so creating it twice creates it once.
+  :func:`subworkflow_outcome` — the step's outcome once the child ended: its status (failed,
+  denied, timed_out, cancelled carry the child's error) and, on success, rendered
+  ``input.output_mapping`` with scope ``child = {run_id, status, input, ctx, steps, output}``,
+  or the child's whole context without a mapping.
 """
 
 from __future__ import annotations
 
 import copy
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
 from cordum.workflow import expr
 from cordum.workflow import runstate as rs
-from cordum.workflow.definition import LOOP_DEFAULT_MAX_ITERATIONS, Step, Workflow, switch_targets
+from cordum.workflow.definition import (
+    ID_PATTERN,
+    LOOP_DEFAULT_MAX_ITERATIONS,
+    Step,
+    Workflow,
+    subworkflow_cycle,
+    switch_targets,
+)
 
-__all__ = ["Branch", "StepError", "choose_branch", "delay_due", "loop_next", "loop_scope", "storage_op"]
+__all__ = [
+    "SUBWORKFLOW_MAX_DEPTH",
+    "Branch",
+    "StepError",
+    "choose_branch",
+    "delay_due",
+    "loop_next",
+    "loop_scope",
+    "storage_op",
+    "subworkflow_call",
+    "subworkflow_outcome",
+]
+
+#: how many workflows may be on a call stack (a chain of distinct workflows calling each other)
+SUBWORKFLOW_MAX_DEPTH = 16
+_CHILD_RUN_NAMESPACE = uuid.UUID("7d0b8f4e-5a61-4c55-9a3b-2f1c0de0c0de")
 
 
 class StepError(ValueError):
@@ -207,3 +239,44 @@ def loop_next(step: Step, scope: Mapping[str, Any], done: int, last_output: Any)
                             "says go on")
         stop = True
     return {"iterations": done, "last_output": copy.deepcopy(last_output)} if stop else None
+
+
+def subworkflow_call(run: rs.Run, path: str, workflow_id: Any, child_input: Any) -> rs.StartRun:
+    """The child run a subworkflow step at ``path`` of ``run`` starts (rendered target and input)."""
+    if not isinstance(workflow_id, str) or not ID_PATTERN.match(workflow_id):
+        raise StepError(f"input.workflow_id rendered to {workflow_id!r}, not a workflow id")
+    if child_input is None:
+        child_input = {}
+    if not isinstance(child_input, Mapping):
+        raise StepError(f"input.input_mapping rendered to {type(child_input).__name__}, not a mapping")
+    above = run.metadata.get("call_stack")
+    stack = [str(w) for w in above if isinstance(w, str)] if isinstance(above, list) else []
+    stack.append(run.workflow_id)
+    if subworkflow_cycle(stack, workflow_id):
+        raise StepError("circular workflow reference detected: " + " → ".join(stack + [workflow_id]))
+    if len(stack) >= SUBWORKFLOW_MAX_DEPTH:
+        raise StepError(f"subworkflow calls nest deeper than {SUBWORKFLOW_MAX_DEPTH} workflows")
+    return rs.StartRun(
+        run_id=str(uuid.uuid5(_CHILD_RUN_NAMESPACE, f"{run.id}/{path}")),
+        workflow_id=workflow_id,
+        input=copy.deepcopy(dict(child_input)),
+        metadata={"parent_run_id": run.id, "parent_step_id": path,
+                  "parent_workflow_id": run.workflow_id, "call_stack": stack},
+    )
+
+
+def subworkflow_outcome(step: Step, child: rs.Run, scope: Mapping[str, Any]) -> tuple[str, Any, Any]:
+    """``(status, output, error)`` of a subworkflow step whose child run ended."""
+    if child.status != rs.SUCCEEDED:
+        cause = (child.error or {}).get("message")
+        return child.status, None, {
+            "message": f"subworkflow run {child.id} {child.status}" + (f": {cause}" if cause else ""),
+            "child_run_id": child.id,
+        }
+    mapping = step.input.get("output_mapping")
+    if not mapping:
+        return rs.SUCCEEDED, copy.deepcopy(dict(child.context)), None
+    steps = child.context.get("steps") if isinstance(child.context, Mapping) else None
+    view = {"run_id": child.id, "status": child.status, "input": child.input, "ctx": child.context,
+            "steps": steps or {}, "output": child.output}
+    return rs.SUCCEEDED, expr.render(mapping, {**scope, "child": view}), None

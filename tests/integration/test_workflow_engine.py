@@ -389,15 +389,6 @@ async def test_workflow_timeout_cancels_running_jobs(redis, bus, settings) -> No
         await env.cancels.wait(lambda p: p.job_cancel.job_id == f"{run_id}:a@1", "JobCancel after timeout")
 
 
-async def test_unsupported_step_type_fails_the_step(redis, bus, settings) -> None:
-    async with engine_env(redis, bus, settings) as env:
-        workflow_id = await env.define({"sub": {"type": "subworkflow", "input": {"workflow_id": "other"}}})
-        run_id = await env.start(workflow_id)
-        run = await env.run(run_id)
-        assert run.status == "failed"
-        assert run.step("sub").error["message"] == "step type subworkflow is not supported yet"
-
-
 async def test_concurrent_results_of_parallel_steps(redis, bus, settings) -> None:
     async with engine_env(redis, bus, settings) as env:
         workflow_id = await env.define({"a": worker(), "b": worker(), "join": worker(depends_on=["a", "b"])})

@@ -5,8 +5,10 @@ scheduler (answers step jobs) and moves the engine's clock."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 from cordum.runtime.lease import Leases
 from cordum.workflow.engine import WorkflowEngine
+from tests.conftest import unique
 from tests.integration.test_workflow_engine import TENANT, Env, engine_env, worker
 
 
@@ -291,3 +293,120 @@ async def test_loop_iteration_failure_fails_the_loop(redis, bus, settings) -> No
         run = await env.run(run_id)
         assert run.status == "failed" and run.step("l").error["message"] == "loop iteration l[1] failed: still"
         assert env.requests(f"{run_id}:l[2]@1") == []
+
+
+# --- subworkflow -------------------------------------------------------------------------------
+async def test_subworkflow_runs_a_child_run_and_maps_its_output(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        child_wf = await env.define({"work": worker(input={"n": "${input.n}"})})
+        parent_wf = await env.define({
+            "call": {"type": "subworkflow", "input": {"workflow_id": child_wf, "input_mapping": {"n": "${input.n}"},
+                                                      "output_mapping": {"doubled": "${child.steps.work.output.v * 2}"}}},
+            "after": worker(depends_on=["call"], input={"got": "${steps.call.output.doubled}"}),
+        })
+        run_id = await env.start(parent_wf, {"n": 21})
+        call = (await env.run(run_id)).step("call")
+        assert call.status == "running" and call.child_run_id
+        child_id = call.child_run_id
+        env.runs.add(child_id)
+        child = await env.run(child_id)
+        assert child.org_id == TENANT and child.workflow_id == child_wf and child.input == {"n": 21}
+        assert child.metadata == {"parent_run_id": run_id, "parent_step_id": "call", "parent_workflow_id": parent_wf,
+                                  "call_stack": [parent_wf]}
+        work = await env.request(f"{child_id}:work@1")
+        assert await env.jobs.get_context(work.job_id) == {"n": 21}
+
+        await env.answer(work.job_id, output={"v": 21})  # the child ends: it wakes its parent
+        after = await env.request(f"{run_id}:after@1")
+        assert await env.jobs.get_context(after.job_id) == {"got": 42}
+        assert (await env.run(child_id)).status == "succeeded"
+        assert (await env.run(run_id)).step("call").output == {"doubled": 42}
+        assert "subworkflow_started" in await timeline_types(env, run_id)
+
+
+async def test_inline_subworkflow_finishes_within_the_parents_advance(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        child_wf = await env.define({"t": {"type": "transform", "input": {"x": "${input.x}"}}})
+        parent_wf = await env.define({
+            "each": {"type": "subworkflow", "for_each": "input.xs", "input": {"workflow_id": child_wf,
+                                                                             "input_mapping": {"x": "${item}"}}},
+            "after": worker(depends_on=["each"], input={"all": "${steps.each.output}"}),
+        })
+        run_id = await env.start(parent_wf, {"xs": [1, 2]})
+        after = await env.request(f"{run_id}:after@1")
+        outputs = (await env.jobs.get_context(after.job_id))["all"]
+        assert [o["steps"]["t"]["output"] for o in outputs] == [{"x": 1}, {"x": 2}]
+        run = await env.run(run_id)
+        assert run.step("each[0]").child_run_id != run.step("each[1]").child_run_id
+
+
+async def test_subworkflow_cycle_and_missing_workflow_fail_the_step(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        a, b = unique("wf-a"), unique("wf-b")
+        env.workflows.update({a, b})
+        await env.store.put_definition({"id": a, "steps": {"call": {"type": "subworkflow", "input": {"workflow_id": b}}}},
+                                       TENANT)
+        await env.store.put_definition({"id": b, "steps": {"back": {"type": "subworkflow", "input": {"workflow_id": a}}}},
+                                       TENANT)
+        run_id = await env.start(a)
+        run = await env.run(run_id)
+        assert run.status == "failed"
+        message = run.step("call").error["message"]
+        assert message.startswith(f"subworkflow run {run.step('call').child_run_id} failed")
+        assert f"circular workflow reference detected: {a} → {b} → {a}" in message
+
+        missing = await env.define({"call": {"type": "subworkflow", "input": {"workflow_id": "${input.target}"}}})
+        run_id = await env.start(missing, {"target": "no-such-workflow"})
+        run = await env.run(run_id)
+        assert run.status == "failed" and run.step("call").error["message"] == \
+            "subworkflow workflow no-such-workflow not found"
+        assert run.step("call").child_run_id == ""
+
+
+async def start_with_child(env: Env, **after: Any) -> tuple[str, str, str]:
+    """A run whose subworkflow step `call` runs a one-worker-step child: (parent workflow, run, child run)."""
+    child_wf = await env.define({"work": worker()})
+    parent_wf = await env.define({"call": {"type": "subworkflow", "input": {"workflow_id": child_wf}}, **after})
+    run_id = await env.start(parent_wf)
+    child_id = (await env.run(run_id)).step("call").child_run_id
+    env.runs.add(child_id)
+    return parent_wf, run_id, child_id
+
+
+async def test_cancelling_the_parent_cancels_the_child(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        _, run_id, child_id = await start_with_child(env)
+        await env.request(f"{child_id}:work@1")
+        assert await env.engine.cancel_run(run_id, TENANT)
+        await env.cancels.wait(lambda p: p.job_cancel.job_id == f"{child_id}:work@1", "cancel of the child's job")
+        assert (await env.run(child_id)).status == "cancelled"
+        run = await env.run(run_id)
+        assert run.status == "cancelled" and run.step("call").status == "cancelled"
+
+
+async def test_child_failure_and_a_lost_child_run(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        _, run_id, child_id = await start_with_child(env)
+        # the engine died between storing the parent's step and creating the child: it is created again
+        assert await env.store.delete_run(child_id, TENANT)
+        await env.engine.reconcile(run_id)
+        assert (await env.run(child_id)).metadata["parent_run_id"] == run_id
+        await env.answer(f"{child_id}:work@1", "FAILED_FATAL", error="worker broke")
+        run = await env.run(run_id)
+        assert run.status == "failed"
+        assert run.step("call").error == {"message": f"subworkflow run {child_id} failed: step work failed: worker broke",
+                                          "child_run_id": child_id}
+
+
+async def test_a_busy_parent_is_woken_by_its_timer(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        parent_wf, run_id, child_id = await start_with_child(env, after=worker(depends_on=["call"]))
+        quick = WorkflowEngine(store=env.store, jobs=env.jobs, bus=env.bus, leases=Leases(env.redis, "quick"),
+                               redis=env.redis, clock=env.clock, lock_wait=0.05)
+        async with other_engine(env, "holder").run_locked(run_id):  # another replica works on the parent
+            await quick.apply_outcome(f"{child_id}:work@1", "SUCCEEDED")
+        assert (await env.run(child_id)).status == "succeeded"
+        assert (await env.run(run_id)).step("call").status == "running"
+        assert await env.store.timer_due(f"{parent_wf}:{run_id}") is not None
+        await env.engine.fire_timers()
+        await env.request(f"{run_id}:after@1")

@@ -278,6 +278,9 @@ def test_type_requirements() -> None:
         {"type": "loop", "input": {"body_step": "b", "max_iterations": 0}}
     )
     assert "input.workflow_id" in problem({"type": "subworkflow"})
+    assert "input.input_mapping must be a mapping, got a list" in problem(
+        {"type": "subworkflow", "input": {"workflow_id": "other", "input_mapping": [1]}}
+    )
     assert "circular workflow reference" in problem(
         {"type": "subworkflow", "input": {"workflow_id": "w"}}
     )

@@ -8,9 +8,19 @@ from datetime import datetime, timezone
 import pytest
 
 from cordum.workflow import runstate as rs
-from cordum.workflow.runstate import ArmTimer, TimelineEvent
+from cordum.workflow.runstate import ArmTimer, Run, TimelineEvent
 from cordum.workflow.definition import ready_steps
-from cordum.workflow.steps import StepError, choose_branch, delay_due, loop_next, loop_scope, same_value, storage_op
+from cordum.workflow.steps import (
+    StepError,
+    choose_branch,
+    delay_due,
+    loop_next,
+    loop_scope,
+    same_value,
+    storage_op,
+    subworkflow_call,
+    subworkflow_outcome,
+)
 from tests.unit.test_workflow_runstate import new_run, wf
 from tests.unit.test_workflow_runstate import step as worker
 
@@ -316,9 +326,9 @@ def test_parallel_child_skipped_by_its_condition() -> None:
 def test_start_parallel_refuses_other_steps() -> None:
     w = par_wf()
     run, _ = rs.start(new_run(), NOW, w)
-    with pytest.raises(ValueError, match="not a pending parallel"):
+    with pytest.raises(ValueError, match="not a parallel step"):
         rs.start_parallel(w, run, "b", NOW)
-    with pytest.raises(ValueError, match="not a pending parallel"):
+    with pytest.raises(ValueError, match="is running, not pending"):
         rs.start_parallel(w, started(w), "p", NOW)
 
 
@@ -413,3 +423,58 @@ def test_loop_done_and_nested_paths() -> None:
     assert loop_scope(w, run, "outer[0][0]")["index"] == 0
     run, _ = rs.complete_step(w, run, "outer[0][0]", "succeeded", {"n": 1}, None, NOW)
     assert rs.due_steps(w, run, NOW) == ["outer[0]"]
+
+
+# --- subworkflow -------------------------------------------------------------------------------
+def test_subworkflow_call_ids_metadata_and_cycles() -> None:
+    run = new_run(metadata={"call_stack": ["root"]})
+    call = subworkflow_call(run, "sub", "child", {"a": 1})
+    assert call.workflow_id == "child" and call.input == {"a": 1}
+    assert call.metadata == {"parent_run_id": "run1", "parent_step_id": "sub", "parent_workflow_id": "wf1",
+                             "call_stack": ["root", "wf1"]}
+    assert call.run_id == subworkflow_call(run, "sub", "child", {"a": 2}).run_id  # derived: once per step
+    assert call.run_id != subworkflow_call(run, "sub2", "child", {}).run_id
+    assert ":" not in call.run_id and len(call.run_id) == 36
+    assert subworkflow_call(run, "sub", "child", None).input == {}
+    with pytest.raises(StepError, match="circular workflow reference detected: root → wf1 → root"):
+        subworkflow_call(run, "sub", "root", {})
+    with pytest.raises(StepError, match="circular workflow reference detected: root → wf1 → wf1"):
+        subworkflow_call(run, "sub", "wf1", {})
+    with pytest.raises(StepError, match="not a workflow id"):
+        subworkflow_call(run, "sub", "bad id", {})
+    with pytest.raises(StepError, match="not a mapping"):
+        subworkflow_call(run, "sub", "child", [1])
+    deep = new_run(metadata={"call_stack": [f"w{i}" for i in range(15)]})
+    with pytest.raises(StepError, match="deeper than 16"):
+        subworkflow_call(deep, "sub", "child", {})
+
+
+def test_subworkflow_outcome() -> None:
+    w = wf({"sub": {"type": "subworkflow", "input": {"workflow_id": "child", "output_mapping": {
+        "total": "${child.steps.sum.output.n + input.x}", "run": "${child.run_id}"}}},
+        "plain": {"type": "subworkflow", "input": {"workflow_id": "child"}}})
+    child = Run(id="c1", workflow_id="child", status="succeeded", context={"steps": {"sum": {"output": {"n": 5}}}})
+    assert subworkflow_outcome(w.steps["sub"], child, {"input": {"x": 1}}) == (
+        "succeeded", {"total": 6, "run": "c1"}, None)
+    assert subworkflow_outcome(w.steps["plain"], child, {}) == ("succeeded", dict(child.context), None)
+    failed = Run(id="c1", workflow_id="child", status="denied", error={"message": "step a denied"})
+    assert subworkflow_outcome(w.steps["sub"], failed, {}) == (
+        "denied", None, {"message": "subworkflow run c1 denied: step a denied", "child_run_id": "c1"})
+
+
+def test_start_subworkflow_and_cancel_reaches_the_child() -> None:
+    w = wf({"sub": {"type": "subworkflow", "input": {"workflow_id": "child"}}, "b": worker("sub")})
+    run, _ = rs.start(new_run(), NOW, w)
+    call = subworkflow_call(run, "sub", "child", {"k": 1})
+    run, fx = rs.start_subworkflow(w, run, "sub", call, NOW)
+    sr = run.step("sub")
+    assert (sr.status, sr.child_run_id, sr.attempts) == ("running", call.run_id, 1)
+    assert sr.input == {"workflow_id": "child", "input": {"k": 1}}  # enough to create it again
+    assert fx[0] == call and [e.type for e in events(fx)] == ["subworkflow_started"]
+    assert rs.StepRun.from_dict(sr.to_dict()) == sr
+    with pytest.raises(ValueError, match="not pending"):
+        rs.start_subworkflow(w, run, "sub", call, NOW)
+    cancelled, fx = rs.cancel(run, now=NOW)
+    assert rs.CancelRun(call.run_id, "workflow run cancelled") in fx
+    done, fx = rs.complete_step(w, run, "sub", "succeeded", {"o": 1}, None, NOW)
+    assert not events(fx, rs.CancelRun) and rs.next_dispatches(w, done, NOW) == ["b"]
