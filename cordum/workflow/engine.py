@@ -503,7 +503,8 @@ class WorkflowEngine(StepHandlers):
         effects += fx
         transitions = 0
         while transitions < MAX_TRANSITIONS:
-            for path in rs.due_steps(workflow, run, now):
+            due = rs.due_steps(workflow, run, now)
+            for path in due:
                 transitions += 1
                 step = rs.step_for_path(workflow, path)[0]
                 if step.type == "loop":  # an iteration ended: the next one, or done
@@ -513,6 +514,8 @@ class WorkflowEngine(StepHandlers):
                 effects += fx
             paths = rs.next_dispatches(workflow, run, now)
             if not paths:
+                if due and not run.terminal:
+                    continue  # what finished may make its parent due (a loop whose body waited)
                 break
             progressed = False
             for path in paths:

@@ -410,3 +410,50 @@ async def test_a_busy_parent_is_woken_by_its_timer(redis, bus, settings) -> None
         assert await env.store.timer_due(f"{parent_wf}:{run_id}") is not None
         await env.engine.fire_timers()
         await env.request(f"{run_id}:after@1")
+
+
+async def test_loop_of_delays_moves_on_with_each_timer(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({
+            "tick": {"type": "loop", "input": {"body_step": "wait", "max_iterations": 2}},
+            "wait": {"type": "delay", "delay_sec": 10},
+            "after": worker(depends_on=["tick"]),
+        })
+        run_id = await env.start(workflow_id)
+        t0 = env.clock.now
+        assert (await env.run(run_id)).step("tick[0]").next_attempt_at == t0 + 10
+        env.clock.now = t0 + 10
+        await env.engine.fire_timers()  # iteration 0 ends and iteration 1 starts waiting in one advance
+        run = await env.run(run_id)
+        assert run.step("tick[0]").status == "succeeded" and run.step("tick[1]").next_attempt_at == t0 + 20
+        env.clock.now = t0 + 20
+        await env.engine.fire_timers()
+        await env.request(f"{run_id}:after@1")
+        assert (await env.run(run_id)).step("tick").output == {"iterations": 2, "last_output": {"due_at": t0 + 20}}
+
+
+async def test_compositions(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        child_wf = await env.define({"sq": {"type": "transform", "input": {"v": "${input.i * input.i}"}}})
+        workflow_id = await env.define({
+            "squares": {"type": "loop", "input": {"body_step": "square", "while": "loop.index < 3"}},
+            "square": {"type": "subworkflow", "input": {"workflow_id": child_wf, "input_mapping": {"i": "${loop.index}"},
+                                                        "output_mapping": "${child.steps.sq.output.v}"}},
+            "both": {"type": "parallel", "depends_on": ["squares"], "input": {"steps": ["pick", "work"]}},
+            "pick": {"type": "switch", "condition": "steps.squares.output.last_output",
+                     "input": {"cases": {"4": "four"}, "default": "other"}},
+            "work": worker(),
+            "four": {"type": "transform", "depends_on": ["pick"], "input": {"ok": True}},
+            "other": worker(depends_on=["pick"]),
+        })
+        run_id = await env.start(workflow_id)
+        run = await env.run(run_id)
+        assert run.step("squares").output == {"iterations": 3, "last_output": 4}  # 0, 1, 4: all inline
+        assert [run.step(f"squares[{i}]").output for i in range(3)] == [0, 1, 4]
+        assert len({run.step(f"squares[{i}]").child_run_id for i in range(3)}) == 3
+        assert run.step("four").output == {"ok": True} and run.step("other").skip_reason == "switch_branch_not_taken"
+        await env.answer(f"{run_id}:work@1", output={"w": 1})
+        run = await env.run(run_id)
+        assert run.status == "succeeded"
+        assert run.step("both").output == {"pick": {"matched_case": "4", "matched_value": 4, "target_step": "four"},
+                                           "work": {"w": 1}}
