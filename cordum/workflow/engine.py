@@ -65,6 +65,8 @@ PUBLISH_RETRY_S = 1.0
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
 MAX_TRANSITIONS = 10_000
+#: step types the engine cannot run (none left; the gateway's dry-run plan warns about these)
+UNSUPPORTED_TYPES: frozenset[str] = frozenset()
 #: a finished job's state → the result status runstate.apply_result understands
 _STATUS_OF_STATE = {JobState.SUCCEEDED: "SUCCEEDED", JobState.CANCELLED: "CANCELLED", JobState.TIMEOUT: "TIMEOUT",
                     JobState.DENIED: "DENIED"}
