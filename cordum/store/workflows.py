@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 
 import trio
 
@@ -278,6 +278,10 @@ class WorkflowStore:
             return None
         return doc
 
+    async def get_definition_text(self, workflow_id: str) -> str | None:
+        """The stored definition JSON as is (all tenants): the engine caches its parse by text."""
+        return await self._redis.execute("GET", keys.wf_def(workflow_id))
+
     async def get_definitions(self, workflow_ids: Sequence[str], *, tenant: str | None = None,
                               ) -> list[dict[str, Any] | None]:
         texts = await self._redis.pipeline([("GET", keys.wf_def(w)) for w in workflow_ids]) if workflow_ids else []
@@ -347,10 +351,13 @@ class WorkflowStore:
                 return None
         return await self._redis.execute("GET", name)
 
-    async def update_run(self, doc: Mapping[str, Any], *, fence: int) -> str:
+    async def update_run(self, doc: Mapping[str, Any], *, fence: int, timeline: Sequence[Mapping[str, Any]] = (),
+                         indexed_jobs: Collection[str] = ()) -> str:
         """Store a run document under fencing token `fence` and move its indexes; returns the
         previous status. RunFenceStale if a newer fence already wrote, RunNotFound if missing. The
-        run's tenant and workflow stay those it was created with."""
+        run's tenant and workflow stay those it was created with. `timeline` events are appended
+        in the same round trip as the indexes; `indexed_jobs`: step jobs whose reverse index an
+        earlier write of this run made already (not written again)."""
         run_id = str(doc.get("id") or "")
         if not run_id:
             raise ValueError("run document without an id")
@@ -370,11 +377,16 @@ class WorkflowStore:
         if reply[0] == "STALE":
             raise RunFenceStale(run_id, int(fence), int(reply[2]), reply[1])
         previous, tenant, workflow_id = reply[1], reply[2], reply[3]
-        await self.run_repeatable(self._index_commands(run_id, doc, previous, status, tenant, workflow_id, ts))
+        commands = self._index_commands(run_id, doc, previous, status, tenant, workflow_id, ts, indexed_jobs)
+        if timeline:
+            key = keys.wf_run_timeline(run_id)
+            commands += [("RPUSH", key, *(_dumps(dict(e)) for e in timeline)), ("LTRIM", key, -TIMELINE_MAX, -1)]
+        await self.run_repeatable(commands)
         return previous
 
     def _index_commands(self, run_id: str, doc: Mapping[str, Any], previous: str | None, status: str,
-                        tenant: str, workflow_id: str, ts: int) -> list[tuple[Any, ...]]:
+                        tenant: str, workflow_id: str, ts: int, indexed_jobs: Collection[str] = (),
+                        ) -> list[tuple[Any, ...]]:
         commands: list[tuple[Any, ...]] = [
             ("ZADD", keys.WF_RUNS_ALL, ts, run_id),
             ("ZADD", keys.wf_runs_org(tenant), ts, run_id),
@@ -386,6 +398,8 @@ class WorkflowStore:
         if previous and previous != status:
             commands.append(("ZREM", keys.wf_runs_status(previous), run_id))
         for job_id, path in step_jobs(doc):
+            if job_id in indexed_jobs:
+                continue
             commands.append(("SET", keys.wf_run_job(job_id), _dumps({"run_id": run_id, "step_path": path}),
                              "EX", JOB_INDEX_TTL))
         return commands
@@ -519,10 +533,13 @@ class WorkflowStore:
 
     # ---- timeline ------------------------------------------------------------------------------
 
-    async def append_timeline(self, run_id: str, event: Mapping[str, Any]) -> None:
-        """Append an event, keeping the newest TIMELINE_MAX."""
+    async def append_timeline(self, run_id: str, *events: Mapping[str, Any]) -> None:
+        """Append events (in order, one round trip), keeping the newest TIMELINE_MAX."""
+        if not events:
+            return
         key = keys.wf_run_timeline(run_id)
-        await self._redis.pipeline([("RPUSH", key, _dumps(dict(event))), ("LTRIM", key, -TIMELINE_MAX, -1)])
+        await self._redis.pipeline([("RPUSH", key, *(_dumps(dict(e)) for e in events)),
+                                    ("LTRIM", key, -TIMELINE_MAX, -1)])
 
     async def timeline(self, run_id: str, tenant: str | None = None, *, limit: int | None = None,
                        ) -> list[dict[str, Any]] | None:
@@ -549,6 +566,12 @@ class WorkflowStore:
     async def arm_timer(self, member: str, due_unix: float) -> None:
         """Arm (or move) a delay timer; the engine's members are `<workflow id>:<run id>`."""
         await self._redis.execute("ZADD", keys.WF_DELAY_TIMERS, due_unix, member)
+
+    async def arm_timer_earlier(self, member: str, due_unix: float) -> None:
+        """Arm a timer unless it is armed for an earlier time already (one round trip). A run's
+        engine re-arms its next wake after every advance, so an early timer costs one no-op
+        advance and never hides a later due time."""
+        await self._redis.execute("ZADD", keys.WF_DELAY_TIMERS, "LT", due_unix, member)
 
     async def disarm_timer(self, member: str) -> None:
         await self._redis.execute("ZREM", keys.WF_DELAY_TIMERS, member)

@@ -9,8 +9,14 @@ One operation per run at a time, under the run lock ``cordum:wf:run:lock:<runID>
 Order inside an operation (spec cordum-services §2.6/§2.7): a transition yields a new run and
 effects; the run is persisted with the fence FIRST, then the effects are carried out (timeline,
 timers, ``sys.job.cancel``), and a step job is published on ``sys.job.submit`` only after the
-``running`` step that names it was stored ("persist before publish"). A failed publish puts the
-step back (``revert_dispatch``), persists again and arms a timer to try later.
+``running`` step that names it was stored ("persist before publish"). A pass of advance marks every
+job it makes ready, persists once (with the result that led to them) and then publishes them
+concurrently; a failed publish puts its step back to pending (same attempt, so the retry reuses the
+job id), persists again and arms a timer to try later.
+
+Operations of one replica on one run queue for the run in order (``_local_turn``) before taking the
+Redis lock, and step outcomes that queued meanwhile are applied together: a fan-in's ten results
+cost one or two operations, not ten rounds of lock polling.
 
 Step types: worker and its aliases dispatch a job; approval a gate job on
 ``job.cordum.approval-gate`` (step ``waiting``); the engine's own types (condition, transform,
@@ -29,7 +35,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import trio
@@ -78,8 +84,37 @@ _HELD: contextvars.ContextVar[Mapping[tuple[int, str], Lease]] = contextvars.Con
 #: parent runs (id, workflow id) to advance once the current operation released its lock: their
 #: subworkflow child ended in it
 _WAKE: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("wf_wake", default=None)
+#: GET a key unless its value is larger than ARGV[1] bytes (then false)
+_GET_IF_SMALL = """
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+#: run ids whose turn on this replica the current task holds (re-entrancy of ``_local_turn``)
+_TURNS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("wf_run_turns", default=frozenset())
+#: parsed definitions kept per replica, by their stored text
+DEFINITION_CACHE = 256
 #: passes of one advance (a pass that started child runs is followed by one that looks at them)
 MAX_PASSES = 1000
+
+
+@dataclass
+class _Turn:
+    """A run's queue on this replica (see ``WorkflowEngine._local_turn``)."""
+
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
+
+
+@dataclass
+class _Outcome:
+    """A step job's outcome waiting for its run's turn; applied by whichever operation gets the
+    turn first (one persist for all that queued meanwhile)."""
+
+    job_id: str
+    status: str
+    error: Any
+    result_ptr: str
+    done: bool = False
 
 
 class RunBusy(Retry):
@@ -88,12 +123,6 @@ class RunBusy(Retry):
 
 class OperationDropped(Exception):
     """The operation's fenced write was refused (a newer holder wrote): nothing of it took effect."""
-
-
-def revert_dispatch(before: Run, now: float) -> Run:
-    """The run as it was before ``mark_dispatched`` (its job never reached the bus): the step is
-    pending again with its earlier attempt count, so the next dispatch reuses the same attempt."""
-    return replace(before, updated_at=now)
 
 
 def _spawns(effects: Sequence[rs.Effect]) -> bool:
@@ -147,6 +176,10 @@ class WorkflowEngine(StepHandlers):
         self.clock = clock
         self.lock_ttl = lock_ttl
         self.lock_wait = lock_wait
+        self._turns: dict[str, _Turn] = {}
+        self._inbox: dict[str, list[_Outcome]] = {}
+        self._parsed: dict[str, Workflow] = {}
+        self._small_get: Any = None
 
     # ---- the run lock -------------------------------------------------------------------------
 
@@ -155,6 +188,40 @@ class WorkflowEngine(StepHandlers):
         if lease is None:
             raise RunBusy(0.5, f"run {run_id} is locked")
         return lease
+
+    @asynccontextmanager
+    async def _local_turn(self, run_id: str, wait: float) -> AsyncIterator[None]:
+        """This replica's turn on a run: operations of one replica on one run queue here, in
+        order, instead of polling the Redis lock against each other (a fan-in's results arrive
+        together). RunBusy when the turn did not come within ``wait`` seconds."""
+        if run_id in _TURNS.get():
+            yield
+            return
+        turn = self._turns.get(run_id)
+        if turn is None:
+            turn = self._turns[run_id] = _Turn()
+        turn.users += 1
+        try:
+            if wait <= 0:
+                try:
+                    turn.lock.acquire_nowait()
+                except trio.WouldBlock:
+                    raise RunBusy(0.5, f"run {run_id} is busy on this replica") from None
+            else:
+                with trio.move_on_after(wait):
+                    await turn.lock.acquire()
+                if not turn.lock.locked() or turn.lock.statistics().owner is not trio.lowlevel.current_task():
+                    raise RunBusy(0.5, f"run {run_id} is busy on this replica")
+            token = _TURNS.set(_TURNS.get() | {run_id})
+            try:
+                yield
+            finally:
+                _TURNS.reset(token)
+                turn.lock.release()
+        finally:
+            turn.users -= 1
+            if turn.users == 0:
+                del self._turns[run_id]
 
     @asynccontextmanager
     async def run_locked(self, run_id: str, *, wait: float | None = None) -> AsyncIterator[tuple[Run | None, int]]:
@@ -167,16 +234,18 @@ class WorkflowEngine(StepHandlers):
         if lease is not None:
             yield await self.load_run(run_id), lease.fence
             return
-        lease = await self._acquire(run_id, self.lock_wait if wait is None else wait)
-        token = _HELD.set({**held, (id(self), run_id): lease})
+        wait = self.lock_wait if wait is None else wait
         wake: list[tuple[str, str]] = []
-        wake_token = _WAKE.set(wake)
-        try:
-            async with self.leases.holding(lease):
-                yield await self.load_run(run_id), lease.fence
-        finally:
-            _WAKE.reset(wake_token)
-            _HELD.reset(token)
+        async with self._local_turn(run_id, wait):
+            lease = await self._acquire(run_id, wait)
+            token = _HELD.set({**held, (id(self), run_id): lease})
+            wake_token = _WAKE.set(wake)
+            try:
+                async with self.leases.holding(lease):
+                    yield await self.load_run(run_id), lease.fence
+            finally:
+                _WAKE.reset(wake_token)
+                _HELD.reset(token)
         await self._wake(wake)
 
     async def _wake(self, parents: Sequence[tuple[str, str]]) -> None:
@@ -196,15 +265,27 @@ class WorkflowEngine(StepHandlers):
         return None if doc is None else Run.from_dict(doc)
 
     async def load_workflow(self, workflow_id: str) -> Workflow | None:
-        doc = await self.store.get_definition(workflow_id)
-        if doc is None:
+        """The run's workflow as stored now; parsed once per stored text (Workflow is frozen)."""
+        text = await self.store.get_definition_text(workflow_id)
+        if text is None:
             return None
-        return parse_workflow(doc, origin=f"workflow {workflow_id}")
+        workflow = self._parsed.get(text)
+        if workflow is None:
+            workflow = parse_workflow(json.loads(text), origin=f"workflow {workflow_id}")
+            if len(self._parsed) >= DEFINITION_CACHE:
+                self._parsed.clear()
+            self._parsed[text] = workflow
+        return workflow
 
-    async def save(self, run: Run, fence: int) -> bool:
-        """Persist ``run`` with ``fence``; False (logged) when a newer fence already wrote."""
+    async def save(self, run: Run, fence: int, *, timeline: Sequence[Mapping[str, Any]] = (),
+                   before: Run | None = None) -> bool:
+        """Persist ``run`` with ``fence`` (and its timeline events, in the same round trip);
+        False (logged) when a newer fence already wrote. ``before``: the run as stored, whose
+        step jobs are indexed already."""
+        indexed = {sr.job_id for sr in before.steps.values() if sr.job_id} if before is not None else ()
         try:
-            previous = await self.store.update_run(run.to_dict(), fence=fence)
+            previous = await self.store.update_run(run.to_dict(), fence=fence, timeline=timeline,
+                                                   indexed_jobs=indexed)
         except RunFenceStale as exc:
             log.warning("workflow.stale_fence", run_id=run.id, fence=exc.fence, held=exc.held)
             return False
@@ -215,26 +296,33 @@ class WorkflowEngine(StepHandlers):
             self.metrics.moved(run, previous)
         return True
 
-    async def _commit(self, run: Run, fence: int, effects: Sequence[rs.Effect]) -> None:
-        """Persist, then carry out the non-dispatch effects; OperationDropped on a stale fence."""
-        if not await self.save(run, fence):
+    async def _commit(self, run: Run, fence: int, effects: Sequence[rs.Effect], *,
+                      before: Run | None = None) -> None:
+        """Persist (with the timeline events), then carry out the other effects except
+        dispatches; OperationDropped on a stale fence."""
+        events = [self._event(e) for e in effects if isinstance(e, rs.TimelineEvent)]
+        if not await self.save(run, fence, timeline=events, before=before):
             raise OperationDropped(run.id)
         parent = run.metadata.get("parent_run_id") if run.terminal else None
         wake = _WAKE.get()
         if isinstance(parent, str) and parent and wake is not None:
             wake.append((parent, str(run.metadata.get("parent_workflow_id") or "")))
         for effect in effects:
-            await self._carry_out(run, effect)
+            if not isinstance(effect, rs.TimelineEvent):
+                await self._carry_out(run, effect)
+
+    def _event(self, effect: rs.TimelineEvent) -> dict[str, Any]:
+        event: dict[str, Any] = {"type": effect.type, "at": self.clock()}
+        for name in ("step_id", "job_id", "status", "message"):
+            if getattr(effect, name):
+                event[name] = getattr(effect, name)
+        if effect.data:
+            event["data"] = dict(effect.data)
+        return event
 
     async def _carry_out(self, run: Run, effect: rs.Effect) -> None:
         if isinstance(effect, rs.TimelineEvent):
-            event: dict[str, Any] = {"type": effect.type, "at": self.clock()}
-            for name in ("step_id", "job_id", "status", "message"):
-                if getattr(effect, name):
-                    event[name] = getattr(effect, name)
-            if effect.data:
-                event["data"] = dict(effect.data)
-            await self.store.append_timeline(run.id, event)
+            await self.store.append_timeline(run.id, self._event(effect))
         elif isinstance(effect, rs.ArmTimer):
             await self._arm(run, effect.due_at)
         elif isinstance(effect, rs.CancelJob):
@@ -247,10 +335,7 @@ class WorkflowEngine(StepHandlers):
         # DispatchStep is carried out by the dispatch path itself (persist before publish)
 
     async def _arm(self, run: Run, due: float) -> None:
-        member = timer_member(run)
-        current = await self.store.timer_due(member)
-        if current is None or current <= self.clock() or due < current:
-            await self.store.arm_timer(member, due)
+        await self.store.arm_timer_earlier(timer_member(run), due)
 
     # ---- public operations ----------------------------------------------------------------------
 
@@ -314,31 +399,59 @@ class WorkflowEngine(StepHandlers):
         await self.apply_outcome(result.job_id, status, error, result_ptr=result.result_ptr)
 
     async def apply_outcome(self, jid: str, status: str, error: Any = None, *, result_ptr: str = "") -> None:
-        """Apply a step job's outcome (``status`` a CAP JobStatus name) to its run."""
+        """Apply a step job's outcome (``status`` a CAP JobStatus name) to its run. Outcomes that
+        queue for the same run meanwhile are applied together, in one persist and one advance;
+        each caller returns once its own outcome was applied (or raises if its operation failed,
+        so its message is redelivered)."""
         parsed = rs.parse_job_id(jid)
         if parsed is None:
             return
         run_id = parsed[0]
+        mine = _Outcome(jid, status, error, result_ptr)
+        inbox = self._inbox.setdefault(run_id, [])
+        inbox.append(mine)
+        batch: list[_Outcome] = []
         try:
-            async with self.run_locked(run_id) as (run, fence):
-                if run is None:
-                    log.info("workflow.result_unknown_run", job_id=jid)
-                    return
-                if run.terminal or run.step(parsed[1]).job_id != jid:
-                    return  # stale or repeated: no need to read the output
-                workflow = await self.load_workflow(run.workflow_id)
-                if workflow is None:
-                    return
-                output = await self._read_output(jid, result_ptr) if status == "SUCCEEDED" else None
-                new, effects = rs.apply_result(workflow, run, jid, status, output, error,
-                                               self.clock(), result_ptr=result_ptr)
-                if new is run:
-                    log.debug("workflow.result_ignored", job_id=jid, status=status)
-                    return
-                await self._commit(new, fence, effects)
-                await self._advance(new, fence, workflow)
+            async with self._local_turn(run_id, self.lock_wait):
+                if mine.done:
+                    return  # an operation that had the turn before us applied it
+                batch = self._inbox.pop(run_id, [])
+                await self._apply_batch(run_id, batch)
         except (OperationDropped, LeaseLost) as exc:
             log.warning("workflow.operation_dropped", run_id=run_id, op="result", job_id=jid, error=repr(exc))
+        finally:
+            if mine in self._inbox.get(run_id, ()):
+                self._inbox[run_id].remove(mine)  # never got the turn: our caller retries
+            if not self._inbox.get(run_id, True):
+                del self._inbox[run_id]
+            others = [o for o in batch if not o.done and o is not mine]
+            if others:  # our operation failed: their own callers get the turn and try them
+                self._inbox.setdefault(run_id, [])[:0] = others
+
+    async def _apply_batch(self, run_id: str, batch: Sequence[_Outcome]) -> None:
+        async with self.run_locked(run_id) as (run, fence):
+            if run is None:
+                log.info("workflow.result_unknown_run", run_id=run_id)
+                for outcome in batch:
+                    outcome.done = True
+                return
+            current = [o for o in batch if not run.terminal and run.step(rs.parse_job_id(o.job_id)[1]).job_id == o.job_id]
+            workflow = await self.load_workflow(run.workflow_id) if current else None
+            if workflow is None:  # all stale or repeated (or the workflow is gone): nothing to apply
+                for outcome in batch:
+                    outcome.done = True
+                return
+            before, effects = run, []
+            for outcome in current:
+                output = (await self._read_output(outcome.job_id, outcome.result_ptr)
+                          if outcome.status == "SUCCEEDED" else None)
+                run, fx = rs.apply_result(workflow, run, outcome.job_id, outcome.status, output, outcome.error,
+                                          self.clock(), result_ptr=outcome.result_ptr)
+                effects += fx
+            if run is not before:
+                await self._advance(run, fence, workflow, unsaved=effects, saved=before)
+            for outcome in batch:
+                outcome.done = True
 
     async def cancel_run(self, run_id: str, tenant: str, reason: str = "workflow run cancelled") -> bool:
         """Cancel a tenant's run (JobCancel for its running step jobs). False when missing or
@@ -349,7 +462,7 @@ class WorkflowEngine(StepHandlers):
                     return False
                 new, effects = rs.cancel(run, reason, self.clock())
                 if new is not run:
-                    await self._commit(new, fence, effects)
+                    await self._commit(new, fence, effects, before=run)
                 return True
         except (OperationDropped, LeaseLost) as exc:
             log.warning("workflow.operation_dropped", run_id=run_id, op="cancel", error=repr(exc))
@@ -472,37 +585,49 @@ class WorkflowEngine(StepHandlers):
 
     # ---- advancing ---------------------------------------------------------------------------------
 
-    async def _advance(self, run: Run, fence: int, workflow: Workflow | None = None) -> None:
-        if run.terminal:
-            return
+    async def _advance(self, run: Run, fence: int, workflow: Workflow | None = None, *,
+                       unsaved: Sequence[rs.Effect] = (), saved: Run | None = None) -> None:
+        """Move the run on as far as it goes now. ``unsaved``/``saved``: a transition the caller
+        made but did not persist (``saved`` is the run as stored): it is persisted with the first
+        step dispatch of this advance, or at its end: one write instead of two."""
+        saved = run if saved is None else saved
         if workflow is None:
             workflow = await self.load_workflow(run.workflow_id)
         if workflow is None:
             log.warning("workflow.definition_missing", run_id=run.id, workflow_id=run.workflow_id)
             return
+        if run.terminal:
+            if run is not saved or unsaved:
+                await self._commit(run, fence, unsaved, before=saved)
+            return
+        pending = list(unsaved)
         for _ in range(MAX_PASSES):
-            passed = await self._pass(run, fence, workflow)
+            passed = await self._pass(run, fence, workflow, saved, pending)
+            pending = []
             if passed is None:
                 return  # a publish failed: its retry timer is armed
             run, spawned = passed
+            saved = run
             if not spawned or run.terminal:
                 break  # else: child runs started in that pass may have ended already
         wake = rs.next_wake(workflow, run)
         if wake is not None and wake > self.clock():
             await self._arm(run, wake)
 
-    async def _pass(self, run: Run, fence: int, workflow: Workflow) -> tuple[Run, bool] | None:
-        """One pass of advance: returns the stored run and whether child runs were started."""
+    async def _pass(self, run: Run, fence: int, workflow: Workflow, saved: Run,
+                    effects: list[rs.Effect]) -> tuple[Run, bool] | None:
+        """One pass of advance: returns the stored run and whether child runs were started.
+        Step jobs made ready in the pass are marked dispatched in memory, persisted together (with
+        whatever else the pass changed), and only then published, concurrently."""
         now = self.clock()
-        saved = run
         spawned = False
-        effects: list[rs.Effect] = []
         run, fx = rs.start(run, now, workflow)
         effects += fx
         run, fx = rs.time_out(workflow, run, now)
         effects += fx
         run, fx = await self._look_at_children(workflow, run, now)
         effects += fx
+        jobs: list[tuple[str, StepRun, tuple[JobRequest, Any]]] = []  # path, step before, job
         transitions = 0
         while transitions < MAX_TRANSITIONS:
             due = rs.due_steps(workflow, run, now)
@@ -532,8 +657,8 @@ class WorkflowEngine(StepHandlers):
                     run, fx = rs.complete_step(workflow, run, path, rs.SKIPPED, None,
                                                {"message": "condition_false"}, now)
                 elif step.dispatches or step.type == "approval":
-                    before = run
-                    attempt = run.step(path).attempts + 1
+                    before = run.step(path)
+                    attempt = before.attempts + 1
                     try:
                         job = self.build_step_job(workflow, run, step, path, rs.job_id(run.id, path, attempt), attempt)
                     except Exception as exc:  # e.g. a template that does not render: the step cannot start
@@ -545,19 +670,10 @@ class WorkflowEngine(StepHandlers):
                     status = rs.WAITING if step.type == "approval" else rs.RUNNING
                     run, fx = rs.mark_dispatched(workflow, run, path, now, status=status)
                     effects += [e for e in fx if not isinstance(e, rs.DispatchStep)]
-                    spawned |= _spawns(effects)
-                    await self._commit(run, fence, effects)
-                    effects, saved = [], run
                     dispatch = next(e for e in fx if isinstance(e, rs.DispatchStep))
                     if dispatch.job_id != job[0].job_id:  # runstate and our prediction disagree
                         job = self.build_step_job(workflow, run, step, path, dispatch.job_id, dispatch.attempt)
-                    if not await self._publish_step(run, job):
-                        run = revert_dispatch(before, self.clock())
-                        await self._commit(run, fence, [rs.TimelineEvent(
-                            "step_dispatch_failed", step_id=path, job_id=dispatch.job_id,
-                            message="publish to sys.job.submit failed; retrying")])
-                        await self._arm(run, self.clock() + PUBLISH_RETRY_S)
-                        return None
+                    jobs.append((path, before, job))
                     progressed = True
                     continue
                 else:
@@ -568,9 +684,24 @@ class WorkflowEngine(StepHandlers):
                     break
             if not progressed or run.terminal:
                 break
+        spawned = _spawns(effects)
         if run is not saved or effects:
-            spawned |= _spawns(effects)
-            await self._commit(run, fence, effects)
+            await self._commit(run, fence, effects, before=saved)
+        # persist before publish: every job below is named by a step stored running/waiting
+        jobs = [j for j in jobs if run.step(j[0]).job_id == j[2][0].job_id and
+                run.step(j[0]).status in (rs.RUNNING, rs.WAITING)]
+        failed = await self._publish_steps(run, [job for _, _, job in jobs])
+        if failed:
+            stored, steps, events = run, dict(run.steps), []
+            for path, before, (request, _) in jobs:
+                if request.job_id in failed:
+                    steps[path] = before  # pending again, same attempt count: the retry reuses the job id
+                    events.append(rs.TimelineEvent("step_dispatch_failed", step_id=path, job_id=request.job_id,
+                                                   message="publish to sys.job.submit failed; retrying"))
+            run = replace(run, steps=steps, updated_at=self.clock())
+            await self._commit(run, fence, events, before=stored)
+            await self._arm(run, self.clock() + PUBLISH_RETRY_S)
+            return None
         return run, spawned
 
     # ---- step jobs -----------------------------------------------------------------------------------
@@ -622,6 +753,22 @@ class WorkflowEngine(StepHandlers):
         )
         return request, context
 
+    async def _publish_steps(self, run: Run, jobs: Sequence[tuple[JobRequest, Any]]) -> set[str]:
+        """Publish step jobs concurrently; the ids of those that could not be published."""
+        failed: set[str] = set()
+
+        async def one(job: tuple[JobRequest, Any]) -> None:
+            if not await self._publish_step(run, job):
+                failed.add(job[0].job_id)
+
+        if len(jobs) == 1:
+            await one(jobs[0])
+        elif jobs:
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(one, job)
+        return failed
+
     async def _publish_step(self, run: Run, job: tuple[JobRequest, Any]) -> bool:
         """Create the job record (PENDING, with its context) and publish the request; False when
         either failed (the caller reverts the step)."""
@@ -643,10 +790,16 @@ class WorkflowEngine(StepHandlers):
         return True
 
     async def _read_output(self, job_id: str, result_ptr: str) -> Any:
-        """The JSON output a worker stored at ``res:<jobID>`` (None if absent or over 256 KiB)."""
+        """The JSON output a worker stored at ``res:<jobID>`` (None if absent or over 256 KiB: one
+        round trip, and a larger value never leaves Redis)."""
         if not result_ptr:
             return None
-        size = int(await self.redis.execute("STRLEN", keys.result(job_id)) or 0)
-        if size == 0 or size > MAX_RESULT_BYTES:
+        if self._small_get is None:
+            self._small_get = self.redis.script(_GET_IF_SMALL)
+        text = await self._small_get([keys.result(job_id)], [MAX_RESULT_BYTES])
+        if not text:
             return None
-        return await self.jobs.get_result(job_id)
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
