@@ -270,12 +270,17 @@ async def start_run(gw: Gateway, workflow_id: str) -> tuple[dict[str, Any], int,
         try:
             run_id = await gw.workflow_engine.start_run(workflow_id, who.tenant, run_input,
                                                         idempotency_key=key or None, dry_run=dry_run,
-                                                        triggered_by=who.identity)
+                                                        triggered_by=who.identity, started_by=_starter(who))
         except LookupError:
             raise not_found("workflow not found") from None
         except wf_engine.RunBusy:
             raise ApiError(409, "workflow run is busy, retry", code="RUN_BUSY", headers={"Retry-After": "1"}) from None
     return _started(run_id)
+
+
+def _starter(who: Any) -> dict[str, str]:
+    """Who starts a run, as its approval gates record it (principal id, key fingerprint)."""
+    return {"principal": who.principal_id, "key": who.key_fingerprint}
 
 
 async def concurrent_run_limit(gw: Gateway, tenant: str, workflow: Workflow) -> int:
@@ -337,7 +342,9 @@ async def rerun(gw: Gateway, run_id: str) -> tuple[dict[str, Any], int, dict[str
                         dry_run=dry_run, triggered_by=who.identity)
     except RerunError as exc:
         raise ApiError(400, str(exc), code="invalid_from_step") from None
-    new_id, _ = await gw.workflows.create_run(new.to_dict(), tenant=who.tenant)
+    new = dataclasses.replace(new, metadata={**new.metadata, "started_by": _starter(who)})
+    async with admitted(gw, who.tenant, await concurrent_run_limit(gw, who.tenant, stored_workflow(definition))):
+        new_id, _ = await gw.workflows.create_run(new.to_dict(), tenant=who.tenant, definition=definition)
     await gw.workflows.append_timeline(new_id, {"type": "run_created", "at": now, "status": new.status,
                                                 "data": {"rerun_of": old.id, "from_step": from_step}})
     try:

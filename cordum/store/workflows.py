@@ -56,7 +56,8 @@ return 'OK'
 # KEYS[1] wf:run:<id>
 # ARGV[1] 'create' | 'update'  ARGV[2] fence  ARGV[3] doc JSON  ARGV[4] status  ARGV[5] updated µs
 # ARGV[6] tenant, ARGV[7] workflow id (create only)
-# ARGV[8] '1' when the new doc has a step with a job and no audit_hash (update only): then the
+# ARGV[8] create: the workflow definition the run follows (JSON, kept in field `definition`).
+# ARGV[8] update: '1' when the new doc has a step with a job and no audit_hash (update only): then the
 # stored doc's audit hashes of those jobs are looked up, and if any would be lost the write is not
 # made: {'AUDIT', JSON {job id: hash}} (the caller copies them in and writes again). The doc is
 # never re-encoded here (cjson would turn empty arrays into objects).
@@ -69,6 +70,7 @@ if ARGV[1] == 'create' then
   if exists then return {'EXISTS', '', '', ''} end
   redis.call('HSET', KEYS[1], 'doc', ARGV[3], '_fence', ARGV[2], 'status', ARGV[4], 'updated', ARGV[5],
              'tenant', ARGV[6], 'workflow_id', ARGV[7])
+  if ARGV[8] and ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'definition', ARGV[8]) end
   return {'OK', '', ARGV[6], ARGV[7]}
 end
 if not exists then return {'MISSING', '', '', ''} end
@@ -278,10 +280,6 @@ class WorkflowStore:
             return None
         return doc
 
-    async def get_definition_text(self, workflow_id: str) -> str | None:
-        """The stored definition JSON as is (all tenants): the engine caches its parse by text."""
-        return await self._redis.execute("GET", keys.wf_def(workflow_id))
-
     async def get_definitions(self, workflow_ids: Sequence[str], *, tenant: str | None = None,
                               ) -> list[dict[str, Any] | None]:
         texts = await self._redis.pipeline([("GET", keys.wf_def(w)) for w in workflow_ids]) if workflow_ids else []
@@ -305,12 +303,14 @@ class WorkflowStore:
 
     # ---- runs: writes --------------------------------------------------------------------------
 
-    async def create_run(self, doc: Mapping[str, Any], *, tenant: str,
-                         idempotency_key: str | None = None) -> tuple[str, bool]:
+    async def create_run(self, doc: Mapping[str, Any], *, tenant: str, idempotency_key: str | None = None,
+                         definition: Mapping[str, Any] | None = None) -> tuple[str, bool]:
         """Store a new run (id generated when the doc has none; `org_id` set to `tenant`) and index
-        it. With an idempotency key already used by this tenant: (that run's id, False), nothing
-        written. The key is claimed first (SET NX), then the run is written; a key whose run never
-        got written (the creator crashed in between) is taken over after a short grace."""
+        it, with the `definition` it follows kept beside it (a run goes on following the workflow
+        it started with, whatever happens to the definition later). With an idempotency key
+        already used by this tenant: (that run's id, False), nothing written. The key is claimed
+        first (SET NX), then the run is written; a key whose run never got written (the creator
+        crashed in between) is taken over after a short grace."""
         doc = dict(doc)
         run_id = str(doc.get("id") or uuid.uuid4())
         if doc.get("org_id") and doc["org_id"] != tenant:
@@ -324,7 +324,8 @@ class WorkflowStore:
                 return holder, False
         status, workflow_id, ts = str(doc["status"]), str(doc.get("workflow_id") or ""), now_us()
         reply = await self._write_run([keys.wf_run(run_id)],
-                                      ["create", 0, _dumps(doc), status, ts, tenant, workflow_id])
+                                      ["create", 0, _dumps(doc), status, ts, tenant, workflow_id,
+                                       _dumps(definition) if definition is not None else ""])
         if reply[0] == "EXISTS":
             if idempotency_key:
                 await self._cas([keys.wf_run_idempotency(tenant, idempotency_key)], [run_id, ""])
@@ -448,6 +449,12 @@ class WorkflowStore:
             return None
         return _loads(text)
 
+    async def get_run_with_definition(self, run_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(run document, the definition JSON it follows — None for a run stored without one)
+        in one round trip."""
+        text, definition = await self._redis.execute("HMGET", keys.wf_run(run_id), "doc", "definition")
+        return (_loads(text) if text is not None else None), definition
+
     async def run_fence(self, run_id: str) -> int | None:
         """The fencing token of the last fenced write (0 if none), None if the run is missing."""
         fence = await self._redis.execute("HGET", keys.wf_run(run_id), "_fence")
@@ -477,13 +484,16 @@ class WorkflowStore:
         return await self._page(index, limit, cursor,
                                 lambda ids: self.get_runs(ids, tenant=tenant, workflow_id=workflow_id, status=status))
 
-    async def runs_in_status(self, status: str, limit: int = 200, *,
-                             updated_before_us: int | None = None) -> list[str]:
-        """Run ids in a status (all tenants), least recently updated first: the reconciler's scan.
-        The index may be stale: re-check the run."""
+    async def runs_in_status(self, status: str, limit: int = 200, *, updated_before_us: int | None = None,
+                             updated_after_us: int | None = None) -> list[tuple[str, int]]:
+        """(run id, updated µs) of runs in a status (all tenants), least recently updated first,
+        updated after `updated_after_us` (exclusive) and by `updated_before_us`: the reconciler's
+        scan, a page at a time. The index may be stale: re-check the run."""
         high = "+inf" if updated_before_us is None else updated_before_us
-        return await self._redis.execute("ZRANGEBYSCORE", keys.wf_runs_status(status), "-inf", high,
-                                         "LIMIT", 0, limit)
+        low = "-inf" if updated_after_us is None else f"({updated_after_us}"
+        reply = await self._redis.execute("ZRANGEBYSCORE", keys.wf_runs_status(status), low, high,
+                                          "WITHSCORES", "LIMIT", 0, limit)
+        return [(member, int(score)) for member, score in score_pairs(reply)]
 
     async def recent_runs_in_status(self, status: str, *, since_us: int, limit: int = 200) -> list[str]:
         """Run ids in a status updated since `since_us`, newest first (all tenants)."""

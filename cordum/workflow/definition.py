@@ -43,6 +43,7 @@ __all__ = [
     "FOREACH_MAX_ITEMS",
     "ID_MAX_LENGTH",
     "LOOP_DEFAULT_MAX_ITERATIONS",
+    "LOOP_MAX_ITERATIONS",
     "MAX_STEPS",
     "STEP_TYPES",
     "DefinitionError",
@@ -67,6 +68,8 @@ MAX_STEPS = 200
 #: the engine caps a ``for_each`` expansion at this many items (``WORKFLOW_FOREACH_MAX_ITEMS``)
 FOREACH_MAX_ITEMS = 1000
 LOOP_DEFAULT_MAX_ITERATIONS = 100
+#: a loop's iterations are kept in its run document: more than this is refused at save
+LOOP_MAX_ITERATIONS = 10_000
 
 #: types that dispatch a job through the governed path (``worker`` and its aliases, §2.3)
 DISPATCH_TYPES = frozenset({"worker", "llm", "http", "container", "script", "input"})
@@ -814,11 +817,11 @@ def _check_type(step: Step, c: _Checker) -> None:
                 sid, "input", "a loop step needs input.body_step (a step id)", "body_step"
             )
         n = inp.get("max_iterations", LOOP_DEFAULT_MAX_ITERATIONS)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= LOOP_MAX_ITERATIONS:
             raise c.step_fail(
                 sid,
                 "input",
-                f"input.max_iterations must be an integer ≥ 1, got {n!r}",
+                f"input.max_iterations must be an integer from 1 to {LOOP_MAX_ITERATIONS}, got {n!r}",
                 "max_iterations",
             )
     if step.type == "subworkflow":

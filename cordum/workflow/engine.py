@@ -11,8 +11,9 @@ effects; the run is persisted with the fence FIRST, then the effects are carried
 timers, ``sys.job.cancel``), and a step job is published on ``sys.job.submit`` only after the
 ``running`` step that names it was stored ("persist before publish"). A pass of advance marks every
 job it makes ready, persists once (with the result that led to them) and then publishes them
-concurrently; a failed publish puts its step back to pending (same attempt, so the retry reuses the
-job id), persists again and arms a timer to try later.
+concurrently (right after checking the run lock is still ours). A publish that keeps failing leaves
+its step running under its job id: the scheduler's pending replayer re-sends a job whose record was
+written, the reconciler re-publishes one whose record never was; the step stays cancellable.
 
 Operations of one replica on one run queue for the run in order (``_local_turn``) before taking the
 Redis lock, and step outcomes that queued meanwhile are applied together: a fan-in's ten results
@@ -35,7 +36,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
 import trio
@@ -67,6 +68,8 @@ RUN_LOCK_TTL = 30.0
 LOCK_WAIT = 2.0  # how long an operation waits for a busy run lock before asking for a retry
 MAX_RESULT_BYTES = 256 * 1024
 PUBLISH_RETRY_S = 1.0
+#: pauses before publishing a pass's step jobs again, within the operation
+PUBLISH_RETRIES = (0.2, 1.0)
 #: a running step whose job record is still missing after this long is published again
 RECONCILE_STALE_S = 30.0
 #: upper bound of transitions in one advance (inline steps chain; for_each children dispatch)
@@ -179,6 +182,7 @@ class WorkflowEngine(StepHandlers):
         self._turns: dict[str, _Turn] = {}
         self._inbox: dict[str, list[_Outcome]] = {}
         self._parsed: dict[str, Workflow] = {}
+        self._followed: dict[str, str] = {}  # run id → the definition text it follows
         self._small_get: Any = None
 
     # ---- the run lock -------------------------------------------------------------------------
@@ -261,17 +265,28 @@ class WorkflowEngine(StepHandlers):
                 await self.store.arm_timer(f"{workflow_id}:{run_id}", self.clock())
 
     async def load_run(self, run_id: str) -> Run | None:
-        doc = await self.store.get_run(run_id)
-        return None if doc is None else Run.from_dict(doc)
-
-    async def load_workflow(self, workflow_id: str) -> Workflow | None:
-        """The run's workflow as stored now; parsed once per stored text (Workflow is frozen)."""
-        text = await self.store.get_definition_text(workflow_id)
-        if text is None:
+        doc, definition = await self.store.get_run_with_definition(run_id)
+        if doc is None:
             return None
+        if definition is not None:
+            if len(self._followed) >= DEFINITION_CACHE * 16:
+                self._followed.clear()
+            self._followed[run_id] = definition
+        return Run.from_dict(doc)
+
+    async def load_workflow(self, run: Run) -> Workflow | None:
+        """The workflow ``run`` follows: the definition kept with it when it was created (read
+        with the run), else — a run stored without one — the tenant's current definition. Parsed
+        once per text (Workflow is frozen)."""
+        text = self._followed.get(run.id)
+        if text is None:
+            doc = await self.store.get_definition(run.workflow_id, tenant=run.org_id)
+            if doc is None:
+                return None
+            text = json.dumps(doc, sort_keys=True)
         workflow = self._parsed.get(text)
         if workflow is None:
-            workflow = parse_workflow(json.loads(text), origin=f"workflow {workflow_id}")
+            workflow = parse_workflow(json.loads(text), origin=f"workflow {run.workflow_id}")
             if len(self._parsed) >= DEFINITION_CACHE:
                 self._parsed.clear()
             self._parsed[text] = workflow
@@ -341,9 +356,11 @@ class WorkflowEngine(StepHandlers):
 
     async def start_run(self, workflow_id: str, tenant: str, input: Mapping[str, Any] | None = None, *,
                         idempotency_key: str | None = None, dry_run: bool = False,
-                        triggered_by: str = "") -> str:
+                        triggered_by: str = "", started_by: Mapping[str, str] | None = None) -> str:
         """Create a run of a tenant's workflow and advance it; returns the run id (the existing
-        run's for a repeated idempotency key). LookupError when the workflow is unknown."""
+        run's for a repeated idempotency key). LookupError when the workflow is unknown.
+        ``started_by`` (``{"principal", "key"}``: the caller's principal id and key fingerprint)
+        goes onto the run's approval gates, so its starter cannot approve them."""
         doc = await self.store.get_definition(workflow_id, tenant=tenant)
         if doc is None:
             raise LookupError(f"workflow {workflow_id} not found")
@@ -352,11 +369,16 @@ class WorkflowEngine(StepHandlers):
         run = Run(id=str(uuid.uuid4()), workflow_id=workflow_id, org_id=tenant,
                   team_id=str(doc.get("team_id") or ""), input=dict(input or {}), created_at=now,
                   updated_at=now, dry_run=dry_run, triggered_by=triggered_by,
-                  idempotency_key=idempotency_key or "")
-        run_id, created = await self.store.create_run(run.to_dict(), tenant=tenant, idempotency_key=idempotency_key)
+                  idempotency_key=idempotency_key or "",
+                  metadata={"started_by": dict(started_by)} if started_by else {})
+        run_id, created = await self.store.create_run(run.to_dict(), tenant=tenant, idempotency_key=idempotency_key,
+                                                      definition=doc)
         if created:
             await self.store.append_timeline(run_id, {"type": "run_created", "at": now, "status": rs.PENDING})
-            await self.advance(run_id)
+            try:
+                await self.advance(run_id)
+            except RunBusy:  # the run exists: say so (a retried start would make another); a timer starts it
+                await self._arm(run, now)
         return run_id
 
     async def advance(self, run_id: str) -> None:
@@ -374,10 +396,28 @@ class WorkflowEngine(StepHandlers):
         """``sys.job.result`` consumer. A FAILED_RETRYABLE result is not the step's outcome: the
         scheduler retries that job itself (same job id, next attempt), and its final failure
         reaches us on ``sys.job.dlq`` (or through the reconciler)."""
-        if packet.WhichOneof("payload") == "job_result" and \
-                packet.job_result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE:
+        if packet.WhichOneof("payload") != "job_result":
+            return
+        result = packet.job_result
+        if result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE or rs.parse_job_id(result.job_id) is None:
+            return
+        if await self._superseded(result, subjects.attempt_of(getattr(msg, "headers", None))):
             return
         await self.handle_result(packet)
+
+    async def _superseded(self, result: Any, attempt: int | None) -> bool:
+        """The scheduler's rule (``scheduler.engine.apply_result``): a result of an earlier dispatch
+        attempt of the job (its worker was presumed gone and the job moved on), or, from a worker
+        that does not say its attempt, from another worker than the current one, is not the
+        step's outcome: the current attempt's result is."""
+        current, worker = await self.redis.execute("HMGET", keys.job_meta(result.job_id), "attempts", "worker_id")
+        if attempt is not None and current and attempt != int(current):
+            log.info("workflow.stale_attempt_result", job_id=result.job_id, attempt=attempt, current=current)
+            return True
+        if attempt is None and worker and result.worker_id and result.worker_id != worker:
+            log.info("workflow.other_worker_result", job_id=result.job_id, worker_id=result.worker_id, current=worker)
+            return True
+        return False
 
     async def on_dlq(self, packet: BusPacket, msg: Any = None) -> None:
         """``sys.job.dlq`` consumer: a step job the scheduler ended badly (denied by policy,
@@ -436,7 +476,7 @@ class WorkflowEngine(StepHandlers):
                     outcome.done = True
                 return
             current = [o for o in batch if not run.terminal and run.step(rs.parse_job_id(o.job_id)[1]).job_id == o.job_id]
-            workflow = await self.load_workflow(run.workflow_id) if current else None
+            workflow = await self.load_workflow(run) if current else None
             if workflow is None:  # all stale or repeated (or the workflow is gone): nothing to apply
                 for outcome in batch:
                     outcome.done = True
@@ -521,7 +561,7 @@ class WorkflowEngine(StepHandlers):
         async with self.run_locked(run_id) as (run, _fence):
             if run is None or run.terminal:
                 return
-            workflow = await self.load_workflow(run.workflow_id)
+            workflow = await self.load_workflow(run)
             if workflow is None:
                 return
             for path in paths:
@@ -534,7 +574,7 @@ class WorkflowEngine(StepHandlers):
                 step = rs.step_for_path(workflow, path)[0]
                 log.warning("workflow.step_job_republished", run_id=run_id, step=path, job_id=sr.job_id)
                 job = self.build_step_job(workflow, run, step, path, sr.job_id, parsed[2])
-                if not await self._publish_step(run, job):
+                if await self._publish_steps(run, [job]):
                     await self._arm(run, self.clock() + PUBLISH_RETRY_S)
 
     async def cancel_strays(self, run_id: str) -> int:
@@ -592,7 +632,7 @@ class WorkflowEngine(StepHandlers):
         step dispatch of this advance, or at its end: one write instead of two."""
         saved = run if saved is None else saved
         if workflow is None:
-            workflow = await self.load_workflow(run.workflow_id)
+            workflow = await self.load_workflow(run)
         if workflow is None:
             log.warning("workflow.definition_missing", run_id=run.id, workflow_id=run.workflow_id)
             return
@@ -627,7 +667,7 @@ class WorkflowEngine(StepHandlers):
         effects += fx
         run, fx = await self._look_at_children(workflow, run, now)
         effects += fx
-        jobs: list[tuple[str, StepRun, tuple[JobRequest, Any]]] = []  # path, step before, job
+        jobs: list[tuple[str, tuple[JobRequest, Any]]] = []  # (step path, its job)
         transitions = 0
         while transitions < MAX_TRANSITIONS:
             due = rs.due_steps(workflow, run, now)
@@ -657,8 +697,7 @@ class WorkflowEngine(StepHandlers):
                     run, fx = rs.complete_step(workflow, run, path, rs.SKIPPED, None,
                                                {"message": "condition_false"}, now)
                 elif step.dispatches or step.type == "approval":
-                    before = run.step(path)
-                    attempt = before.attempts + 1
+                    attempt = run.step(path).attempts + 1
                     try:
                         job = self.build_step_job(workflow, run, step, path, rs.job_id(run.id, path, attempt), attempt)
                     except Exception as exc:  # e.g. a template that does not render: the step cannot start
@@ -673,7 +712,7 @@ class WorkflowEngine(StepHandlers):
                     dispatch = next(e for e in fx if isinstance(e, rs.DispatchStep))
                     if dispatch.job_id != job[0].job_id:  # runstate and our prediction disagree
                         job = self.build_step_job(workflow, run, step, path, dispatch.job_id, dispatch.attempt)
-                    jobs.append((path, before, job))
+                    jobs.append((path, job))
                     progressed = True
                     continue
                 else:
@@ -688,20 +727,25 @@ class WorkflowEngine(StepHandlers):
         if run is not saved or effects:
             await self._commit(run, fence, effects, before=saved)
         # persist before publish: every job below is named by a step stored running/waiting
-        jobs = [j for j in jobs if run.step(j[0]).job_id == j[2][0].job_id and
-                run.step(j[0]).status in (rs.RUNNING, rs.WAITING)]
-        failed = await self._publish_steps(run, [job for _, _, job in jobs])
+        jobs = [(path, job) for path, job in jobs if run.step(path).job_id == job[0].job_id and
+                run.step(path).status in (rs.RUNNING, rs.WAITING)]
+        failed = await self._publish_steps(run, [job for _, job in jobs])
+        for delay in PUBLISH_RETRIES:
+            if not failed:
+                break
+            await trio.sleep(delay)
+            self._check_lease(run.id)
+            failed = await self._publish_steps(run, [job for _, job in jobs if job[0].job_id in failed])
         if failed:
-            stored, steps, events = run, dict(run.steps), []
-            for path, before, (request, _) in jobs:
-                if request.job_id in failed:
-                    steps[path] = before  # pending again, same attempt count: the retry reuses the job id
-                    events.append(rs.TimelineEvent("step_dispatch_failed", step_id=path, job_id=request.job_id,
-                                                   message="publish to sys.job.submit failed; retrying"))
-            run = replace(run, steps=steps, updated_at=self.clock())
-            await self._commit(run, fence, events, before=stored)
-            await self._arm(run, self.clock() + PUBLISH_RETRY_S)
-            return None
+            # The steps stay running under their job ids (never reverted: a job whose record was
+            # written may be picked up by the scheduler's pending replayer, and must stay
+            # cancellable with the run). A record that exists is re-sent by that replayer; one
+            # that was never written is published again by our reconciler (``_job_outcomes``).
+            log.error("workflow.dispatch_deferred", run_id=run.id, job_ids=sorted(failed))
+            await self.store.append_timeline(run.id, *[self._event(rs.TimelineEvent(
+                "step_dispatch_failed", step_id=path, job_id=request.job_id,
+                message="publish to sys.job.submit failed; the reconciler or the scheduler re-sends it"))
+                for path, (request, _) in jobs if request.job_id in failed])
         return run, spawned
 
     # ---- step jobs -----------------------------------------------------------------------------------
@@ -753,9 +797,19 @@ class WorkflowEngine(StepHandlers):
         )
         return request, context
 
+    def _check_lease(self, run_id: str) -> None:
+        """LeaseLost unless this operation's run lock is still ours by our own clock: checked right
+        before a step job goes out, so a replica that was paused past the lock TTL (and may find
+        the run cancelled by its successor) publishes nothing."""
+        lease = _HELD.get().get((id(self), run_id))
+        if lease is not None and (lease.lost or trio.current_time() >= lease.valid_until):
+            raise LeaseLost(lease.key)
+
     async def _publish_steps(self, run: Run, jobs: Sequence[tuple[JobRequest, Any]]) -> set[str]:
         """Publish step jobs concurrently; the ids of those that could not be published."""
         failed: set[str] = set()
+        if jobs:
+            self._check_lease(run.id)
 
         async def one(job: tuple[JobRequest, Any]) -> None:
             if not await self._publish_step(run, job):
@@ -777,6 +831,10 @@ class WorkflowEngine(StepHandlers):
         fields = {"topic": request.topic, "tenant": run.org_id, "trace_id": run.id, "labels": dict(request.labels),
                   "idempotency_key": request.meta.idempotency_key, "memory_id": request.memory_id,
                   "submitted_by": SENDER}
+        starter = run.metadata.get("started_by")
+        if isinstance(starter, Mapping):  # the approvals route refuses the run's starter (self-approval)
+            fields["principal"] = str(starter.get("principal") or "")
+            fields["submitted_key"] = str(starter.get("key") or "")
         try:
             try:
                 await self.jobs.create(jid, JobState.PENDING, request=request, fields=fields, context=context)

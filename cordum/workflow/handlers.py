@@ -31,7 +31,7 @@ from cordum.runtime.log import get_logger
 from cordum.store.workflows import RunExists, WorkflowStore
 from cordum.workflow import expr
 from cordum.workflow import runstate as rs
-from cordum.workflow.definition import Step, Workflow
+from cordum.workflow.definition import FOREACH_MAX_ITEMS, Step, Workflow
 from cordum.workflow.runstate import Run
 from cordum.workflow.steps import (
     StepError,
@@ -94,6 +94,9 @@ class StepHandlers:
         if not isinstance(items, (list, tuple)):
             return rs.complete_step(workflow, run, path, rs.FAILED, None,
                                     {"message": f"for_each: {step.for_each!r} is not a list"}, now)
+        if len(items) > FOREACH_MAX_ITEMS:  # every item becomes a step of the run document
+            return rs.complete_step(workflow, run, path, rs.FAILED, None, {
+                "message": f"for_each: {step.for_each!r} has {len(items)} items; at most {FOREACH_MAX_ITEMS}"}, now)
         return rs.expand_for_each(workflow, run, path, items, now)
 
     async def _inline(self, workflow: Workflow, run: Run, step: Step, path: str,
@@ -188,10 +191,10 @@ class StepHandlers:
             "status": rs.FAILED, "completed_at": now, "error": {"message": f"workflow {call.workflow_id} not found"}}
         child = Run(id=call.run_id, workflow_id=call.workflow_id, org_id=parent.org_id,
                     team_id=str((doc or {}).get("team_id") or ""), input=dict(call.input),
-                    metadata=dict(call.metadata), dry_run=parent.dry_run, triggered_by=f"workflow:{parent.id}",
+                    metadata={**call.metadata, **_starter(parent)}, dry_run=parent.dry_run, triggered_by=f"workflow:{parent.id}",
                     created_at=now, updated_at=now, **gone)
         try:
-            await self.store.create_run(child.to_dict(), tenant=parent.org_id)
+            await self.store.create_run(child.to_dict(), tenant=parent.org_id, definition=doc)
             await self.store.append_timeline(child.id, {"type": "run_created", "at": now, "status": child.status,
                                                         "data": {"parent_run_id": parent.id}})
         except RunExists:
@@ -207,3 +210,9 @@ class StepHandlers:
         except Exception as exc:  # cancel_strays repeats it for the ended parent
             log.warning("workflow.child_cancel_failed", run_id=effect.run_id, parent_run_id=parent.id,
                         error=repr(exc))
+
+
+def _starter(parent: Run) -> dict[str, Any]:
+    """A child run's gates are guarded against the parent run's starter too."""
+    starter = parent.metadata.get("started_by")
+    return {"started_by": dict(starter)} if isinstance(starter, Mapping) else {}

@@ -27,22 +27,28 @@ BATCH = 100
 
 
 class RunReconciler:
-    """Every scan: each active run not updated for a scan interval is reconciled (job outcomes the
-    engine missed, step jobs never published, due retries/delays/timeouts); each run that ended
-    badly in the last STRAY_WINDOW_S gets cancels for step jobs still running."""
+    """Every scan: active runs not updated for a scan interval are reconciled (job outcomes the
+    engine missed, step jobs never published, due retries/delays/timeouts), `limit` per status
+    per pass, walking each status index with a cursor that wraps around: runs that stay quiet
+    (waiting for a person, a long delay) do not keep the others from their turn. Each run that
+    ended badly in the last STRAY_WINDOW_S gets cancels for step jobs still running."""
 
     def __init__(self, engine: WorkflowEngine, scan: float, limit: int = 200) -> None:
         self.engine = engine
         self.scan = scan
         self.limit = limit
         self.passes = 0
+        self.cursors: dict[str, int | None] = {}  # status → updated µs of the last run looked at
 
     async def tick(self, lease: Lease) -> None:
         now_us = int(time.time() * 1_000_000)
         quiet_since = now_us - int(self.scan * 1_000_000)
         active: list[str] = []
         for status in ACTIVE:
-            active += await self.engine.store.runs_in_status(status, self.limit, updated_before_us=quiet_since)
+            page = await self.engine.store.runs_in_status(status, self.limit, updated_before_us=quiet_since,
+                                                          updated_after_us=self.cursors.get(status))
+            self.cursors[status] = page[-1][1] if len(page) == self.limit else None
+            active += [run_id for run_id, _ in page]
         ended: list[str] = []
         for status in ENDED_BADLY:
             ended += await self.engine.store.recent_runs_in_status(

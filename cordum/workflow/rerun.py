@@ -65,6 +65,10 @@ def _drop_path(target: dict[str, Any], path: str) -> None:
         target.pop(parts[-1], None)
 
 
+#: run metadata that makes a run a subworkflow child (handlers._spawn writes them)
+CHILD_LINKS = frozenset({"parent_run_id", "parent_step_id", "parent_workflow_id", "call_stack"})
+
+
 def rerun_run(workflow: Workflow, old: Run, *, new_id: str, from_step: str = "", now: float,
               dry_run: bool = False, triggered_by: str = "") -> Run:
     """The pending run that reruns ``old`` from ``from_step`` (RerunError if it is not a step)."""
@@ -78,7 +82,8 @@ def rerun_run(workflow: Workflow, old: Run, *, new_id: str, from_step: str = "",
             steps[path] = replace(sr, job_id="", audit_hash="")
             if sr.job_id:
                 origin[path] = sr.job_id
-    metadata: dict[str, Any] = copy.deepcopy(dict(old.metadata))
+    # a rerun stands on its own: it is nobody's subworkflow child, whatever the old run was
+    metadata: dict[str, Any] = {k: copy.deepcopy(v) for k, v in old.metadata.items() if k not in CHILD_LINKS}
     metadata["rerun"] = {"run_id": old.id, "from_step": from_step, "kept_jobs": origin}
     return Run(
         id=new_id, workflow_id=old.workflow_id, org_id=old.org_id, team_id=old.team_id,

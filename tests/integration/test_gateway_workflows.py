@@ -29,7 +29,7 @@ from tests.conftest import unique
 from tests.integration import stack as stack_module
 from tests.integration.stack import Stack
 from tests.integration import test_gateway as gateway_tests
-from tests.integration.test_gateway import ACME, ACME_ADMIN, ADMIN, ALICE, VIEWER, Api
+from tests.integration.test_gateway import ACME, ACME_ADMIN, ADMIN, ALICE, BOB, VIEWER, Api
 
 # fixtures: servers of this module's own, and test_gateway's in-process gateway and policy kernel
 redis_server, nats_server = stack_module.redis_server, stack_module.nats_server
@@ -649,7 +649,7 @@ async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spa
 
     async with results(bus) as driver:
         workflow_id = await define(api, steps)
-        run_id = await start(api, workflow_id, {"amount": 5}, key=ALICE)
+        run_id = await start(api, workflow_id, {"amount": 5}, key=BOB)
         gate = f"{run_id}:ask@1"
         held = await wait_job(redis, gate, {"APPROVAL_REQUIRED"})
         assert held["topic"] == "job.cordum.approval-gate" and held["safety_decision"] == "ALLOW"
@@ -663,6 +663,8 @@ async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spa
         context = (await api.call("GET", f"/api/v1/jobs/{gate}")).body["context"]
         assert context["kind"] == "workflow_approval_context" and context["decision"] == {"amount": 5}
 
+        own = await api.call("POST", f"/api/v1/approvals/{gate}/approve", {"reason": "mine"}, key=BOB)
+        assert own.status == 403 and own.body["code"] == "self_approval_denied", own.raw  # the run's starter
         approved = await api.call("POST", f"/api/v1/approvals/{gate}/approve", {"reason": "fine"}, key=ALICE)
         assert approved.status == 200, approved.raw
         done = await wait_job(redis, gate, {"SUCCEEDED", "FAILED", "DENIED"})

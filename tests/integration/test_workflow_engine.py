@@ -404,7 +404,7 @@ async def test_concurrent_results_of_parallel_steps(redis, bus, settings) -> Non
         assert len(env.requests(f"{run_id}:join@1")) == 1
 
 
-async def test_publish_failure_reverts_the_step(redis, bus, settings) -> None:
+async def test_a_step_whose_job_could_not_be_published_stays_running_and_cancellable(redis, bus, settings) -> None:
     from cordum.infra.bus import open_bus
 
     async with engine_env(redis, bus, settings) as env:
@@ -417,10 +417,108 @@ async def test_publish_failure_reverts_the_step(redis, bus, settings) -> None:
             run_id = await broken.start_run(workflow_id, TENANT, {})
         env.runs.add(run_id)
         run = await env.run(run_id)
-        assert run.step("a").status == "pending" and run.step("a").attempts == 0
-        assert await env.store.timer_due(f"{workflow_id}:{run_id}") == env.clock.now + 1
+        job_id = f"{run_id}:a@1"
+        assert run.step("a").status == "running" and run.step("a").job_id == job_id
+        assert (await env.jobs.get(job_id))["state"] == "PENDING"  # the scheduler's replayer re-sends it
         events = [e["type"] for e in await env.store.timeline(run_id)]
         assert "step_dispatch_failed" in events
-        await env.engine.advance(run_id)  # the timer fired: the same attempt goes out
-        await env.request(f"{run_id}:a@1")
+        assert env.requests(job_id) == []
+        assert await env.engine.cancel_run(run_id, TENANT)  # the job is not orphaned
+        await env.cancels.wait(lambda p: p.job_cancel.job_id == job_id, "cancel of the unpublished job")
+
+
+async def test_reconciler_republishes_a_step_job_whose_record_was_never_written(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        from cordum.workflow import runstate as rs
+        from cordum.workflow.definition import parse_workflow
+
+        workflow_id = await env.define({"a": worker()})
+        definition = await env.store.get_definition(workflow_id)
+        workflow = parse_workflow(definition)
+        # What an engine that died right after persisting the dispatch left: step a running
+        # under its job id, no job record, nothing published.
+        run = Run(id=unique("run"), workflow_id=workflow_id, org_id=TENANT, created_at=env.clock.now)
+        run, _ = rs.start(run, env.clock.now, workflow)
+        run, _ = rs.mark_dispatched(workflow, run, "a", env.clock.now)
+        run_id, _ = await env.store.create_run(run.to_dict(), tenant=TENANT, definition=definition)
+        env.runs.add(run_id)
+        job_id = f"{run_id}:a@1"
+        await env.engine.reconcile(run_id)  # too recent to call lost: left alone
+        assert env.requests(job_id) == [] and await env.jobs.get(job_id) is None
+        env.clock.now += 60
+        await env.engine.reconcile(run_id)
+        await env.request(job_id)
+        assert (await env.jobs.get(job_id))["state"] == "PENDING"
+        await env.answer(job_id)
+        assert (await env.run(run_id)).status == "succeeded"
+
+
+async def test_a_result_of_a_superseded_attempt_is_not_the_steps_outcome(redis, bus, settings) -> None:
+    """The scheduler moved the step's job to a second worker (attempt 2): the first worker's late
+    result — by its attempt header, or (a CAP SDK worker, no header) by its worker id — is ignored,
+    as the scheduler ignores it; the current attempt's result counts."""
+    from types import SimpleNamespace
+
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker()})
+        run_id = await env.start(workflow_id)
+        job_id = f"{run_id}:a@1"
+        await env.request(job_id)
+        await redis.execute("HSET", keys.job_meta(job_id), "attempts", "2", "worker_id", "w2")
+
+        def result(worker_id: str) -> BusPacket:
+            return new_packet(JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_FAILED, worker_id=worker_id,
+                                        error_message="late"), sender_id=worker_id)
+
+        await env.engine.on_result(result("w1"), SimpleNamespace(headers={subjects.ATTEMPT_HEADER: "1"}))
+        await env.engine.on_result(result("w1"), SimpleNamespace(headers={}))
         assert (await env.run(run_id)).step("a").status == "running"
+        await env.engine.on_result(result("w2"), SimpleNamespace(headers={subjects.ATTEMPT_HEADER: "2"}))
+        assert (await env.run(run_id)).step("a").status == "failed"
+
+
+async def test_a_run_follows_the_definition_it_started_with(redis, bus, settings) -> None:
+    """Editing or deleting a workflow while it runs neither wedges nor redirects its runs."""
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker(), "b": worker(depends_on=["a"])})
+        run_id = await env.start(workflow_id)
+        await env.request(f"{run_id}:a@1")
+        await env.store.put_definition({"id": workflow_id, "steps": {"x": worker()}}, TENANT)
+        fresh = WorkflowEngine(store=env.store, jobs=env.jobs, bus=bus, leases=Leases(redis, "fresh"),
+                               redis=redis, clock=env.clock)  # no cache: reads what the run keeps
+        env.engine = fresh
+        await env.answer(f"{run_id}:a@1")
+        await env.request(f"{run_id}:b@1")
+        assert await env.store.delete_definition(workflow_id, TENANT)
+        await env.answer(f"{run_id}:b@1")
+        run = await env.run(run_id)
+        assert run.status == "succeeded" and set(run.steps) == {"a", "b"}
+
+
+async def test_reconciler_walks_every_quiet_run_a_page_at_a_time(redis, bus, settings) -> None:
+    """Runs that stay quiet (waiting for a person) do not keep the rest from their turn."""
+    from cordum.workflow.loops import RunReconciler
+
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker()})
+        waiting = []
+        for _ in range(5):
+            run_id, _ = await env.store.create_run({"workflow_id": workflow_id, "status": "waiting"}, tenant=TENANT)
+            waiting.append(run_id)
+        seen: list[str] = []
+
+        async def record(run_id: str, **_: object) -> None:
+            seen.append(run_id)
+
+        env.engine.reconcile = record
+        reconciler = RunReconciler(env.engine, scan=0.0, limit=2)
+        lease = SimpleLease()
+        for _ in range(3):
+            await reconciler.tick(lease)
+        assert set(seen) == set(waiting) and len(seen) == 5  # 2 + 2 + 1, each once
+        await reconciler.tick(lease)  # wrapped around
+        assert set(seen[5:]) == set(seen[:2])  # a page's runs are reconciled concurrently
+
+
+class SimpleLease:
+    lost = False

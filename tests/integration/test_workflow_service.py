@@ -105,8 +105,9 @@ async def test_denied_step_job_fails_the_run_through_the_dlq(spawn, tmp_path, re
 
 
 async def test_killed_engine_its_peer_finishes_the_run(spawn, tmp_path, redis, bus, settings) -> None:
-    """Two engines; one is killed -9 and the other SIGSTOPped past the run-lock TTL while steps
-    run; after resuming, every run ends and every step job executed exactly once."""
+    """Two engines; one is killed -9 (and restarted) and the other paused for a few seconds while
+    steps run; after resuming, every run ends and every step job executed exactly once. (The
+    pause past the 30 s run-lock TTL is tests/ha/test_workflow_ha.py's.)"""
     stack = await start_stack(spawn, tmp_path, engines=2, workers=2)
     store = WorkflowStore(redis)
     workflow_id = unique("wf")

@@ -457,3 +457,14 @@ async def test_compositions(redis, bus, settings) -> None:
         assert run.status == "succeeded"
         assert run.step("both").output == {"pick": {"matched_case": "4", "matched_value": 4, "target_step": "four"},
                                            "work": {"w": 1}}
+
+
+async def test_a_for_each_over_too_many_items_fails_its_step_naming_the_cap(redis, bus, settings) -> None:
+    from cordum.workflow.definition import FOREACH_MAX_ITEMS
+
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"fan": worker(for_each="input.items")})
+        run_id = await env.start(workflow_id, {"items": list(range(FOREACH_MAX_ITEMS + 1))})
+        run = await env.run(run_id)
+        assert run.status == "failed" and len(run.steps) == 1
+        assert f"at most {FOREACH_MAX_ITEMS}" in run.steps["fan"].error["message"]

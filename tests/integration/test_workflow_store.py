@@ -164,7 +164,7 @@ async def _fenced_updates_and_status_index(redis) -> None:
     for status in ("pending", "running", "waiting", "succeeded"):
         score = await redis.zscore(keys.wf_runs_status(status), run_id)
         assert (score is not None) == (status == "succeeded"), status
-    assert await store.runs_in_status("succeeded") == [run_id]
+    assert [r for r, _ in await store.runs_in_status("succeeded")] == [run_id]
     assert await store.runs_in_status("running") == []
     assert not await redis.sismember(keys.wf_runs_active("acme"), run_id)
     with pytest.raises(RunNotFound):

@@ -277,6 +277,9 @@ def test_type_requirements() -> None:
     assert "max_iterations" in problem(
         {"type": "loop", "input": {"body_step": "b", "max_iterations": 0}}
     )
+    assert "from 1 to 10000" in problem(
+        {"type": "loop", "input": {"body_step": "b", "max_iterations": 10_001}}
+    )
     assert "input.workflow_id" in problem({"type": "subworkflow"})
     assert "input.input_mapping must be a mapping, got a list" in problem(
         {"type": "subworkflow", "input": {"workflow_id": "other", "input_mapping": [1]}}
