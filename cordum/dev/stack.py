@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import secrets
 import socket
@@ -177,6 +178,24 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m cordum.dev
     return sup.run(stop, on_ready=lambda d: print(describe(d, foreground=True), flush=True))
 
 
+def _approver(env: Mapping[str, str], sdir: Path) -> tuple[str, str]:
+    """(approver key, keys file) of the local stack: nobody approves a job or a workflow gate they
+    started, so a local user with one key could approve nothing. Unless CORDUM_API_KEYS_PATH says
+    which keys there are, a second key (CORDUM_APPROVER_KEY, else generated) for principal
+    `approver` is written to a keys file the gateways read. ("", "") when the user's file rules."""
+    if env.get("CORDUM_API_KEYS_PATH", "").strip():
+        return "", ""
+    return env.get("CORDUM_APPROVER_KEY", "").strip() or secrets.token_urlsafe(24), str(sdir / "keys.yaml")
+
+
+def _write_keys(path: str, key: str, tenant: str) -> None:
+    """The approver's keys file (JSON is YAML too), readable by this user only."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps([{"key": key, "tenant": tenant, "role": "operator", "principal_id": "approver"}]) + "\n")
+
+
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Validate everything and return the plan (the state document before anything runs)."""
     env = dict(os.environ)
@@ -184,12 +203,14 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     generated_key = not env.get("CORDUM_API_KEY", "").strip()
     api_key = env.get("CORDUM_API_KEY", "").strip() or secrets.token_urlsafe(24)
     cordum_env = env.get("CORDUM_ENV", "").strip() or "dev"  # a local stack is a development setup
+    approver_key, keys_path = _approver(env, sdir)
     services = [(s, is_available(s)) for s in SERVICES]
     topology = topo.build(
         replicas=args.replicas, workers=args.workers, base_port=args.base_port,
         redis_port=args.redis_port, nats_port=args.nats_port,
         redis_url=env.get("REDIS_URL", ""), nats_url=env.get("NATS_URL", ""), api_key=api_key,
         services=[(s.name, s.entry, s.env) for s, ok in services if ok], cordum_env=cordum_env,
+        keys_path=keys_path,
     )
     settings = load_settings({**env, "REDIS_URL": topology.redis_url, "NATS_URL": topology.nats_url,
                               "CORDUM_ENV": cordum_env})  # a bad variable stops us before anything starts
@@ -214,6 +235,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                                 f"or move the topology's ports with --base-port (env CORDUM_DEV_BASE_PORT).")
 
     st.clear_markers(sdir)
+    if keys_path:
+        _write_keys(keys_path, approver_key, env.get("TENANT_ID", "").strip() or "default")
     return {
         "version": 1,
         "state_dir": str(sdir),
@@ -227,6 +250,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "tenant": env.get("TENANT_ID", "default"),
         "api_key": api_key,
         "api_key_generated": generated_key,
+        "approver_key": approver_key,
         "not_available": [s.name for s, ok in services if not ok],
         "streams": None,
         "supervisor": {"pid": None, "start_time": None, "mode": "detached" if args.detach else "foreground",
@@ -305,6 +329,9 @@ def describe(data: Mapping[str, Any], *, foreground: bool) -> str:
     lines.append(f"  CORDUM_API_KEY={data['api_key']}"
                  + ("  (generated; set CORDUM_API_KEY to choose it)" if data.get("api_key_generated") else ""))
     lines.append("  try: CORDUM_API_KEY=... cordumctl job submit --prompt hello --wait")
+    if data.get("approver_key"):
+        lines.append(f"  approver (a second person: nobody approves what they started): "
+                     f"cordumctl --api-key {data['approver_key']} approval approve <job>")
     lines.append("  replicas: cordumctl dev ps | dev stop|start|kill|pause|resume NAME | dev down")
     sup = data["supervisor"]
     if foreground:

@@ -161,13 +161,15 @@ def build(
     api_key: str,
     services: Sequence[tuple[str, str, Mapping[str, str] | None]] = (),
     cordum_env: str = "dev",
+    keys_path: str = "",
 ) -> Topology:
     """The topology for these options.
 
     `services`: (console script, "module:function", forced env) of the *available* services in
     start order (cordum.dev.stack.SERVICES filtered by availability). Without it, the kernel,
     scheduler, workflow engine, gateway and echo worker are assumed. `redis_url`/`nats_url`: external servers
-    (REDIS_URL/NATS_URL); empty means the topology starts its own.
+    (REDIS_URL/NATS_URL); empty means the topology starts its own. `keys_path`: a keys file every
+    replica gets as CORDUM_API_KEYS_PATH.
     """
     if not 1 <= replicas <= MAX_REPLICAS:
         raise TopologyError(f"--replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
@@ -195,6 +197,8 @@ def build(
     redis_url = redis_url.strip() or f"redis://127.0.0.1:{redis_port}/0"
     nats_url = nats_url.strip() or f"nats://127.0.0.1:{nats_port}"
     common = {"REDIS_URL": redis_url, "NATS_URL": nats_url, "CORDUM_ENV": cordum_env, "CORDUM_API_KEY": api_key}
+    if keys_path:  # more keys for the gateways (the local stack's approver)
+        common["CORDUM_API_KEYS_PATH"] = keys_path
 
     out: list[Replica] = []
     if start_redis:

@@ -162,7 +162,10 @@ def test_cordumctl_drives_workflow_runs(tmp_path: Path) -> None:
         gate = follow.until(lambda w: w[:2] == ["review", "waiting"])
         job_id = gate.split()[2]
         assert f"(cordumctl approval approve {job_id})" in gate
-        ok(gw1, "approval", "approve", job_id)
+        refused_self = cordumctl(gw1, "approval", "approve", job_id)  # the run's starter may not
+        assert refused_self.returncode != 0 and "self-approval" in refused_self.stderr
+        approver = st.load(tmp_path / "dev")["approver_key"]  # the second key `cordumctl up` made
+        ok(gw1, "--api-key", approver, "approval", "approve", job_id)
         code, lines, err = follow.finish()
         assert code == 0, "\n".join(lines) + err
         # one line per change, in order (a change between two polls may go unseen, never reordered)
