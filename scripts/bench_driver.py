@@ -61,7 +61,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK_SIZE = 101  # cordum.dev.topology.BLOCK_SIZE (tests check): every port of a topology lives in B..B+100
+BLOCK_SIZE = 144  # cordum.dev.topology.BLOCK_SIZE (tests check): every port of a topology lives in B..B+143
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED", "OUTPUT_QUARANTINED")
 WARMUP_JOBS = 20
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -215,7 +215,7 @@ def cmd_down(data: dict[str, Any], sdir: Path, args: argparse.Namespace) -> int:
         os.kill(sup["pid"], signal.SIGCONT)
         os.kill(sup["pid"], signal.SIGTERM)
         # it stops the replicas a tier at a time, each tier within STOP_TIMEOUT
-        tiers = len({r["kind"] for r in records}) or 1
+        tiers = len({r.get("tier") or r["kind"] for r in records}) or 1
         if not _wait(lambda: not st.supervisor_alive(data), STOP_TIMEOUT * tiers + 15, 0.1):
             print(f"{PROG}: supervisor pid {sup['pid']} still running: killing it", flush=True)
             os.kill(sup["pid"], signal.SIGKILL)
@@ -251,8 +251,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Act on the replicas of a local topology started by `cordumctl up` "
         "(state under .cordum/dev/, env CORDUM_DEV_DIR).",
-        epilog="names: redis, nats, safety-kernel-N, scheduler-N, workflow-engine-N, api-gateway-N, "
-        "worker-N (see `ps`)",
+        epilog="names: redis, nats, safety-kernel-N, context-engine-N, scheduler-N, workflow-engine-N, "
+        "api-gateway-N, mcp-N, worker-N (see `ps`)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     p = sub.add_parser("ps", help="list the replicas: name, pid, state, ports, log")

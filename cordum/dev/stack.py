@@ -3,17 +3,20 @@
 `cordumctl up [--replicas N] [--workers K] [--detach] [--base-port B] [--redis-port P] [--nats-port P]`
 starts a supervision tree of real processes (`cordum.dev.supervisor`): redis-server and nats-server
 (JetStream), unless REDIS_URL / NATS_URL are set (then it uses those and starts nothing for them),
-N safety kernels, N schedulers, N workflow engines, N api-gateways and K echo workers, each replica
-with its own CORDUM_INSTANCE_ID (`safety-kernel-1`, `scheduler-2`, `workflow-engine-1`, `worker-1`, ...; names,
-ports and env: `cordum.dev.topology`). Data, logs and state (pids, ports, env) live under
+N safety kernels, N context engines, N schedulers, N workflow engines, N api-gateways, min(N, 2)
+MCP servers over HTTP and K echo workers, each replica with its own CORDUM_INSTANCE_ID
+(`safety-kernel-1`, `context-engine-2`, `workflow-engine-1`, `mcp-1`, `worker-1`, ...; names, ports
+and env: `cordum.dev.topology`). A service whose console script is still a "not available yet"
+stub is listed as such and not started. Data, logs and state (pids, ports, env) live under
 `.cordum/dev/` (or $CORDUM_DEV_DIR; `cordum.dev.state`). Once every replica is healthy it prints the
 endpoints and the API key (CORDUM_API_KEY, generated when unset; CORDUM_ENV defaults to dev).
 
-Foreground (default): SIGTERM or Ctrl-C stops everything in reverse start order (workers, gateways,
-workflow engines, schedulers, kernels, nats, redis): SIGTERM, up to 15 s, then SIGKILL; exit 0. A replica that dies
-is reported and the rest keeps running. `--detach`: the supervisor runs as its own background
-process (pid in the state) and `up` returns once all replicas are healthy; `cordumctl dev ...`
-(`cordum.dev.control`) then acts on single replicas and `cordumctl dev down` stops it all.
+Foreground (default): SIGTERM or Ctrl-C stops everything in reverse start order (workers, MCP
+servers, gateways, workflow engines, schedulers, kernels and context engines, nats, redis):
+SIGTERM, up to 15 s, then SIGKILL; exit 0. A replica that dies is reported and the rest keeps
+running. `--detach`: the supervisor runs as its own background process (pid in the state) and `up`
+returns once all replicas are healthy; `cordumctl dev ...` (`cordum.dev.control`) then acts on
+single replicas and `cordumctl dev down` stops it all.
 
 `python -m cordum.dev.stack` is `cordumctl up --workers 1` (one replica of everything).
 
@@ -65,8 +68,8 @@ SERVICES: tuple[Service, ...] = (
     Service("cordum-scheduler", "cordum.scheduler.service:main"),
     Service("cordum-workflow-engine", "cordum.workflow.service:main"),
     Service("cordum-api-gateway", "cordum.gateway.service:main"),
-    # stdio needs a client on the other end of stdin; under the supervisor MCP serves HTTP.
-    Service("cordum-mcp", "cordum.mcp.service:main", {"MCP_TRANSPORT": "http"}),
+    # over HTTP (MCP_TRANSPORT=http, the topology sets it): stdio would need a client on stdin
+    Service("cordum-mcp", "cordum.mcp.service:main"),
     # The example worker (pool "default", topic job.default) so a submitted job runs end to end.
     Service("cordum-worker-echo", "cordum.worker.echo:main"),  # WORKER_ID worker-1..K (topology)
 )
@@ -131,15 +134,17 @@ def build_parser(prog: str, default_workers: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run the Cordum control plane locally as a supervision tree of processes: "
-        "redis-server, nats-server (JetStream), N safety kernels, N schedulers, N workflow engines, "
-        "N api-gateways and K echo workers; in the foreground until Ctrl-C or SIGTERM, or --detach. State, data and logs "
-        "under .cordum/dev/ (env CORDUM_DEV_DIR); `cordumctl dev ps|stop|start|kill|pause|resume|down` "
-        "act on a running topology.",
+        "redis-server, nats-server (JetStream), N safety kernels, N context engines, N schedulers, N "
+        "workflow engines, N api-gateways, min(N, 2) MCP servers (HTTP) and K echo workers; in the "
+        "foreground until Ctrl-C or SIGTERM, or --detach. State, data and logs under .cordum/dev/ "
+        "(env CORDUM_DEV_DIR); `cordumctl dev ps|stop|start|kill|pause|resume|down` act on a running "
+        "topology.",
     )
     parser.add_argument("--replicas", type=_count, default=1, metavar="N",
-                        help="replicas of the safety kernel, scheduler, workflow engine and api-gateway "
-                        "(default %(default)s; gateways on HTTP 8081, 8083, ..., workflow engines on "
-                        "9093, 9091, ...)")
+                        help="replicas of the safety kernel, context engine, scheduler, workflow engine "
+                        "and api-gateway, and of cordum-mcp up to 2 (default %(default)s; gateways on HTTP "
+                        "8081, 8083, ..., workflow engines on 9093, 9091, ..., context engines on gRPC "
+                        "50070, 50072, ..., MCP on 8090, 8092)")
     parser.add_argument("--workers", type=_count, default=default_workers, metavar="K",
                         help="echo workers worker-1..K (default %(default)s)")
     parser.add_argument("--detach", action="store_true",
@@ -149,7 +154,8 @@ def build_parser(prog: str, default_workers: int) -> argparse.ArgumentParser:
                         default=os.environ.get("CORDUM_DEV_BASE_PORT") or None,  # argparse converts it
                         help=f"move every port into the block B..B+{topo.BLOCK_SIZE - 1} (gateways B, B+2, "
                         "...; schedulers B+20...; kernels gRPC B+40..., admin B+60...; redis B+80, nats "
-                        "B+81; workflow engines B+82...) instead of the defaults (env CORDUM_DEV_BASE_PORT)")
+                        "B+81; workflow engines B+82...; context engines gRPC B+101..., metrics B+121...; "
+                        "MCP B+141, B+143) instead of the defaults (env CORDUM_DEV_BASE_PORT)")
     parser.add_argument("--redis-port", type=_port, default=None, help="port of the redis-server "
                         f"started when REDIS_URL is not set (default {REDIS_PORT})")
     parser.add_argument("--nats-port", type=_port, default=None, help="port of the nats-server "
@@ -204,13 +210,14 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     api_key = env.get("CORDUM_API_KEY", "").strip() or secrets.token_urlsafe(24)
     cordum_env = env.get("CORDUM_ENV", "").strip() or "dev"  # a local stack is a development setup
     approver_key, keys_path = _approver(env, sdir)
+    tenant = env.get("TENANT_ID", "").strip() or "default"
     services = [(s, is_available(s)) for s in SERVICES]
     topology = topo.build(
         replicas=args.replicas, workers=args.workers, base_port=args.base_port,
         redis_port=args.redis_port, nats_port=args.nats_port,
         redis_url=env.get("REDIS_URL", ""), nats_url=env.get("NATS_URL", ""), api_key=api_key,
         services=[(s.name, s.entry, s.env) for s, ok in services if ok], cordum_env=cordum_env,
-        keys_path=keys_path,
+        keys_path=keys_path, tenant=tenant,
     )
     settings = load_settings({**env, "REDIS_URL": topology.redis_url, "NATS_URL": topology.nats_url,
                               "CORDUM_ENV": cordum_env})  # a bad variable stops us before anything starts
@@ -236,7 +243,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     st.clear_markers(sdir)
     if keys_path:
-        _write_keys(keys_path, approver_key, env.get("TENANT_ID", "").strip() or "default")
+        _write_keys(keys_path, approver_key, tenant)
     return {
         "version": 1,
         "state_dir": str(sdir),
@@ -247,7 +254,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "redis_url": topology.redis_url,
         "nats_url": topology.nats_url,
         "gateways": topology.gateway_urls(),
-        "tenant": env.get("TENANT_ID", "default"),
+        "mcp": topology.mcp_urls(),
+        "tenant": tenant,
         "api_key": api_key,
         "api_key_generated": generated_key,
         "approver_key": approver_key,
@@ -258,7 +266,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                        "log": str(sdir / "logs" / "supervisor.log") if args.detach else None},
         "replicas": [
             {"name": r.name, "kind": r.kind, "index": r.index, "entry": r.entry, "env": dict(r.env),
-             "ports": dict(r.ports), "health": r.health, "log": str(st.log_path(sdir, r.name)),
+             "ports": dict(r.ports), "health": r.health, "tier": r.tier_name, "log": str(st.log_path(sdir, r.name)),
              "pid": None, "start_time": None, "argv": None, "started_at": None, "exit_code": None, "starts": 0}
             for r in topology.replicas
         ],
@@ -329,6 +337,7 @@ def describe(data: Mapping[str, Any], *, foreground: bool) -> str:
     lines.append(f"  CORDUM_API_KEY={data['api_key']}"
                  + ("  (generated; set CORDUM_API_KEY to choose it)" if data.get("api_key_generated") else ""))
     lines.append("  try: CORDUM_API_KEY=... cordumctl job submit --prompt hello --wait")
+    lines.extend(_plug_in(data))
     if data.get("approver_key"):
         lines.append(f"  approver (a second person: nobody approves what they started): "
                      f"cordumctl --api-key {data['approver_key']} approval approve <job>")
@@ -340,6 +349,21 @@ def describe(data: Mapping[str, Any], *, foreground: bool) -> str:
         lines.append(f"{PROG}: running in the background (supervisor pid {sup['pid']}, log {rel(sup['log'])}); "
                      "`cordumctl dev down` stops everything")
     return "\n".join(lines)
+
+
+def _plug_in(data: Mapping[str, Any]) -> list[str]:
+    """How a client reaches the MCP servers and the context engines (lines of the summary)."""
+    lines = []
+    mcp = data.get("mcp") or []
+    if mcp:
+        config = {"mcpServers": {"cordum": {"type": "http", "url": mcp[0],
+                                            "headers": {"Authorization": f"Bearer {data['api_key']}"}}}}
+        lines.append(f"  MCP (streamable HTTP; the API key as Authorization: Bearer or X-API-Key): {', '.join(mcp)}")
+        lines.append(f"  MCP client config: {json.dumps(config)}")
+    engines = [f"127.0.0.1:{r['ports']['grpc']}" for r in data["replicas"] if r["kind"] == "context-engine"]
+    if engines:
+        lines.append(f"  CONTEXT_ENGINE_ADDR={','.join(engines)}  (gateways and workers here have it set)")
+    return lines
 
 
 def _check_free(port: int, what: str, variable: str, example: str) -> None:

@@ -5,10 +5,10 @@ Tractor-style supervision tree (DESIGN.md §7): each replica is a child process 
 PR_SET_PDEATHSIG so the kernel sends it SIGTERM if the supervisor dies: a replica dies with its
 parent. The supervisor
 
-1. starts the replicas tier by tier in `cordum.dev.topology` order (redis, nats, kernels,
-   schedulers, workflow engines, gateways, workers), creating the JetStream streams once nats is up, and waits for
-   each tier to be healthy (HTTP /health 200, a listening port for redis/nats, alive for
-   ALIVE_SECONDS for workers) before starting the next;
+1. starts the replicas tier by tier in `cordum.dev.topology` order (redis, nats, kernels and
+   context engines, schedulers, workflow engines, gateways, MCP servers, workers), creating the
+   JetStream streams once nats is up, and waits for each tier to be healthy (HTTP /health 200, a
+   listening port for redis/nats, alive for ALIVE_SECONDS for workers) before starting the next;
 2. records pids, ports, env and logs in the state directory (`cordum.dev.state`) and sets its phase
    to "ready";
 3. then polls: a child that exits is reported (not restarted: failover tests kill replicas on
@@ -226,15 +226,21 @@ class Supervisor:
                                         f"(logs under {rel(self.sdir / 'logs')})")
                 time.sleep(POLL)
 
+    def tiers(self, names: list[str]) -> list[list[str]]:
+        """Consecutive replicas of one tier (`tier`, else their kind: older state files have none)."""
+        out: list[tuple[str, list[str]]] = []
+        for name in names:
+            record = self.records[name]
+            tier = record.get("tier") or record["kind"]
+            if out and out[-1][0] == tier:
+                out[-1][1].append(name)
+            else:
+                out.append((tier, [name]))
+        return [members for _, members in out]
+
     def start_all(self, stop: StopSignal) -> bool:
         """Start tier by tier; False when a stop signal came first."""
-        tiers: list[list[str]] = []
-        for record in self.data["replicas"]:
-            if tiers and self.records[tiers[-1][0]]["kind"] == record["kind"]:
-                tiers[-1].append(record["name"])
-            else:
-                tiers.append([record["name"]])
-        for tier in tiers:
+        for tier in self.tiers([r["name"] for r in self.data["replicas"]]):
             if stop.received:
                 return False
             if self.data.get("streams") is None and self.records[tier[0]]["kind"] not in ("redis", "nats"):
@@ -251,13 +257,7 @@ class Supervisor:
         running = [n for n in order if n in self.procs and self.procs[n].poll() is None]
         if running:
             self.say("stopping " + ", ".join(running))
-        tiers: list[list[str]] = []
-        for name in order:
-            if tiers and self.records[tiers[-1][0]]["kind"] == self.records[name]["kind"]:
-                tiers[-1].append(name)
-            else:
-                tiers.append([name])
-        for tier in tiers:
+        for tier in self.tiers(order):
             procs = [(n, self.procs[n]) for n in tier if n in self.procs and self.procs[n].poll() is None]
             for _, proc in procs:
                 _signal(proc, signal.SIGTERM)

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from cordum.dev.servers import free_block as servers_free_block
+from cordum.dev import stack
 from cordum.dev import state as st
-from cordum.dev.topology import BLOCK_SIZE
+from cordum.dev.topology import BLOCK_SIZE, KINDS, REPLICATED
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "dev-topology-test-key"
@@ -63,7 +64,13 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
+def health(url: str) -> int:
+    return urllib.request.urlopen(url + "/health", timeout=5).status
+
+
 def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
+    # the context engine and MCP join once their console scripts are more than stubs
+    available = {KINDS[s.name]: s.name for s in stack.SERVICES if stack.is_available(s)}
     base = free_block()
     sdir = tmp_path / "dev"
     env = {**os.environ, "CORDUM_DEV_DIR": str(sdir), "CORDUM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
@@ -78,16 +85,25 @@ def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
         replicas = ps(env)
         expected = {"redis", "nats", "safety-kernel-1", "safety-kernel-2", "scheduler-1", "scheduler-2",
                     "workflow-engine-1", "workflow-engine-2", "api-gateway-1", "api-gateway-2", "worker-1"}
+        expected |= {f"{kind}-{i}" for kind in ("context-engine", "mcp") if kind in available for i in (1, 2)}
         assert set(replicas) == expected
         assert {r["state"] for r in replicas.values()} == {"running"}
         ids = [r["instance_id"] for n, r in replicas.items() if n not in ("redis", "nats")]
-        assert len(set(ids)) == len(ids) == 9
+        assert len(set(ids)) == len(ids) == len(expected) - 2
         assert replicas["api-gateway-2"]["ports"] == {"http": base + 2}
         engines = [f"http://127.0.0.1:{base + 82 + 2 * i}" for i in range(2)]
         assert [replicas[f"workflow-engine-{i}"]["ports"] for i in (1, 2)] == [{"http": base + 82},
                                                                               {"http": base + 84}]
         for url in engines:
-            assert urllib.request.urlopen(url + "/health", timeout=5).status == 200
+            assert health(url) == 200
+        if "context-engine" in available:
+            assert [replicas[f"context-engine-{i}"]["ports"] for i in (1, 2)] == [
+                {"grpc": base + 101, "metrics": base + 121}, {"grpc": base + 103, "metrics": base + 123}]
+            assert health(f"http://127.0.0.1:{base + 123}") == 200
+        if "mcp" in available:
+            assert [replicas[f"mcp-{i}"]["ports"] for i in (1, 2)] == [{"http": base + 141}, {"http": base + 143}]
+            assert health(f"http://127.0.0.1:{base + 143}") == 200
+            assert f"http://127.0.0.1:{base + 141}/mcp" in up.stdout  # how to plug an MCP client in
         data = st.load(sdir)
         assert data is not None and data["api_key"] == KEY and data["supervisor"]["mode"] == "detached"
 
@@ -98,6 +114,14 @@ def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
         job_id = http("POST", gw2 + "/api/v1/jobs", {"prompt": "dev topology"})["job_id"]
         wait_for(lambda: http("GET", f"{gw1}/api/v1/jobs/{job_id}").get("state") == "SUCCEEDED", 30,
                  f"job {job_id} SUCCEEDED via gateway-1")
+
+        # /api/v1/status lists both replicas of every replicated service that runs
+        registered = {available[kind]: {f"{kind}-1", f"{kind}-2"} for kind in REPLICATED if kind in available}
+
+        def listed() -> bool:
+            found = http("GET", gw1 + "/api/v1/status")["replicas"]
+            return all({e["id"] for e in found.get(name, [])} == want for name, want in registered.items())
+        wait_for(listed, 30, f"/api/v1/status listing {sorted(registered)}")
 
         assert cordumctl(env, "dev", "pause", "scheduler-1").returncode == 0
         assert ps(env)["scheduler-1"]["state"] == "paused"
@@ -110,7 +134,13 @@ def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
         started = cordumctl(env, "dev", "start", "workflow-engine-2")  # returns once /health answers
         assert started.returncode == 0, started.stderr
         assert ps(env)["workflow-engine-2"]["state"] == "running"
-        assert urllib.request.urlopen(engines[1] + "/health", timeout=5).status == 200
+        assert health(engines[1]) == 200
+        if "context-engine" in available:  # so is a context engine
+            assert cordumctl(env, "dev", "stop", "context-engine-2").returncode == 0
+            assert ps(env)["context-engine-2"]["state"] == "stopped"
+            started = cordumctl(env, "dev", "start", "context-engine-2")
+            assert started.returncode == 0, started.stderr
+            assert health(f"http://127.0.0.1:{base + 123}") == 200
 
         old_pid = replicas["worker-1"]["pid"]
         assert cordumctl(env, "dev", "kill", "worker-1").returncode == 0

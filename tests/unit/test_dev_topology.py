@@ -13,6 +13,8 @@ import pytest
 from cordum.dev import control, stack
 from cordum.dev import state as st
 from cordum.dev import topology as topo
+from cordum.dev.servers import free_block
+from cordum.dev.supervisor import Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_default_ports_names_and_order() -> None:
     t = topo.build(replicas=3, workers=2, api_key="k")
     assert t.names == ["redis", "nats", "safety-kernel-1", "safety-kernel-2", "safety-kernel-3",
+                       "context-engine-1", "context-engine-2", "context-engine-3",
                        "scheduler-1", "scheduler-2", "scheduler-3", "workflow-engine-1", "workflow-engine-2",
-                       "workflow-engine-3", "api-gateway-1", "api-gateway-2", "api-gateway-3", "worker-1",
-                       "worker-2"]
+                       "workflow-engine-3", "api-gateway-1", "api-gateway-2", "api-gateway-3",
+                       "mcp-1", "mcp-2", "worker-1", "worker-2"]  # cordum-mcp: 2 at most
     assert [t.get(f"api-gateway-{i}").ports["http"] for i in (1, 2, 3)] == [8081, 8083, 8085]
     assert [t.get(f"scheduler-{i}").ports["metrics"] for i in (1, 2, 3)] == [9090, 9092, 9094]
     # the documented 9093 first, then downwards: 9095, 9097, ... are the kernels' admin ports
@@ -30,12 +33,20 @@ def test_default_ports_names_and_order() -> None:
         {"http": 9093}, {"http": 9091}, {"http": 9089}]
     assert [dict(t.get(f"safety-kernel-{i}").ports) for i in (1, 2)] == [
         {"grpc": 50051, "admin": 9095}, {"grpc": 50053, "admin": 9097}]
+    # gRPC from the documented 50070 (above the kernels' 50051..50069); metrics downwards from 9088,
+    # as the documented 9094 is scheduler-3's
+    assert [dict(t.get(f"context-engine-{i}").ports) for i in (1, 2, 3)] == [
+        {"grpc": 50070, "metrics": 9088}, {"grpc": 50072, "metrics": 9086}, {"grpc": 50074, "metrics": 9084}]
+    assert [dict(t.get(f"mcp-{i}").ports) for i in (1, 2)] == [{"http": 8090}, {"http": 8092}]
+    assert t.mcp_urls() == ["http://127.0.0.1:8090/mcp", "http://127.0.0.1:8092/mcp"]
     assert (t.get("redis").ports["port"], t.get("nats").ports["port"]) == (6379, 4222)
     assert t.gateway_urls() == ["http://localhost:8081", "http://localhost:8083", "http://localhost:8085"]
-    assert [r.kind for r in t.stop_order()][:4] == ["worker", "worker", "api-gateway", "api-gateway"]
+    assert [r.kind for r in t.stop_order()][:5] == ["worker", "worker", "mcp", "mcp", "api-gateway"]
     assert [r.name for r in t.stop_order()][-2:] == ["nats", "redis"]
-    assert [[r.kind for r in tier][0] for tier in t.tiers()] == [
-        "redis", "nats", "safety-kernel", "scheduler", "workflow-engine", "api-gateway", "worker"]
+    # the context engines need only Redis: they start with the kernels, before the schedulers
+    assert [sorted({r.kind for r in tier}) for tier in t.tiers()] == [
+        ["redis"], ["nats"], ["context-engine", "safety-kernel"], ["scheduler"], ["workflow-engine"],
+        ["api-gateway"], ["mcp"], ["worker"]]
 
 
 def test_env_per_replica() -> None:
@@ -53,6 +64,24 @@ def test_env_per_replica() -> None:
     assert "SAFETY_KERNEL_ADDR" not in e2.env  # it dispatches through the scheduler
     w2 = t.get("worker-2")
     assert (w2.env["WORKER_ID"], w2.health) == ("worker-2", "alive")
+    c2 = t.get("context-engine-2")
+    assert (c2.env["CONTEXT_ENGINE_ADDR"], c2.env["CONTEXT_ENGINE_METRICS_ADDR"]) == (":50072", ":9086")
+    assert c2.health == "http://127.0.0.1:9086/health"
+    # the clients (gateway memory routes, the worker SDK) get every context engine, their own first
+    assert g1.env["CONTEXT_ENGINE_ADDR"] == "127.0.0.1:50070,127.0.0.1:50072"
+    assert w2.env["CONTEXT_ENGINE_ADDR"] == "127.0.0.1:50072,127.0.0.1:50070"
+    assert not any("CONTEXT_ENGINE_ADDR" in r.env for r in t.replicas
+                   if r.kind in ("scheduler", "workflow-engine", "safety-kernel", "mcp"))
+    # MCP over HTTP, each replica in front of its own gateway, with the stack's key
+    m1, m2 = t.get("mcp-1"), t.get("mcp-2")
+    assert (m1.env["MCP_TRANSPORT"], m1.env["MCP_HTTP_ADDR"], m1.health) == (
+        "http", ":8090", "http://127.0.0.1:8090/health")
+    assert [m.env["CORDUM_GATEWAY_ADDR"] for m in (m1, m2)] == ["http://127.0.0.1:8081", "http://127.0.0.1:8083"]
+    assert m2.env["CORDUM_API_KEY"] == "secret" and "CORDUM_TENANT_ID" not in m2.env
+    assert topo.build(replicas=1, api_key="k", tenant="acme").get("mcp-1").env["CORDUM_TENANT_ID"] == "acme"
+    assert [r.name for r in topo.build(replicas=5, api_key="k").replicas if r.kind == "mcp"] == ["mcp-1", "mcp-2"]
+    assert [r.env["CORDUM_GATEWAY_ADDR"] for r in topo.build(replicas=1, api_key="k").replicas
+            if r.kind == "mcp"] == ["http://127.0.0.1:8081"]
     for r in t.replicas:
         if r.entry:
             assert r.env["CORDUM_API_KEY"] == "secret" and r.env["CORDUM_ENV"] == "dev"
@@ -71,6 +100,11 @@ def test_external_servers_and_base_port() -> None:
     assert dict(t.get("safety-kernel-2").ports) == {"grpc": 30042, "admin": 30062}
     assert [t.get(f"workflow-engine-{i}").ports["http"] for i in (1, 2)] == [30082, 30084]
     assert t.get("workflow-engine-1").env["WORKFLOW_ENGINE_HTTP_ADDR"] == ":30082"
+    assert [dict(t.get(f"context-engine-{i}").ports) for i in (1, 2)] == [
+        {"grpc": 30101, "metrics": 30121}, {"grpc": 30103, "metrics": 30123}]
+    assert t.get("api-gateway-2").env["CONTEXT_ENGINE_ADDR"] == "127.0.0.1:30103,127.0.0.1:30101"
+    assert [t.get(f"mcp-{i}").ports["http"] for i in (1, 2)] == [30141, 30143]
+    assert t.get("mcp-2").env["CORDUM_GATEWAY_ADDR"] == "http://127.0.0.1:30002"
     own = topo.build(replicas=1, workers=0, api_key="k", base_port=30000)
     assert (own.get("redis").ports["port"], own.get("nats").ports["port"]) == (30080, 30081)
     assert topo.build(replicas=1, api_key="k", base_port=30000, redis_port=7000).get("redis").ports["port"] == 7000
@@ -91,6 +125,74 @@ def test_the_stack_runs_the_workflow_engine_and_the_bench_knows_the_block() -> N
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.BLOCK_SIZE == topo.BLOCK_SIZE
+
+
+def test_without_the_context_engine_and_mcp_nobody_is_pointed_at_them() -> None:
+    # what the stack builds while their console scripts are "not available yet" stubs
+    services = [(s.name, s.entry, s.env) for s in stack.SERVICES
+                if s.name not in ("cordum-context-engine", "cordum-mcp")]
+    t = topo.build(replicas=2, workers=1, api_key="k", services=services)
+    assert {r.kind for r in t.replicas} == {"redis", "nats", "safety-kernel", "scheduler", "workflow-engine",
+                                            "api-gateway", "worker"}
+    assert not any("CONTEXT_ENGINE_ADDR" in r.env for r in t.replicas) and t.mcp_urls() == []
+    assert [sorted({r.kind for r in tier}) for tier in t.tiers()][2] == ["safety-kernel"]
+
+
+def _plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> dict:
+    monkeypatch.setenv("CORDUM_DEV_DIR", str(tmp_path / "dev"))
+    monkeypatch.setenv("CORDUM_API_KEY", "plan-key")
+    for name in ("REDIS_URL", "NATS_URL", "CORDUM_API_KEYS_PATH", "TENANT_ID", "CORDUM_DEV_BASE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--replicas", "2", "--workers", "1", "--base-port", str(free_block(topo.BLOCK_SIZE)), *args]
+    return stack.prepare(stack.build_parser("x", 1).parse_args(argv))
+
+
+def _summary(data: dict) -> str:
+    """What `up` prints once the plan runs (pids filled in)."""
+    ran = {**data, "supervisor": {**data["supervisor"], "pid": 1},
+           "replicas": [{**r, "pid": 100 + i} for i, r in enumerate(data["replicas"])]}
+    return stack.describe(ran, foreground=True)
+
+
+def test_the_plan_starts_what_is_available_and_lists_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _plan(tmp_path, monkeypatch)
+    kinds = {r["kind"] for r in data["replicas"]}
+    for service in stack.SERVICES:
+        kind = topo.KINDS[service.name]
+        if stack.is_available(service):
+            assert kind in kinds and service.name not in data["not_available"], service.name
+        else:  # a stub: listed, not started, and no replica is pointed at it
+            assert kind not in kinds and service.name in data["not_available"], service.name
+    assert all(r["tier"] for r in data["replicas"])
+    if "context-engine" not in kinds:
+        assert not any("CONTEXT_ENGINE_ADDR" in r["env"] for r in data["replicas"])
+    text = _summary(data)
+    for name in data["not_available"]:
+        assert f"{name:18} not available yet" in text
+    assert ("MCP client config" in text) == ("mcp" in kinds)
+
+
+def test_the_plan_once_everything_is_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # how `up` will run the context engine and MCP once their stubs are replaced
+    monkeypatch.setattr(stack, "is_available", lambda service: True)
+    data = _plan(tmp_path, monkeypatch)
+    base = data["base_port"]
+    records = {r["name"]: r for r in data["replicas"]}
+    assert data["not_available"] == [] and data["mcp"] == [f"http://127.0.0.1:{base + 141}/mcp",
+                                                           f"http://127.0.0.1:{base + 143}/mcp"]
+    assert records["mcp-2"]["env"]["CORDUM_TENANT_ID"] == "default"
+    assert records["context-engine-1"]["tier"] == records["safety-kernel-1"]["tier"] == "safety-kernel"
+    sup = Supervisor(data, tmp_path / "dev")
+    names = [r["name"] for r in data["replicas"]]
+    assert sup.tiers(names)[2] == ["safety-kernel-1", "safety-kernel-2", "context-engine-1", "context-engine-2"]
+    assert sup.tiers(list(reversed(names)))[:3] == [["worker-1"], ["mcp-2", "mcp-1"],
+                                                    ["api-gateway-2", "api-gateway-1"]]
+    text = _summary(data)
+    assert f"MCP (streamable HTTP; the API key as Authorization: Bearer or X-API-Key): {', '.join(data['mcp'])}" in text
+    assert ('MCP client config: {"mcpServers": {"cordum": {"type": "http", "url": "%s", "headers": '
+            '{"Authorization": "Bearer plan-key"}}}}' % data["mcp"][0]) in text
+    assert f"CONTEXT_ENGINE_ADDR=127.0.0.1:{base + 101},127.0.0.1:{base + 103}" in text
+    assert "not available yet" not in text
 
 
 @pytest.mark.parametrize("kwargs", [{"replicas": 0}, {"replicas": topo.MAX_REPLICAS + 1}, {"workers": -1},
