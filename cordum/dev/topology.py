@@ -195,7 +195,6 @@ def build(
     services: Sequence[tuple[str, str, Mapping[str, str] | None]] = (),
     cordum_env: str = "dev",
     keys_path: str = "",
-    tenant: str = "",
 ) -> Topology:
     """The topology for these options.
 
@@ -203,7 +202,7 @@ def build(
     start order (cordum.dev.stack.SERVICES filtered by availability). Without it, every service of
     the release is assumed. `redis_url`/`nats_url`: external servers (REDIS_URL/NATS_URL); empty
     means the topology starts its own. `keys_path`: a keys file every replica gets as
-    CORDUM_API_KEYS_PATH. `tenant`: the MCP servers' CORDUM_TENANT_ID (the API key's tenant).
+    CORDUM_API_KEYS_PATH.
     """
     if not 1 <= replicas <= MAX_REPLICAS:
         raise TopologyError(f"--replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
@@ -267,13 +266,12 @@ def build(
                 env["CONTEXT_ENGINE_METRICS_ADDR"] = f":{ports['metrics']}"
                 health = f"http://127.0.0.1:{ports['metrics']}/health"
             elif kind == "mcp":
-                # stdio needs a client on the other end of stdin: under the supervisor MCP serves HTTP
+                # stdio needs a client on the other end of stdin: under the supervisor MCP serves HTTP,
+                # where each request's own key (no CORDUM_TENANT_ID) decides the tenant
                 env.update(MCP_TRANSPORT="http", MCP_HTTP_ADDR=f":{ports['http']}")
                 if gateways:
                     gateway = service_ports("api-gateway", kernel_for(i, gateways), base_port)["http"]
                     env["CORDUM_GATEWAY_ADDR"] = f"http://127.0.0.1:{gateway}"
-                if tenant:
-                    env["CORDUM_TENANT_ID"] = tenant
                 health = f"http://127.0.0.1:{ports['http']}/health"
             elif kind in HTTP_ADDR_VARS:
                 if kernels and kind != "workflow-engine":  # the engine dispatches through the scheduler
