@@ -1,0 +1,188 @@
+"""The MCP server proper: the SDK's low-level `Server` with cordum-mcp's handlers, and the gateway
+client they call.
+
+Every tool call and resource read is one gateway REST call made with the caller's credential:
+over stdio the configured API key, over HTTP the key the request carried (`cordum.mcp.http` puts
+it in the ASGI scope), so the gateway scopes the answer to that key's tenant. The client is
+cordumctl's (`cordum.cli.http`, stdlib urllib) run in a worker thread: one short request per call,
+abandoned if the caller is cancelled, bounded by the request timeout.
+
+Errors: a gateway error becomes a tool result with `isError` naming the HTTP status and the
+gateway's message (never the key); bad arguments likewise (`invalid_arguments`), so a model can
+correct itself. An unknown, switched-off or not-yet-available tool is a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+import trio
+from mcp.server.lowlevel import Server
+from mcp.shared.exceptions import MCPError
+
+from cordum import __version__
+from cordum.cli.http import Client, GatewayError
+from cordum.infra.metrics import Metrics
+from cordum.mcp import catalog
+from cordum.mcp.catalog import ArgumentError, Call, Reply, Unavailable
+from cordum.mcp.config import McpConfig
+from cordum.runtime.log import get_logger
+
+log = get_logger("mcp.server")
+
+NAME = "cordum-mcp"
+RESOURCE_NOT_FOUND = -32002  # MCP's code for a resource that does not exist
+# ASGI scope keys set by cordum.mcp.http for an authenticated request
+SCOPE_KEY, SCOPE_TENANT = "cordum.api_key", "cordum.tenant"
+
+
+@dataclass(frozen=True)
+class Credential:
+    api_key: str
+    tenant: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credential(fingerprint={fingerprint(self.api_key)!r}, tenant={self.tenant!r})"
+
+
+def fingerprint(key: str) -> str:
+    """Names a key in logs and session ownership without revealing it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class GatewayClient:
+    """Runs a catalog `Call` against the gateway with one caller's credential."""
+
+    def __init__(self, addr: str, timeout: float) -> None:
+        self.addr = addr
+        self.timeout = timeout
+
+    async def run(self, call: Call, who: Credential) -> Reply:
+        client = Client(self.addr, api_key=who.api_key, tenant=who.tenant, timeout=self.timeout)
+
+        def send() -> Reply:
+            body = call.body if call.body is not None or call.method == "GET" else {}
+            response = client.request(call.method, call.path, query=call.query, body=body, headers=call.headers)
+            return Reply(response.body, dict(response.headers))
+
+        # urllib blocks: a thread per call, left to finish on its own (its timeout bounds it)
+        # when the MCP request is cancelled.
+        with trio.fail_after(self.timeout + 5):
+            return await trio.to_thread.run_sync(send, abandon_on_cancel=True)
+
+
+def error_result(code: str, message: str, status: int = 0, details: Any = None) -> types.CallToolResult:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if status:
+        error["status"] = status
+    if details:
+        error["details"] = details
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)],
+                                structured_content={"error": error}, is_error=True)
+
+
+def gateway_error_result(exc: GatewayError) -> types.CallToolResult:
+    details = {k: v for k, v in exc.body.items() if k not in ("error", "status", "code")} \
+        if isinstance(exc.body, dict) else None
+    return error_result(exc.code or ("gateway_unreachable" if not exc.status else f"http_{exc.status}"),
+                        exc.describe(), exc.status, details)
+
+
+def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics) -> Server:
+    calls = metrics.counter("cordum_mcp_tool_calls_total", "MCP tool calls by tool and outcome", ["tool", "outcome"])
+    reads = metrics.counter("cordum_mcp_resource_reads_total", "MCP resource reads by outcome", ["outcome"])
+
+    def credential(ctx: Any) -> Credential:
+        request = getattr(ctx, "request", None)
+        if request is None:  # stdio: the configured key
+            return Credential(config.api_key, config.tenant)
+        key = request.scope.get(SCOPE_KEY)
+        if not key:  # cordum.mcp.http rejects such requests before they get here
+            raise MCPError(types.INVALID_REQUEST, "no credential: send Authorization: Bearer <key> or X-API-Key")
+        return Credential(key, request.scope.get(SCOPE_TENANT, ""))
+
+    async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
+        tools = [types.Tool(name=t.name, description=t.description, input_schema=t.schema,
+                            annotations=types.ToolAnnotations(read_only_hint=not t.mutating,
+                                                              destructive_hint=t.mutating, open_world_hint=False))
+                 for t in catalog.TOOLS.values() if config.enabled(t.name)]
+        return types.ListToolsResult(tools=tools)
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        name = params.name
+        if name in catalog.UNAVAILABLE:
+            calls.labels(tool=name, outcome="unavailable").inc()
+            raise MCPError(types.INVALID_PARAMS, f"{name} is not available: {catalog.UNAVAILABLE[name]}",
+                           data={"tool": name, "reason": "not_implemented"})
+        if name not in catalog.TOOLS:
+            raise MCPError(types.INVALID_PARAMS, f"unknown tool {name!r}", data={"tool": name})
+        if not config.enabled(name):
+            why = "the server is read-only (CORDUM_MCP_READ_ONLY)" if config.read_only and name in catalog.MUTATING \
+                else "CORDUM_MCP_DISABLED_TOOLS"
+            calls.labels(tool=name, outcome="disabled").inc()
+            raise MCPError(types.INVALID_PARAMS, f"tool {name} is switched off on this server: {why}",
+                           data={"tool": name, "reason": "disabled"})
+        try:
+            tool, args, call = catalog.plan_tool(name, params.arguments)
+        except ArgumentError as exc:
+            calls.labels(tool=name, outcome="invalid").inc()
+            return error_result("invalid_arguments", f"{name}: {exc}")
+        who = credential(ctx)
+        try:
+            reply = await gateway.run(call, who)
+        except GatewayError as exc:
+            calls.labels(tool=name, outcome="gateway_error").inc()
+            log.info("mcp.tool_error", tool=name, status=exc.status, error=exc.describe())
+            return gateway_error_result(exc)
+        except trio.TooSlowError:
+            calls.labels(tool=name, outcome="gateway_error").inc()
+            return error_result("gateway_timeout", f"gateway {gateway.addr} did not answer within {gateway.timeout:g}s")
+        structured = tool.shape(args, reply)
+        calls.labels(tool=name, outcome="ok").inc()
+        return types.CallToolResult(content=[types.TextContent(type="text", text=catalog.result_text(structured))],
+                                    structured_content=structured)
+
+    async def list_resources(ctx: Any, params: Any) -> types.ListResourcesResult:
+        return types.ListResourcesResult(resources=[
+            types.Resource(uri=uri, name=name, description=text, mime_type="application/json")
+            for uri, name, text in catalog.RESOURCES])
+
+    async def list_templates(ctx: Any, params: Any) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=[
+            types.ResourceTemplate(uri_template=uri, name=name, description=text, mime_type="application/json")
+            for uri, name, text in catalog.TEMPLATES])
+
+    async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+        uri = str(params.uri)
+        try:
+            read = catalog.plan_resource(uri)
+        except Unavailable as exc:
+            reads.labels(outcome="unavailable").inc()
+            raise MCPError(RESOURCE_NOT_FOUND, str(exc), data={"uri": uri, "reason": "not_implemented"}) from None
+        except ArgumentError as exc:
+            reads.labels(outcome="invalid").inc()
+            raise MCPError(types.INVALID_PARAMS, str(exc), data={"uri": uri}) from None
+        try:
+            reply = await gateway.run(read.call, credential(ctx))
+        except GatewayError as exc:
+            reads.labels(outcome="gateway_error").inc()
+            code = RESOURCE_NOT_FOUND if exc.status == 404 else types.INTERNAL_ERROR
+            raise MCPError(code, f"{uri}: {exc.describe()}", data={"uri": uri, "status": exc.status}) from None
+        body = reply.body
+        if read.workflow_id and isinstance(body, dict) and body.get("workflow_id") != read.workflow_id:
+            reads.labels(outcome="gateway_error").inc()  # a run of another workflow: as if absent
+            raise MCPError(RESOURCE_NOT_FOUND, f"{uri}: workflow run not found", data={"uri": uri, "status": 404})
+        if isinstance(body, list):
+            body = catalog.listing({}, reply)
+        reads.labels(outcome="ok").inc()
+        return types.ReadResourceResult(contents=[types.TextResourceContents(
+            uri=uri, mime_type="application/json", text=catalog.result_text(body if body is not None else {}))])
+
+    return Server(NAME, version=__version__, instructions=(
+        "Cordum's control plane for agent jobs: submit jobs and workflow runs, follow them, approve or "
+        "reject what policy holds for a person. Every call acts as the API key of this connection."),
+        on_list_tools=list_tools, on_call_tool=call_tool, on_list_resources=list_resources,
+        on_list_resource_templates=list_templates, on_read_resource=read_resource)
