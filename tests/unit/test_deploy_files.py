@@ -43,10 +43,10 @@ GUIDE_LIMITS = {
 NOT_YET_AVAILABLE = {s.name for s in stack.SERVICES if not stack.is_available(s)}
 # program → port of its /health
 HEALTH_PORTS = {"cordum-api-gateway": 8081, "cordum-scheduler": 9090, "cordum-safety-kernel": 9095,
-                "cordum-workflow-engine": 9093}
+                "cordum-workflow-engine": 9093, "cordum-context-engine": 9094, "cordum-mcp": 8090}
 # what compose and k8s deploy (the example worker included)
-DEPLOYED = {"cordum-safety-kernel", "cordum-scheduler", "cordum-workflow-engine", "cordum-api-gateway",
-            "cordum-worker-echo"}
+DEPLOYED = {"cordum-safety-kernel", "cordum-context-engine", "cordum-scheduler", "cordum-workflow-engine",
+            "cordum-api-gateway", "cordum-mcp", "cordum-worker-echo"}
 API_KEY_REF = "${CORDUM_API_KEY:?set CORDUM_API_KEY}"
 
 
@@ -157,10 +157,24 @@ def test_compose_runs_redis_nats_jetstream_and_every_available_program() -> None
     commands = {s["command"][0] for s in base.values() if _is_cordum(s)}
     assert commands == DEPLOYED
     assert base["api-gateway"]["ports"] == ["8081:8081"]
-    # the local topology's order: schedulers, then workflow engines, then gateways
+    # the local topology's order: kernels and context engines (Redis only), schedulers, workflow
+    # engines, gateways, MCP servers
+    assert set(base["context-engine"]["depends_on"]) == {"redis"}
     assert "scheduler" in base["workflow-engine"]["depends_on"]
-    assert "workflow-engine" in base["api-gateway"]["depends_on"]
+    assert {"workflow-engine", "context-engine"} <= set(base["api-gateway"]["depends_on"])
+    assert "api-gateway" in base["mcp"]["depends_on"]
     assert _env_map(base["workflow-engine"])["WORKFLOW_ENGINE_HTTP_ADDR"] == ":9093"
+    assert _env_map(base["context-engine"])["CONTEXT_ENGINE_ADDR"] == ":50070"
+    assert base["context-engine"]["networks"]["default"]["aliases"] == ["cordum-context-engine"]
+    for client in ("api-gateway", "worker"):  # memory routes, the worker SDK's helper
+        assert _env_map(base[client])["CONTEXT_ENGINE_ADDR"] == "cordum-context-engine:50070", client
+    # MCP over HTTP in front of every gateway (their shared alias), with no key of its own: each
+    # request brings the caller's
+    mcp = _env_map(base["mcp"])
+    assert (mcp["MCP_TRANSPORT"], mcp["MCP_HTTP_ADDR"]) == ("http", ":8090")
+    assert mcp["CORDUM_GATEWAY_ADDR"] == "http://cordum-api-gateway:8081" and "CORDUM_API_KEY" not in mcp
+    assert base["api-gateway"]["networks"]["default"]["aliases"] == ["cordum-api-gateway"]
+    assert base["mcp"]["ports"] == ["8090:8090"]
     for name, service in base.items():
         if _is_cordum(service) and service["command"][0] in HEALTH_PORTS:
             probe = " ".join(service["healthcheck"]["test"])
@@ -169,10 +183,12 @@ def test_compose_runs_redis_nats_jetstream_and_every_available_program() -> None
 
 def test_ha_overlay_adds_second_replicas_with_the_same_settings() -> None:
     base, ha = _compose_services()
-    pairs = {"api-gateway-2": "api-gateway", "scheduler-2": "scheduler",
-             "safety-kernel-2": "safety-kernel", "workflow-engine-2": "workflow-engine", "worker-2": "worker"}
+    pairs = {"api-gateway-2": "api-gateway", "scheduler-2": "scheduler", "safety-kernel-2": "safety-kernel",
+             "workflow-engine-2": "workflow-engine", "context-engine-2": "context-engine", "mcp-2": "mcp",
+             "worker-2": "worker"}
     assert set(ha) == set(pairs)
     assert ha["api-gateway-2"]["ports"] == ["8083:8081"]
+    assert ha["mcp-2"]["ports"] == ["8092:8090"]
     for second, first in pairs.items():
         a, b = base[first], ha[second]
         assert b["command"] == a["command"] and b["image"] == a["image"] and b["build"] == a["build"]
@@ -209,7 +225,7 @@ def test_k8s_deployments_follow_the_guide() -> None:
     assert set(deployments) == DEPLOYED
     configmaps = {d["metadata"]["name"] for d in _kind(docs, "ConfigMap")}
     expected_replicas = {"cordum-api-gateway": 2, "cordum-scheduler": 2, "cordum-safety-kernel": 2,
-                         "cordum-workflow-engine": 2}
+                         "cordum-workflow-engine": 2, "cordum-context-engine": 2, "cordum-mcp": 2}
     for name, dep in deployments.items():
         spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
         if name in GUIDE_LIMITS:
@@ -243,6 +259,28 @@ def test_k8s_autoscalers_stay_within_the_guide() -> None:
         assert target in deployments and target in GUIDE_LIMITS
         low, high = GUIDE_LIMITS[target]
         assert low <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= high, target
+
+
+def test_k8s_context_engine_and_mcp() -> None:
+    docs = _k8s_docs()
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"] for h in _kind(docs, "HorizontalPodAutoscaler")}
+    assert (hpas["cordum-context-engine"]["minReplicas"], hpas["cordum-context-engine"]["maxReplicas"]) == (2, 4)
+    # cordum-mcp runs the guide's maximum of 2: no autoscaler, and no third pod while rolling
+    assert "cordum-mcp" not in hpas
+    (mcp,) = [d for d in _kind(docs, "Deployment") if d["metadata"]["name"] == "cordum-mcp"]
+    assert mcp["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    env = {e["name"]: e.get("value") for e in next(_containers(mcp))["env"]}
+    assert (env["MCP_TRANSPORT"], env["MCP_HTTP_ADDR"]) == ("http", ":8090")
+    assert "CORDUM_API_KEY" not in env  # each request brings the caller's key
+    services = {d["metadata"]["name"]: d for d in _kind(docs, "Service")}
+    ports = {name: {p["port"] for p in svc["spec"]["ports"]} for name, svc in services.items()}
+    assert env["CORDUM_GATEWAY_ADDR"] == "http://cordum-api-gateway:8081" and 8081 in ports["cordum-api-gateway"]
+    assert ports["cordum-mcp"] == {8090} and ports["cordum-context-engine"] == {50070, 9094}
+    (config,) = [d for d in _kind(docs, "ConfigMap") if d["metadata"]["name"] == "cordum-config"]
+    assert config["data"]["CONTEXT_ENGINE_ADDR"] == "cordum-context-engine:50070"  # what clients dial
+    (engine,) = [d for d in _kind(docs, "Deployment") if d["metadata"]["name"] == "cordum-context-engine"]
+    listen = {e["name"]: e.get("value") for e in next(_containers(engine))["env"]}
+    assert listen["CONTEXT_ENGINE_ADDR"] == ":50070" and listen["CONTEXT_ENGINE_METRICS_ADDR"] == ":9094"
 
 
 def test_k8s_api_key_comes_from_a_secret() -> None:
@@ -378,12 +416,13 @@ def test_compose_config_accepts_both_files() -> None:
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     services = model["services"]
-    assert set(services) == {"redis", "nats", "safety-kernel", "scheduler", "workflow-engine", "api-gateway",
-                             "worker", "safety-kernel-2", "scheduler-2", "workflow-engine-2", "api-gateway-2",
-                             "worker-2"}
+    assert set(services) == {"redis", "nats", "safety-kernel", "context-engine", "scheduler", "workflow-engine",
+                             "api-gateway", "mcp", "worker", "safety-kernel-2", "context-engine-2", "scheduler-2",
+                             "workflow-engine-2", "api-gateway-2", "mcp-2", "worker-2"}
     published = {name: [(p["published"], p["target"]) for p in s.get("ports", [])] for name, s in services.items()}
     assert published["api-gateway"] == [("8081", 8081)]
     assert published["api-gateway-2"] == [("8083", 8081)]
+    assert (published["mcp"], published["mcp-2"]) == ([("8090", 8090)], [("8092", 8090)])
     for name in ("api-gateway", "api-gateway-2"):
         assert services[name]["environment"]["CORDUM_API_KEY"] == key
     for name, service in services.items():
