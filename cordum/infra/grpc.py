@@ -9,6 +9,10 @@ calls to finish, then closes the server (grpclib's own `close()` would cancel th
 Client: `await client.call("Check", request)`; the call's timeout is the caller's Trio deadline
 (or `timeout=`), so deadlines pass through instead of being re-invented per call.
 
+`native=` takes grpclib servables as they are (asyncio handlers, streaming allowed), e.g.
+`grpclib.health.service.Health` for the standard `grpc.health.v1.Health`: they are not drained,
+so a health check still answers while the service's own calls drain.
+
 Both ends send what grpclib writes during one event-loop turn as one socket write (see
 `_CoalescingTransport`).
 """
@@ -122,8 +126,9 @@ class _Servable:
 
 
 class GrpcServer:
-    def __init__(self, services: Sequence[tuple[type, object]]) -> None:
+    def __init__(self, services: Sequence[tuple[type, object]], *, native: Sequence[Any] = ()) -> None:
         self._services = services
+        self._native = native
         self._server: Server | None = None
         self._draining = False
         self._inflight = 0
@@ -184,6 +189,8 @@ class GrpcServer:
         mapping: dict[str, Handler] = {}
         for base, impl in self._services:
             mapping.update(_handlers_of(base, impl, self))
+        for servable in self._native:
+            mapping.update(servable.__mapping__())
         self._server = _Server([_Servable(mapping)])
         await self._server.start(host, port)
         sockets = self._server._server.sockets  # type: ignore[union-attr]

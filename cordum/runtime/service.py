@@ -72,10 +72,16 @@ class Serve(Protocol):
     ) -> Awaitable[None]: ...
 
 
-def run_service(name: str, stages: Sequence[str], serve: Serve) -> None:
-    """Entry point of a service's console script; never returns."""
+def run_service(name: str, stages: Sequence[str], serve: Serve, *,
+                check: Callable[[Settings], object] | None = None) -> None:
+    """Entry point of a service's console script; never returns. `check(settings)` validates the
+    service's own variables before Trio starts: a ConfigError it raises ends the process with exit
+    code 2 and its one-line message (raised from `serve`, it would arrive nested in exception
+    groups)."""
     try:
         settings = load_settings()
+        if check is not None:
+            check(settings)
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)

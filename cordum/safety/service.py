@@ -29,7 +29,6 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import trio
 from cordum.agent.v1 import safety_grpc, safety_pb2
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Message, open_bus
-from cordum.infra.config import ConfigError, Settings, env_value, load_settings, parse_listen_addr, parse_positive_duration, parse_positive_int
+from cordum.infra.config import ConfigError, Settings, env_value, parse_listen_addr, parse_positive_duration, parse_positive_int
 from cordum.infra.grpc import GrpcServer
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
@@ -377,26 +376,13 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
             task_status.started()
 
 
-def _preflight() -> None:
-    """Check the service's own variables and the policy file before starting Trio, so a bad one
-    ends the process with exit code 2 and a one-line message. (`serve` checks them again; raised
-    from there, the ConfigError arrives at `run_service` nested in Trio exception groups and its
-    message is lost: run_service prints the group's text instead of the ConfigError's.)"""
-    try:
-        settings = load_settings()
-    except ConfigError:
-        return  # run_service reports it
-    try:
-        config = KernelConfig.from_settings(settings)
-        initial_policy(config)
-    except ConfigError as exc:
-        print(f"{SERVICE}: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def _check(settings: Settings) -> None:
+    """The service's own variables and the policy file, checked before Trio starts (exit 2)."""
+    initial_policy(KernelConfig.from_settings(settings))
 
 
 def main() -> None:
-    _preflight()
-    run_service(SERVICE, STAGES, serve)
+    run_service(SERVICE, STAGES, serve, check=_check)
 
 
 if __name__ == "__main__":

@@ -209,3 +209,50 @@ def wf_run_idempotency(tenant: str, key: str) -> str:
     tenants choosing the same key would collide, and the second would be handed the first tenant's
     run id (a cross-tenant leak and a silently skipped run)."""
     return f"wf:run:idempotency:{tenant}:{key}"
+
+
+# ---- context-engine memory (spec cordum-services §3) ------------------------------------------
+# The engine stores what its callers name: it never scopes a memory id itself. Callers that act
+# for a tenant (the worker SDK's helper, the gateway's memory routes) bind an id to its tenant
+# with `memory_scope`, the Go original's "<tenant>/<memory id>" convention, so one tenant's
+# "conv-1" and another's are different keys and no tenant can name another's.
+
+
+def memory_events(memory_id: str) -> str:
+    """The conversation history: a list of JSON `{role, content, ts}`, the newest 20 kept."""
+    return f"mem:{memory_id}:events"
+
+
+def memory_chunks(memory_id: str) -> str:
+    """A set naming the keys of RAG chunk records (JSON `{path, language, bytes, loc, content}`)."""
+    return f"mem:{memory_id}:chunks"
+
+
+def memory_summary(memory_id: str) -> str:
+    return f"mem:{memory_id}:summary"
+
+
+def tenant_token(tenant: str) -> str:
+    """A tenant name as the first segment of a memory id: `%` and `/` escaped, so the first `/`
+    always ends it and tenant "a/b" can never share ids with tenant "a"."""
+    return tenant.replace("%", "%25").replace("/", "%2F")
+
+
+def memory_scope(tenant: str, memory_id: str) -> str:
+    """`memory_id` of `tenant` as stored: `<tenant>/<memory id>` (already scoped ids unchanged;
+    no tenant: unchanged)."""
+    if not tenant or not memory_id:
+        return memory_id
+    prefix = tenant_token(tenant) + "/"
+    return memory_id if memory_id.startswith(prefix) else prefix + memory_id
+
+
+def memory_owner(memory_id: str) -> str | None:
+    """The tenant token a scoped memory id starts with, None for an unscoped id."""
+    head, sep, _ = memory_id.partition("/")
+    return head if sep and head else None
+
+
+def artifact(artifact_id: str) -> str:
+    """An uploaded artifact (spec cordum-jobpath §1.6 `art:<id>`): a hash of content and metadata."""
+    return f"art:{artifact_id}"

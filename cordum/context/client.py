@@ -1,0 +1,96 @@
+"""Calling the context engine from Trio, over every replica.
+
+    async with open_context_client(parse_engine_addrs("ctx-1:50070,ctx-2:50070")) as engine:
+        window = await engine.build_window(pb.BuildWindowRequest(memory_id=..., mode=pb.CONTEXT_MODE_CHAT, ...))
+        await engine.update_memory(pb.UpdateMemoryRequest(...))
+
+`CONTEXT_ENGINE_ADDR` is one `host:port` or a comma-separated list, one per replica. Calls go round
+robin; a replica that is down or draining (UNAVAILABLE), or for a window too slow (DEADLINE_EXCEEDED),
+is tried last for REPLICA_BACKOFF_S and the call moves on to the next one. Memory ids are passed as
+given: a caller acting for a tenant scopes them first (`cordum.store.keys.memory_scope`).
+
+Which failures move a call to another replica:
+- BuildWindow (a read): UNAVAILABLE and DEADLINE_EXCEEDED.
+- UpdateMemory (appends): UNAVAILABLE only. A call that timed out may have been written, and a
+  retry elsewhere would record the turn twice. "memory store unavailable" (Redis did not take the
+  write) is final too: every replica shares that Redis.
+Other errors (INVALID_ARGUMENT, PERMISSION_DENIED) are raised as `RpcError` at once.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
+
+import trio
+
+from cordum.context.window import STORE_UNAVAILABLE
+from cordum.infra.aio import timeout_left
+from cordum.infra.grpc import GrpcClient, RpcError, open_grpc_client
+from cordum.runtime.log import get_logger
+from cordum.safety.client import parse_kernel_addrs
+from cordum.v1 import context_grpc
+from cordum.v1 import context_pb2 as pb
+
+log = get_logger("context.client")
+
+DEFAULT_TIMEOUT = 5.0  # above the engine's Redis deadline (2 s), so a degraded window still arrives
+REPLICA_BACKOFF_S = 5.0
+_READ_FAILOVER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+_WRITE_FAILOVER = frozenset({"UNAVAILABLE"})
+
+
+def parse_engine_addrs(raw: str) -> list[tuple[str, int]]:
+    """`CONTEXT_ENGINE_ADDR`: `host:port`, or several separated by commas (`:port` = this machine)."""
+    return parse_kernel_addrs(raw)
+
+
+class ContextClient:
+    def __init__(self, replicas: Sequence[GrpcClient], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if not replicas:
+            raise ValueError("at least one context engine address is needed")
+        self._replicas = list(replicas)
+        self._next = 0
+        self._backoff_until = [-math.inf] * len(self._replicas)
+        self.timeout = timeout
+
+    def _order(self) -> list[int]:
+        """Round robin from the next replica; those in backoff go last (still tried, in order)."""
+        count = len(self._replicas)
+        start, self._next = self._next, (self._next + 1) % count
+        now = trio.current_time()
+        turn = [(start + offset) % count for offset in range(count)]
+        return sorted(turn, key=lambda index: self._backoff_until[index] > now)
+
+    async def _call(self, method: str, request: Any, failover: frozenset[str]) -> Any:
+        left = timeout_left()
+        timeout = self.timeout if left is None else min(self.timeout, left)
+        order = self._order()
+        for position, index in enumerate(order):
+            try:
+                return await self._replicas[index].call(method, request, timeout=timeout)
+            except RpcError as exc:
+                if exc.code not in failover or exc.message.startswith(STORE_UNAVAILABLE):
+                    raise
+                self._backoff_until[index] = trio.current_time() + REPLICA_BACKOFF_S
+                log.warning("context.replica_failed", method=method, replica=index, code=exc.code,
+                            remaining=len(order) - position - 1)
+                if position == len(order) - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def build_window(self, request: pb.BuildWindowRequest) -> pb.BuildWindowResponse:
+        return await self._call("BuildWindow", request, _READ_FAILOVER)
+
+    async def update_memory(self, request: pb.UpdateMemoryRequest) -> None:
+        await self._call("UpdateMemory", request, _WRITE_FAILOVER)
+
+
+@asynccontextmanager
+async def open_context_client(addrs: Sequence[tuple[str, int]], *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[ContextClient]:
+    """Channels to every replica (each connects on its first call), closed on exit."""
+    async with AsyncExitStack() as stack:
+        replicas = [await stack.enter_async_context(open_grpc_client(context_grpc.ContextEngineStub, host, port))
+                    for host, port in addrs]
+        yield ContextClient(replicas, timeout=timeout)

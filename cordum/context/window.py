@@ -1,0 +1,254 @@
+"""The context engine's pure core (spec cordum-services §3): no I/O, no Trio.
+
+- `check_window_request` / `check_update_request`: bad requests → `BadRequest` naming the field.
+- `user_message(payload)`: the user's turn from the job input: `prompt`, else `message`, else
+  `instruction` (+ `code_snippet`), else the payload's own text.
+- `assemble(...)`: history (CHAT, RAG) + RAG context (matching chunks, else the summary) + the user
+  message last, then trimmed to `max_input_tokens` by dropping the oldest messages. Tokens are
+  estimated as characters / 4.
+- `check_governance(...)`: shared write kinds (and policy-state mutations) need a writer, verified
+  provenance and a tenant consistent with the memory id; any write that names a tenant must match
+  the tenant a scoped memory id carries (the Go original checked this for shared kinds only).
+- `memory_events(...)`: the two history entries an UpdateMemory appends, each within the entry limit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from cordum.store.keys import memory_owner, tenant_token
+from cordum.v1 import context_pb2 as pb
+
+HISTORY_LIMIT = 20  # events kept per memory and read into a window
+DEFAULT_MAX_INPUT_TOKENS = 8000
+DEFAULT_MAX_OUTPUT_TOKENS = 1024
+MAX_MEMORY_ID_BYTES = 512
+CHARS_PER_TOKEN = 4
+# UpdateMemory's UNAVAILABLE when Redis did not take the write: the replica is fine and every
+# replica shares that Redis, so clients do not fail over on it.
+STORE_UNAVAILABLE = "memory store unavailable"
+
+RAW, CHAT, RAG = pb.CONTEXT_MODE_RAW, pb.CONTEXT_MODE_CHAT, pb.CONTEXT_MODE_RAG
+_MODES = {pb.CONTEXT_MODE_UNSPECIFIED: RAW, RAW: RAW, CHAT: CHAT, RAG: RAG}
+MODE_NAMES = {RAW: "raw", CHAT: "chat", RAG: "rag"}
+_SHARED_KINDS = frozenset({pb.MEMORY_WRITE_KIND_SHARED_POLICY_STATE, pb.MEMORY_WRITE_KIND_SHARED_TRUST_STATE,
+                           pb.MEMORY_WRITE_KIND_SHARED_DIRECTIVE})
+_WRITE_KINDS = frozenset(pb.MemoryWriteKind.values())
+
+
+class BadRequest(ValueError):
+    """The request is malformed (gRPC INVALID_ARGUMENT); the message starts with the field."""
+
+
+class Refused(ValueError):
+    """The write breaks the governance contract (gRPC PERMISSION_DENIED)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass
+class Window:
+    messages: list[Message]
+    input_tokens: int
+    output_tokens: int
+    dropped: int = 0  # messages trimmed to fit max_input_tokens
+
+
+@dataclass
+class MemoryView:
+    """What the I/O layer read for a window; `degraded` names why something is missing."""
+
+    history: list[str] = field(default_factory=list)  # raw JSON events, oldest first
+    summary: str | None = None
+    chunks: list[str] = field(default_factory=list)  # raw JSON chunk records
+    degraded: str | None = None
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def mode_of(value: int) -> int:
+    """The effective mode (UNSPECIFIED → RAW); an unknown number is a bad request."""
+    try:
+        return _MODES[value]
+    except KeyError:
+        raise BadRequest(f"mode: unknown context mode {value}") from None
+
+
+def check_memory_id(memory_id: str) -> str:
+    if len(memory_id.encode()) > MAX_MEMORY_ID_BYTES:
+        raise BadRequest(f"memory_id: longer than {MAX_MEMORY_ID_BYTES} bytes")
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in memory_id):
+        raise BadRequest("memory_id: must not contain whitespace or control characters")
+    return memory_id
+
+
+def _budget(name: str, value: int, default: int) -> int:
+    if value < 0:
+        raise BadRequest(f"{name}: must not be negative (0 means the default, {default})")
+    return value or default
+
+
+def check_window_request(request: pb.BuildWindowRequest) -> tuple[int, int, int]:
+    """(mode, max_input_tokens, max_output_tokens) of a valid BuildWindow request."""
+    check_memory_id(request.memory_id)
+    return (mode_of(request.mode),
+            _budget("max_input_tokens", request.max_input_tokens, DEFAULT_MAX_INPUT_TOKENS),
+            _budget("max_output_tokens", request.max_output_tokens, DEFAULT_MAX_OUTPUT_TOKENS))
+
+
+def check_update_request(request: pb.UpdateMemoryRequest) -> int:
+    """The effective mode of a valid UpdateMemory request."""
+    check_memory_id(request.memory_id)
+    if request.write_kind not in _WRITE_KINDS:
+        raise BadRequest(f"write_kind: unknown memory write kind {request.write_kind}")
+    return mode_of(request.mode)
+
+
+def check_governance(request: pb.UpdateMemoryRequest) -> None:
+    """Raises Refused (or BadRequest for a missing field) if the write may not happen."""
+    tenant = request.tenant_id.strip()
+    owner = memory_owner(request.memory_id)
+    target_owner = memory_owner(request.target_agent_id.strip())
+    # Any write: a tenant claim must agree with the tenant a scoped id carries.
+    if tenant and owner is not None and owner != tenant_token(tenant):
+        raise Refused("tenant_id: does not match the tenant of memory_id")
+    if tenant and target_owner is not None and target_owner != tenant_token(tenant):
+        raise Refused("tenant_id: does not match the tenant of target_agent_id")
+    if not (request.policy_state_mutation or request.write_kind in _SHARED_KINDS):
+        return
+    if not request.writer_agent_id.strip():
+        raise BadRequest("writer_agent_id: required for a shared-memory write")
+    if not request.provenance_ref.strip():
+        raise BadRequest("provenance_ref: required for a shared-memory write")
+    if not request.provenance_verified:
+        raise Refused("provenance_verified: a shared-memory write needs verified provenance")
+    if not tenant:
+        raise BadRequest("tenant_id: required for a shared-memory write")
+
+
+# ---- building a window -------------------------------------------------------------------------
+
+
+def _payload_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def user_message(payload: bytes) -> str:
+    obj = _payload_object(payload)
+    if obj is not None:
+        for name in ("prompt", "message"):
+            if _text(obj.get(name)):
+                return obj[name]
+        instruction = _text(obj.get("instruction"))
+        if instruction:
+            code = _text(obj.get("code_snippet"))
+            return f"Instruction: {instruction}\nCode:\n{code}" if code else instruction
+    return payload.decode("utf-8", errors="replace")
+
+
+def file_path_of(payload: bytes) -> str:
+    obj = _payload_object(payload)
+    return _text(obj.get("file_path")).strip() if obj is not None else ""
+
+
+def parse_event(raw: str) -> Message | None:
+    """A history entry `{role, content, ts}`; None for one that is not (skipped, never fatal)."""
+    try:
+        event = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(event, dict) or not _text(event.get("role")) or not isinstance(event.get("content"), str):
+        return None
+    return Message(event["role"], event["content"])
+
+
+def matching_chunks(records: Iterable[str], file_path: str) -> list[Message]:
+    """System messages for the chunk records whose path contains, or is contained in, file_path
+    (sorted by path, so replicas answer the same whatever order SSCAN returned)."""
+    found: dict[str, str] = {}
+    for raw in records:
+        try:
+            record = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        path, content = _text(record.get("path")), _text(record.get("content"))
+        if path and (path in file_path or file_path in path):
+            found.setdefault(path, content)
+    return [Message("system", f"Context from {path}:\n{found[path]}") for path in sorted(found)]
+
+
+def estimate_tokens(messages: Sequence[Message]) -> int:
+    return sum(len(m.content) for m in messages) // CHARS_PER_TOKEN
+
+
+def trim(messages: list[Message], max_input_tokens: int) -> tuple[list[Message], int]:
+    """Drop the oldest messages while over budget; the user's message (last) always stays."""
+    total = sum(len(m.content) for m in messages)
+    dropped = 0
+    while len(messages) - dropped > 1 and total // CHARS_PER_TOKEN > max_input_tokens:
+        total -= len(messages[dropped].content)
+        dropped += 1
+    return messages[dropped:], dropped
+
+
+def assemble(mode: int, payload: bytes, memory: MemoryView, max_input_tokens: int, max_output_tokens: int) -> Window:
+    messages: list[Message] = []
+    if mode in (CHAT, RAG):
+        messages += [m for m in map(parse_event, memory.history[-HISTORY_LIMIT:]) if m is not None]
+    if mode == RAG:
+        path = file_path_of(payload)
+        if path:
+            messages += matching_chunks(memory.chunks, path)
+        elif memory.summary:
+            messages.append(Message("system", memory.summary))
+    messages.append(Message("user", user_message(payload)))
+    kept, dropped = trim(messages, max_input_tokens)
+    return Window(kept, estimate_tokens(kept), max_output_tokens, dropped)
+
+
+def reads_for(mode: int, payload: bytes) -> tuple[bool, bool, str]:
+    """What a window in `mode` needs from Redis: (history, summary, chunk file path)."""
+    if mode == RAW:
+        return False, False, ""
+    if mode == CHAT:
+        return True, False, ""
+    path = file_path_of(payload)
+    return True, not path, path
+
+
+# ---- recording a turn --------------------------------------------------------------------------
+
+
+def _event(role: str, content: str, ts: int, field_name: str, max_bytes: int) -> str:
+    entry = json.dumps({"role": role, "content": content, "ts": ts}, ensure_ascii=False)
+    size = len(entry.encode())
+    if size > max_bytes:
+        raise BadRequest(f"{field_name}: the {role} entry is {size} bytes, over the "
+                         f"{max_bytes}-byte limit (CONTEXT_ENGINE_MAX_ENTRY_BYTES)")
+    return entry
+
+
+def memory_events(request: pb.UpdateMemoryRequest, max_bytes: int, now: float | None = None) -> list[str]:
+    """The user and assistant entries to append, oldest first."""
+    ts = int(time.time() if now is None else now)
+    answer = request.model_response.decode("utf-8", errors="replace")
+    return [_event("user", user_message(request.logical_payload), ts, "logical_payload", max_bytes),
+            _event("assistant", answer, ts, "model_response", max_bytes)]
