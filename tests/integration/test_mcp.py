@@ -1,0 +1,258 @@
+"""cordum-mcp against the real job path, driven by the official MCP client (`mcp.ClientSession`).
+
+Processes: safety kernel, scheduler, workflow engine, echo worker and gateway (keys file of
+test_gateway: alice and bob are operators of tenant default, ann of tenant acme), and the MCP
+servers under test, over stdio (spawned by the SDK's stdio client) and over HTTP (stateless
+streamable HTTP, two replicas behind a client that alternates between them)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx2
+import pytest
+import trio
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from cordum.cli.http import Client
+from cordum.dev.servers import free_port
+from cordum.mcp.catalog import MUTATING
+from tests.conftest import ROOT
+from tests.integration import stack as stack_module
+from tests.integration.stack import Stack, http_get, metric
+from tests.integration.test_gateway import ACME, ADMIN, ALICE, BOB, _keys_file
+from tests.integration.test_gateway_workflows import eventually
+
+redis_server, nats_server = stack_module.redis_server, stack_module.nats_server
+
+WAIT = 60  # generous: process start-up and job round trips on a loaded 2-core machine
+CORE_TOOLS = 15
+
+
+class McpStack:
+    def __init__(self, stack: Stack, gateway: str, tmp: Path) -> None:
+        self.stack, self.gateway, self.tmp = stack, gateway, tmp
+
+    def rest(self, key: str) -> Client:
+        return Client(self.gateway, api_key=key, timeout=10)
+
+    def http_replica(self, name: str, **env: str) -> str:
+        port = free_port()
+        self.stack.start(name, "cordum.mcp.service", MCP_TRANSPORT="http", MCP_HTTP_ADDR=f"127.0.0.1:{port}",
+                         CORDUM_GATEWAY_ADDR=self.gateway, **env)
+        return f"http://127.0.0.1:{port}"
+
+    @asynccontextmanager
+    async def stdio(self, key: str, **env: str) -> AsyncIterator[ClientSession]:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "cordum.mcp.service"], cwd=str(ROOT), env={
+            "PYTHONPATH": str(ROOT), "CORDUM_GATEWAY_ADDR": self.gateway, "CORDUM_API_KEY": key,
+            "REDIS_URL": self.stack.env.get("REDIS_URL", ""), **env})
+        with (self.tmp / f"mcp-stdio-{key[:5]}.err").open("a") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+
+@pytest.fixture
+async def mcp_stack(spawn, tmp_path, server_env) -> McpStack:
+    stack = Stack.create(spawn, tmp_path, WORKFLOW_ENGINE_SCAN_INTERVAL="1s", **server_env)
+    stack.kernel()
+    stack.scheduler()
+    stack.workflow_engine()
+    stack.worker()
+    stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN,
+                CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
+    await stack.ready(timeout=WAIT)
+    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
+    return McpStack(stack, f"http://127.0.0.1:{stack.http_ports['gateway-1']}", tmp_path)
+
+
+async def call(session: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
+    """A tool call that must succeed: its structured result."""
+    result = await session.call_tool(tool, args)
+    assert not result.is_error, result.content[0].text
+    assert result.content[0].type == "text" and result.structured_content is not None
+    return result.structured_content
+
+
+async def failure(session: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
+    """A tool call that must fail as a tool error: its `error` object."""
+    result = await session.call_tool(tool, args)
+    assert result.is_error, result.structured_content
+    return result.structured_content["error"]
+
+
+async def job_in(session: ClientSession, job_id: str, states: set[str]) -> dict[str, Any]:
+    async def reached():
+        job = await call(session, "cordum_get_job", id=job_id)
+        return job if job["state"] in states else None
+
+    return await eventually(reached, timeout=WAIT, interval=0.2, what=f"job {job_id} in {states}")
+
+
+async def test_stdio_submit_watch_approve_and_workflow_run(mcp_stack: McpStack) -> None:
+    steps = {"echo": {"type": "worker", "topic": "job.default", "input": {"prompt": "${input.text}"}}}
+    workflow_id = (await trio.to_thread.run_sync(lambda: mcp_stack.rest(ADMIN).post(
+        "/api/v1/workflows", {"steps": steps})))["id"]
+
+    async with mcp_stack.stdio(ALICE) as alice, mcp_stack.stdio(BOB) as bob:
+        listed = await alice.list_tools()
+        assert {t.name for t in listed.tools} >= {"cordum_submit_job", "cordum_approve_job", "cordum_get_run"}
+        assert len(listed.tools) == CORE_TOOLS
+
+        # submit, watch it succeed
+        submitted = await call(alice, "cordum_submit_job", prompt="hello from mcp", labels={"via": "stdio"})
+        assert submitted["status"] == "pending" and submitted["job_id"]
+        done = await job_in(alice, submitted["job_id"], {"SUCCEEDED", "FAILED", "DENIED", "TIMEOUT"})
+        assert done["state"] == "SUCCEEDED"
+        listed_jobs = await call(alice, "cordum_list_jobs", filter={"state": "SUCCEEDED"})
+        assert submitted["job_id"] in {j["id"] for j in listed_jobs["items"]}
+
+        # a held job: its submitter may not approve it, another operator may
+        held = await call(alice, "cordum_submit_job", prompt="needs a human", topic="job.approve")
+        assert held["status"] == "approval_required"
+        pending = await call(bob, "cordum_list_pending_approvals")
+        assert held["job_id"] in {item["job"]["id"] for item in pending["items"]}
+        own = await failure(alice, "cordum_approve_job", job_id=held["job_id"])
+        assert own["status"] == 403 and own["code"] == "self_approval_denied" and "HTTP 403" in own["message"]
+        approved = await call(bob, "cordum_approve_job", job_id=held["job_id"], note="looks fine")
+        assert approved["approved"] is True and approved["job_id"] == held["job_id"]
+        assert (await job_in(bob, held["job_id"], {"SUCCEEDED", "FAILED", "DENIED"}))["state"] == "SUCCEEDED"
+
+        # bad input and a missing job are tool errors that say what is wrong
+        assert "prompt is required" in (await failure(alice, "cordum_submit_job", topic="job.default"))["message"]
+        missing = await failure(alice, "cordum_get_job", id="no-such-job")
+        assert missing["status"] == 404 and "HTTP 404" in missing["message"]
+        assert ALICE not in missing["message"]
+        with pytest.raises(MCPError, match="not available"):
+            await alice.call_tool("cordum_list_packs", {})
+
+        # trigger a workflow and read its run
+        started = await call(alice, "cordum_trigger_workflow", workflow_id=workflow_id, input={"text": "hi"})
+        run_id = started["run_id"]
+
+        async def finished():
+            run = await call(alice, "cordum_get_run", id=run_id)
+            return run if run["status"] in ("succeeded", "failed", "cancelled", "denied", "timed_out") else None
+
+        run = await eventually(finished, timeout=WAIT, interval=0.2, what=f"run {run_id} finished")
+        assert run["status"] == "succeeded" and run["workflow_id"] == workflow_id
+        timeline = await call(alice, "cordum_run_timeline", id=run_id)
+        assert timeline["run_id"] == run_id and timeline["items"]
+        runs = await call(alice, "cordum_list_runs", filter={"workflow_id": workflow_id})
+        assert run_id in {r["id"] for r in runs["items"]}
+
+        # resources
+        read = await alice.read_resource(f"cordum://workflows/{workflow_id}/runs/{run_id}")
+        assert read.contents[0].mime_type == "application/json" and run_id in read.contents[0].text
+        assert submitted["job_id"] in (await alice.read_resource(f"cordum://jobs/{submitted['job_id']}")).contents[0].text
+        with pytest.raises(MCPError) as not_found:
+            await alice.read_resource(f"cordum://workflows/other-workflow/runs/{run_id}")
+        assert not_found.value.code == -32002
+
+
+@asynccontextmanager
+async def http_session(url: str, key: str | None, transport: httpx2.AsyncBaseTransport | None = None,
+                       ) -> AsyncIterator[ClientSession]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx2.AsyncClient(headers=headers, transport=transport, timeout=30) as client, \
+            streamable_http_client(f"{url}/mcp", http_client=client) as (read, write), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+class Alternating(httpx2.AsyncBaseTransport):
+    """A plain round-robin load balancer: each request goes to the next replica."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.ports = [int(u.rsplit(":", 1)[1]) for u in urls]
+        self.inner = httpx2.AsyncHTTPTransport()
+        self.sent: list[int] = []
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        port = self.ports[len(self.sent) % len(self.ports)]
+        self.sent.append(port)
+        request.url = request.url.copy_with(port=port)
+        request.headers["Host"] = f"127.0.0.1:{port}"
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def tool_calls(url: str) -> float:
+    return metric(http_get(int(url.rsplit(":", 1)[1]), "/metrics"), "cordum_mcp_tool_calls_total")
+
+
+async def test_http_credentials_tenants_read_only_and_two_replicas(mcp_stack: McpStack) -> None:
+    first, second = mcp_stack.http_replica("mcp-1"), mcp_stack.http_replica("mcp-2")
+    read_only = mcp_stack.http_replica("mcp-ro", CORDUM_MCP_READ_ONLY="true")
+    await mcp_stack.stack.ready("mcp-1", "mcp-2", "mcp-ro", timeout=WAIT)
+
+    # no credential, or one the gateway does not know: 401 before any MCP exchange
+    async with httpx2.AsyncClient(timeout=30) as plain:
+        request = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        anonymous = await plain.post(f"{first}/mcp", json=request)
+        assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+        wrong = await plain.post(f"{first}/mcp", json=request, headers={"X-API-Key": "not-a-key-0123456789"})
+        assert wrong.status_code == 401 and "invalid API key" in wrong.json()["error"]
+        assert (await plain.get(f"{first}/health")).json()["status"] == "ok"
+
+    # a client whose requests alternate between the two replicas: initialize on one, the rest anywhere
+    balancer = Alternating([first, second])
+    before = tool_calls(first), tool_calls(second)
+    async with http_session(first, ALICE, balancer) as alice:
+        assert len((await alice.list_tools()).tools) == CORE_TOOLS
+        job = await call(alice, "cordum_submit_job", prompt="over http")
+        assert (await job_in(alice, job["job_id"], {"SUCCEEDED", "FAILED", "DENIED"}))["state"] == "SUCCEEDED"
+        status = await call(alice, "cordum_status")
+        assert status["redis"]["ok"] is True
+    assert set(balancer.sent) == set(balancer.ports) and len(balancer.sent) >= 6
+    after = tool_calls(first), tool_calls(second)
+    assert after[0] > before[0] and after[1] > before[1], (before, after)  # both replicas served tool calls
+
+    # both replicas are listed in the gateway's status (instance registration)
+    async def listed():
+        replicas = (await trio.to_thread.run_sync(lambda: mcp_stack.rest(ALICE).get("/api/v1/status")))["replicas"]
+        return {r["id"] for r in replicas.get("cordum-mcp", [])} >= {"mcp-1", "mcp-2"}
+
+    await eventually(listed, timeout=WAIT, interval=0.5, what="the MCP replicas in /api/v1/status")
+
+    # another tenant's key sees none of it
+    async with http_session(second, ACME) as ann:
+        missing = await failure(ann, "cordum_get_job", id=job["job_id"])
+        assert missing["status"] == 404
+        assert job["job_id"] not in {j["id"] for j in (await call(ann, "cordum_list_jobs"))["items"]}
+        with pytest.raises(MCPError) as not_found:
+            await ann.read_resource(f"cordum://jobs/{job['job_id']}")
+        assert not_found.value.code == -32002
+
+    # read-only: the mutating tools are neither listed nor callable; reads still work
+    async with http_session(read_only, BOB) as bob:
+        names = {t.name for t in (await bob.list_tools()).tools}
+        assert names and not names & MUTATING and "cordum_get_job" in names
+        with pytest.raises(MCPError, match="read-only"):
+            await bob.call_tool("cordum_submit_job", {"prompt": "no"})
+        assert (await call(bob, "cordum_get_job", id=job["job_id"]))["id"] == job["job_id"]
+
+    # shutdown: SIGTERM drains and exits 0, the registration goes with it
+    proc = mcp_stack.stack.procs["mcp-2"]
+    proc.signal()
+    assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+    assert [e["stage"] for e in proc.events() if e.get("event") == "stage.begin"] == ["transport drain"]
+
+
+def test_environment_errors_exit_2_naming_the_variable(tmp_path) -> None:
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MCP_TRANSPORT": "http", "MCP_HTTP_ADDR": "not-an-address"}
+    done = subprocess.run([sys.executable, "-m", "cordum.mcp.service"], env=env, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "MCP_HTTP_ADDR" in done.stderr and done.stdout == ""
