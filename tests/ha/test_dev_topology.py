@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from cordum.dev.servers import free_block as servers_free_block
 from cordum.dev import stack
@@ -68,6 +69,20 @@ def health(url: str) -> int:
     return urllib.request.urlopen(url + "/health", timeout=5).status
 
 
+async def mcp_tool(url: str, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One tool call through the official MCP client over streamable HTTP, with the stack's key."""
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client, \
+            streamable_http_client(url, http_client=client) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        result = await session.call_tool(tool, args)
+        assert not result.is_error, result.content[0].text
+        return result.structured_content
+
+
 def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
     # the context engine and MCP join once their console scripts are more than stubs
     available = {KINDS[s.name]: s.name for s in stack.SERVICES if stack.is_available(s)}
@@ -114,6 +129,10 @@ def test_detached_topology_replicas_and_dev_commands(tmp_path: Path) -> None:
         job_id = http("POST", gw2 + "/api/v1/jobs", {"prompt": "dev topology"})["job_id"]
         wait_for(lambda: http("GET", f"{gw1}/api/v1/jobs/{job_id}").get("state") == "SUCCEEDED", 30,
                  f"job {job_id} SUCCEEDED via gateway-1")
+
+        if "mcp" in available:  # the URL and key `up` printed are all an MCP client needs
+            job = trio.run(mcp_tool, f"http://127.0.0.1:{base + 143}/mcp", "cordum_get_job", {"id": job_id})
+            assert (job["id"], job["state"]) == (job_id, "SUCCEEDED")
 
         # /api/v1/status lists both replicas of every replicated service that runs
         registered = {available[kind]: {f"{kind}-1", f"{kind}-2"} for kind in REPLICATED if kind in available}
