@@ -17,6 +17,7 @@ import httpx2
 import pytest
 import trio
 from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -233,6 +234,30 @@ async def test_http_credentials_tenants_read_only_and_two_replicas(mcp_stack: Mc
         with pytest.raises(MCPError) as not_found:
             await ann.read_resource(f"cordum://jobs/{job['job_id']}")
         assert not_found.value.code == -32002
+
+    # the SSE endpoints: GET /sse + POST /message?session_id= (a session answers only its own key), and
+    # POST /message without a session answered in the response body
+    async with sse_client(f"{first}/sse", headers={"X-API-Key": ALICE}) as (read, write), \
+            ClientSession(read, write) as over_sse:
+        await over_sse.initialize()
+        assert (await call(over_sse, "cordum_get_job", id=job["job_id"]))["id"] == job["job_id"]
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with httpx2.AsyncClient(timeout=30) as plain:
+        async with plain.stream("GET", f"{first}/sse", headers={"X-API-Key": ALICE}) as events:
+            lines = events.aiter_lines()
+            endpoint = ""
+            while not endpoint.startswith("/message?session_id="):
+                endpoint = (await lines.__anext__()).removeprefix("data: ")
+            assert (await plain.post(f"{first}{endpoint}", json=ping, headers={"X-API-Key": BOB})).status_code == 404
+            assert (await plain.post(f"{first}{endpoint}", json=ping, headers={"X-API-Key": ALICE})).status_code == 202
+        get_job = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                   "params": {"name": "cordum_get_job", "arguments": {"id": job["job_id"]}}}
+        answer = await plain.post(f"{second}/message", json=get_job, headers={"X-API-Key": ALICE})
+        assert answer.status_code == 200 and answer.json()["id"] == 7
+        assert answer.json()["result"]["structuredContent"]["id"] == job["job_id"]
+        notified = await plain.post(f"{second}/message", headers={"X-API-Key": ALICE},
+                                    json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert notified.status_code == 202
 
     # read-only: the mutating tools are neither listed nor callable; reads still work
     async with http_session(read_only, BOB) as bob:
