@@ -10,8 +10,12 @@
         return {"summary": job.input["prompt"][:100]}
 
     trio_asyncio.run(worker.run)  # or, as a process with graceful shutdown: run_worker(build)
+
+With CONTEXT_ENGINE_ADDR set, a handler builds its model window and records the answer in the
+job's memory: `await job.build_window()`, `await job.record_answer(text)` (cordum/worker/context.py).
 """
 
+from cordum.worker.context import ContextEngineNotConfigured, ContextWindow
 from cordum.worker.core import JobFailed
 from cordum.worker.worker import (
     SDK_VERSION,
@@ -25,6 +29,8 @@ from cordum.worker.worker import (
 )
 
 __all__ = [
+    "ContextEngineNotConfigured",
+    "ContextWindow",
     "SDK_VERSION",
     "WORKER_STAGES",
     "Handler",

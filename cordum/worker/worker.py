@@ -49,9 +49,10 @@ from cordum.infra.config import Settings, env_value, load_settings, parse_positi
 from cordum.infra.redis import Redis, open_redis
 from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import PROTOCOL_VERSION, PacketError, decode, encode, new_packet
-from cordum.runtime.lifecycle import CLOSE_RESERVE, Lifecycle
+from cordum.runtime.lifecycle import CLOSE_RESERVE, Lifecycle, close_scope
 from cordum.runtime.log import get_logger
 from cordum.store import keys
+from cordum.worker import context as context_engine
 from cordum.worker.claims import Claim, ClaimOutcome, RunClaims
 from cordum.worker.core import (
     CANCELLED,
@@ -164,6 +165,19 @@ class JobContext:
         self._worker._publish_progress(self._job, percent, message)
         await trio.lowlevel.checkpoint()
 
+    async def build_window(self, *, mode: str | None = None, model: str = "", max_input_tokens: int | None = None,
+                           max_output_tokens: int | None = None) -> context_engine.ContextWindow:
+        """The model window for this job from the context engine: the memory's earlier turns
+        (chat, rag), RAG context, and this job's message last (cordum/worker/context.py)."""
+        return await context_engine.build_window(
+            self._worker.context_engine, self.request, self.input, mode=mode, model=model,
+            max_input_tokens=max_input_tokens, max_output_tokens=max_output_tokens)
+
+    async def record_answer(self, answer: str | bytes, *, mode: str | None = None) -> bool:
+        """Record this job's message and the model's `answer` in the job's memory."""
+        return await context_engine.record_answer(self._worker.context_engine, self.request, self.input, answer,
+                                                  mode=mode, writer=self.worker_id)
+
 
 def _process_cpu_sampler() -> Callable[[], float]:
     last = [time.monotonic(), time.process_time()]
@@ -210,6 +224,7 @@ class Worker:
         result_cache_size: int = 4096,
         result_cache_ttl: float = 600.0,
         liveness_ttl: float | None = None,
+        context_engine_addr: str | None = None,
     ) -> None:
         self.direct_subject = subjects.worker_subject(worker_id)  # validates the id (one token)
         if max_parallel_jobs < 1:
@@ -241,6 +256,9 @@ class Worker:
         self.max_result_bytes = max_result_bytes
         self.stats = WorkerStats()
         self._settings = settings
+        # JobContext.build_window/record_answer: CONTEXT_ENGINE_ADDR, connected on first use.
+        self.context_engine = context_engine.ContextEngineAccess.from_env(
+            context_engine_addr, settings.extra if settings is not None else None)
         self._handlers: dict[str, Handler] = {}
         self._default: Handler | None = None
         self._limiter = trio.CapacityLimiter(max_parallel_jobs)
@@ -325,6 +343,13 @@ class Worker:
         self, redis: Redis, bus: Bus, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve on connections owned by the caller; returns after `drain()` or when cancelled."""
+        try:
+            await self._serve(redis, bus, task_status=task_status)
+        finally:
+            with close_scope(2):
+                await self.context_engine.aclose()
+
+    async def _serve(self, redis: Redis, bus: Bus, *, task_status: trio.TaskStatus[None]) -> None:
         if self._nursery is not None:
             raise RuntimeError(f"worker {self.worker_id} is already serving")
         if self._default is None and not self._handlers:
