@@ -74,6 +74,30 @@ class GatewayClient:
             return await trio.to_thread.run_sync(send, abandon_on_cancel=True)
 
 
+class InFlight:
+    """Server middleware counting the requests being handled, so a drain can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        if ctx.request_id is None:  # a notification
+            return await call_next(ctx)
+        self.count += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            return await call_next(ctx)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
 def error_result(code: str, message: str, status: int = 0, details: Any = None) -> types.CallToolResult:
     error: dict[str, Any] = {"code": code, "message": message}
     if status:
@@ -91,7 +115,7 @@ def gateway_error_result(exc: GatewayError) -> types.CallToolResult:
                         exc.describe(), exc.status, details)
 
 
-def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics) -> Server:
+def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics, in_flight: InFlight) -> Server:
     calls = metrics.counter("cordum_mcp_tool_calls_total", "MCP tool calls by tool and outcome", ["tool", "outcome"])
     reads = metrics.counter("cordum_mcp_resource_reads_total", "MCP resource reads by outcome", ["outcome"])
 
@@ -181,8 +205,10 @@ def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics) ->
         return types.ReadResourceResult(contents=[types.TextResourceContents(
             uri=uri, mime_type="application/json", text=catalog.result_text(body if body is not None else {}))])
 
-    return Server(NAME, version=__version__, instructions=(
+    server = Server(NAME, version=__version__, instructions=(
         "Cordum's control plane for agent jobs: submit jobs and workflow runs, follow them, approve or "
         "reject what policy holds for a person. Every call acts as the API key of this connection."),
         on_list_tools=list_tools, on_call_tool=call_tool, on_list_resources=list_resources,
         on_list_resource_templates=list_templates, on_read_resource=read_resource)
+    server.middleware.append(in_flight)
+    return server

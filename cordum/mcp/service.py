@@ -25,7 +25,7 @@ from cordum.infra.metrics import Metrics
 from cordum.infra.redis import RedisError, RedisUnavailable, open_redis
 from cordum.mcp.config import McpConfig, load_config
 from cordum.mcp.http import McpHttpApp
-from cordum.mcp.server import NAME, GatewayClient, build_server
+from cordum.mcp.server import NAME, GatewayClient, InFlight, build_server
 from cordum.mcp.stdio import serve_stdio
 from cordum.runtime.instances import serve_registration
 from cordum.runtime.lifecycle import Lifecycle
@@ -43,24 +43,31 @@ def make_serve(argv: Sequence[str]):
         config = load_config(settings, argv)
         metrics = Metrics(settings.instance_id)
         gateway = GatewayClient(config.gateway, config.request_timeout)
-        server = build_server(config, gateway, metrics)
+        in_flight = InFlight()
+        server = build_server(config, gateway, metrics, in_flight)
         log.info("mcp.config", transport=config.transport, gateway=config.gateway, tenant=config.tenant,
                  read_only=config.read_only, disabled=sorted(config.disabled))
         if config.transport == "http":
             await serve_http(settings, config, lifecycle, server, gateway, metrics, task_status=task_status)
         else:
-            await serve_stdio_process(config, lifecycle, server, task_status=task_status)
+            await serve_stdio_process(config, lifecycle, server, in_flight, task_status=task_status)
 
     return serve
 
 
-async def serve_stdio_process(config: McpConfig, lifecycle: Lifecycle, server, *, task_status) -> None:
+async def serve_stdio_process(config: McpConfig, lifecycle: Lifecycle, server, in_flight: InFlight, *,
+                              task_status) -> None:
     if not config.api_key:
         log.warning("mcp.no_api_key", hint="set CORDUM_API_KEY or --api-key: the gateway refuses calls without one")
     async with trio.open_nursery() as nursery:
         lines = await nursery.start(serve_stdio, server)
         if lines is not None:
-            lifecycle.on("transport drain", lines.close)
+            async def drain() -> None:  # stop reading; the calls in progress answer first
+                lines.stop()
+                await in_flight.idle()
+                await lines.close()
+
+            lifecycle.on("transport drain", drain)
         task_status.started()
     # stdin ended: nobody is left to serve
     await lifecycle.shutdown("stdin closed")

@@ -26,10 +26,14 @@ MAX_LINE = 4 << 20  # one JSON-RPC message; a longer line is dropped with an err
 
 
 class StdinLines:
-    """The lines of stdin, readable from Trio and stoppable with `close()`."""
+    """The lines of stdin, readable from Trio. `stop()` stops the reading but holds the session
+    open until `close()`, so the calls in progress can still answer."""
 
     def __init__(self, fd: int = 0) -> None:
         self._stream = trio.lowlevel.FdStream(os.dup(fd))
+        self._reading: trio.CancelScope | None = None
+        self._stopped = False
+        self._closed = trio.Event()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
@@ -38,10 +42,17 @@ class StdinLines:
         buffer = bytearray()
         dropping = False
         while True:
-            try:
-                chunk = await self._stream.receive_some(65536)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return  # closed by a shutdown: the end of input
+            chunk = b""
+            with trio.CancelScope() as self._reading:
+                if self._stopped:
+                    self._reading.cancel()
+                try:
+                    chunk = await self._stream.receive_some(65536)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass  # closed by a shutdown: the end of input
+            if self._stopped:
+                await self._closed.wait()  # stopped: the session ends when close() says so
+                return
             if not chunk:
                 break
             buffer += chunk
@@ -58,7 +69,14 @@ class StdinLines:
         if buffer.strip() and not dropping:
             yield buffer.decode("utf-8", "replace")
 
+    def stop(self) -> None:
+        self._stopped = True
+        if self._reading is not None:
+            self._reading.cancel()
+
     async def close(self) -> None:
+        self.stop()
+        self._closed.set()
         await self._stream.aclose()
 
 

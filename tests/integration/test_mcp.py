@@ -281,3 +281,57 @@ def test_environment_errors_exit_2_naming_the_variable(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-m", "cordum.mcp.service"], env=env, capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "MCP_HTTP_ADDR" in done.stderr and done.stdout == ""
+
+
+def test_stdio_sigterm_lets_the_call_in_progress_answer(tmp_path) -> None:
+    """SIGTERM over stdio stops reading stdin, answers the call in progress, then exits 0."""
+    import json
+    import signal
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    arrived, release = threading.Event(), threading.Event()
+
+    class SlowGateway(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            arrived.set()
+            release.wait(30)
+            body = b'{"redis": {"ok": true}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    gateway = ThreadingHTTPServer(("127.0.0.1", 0), SlowGateway)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CORDUM_API_KEY": "k" * 24,
+           "CORDUM_GATEWAY_ADDR": f"http://127.0.0.1:{gateway.server_port}"}
+    with (tmp_path / "mcp.err").open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cordum.mcp.service"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
+    try:
+        def send(message: dict[str, Any]) -> None:
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}})
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "cordum_status", "arguments": {}}})
+        assert arrived.wait(WAIT), "the call never reached the gateway"
+        proc.send_signal(signal.SIGTERM)
+        threading.Timer(1.0, release.set).start()  # the gateway answers after the signal
+        reply = json.loads(proc.stdout.readline())
+        assert reply["id"] == 2 and reply["result"]["structuredContent"] == {"redis": {"ok": True}}
+        assert proc.wait(30) == 0
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+        gateway.shutdown()
