@@ -159,13 +159,15 @@ async def test_stdio_submit_watch_approve_and_workflow_run(mcp_stack: McpStack) 
 
 
 @asynccontextmanager
-async def http_session(url: str, key: str | None, transport: httpx2.AsyncBaseTransport | None = None,
-                       ) -> AsyncIterator[ClientSession]:
+async def http_session(url: str, key: str | None, transport: httpx2.AsyncBaseTransport | None = None, *,
+                       modern: bool = False) -> AsyncIterator[ClientSession]:
+    """A session over streamable HTTP: the initialize handshake, or (modern) the 2026-07-28
+    per-request envelope negotiated with server/discover."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with httpx2.AsyncClient(headers=headers, transport=transport, timeout=30) as client, \
             streamable_http_client(f"{url}/mcp", http_client=client) as (read, write), \
             ClientSession(read, write) as session:
-        await session.initialize()
+        await (session.discover() if modern else session.initialize())
         yield session
 
 
@@ -225,6 +227,11 @@ async def test_http_credentials_tenants_read_only_and_two_replicas(mcp_stack: Mc
         return {r["id"] for r in replicas.get("cordum-mcp", [])} >= {"mcp-1", "mcp-2"}
 
     await eventually(listed, timeout=WAIT, interval=0.5, what="the MCP replicas in /api/v1/status")
+
+    # the per-request-envelope protocol era works through the same credential path
+    async with http_session(second, ALICE, Alternating([second, first]), modern=True) as modern:
+        assert modern.protocol_version == "2026-07-28"
+        assert (await call(modern, "cordum_get_job", id=job["job_id"]))["state"] == "SUCCEEDED"
 
     # another tenant's key sees none of it
     async with http_session(second, ACME) as ann:
