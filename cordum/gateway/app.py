@@ -1,6 +1,6 @@
 """The gateway's quart-trio app: auth, tenant check and rate limit on `/api/`, the error envelope, request
 metrics, and the routes of every module (jobs, approvals, DLQ, workers, config/policy, status,
-stream, workflows). `/health` and `/metrics` come from `make_app` and need no key."""
+stream, workflows, memory/artifacts). `/health` and `/metrics` come from `make_app` and need no key."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from cordum.gateway import approvals, config, dlq, errors, jobs, status, stream, workers, workflows
+from cordum.gateway import approvals, config, dlq, errors, jobs, memory, status, stream, workers, workflows
 from cordum.gateway.auth import key_from_headers
 from cordum.gateway.context import SERVICE, Gateway
 from cordum.gateway.errors import error_response
@@ -71,6 +71,6 @@ def create_app(gw: Gateway) -> QuartTrio:
         gw.http_requests.labels(method=request.method, route=rule, status=str(response.status_code)).inc()
         return response
 
-    for module in (jobs, approvals, dlq, workers, config, status, stream, workflows):
+    for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory):
         module.register(app, gw)
     return app
