@@ -22,7 +22,6 @@ import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-import trio
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.lowlevel import Server
@@ -78,11 +77,7 @@ class KeyCheck:
         try:
             await self.gateway.run(KEY_CHECK, who)
         except GatewayError as exc:
-            if exc.status in (401, 403):
-                return exc
-            return None
-        except trio.TooSlowError:
-            return None
+            return exc if exc.status in (401, 403) else None
         if len(self._accepted) >= KEY_CACHE_SIZE:
             self._accepted = {k: t for k, t in self._accepted.items() if t > now}
             if len(self._accepted) >= KEY_CACHE_SIZE:

@@ -70,8 +70,9 @@ class GatewayClient:
 
         # urllib blocks: a thread per call, left to finish on its own (its timeout bounds it)
         # when the MCP request is cancelled.
-        with trio.fail_after(self.timeout + 5):
+        with trio.move_on_after(self.timeout + 5):
             return await trio.to_thread.run_sync(send, abandon_on_cancel=True)
+        raise GatewayError(f"gateway {self.addr} did not answer {call.method} {call.path} within {self.timeout:g}s")
 
 
 class InFlight:
@@ -161,9 +162,6 @@ def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics, in
             calls.labels(tool=name, outcome="gateway_error").inc()
             log.info("mcp.tool_error", tool=name, status=exc.status, error=exc.describe())
             return gateway_error_result(exc)
-        except trio.TooSlowError:
-            calls.labels(tool=name, outcome="gateway_error").inc()
-            return error_result("gateway_timeout", f"gateway {gateway.addr} did not answer within {gateway.timeout:g}s")
         structured = tool.shape(args, reply)
         calls.labels(tool=name, outcome="ok").inc()
         return types.CallToolResult(content=[types.TextContent(type="text", text=catalog.result_text(structured))],
