@@ -77,7 +77,7 @@ async def test_a_paused_leader_does_nothing_its_successor_already_did(spawn, tmp
         paused = stack.procs[leader]
         paused.signal(signal.SIGSTOP)  # before the job is due: only a successor can time it out
         try:
-            await wait_state(store, job_id, {"TIMEOUT"}, timeout=15)
+            await wait_state(store, job_id, {"TIMEOUT"}, timeout=45)
             successor = await _holder(redis, keys.RECONCILER_LEADER)
             assert successor not in (None, leader)
         finally:

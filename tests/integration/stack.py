@@ -129,7 +129,7 @@ class Stack:
         # Echo workers count their executions (cordum.worker.echo): exactly-once is checked there.
         return self.start(name, "cordum.worker.echo", **{"WORKER_ID": name, "ECHO_EXECUTIONS_KEY": EXECUTIONS_KEY, **env})
 
-    async def ready(self, *names: str, timeout: float = 20) -> None:
+    async def ready(self, *names: str, timeout: float = 60) -> None:  # generous: a loaded CI machine
         for name in names or tuple(self.procs):
             proc = self.procs[name]
             await _wait_for(lambda: any(e.get("event") == "service.ready" for e in proc.events()), timeout,
