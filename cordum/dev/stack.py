@@ -198,6 +198,7 @@ def _write_keys(path: str, key: str, tenant: str) -> None:
     """The approver's keys file (JSON is YAML too), readable by this user only."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as out:
         out.write(json.dumps([{"key": key, "tenant": tenant, "role": "operator", "principal_id": "approver"}]) + "\n")
 

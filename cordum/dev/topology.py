@@ -269,6 +269,8 @@ def build(
                 # stdio needs a client on the other end of stdin: under the supervisor MCP serves HTTP,
                 # where each request's own key (no CORDUM_TENANT_ID) decides the tenant
                 env.update(MCP_TRANSPORT="http", MCP_HTTP_ADDR=f":{ports['http']}")
+                # and holds no key of its own (empty: not even one inherited from the supervisor)
+                env.update(CORDUM_API_KEY="", CORDUM_API_KEYS_PATH="")
                 if gateways:
                     gateway = service_ports("api-gateway", kernel_for(i, gateways), base_port)["http"]
                     env["CORDUM_GATEWAY_ADDR"] = f"http://127.0.0.1:{gateway}"

@@ -83,7 +83,8 @@ def test_env_per_replica() -> None:
             if r.kind == "mcp"] == ["http://127.0.0.1:8081"]
     for r in t.replicas:
         if r.entry:
-            assert r.env["CORDUM_API_KEY"] == "secret" and r.env["CORDUM_ENV"] == "dev"
+            # the MCP servers hold no key: each HTTP request brings its caller's
+            assert r.env["CORDUM_API_KEY"] == ("" if r.kind == "mcp" else "secret") and r.env["CORDUM_ENV"] == "dev"
             assert r.env["REDIS_URL"] == "redis://127.0.0.1:6379/0" and r.env["NATS_URL"] == "nats://127.0.0.1:4222"
     assert [topo.kernel_for(i, 2) for i in (1, 2, 3, 4)] == [1, 2, 1, 2]
     assert [topo.kernels_for(i, 3) for i in (1, 2)] == [[1, 2, 3], [2, 1, 3]]
