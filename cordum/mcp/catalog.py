@@ -53,8 +53,21 @@ class Tool:
     mutating: bool = False
 
 
+# Ids that go into a gateway path: letters, digits and `._:@-[]` (job ids of workflow children are
+# `<run>:<step>[i]@n`), never `/`, `%` or a leading dot, so no id can be read as another route
+# (`abc/timeline`, `..`, or a `%2F` the gateway's router decodes back to `/`).
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@\[\]-]{0,255}")
+
+
+def _valid_id(value: str, what: str) -> str:
+    if not _ID.fullmatch(value):
+        raise ArgumentError(f"{what} {value!r} is not a valid id: letters, digits and ._:@-[] only, "
+                            "starting with a letter or digit")
+    return value
+
+
 def _seg(value: str) -> str:
-    """An id as one path segment (the gateway validates the id itself)."""
+    """A checked id as one path segment."""
     return quote(value, safe="")
 
 
@@ -97,6 +110,11 @@ def _str_map(args: Mapping[str, Any], name: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ArgumentError(f"{name} must be an object of strings")
     return dict(value)
+
+
+def _id(args: Mapping[str, Any], name: str) -> str:
+    """A required id argument that becomes a path segment."""
+    return _valid_id(_str(args, name, required=True), name)
 
 
 def _bool(args: Mapping[str, Any], name: str) -> bool:
@@ -240,12 +258,12 @@ def _shape_submit(_args: dict[str, Any], reply: Reply) -> dict[str, Any]:
 
 def _plan_cancel(args: dict[str, Any]) -> Call:
     body = {"reason": reason} if (reason := _str(args, "reason", max_len=2000)) else {}
-    return Call("POST", f"/api/v1/jobs/{_seg(_str(args, 'job_id', required=True))}/cancel", body=body)
+    return Call("POST", f"/api/v1/jobs/{_seg(_id(args, 'job_id'))}/cancel", body=body)
 
 
 def _plan_approval(action: str) -> Callable[[dict[str, Any]], Call]:
     def plan(args: dict[str, Any]) -> Call:
-        job_id = _str(args, "job_id", required=True)
+        job_id = _id(args, "job_id")
         if action == "approve":
             body = {"note": note} if (note := _str(args, "note", max_len=2000)) else {}
         else:
@@ -286,7 +304,7 @@ def _plan_trigger(args: dict[str, Any]) -> Call:
         raise ArgumentError("input must be an object")
     headers = {"Idempotency-Key": key} if (key := _str(args, "idempotency_key")) else {}
     query = {"dry_run": "true"} if _bool(args, "dry_run") else {}
-    workflow_id = _str(args, "workflow_id", required=True)
+    workflow_id = _id(args, "workflow_id")
     return Call("POST", f"/api/v1/workflows/{_seg(workflow_id)}/runs", query=query, body=run_input, headers=headers)
 
 
@@ -335,7 +353,7 @@ def _shape_policy(_args: dict[str, Any], reply: Reply) -> dict[str, Any]:
 
 def _plan_get(path: str) -> Callable[[dict[str, Any]], Call]:
     def plan(args: dict[str, Any]) -> Call:
-        return Call("GET", path.format(id=_seg(_str(args, "id", required=True))))
+        return Call("GET", path.format(id=_seg(_id(args, "id"))))
 
     return plan
 
@@ -453,7 +471,6 @@ UNAVAILABLE_RESOURCES = {
                 "(use the cordum_query_policy tool to evaluate a topic)",
     "audit": "cordum://audit is not available: this Cordum has no audit chain yet",
 }
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,255}$")
 
 
 @dataclass(frozen=True)
@@ -475,12 +492,6 @@ def _limit(params: Mapping[str, list[str]], default: int) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 100:
         raise ArgumentError("limit must be an integer between 1 and 100")
     return int(raw)
-
-
-def _uri_id(value: str, what: str) -> str:
-    if not _ID.match(value):
-        raise ArgumentError(f"{what} {value!r} is not a valid id")
-    return value
 
 
 def plan_resource(uri: str) -> Read:
@@ -506,13 +517,13 @@ def plan_resource(uri: str) -> Read:
                  "state": (params.get("status") or [""])[-1].upper()}
         return Read(Call("GET", "/api/v1/jobs", query=query))
     if head == "jobs" and len(rest) == 1:
-        return Read(Call("GET", f"/api/v1/jobs/{_seg(_uri_id(rest[0], 'job id'))}"))
+        return Read(Call("GET", f"/api/v1/jobs/{_seg(_valid_id(rest[0], 'job id'))}"))
     if head == "workflows" and len(rest) >= 2 and rest[1] == "runs":
-        workflow_id = _uri_id(rest[0], "workflow id")
+        workflow_id = _valid_id(rest[0], "workflow id")
         if len(rest) == 2:
             query = {"limit": _limit(params, 10)}
             return Read(Call("GET", f"/api/v1/workflows/{_seg(workflow_id)}/runs", query=query))
         if len(rest) == 3:
-            run_id = _uri_id(rest[2], "run id")
+            run_id = _valid_id(rest[2], "run id")
             return Read(Call("GET", f"/api/v1/workflow-runs/{_seg(run_id)}"), workflow_id=workflow_id)
     raise ArgumentError(f"unknown resource {uri!r}")

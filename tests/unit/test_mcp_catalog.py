@@ -41,12 +41,29 @@ def test_submit_maps_priority_and_pack_and_requires_a_prompt() -> None:
 
 
 def test_ids_are_one_path_segment() -> None:
-    _, _, call = plan_tool("cordum_get_job", {"id": "../approvals"})
-    assert call.path == "/api/v1/jobs/..%2Fapprovals"
     _, _, call = plan_tool("cordum_approve_job", {"job_id": "run:ask@1", "note": "ok"})
     assert (call.path, call.body) == ("/api/v1/approvals/run%3Aask%401/approve", {"note": "ok"})
+    # a workflow child's job id keeps its brackets, quoted
+    assert plan_tool("cordum_get_job", {"id": "r1:loop[0]@1"})[2].path == "/api/v1/jobs/r1%3Aloop%5B0%5D%401"
+    assert plan_resource("cordum://jobs/r1:loop[0]@1").call.path == "/api/v1/jobs/r1%3Aloop%5B0%5D%401"
     with pytest.raises(ArgumentError, match="reason is required"):
         plan_tool("cordum_reject_job", {"job_id": "j"})
+
+
+def test_tool_ids_that_could_reach_another_route_are_refused_naming_the_argument() -> None:
+    cases = [("cordum_get_run", "id", "abc/timeline"), ("cordum_get_job", "id", "../approvals"),
+             ("cordum_get_job", "id", ".."), ("cordum_run_timeline", "id", "r%2F..%2Fx"),
+             ("cordum_cancel_job", "job_id", "j/../../workflows"), ("cordum_approve_job", "job_id", "j?x=1"),
+             ("cordum_reject_job", "job_id", "j#frag"), ("cordum_trigger_workflow", "workflow_id", "wf/runs"),
+             ("cordum_get_job", "id", "j\nx"), ("cordum_get_job", "id", "j x")]
+    for tool, name, value in cases:
+        args = {name: value, **({"reason": "r"} if tool == "cordum_reject_job" else {})}
+        with pytest.raises(ArgumentError) as refused:
+            plan_tool(tool, args)
+        assert str(refused.value).startswith(f"{name} {value!r} is not a valid id"), (tool, str(refused.value))
+    for uri in ("cordum://jobs/..", "cordum://jobs/a%2Fb", "cordum://workflows/wf/runs/r%2F..%2Fx"):
+        with pytest.raises(ArgumentError, match="is not a valid id"):
+            plan_resource(uri)
 
 
 def test_trigger_workflow_sends_input_dry_run_and_idempotency_key() -> None:
