@@ -5,21 +5,25 @@
         await engine.update_memory(pb.UpdateMemoryRequest(...))
 
 `CONTEXT_ENGINE_ADDR` is one `host:port` or a comma-separated list, one per replica. Calls go round
-robin; a replica that is down or draining (UNAVAILABLE), or for a window too slow (DEADLINE_EXCEEDED),
-is tried last for REPLICA_BACKOFF_S and the call moves on to the next one. Memory ids are passed as
-given: a caller acting for a tenant scopes them first (`cordum.store.keys.memory_scope`).
+robin; a replica that failed a call in a way that moves it on (below) is tried last for
+REPLICA_BACKOFF_S and the call moves on to the next one. Memory ids are passed as given: a caller
+acting for a tenant scopes them first (`cordum.store.keys.memory_scope`).
 
-Which failures move a call to another replica:
-- BuildWindow (a read): UNAVAILABLE and DEADLINE_EXCEEDED.
-- UpdateMemory (appends): UNAVAILABLE only. A call that timed out may have been written, and a
-  retry elsewhere would record the turn twice. "memory store unavailable" (Redis did not take the
-  write) is final too: every replica shares that Redis.
+Which failures move a call to another replica (`fails_over`):
+- BuildWindow (a read, safe to repeat): UNAVAILABLE and DEADLINE_EXCEEDED.
+- UpdateMemory (an append, recorded twice if repeated): only when the replica provably did not
+  take the request: the connection could not be made (refused, unreachable, the name does not
+  resolve), or the replica turned the call away unread while draining ("server is shutting
+  down"). A connection cut mid-call is UNAVAILABLE too, but the replica may have written the turn
+  before it died, so that error is raised, as is a timeout. "memory store unavailable" (Redis did
+  not take the write) is final for both: every replica shares that Redis.
 Other errors (INVALID_ARGUMENT, PERMISSION_DENIED) are raised as `RpcError` at once.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
 
@@ -38,12 +42,26 @@ log = get_logger("context.client")
 DEFAULT_TIMEOUT = 5.0  # above the engine's Redis deadline (2 s), so a degraded window still arrives
 REPLICA_BACKOFF_S = 5.0
 _READ_FAILOVER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
-_WRITE_FAILOVER = frozenset({"UNAVAILABLE"})
+# cordum.infra.grpc's refusal of a call while draining, sent before the request is read.
+DRAINING = "server is shutting down"
+# cordum.infra.grpc reports a failed connect as UNAVAILABLE with the OSError's text: asyncio's
+# "Connect call failed" (refused, unreachable, timed out), a refused connect, or a getaddrinfo
+# error (negative errno). Nothing was sent on such a call.
+_NOT_CONNECTED = re.compile(r"Connect call failed|Connection refused|^\[Errno -\d+\]")
 
 
 def parse_engine_addrs(raw: str) -> list[tuple[str, int]]:
     """`CONTEXT_ENGINE_ADDR`: `host:port`, or several separated by commas (`:port` = this machine)."""
     return parse_kernel_addrs(raw)
+
+
+def fails_over(exc: RpcError, *, write: bool) -> bool:
+    """Whether a failed call moves on to the next replica (the rules in the module docstring)."""
+    if exc.message.startswith(STORE_UNAVAILABLE):
+        return False
+    if not write:
+        return exc.code in _READ_FAILOVER
+    return exc.code == "UNAVAILABLE" and (exc.message == DRAINING or bool(_NOT_CONNECTED.search(exc.message)))
 
 
 class ContextClient:
@@ -63,7 +81,7 @@ class ContextClient:
         turn = [(start + offset) % count for offset in range(count)]
         return sorted(turn, key=lambda index: self._backoff_until[index] > now)
 
-    async def _call(self, method: str, request: Any, failover: frozenset[str]) -> Any:
+    async def _call(self, method: str, request: Any, *, write: bool) -> Any:
         left = timeout_left()
         timeout = self.timeout if left is None else min(self.timeout, left)
         order = self._order()
@@ -71,7 +89,7 @@ class ContextClient:
             try:
                 return await self._replicas[index].call(method, request, timeout=timeout)
             except RpcError as exc:
-                if exc.code not in failover or exc.message.startswith(STORE_UNAVAILABLE):
+                if not fails_over(exc, write=write):
                     raise
                 self._backoff_until[index] = trio.current_time() + REPLICA_BACKOFF_S
                 log.warning("context.replica_failed", method=method, replica=index, code=exc.code,
@@ -81,10 +99,10 @@ class ContextClient:
         raise AssertionError("unreachable")
 
     async def build_window(self, request: pb.BuildWindowRequest) -> pb.BuildWindowResponse:
-        return await self._call("BuildWindow", request, _READ_FAILOVER)
+        return await self._call("BuildWindow", request, write=False)
 
     async def update_memory(self, request: pb.UpdateMemoryRequest) -> None:
-        await self._call("UpdateMemory", request, _WRITE_FAILOVER)
+        await self._call("UpdateMemory", request, write=True)
 
 
 @asynccontextmanager

@@ -15,13 +15,16 @@ BuildWindow never fails for Redis: a read that errs or outlasts CONTEXT_ENGINE_R
 its part out (fewer messages), logs `context.window_degraded` and counts
 `cordum_context_windows_total{result="degraded"}`. UpdateMemory needs Redis: it answers
 UNAVAILABLE ("memory store unavailable: …") when the write did not go through in time. Bad requests
-answer INVALID_ARGUMENT, governance refusals PERMISSION_DENIED, the message naming the field.
-Memory contents are never logged, and memory ids only as a short digest (`memory_ref`).
+answer INVALID_ARGUMENT, governance refusals PERMISSION_DENIED, the message naming the field: a
+logical_payload or model_response over CONTEXT_ENGINE_MAX_PAYLOAD_BYTES, an id field over 512 bytes.
+Memory contents are never logged, memory ids only as a short digest (`memory_ref`), and other
+request fields only once checked to be bounded.
 
 Environment (beyond the common settings): CONTEXT_ENGINE_ADDR, CONTEXT_ENGINE_METRICS_ADDR,
 CONTEXT_ENGINE_REDIS_TIMEOUT (2s), CONTEXT_ENGINE_MAX_CHUNK_SCAN (1000),
-CONTEXT_ENGINE_MAX_ENTRY_BYTES (65536). CONTEXT_ENGINE_TLS_CERT/KEY are not supported: set, they
-stop the start instead of being silently ignored.
+CONTEXT_ENGINE_MAX_ENTRY_BYTES (65536), CONTEXT_ENGINE_MAX_PAYLOAD_BYTES (4194304).
+CONTEXT_ENGINE_TLS_CERT/KEY are not supported: set, they stop the start instead of being silently
+ignored.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class EngineConfig:
     redis_timeout: float
     max_chunk_scan: int
     max_entry_bytes: int
+    max_payload_bytes: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EngineConfig":
@@ -87,6 +91,8 @@ class EngineConfig:
             redis_timeout=env_value(settings, "CONTEXT_ENGINE_REDIS_TIMEOUT", "2s", parse_positive_duration),
             max_chunk_scan=env_value(settings, "CONTEXT_ENGINE_MAX_CHUNK_SCAN", "1000", _in_range(1, 100_000)),
             max_entry_bytes=env_value(settings, "CONTEXT_ENGINE_MAX_ENTRY_BYTES", "65536", _in_range(256, 16 << 20)),
+            max_payload_bytes=env_value(settings, "CONTEXT_ENGINE_MAX_PAYLOAD_BYTES",
+                                        str(window.DEFAULT_MAX_PAYLOAD_BYTES), _in_range(1024, 1 << 30)),
         )
 
 
@@ -134,12 +140,13 @@ class ContextEngineService:
 
     async def _build_window(self, request: pb.BuildWindowRequest) -> pb.BuildWindowResponse:
         try:
-            mode, max_in, max_out = window.check_window_request(request)
+            mode, max_in, max_out = window.check_window_request(request, self._config.max_payload_bytes)
         except window.BadRequest as exc:
             raise RpcError("INVALID_ARGUMENT", str(exc)) from None
-        history, summary, file_path = window.reads_for(mode, request.logical_payload)
+        payload = window.read_payload(request.logical_payload)
+        history, summary, file_path = window.reads_for(mode, payload)
         view = await self._store.read(request.memory_id, history=history, summary=summary, file_path=file_path)
-        built = window.assemble(mode, request.logical_payload, view, max_in, max_out)
+        built = window.assemble(mode, payload, view, max_in, max_out)
         result = "degraded" if view.degraded else "ok"
         self._counters.windows.labels(mode=window.MODE_NAMES[mode], result=result).inc()
         if built.dropped:
@@ -158,7 +165,7 @@ class ContextEngineService:
             updates.labels(result="noop").inc()
             return pb.UpdateMemoryResponse()
         try:
-            mode = window.check_update_request(request)
+            mode = window.check_update_request(request, self._config.max_payload_bytes)
             window.check_governance(request)
             entries = window.memory_events(request, self._config.max_entry_bytes) if mode != window.RAW else []
         except window.BadRequest as exc:
@@ -166,6 +173,7 @@ class ContextEngineService:
             raise RpcError("INVALID_ARGUMENT", str(exc)) from None
         except window.Refused as exc:
             updates.labels(result="refused").inc()
+            # writer_agent_id is bounded by check_update_request (MAX_ID_BYTES) before it is logged
             log.warning("context.write_refused", memory=memory_ref(request.memory_id), reason=str(exc),
                         write_kind=request.write_kind, writer=request.writer_agent_id)
             raise RpcError("PERMISSION_DENIED", str(exc)) from None
@@ -237,7 +245,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
             lifecycle.on("metrics drain", http.drain)
             log.info("context.serving", grpc_port=grpc.port, metrics_port=http.port,
                      redis_timeout=config.redis_timeout, max_chunk_scan=config.max_chunk_scan,
-                     max_entry_bytes=config.max_entry_bytes)
+                     max_entry_bytes=config.max_entry_bytes, max_payload_bytes=config.max_payload_bytes)
             task_status.started()
 
 

@@ -1,8 +1,10 @@
 """The context engine's pure core (spec cordum-services §3): no I/O, no Trio.
 
-- `check_window_request` / `check_update_request`: bad requests → `BadRequest` naming the field.
-- `user_message(payload)`: the user's turn from the job input: `prompt`, else `message`, else
-  `instruction` (+ `code_snippet`), else the payload's own text.
+- `check_window_request` / `check_update_request`: bad requests → `BadRequest` naming the field:
+  payloads over the size limit, id fields over MAX_ID_BYTES, a malformed memory id
+  (`memory_id_problems`, also for the gateway and workflow engine to check ids at submit time).
+- `read_payload(payload)`: the job input, parsed once: the user's turn (`prompt`, else `message`,
+  else `instruction` (+ `code_snippet`), else the payload's own text) and the RAG `file_path`.
 - `assemble(...)`: history (CHAT, RAG) + RAG context (matching chunks, else the summary) + the user
   message last, then trimmed to `max_input_tokens` by dropping the oldest messages. Tokens are
   estimated as characters / 4.
@@ -25,7 +27,8 @@ from cordum.v1 import context_pb2 as pb
 HISTORY_LIMIT = 20  # events kept per memory and read into a window
 DEFAULT_MAX_INPUT_TOKENS = 8000
 DEFAULT_MAX_OUTPUT_TOKENS = 1024
-MAX_MEMORY_ID_BYTES = 512
+DEFAULT_MAX_PAYLOAD_BYTES = 4 << 20  # logical_payload, model_response (CONTEXT_ENGINE_MAX_PAYLOAD_BYTES)
+MAX_ID_BYTES = 512  # memory_id and the other id fields: bounded, so they are safe to log and store
 CHARS_PER_TOKEN = 4
 # UpdateMemory's UNAVAILABLE when Redis did not take the write: the replica is fine and every
 # replica shares that Redis, so clients do not fail over on it.
@@ -37,6 +40,11 @@ MODE_NAMES = {RAW: "raw", CHAT: "chat", RAG: "rag"}
 _SHARED_KINDS = frozenset({pb.MEMORY_WRITE_KIND_SHARED_POLICY_STATE, pb.MEMORY_WRITE_KIND_SHARED_TRUST_STATE,
                            pb.MEMORY_WRITE_KIND_SHARED_DIRECTIVE})
 _WRITE_KINDS = frozenset(pb.MemoryWriteKind.values())
+_WINDOW_IDS = ("model",)
+_UPDATE_IDS = ("tenant_id", "writer_agent_id", "target_agent_id", "provenance_ref")
+# A hostile payload nested deeper than the parser's recursion limit raises RecursionError, not
+# ValueError: both mean "not JSON we can use".
+_JSON_ERRORS = (ValueError, TypeError, RecursionError)
 
 
 class BadRequest(ValueError):
@@ -82,12 +90,32 @@ def mode_of(value: int) -> int:
         raise BadRequest(f"mode: unknown context mode {value}") from None
 
 
-def check_memory_id(memory_id: str) -> str:
-    if len(memory_id.encode()) > MAX_MEMORY_ID_BYTES:
-        raise BadRequest(f"memory_id: longer than {MAX_MEMORY_ID_BYTES} bytes")
+def memory_id_problems(memory_id: str) -> list[str]:
+    """What is wrong with a memory id as the engine receives it (after `memory_scope`); [] if it
+    is fine. "" is fine too: it means no memory."""
+    problems = []
+    if len(memory_id.encode()) > MAX_ID_BYTES:
+        problems.append(f"longer than {MAX_ID_BYTES} bytes")
     if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in memory_id):
-        raise BadRequest("memory_id: must not contain whitespace or control characters")
-    return memory_id
+        problems.append("must not contain whitespace or control characters")
+    return problems
+
+
+def _check_ids(request: Any, memory_id: str, names: Sequence[str]) -> None:
+    problems = memory_id_problems(memory_id)
+    if problems:
+        raise BadRequest(f"memory_id: {'; '.join(problems)}")
+    for name in names:
+        if len(getattr(request, name).encode()) > MAX_ID_BYTES:
+            raise BadRequest(f"{name}: longer than {MAX_ID_BYTES} bytes")
+
+
+def _check_sizes(request: Any, names: Sequence[str], max_bytes: int) -> None:
+    for name in names:
+        size = len(getattr(request, name))
+        if size > max_bytes:
+            raise BadRequest(f"{name}: {size} bytes, over the {max_bytes}-byte limit "
+                             "(CONTEXT_ENGINE_MAX_PAYLOAD_BYTES)")
 
 
 def _budget(name: str, value: int, default: int) -> int:
@@ -96,17 +124,20 @@ def _budget(name: str, value: int, default: int) -> int:
     return value or default
 
 
-def check_window_request(request: pb.BuildWindowRequest) -> tuple[int, int, int]:
+def check_window_request(request: pb.BuildWindowRequest,
+                         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> tuple[int, int, int]:
     """(mode, max_input_tokens, max_output_tokens) of a valid BuildWindow request."""
-    check_memory_id(request.memory_id)
+    _check_sizes(request, ("logical_payload",), max_payload_bytes)
+    _check_ids(request, request.memory_id, _WINDOW_IDS)
     return (mode_of(request.mode),
             _budget("max_input_tokens", request.max_input_tokens, DEFAULT_MAX_INPUT_TOKENS),
             _budget("max_output_tokens", request.max_output_tokens, DEFAULT_MAX_OUTPUT_TOKENS))
 
 
-def check_update_request(request: pb.UpdateMemoryRequest) -> int:
+def check_update_request(request: pb.UpdateMemoryRequest, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> int:
     """The effective mode of a valid UpdateMemory request."""
-    check_memory_id(request.memory_id)
+    _check_sizes(request, ("logical_payload", "model_response"), max_payload_bytes)
+    _check_ids(request, request.memory_id, _UPDATE_IDS)
     if request.write_kind not in _WRITE_KINDS:
         raise BadRequest(f"write_kind: unknown memory write kind {request.write_kind}")
     return mode_of(request.mode)
@@ -137,41 +168,47 @@ def check_governance(request: pb.UpdateMemoryRequest) -> None:
 # ---- building a window -------------------------------------------------------------------------
 
 
-def _payload_object(payload: bytes) -> dict[str, Any] | None:
-    try:
-        value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
+@dataclass(frozen=True)
+class Payload:
+    """What the engine uses of a job input (`logical_payload`)."""
+
+    user_message: str
+    file_path: str = ""  # RAG: the file whose chunks join the window
 
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def user_message(payload: bytes) -> str:
-    obj = _payload_object(payload)
-    if obj is not None:
-        for name in ("prompt", "message"):
-            if _text(obj.get(name)):
-                return obj[name]
-        instruction = _text(obj.get("instruction"))
-        if instruction:
-            code = _text(obj.get("code_snippet"))
-            return f"Instruction: {instruction}\nCode:\n{code}" if code else instruction
-    return payload.decode("utf-8", errors="replace")
+def _user_message(obj: dict[str, Any]) -> str:
+    for name in ("prompt", "message"):
+        if _text(obj.get(name)):
+            return obj[name]
+    instruction = _text(obj.get("instruction"))
+    code = _text(obj.get("code_snippet"))
+    if instruction and code:
+        return f"Instruction: {instruction}\nCode:\n{code}"
+    return instruction
 
 
-def file_path_of(payload: bytes) -> str:
-    obj = _payload_object(payload)
-    return _text(obj.get("file_path")).strip() if obj is not None else ""
+def read_payload(payload: bytes) -> Payload:
+    """Parses the payload once (it may be megabytes). The user's message is `prompt`, else
+    `message`, else `instruction` (+ `code_snippet`), else the payload's own text."""
+    try:
+        obj = json.loads(payload)
+    except (*_JSON_ERRORS, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        return Payload(payload.decode("utf-8", errors="replace"))
+    return Payload(_user_message(obj) or payload.decode("utf-8", errors="replace"),
+                   _text(obj.get("file_path")).strip())
 
 
 def parse_event(raw: str) -> Message | None:
     """A history entry `{role, content, ts}`; None for one that is not (skipped, never fatal)."""
     try:
         event = json.loads(raw)
-    except (ValueError, TypeError):
+    except _JSON_ERRORS:
         return None
     if not isinstance(event, dict) or not _text(event.get("role")) or not isinstance(event.get("content"), str):
         return None
@@ -185,7 +222,7 @@ def matching_chunks(records: Iterable[str], file_path: str) -> list[Message]:
     for raw in records:
         try:
             record = json.loads(raw)
-        except (ValueError, TypeError):
+        except _JSON_ERRORS:
             continue
         if not isinstance(record, dict):
             continue
@@ -209,29 +246,27 @@ def trim(messages: list[Message], max_input_tokens: int) -> tuple[list[Message],
     return messages[dropped:], dropped
 
 
-def assemble(mode: int, payload: bytes, memory: MemoryView, max_input_tokens: int, max_output_tokens: int) -> Window:
+def assemble(mode: int, payload: Payload, memory: MemoryView, max_input_tokens: int, max_output_tokens: int) -> Window:
     messages: list[Message] = []
     if mode in (CHAT, RAG):
         messages += [m for m in map(parse_event, memory.history[-HISTORY_LIMIT:]) if m is not None]
     if mode == RAG:
-        path = file_path_of(payload)
-        if path:
-            messages += matching_chunks(memory.chunks, path)
+        if payload.file_path:
+            messages += matching_chunks(memory.chunks, payload.file_path)
         elif memory.summary:
             messages.append(Message("system", memory.summary))
-    messages.append(Message("user", user_message(payload)))
+    messages.append(Message("user", payload.user_message))
     kept, dropped = trim(messages, max_input_tokens)
     return Window(kept, estimate_tokens(kept), max_output_tokens, dropped)
 
 
-def reads_for(mode: int, payload: bytes) -> tuple[bool, bool, str]:
+def reads_for(mode: int, payload: Payload) -> tuple[bool, bool, str]:
     """What a window in `mode` needs from Redis: (history, summary, chunk file path)."""
     if mode == RAW:
         return False, False, ""
     if mode == CHAT:
         return True, False, ""
-    path = file_path_of(payload)
-    return True, not path, path
+    return True, not payload.file_path, payload.file_path
 
 
 # ---- recording a turn --------------------------------------------------------------------------
@@ -250,5 +285,5 @@ def memory_events(request: pb.UpdateMemoryRequest, max_bytes: int, now: float | 
     """The user and assistant entries to append, oldest first."""
     ts = int(time.time() if now is None else now)
     answer = request.model_response.decode("utf-8", errors="replace")
-    return [_event("user", user_message(request.logical_payload), ts, "logical_payload", max_bytes),
+    return [_event("user", read_payload(request.logical_payload).user_message, ts, "logical_payload", max_bytes),
             _event("assistant", answer, ts, "model_response", max_bytes)]

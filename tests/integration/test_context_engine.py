@@ -1,6 +1,7 @@
 """cordum-context-engine as real processes against a real redis-server: windows and memory over
-gRPC (our Trio client), the Redis reads on one server and on a Redis Cluster, replicas with one
-killed, Redis frozen and killed under it, shutdown with a call in flight, configuration errors."""
+gRPC (our Trio client), the Redis reads on one server and on a Redis Cluster, size limits, replicas
+with one killed (before a call, and during a write: not written twice), Redis frozen and killed under
+it, shutdown with a call in flight (a write moves on to another replica), configuration errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -61,7 +63,7 @@ def start_engine(spawn, name: str = "context-1", **env: str) -> Engine:
     return Engine(proc, grpc_port, metrics_port)
 
 
-async def ready(*engines: Engine, timeout: float = 20) -> None:
+async def ready(*engines: Engine, timeout: float = 60) -> None:
     for engine in engines:
         proc = engine.proc
         await _wait_for(lambda: any(e.get("event") == "service.ready" for e in proc.events()), timeout,
@@ -79,6 +81,19 @@ def turn(memory_id: str, question: str, answer: str, mode: int = CHAT, **fields:
 
 def contents(response: pb.BuildWindowResponse) -> list[tuple[str, str]]:
     return [(m.role, m.content) for m in response.messages]
+
+
+@asynccontextmanager
+async def writes_paused(url: str):
+    """Redis holds every write until the block ends (or UNPAUSE), while reads and new connections
+    go on: a write stays in flight inside an engine for as long as a test needs, with no
+    client-side timeout of Redis's running out first (as it could with a stopped redis-server)."""
+    async with open_redis(load_settings({"REDIS_URL": url})) as client:
+        await client.execute("CLIENT", "PAUSE", 120_000, "WRITE")
+        try:
+            yield client
+        finally:
+            await client.execute("CLIENT", "UNPAUSE")
 
 
 # ---- the Redis reads and writes, in process ----------------------------------------------------
@@ -113,7 +128,7 @@ async def test_memory_store_reads_a_bounded_chunk_scan_and_keeps_twenty_events(s
 
 
 async def test_engine_builds_windows_records_turns_and_refuses_bad_requests(spawn, redis):
-    engine = start_engine(spawn, CONTEXT_ENGINE_MAX_ENTRY_BYTES="1024")
+    engine = start_engine(spawn, CONTEXT_ENGINE_MAX_ENTRY_BYTES="1024", CONTEXT_ENGINE_MAX_PAYLOAD_BYTES="4096")
     await ready(engine)
     memory_id = unique("acme/conv")
     async with open_context_client(parse_engine_addrs(engine.addr)) as client:
@@ -153,6 +168,13 @@ async def test_engine_builds_windows_records_turns_and_refuses_bad_requests(spaw
         with pytest.raises(RpcError) as big:
             await client.update_memory(turn(memory_id, "q", "a" * 2000))
         assert big.value.code == "INVALID_ARGUMENT" and big.value.message.startswith("model_response:")
+        with pytest.raises(RpcError) as huge:  # over CONTEXT_ENGINE_MAX_PAYLOAD_BYTES: refused before parsing
+            await client.build_window(pb.BuildWindowRequest(memory_id=memory_id, logical_payload=prompt("x" * 5000)))
+        assert huge.value.code == "INVALID_ARGUMENT"
+        assert huge.value.message.startswith("logical_payload: 5014 bytes, over the 4096-byte limit")
+        with pytest.raises(RpcError) as long_id:
+            await client.update_memory(turn(memory_id, "q", "a", writer_agent_id="w" * 600))
+        assert long_id.value.code == "INVALID_ARGUMENT" and long_id.value.message.startswith("writer_agent_id:")
         with pytest.raises(RpcError) as shared:
             await client.update_memory(turn(memory_id, "q", "a", tenant_id="acme", writer_agent_id="agent-1",
                                             provenance_ref="p-1", write_kind=pb.MEMORY_WRITE_KIND_SHARED_DIRECTIVE))
@@ -193,12 +215,48 @@ async def test_client_spreads_calls_and_skips_a_killed_replica(spawn, redis):
 
         first.proc.popen.kill()
         first.proc.popen.wait()
+    # A client started now: its first call goes to the dead replica, whose connection is refused:
+    # nothing was sent, so even a write moves on.
+    async with open_context_client(addrs, timeout=10) as client:
         for i in range(6, 10):  # every call answered: the dead replica is skipped
             await client.update_memory(turn(memory_id, f"q{i}", f"a{i}"))
             window = await client.build_window(pb.BuildWindowRequest(memory_id=memory_id, mode=CHAT,
                                                                      logical_payload=prompt("next")))
             assert contents(window)[-3:] == [("user", f"q{i}"), ("assistant", f"a{i}"), ("user", "next")]
     assert metric(second.metrics(), "cordum_context_memory_updates_total") == 3 + 4
+
+
+async def test_a_write_cut_mid_call_is_not_written_again_by_another_replica(spawn, tmp_path):
+    """The replica dies while its UpdateMemory waits on Redis: it may have written the turn, so the
+    client raises (the job retries as a whole) instead of recording the turn a second time."""
+    own = start_redis(tmp_path / "redis-cut")
+    try:
+        slow = {"REDIS_URL": own.url, "CONTEXT_ENGINE_REDIS_TIMEOUT": "60s"}
+        first, second = start_engine(spawn, "context-1", **slow), start_engine(spawn, "context-2", **slow)
+        await ready(first, second)
+        memory_id = unique("acme/cut")
+        errors: list[RpcError] = []
+        addrs = parse_engine_addrs(f"{first.addr},{second.addr}")
+        async with open_context_client(addrs, timeout=60) as client, writes_paused(own.url) as own_redis:
+            async def write() -> None:
+                try:
+                    await client.update_memory(turn(memory_id, "q", "a"))
+                except RpcError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)  # a new client's first call goes to the first replica
+                await _wait_for(lambda: metric(first.metrics(), "cordum_context_calls_in_flight") == 1, 60,
+                                "the write in flight on context-1")
+                first.proc.popen.kill()
+            await own_redis.execute("CLIENT", "UNPAUSE")
+            assert [e.code for e in errors] == ["UNAVAILABLE"]
+            assert not errors[0].message.startswith("memory store unavailable")  # the replica, not Redis
+            assert metric(second.metrics(), "cordum_context_memory_updates_total") == 0  # never sent there
+            # had context-1's transaction reached Redis before it died: the turn once, never twice
+            assert len(await own_redis.execute("LRANGE", keys.memory_events(memory_id), 0, -1)) in (0, 2)
+    finally:
+        own.stop()
 
 
 async def test_windows_degrade_and_writes_fail_clearly_when_redis_freezes_or_dies(spawn, tmp_path):
@@ -248,37 +306,44 @@ async def _wait_until_history(client, request, count: int) -> None:
     raise AssertionError("history did not come back after Redis resumed")
 
 
-async def test_shutdown_drains_grpc_then_metrics_and_lets_a_call_in_flight_finish(spawn, tmp_path):
+async def test_shutdown_drains_grpc_then_metrics_lets_a_call_in_flight_finish_and_moves_new_writes_on(spawn, redis, tmp_path):
     own = start_redis(tmp_path / "redis-drain")
     try:
-        engine = start_engine(spawn, REDIS_URL=own.url, CONTEXT_ENGINE_REDIS_TIMEOUT="4s")
-        await ready(engine)
-        request = pb.BuildWindowRequest(memory_id="acme/slow", mode=CHAT, logical_payload=prompt("slow"))
-        answers: list = []
-        async with open_context_client(parse_engine_addrs(engine.addr), timeout=30) as client:
-            own.proc.send_signal(signal.SIGSTOP)  # the window waits out its Redis deadline
+        # The write in flight waits for Redis until the test lets Redis go on (no deadline races it).
+        engine = start_engine(spawn, REDIS_URL=own.url, CONTEXT_ENGINE_REDIS_TIMEOUT="60s",
+                              CORDUM_SHUTDOWN_TIMEOUT="60s")
+        spare = start_engine(spawn, "context-2")  # on the session's Redis
+        await ready(engine, spare)
+        slow_id, memory_id = unique("acme/slow"), unique("acme/drain")
+        request = pb.BuildWindowRequest(memory_id=slow_id, mode=CHAT, logical_payload=prompt("slow"))
+        async with open_context_client(parse_engine_addrs(engine.addr), timeout=60) as client, \
+                writes_paused(own.url) as own_redis:
             async with trio.open_nursery() as nursery:
-                async def call() -> None:
-                    answers.append(await client.build_window(request))
-
-                nursery.start_soon(call)
-                await _wait_for(lambda: metric(engine.metrics(), "cordum_context_calls_in_flight") == 1, 20,
+                nursery.start_soon(client.update_memory, turn(slow_id, "slow", "in flight"))
+                await _wait_for(lambda: metric(engine.metrics(), "cordum_context_calls_in_flight") == 1, 60,
                                 "the call in flight")
                 engine.proc.signal(signal.SIGTERM)
-                await _wait_for(lambda: any(e.get("stage") == "grpc drain" for e in engine.proc.events()), 20,
+                await _wait_for(lambda: any(e.get("stage") == "grpc drain" for e in engine.proc.events()), 60,
                                 "the grpc drain stage")
                 with pytest.raises(RpcError) as refused:  # new calls are turned away while draining
                     await client.build_window(request)
-                assert refused.value.code == "UNAVAILABLE"
+                assert refused.value.code == "UNAVAILABLE" and refused.value.message == "server is shutting down"
                 async with open_grpc_client(HealthStub, "127.0.0.1", engine.grpc_port) as health:
                     status = await health.call("Check", HealthCheckRequest(service="cordum.v1.ContextEngine"),
                                                timeout=10)
                 assert status.status == HealthCheckResponse.NOT_SERVING  # load balancers stop routing here
-        own.proc.send_signal(signal.SIGCONT)
-        assert contents(answers[0]) == [("user", "slow")]  # the call in flight finished (degraded)
-        assert await trio.to_thread.run_sync(engine.proc.wait, 20) == 0
+                # A write turned away unread moves on: a new client tries the draining replica first.
+                both = parse_engine_addrs(f"{engine.addr},{spare.addr}")
+                async with open_context_client(both, timeout=30) as writer:
+                    await writer.update_memory(turn(memory_id, "q", "a"))
+                assert metric(spare.metrics(), "cordum_context_memory_updates_total") == 1
+                assert len(await redis.execute("LRANGE", keys.memory_events(memory_id), 0, -1)) == 2
+                await own_redis.execute("CLIENT", "UNPAUSE")  # the write in flight goes through
+            # the nursery ended: the write in flight returned without an error, and it was written
+            events = await own_redis.execute("LRANGE", keys.memory_events(slow_id), 0, -1)
+            assert [json.loads(e)["content"] for e in events] == ["slow", "in flight"]
+        assert await trio.to_thread.run_sync(engine.proc.wait, 60) == 0
     finally:
-        own.proc.send_signal(signal.SIGCONT)
         own.stop()
     stages = [(e["event"], e["stage"]) for e in engine.proc.events() if e.get("event", "").startswith("stage.")]
     assert stages == [(event, stage) for stage in STAGES for event in ("stage.begin", "stage.end")]
@@ -288,6 +353,7 @@ async def test_shutdown_drains_grpc_then_metrics_and_lets_a_call_in_flight_finis
 @pytest.mark.parametrize(("name", "value", "needle"), [
     ("CONTEXT_ENGINE_MAX_CHUNK_SCAN", "0", "CONTEXT_ENGINE_MAX_CHUNK_SCAN='0' is invalid"),
     ("CONTEXT_ENGINE_MAX_ENTRY_BYTES", "lots", "CONTEXT_ENGINE_MAX_ENTRY_BYTES='lots' is invalid"),
+    ("CONTEXT_ENGINE_MAX_PAYLOAD_BYTES", "10", "CONTEXT_ENGINE_MAX_PAYLOAD_BYTES='10' is invalid"),
     ("CONTEXT_ENGINE_REDIS_TIMEOUT", "-1s", "CONTEXT_ENGINE_REDIS_TIMEOUT='-1s' is invalid"),
     ("CONTEXT_ENGINE_ADDR", "nowhere", "CONTEXT_ENGINE_ADDR='nowhere' is invalid"),
     ("CONTEXT_ENGINE_TLS_CERT", "/etc/cert.pem", "CONTEXT_ENGINE_TLS_CERT is set"),

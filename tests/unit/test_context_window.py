@@ -1,5 +1,6 @@
 """The context engine's pure core: messages from payloads, windows per mode, trimming, governance,
-entry limits, and how memory ids are bound to tenants."""
+size limits, how memory ids are bound to tenants; and which failed calls the client moves to
+another replica."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import pytest
 
 from cordum.context import window
-from cordum.context.window import BadRequest, MemoryView, Message, Refused
+from cordum.context.client import DRAINING, fails_over
+from cordum.context.window import BadRequest, MemoryView, Message, Payload, Refused
+from cordum.infra.grpc import RpcError
 from cordum.store import keys
 from cordum.v1 import context_pb2 as pb
 
@@ -37,16 +40,23 @@ def payload(**fields: object) -> bytes:
     (b"plain words", "plain words"),
     (b'["a", "list"]', '["a", "list"]'),
     (b"\xff\xfeodd", "\ufffd\ufffdodd"),
+    (b"[" * 100_000, "[" * 100_000),  # nested past the parser's recursion limit: plain text
 ])
 def test_user_message_prefers_prompt_then_message_then_instruction(raw: bytes, expected: str) -> None:
-    assert window.user_message(raw) == expected
+    assert window.read_payload(raw).user_message == expected
+
+
+def test_the_payload_is_parsed_once_into_the_message_and_the_file_path() -> None:
+    assert window.read_payload(payload(prompt="p", file_path=" src/a.py ")) == Payload("p", "src/a.py")
+    assert window.read_payload(payload(file_path=3)) == Payload('{"file_path": 3}', "")
+    assert window.read_payload(b"not json") == Payload("not json", "")
 
 
 # ---- windows per mode ----------------------------------------------------------------------
 
 
 def build(mode: int, raw: bytes, view: MemoryView, max_in: int = 8000, max_out: int = 1024) -> window.Window:
-    return window.assemble(mode, raw, view, max_in, max_out)
+    return window.assemble(mode, window.read_payload(raw), view, max_in, max_out)
 
 
 def test_raw_window_is_the_user_message_only() -> None:
@@ -84,10 +94,10 @@ def test_rag_window_without_a_file_path_adds_the_summary() -> None:
 
 
 def test_reads_follow_the_mode() -> None:
-    assert window.reads_for(window.RAW, payload(prompt="x")) == (False, False, "")
-    assert window.reads_for(window.CHAT, payload(prompt="x", file_path="a")) == (True, False, "")
-    assert window.reads_for(window.RAG, payload(prompt="x")) == (True, True, "")
-    assert window.reads_for(window.RAG, payload(prompt="x", file_path=" a.py ")) == (True, False, "a.py")
+    assert window.reads_for(window.RAW, Payload("x")) == (False, False, "")
+    assert window.reads_for(window.CHAT, Payload("x", "a")) == (True, False, "")
+    assert window.reads_for(window.RAG, Payload("x")) == (True, True, "")
+    assert window.reads_for(window.RAG, Payload("x", "a.py")) == (True, False, "a.py")
 
 
 def test_tokens_are_characters_over_four_and_the_oldest_messages_go_first() -> None:
@@ -118,8 +128,45 @@ def test_budgets_default_and_negative_ones_are_refused_by_name() -> None:
 
 @pytest.mark.parametrize("memory_id", ["a b", "a\nb", "tab\there", "x" * 513, "é" * 257])
 def test_memory_ids_with_spaces_controls_or_too_long_are_refused(memory_id: str) -> None:
+    assert window.memory_id_problems(memory_id)
     with pytest.raises(BadRequest, match="^memory_id: "):
         window.check_window_request(pb.BuildWindowRequest(memory_id=memory_id))
+    with pytest.raises(BadRequest, match="^memory_id: "):
+        window.check_update_request(pb.UpdateMemoryRequest(memory_id=memory_id))
+
+
+def test_memory_id_problems_lists_each_problem_and_none_for_a_good_or_empty_id() -> None:
+    assert window.memory_id_problems("acme/conv-1") == [] and window.memory_id_problems("") == []
+    assert window.memory_id_problems("x" * 512) == []
+    assert window.memory_id_problems("a b" * 300) == ["longer than 512 bytes",
+                                                      "must not contain whitespace or control characters"]
+
+
+@pytest.mark.parametrize("name", ["tenant_id", "writer_agent_id", "target_agent_id", "provenance_ref"])
+def test_update_id_fields_over_512_bytes_are_refused_by_name(name: str) -> None:
+    window.check_update_request(pb.UpdateMemoryRequest(memory_id="m", **{name: "x" * 512}))
+    with pytest.raises(BadRequest, match=f"^{name}: longer than 512 bytes"):
+        window.check_update_request(pb.UpdateMemoryRequest(memory_id="m", **{name: "x" * 513}))
+
+
+def test_a_model_name_over_512_bytes_is_refused() -> None:
+    with pytest.raises(BadRequest, match="^model: longer than 512 bytes"):
+        window.check_window_request(pb.BuildWindowRequest(model="é" * 257))
+
+
+def test_payloads_over_the_limit_are_refused_naming_the_field() -> None:
+    window.check_window_request(pb.BuildWindowRequest(logical_payload=b"x" * 1024), 1024)
+    with pytest.raises(BadRequest, match=r"^logical_payload: 1025 bytes, over the 1024-byte limit "
+                                         r"\(CONTEXT_ENGINE_MAX_PAYLOAD_BYTES\)"):
+        window.check_window_request(pb.BuildWindowRequest(logical_payload=b"x" * 1025), 1024)
+    with pytest.raises(BadRequest, match="^logical_payload: "):
+        window.check_update_request(pb.UpdateMemoryRequest(logical_payload=b"x" * 1025), 1024)
+    with pytest.raises(BadRequest, match="^model_response: 2000 bytes"):
+        window.check_update_request(pb.UpdateMemoryRequest(model_response=b"x" * 2000), 1024)
+    # the default is 4 MiB
+    window.check_window_request(pb.BuildWindowRequest(logical_payload=b"x" * (4 << 20)))
+    with pytest.raises(BadRequest, match="^logical_payload: "):
+        window.check_window_request(pb.BuildWindowRequest(logical_payload=b"x" * ((4 << 20) + 1)))
 
 
 # ---- writes --------------------------------------------------------------------------------
@@ -197,3 +244,38 @@ def test_memory_ids_are_bound_to_their_tenant() -> None:
     assert keys.memory_owner("a%2Fb/c") == "a%2Fb" == keys.tenant_token("a/b")
     assert keys.memory_owner("plain") is None and keys.memory_owner("/x") is None
     assert keys.memory_events("acme/conv-1") == "mem:acme/conv-1:events"
+
+
+# ---- which failures the client moves to another replica ------------------------------------
+
+CONNECT_FAILED = [
+    "[Errno 111] Connect call failed ('127.0.0.1', 50070)",
+    "Multiple exceptions: [Errno 111] Connect call failed ('::1', 50070, 0, 0), "
+    "[Errno 111] Connect call failed ('127.0.0.1', 50070)",
+    "[Errno 111] Connection refused",
+    "[Errno -2] Name or service not known",
+    "[Errno -3] Temporary failure in name resolution",
+]
+MAYBE_SENT = ["Connection lost", "Connection closed", "ConnectionResetError", "[Errno 104] Connection reset by peer"]
+
+
+@pytest.mark.parametrize("message", [DRAINING, *CONNECT_FAILED])
+def test_a_write_moves_on_only_when_the_replica_did_not_take_it(message: str) -> None:
+    assert fails_over(RpcError("UNAVAILABLE", message), write=True)
+    assert fails_over(RpcError("UNAVAILABLE", message), write=False)
+
+
+@pytest.mark.parametrize("message", MAYBE_SENT)
+def test_a_write_cut_mid_call_is_not_repeated_but_a_read_is(message: str) -> None:
+    assert not fails_over(RpcError("UNAVAILABLE", message), write=True)
+    assert fails_over(RpcError("UNAVAILABLE", message), write=False)
+
+
+def test_timeouts_store_failures_and_refusals() -> None:
+    timed_out = RpcError("DEADLINE_EXCEEDED", "UpdateMemory timed out")
+    assert not fails_over(timed_out, write=True) and fails_over(timed_out, write=False)
+    store = RpcError("UNAVAILABLE", f"{window.STORE_UNAVAILABLE}: redis error: ConnectionError")
+    assert not fails_over(store, write=True) and not fails_over(store, write=False)
+    for code in ("INVALID_ARGUMENT", "PERMISSION_DENIED", "INTERNAL"):
+        assert not fails_over(RpcError(code, DRAINING), write=True)
+        assert not fails_over(RpcError(code, "x"), write=False)
