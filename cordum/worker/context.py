@@ -10,7 +10,9 @@ and the conversation's memory, and records the model's answer into that memory.
 
 - Memory: the job's memory id (JobRequest.memory_id, else env `memory_id`), bound to the job's
   tenant as `<tenant>/<memory id>` (`cordum.store.keys.memory_scope`): the id the gateway's
-  memory routes show that tenant, and one no other tenant's job can reach.
+  memory routes show that tenant, and one no other tenant's job can reach. A job with a memory id
+  but no tenant is refused (FAILED, `context_memory_needs_tenant`) unless its mode is raw (no
+  memory): unscoped, its id could name any tenant's memory (`acme/conv`).
 - Mode: the argument (`"raw"`, `"chat"`, `"rag"`), else env `context_mode`, else chat when the job
   has a memory id and raw when it has none. Token budgets: the job's budget, else the engine's
   defaults (8000 in, 1024 out).
@@ -92,18 +94,20 @@ class ContextEngineAccess:
             await stack.aclose()
 
 
-def job_memory(request: JobRequest) -> tuple[str, str]:
-    """(the job's memory id bound to its tenant, the tenant)."""
+def job_memory(request: JobRequest, mode: str | None) -> tuple[str, int, str]:
+    """(the job's memory id bound to its tenant, the effective mode, the tenant). The id is "" when
+    the job has none or its mode is raw (no memory is read or written)."""
     tenant = request.tenant_id or request.env.get("tenant_id", "")
     memory_id = request.memory_id or request.env.get("memory_id", "")
-    return memory_scope(tenant, memory_id), tenant
-
-
-def job_mode(request: JobRequest, mode: str | None, memory_id: str) -> int:
     name = (mode or request.env.get("context_mode") or ("chat" if memory_id else "raw")).strip().lower()
     if name not in MODES:
         raise ValueError(f"context mode {name!r}: expected raw, chat or rag")
-    return MODES[name]
+    if not memory_id or MODES[name] == pb.CONTEXT_MODE_RAW:
+        return "", MODES[name], tenant
+    if not tenant:
+        raise JobFailed("the job names a memory id but has no tenant: memory is only reachable within a tenant",
+                        code="context_memory_needs_tenant")
+    return memory_scope(tenant, memory_id), MODES[name], tenant
 
 
 def _budget(budget: int, env: Mapping[str, str], name: str) -> int:
@@ -126,9 +130,9 @@ def _failed(exc: RpcError) -> JobFailed:
 
 async def build_window(access: ContextEngineAccess, request: JobRequest, job_input: Any, *, mode: str | None,
                        model: str, max_input_tokens: int | None, max_output_tokens: int | None) -> ContextWindow:
-    memory_id, _ = job_memory(request)
+    memory_id, chosen, _ = job_memory(request, mode)
     call = pb.BuildWindowRequest(
-        memory_id=memory_id, mode=job_mode(request, mode, memory_id), model=model, logical_payload=_payload(job_input),
+        memory_id=memory_id, mode=chosen, model=model, logical_payload=_payload(job_input),
         max_input_tokens=max_input_tokens or _budget(request.budget.max_input_tokens, request.env, "max_input_tokens"),
         max_output_tokens=max_output_tokens or _budget(request.budget.max_output_tokens, request.env, "max_output_tokens"))
     client = await access.client()
@@ -144,9 +148,8 @@ async def record_answer(access: ContextEngineAccess, request: JobRequest, job_in
                         mode: str | None, writer: str) -> bool:
     """Append this turn to the job's memory; False when there was nothing to record (no memory
     id, or raw mode: the engine would not keep it)."""
-    memory_id, tenant = job_memory(request)
-    chosen = job_mode(request, mode, memory_id)
-    if not memory_id or chosen == pb.CONTEXT_MODE_RAW:
+    memory_id, chosen, tenant = job_memory(request, mode)
+    if not memory_id:
         return False
     call = pb.UpdateMemoryRequest(
         memory_id=memory_id, logical_payload=_payload(job_input), mode=chosen, tenant_id=tenant,
