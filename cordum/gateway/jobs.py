@@ -32,6 +32,7 @@ from google.protobuf import json_format
 from quart import Quart, request
 
 from cordum.agent.v1 import job_pb2, safety_pb2
+from cordum.context.window import memory_id_problems
 from cordum.gateway import deadletter
 from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
 from cordum.gateway.errors import ApiError, not_found
@@ -42,6 +43,7 @@ from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyDecision, Verdict
 from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request
 from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
+from cordum.store.keys import memory_scope
 from cordum.store.jobstate import TERMINAL, JobState, parse_state
 
 log = get_logger("gateway.jobs")
@@ -151,12 +153,22 @@ def parse_submit(body: dict[str, Any], tenant: str) -> SubmitInput:
         principal_id=optional_str(body, "principal_id", max_len=256),
         actor_id=optional_str(body, "actor_id", max_len=256),
         actor_type=actor_type,
-        memory_id=optional_str(body, "memory_id", max_len=256),
+        memory_id=_memory_id(body, tenant),
         max_input_tokens=_int_field(body, "max_input_tokens", 8000),
         max_output_tokens=_int_field(body, "max_output_tokens", 1024),
         max_total_tokens=_int_field(body, "max_total_tokens", 0),
         deadline_ms=_int_field(body, "deadline_ms", 0),
     )
+
+
+def _memory_id(body: dict[str, Any], tenant: str) -> str:
+    """The job's memory id, refused here (400) if the context engine would refuse it as this
+    tenant's memory (whitespace, too long once scoped), not when a worker builds its window."""
+    memory_id = optional_str(body, "memory_id", max_len=256)
+    problems = memory_id_problems(memory_scope(tenant, memory_id))
+    if problems:
+        raise ApiError(400, f"memory_id: {'; '.join(problems)}", code="invalid_memory_id")
+    return memory_id
 
 
 def job_metadata(inp: SubmitInput, tenant: str) -> job_pb2.JobMetadata:

@@ -52,7 +52,9 @@ from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.consumer import Retry
 from cordum.runtime.lease import Lease, LeaseLost, Leases
 from cordum.runtime.log import get_logger
+from cordum.context.window import memory_id_problems
 from cordum.store import keys
+from cordum.store.keys import memory_scope
 from cordum.store.jobs import InvalidTransition, JobStore
 from cordum.store.jobstate import TERMINAL as TERMINAL_JOB, JobState
 from cordum.store.workflows import RunFenceStale, RunNotFound, WorkflowStore
@@ -763,6 +765,9 @@ class WorkflowEngine(StepHandlers):
         for key, value in step.route_labels.items():
             labels[str(key)] = str(value)
         memory_id = str(run.input.get("memory_id") or f"run:{run.id}")
+        problems = memory_id_problems(memory_scope(tenant, memory_id))
+        if problems:  # refused here (the step fails naming it), not by the context engine later
+            raise ValueError(f"memory_id: {'; '.join(problems)}")
         env = {"workflow_id": run.workflow_id, "run_id": run.id, "step_id": path, "tenant_id": tenant,
                "team_id": run.team_id, "memory_id": memory_id, "context_mode": "raw"}
         if run.dry_run:

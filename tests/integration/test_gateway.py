@@ -913,3 +913,11 @@ async def test_body_principal_cannot_impersonate_the_keys(api: Api, bus) -> None
     # the principal a key names cannot approve a job submitted under its name by another key
     held = (await api.submit(principal_id="bob", topic="job.deploy.x")).body["job_id"]
     assert (await api.call("POST", f"/api/v1/approvals/{held}/approve", key=BOB)).body["code"] == "self_approval_denied"
+
+
+async def test_a_memory_id_the_context_engine_would_refuse_is_refused_at_submit(api: Api) -> None:
+    refused = await api.submit(memory_id="conv 1")
+    assert refused.status == 400 and refused.body["code"] == "invalid_memory_id", refused.raw
+    assert "whitespace" in refused.body["error"]
+    accepted = await api.submit(memory_id="conv-1")
+    assert accepted.status in (200, 201, 202), accepted.raw

@@ -522,3 +522,12 @@ async def test_reconciler_walks_every_quiet_run_a_page_at_a_time(redis, bus, set
 
 class SimpleLease:
     lost = False
+
+
+async def test_a_memory_id_the_context_engine_would_refuse_fails_the_step_naming_it(redis, bus, settings) -> None:
+    async with engine_env(redis, bus, settings) as env:
+        workflow_id = await env.define({"a": worker()})
+        run_id = await env.start(workflow_id, {"memory_id": "conv 1"})
+        run = await env.run(run_id)
+        assert run.status == "failed" and "memory_id" in run.steps["a"].error["message"]
+        assert env.requests(f"{run_id}:a@1") == []
