@@ -10,18 +10,20 @@
 
 Every MCP request needs a credential, `Authorization: Bearer <key>` or `X-API-Key: <key>`: it is
 the gateway key that request's calls use, so a client sees only its key's tenant. No credential,
-or one the gateway refuses, is a 401 before the SDK sees the request. A key the gateway accepted is
-remembered (by digest) for KEY_TTL so a session costs one check, not one per message. An SSE
-session belongs to the key that opened it (the SDK compares `scope["user"]`).
+or one the gateway refuses, is a 401 before the SDK sees the request. The gateway's verdict on a
+key is remembered (by digest; KEY_TTL accepted, REFUSED_TTL refused) so a session costs one check,
+not one per message (`KeyCheck`). An SSE session belongs to the key that opened it (the SDK
+compares `scope["user"]`). `drain()` lets the requests in progress and the calls of SSE sessions
+finish, then ends the SSE streams.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import trio
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.lowlevel import Server
@@ -30,16 +32,19 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from cordum.cli.http import GatewayError
 from cordum.mcp.catalog import Call
-from cordum.mcp.server import SCOPE_KEY, SCOPE_TENANT, Credential, GatewayClient, fingerprint
+from cordum.mcp.server import SCOPE_KEY, SCOPE_TENANT, Busy, Credential, GatewayClient, InFlight, fingerprint
 from cordum.runtime.log import get_logger
 
 log = get_logger("mcp.http")
 
 ASGIApp = Callable[[dict, Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
 KEY_TTL = 30.0  # seconds a key the gateway accepted is trusted without asking again
+REFUSED_TTL = 5.0  # seconds a key the gateway refused is refused without asking again
 KEY_CACHE_SIZE = 1024
+KEY_CHECKS = 4  # key checks at once, in threads of their own: never those the tool calls use
 # A cheap read every role may make: answers 401 for an unknown key, 403 for another tenant.
 KEY_CHECK = Call("GET", "/api/v1/approvals", query={"limit": 1})
+SCOPE_SSE = "cordum.sse_session"  # ASGI scope key: a message posted to an SSE session
 
 
 def credential_from(headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
@@ -61,37 +66,79 @@ async def respond(send: Any, status: int, body: dict[str, Any], headers: list[tu
 
 
 class KeyCheck:
-    """Asks the gateway whether a key is valid; remembers accepted keys for KEY_TTL."""
+    """Asks the gateway whether a key is valid, and remembers the answer (by the key's digest):
+    an accepted key for KEY_TTL, a refused one for REFUSED_TTL. Bogus keys cannot starve the tool
+    calls: one check per key at a time (the others wait for its verdict), at most KEY_CHECKS
+    checks at once, in threads of their own limiter."""
 
     def __init__(self, gateway: GatewayClient) -> None:
         self.gateway = gateway
-        self._accepted: dict[tuple[str, str], float] = {}
+        self._limiter = trio.CapacityLimiter(KEY_CHECKS)
+        self._verdicts: dict[tuple[str, str], tuple[float, GatewayError | None]] = {}
+        self._checking: dict[tuple[str, str], trio.Event] = {}
 
     async def refusal(self, who: Credential) -> GatewayError | None:
         """The gateway's 401/403 for this credential, or None (also when the gateway cannot be
         asked: then the calls themselves report it)."""
         entry = (fingerprint(who.api_key), who.tenant)
-        now = time.monotonic()
-        if self._accepted.get(entry, 0.0) > now:
-            return None
+        known, verdict = self._remembered(entry)
+        if known:
+            return verdict
+        checking = self._checking.get(entry)
+        if checking is not None:  # the same key is being checked: its verdict serves this request too
+            await checking.wait()
+            return self._remembered(entry)[1]
+        self._checking[entry] = done = trio.Event()
         try:
-            await self.gateway.run(KEY_CHECK, who)
+            return await self._ask(who, entry)
+        finally:
+            del self._checking[entry]
+            done.set()
+
+    def _remembered(self, entry: tuple[str, str]) -> tuple[bool, GatewayError | None]:
+        until, verdict = self._verdicts.get(entry, (0.0, None))
+        return until > trio.current_time(), verdict
+
+    async def _ask(self, who: Credential, entry: tuple[str, str]) -> GatewayError | None:
+        try:
+            await self.gateway.run(KEY_CHECK, who, limiter=self._limiter)
         except GatewayError as exc:
-            return exc if exc.status in (401, 403) else None
-        if len(self._accepted) >= KEY_CACHE_SIZE:
-            self._accepted = {k: t for k, t in self._accepted.items() if t > now}
-            if len(self._accepted) >= KEY_CACHE_SIZE:
-                self._accepted.clear()
-        self._accepted[entry] = now + KEY_TTL
+            if exc.status not in (401, 403):
+                return None  # not a verdict on the key: nothing remembered
+            log.info("mcp.key_refused", key_fingerprint=entry[0][:16], tenant=who.tenant, status=exc.status)
+            self._remember(entry, REFUSED_TTL, exc)
+            return exc
+        self._remember(entry, KEY_TTL, None)
         return None
+
+    def _remember(self, entry: tuple[str, str], ttl: float, verdict: GatewayError | None) -> None:
+        now = trio.current_time()
+        if len(self._verdicts) >= KEY_CACHE_SIZE:
+            self._verdicts = {k: v for k, v in self._verdicts.items() if v[0] > now}
+            if len(self._verdicts) >= KEY_CACHE_SIZE:
+                self._verdicts.clear()
+        self._verdicts[entry] = (now + ttl, verdict)
+
+
+def sse_session_request(ctx: Any) -> bool:
+    """A request posted to an SSE session (its answer goes out on the session's stream)."""
+    request = getattr(ctx, "request", None)
+    return request is not None and bool(request.scope.get(SCOPE_SSE))
 
 
 class McpHttpApp:
-    def __init__(self, server: Server, gateway: GatewayClient, probes: ASGIApp, *, tenant: str = "") -> None:
+    def __init__(self, server: Server, gateway: GatewayClient, probes: ASGIApp, *, tenant: str = "",
+                 sse_calls: InFlight | None = None) -> None:
+        """`sse_calls`: the server's InFlight middleware for `sse_session_request`s."""
         self.server = server
+        self.sse_calls = sse_calls or InFlight(only=sse_session_request)
         self.probes = probes
         self.tenant = tenant
         self.keys = KeyCheck(gateway)
+        self.busy = Busy()  # the requests in progress, but the GET streams (they last until cut)
+        self.sse_streams = Busy()
+        self._sse_sessions: set[trio.CancelScope] = set()
+        self._draining = False
         # Stateless: no session lives on a replica, so a client may alternate between replicas.
         self.streamable = StreamableHTTPSessionManager(app=server, stateless=True)
         self.posts = StreamableHTTPSessionManager(app=server, stateless=True, json_response=True)
@@ -116,6 +163,12 @@ class McpHttpApp:
         if method not in routes[path]:
             return await respond(send, 405, {"error": f"{method} is not allowed on {path}", "status": 405},
                                  [(b"allow", ", ".join(routes[path]).encode())])
+        if method == "GET":
+            return await self._serve(path, scope, receive, send)
+        with self.busy.holding():
+            await self._serve(path, scope, receive, send)
+
+    async def _serve(self, path: str, scope: dict, receive: Any, send: Any) -> None:
         who = await self._authenticate(scope, send)
         if who is None:
             return
@@ -125,12 +178,37 @@ class McpHttpApp:
         if path == "/mcp":
             await self.streamable.handle_request(scope, receive, send)
         elif path == "/sse":
-            async with self.sse.connect_sse(scope, receive, send) as (read, write):
-                await self.server.run(read, write, self.server.create_initialization_options())
+            await self._sse_session(scope, receive, send)
         elif b"session_id=" in scope.get("query_string", b""):
-            await self.sse.handle_post_message(scope, receive, send)
+            await self.sse.handle_post_message({**scope, SCOPE_SSE: True}, receive, send)
         else:
             await self.posts.handle_request(_json_exchange(scope), receive, send)
+
+    async def _sse_session(self, scope: dict, receive: Any, send: Any) -> None:
+        if self._draining:
+            return await respond(send, 503, {"error": "shutting down: open the SSE stream on another replica",
+                                             "status": 503})
+        with self.sse_streams.holding():
+            async with self.sse.connect_sse(scope, receive, send) as (read, write):
+                with trio.CancelScope() as session:
+                    self._sse_sessions.add(session)
+                    try:
+                        await self.server.run(read, self.sse_calls.answers(write),
+                                              self.server.create_initialization_options())
+                    finally:
+                        self._sse_sessions.discard(session)
+
+    async def drain(self) -> None:
+        """Return once the requests in progress have finished, the calls of SSE sessions are
+        answered, and the SSE streams have ended. A session is ended by cancelling its server loop,
+        never its stream: the stream then sends what it was handed (the last answers) and closes."""
+        while self.busy.count or self.sse_calls.count:
+            await self.busy.idle()
+            await self.sse_calls.idle()
+        self._draining = True
+        for session in self._sse_sessions:
+            session.cancel()
+        await self.sse_streams.idle()
 
     async def _authenticate(self, scope: dict, send: Any) -> Credential | None:
         key, tenant = credential_from(scope.get("headers", []))

@@ -15,13 +15,15 @@ correct itself. An unknown, switched-off or not-yet-available tool is a JSON-RPC
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import mcp_types as types
 import trio
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
 
 from cordum import __version__
 from cordum.cli.http import Client, GatewayError
@@ -34,6 +36,7 @@ from cordum.runtime.log import get_logger
 log = get_logger("mcp.server")
 
 NAME = "cordum-mcp"
+RequestId = int | str | None
 RESOURCE_NOT_FOUND = -32002  # MCP's code for a resource that does not exist
 # ASGI scope keys set by cordum.mcp.http for an authenticated request
 SCOPE_KEY, SCOPE_TENANT = "cordum.api_key", "cordum.tenant"
@@ -60,7 +63,8 @@ class GatewayClient:
         self.addr = addr
         self.timeout = timeout
 
-    async def run(self, call: Call, who: Credential) -> Reply:
+    async def run(self, call: Call, who: Credential, limiter: trio.CapacityLimiter | None = None) -> Reply:
+        """The call's reply; its thread counts against `limiter` (default: Trio's shared one)."""
         client = Client(self.addr, api_key=who.api_key, tenant=who.tenant, timeout=self.timeout)
 
         def send() -> Reply:
@@ -71,32 +75,110 @@ class GatewayClient:
         # urllib blocks: a thread per call, left to finish on its own (its timeout bounds it)
         # when the MCP request is cancelled.
         with trio.move_on_after(self.timeout + 5):
-            return await trio.to_thread.run_sync(send, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(send, abandon_on_cancel=True, limiter=limiter)
         raise GatewayError(f"gateway {self.addr} did not answer {call.method} {call.path} within {self.timeout:g}s")
 
 
-class InFlight:
-    """Server middleware counting the requests being handled, so a drain can wait for them."""
+class Busy:
+    """How many things are in progress, and a wait for none."""
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = trio.Event()
         self._idle.set()
 
-    async def __call__(self, ctx: Any, call_next: Any) -> Any:
-        if ctx.request_id is None:  # a notification
-            return await call_next(ctx)
+    def begin(self) -> None:
         self.count += 1
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        self.begin()
         try:
-            return await call_next(ctx)
+            yield
         finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
+            self.end()
 
     async def idle(self) -> None:
         await self._idle.wait()
+
+
+class InFlight(Busy):
+    """Server middleware counting the requests of a session (stdio, or SSE over HTTP) until their
+    answer is written, so a drain closes the session only after every answer went out. A
+    handler's return is not enough: the SDK writes the answer after it, and a close in between
+    loses the answer (or turns it into "Connection closed"). The session's write stream must be
+    `answers(write)`; `only` picks the requests whose answers take that way (default: all).
+    Answers are matched by request id: sessions that reuse ids share a count, which stays right
+    as every counted request is answered once."""
+
+    def __init__(self, only: Callable[[Any], bool] | None = None) -> None:
+        super().__init__()
+        self._only = only
+        self._unanswered: dict[RequestId, int] = {}
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        if ctx.request_id is None or (self._only is not None and not self._only(ctx)):
+            return await call_next(ctx)  # a notification, or a request answered elsewhere
+        self._open(ctx.request_id)
+        try:
+            result = await call_next(ctx)
+            # A cancel (the client's notifications/cancelled, or a shutdown) that came as the
+            # handler returned is raised here, where it is counted; the SDK then writes no answer
+            # (or its own "Connection closed").
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return result
+        except trio.Cancelled:
+            self.answered(ctx.request_id)
+            raise
+
+    def answers(self, stream: Any) -> "_Answers":
+        """`stream` (the session's write stream), counting the answers that pass."""
+        return _Answers(stream, self)
+
+    def _open(self, request_id: RequestId) -> None:
+        self._unanswered[request_id] = self._unanswered.get(request_id, 0) + 1
+        self.begin()
+
+    def answered(self, request_id: RequestId) -> None:
+        left = self._unanswered.get(request_id, 0)
+        if not left:
+            return  # an answer to a request the middleware never saw (refused before it)
+        if left == 1:
+            del self._unanswered[request_id]
+        else:
+            self._unanswered[request_id] = left - 1
+        self.end()
+
+
+class _Answers:
+    """A session's write stream that tells `InFlight` when an answer has been handed on."""
+
+    def __init__(self, inner: Any, in_flight: InFlight) -> None:
+        self._inner, self._in_flight = inner, in_flight
+
+    async def send(self, item: SessionMessage) -> None:
+        message = item.message
+        try:
+            await self._inner.send(item)
+        finally:  # sent, or never will be: either way nothing more to wait for
+            if isinstance(message, (types.JSONRPCResponse, types.JSONRPCError)):
+                self._in_flight.answered(message.id)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> "_Answers":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def error_result(code: str, message: str, status: int = 0, details: Any = None) -> types.CallToolResult:
@@ -116,7 +198,8 @@ def gateway_error_result(exc: GatewayError) -> types.CallToolResult:
                         exc.describe(), exc.status, details)
 
 
-def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics, in_flight: InFlight) -> Server:
+def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics,
+                 in_flight: InFlight | None = None) -> Server:
     calls = metrics.counter("cordum_mcp_tool_calls_total", "MCP tool calls by tool and outcome", ["tool", "outcome"])
     reads = metrics.counter("cordum_mcp_resource_reads_total", "MCP resource reads by outcome", ["outcome"])
 
@@ -208,5 +291,6 @@ def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics, in
         "reject what policy holds for a person. Every call acts as the API key of this connection."),
         on_list_tools=list_tools, on_call_tool=call_tool, on_list_resources=list_resources,
         on_list_resource_templates=list_templates, on_read_resource=read_resource)
-    server.middleware.append(in_flight)
+    if in_flight is not None:
+        server.middleware.append(in_flight)
     return server

@@ -6,9 +6,10 @@
                                                   │     (SDK session managers around it)
                                                   └── instance registration  cordum:instance:cordum-mcp:<id>
 
-Shutdown ("transport drain", ≤ CORDUM_SHUTDOWN_TIMEOUT): stdio stops reading stdin and lets the
-calls in progress answer; HTTP stops accepting and lets requests in flight finish (open SSE streams
-are cut at the grace). Over stdio the end of stdin (the client went away) shuts the process down.
+Shutdown ("transport drain", ≤ CORDUM_SHUTDOWN_TIMEOUT): stdio stops reading stdin and closes the
+session once every call in progress has its answer written; HTTP stops accepting, lets the requests
+in flight finish (for up to the shutdown budget less the closes' reserve) and then cuts the open
+SSE streams. Over stdio the end of stdin (the client went away) shuts the process down.
 Configuration: `cordum.mcp.config` (bad values exit 2 naming the variable or flag).
 """
 
@@ -24,17 +25,17 @@ from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import RedisError, RedisUnavailable, open_redis
 from cordum.mcp.config import McpConfig, load_config
-from cordum.mcp.http import McpHttpApp
+from cordum.mcp.http import McpHttpApp, sse_session_request
 from cordum.mcp.server import NAME, GatewayClient, InFlight, build_server
 from cordum.mcp.stdio import serve_stdio
 from cordum.runtime.instances import serve_registration
-from cordum.runtime.lifecycle import Lifecycle
+from cordum.runtime.lifecycle import CLOSE_RESERVE, Lifecycle
 from cordum.runtime.log import get_logger
 from cordum.runtime.service import run_service
 
 STAGES = ("transport drain",)
 REGISTER_RETRY = 5.0
-HTTP_GRACE = 5.0  # seconds in-flight HTTP requests (and open SSE streams) get to finish
+DRAIN_MARGIN = 1.0  # seconds between the end of HTTP's grace and the stages' deadline
 log = get_logger("mcp.service")
 
 
@@ -43,13 +44,16 @@ def make_serve(argv: Sequence[str]):
         config = load_config(settings, argv)
         metrics = Metrics(settings.instance_id)
         gateway = GatewayClient(config.gateway, config.request_timeout)
-        in_flight = InFlight()
-        server = build_server(config, gateway, metrics, in_flight)
         log.info("mcp.config", transport=config.transport, gateway=config.gateway, tenant=config.tenant,
                  read_only=config.read_only, disabled=sorted(config.disabled))
         if config.transport == "http":
-            await serve_http(settings, config, lifecycle, server, gateway, metrics, task_status=task_status)
+            sse_calls = InFlight(only=sse_session_request)
+            server = build_server(config, gateway, metrics, sse_calls)
+            app = McpHttpApp(server, gateway, probe_app(NAME, metrics), tenant=config.tenant, sse_calls=sse_calls)
+            await serve_http(settings, config, lifecycle, app, task_status=task_status)
         else:
+            in_flight = InFlight()
+            server = build_server(config, gateway, metrics, in_flight)
             await serve_stdio_process(config, lifecycle, server, in_flight, task_status=task_status)
 
     return serve
@@ -60,9 +64,9 @@ async def serve_stdio_process(config: McpConfig, lifecycle: Lifecycle, server, i
     if not config.api_key:
         log.warning("mcp.no_api_key", hint="set CORDUM_API_KEY or --api-key: the gateway refuses calls without one")
     async with trio.open_nursery() as nursery:
-        lines = await nursery.start(serve_stdio, server)
+        lines = await nursery.start(serve_stdio, server, in_flight)
         if lines is not None:
-            async def drain() -> None:  # stop reading; the calls in progress answer first
+            async def drain() -> None:  # stop reading; the calls in progress answer (written) first
                 lines.stop()
                 await in_flight.idle()
                 await lines.close()
@@ -73,17 +77,35 @@ async def serve_stdio_process(config: McpConfig, lifecycle: Lifecycle, server, i
     await lifecycle.shutdown("stdin closed")
 
 
-async def serve_http(settings: Settings, config: McpConfig, lifecycle: Lifecycle, server, gateway: GatewayClient,
-                     metrics: Metrics, *, task_status) -> None:
+async def serve_http(settings: Settings, config: McpConfig, lifecycle: Lifecycle, app: McpHttpApp, *,
+                     task_status) -> None:
     if config.api_key:
         log.info("mcp.http_ignores_api_key", hint="over HTTP every request's own credential is used")
-    app = McpHttpApp(server, gateway, probe_app(NAME, metrics), tenant=config.tenant)
-    http = HttpServer(app, *config.http_addr, graceful_timeout=HTTP_GRACE)
+    http = HttpServer(app, *config.http_addr, graceful_timeout=http_grace(settings.shutdown_timeout))
+    serving = trio.CancelScope()
+
+    async def serve_until_drained(*, task_status) -> None:
+        with serving:
+            await http.serve(task_status=task_status)
+
+    async def drain() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(http.drain)  # stop accepting; hypercorn cuts what is left at its grace
+            await app.drain()  # the calls in flight have answered, the SSE streams ended
+            serving.cancel()  # idle connections need not hold the shutdown up
+
     async with app.running(), trio.open_nursery() as nursery:
-        await nursery.start(http.serve)
+        await nursery.start(serve_until_drained)
         nursery.start_soon(register, settings)
-        lifecycle.on("transport drain", http.drain)
+        lifecycle.on("transport drain", drain)
         task_status.started()
+
+
+def http_grace(shutdown_timeout: float) -> float:
+    """How long HTTP requests in flight get to finish once a shutdown begins: what the shutdown
+    budget (CORDUM_SHUTDOWN_TIMEOUT) leaves after the closes, so a slow tool call is not cut
+    before it must be."""
+    return max(shutdown_timeout - CLOSE_RESERVE - DRAIN_MARGIN, shutdown_timeout / 4)
 
 
 async def register(settings: Settings) -> None:

@@ -7,23 +7,38 @@ streamable HTTP, two replicas behind a client that alternates between them)."""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
+from collections import Counter
 from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import anyio
 import httpx2
+import mcp_types as types
 import pytest
 import trio
+import trio.testing
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
 
 from cordum.cli.http import Client
 from cordum.dev.servers import free_port
-from cordum.mcp.catalog import MUTATING
+from cordum.mcp.catalog import MUTATING, Call
+from cordum.mcp.http import KEY_CHECKS, KeyCheck
+from cordum.mcp.server import Credential, GatewayClient, InFlight
+from cordum.mcp.stdio import MAX_LINE
 from tests.conftest import ROOT
 from tests.integration import stack as stack_module
 from tests.integration.stack import Stack, http_get, metric
@@ -34,6 +49,7 @@ redis_server, nats_server = stack_module.redis_server, stack_module.nats_server
 
 WAIT = 60  # generous: process start-up and job round trips on a loaded 2-core machine
 CORE_TOOLS = 15
+INITIALIZE = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}
 
 
 class McpStack:
@@ -282,63 +298,303 @@ async def test_http_credentials_tenants_read_only_and_two_replicas(mcp_stack: Mc
 
 
 def test_environment_errors_exit_2_naming_the_variable(tmp_path) -> None:
-    import subprocess
-
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MCP_TRANSPORT": "http", "MCP_HTTP_ADDR": "not-an-address"}
     done = subprocess.run([sys.executable, "-m", "cordum.mcp.service"], env=env, capture_output=True, text=True,
                           timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and "MCP_HTTP_ADDR" in done.stderr and done.stdout == ""
 
 
-def test_stdio_sigterm_lets_the_call_in_progress_answer(tmp_path) -> None:
+class StubGateway:
+    """A stand-in for the gateway where a test needs what the real one cannot do on cue: hold an
+    answer until the test releases it. Each GET of `held` waits for its own event in `releases`
+    (in the order they arrived; `holding` of them at once, at most `peak`); then KEY gets
+    `{"redis": {"ok": true}}` and any other key a 401. Every other GET answers KEY with
+    `{"items": []}` at once."""
+
+    KEY = "k" * 24
+
+    def __init__(self, held: str) -> None:
+        self.held, self.arrived, self.releases = held, threading.Event(), [threading.Event() for _ in range(100)]
+        self.lock = threading.Lock()
+        self.arrivals = 0
+        self.holding = self.peak = 0
+        self.seen: Counter[str] = Counter()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                with stub.lock:
+                    stub.seen[path] += 1
+                if path == stub.held:
+                    stub._hold()
+                valid = self.headers.get("X-API-Key") == stub.KEY
+                body = (({"redis": {"ok": True}} if path == stub.held else {"items": []}) if valid
+                        else {"error": "invalid API key", "status": 401})
+                payload = json.dumps(body).encode()
+                self.send_response(200 if valid else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def _hold(self) -> None:
+        with self.lock:
+            self.holding += 1
+            self.peak = max(self.peak, self.holding)
+            release, self.arrivals = self.releases[self.arrivals], self.arrivals + 1
+        self.arrived.set()
+        release.wait(WAIT * 2)
+        with self.lock:
+            self.holding -= 1
+
+    def release_all(self) -> None:
+        for release in self.releases:
+            release.set()
+
+    def close(self) -> None:
+        self.release_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub_gateway():
+    gateways: list[StubGateway] = []
+
+    def make(held: str = "/api/v1/status") -> StubGateway:
+        gateways.append(StubGateway(held))
+        return gateways[-1]
+
+    yield make
+    for gateway in gateways:
+        gateway.close()
+
+
+class StdioProcess:
+    """cordum-mcp over stdio in a child process, spoken to line by line (what any MCP client
+    writes); answers are read by a thread, so a missing answer fails the test instead of hanging it."""
+
+    def __init__(self, tmp_path: Path, gateway: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CORDUM_API_KEY": StubGateway.KEY, "CORDUM_GATEWAY_ADDR": gateway}
+        with (tmp_path / "mcp-stdio.err").open("w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cordum.mcp.service"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
+        self.answers: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=lambda: [self.answers.put(line) for line in self.proc.stdout], daemon=True).start()
+
+    def send(self, message: dict[str, Any] | bytes) -> None:
+        self.proc.stdin.write((message if isinstance(message, bytes) else json.dumps(message).encode()) + b"\n")
+        self.proc.stdin.flush()
+
+    def receive(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.answers.get(timeout=WAIT))
+        except queue.Empty:
+            raise AssertionError(f"no answer within {WAIT}s") from None
+
+    def initialize(self) -> None:
+        self.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE})
+        assert self.receive()["id"] == 1
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def stdio_process(tmp_path):
+    started: list[StdioProcess] = []
+
+    def start(gateway: str = "http://127.0.0.1:9") -> StdioProcess:
+        started.append(StdioProcess(tmp_path, gateway))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
+
+
+def test_stdio_sigterm_lets_the_call_in_progress_answer(stub_gateway, stdio_process) -> None:
     """SIGTERM over stdio stops reading stdin, answers the call in progress, then exits 0."""
-    import json
-    import signal
-    import subprocess
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    gateway = stub_gateway()
+    mcp = stdio_process(gateway.url)
+    mcp.initialize()
+    mcp.send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "cordum_status", "arguments": {}}})
+    assert gateway.arrived.wait(WAIT), "the call never reached the gateway"
+    mcp.proc.send_signal(signal.SIGTERM)
+    threading.Timer(1.0, gateway.release_all).start()  # the gateway answers after the signal
+    reply = mcp.receive()
+    assert reply["id"] == 2 and reply["result"]["structuredContent"] == {"redis": {"ok": True}}
+    assert mcp.proc.wait(WAIT) == 0
 
-    arrived, release = threading.Event(), threading.Event()
 
-    class SlowGateway(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            arrived.set()
-            release.wait(30)
-            body = b'{"redis": {"ok": true}}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+def test_stdio_a_message_over_the_limit_is_answered_with_invalid_request(stdio_process) -> None:
+    """A line over MAX_LINE gets a -32600 answer (with its id when it leads the message, else
+    null) instead of none, and the session goes on with the next line."""
+    mcp = stdio_process()
+    mcp.initialize()
+    pad = "x" * (MAX_LINE + 100)
+    mcp.send(json.dumps({"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {"pad": pad}}).encode())
+    too_large = mcp.receive()
+    assert too_large["id"] == 7 and too_large["error"]["code"] == -32600
+    assert "too large" in too_large["error"]["message"]
+    # the id is not at the start: null, not a guess from the padding's "id"
+    mcp.send(json.dumps({"params": {"id": 5, "pad": pad}, "jsonrpc": "2.0", "id": 8, "method": "ping"}).encode())
+    anonymous = mcp.receive()
+    assert anonymous["id"] is None and anonymous["error"]["code"] == -32600
+    # nothing of the skipped lines leaks into the next message
+    mcp.send({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+    assert mcp.receive() == {"jsonrpc": "2.0", "id": 9, "result": {}}
 
-        def log_message(self, *args: Any) -> None:
-            pass
 
-    gateway = ThreadingHTTPServer(("127.0.0.1", 0), SlowGateway)
-    threading.Thread(target=gateway.serve_forever, daemon=True).start()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CORDUM_API_KEY": "k" * 24,
-           "CORDUM_GATEWAY_ADDR": f"http://127.0.0.1:{gateway.server_port}"}
-    with (tmp_path / "mcp.err").open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cordum.mcp.service"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT)
-    try:
-        def send(message: dict[str, Any]) -> None:
-            proc.stdin.write(json.dumps(message).encode() + b"\n")
-            proc.stdin.flush()
+async def test_stdio_a_request_counts_until_its_answer_is_written() -> None:
+    """The stdio drain closes the session once InFlight is idle, so a request must count until
+    the SDK has handed its answer on, not only until its handler returned (a close in between
+    loses the answer); a request the client cancels gets no answer and stops counting."""
+    slow_started = trio.Event()
 
-        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}})
-        assert json.loads(proc.stdout.readline())["id"] == 1
-        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "cordum_status", "arguments": {}}})
-        assert arrived.wait(WAIT), "the call never reached the gateway"
-        proc.send_signal(signal.SIGTERM)
-        threading.Timer(1.0, release.set).start()  # the gateway answers after the signal
-        reply = json.loads(proc.stdout.readline())
-        assert reply["id"] == 2 and reply["result"]["structuredContent"] == {"redis": {"ok": True}}
-        assert proc.wait(30) == 0
-    finally:
-        release.set()
-        if proc.poll() is None:
-            proc.kill()
-        gateway.shutdown()
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        if params.name == "slow":
+            slow_started.set()
+            await trio.sleep_forever()
+        return types.CallToolResult(content=[types.TextContent(type="text", text="done")])
+
+    server = Server("in-flight-test", on_call_tool=call_tool)
+    in_flight = InFlight()
+    server.middleware.append(in_flight)
+    to_server, server_reads = anyio.create_memory_object_stream(0)
+    server_writes, from_server = anyio.create_memory_object_stream(0)
+
+    def request(request_id: int, method: str, params: dict[str, Any]) -> SessionMessage:
+        return SessionMessage(types.JSONRPCRequest(jsonrpc="2.0", id=request_id, method=method, params=params))
+
+    def notification(method: str, params: dict[str, Any] | None = None) -> SessionMessage:
+        return SessionMessage(types.JSONRPCNotification(jsonrpc="2.0", method=method, params=params))
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run, server_reads, in_flight.answers(server_writes),
+                               server.create_initialization_options())
+            await to_server.send(request(1, "initialize", INITIALIZE))
+            assert (await from_server.receive()).message.id == 1
+            await to_server.send(notification("notifications/initialized"))
+
+            await to_server.send(request(2, "tools/call", {"name": "fast", "arguments": {}}))
+            await trio.testing.wait_all_tasks_blocked()
+            # the handler has returned; its answer waits for the writer (nobody reads yet)
+            assert in_flight.count == 1
+            answer = await from_server.receive()
+            assert answer.message.id == 2 and answer.message.result["content"][0]["text"] == "done"
+            await in_flight.idle()
+
+            await to_server.send(request(3, "tools/call", {"name": "slow", "arguments": {}}))
+            await slow_started.wait()
+            assert in_flight.count == 1
+            await to_server.send(notification("notifications/cancelled", {"requestId": 3}))
+            await in_flight.idle()
+            with pytest.raises(anyio.WouldBlock):
+                from_server.receive_nowait()
+            await to_server.aclose()  # the end of the session
+
+
+async def test_http_sigterm_lets_slow_calls_finish_within_the_shutdown_budget(spawn, stub_gateway) -> None:
+    """Over HTTP the drain gives the calls in flight (a POST exchange, then a call of an SSE
+    session) the shutdown budget less the closes' reserve (here 40 s - 2 s), not a fixed few
+    seconds: calls the gateway answers 6 s and more after SIGTERM still get their results, the SSE
+    stream is cut only once its call answered, and the process exits 0 without waiting out the grace."""
+    gateway = stub_gateway()
+    port = free_port()
+    url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": StubGateway.KEY}
+    proc = spawn("mcp-slow", ["-m", "cordum.mcp.service"], env={
+        "MCP_TRANSPORT": "http", "MCP_HTTP_ADDR": f"127.0.0.1:{port}", "CORDUM_GATEWAY_ADDR": gateway.url,
+        "CORDUM_SHUTDOWN_TIMEOUT": "40s"})
+
+    async def logged(event: str) -> bool:
+        return await trio.to_thread.run_sync(lambda: any(e.get("event") == event for e in proc.events()))
+
+    async def held(count: int) -> None:
+        await eventually(lambda: trio.to_thread.run_sync(lambda: gateway.holding == count), timeout=WAIT,
+                         interval=0.05, what=f"{count} calls at the gateway")
+
+    await eventually(lambda: logged("service.ready"), timeout=WAIT, interval=0.2, what="cordum-mcp ready")
+    status = {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "cordum_status", "arguments": {}}}
+    answers: list[httpx2.Response] = []
+    async with httpx2.AsyncClient(timeout=WAIT * 2, headers=headers) as client, \
+            client.stream("GET", f"{url}/sse") as events, trio.open_nursery() as nursery:
+        lines = events.aiter_lines()
+
+        async def data(prefix: str) -> str:  # the next SSE data line that starts so
+            while not (line := await lines.__anext__()).startswith(f"data: {prefix}"):
+                pass
+            return line.removeprefix("data: ")
+
+        endpoint = await data("/message?session_id=")
+        assert (await client.post(f"{url}{endpoint}", json={"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                                            "params": INITIALIZE})).status_code == 202
+        assert json.loads(await data("{"))["id"] == 1
+        await client.post(f"{url}{endpoint}", json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+        async def post() -> None:
+            answers.append(await client.post(f"{url}/message", json={**status, "id": 4}))
+
+        nursery.start_soon(post)
+        await held(1)  # the POST exchange's call is the gateway's first
+        assert (await client.post(f"{url}{endpoint}", json={**status, "id": 5})).status_code == 202
+        await held(2)
+        proc.signal()
+        await eventually(lambda: logged("stage.begin"), timeout=WAIT, interval=0.2, what="the drain")
+        await trio.sleep(6.0)  # longer than the fixed grace that used to cut the calls
+        gateway.releases[0].set()
+        await eventually(lambda: trio.to_thread.run_sync(lambda: bool(answers)), timeout=WAIT, interval=0.05,
+                         what="the POST exchange's answer")
+        await trio.sleep(1.0)  # no request in progress now, but the SSE session's call is
+        gateway.releases[1].set()
+        sse_answer = json.loads(await data("{"))
+    assert sse_answer["id"] == 5 and sse_answer["result"]["structuredContent"] == {"redis": {"ok": True}}
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["result"]["structuredContent"] == {"redis": {"ok": True}}
+    started = trio.current_time()
+    assert await trio.to_thread.run_sync(proc.wait, WAIT) == 0
+    assert trio.current_time() - started < 30, "the drain waited out the grace after the last call answered"
+
+
+async def test_bogus_keys_are_checked_in_threads_of_their_own_and_refusals_are_remembered(stub_gateway) -> None:
+    """Key checks of unknown keys held by a slow gateway take at most KEY_CHECKS threads of their
+    own, so a tool call of a known key still goes through; one key's concurrent checks are one
+    gateway request, and its refusal is remembered."""
+    gateway = stub_gateway(held="/api/v1/approvals")  # the key check's route
+    client = GatewayClient(gateway.url, timeout=WAIT)
+    keys = KeyCheck(client)
+    bogus = [f"bogus-key-{i:04d}-0123456789" for i in range(50)] + ["same-bogus-key-0123456789"] * 10
+    refusals: list[Any] = []
+
+    async def check(key: str) -> None:
+        refusals.append(await keys.refusal(Credential(key)))
+
+    with trio.fail_after(WAIT * 2):
+        async with trio.open_nursery() as nursery:
+            for key in bogus:
+                nursery.start_soon(check, key)
+            await eventually(lambda: trio.to_thread.run_sync(lambda: gateway.holding == KEY_CHECKS),
+                             timeout=WAIT, interval=0.05, what=f"{KEY_CHECKS} key checks at the gateway")
+            # more checks wait than Trio's default thread limiter has threads: a tool call still runs
+            assert len(bogus) > trio.to_thread.current_default_thread_limiter().total_tokens
+            reply = await client.run(Call("GET", "/api/v1/status"), Credential(StubGateway.KEY))
+            assert reply.body == {"items": []}
+            gateway.release_all()
+    assert len(refusals) == len(bogus) and all(r is not None and r.status == 401 for r in refusals)
+    assert gateway.peak == KEY_CHECKS
+    assert gateway.seen["/api/v1/approvals"] == 51  # 50 distinct keys, and one check for the 10 alike
+    assert (await keys.refusal(Credential("same-bogus-key-0123456789"))).status == 401
+    assert gateway.seen["/api/v1/approvals"] == 51  # remembered: not asked again

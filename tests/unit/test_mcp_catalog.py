@@ -1,5 +1,6 @@
 """cordum-mcp's pure parts: the tool and resource catalog (argument checks, the gateway call each
-makes, result shapes), its configuration, and reading a request's credential."""
+makes, result shapes), its configuration, reading a request's credential, and the id of a
+too-long stdio message."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from cordum.mcp import catalog
 from cordum.mcp.catalog import ArgumentError, Reply, Unavailable, plan_resource, plan_tool
 from cordum.mcp.config import load_config
 from cordum.mcp.http import credential_from
+from cordum.mcp.stdio import leading_id
 
 CORE = {"cordum_submit_job", "cordum_get_job", "cordum_list_jobs", "cordum_cancel_job",
         "cordum_list_pending_approvals", "cordum_approve_job", "cordum_reject_job", "cordum_trigger_workflow",
@@ -144,3 +146,17 @@ def test_credential_from_bearer_or_api_key_header() -> None:
     assert credential_from([(b"Authorization", b"Bearer abc"), (b"x-tenant-id", b"acme")]) == ("abc", "acme")
     assert credential_from([(b"x-api-key", b" k2 ")]) == ("k2", "")
     assert credential_from([(b"authorization", b"Basic zzz")]) == ("", "")
+
+
+def test_the_id_of_a_too_long_message_is_read_from_its_start_only_when_unambiguous() -> None:
+    pad = b'"params":{"pad":"' + b"x" * 2000
+    assert leading_id(b'{"jsonrpc":"2.0","id":7,"method":"tools/call",' + pad) == 7
+    assert leading_id(b'{ "method" : "ping", "jsonrpc": "2.0", "id": "req-1" ,' + pad) == "req-1"
+    assert leading_id(b'{"id":-3}') == -3
+    # the id is not among the leading members, or not a plain value: null, never a guess
+    assert leading_id(b'{"jsonrpc":"2.0",' + pad) is None
+    assert leading_id(b'{"params":{"id":5},"id":6') is None
+    assert leading_id(b'{"jsonrpc":"2.0","id":1.5,') is None
+    assert leading_id(b'{"jsonrpc":"2.0","id":"a\\"b",') is None
+    assert leading_id(b'{"jsonrpc":"2.0","id":12') is None  # cut inside the number
+    assert leading_id(b"") is None and leading_id(b"[1,2]") is None
