@@ -23,10 +23,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out for outgoing connections (Linux: ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
 def free_block(size: int) -> int:
-    """A base port whose whole block of `size` loopback ports is free right now."""
+    """A base port whose whole block of `size` loopback ports is free right now. Taken below the
+    ephemeral range when there is room: a port in that range that is free now can be taken at any
+    moment as the local port of some outgoing connection (a Redis client, say) before the
+    topology's service binds it."""
+    low = _ephemeral_low()
+    first, last = (10000, low - size) if low - size > 10000 + size else (20000, 60000 - size)
     for _ in range(50):
-        base = random.randrange(20000, 60000 - size, 2)
+        base = random.randrange(first, last, 2)
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + size):
