@@ -46,7 +46,6 @@ import http.client
 import json
 import os
 import platform
-import random
 import re
 import secrets
 import shutil
@@ -61,7 +60,12 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK_SIZE = 144  # cordum.dev.topology.BLOCK_SIZE (tests check): every port of a topology lives in B..B+143
+# This driver runs in the bench venv, without our package installed; these two modules of it are
+# standard library only, so they are imported from the checkout instead of copied here.
+sys.path.insert(0, str(ROOT))
+from cordum.dev.servers import free_block  # noqa: E402
+from cordum.dev.topology import BLOCK_SIZE  # noqa: E402  (every port of a topology lives in B..B+BLOCK_SIZE-1)
+
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED", "OUTPUT_QUARANTINED")
 WARMUP_JOBS = 20
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -327,25 +331,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def say(*parts: Any) -> None:
     print("bench:", *parts, file=sys.stderr, flush=True)
-
-
-def free_block(size: int = BLOCK_SIZE) -> int:
-    """A base port whose whole block is free right now (as tests/ha/test_dev_topology.py)."""
-    for _ in range(50):
-        base = random.randrange(20000, 60000 - size, 2)
-        socks = []
-        try:
-            for port in range(base, base + size):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port block")
 
 
 def free_port() -> int:
@@ -634,7 +619,7 @@ class Topology:
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def up(self) -> None:
-        base = free_block()
+        base = free_block(BLOCK_SIZE)
         started = time.monotonic()
         result = self.cordumctl("up", "--replicas", str(self.replicas), "--workers", str(self.args.workers),
                                 "--detach", "--base-port", str(base), timeout=330)
@@ -836,7 +821,7 @@ def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
         client = redis.Redis.from_url(topo.state["redis_url"])
         clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
         watch = TerminalWatch(client)
-        warm = clients.run(count=WARMUP_JOBS)
+        clients.run(count=WARMUP_JOBS)
         if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
             raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
         time.sleep(0.3)

@@ -20,7 +20,6 @@ Documents are plain dicts (JSON); the engine converts them to and from its class
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 
@@ -29,7 +28,7 @@ import trio
 from cordum.infra.redis import Redis, score_pairs
 from cordum.runtime.log import get_logger
 from cordum.store import keys
-from cordum.store.jobs import JobStore
+from cordum.store.jobs import JobStore, now_us
 
 log = get_logger("workflows")
 
@@ -160,10 +159,6 @@ class RunFenceStale(WorkflowStoreError):
         self.fence = fence
         self.held = held
         self.status = status
-
-
-def now_us() -> int:
-    return int(time.time() * 1_000_000)
 
 
 def _dumps(doc: Any) -> str:
@@ -449,11 +444,14 @@ class WorkflowStore:
             return None
         return _loads(text)
 
-    async def get_run_with_definition(self, run_id: str) -> tuple[dict[str, Any] | None, str | None]:
-        """(run document, the definition JSON it follows — None for a run stored without one)
-        in one round trip."""
-        text, definition = await self._redis.execute("HMGET", keys.wf_run(run_id), "doc", "definition")
-        return (_loads(text) if text is not None else None), definition
+    async def get_run_with_definition(self, run_id: str, *, definition: bool = True,
+                                      ) -> tuple[dict[str, Any] | None, str | None]:
+        """(run document, the definition JSON it follows — None for a run stored without one, or
+        when not asked for: `definition=False` for a caller that has it already) in one round trip."""
+        if not definition:
+            return await self.get_run(run_id), None
+        text, kept = await self._redis.execute("HMGET", keys.wf_run(run_id), "doc", "definition")
+        return (_loads(text) if text is not None else None), kept
 
     async def run_fence(self, run_id: str) -> int | None:
         """The fencing token of the last fenced write (0 if none), None if the run is missing."""

@@ -267,7 +267,7 @@ class WorkflowEngine(StepHandlers):
                 await self.store.arm_timer(f"{workflow_id}:{run_id}", self.clock())
 
     async def load_run(self, run_id: str) -> Run | None:
-        doc, definition = await self.store.get_run_with_definition(run_id)
+        doc, definition = await self.store.get_run_with_definition(run_id, definition=run_id not in self._followed)
         if doc is None:
             return None
         if definition is not None:
@@ -338,9 +338,8 @@ class WorkflowEngine(StepHandlers):
         return event
 
     async def _carry_out(self, run: Run, effect: rs.Effect) -> None:
-        if isinstance(effect, rs.TimelineEvent):
-            await self.store.append_timeline(run.id, self._event(effect))
-        elif isinstance(effect, rs.ArmTimer):
+        """Every effect but timeline events (written with the run) and dispatches (the pass's)."""
+        if isinstance(effect, rs.ArmTimer):
             await self._arm(run, effect.due_at)
         elif isinstance(effect, rs.CancelJob):
             cancel = JobCancel(job_id=effect.job_id, reason=effect.reason, requested_by=SENDER)

@@ -7,12 +7,12 @@ timer whose owner crashed.
 
 from __future__ import annotations
 
-import time
 
 import trio
 
 from cordum.runtime.lease import Lease
 from cordum.runtime.log import get_logger
+from cordum.store.jobs import now_us
 from cordum.workflow import runstate as rs
 from cordum.workflow.engine import WorkflowEngine
 
@@ -41,8 +41,8 @@ class RunReconciler:
         self.cursors: dict[str, int | None] = {}  # status → updated µs of the last run looked at
 
     async def tick(self, lease: Lease) -> None:
-        now_us = int(time.time() * 1_000_000)
-        quiet_since = now_us - int(self.scan * 1_000_000)
+        now = now_us()
+        quiet_since = now - int(self.scan * 1_000_000)
         active: list[str] = []
         for status in ACTIVE:
             page = await self.engine.store.runs_in_status(status, self.limit, updated_before_us=quiet_since,
@@ -52,7 +52,7 @@ class RunReconciler:
         ended: list[str] = []
         for status in ENDED_BADLY:
             ended += await self.engine.store.recent_runs_in_status(
-                status, since_us=now_us - int(STRAY_WINDOW_S * 1_000_000), limit=self.limit)
+                status, since_us=now - int(STRAY_WINDOW_S * 1_000_000), limit=self.limit)
         limiter = trio.CapacityLimiter(CONCURRENCY)
 
         async def one(coro_fn, run_id: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 
+from cordum.store.jobs import JobStore
 from cordum.store.workflows import WorkflowStore
 from cordum.workflow.runstate import TERMINAL_RUN_STATUSES, Run
 from tests.integration.stack import EXECUTIONS_KEY, POLICY, Stack, nats_server, redis_server  # noqa: F401
@@ -140,8 +141,8 @@ async def check_runs(redis, runs: dict[str, Run], expected: dict[str, str], risk
         workers = [p for p in run.steps if p == "fetch" or p.startswith("fan[") or p == "act"]
         acted = expected[run_id] == "succeeded" and risky[run_id]
         assert len(workers) == 12, (run_id, sorted(run.steps))
-        assert run.steps["act"].status == ("succeeded" if acted else ("skipped" if expected[run_id] == "succeeded"
-                                                                       else run.steps["act"].status))
+        # a rejected review skips act (dependency denied); an approved one runs it if risky
+        assert run.steps["act"].status == ("succeeded" if acted else "skipped"), (run_id, run.steps["act"])
         assert run.steps["pause"].status == "succeeded", run.steps["pause"]
         job_ids += [run.steps[p].job_id for p in workers if run.steps[p].job_id and
                     run.steps[p].status == "succeeded"]
@@ -222,7 +223,10 @@ async def test_a_run_survives_a_restart_of_every_engine(spawn, tmp_path, redis) 
         await trio.to_thread.run_sync(stack.procs[name].wait, 30)
     async with trio.open_nursery() as nursery:
         await nursery.start(approver, gw, decisions)
-        await trio.sleep(3)  # approved while no engine runs: the results wait in the stream
+        jobs = JobStore(redis)
+        with trio.fail_after(60):  # approved while no engine runs: the results wait in the stream
+            while any([(await jobs.get(f"{r}:review@1") or {}).get("state") != "SUCCEEDED" for r in expected]):
+                await trio.sleep(0.2)
         for name in ("workflow-engine-1", "workflow-engine-2"):
             stack.restart(name)
         runs = await wait_all(store, list(expected), timeout=120)

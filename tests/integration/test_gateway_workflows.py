@@ -674,6 +674,7 @@ async def test_approval_gate_is_held_approved_and_completed_by_the_scheduler(spa
         # the gate never reached a worker; the step after it ran exactly once
         assert await redis.execute("HGET", stack_module.EXECUTIONS_KEY, gate) is None
         assert await redis.execute("HGET", stack_module.EXECUTIONS_KEY, f"{run_id}:act@1") == "1"
+        await eventually(lambda: _seen(driver, gate), what="the gate's result on the bus")
         gate_results = [r for s, r in driver.seen if r.job_id == gate]
         assert [(s, r.worker_id) for s, r in driver.seen if r.job_id == gate] == [(subjects.RESULT, "cordum-scheduler")]
         assert gate_results[0].status == JobStatus.JOB_STATUS_SUCCEEDED
@@ -737,3 +738,7 @@ async def test_concurrent_run_limit(api: Api, redis) -> None:
     busy = await api.call("POST", f"/api/v1/workflows/{workflow_id}/runs", {})
     assert busy.status == 429 and busy.body["error"] == "run admission is busy, retry"
     assert await WorkflowStore(redis).active_runs("default") == before
+
+
+async def _seen(driver, job_id: str) -> bool:
+    return any(r.job_id == job_id for _, r in driver.seen)

@@ -293,7 +293,7 @@ async def test_http_credentials_tenants_read_only_and_two_replicas(mcp_stack: Mc
     # shutdown: SIGTERM drains and exits 0, the registration goes with it
     proc = mcp_stack.stack.procs["mcp-2"]
     proc.signal()
-    assert await trio.to_thread.run_sync(proc.wait, 20) == 0
+    assert await trio.to_thread.run_sync(proc.wait, 60) == 0
     assert [e["stage"] for e in proc.events() if e.get("event") == "stage.begin"] == ["transport drain"]
 
 

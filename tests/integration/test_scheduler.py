@@ -175,7 +175,7 @@ async def test_a_dispatch_never_confirmed_is_resent_to_its_worker_once(spawn, tm
     await store.transition(job_id, JobState.SCHEDULED)
     await store.transition(job_id, JobState.DISPATCHED, fields={"worker_id": "worker-1", "dispatch_attempt": 1})
     stack.scheduler()
-    meta = await wait_state(store, job_id, {"SUCCEEDED"}, timeout=20)
+    meta = await wait_state(store, job_id, {"SUCCEEDED"}, timeout=60)  # a fresh scheduler's start, then the resend
     assert meta["worker_id"] == "worker-1"
     assert (await read_executions(redis, EXECUTIONS_KEY, [job_id]))[job_id] == 1  # counted by the worker
 

@@ -120,7 +120,7 @@ def test_external_servers_and_base_port() -> None:
 def test_the_stack_runs_the_workflow_engine_and_the_bench_knows_the_block() -> None:
     engine = next(s for s in stack.SERVICES if s.name == "cordum-workflow-engine")
     assert stack.is_available(engine)  # so `cordumctl up` starts workflow-engine-1..N
-    # scripts/bench_driver.py runs in another venv and keeps its own copy of the block size
+    # scripts/bench_driver.py runs in another venv and imports the block size from the checkout
     spec = importlib.util.spec_from_file_location("bench_driver", ROOT / "scripts" / "bench_driver.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
