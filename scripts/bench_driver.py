@@ -599,7 +599,7 @@ def http_text(url: str, timeout: float = 5) -> str:
 class Topology:
     """One local topology started with `cordumctl up --detach` in a temporary state directory."""
 
-    def __init__(self, args: argparse.Namespace, replicas: int) -> None:
+    def __init__(self, args: argparse.Namespace, replicas: int, bridge: str = "") -> None:
         self.args = args
         self.replicas = replicas
         self.dir = Path(tempfile.mkdtemp(prefix=f"cordum-bench-r{replicas}-"))
@@ -612,6 +612,8 @@ class Topology:
             self.env["WORKER_HEARTBEAT_INTERVAL"] = args.worker_heartbeat
         for name in ("REDIS_URL", "NATS_URL", "CORDUM_DEV_BASE_PORT", "CORDUM_INSTANCE_ID", "VIRTUAL_ENV"):
             self.env.pop(name, None)
+        if bridge:
+            self.env["CORDUM_BRIDGE"] = bridge
         self.state: dict[str, Any] = {}
 
     def cordumctl(self, *argv: str, timeout: float) -> subprocess.CompletedProcess:
@@ -806,13 +808,18 @@ def monitor_pass(clients: Clients, redis_client, jobs: int, stall_timeout: float
                     "MONITOR cannot see round trips"}
 
 
-def run_ours(args: argparse.Namespace, replicas: int) -> dict[str, Any]:
+def ours_label(r: Mapping[str, Any]) -> str:
+    """How a run of ours is named in tables and ratios: r=<replicas>, plus the bridge if chosen."""
+    return f"r={r['replicas']}" + (f" {r['bridge']}" if r.get("bridge") else "")
+
+
+def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[str, Any]:
     import redis
 
-    topo = Topology(args, replicas)
-    say(f"ours, {replicas} replica(s): starting the topology in {topo.dir}")
+    topo = Topology(args, replicas, bridge)
+    say(f"ours, {replicas} replica(s){' on ' + bridge if bridge else ''}: starting the topology in {topo.dir}")
     topo.up()
-    result: dict[str, Any] = {"replicas": replicas, "workers": args.workers, "up_seconds": topo.up_seconds,
+    result: dict[str, Any] = {"replicas": replicas, "bridge": bridge, "workers": args.workers, "up_seconds": topo.up_seconds,
                               "worker_max_parallel": args.worker_parallel or "default",
                               "worker_heartbeat": args.worker_heartbeat or "default",
                               "workers_seen": [{k: w.get(k) for k in ("worker_id", "max_parallel_jobs", "pool")}
@@ -1100,9 +1107,9 @@ def report_text(data: Mapping[str, Any]) -> str:
     rows = []
     for r in ours:
         if "error" in r:
-            rows.append([f"cordum r={r['replicas']}", "error: " + r["error"][:60]] + [""] * 7)
+            rows.append([f"cordum {ours_label(r)}", "error: " + r["error"][:60]] + [""] * 7)
             continue
-        rows.append([f"cordum r={r['replicas']}", r["jobs_per_s"], r["submit_to_dispatch_ms"]["p50"],
+        rows.append([f"cordum {ours_label(r)}", r["jobs_per_s"], r["submit_to_dispatch_ms"]["p50"],
                      r["submit_to_dispatch_ms"]["p95"], r["submit_to_dispatch_ms"]["p99"],
                      r["submit_to_terminal_ms"]["p50"], r["submit_to_terminal_ms"]["p95"],
                      r["submit_to_terminal_ms"]["p99"], r["cpu_ms_per_job_all"]])
@@ -1124,7 +1131,7 @@ def report_text(data: Mapping[str, Any]) -> str:
         if "error" in r:
             continue
         out.append("")
-        out.append(f"cordum, {r['replicas']} replica(s) per service, {r['workers']} worker(s): {r['submitted']} jobs in "
+        out.append(f"cordum {ours_label(r)}, {r['replicas']} replica(s) per service, {r['workers']} worker(s): {r['submitted']} jobs in "
                    f"{r['wall_seconds']:.2f} s = {fmt(r['jobs_per_s'])} jobs/s; submit rate {fmt(r['submit_rate_per_s'])}/s; "
                    f"HTTP submit p50 {fmt(r['http_submit_ms']['p50'])} ms p99 {fmt(r['http_submit_ms']['p99'])} ms; "
                    f"states {r['states']}; submit errors {r['submit_errors']}; bench client CPU (incl. the NATS tap) "
@@ -1187,7 +1194,7 @@ def report_text(data: Mapping[str, Any]) -> str:
     if data.get("ratios"):
         out.append("")
         out.append("ratios ours/peer (jobs/s; >1 = ours faster):  " + "; ".join(
-            f"r={k.split('/')[0]} vs {k.split('/')[1]} {fmt(v, 2)}" for k, v in data["ratios"].items()))
+            f"{k} {fmt(v, 2)}" for k, v in data["ratios"].items()))
     ceiling = data.get("ceiling") or {}
     if ceiling.get("redis"):
         c = ceiling["redis"]
@@ -1195,13 +1202,13 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append("ceiling: redis-benchmark ops/s  " + ", ".join(f"{k} {fmt(v)}" for k, v in c["ops_per_s"].items())
                    + f"  ({c['settings']})")
         for k, v in (c.get("job_mix") or {}).items():
-            out.append(f"  cordum r={k}: job command mix ({v.get('from')}) {fmt(v['mix_ops_per_s'])} ops/s → Redis alone "
+            out.append(f"  cordum {k}: job command mix ({v.get('from')}) {fmt(v['mix_ops_per_s'])} ops/s → Redis alone "
                        f"could carry {fmt(v['jobs_per_s'])} jobs/s; measured {fmt(v['measured_jobs_per_s'])} "
                        f"({fmt(v['fraction'] * 100 if v['fraction'] else None)}% of it)")
         for r in data.get("ours", []):
             red = (r.get("per_kind") or {}).get("redis")
             if red and red.get("cpu_ms_per_job"):
-                out.append(f"  cordum r={r['replicas']}: redis-server CPU {fmt(red['cpu_ms_per_job'], 2)} ms/job → one core "
+                out.append(f"  cordum {ours_label(r)}: redis-server CPU {fmt(red['cpu_ms_per_job'], 2)} ms/job → one core "
                            f"of Redis would saturate at ≈ {fmt(1000 / red['cpu_ms_per_job'])} jobs/s")
     if ceiling.get("nats"):
         c = ceiling["nats"]
@@ -1216,12 +1223,12 @@ def report_text(data: Mapping[str, Any]) -> str:
             for r in ours:
                 stored = sum(v or 0 for v in ((r.get("nats") or {}).get("jetstream_stored_per_job") or {}).values())
                 if js_rate and stored:
-                    out.append(f"  cordum r={r['replicas']}: {fmt(stored, 2)} JetStream messages stored/job → acked "
+                    out.append(f"  cordum {ours_label(r)}: {fmt(stored, 2)} JetStream messages stored/job → acked "
                                f"JetStream publishing alone could carry {fmt(js_rate / stored)} jobs/s")
             for r in ours:
                 per = (r.get("nats") or {}).get("messages_per_job")
                 if per and c["core"].get("delivered_per_s"):
-                    out.append(f"  cordum r={r['replicas']}: {fmt(per)} messages/job → NATS core delivery alone could "
+                    out.append(f"  cordum {ours_label(r)}: {fmt(per)} messages/job → NATS core delivery alone could "
                                f"carry {fmt(c['core']['delivered_per_s'] / per)} jobs/s")
     if data.get("workflows"):
         out += workflows().report_lines(data["workflows"])
@@ -1240,6 +1247,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2000, help="no-op jobs per system (default %(default)s)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent submitting clients (default %(default)s)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to run ours with (default %(default)s)")
+    parser.add_argument("--bridges", default="", help="run ours once per Trio/asyncio runtime named (CORDUM_BRIDGE: "
+                        "uvloop, asyncio, trio-asyncio), e.g. trio-asyncio,uvloop; default: the project's default")
     parser.add_argument("--workers", type=int, default=1, help="echo worker processes (default %(default)s)")
     parser.add_argument("--worker-parallel", type=int, default=100000,
                         help="WORKER_MAX_PARALLEL of each echo worker (default %(default)s; 0 = the worker's "
@@ -1282,6 +1291,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.replica_counts = [int(x) for x in args.replicas.split(",") if x.strip()]
     except ValueError:
         parser.error(f"--replicas: not a list of integers: {args.replicas!r}")
+    args.bridge_list = [b.strip() for b in args.bridges.split(",") if b.strip()] or [""]
+    unknown = [b for b in args.bridge_list if b and b not in ("uvloop", "asyncio", "trio-asyncio")]
+    if unknown:
+        parser.error(f"--bridges: unknown runtime(s) {', '.join(unknown)} (uvloop, asyncio, trio-asyncio)")
     if args.jobs <= 0 or args.clients <= 0:
         parser.error("--jobs and --clients must be > 0")
     if args.wf_runs < 0 or args.wf_idle_runs < 0 or args.wf_clients <= 0 or args.wf_replicas <= 0:
@@ -1308,12 +1321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "peers": [], "ratios": {}, "ceiling": {}}
     work = Path(tempfile.mkdtemp(prefix="cordum-bench-"))
     try:
-        for replicas in ([] if args.workflows_only else args.replica_counts):
-            try:
-                data["ours"].append(run_ours(args, replicas))
-            except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
-                say(f"ours, {replicas} replica(s) failed: {exc!r}")
-                data["ours"].append({"replicas": replicas, "error": repr(exc)})
+        for bridge in args.bridge_list:
+            for replicas in ([] if args.workflows_only else args.replica_counts):
+                try:
+                    data["ours"].append(run_ours(args, replicas, bridge))
+                except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
+                    say(f"ours, {replicas} replica(s) failed: {exc!r}")
+                    data["ours"].append({"replicas": replicas, "bridge": bridge, "error": repr(exc)})
         if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:
@@ -1323,7 +1337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in data["ours"]:
             for p in data["peers"]:
                 if "error" not in r and "error" not in p:
-                    data["ratios"][f"{r['replicas']}/{p['peer']}"] = ratio(r["jobs_per_s"], p["jobs_per_s"])
+                    data["ratios"][f"{ours_label(r)} vs {p['peer']}"] = ratio(r["jobs_per_s"], p["jobs_per_s"])
         if not args.no_workflows:
             data["workflows"] = workflows().run_figure(args, work)
         if not args.no_ceiling and not args.workflows_only:
@@ -1342,7 +1356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     mix["from"] = "client-sent commands (MONITOR pass)" if mon else "commandstats (incl. inside Lua)"
                     mix["measured_jobs_per_s"] = r["jobs_per_s"]
                     mix["fraction"] = ratio(r["jobs_per_s"], mix["jobs_per_s"])
-                    redis["job_mix"][str(r["replicas"])] = mix
+                    redis["job_mix"][ours_label(r)] = mix
                 data["ceiling"]["redis"] = redis
             except Exception as exc:  # noqa: BLE001
                 data["ceiling"]["redis"] = {"error": repr(exc), "ops_per_s": {}, "settings": ""}

@@ -1,5 +1,5 @@
 """Real servers for every test: one redis-server and one nats-server (JetStream) per session on
-free loopback ports, a trio-asyncio loop per test, and helpers to run service processes."""
+free loopback ports, each test run under Trio hosted by an asyncio loop (cordum.infra.aio), and helpers to run service processes."""
 
 from __future__ import annotations
 

@@ -315,7 +315,7 @@ def create_streams(env: dict[str, str]) -> str:
     """Connect once: `open_bus` creates the streams and the well-known durables. Returns a note."""
     import trio
 
-    from cordum.infra.aio import open_bridge
+    from cordum.infra.aio import run_with_bridge
     from cordum.infra.bus import open_bus
     from cordum.infra.config import load_settings
     from cordum.runtime import log as logging
@@ -326,13 +326,12 @@ def create_streams(env: dict[str, str]) -> str:
     shown = logging.redact("url", settings.nats_url)
 
     async def create() -> None:
-        async with open_bridge():
-            with trio.fail_after(STREAMS_TIMEOUT):
-                async with open_bus(settings, name=PROG):
-                    pass
+        with trio.fail_after(STREAMS_TIMEOUT):
+            async with open_bus(settings, name=PROG):
+                pass
 
     try:
-        trio.run(create)
+        run_with_bridge(create)
     except trio.TooSlowError:
         raise StartupFailed(f"no JetStream answer from NATS_URL={shown} within {STREAMS_TIMEOUT:.0f} s") from None
     except Exception as exc:  # trio may wrap the cause in an ExceptionGroup

@@ -1,46 +1,270 @@
-"""The Trio/asyncio bridge: the only place that knows trio-asyncio exists.
+"""The Trio/asyncio bridge: the only place that knows how Trio and asyncio share a thread.
 
-Each crossing costs tens of microseconds and is a scheduling point (DESIGN.md §4.1), so hot paths
-go through `Batcher`, which turns many Trio-side requests into one crossing per batch: while one
-batch runs on the asyncio side, the next one fills up (group commit).
+redis-py, nats-py and grpclib are asyncio libraries; every service is written in Trio. By default
+Trio runs as a *guest* of a native asyncio event loop (uvloop when installed) in the same thread
+(`trio.lowlevel.start_guest_run`): the asyncio libraries run at full speed on their own loop, and
+a crossing is one asyncio task plus one Trio reschedule (DESIGN.md §3, issue 11).
+`CORDUM_BRIDGE` picks the runtime for a process:
+
+- `uvloop` (default when uvloop is installed): Trio as a guest of uvloop;
+- `asyncio`: Trio as a guest of the standard library's loop (default without uvloop);
+- `trio-asyncio`: the emulated asyncio loop inside Trio (the round-1 bridge, about 1.5× the CPU
+  per job; kept to measure against). Imported only when chosen: it swaps asyncio's loop policy
+  for the whole process.
+
+Crossings keep Trio's cancellation strict: a cancelled Trio caller cancels its asyncio task and
+waits for it to stop before it sees `Cancelled`; an asyncio caller of Trio code cancels the Trio
+task and waits for it likewise. Each crossing costs tens of microseconds and is a scheduling point
+(DESIGN.md §4.1), so hot paths go through `Batcher`, which turns many Trio-side requests into one
+crossing per batch: while one batch runs on the asyncio side, the next one fills up (group commit).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import importlib.util
 import math
+import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Generic, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generic, Sequence, TypeVar
 
+import outcome
 import trio
-import trio_asyncio
 
+from cordum.infra.config import ConfigError
 from cordum.runtime.log import get_logger
 
 T = TypeVar("T")
 R = TypeVar("R")
 log = get_logger("aio")
 
+BRIDGE_ENV = "CORDUM_BRIDGE"
+BRIDGES = ("uvloop", "asyncio", "trio-asyncio")
+_TRIO_ASYNCIO = "trio-asyncio"
+
+# The runtime of the current `run_with_bridge` (one per process at a time; tests run one by one).
+_active: str | None = None
+
+
+class BridgeError(RuntimeError):
+    """The bridge is not open, or its asyncio side went away under a call."""
+
+
+class BridgeConfigError(ConfigError):
+    """`CORDUM_BRIDGE` names no runtime this process can run."""
+
+
+def _uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def bridge_from_env(env: dict[str, str] | None = None) -> str:
+    """The runtime `CORDUM_BRIDGE` names (default: uvloop if installed, else asyncio)."""
+    value = (os.environ if env is None else env).get(BRIDGE_ENV, "").strip().lower()
+    if not value:
+        return "uvloop" if _uvloop_installed() else "asyncio"
+    if value not in BRIDGES:
+        raise BridgeConfigError(f"{BRIDGE_ENV}={value!r} is not one of {', '.join(BRIDGES)}")
+    if value == "uvloop" and not _uvloop_installed():
+        raise BridgeConfigError(f"{BRIDGE_ENV}=uvloop but uvloop is not installed (pip install uvloop)")
+    return value
+
+
+def active_bridge() -> str | None:
+    return _active
+
+
+def run_with_bridge(fn: Callable[..., Awaitable[T]], *args: Any, bridge: str | None = None, **trio_run_options: Any) -> T:
+    """`trio.run` with asyncio available: the entry point of every process and test run."""
+    global _active
+    chosen = bridge or bridge_from_env()
+    if chosen not in BRIDGES:
+        raise BridgeConfigError(f"bridge {chosen!r} is not one of {', '.join(BRIDGES)}")
+    previous, _active = _active, chosen
+    try:
+        if chosen == _TRIO_ASYNCIO:
+            import trio_asyncio
+
+            return trio_asyncio.run(fn, *args, **trio_run_options)
+        return _run_as_guest(_new_loop(chosen), chosen == "uvloop", fn, args, trio_run_options)
+    finally:
+        _active = previous
+
+
+def _new_loop(chosen: str) -> asyncio.AbstractEventLoop:
+    if chosen == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    # Not asyncio.new_event_loop(): once trio_asyncio is imported, the policy makes its loops.
+    return asyncio.SelectorEventLoop()
+
+
+def _run_as_guest(
+    loop: asyncio.AbstractEventLoop, uvloop: bool, fn: Callable[..., Awaitable[T]], args: tuple, options: dict[str, Any]
+) -> T:
+    asyncio.set_event_loop(loop)
+    done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
+
+    def finished(result: outcome.Outcome[T]) -> None:
+        if not done.done():
+            done.set_result(result)
+
+    try:
+        trio.lowlevel.start_guest_run(
+            fn,
+            *args,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            run_sync_soon_not_threadsafe=loop.call_soon,
+            done_callback=finished,
+            # uvloop owns the signal wakeup fd while it runs; Trio's handlers still wake Trio
+            # through its token. The standard loop leaves the fd to Trio.
+            host_uses_signal_set_wakeup_fd=uvloop,
+            **options,
+        )
+        result = loop.run_until_complete(done)
+    finally:
+        try:
+            _stop_leftovers(loop)
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+    return result.unwrap()
+
+
+def _stop_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel asyncio tasks a library left running (a client's reader after its close) and let
+    them finish, so the loop closes without 'Task was destroyed but it is pending'."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        gather = asyncio.gather(*pending, return_exceptions=True)
+        loop.run_until_complete(asyncio.wait_for(gather, 5))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+
 
 @asynccontextmanager
 async def open_bridge() -> AsyncIterator[None]:
-    """One asyncio loop for the whole process, inside the service's root nursery."""
-    async with trio_asyncio.open_loop():
-        yield
+    """Make sure asyncio is usable from this Trio run (a service's root nursery opens it)."""
+    if _active == _TRIO_ASYNCIO:
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop():
+            yield
+        return
+    _host_loop()
+    yield
 
 
-def run_with_bridge(fn: Callable[..., Awaitable[T]], *args: Any, **trio_run_options: Any) -> T:
-    """`trio.run` with the asyncio loop already open (for test runners and one-shot tools)."""
-    return trio_asyncio.run(fn, *args, **trio_run_options)
+def _host_loop() -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise BridgeError(
+            "no asyncio loop hosts this Trio run: start it with cordum.infra.aio.run_with_bridge, not trio.run"
+        ) from None
 
 
 def aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Make an asyncio coroutine function awaitable from Trio (one crossing per call)."""
-    return trio_asyncio.aio_as_trio(fn)
+
+    emulated: list[Callable[..., Awaitable[T]]] = []
+
+    @functools.wraps(fn)
+    async def bridged(*args: Any, **kwargs: Any) -> T:
+        if _active == _TRIO_ASYNCIO:
+            if not emulated:
+                import trio_asyncio
+
+                emulated.append(trio_asyncio.aio_as_trio(fn))
+            return await emulated[0](*args, **kwargs)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        task = _host_loop().create_task(fn(*args, **kwargs))  # type: ignore[arg-type]
+        return await _wait_for_task(task)
+
+    return bridged
 
 
-def trio_from_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+async def _wait_for_task(task: asyncio.Task[T]) -> T:
+    """Block this Trio task until the asyncio task ends; a Trio cancel cancels the asyncio task
+    and still waits for it (its cleanup runs before the caller moves on)."""
+    trio_task = trio.lowlevel.current_task()
+    raise_cancel: Callable[[], Any] | None = None
+
+    def on_done(done: asyncio.Task[T]) -> None:
+        if done.cancelled():
+            if raise_cancel is not None:
+                result: outcome.Outcome[T] = outcome.capture(raise_cancel)
+            else:
+                result = outcome.Error(BridgeError("the asyncio side cancelled this call (its loop is closing)"))
+        elif (exc := done.exception()) is not None:
+            result = outcome.Error(exc)
+        else:
+            result = outcome.Value(done.result())
+        trio.lowlevel.reschedule(trio_task, result)
+
+    def abort(cancel: Callable[[], Any]) -> trio.lowlevel.Abort:
+        nonlocal raise_cancel
+        raise_cancel = cancel
+        task.cancel()
+        return trio.lowlevel.Abort.FAILED  # on_done reschedules us once the task has stopped
+
+    task.add_done_callback(on_done)
+    return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+
+def trio_from_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Coroutine[Any, Any, T]]:
     """Make a Trio async function awaitable from asyncio code (used by servers' handlers)."""
-    return trio_asyncio.trio_as_aio(fn)
+
+    @functools.wraps(fn)
+    async def bridged(*args: Any, **kwargs: Any) -> T:
+        if _active == _TRIO_ASYNCIO:
+            import trio_asyncio
+
+            return await trio_asyncio.trio_as_aio(fn)(*args, **kwargs)
+        return await _run_in_trio(fn, args, kwargs)
+
+    return bridged
+
+
+async def _run_in_trio(fn: Callable[..., Awaitable[T]], args: tuple, kwargs: dict[str, Any]) -> T:
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[T] = loop.create_future()
+    stopped: asyncio.Future[None] = loop.create_future()
+    scope = trio.CancelScope()
+
+    async def in_trio() -> None:
+        try:
+            with scope:
+                value = await fn(*args, **kwargs)
+                if not result.done():
+                    result.set_result(value)
+        except Exception as exc:
+            if not result.done():
+                result.set_exception(exc)
+        except trio.Cancelled:  # the run is ending (our own scope's cancel is caught by `with`)
+            pass
+        finally:
+            if not result.done():
+                result.cancel()
+            stopped.set_result(None)
+
+    # A system task: it needs no nursery open around the asyncio server, and it copies the
+    # caller's context like a child task would. It never raises (errors go to `result`).
+    trio.lowlevel.spawn_system_task(in_trio, context=contextvars.copy_context())
+    try:
+        return await result
+    except asyncio.CancelledError:
+        scope.cancel()
+        while not stopped.done():  # strict: the Trio side has stopped before we report cancelled
+            try:
+                await asyncio.shield(stopped)
+            except asyncio.CancelledError:
+                continue
+        raise
 
 
 def timeout_left() -> float | None:

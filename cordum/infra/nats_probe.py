@@ -1,7 +1,7 @@
 """Wait until a NATS cluster's JetStream can hold a replicated stream (its meta leader elected,
 enough peers known): `python -m cordum.infra.nats_probe SERVERS REPLICAS TIMEOUT`.
 
-A separate process with a plain asyncio loop, so it never meets a caller's trio-asyncio loop
+A separate process with a plain asyncio loop of its own, apart from any caller's Trio run
 (DESIGN.md §4.7). Exit 0 when ready, else non-zero with the last error.
 """
 

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
 
-from cordum.infra.aio import open_bridge
+from cordum.infra.aio import bridge_from_env, open_bridge, run_with_bridge
 from cordum.infra.config import ConfigError, Settings, load_settings
 from cordum.runtime import log as logging
 from cordum.runtime.lifecycle import Lifecycle
@@ -30,8 +30,8 @@ class ShutdownWatchdog:
     """Last resort: exit code 1 if the process still runs `margin` seconds after the deadline.
 
     The closes bound themselves by the deadline (`close_scope`), so this fires only when something
-    ignores it: a shielded block without `close_scope`, the trio-asyncio loop's own shielded close,
-    or a call blocking the Trio thread. None of those can be interrupted from inside Trio (a shield
+    ignores it: a shielded block without `close_scope`, an asyncio task that will not stop, or a
+    call blocking the thread. None of those can be interrupted from inside Trio (a shield
     hides cancellation, a blocked thread runs no task), so the guard is another OS thread, a timer
     armed when the shutdown begins. It ends the process with `os._exit`: `sys.exit` in a thread ends
     only that thread, and an exception or signal sent to the main thread waits for the same stuck
@@ -80,6 +80,7 @@ def run_service(name: str, stages: Sequence[str], serve: Serve, *,
     groups)."""
     try:
         settings = load_settings()
+        bridge = bridge_from_env()
         if check is not None:
             check(settings)
     except ConfigError as exc:
@@ -88,7 +89,7 @@ def run_service(name: str, stages: Sequence[str], serve: Serve, *,
     logging.configure(service=name, instance=settings.instance_id, level=settings.log_level)
     watchdog = ShutdownWatchdog()
     try:
-        code = trio.run(_main, name, stages, serve, settings, watchdog)
+        code = run_with_bridge(_main, name, stages, serve, settings, watchdog, bridge=bridge)
     finally:
         watchdog.disarm()
     sys.exit(code)

@@ -9,7 +9,7 @@
         await job.progress(50, "halfway")
         return {"summary": job.input["prompt"][:100]}
 
-    trio_asyncio.run(worker.run)  # or, as a process with graceful shutdown: run_worker(build)
+    run_with_bridge(worker.run)  # from cordum.infra.aio; or, as a process with graceful shutdown: run_worker(build)
 
 With CONTEXT_ENGINE_ADDR set, a handler builds its model window and records the answer in the
 job's memory: `await job.build_window()`, `await job.record_answer(text)` (cordum/worker/context.py).

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import sys
 
-import trio
 
-from cordum.infra.aio import open_bridge
+from cordum.infra.aio import open_bridge, run_with_bridge
 from cordum.infra.bus import open_bus
 from cordum.infra.config import load_settings
 
@@ -26,4 +25,4 @@ async def main(subject: str, queue: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2])
+    run_with_bridge(main, sys.argv[1], sys.argv[2])

@@ -11,7 +11,7 @@ import time
 
 import trio
 
-from cordum.infra.aio import open_bridge
+from cordum.infra.aio import open_bridge, run_with_bridge
 from cordum.infra.config import load_settings
 from cordum.infra.redis import open_redis
 from cordum.runtime.leader import LeaderElection
@@ -38,4 +38,4 @@ async def main(key: str, ttl: float) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], float(sys.argv[2]))
+    run_with_bridge(main, sys.argv[1], float(sys.argv[2]))

@@ -1,0 +1,182 @@
+"""The Trio/asyncio bridge under each runtime: values and errors cross both ways, and a cancel on
+either side stops the other side's work before the canceller moves on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from cordum.infra.aio import (
+    BridgeConfigError,
+    BridgeError,
+    aio,
+    bridge_from_env,
+    open_bridge,
+    run_with_bridge,
+    trio_from_aio,
+)
+
+# Importing trio_asyncio patches asyncio for the whole process, so the emulated runtime is tested
+# in a pytest process of its own (test_the_emulated_runtime_in_its_own_process).
+EMULATED_ONLY = os.environ.get("CORDUM_TEST_EMULATED_BRIDGE") == "1"
+each_bridge = pytest.mark.parametrize("bridge", ["trio-asyncio"] if EMULATED_ONLY else ["uvloop", "asyncio"])
+guest_bridges = pytest.mark.parametrize("bridge", ["uvloop", "asyncio"])
+
+
+def run(bridge: str, fn, *args):
+    return run_with_bridge(fn, *args, bridge=bridge)
+
+
+@each_bridge
+def test_values_and_errors_cross_to_trio(bridge: str) -> None:
+    async def add(a: int, b: int) -> int:
+        await asyncio.sleep(0)
+        return a + b
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("asyncio side")
+
+    async def main() -> tuple[int, str]:
+        async with open_bridge():
+            total = await aio(add)(2, b=3)
+            with pytest.raises(KeyError, match="asyncio side"):
+                await aio(fail)()
+            return total, type(asyncio.get_running_loop()).__module__
+
+    total, loop_module = run(bridge, main)
+    assert total == 5
+    assert loop_module.startswith({"uvloop": "uvloop", "asyncio": "asyncio", "trio-asyncio": "trio_asyncio"}[bridge])
+
+
+@each_bridge
+def test_trio_cancel_stops_the_asyncio_task_first(bridge: str) -> None:
+    events: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # cleanup that takes a while: the Trio caller waits for it
+            events.append("asyncio cleaned up")
+            raise
+
+    async def main() -> None:
+        async with open_bridge():
+            with trio.move_on_after(0.1) as scope:
+                await aio(slow)()
+            events.append("trio resumed")
+            assert scope.cancelled_caught
+
+    run(bridge, main)
+    assert events == ["asyncio cleaned up", "trio resumed"]
+
+
+@guest_bridges
+def test_a_call_made_while_cancelled_never_starts(bridge: str) -> None:
+    started: list[int] = []
+
+    async def work() -> None:
+        started.append(1)
+
+    async def main() -> None:
+        async with open_bridge():
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await aio(work)()
+            await trio.sleep(0.05)
+
+    run(bridge, main)
+    assert started == []
+
+
+@each_bridge
+def test_values_errors_and_cancels_cross_to_asyncio(bridge: str) -> None:
+    events: list[str] = []
+
+    async def trio_double(x: int) -> int:
+        await trio.sleep(0)
+        return 2 * x
+
+    async def trio_fail() -> None:
+        await trio.sleep(0)
+        raise ValueError("trio side")
+
+    async def trio_slow() -> None:
+        try:
+            await trio.sleep(30)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.05)
+            events.append("trio cleaned up")
+
+    async def on_asyncio() -> int:
+        doubled = await trio_from_aio(trio_double)(21)
+        with pytest.raises(ValueError, match="trio side"):
+            await trio_from_aio(trio_fail)()
+        task = asyncio.ensure_future(trio_from_aio(trio_slow)())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        events.append("asyncio resumed")
+        return doubled
+
+    async def main() -> int:
+        async with open_bridge():
+            return await aio(on_asyncio)()
+
+    assert run(bridge, main) == 42
+    assert events == ["trio cleaned up", "asyncio resumed"]
+
+
+@each_bridge
+def test_signals_reach_trio(bridge: str) -> None:
+    async def main() -> str:
+        async with open_bridge():
+            with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                with trio.fail_after(10):
+                    async for signum in signals:
+                        return signal.Signals(signum).name
+        return "none"
+
+    assert run(bridge, main) == "SIGUSR1"
+
+
+@pytest.mark.parametrize("value", ["", "uvloop", "asyncio", "trio-asyncio"])
+def test_the_setting_names_a_runtime(value: str) -> None:
+    chosen = bridge_from_env({"CORDUM_BRIDGE": value})
+    assert chosen == (value or "uvloop")
+
+
+def test_a_bad_setting_is_named() -> None:
+    with pytest.raises(BridgeConfigError, match=r"CORDUM_BRIDGE='tokio' is not one of uvloop, asyncio, trio-asyncio"):
+        bridge_from_env({"CORDUM_BRIDGE": "tokio"})
+
+
+def test_plain_trio_run_gets_a_clear_error() -> None:
+    async def main() -> None:
+        async with open_bridge():
+            pass
+
+    with pytest.raises(BridgeError, match="run_with_bridge"):
+        trio.run(main)
+
+
+@pytest.mark.skipif(EMULATED_ONLY, reason="this is the run it starts")
+def test_the_emulated_runtime_in_its_own_process() -> None:
+    env = {**os.environ, "CORDUM_TEST_EMULATED_BRIDGE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "trio-asyncio"],
+        env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout  # the four crossings + the setting
