@@ -180,3 +180,32 @@ def test_the_emulated_runtime_in_its_own_process() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "5 passed" in proc.stdout  # the four crossings + the setting
+
+
+@pytest.mark.parametrize("bridge", ["uvloop", "asyncio"])
+def test_trio_waits_for_io_on_the_host_loop_not_in_a_thread(bridge: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trio's stock guest mode polls its I/O in a helper thread; ours parks it on the host loop."""
+    import trio._core._run as trio_run
+
+    def no_thread(*args, **kwargs):
+        raise AssertionError("Trio's guest I/O thread was started")
+
+    monkeypatch.setattr(trio_run, "start_thread_soon", no_thread)
+
+    async def sleeper_and_sockets() -> bytes:
+        await trio.sleep(0.02)  # a timer only
+        a, b = trio.socket.socketpair()
+        with a, b:
+            async with trio.open_nursery() as nursery:
+                async def later() -> None:
+                    await trio.sleep(0.02)
+                    await a.send(b"ping")
+                nursery.start_soon(later)
+                data = await b.recv(4)  # Trio's own I/O, woken through the host loop
+        async def echo() -> int:
+            await asyncio.sleep(0.01)
+            return 7
+        assert await aio(echo)() == 7  # a host-side wake-up
+        return data
+
+    assert run(bridge, sleeper_and_sockets) == b"ping"
