@@ -180,7 +180,7 @@ def test_report_text_renders_a_minimal_run() -> None:
     data = {
         "machine": {"date": "d", "nproc": 2, "cpu_model": "cpu", "memory_bytes": 2**30, "kernel": "k",
                     "python": "3.11", "redis": "7", "loadavg_at_start": (0.1, 0, 0)},
-        "jobs": 2, "clients": 1, "bench_seconds": 1.0, "ratios": {"1/celery": 0.5},
+        "jobs": 2, "clients": 1, "bench_seconds": 1.0, "ratios": {"r=1 vs celery": 0.5},
         "ours": [{"replicas": 1, "workers": 1, "submitted": 2, "wall_seconds": 1.0, "jobs_per_s": 2.0,
                   "submit_rate_per_s": 4.0, "http_submit_ms": summary, "states": {"SUCCEEDED": 2},
                   "submit_errors": 0, "submit_to_dispatch_ms": summary, "submit_to_terminal_ms": summary,
