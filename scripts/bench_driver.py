@@ -9,15 +9,18 @@ trio_asyncio changes asyncio process-wide, DESIGN.md §4.7).
 Ours, for each replica count R:
   - `python -m cordum.cli.main up --replicas R --workers K --detach --base-port B` in a temporary
     CORDUM_DEV_DIR on a free port block (API_RATE_LIMIT_RPS/BURST 1e6, WORKER_MAX_PARALLEL as given);
-    wait until the workers show in GET /api/v1/workers; a warm-up of 20 jobs.
-  - N no-op jobs (POST /api/v1/jobs {prompt, context: {}}) from C client threads, each with its own
+    wait until the workers show in GET /api/v1/workers; a warm-up of 200 jobs, not counted.
+  - --repeat K passes (default 3) of N no-op jobs (POST /api/v1/jobs {prompt, context: {}}) from C client threads, each with its own
     keep-alive http.client connection, spread round-robin over the gateways, closed loop.
   - done when the terminal state indexes (ZCARD job:index:<terminal>, one pipeline every 20 ms)
     have grown by N; then every job's events (job:events:<id>) are read in pipelines.
-  - jobs/s = N / (first submit sent → last terminal event); latencies from each job's own events:
+  - jobs/s = the median over the passes of each pass's steady-state rate: the jobs that ended between
+    the 10th and 90th percentile of the pass's end times, over that span (so a 500-job and a 2,000-job
+    run agree); also the whole-run rate N / (first submit sent → last terminal event). Latencies from
+    each job's own events (all passes):
     submit = PENDING ts, dispatch = DISPATCHED ts, terminal = terminal state ts.
   - CPU s per job: utime+stime from /proc/<pid>/stat of every replica (redis and nats included),
-    after − before, / N; peak RSS = VmHWM of /proc/<pid>/status (since the replica started).
+    after − before (all passes), / K·N; peak RSS = VmHWM of /proc/<pid>/status (since the replica started).
   - Redis commands per job: INFO commandstats calls, after − before, less the driver's own polling,
     / N (commands run inside Lua scripts count too; EVALSHA is one of them). usec per job likewise.
   - NATS messages per job: a tap subscribed to `>` on the topology's nats-server counts every
@@ -44,6 +47,7 @@ import argparse
 import collections
 import http.client
 import json
+import math
 import os
 import platform
 import re
@@ -67,7 +71,8 @@ from cordum.dev.servers import free_block  # noqa: E402
 from cordum.dev.topology import BLOCK_SIZE  # noqa: E402  (every port of a topology lives in B..B+BLOCK_SIZE-1)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED", "OUTPUT_QUARANTINED")
-WARMUP_JOBS = 20
+WARMUP_JOBS = 200  # not counted: connection pools, caches and the allocator settle first
+STEADY = (0.1, 0.9)  # steady state: the jobs that ended between the 10th and 90th percentile of end times
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -138,7 +143,33 @@ def job_latencies(timelines: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         if terminal is not None:
             last_terminal = terminal if last_terminal is None else max(last_terminal, terminal)
     return {"submit_to_dispatch_ms": to_dispatch, "submit_to_terminal_ms": to_terminal, "states": dict(states),
-            "first_submit_us": first_submit, "last_terminal_us": last_terminal}
+            "first_submit_us": first_submit, "last_terminal_us": last_terminal,
+            "terminal_s": [tl["terminal"] / 1e6 for tl in timelines if tl.get("terminal") is not None]}
+
+
+def steady_throughput(end_times_s: Sequence[float], window: tuple[float, float] = STEADY) -> float | None:
+    """Jobs per second in the steady part of a run: the jobs that ended between the `window`
+    percentiles of all end times, over that span. The ramp-up (clients connecting, first batches)
+    and the drain (the last few jobs with nothing queued behind them) are left out, so a short
+    and a long run of the same system agree."""
+    times = sorted(end_times_s)
+    if len(times) < 10:
+        return None
+    lo = int(window[0] * (len(times) - 1))
+    hi = int(math.ceil(window[1] * (len(times) - 1)))
+    span = times[hi] - times[lo]
+    return (hi - lo) / span if span > 0 else None
+
+
+def median_pass(passes: Sequence[Mapping[str, Any]], key: str = "jobs_per_s") -> dict[str, Any]:
+    """The median of repeated passes' figure `key`, and how far the passes spread around it."""
+    values = sorted(p[key] for p in passes if p.get(key) is not None)
+    if not values:
+        return {"median": None, "spread": None, "values": []}
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return {"median": median, "spread": (values[-1] - values[0]) / median if median else None,
+            "values": [p.get(key) for p in passes]}
 
 
 def throughput(n: int, start_s: float, end_s: float) -> float | None:
@@ -841,27 +872,44 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[
         watch = TerminalWatch(client)
         before = snapshot(topo, client)
         self0 = time.process_time()
-        sent = clients.run(count=args.jobs, rate=args.rate)
-        done = watch.wait(len(sent["ids"]), args.stall_timeout)
-        finished = time.time()
+        sends, done = [], 0
+        for _ in range(args.repeat):
+            sends.append(clients.run(count=args.jobs, rate=args.rate))
+            done = watch.wait(sum(len(sent["ids"]) for sent in sends), args.stall_timeout)
         self1 = time.process_time()
         after = snapshot(topo, client)
-        own = {"zcard": watch.zcards}
+        own_polls = {"zcard": watch.zcards}
         nats_counts = tap.stop() if tap else None
         seqs1 = stream_seqs(topo.state["nats_url"])
-        timelines = read_timelines(client, sent["ids"])
-        n = len(sent["ids"])
+        passes, timelines, http_ms, errors, samples = [], [], [], 0, []
+        for k, sent in enumerate(sends):  # read after the measured window: the reads are not the jobs' cost
+            own = read_timelines(client, sent["ids"])
+            lat_k = job_latencies(own)
+            end_k = (lat_k["last_terminal_us"] / 1e6) if lat_k["last_terminal_us"] else time.time()
+            passes.append({"submitted": len(sent["ids"]), "wall_seconds": end_k - sent["first_send"],
+                           "jobs_per_s_whole": throughput(len(sent["ids"]), sent["first_send"], end_k),
+                           "jobs_per_s": steady_throughput(lat_k["terminal_s"]),
+                           "submit_seconds": sent["done_sending"] - sent["first_send"]})
+            say(f"ours, {replicas} replica(s): pass {k + 1}/{args.repeat}: steady {fmt(passes[-1]['jobs_per_s'])} "
+                f"jobs/s, whole run {fmt(passes[-1]['jobs_per_s_whole'])}")
+            timelines += own
+            http_ms += sent["http_ms"]
+            errors += sent["errors"]
+            samples += sent["error_samples"]
+        n = len(timelines)
         lat = job_latencies(timelines)
-        end_s = (lat["last_terminal_us"] / 1e6) if lat["last_terminal_us"] else finished
+        steady, whole = median_pass(passes), median_pass(passes, "jobs_per_s_whole")
+        wall_total = sum(p["wall_seconds"] for p in passes)
         result.update({
-            "jobs": args.jobs, "submitted": n, "terminal": done, "submit_errors": sent["errors"],
-            "submit_error_samples": sent["error_samples"], "states": lat["states"],
+            "jobs": args.jobs, "repeat": args.repeat, "submitted": n, "terminal": done, "submit_errors": errors,
+            "submit_error_samples": samples[:5], "states": lat["states"],
             "clients": args.clients, "gateways": len(topo.state["gateways"]),
-            "wall_seconds": end_s - sent["first_send"],
-            "submit_seconds": sent["done_sending"] - sent["first_send"],
-            "jobs_per_s": throughput(n, sent["first_send"], end_s),
-            "submit_rate_per_s": throughput(n, sent["first_send"], sent["done_sending"]),
-            "http_submit_ms": summarize(sent["http_ms"]),
+            "wall_seconds": wall_total,
+            "submit_seconds": sum(p["submit_seconds"] for p in passes),
+            "jobs_per_s": steady["median"], "jobs_per_s_spread": steady["spread"],
+            "jobs_per_s_whole_run": whole["median"], "passes": passes,
+            "submit_rate_per_s": throughput(n, 0, sum(p["submit_seconds"] for p in passes)),
+            "http_submit_ms": summarize(http_ms),
             "submit_to_dispatch_ms": summarize(lat["submit_to_dispatch_ms"]),
             "submit_to_terminal_ms": summarize(lat["submit_to_terminal_ms"]),
             "bench_driver_cpu_s_per_job": per_job(self1 - self0, n),
@@ -890,7 +938,7 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[
         result["per_replica"] = per_replica
         result["per_kind"] = per_kind
         result["cpu_ms_per_job_all"] = per_job(total_cpu * 1000, n)
-        delta = commands_delta(before["commandstats"], after["commandstats"], own)
+        delta = commands_delta(before["commandstats"], after["commandstats"], own_polls)
         result["redis"] = redis_per_job(delta, n)
         result["redis"]["commands_per_s"] = per_job(sum(v["calls"] for v in delta.values()), 1) / wall if wall > 0 else None
         dispatch_mean = {}
@@ -962,6 +1010,21 @@ def profile_pass(args: argparse.Namespace, topo: Topology, clients: Clients, cli
 # ==== peers and ceiling ===========================================================================
 
 
+def run_peer_passes(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, Any]:
+    """--repeat runs of a peer (each on a fresh Redis, after its warm-up); the run with the median
+    steady-state rate is reported, with every run's figures."""
+    runs = [run_peer(args, peer, workdir) for _ in range(args.repeat)]
+    failed = next((r for r in runs if "error" in r), None)
+    if failed:
+        return failed
+    steady = median_pass(runs)
+    chosen = dict(min(runs, key=lambda r: abs((r["jobs_per_s"] or 0) - (steady["median"] or 0))))
+    chosen.update(jobs_per_s=steady["median"], jobs_per_s_spread=steady["spread"],
+                  jobs_per_s_whole_run=median_pass(runs, "jobs_per_s_whole_run")["median"],
+                  passes=[{"jobs_per_s": r["jobs_per_s"], "jobs_per_s_whole": r["jobs_per_s_whole_run"]} for r in runs])
+    return chosen
+
+
 def run_peer(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, Any]:
     server, port = start_redis(workdir)
     try:
@@ -985,7 +1048,8 @@ def run_peer(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, An
     return {
         "peer": peer, "worker": raw["worker"], "jobs": raw["jobs"], "done": n, "errors": raw["errors"],
         "wall_seconds": raw["last_done"] - raw["first_enqueue"],
-        "jobs_per_s": throughput(n, raw["first_enqueue"], raw["last_done"]),
+        "jobs_per_s": steady_throughput([us / 1e6 for us in raw.get("done_us", [])]),
+        "jobs_per_s_whole_run": throughput(n, raw["first_enqueue"], raw["last_done"]),
         "enqueue_rate_per_s": throughput(n, 0, raw["enqueue_seconds"]),
         "enqueue_to_done_ms": summarize(raw["latencies_ms"]),
         "cpu_ms_per_job": {k: per_job(v * 1000, n) for k, v in raw["cpu_seconds"].items()},
@@ -1132,7 +1196,7 @@ def report_text(data: Mapping[str, Any]) -> str:
             continue
         out.append("")
         out.append(f"cordum {ours_label(r)}, {r['replicas']} replica(s) per service, {r['workers']} worker(s): {r['submitted']} jobs in "
-                   f"{r['wall_seconds']:.2f} s = {fmt(r['jobs_per_s'])} jobs/s; submit rate {fmt(r['submit_rate_per_s'])}/s; "
+                   f"{r.get('repeat', 1)} passes, {r['wall_seconds']:.2f} s; {passes_text(r)}; submit rate {fmt(r['submit_rate_per_s'])}/s; "
                    f"HTTP submit p50 {fmt(r['http_submit_ms']['p50'])} ms p99 {fmt(r['http_submit_ms']['p99'])} ms; "
                    f"states {r['states']}; submit errors {r['submit_errors']}; bench client CPU (incl. the NATS tap) "
                    f"{fmt(r['bench_driver_cpu_s_per_job'] * 1000 if r.get('bench_driver_cpu_s_per_job') else None, 2)} ms/job")
@@ -1187,7 +1251,7 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append(table(["peer", "jobs/s", "p50 ms", "p99 ms", "worker CPU ms/job", "redis CPU ms/job",
                           "producer CPU ms/job", "Redis cmds/job"], rows))
         for p in peers:
-            out.append(f"  {p['peer']}: {p['worker']}")
+            out.append(f"  {p['peer']}: {p['worker']}; {passes_text(p)}")
     for p in data.get("peers", []):
         if "error" in p:
             out.append(f"  {p['peer']} failed: {p['error'][-400:]}")
@@ -1237,6 +1301,17 @@ def report_text(data: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def passes_text(r: Mapping[str, Any]) -> str:
+    """`jobs/s 201 (median steady state of 3 passes: 195, 201, 210; spread 7%; whole runs 190)`."""
+    passes = r.get("passes") or []
+    if not passes:
+        return f"{fmt(r.get('jobs_per_s'))} jobs/s"
+    each = ", ".join(fmt(p.get("jobs_per_s")) for p in passes)
+    spread = r.get("jobs_per_s_spread")
+    return (f"{fmt(r.get('jobs_per_s'))} jobs/s (median steady state of {len(passes)} passes: {each}; spread "
+            f"{fmt(spread * 100 if spread is not None else None)}%; whole runs {fmt(r.get('jobs_per_s_whole_run'))})")
+
+
 def _indent(text: str, n: int) -> str:
     return "\n".join(" " * n + line for line in text.splitlines())
 
@@ -1244,7 +1319,9 @@ def _indent(text: str, n: int) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description="The job-path benchmark: ours (1 and 2 "
                                      "replicas) vs Celery and Dramatiq, and the Redis/NATS ceiling, in one run.")
-    parser.add_argument("--jobs", type=int, default=2000, help="no-op jobs per system (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2000, help="no-op jobs per pass and system (default %(default)s)")
+    parser.add_argument("--repeat", type=int, default=3, help="measured passes per system, after a warm-up of "
+                        f"{WARMUP_JOBS} jobs; jobs/s is the median of their steady-state figures (default %(default)s)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent submitting clients (default %(default)s)")
     parser.add_argument("--replicas", default="1,2", help="replica counts to run ours with (default %(default)s)")
     parser.add_argument("--bridges", default="", help="run ours once per Trio/asyncio runtime named (CORDUM_BRIDGE: "
@@ -1295,8 +1372,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [b for b in args.bridge_list if b and b not in ("uvloop", "asyncio", "trio-asyncio")]
     if unknown:
         parser.error(f"--bridges: unknown runtime(s) {', '.join(unknown)} (uvloop, asyncio, trio-asyncio)")
-    if args.jobs <= 0 or args.clients <= 0:
-        parser.error("--jobs and --clients must be > 0")
+    if args.jobs <= 0 or args.clients <= 0 or args.repeat <= 0:
+        parser.error("--jobs, --clients and --repeat must be > 0")
     if args.wf_runs < 0 or args.wf_idle_runs < 0 or args.wf_clients <= 0 or args.wf_replicas <= 0:
         parser.error("--wf-runs and --wf-idle-runs must be >= 0, --wf-clients and --wf-replicas > 0")
     if args.workflows_only and args.no_workflows:
@@ -1331,7 +1408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:
-                    data["peers"].append(run_peer(args, peer, work))
+                    data["peers"].append(run_peer_passes(args, peer, work))
                 except Exception as exc:  # noqa: BLE001
                     data["peers"].append({"peer": peer, "error": repr(exc)})
         for r in data["ours"]:

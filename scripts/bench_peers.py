@@ -258,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         "enqueue_seconds": enqueued - first,
         "last_done": last_done,
         "latencies_ms": latencies_ms,
+        "done_us": [int(done) for _, _, done in rows],
         "cpu_seconds": {"workers": cpu_workers1 - cpu_workers0, "redis": cpu_redis1 - cpu_redis0,
                         "producers": self1 - self0},
         "commandstats_before": stats0,

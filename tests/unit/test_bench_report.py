@@ -401,3 +401,26 @@ def test_closed_loop_keeps_runs_in_flight_per_client_and_counts_failures(redis_s
 
     slow = wf.closed_loop(1, 1, never, redis_server.url, 0.3, prefix=f"t{time.time_ns()}")
     assert slow["timeouts"] == 1 and len(slow["runs"]) == 1
+
+
+def test_steady_throughput_leaves_out_ramp_up_and_drain() -> None:
+    # 100 jobs/s for 1,000 jobs, but the first ten took a slow second to start and the last ten
+    # trickled in over two more: the whole run says ~77 jobs/s, the steady part 100.
+    ends = [1.0 + i * 0.1 for i in range(10)] + [2.0 + i * 0.01 for i in range(980)] + [12.0 + i * 0.2 for i in range(10)]
+    assert bench.steady_throughput(ends) == pytest.approx(100, rel=0.01)
+    assert bench.throughput(len(ends), 1.0, max(ends)) < 80
+    assert bench.steady_throughput(list(reversed(ends))) == pytest.approx(100, rel=0.01)  # order does not matter
+    assert bench.steady_throughput([1.0] * 5) is None  # too few to say
+    assert bench.steady_throughput([3.0] * 20) is None  # no span
+
+
+def test_median_pass_and_spread() -> None:
+    passes = [{"jobs_per_s": 90.0}, {"jobs_per_s": 110.0}, {"jobs_per_s": 100.0}]
+    got = bench.median_pass(passes)
+    assert got["median"] == 100.0
+    assert got["spread"] == pytest.approx(0.2)
+    assert got["values"] == [90.0, 110.0, 100.0]
+    assert bench.median_pass([{"jobs_per_s": 80.0}, {"jobs_per_s": 100.0}])["median"] == 90.0
+    assert bench.median_pass([{"jobs_per_s": None}])["median"] is None
+    assert "median steady state of 3 passes: 90.0, 110, 100" in bench.passes_text({**got, "jobs_per_s": 100.0,
+                                                                                     "passes": passes, "jobs_per_s_spread": 0.2})
