@@ -44,8 +44,10 @@ BRIDGE_ENV = "CORDUM_BRIDGE"
 BRIDGES = ("uvloop", "asyncio", "trio-asyncio")
 _TRIO_ASYNCIO = "trio-asyncio"
 
-# The runtime of the current `run_with_bridge` (one per process at a time; tests run one by one).
+# The runtime of the current `run_with_bridge` (one per process at a time; tests run one by one),
+# and its host loop: asyncio.get_running_loop() costs a getpid() syscall on Python 3.11.
 _active: str | None = None
+_loop: asyncio.AbstractEventLoop | None = None
 
 
 class BridgeError(RuntimeError):
@@ -105,7 +107,9 @@ def _new_loop(chosen: str) -> asyncio.AbstractEventLoop:
 def _run_as_guest(
     loop: asyncio.AbstractEventLoop, uvloop: bool, fn: Callable[..., Awaitable[T]], args: tuple, options: dict[str, Any]
 ) -> T:
+    global _loop
     asyncio.set_event_loop(loop)
+    previous, _loop = _loop, loop
     done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
 
     def finished(result: outcome.Outcome[T]) -> None:
@@ -131,6 +135,7 @@ def _run_as_guest(
             ticks.unpark()
             _stop_leftovers(loop)
         finally:
+            _loop = previous
             asyncio.set_event_loop(None)
             loop.close()
     return result.unwrap()
@@ -255,6 +260,8 @@ async def open_bridge() -> AsyncIterator[None]:
 
 
 def _host_loop() -> asyncio.AbstractEventLoop:
+    if _loop is not None:
+        return _loop
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -326,7 +333,7 @@ def trio_from_aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Coroutine[An
 
 
 async def _run_in_trio(fn: Callable[..., Awaitable[T]], args: tuple, kwargs: dict[str, Any]) -> T:
-    loop = asyncio.get_running_loop()
+    loop = _host_loop()
     result: asyncio.Future[T] = loop.create_future()
     stopped: asyncio.Future[None] = loop.create_future()
     scope = trio.CancelScope()
