@@ -245,3 +245,21 @@ async def test_closing_while_a_message_arrives_loses_nothing(bus):
                     got.append(msg.data)
                     await msg.ack()
         assert sorted(got) == sent
+
+
+async def test_commands_packed_in_c_round_trip_every_argument_type(redis):
+    from redis.exceptions import DataError
+
+    from cordum.infra.redis import _HiredisPacking
+
+    assert issubclass(redis._pool.connection_class, _HiredisPacking)
+    key = unique("packed")
+    await redis.hset(key, mapping={"text": "ключ ✓", "int": 10**20, "float": 0.1, "bytes": b"\x00\xff"})
+    assert await redis.execute("HGET", key, "text") == "ключ ✓"
+    assert await redis.execute("HGET", key, "int") == "100000000000000000000"
+    assert await redis.execute("HGET", key, "float") == "0.1"
+    assert await redis.execute("HSTRLEN", key, "bytes") == 2
+    assert await redis.execute("CONFIG GET", "maxmemory-policy")  # a two-word command name is split
+    with pytest.raises(DataError):
+        await redis.execute("SET", key, True)  # as redis-py refuses it
+    assert await redis.execute("HLEN", key) == 4
