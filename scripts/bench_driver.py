@@ -645,6 +645,9 @@ class Topology:
             self.env.pop(name, None)
         if bridge:
             self.env["CORDUM_BRIDGE"] = bridge
+        # The echo handler does no work of its own, like the peers' no-op task: it does not count
+        # its runs in Redis (the dev topology's default, for the HA gate's exactly-once check).
+        self.env["ECHO_EXECUTIONS_KEY"] = ""
         self.state: dict[str, Any] = {}
 
     def cordumctl(self, *argv: str, timeout: float) -> subprocess.CompletedProcess:

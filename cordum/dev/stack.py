@@ -218,7 +218,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         redis_port=args.redis_port, nats_port=args.nats_port,
         redis_url=env.get("REDIS_URL", ""), nats_url=env.get("NATS_URL", ""), api_key=api_key,
         services=[(s.name, s.entry, s.env) for s, ok in services if ok], cordum_env=cordum_env,
-        keys_path=keys_path,
+        keys_path=keys_path, echo_executions_key=env.get("ECHO_EXECUTIONS_KEY", topo.DEV_EXECUTIONS_KEY),
     )
     settings = load_settings({**env, "REDIS_URL": topology.redis_url, "NATS_URL": topology.nats_url,
                               "CORDUM_ENV": cordum_env})  # a bad variable stops us before anything starts

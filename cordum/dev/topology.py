@@ -195,6 +195,7 @@ def build(
     services: Sequence[tuple[str, str, Mapping[str, str] | None]] = (),
     cordum_env: str = "dev",
     keys_path: str = "",
+    echo_executions_key: str = DEV_EXECUTIONS_KEY,
 ) -> Topology:
     """The topology for these options.
 
@@ -202,7 +203,8 @@ def build(
     start order (cordum.dev.stack.SERVICES filtered by availability). Without it, every service of
     the release is assumed. `redis_url`/`nats_url`: external servers (REDIS_URL/NATS_URL); empty
     means the topology starts its own. `keys_path`: a keys file every replica gets as
-    CORDUM_API_KEYS_PATH.
+    CORDUM_API_KEYS_PATH. `echo_executions_key`: the hash the echo workers count their runs in
+    (empty: they count nothing, as the benchmark runs them).
     """
     if not 1 <= replicas <= MAX_REPLICAS:
         raise TopologyError(f"--replicas must be between 1 and {MAX_REPLICAS}, got {replicas}")
@@ -284,7 +286,7 @@ def build(
             elif kind == "worker":
                 env["WORKER_ID"] = name
                 # The echo workers count their executions (the HA gate checks "exactly once" there).
-                env["ECHO_EXECUTIONS_KEY"] = DEV_EXECUTIONS_KEY
+                env["ECHO_EXECUTIONS_KEY"] = echo_executions_key
             out.append(Replica(name, kind, i, entry, env, ports, health, SAME_TIER.get(kind, "")))
     return Topology(tuple(out), replicas, workers, base_port, redis_url, nats_url, start_redis, start_nats)
 

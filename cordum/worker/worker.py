@@ -366,6 +366,7 @@ class Worker:
             await self._handshake()
             await nursery.start(self._keep_presence)
             await nursery.start(self._heartbeats)
+            nursery.start_soon(self._keep_jobs_alive)
             self.ready.set()
             log.info("worker.ready", worker_id=self.worker_id, pool=self.pool, subjects=self.subjects,
                      max_parallel_jobs=self.max_parallel_jobs)
@@ -679,6 +680,19 @@ class Worker:
             msg.give_back()  # intake stopped while it waited: back to the stream at once
             raise
 
+    async def _keep_jobs_alive(self) -> None:
+        """Tell JetStream the running jobs are still being worked on, so it does not redeliver
+        them: one task for all of them (a task per job cost more than most jobs do). A job gets
+        its first word between half an interval and an interval after it started."""
+        half = self.in_progress_interval / 2
+        while True:
+            await trio.sleep(half)
+            now = trio.current_time()
+            for job in list(self._jobs.values()):
+                if now - job.started >= half:
+                    for msg in list(job.messages):
+                        await msg.in_progress()
+
     async def _keep_alive(self, messages: list[Message]) -> None:
         """Tell JetStream we are still working on these, so it does not redeliver them."""
         while True:
@@ -725,10 +739,7 @@ class Worker:
     async def _run_job(self, job: _Job) -> None:
         settled = False
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_alive, job.messages)
-                outcome = await self._execute(job)
-                nursery.cancel_scope.cancel()
+            outcome = await self._execute(job)  # kept alive meanwhile by _keep_jobs_alive
             published = False
             if isinstance(outcome, JobResult):
                 data = encode(self._packet(outcome, trace_id=job.packet.trace_id or job.job_id))

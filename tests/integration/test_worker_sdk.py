@@ -400,3 +400,20 @@ async def test_echo_worker_process_finishes_its_job_and_exits_0_on_sigterm(spawn
         assert code == 0, proc.lines("err")[-20:]
     observed = [(e["event"], e["stage"]) for e in proc.events() if e["event"] in ("stage.begin", "stage.end")]
     assert observed == [(kind, stage) for stage in WORKER_STAGES for kind in ("stage.begin", "stage.end")]
+
+
+async def test_a_job_longer_than_the_ack_wait_is_kept_alive_not_redelivered(server_env, redis, bus):
+    from cordum.infra.config import load_settings
+
+    # A durable whose ack wait (1 s) is a third of the job: without the in-progress word every
+    # half interval, JetStream would redeliver it twice while it runs.
+    settings = load_settings({**server_env, "NATS_JS_ACK_WAIT": "1s", "CORDUM_INSTANCE_ID": unique("keep")})
+    worker, calls = echo_worker(settings, in_progress_interval=0.5)
+    async with taps(bus, subjects.RESULT) as (results,), running(worker):
+        request = await submit(redis, bus, worker.direct_subject, {"sleep": 3.0})
+        job_id = request.job_request.job_id
+        _, result = await results.result(job_id)
+        assert result.status == job_pb2.JOB_STATUS_SUCCEEDED
+        await trio.sleep(1.5)  # a redelivery would arrive within the next ack wait
+        assert calls == [job_id]
+        assert worker.stats.duplicates == 0 and len(results.results(job_id)) == 1

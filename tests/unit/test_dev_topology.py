@@ -227,3 +227,10 @@ def test_state_requests_markers_and_process_states(tmp_path: Path) -> None:
     st.save(tmp_path, data)
     assert st.load(tmp_path) == data
     assert (tmp_path / st.STATE_FILE).stat().st_mode & 0o077 == 0  # holds the API key
+
+
+def test_the_echo_workers_count_their_runs_unless_told_not_to() -> None:
+    counted = topo.build(workers=2, api_key="secret")
+    assert {counted.get(f"worker-{i}").env["ECHO_EXECUTIONS_KEY"] for i in (1, 2)} == {topo.DEV_EXECUTIONS_KEY}
+    quiet = topo.build(workers=1, api_key="secret", echo_executions_key="")
+    assert quiet.get("worker-1").env["ECHO_EXECUTIONS_KEY"] == ""
