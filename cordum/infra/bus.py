@@ -3,7 +3,9 @@
 Two ways to receive, as the guide's subject matrix says:
 - `consume(subject, queue)`: work distribution. With JetStream, all replicas of a queue group
   share one pull durable `dur_<queue>__<subject>`, so each message goes to exactly one replica and
-  is redelivered if that replica dies before acking. Without JetStream: a core NATS queue group.
+  is redelivered if that replica dies before acking. Each replica keeps one pull request of a
+  batch open and gets messages as they come (`_StreamingPull`). Without JetStream: a core NATS
+  queue group.
 - `subscribe(subject)`: broadcast over core NATS; every replica gets every message.
 
 Publishing goes through a `Batcher`: concurrent publishes share one bridge crossing, and the
@@ -15,6 +17,8 @@ and awaited until the stream has stored them; broadcast subjects are plain core 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
@@ -38,8 +42,6 @@ log = get_logger("bus")
 MSG_ID_HEADER = "Nats-Msg-Id"
 WORKER_DURABLE_IDLE = 3600.0  # seconds
 _PUBLISH_ACK_TIMEOUT = 5.0
-_DRAIN_FETCH_WAIT = 0.01  # how long a fetch after a received message waits for more
-FETCH_SETTLE_S = 0.1  # a closing consumer's fetch in flight: time to return by itself (> the above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,24 +55,18 @@ class Outgoing:
 class _PullRelease:
     """How a pull subscription stops without stranding a message until the ack wait.
 
-    - A message handed back (naked) while the subscription is still open would be redelivered
-      straight into this subscription's own outstanding long-poll, where nobody reads it any more.
-      So give-backs are `held` and naked only after the server has confirmed the UNSUB.
-    - A fetch cancelled while it holds messages (on their way up through nats-py's layers of
-      tasks, or collected by a batch fetch waiting for more) drops them. So fetches are shielded
-      (`fetch_scope`), no new one starts once `closing`, and the one in flight is left to return
-      by itself after the UNSUB is confirmed; only one still waiting after FETCH_SETTLE_S, which
-      can hold nothing, is cancelled.
+    A message handed back (naked) while the subscription is still open would be redelivered
+    straight into this subscription's own open pull request, where nobody reads it any more. So
+    give-backs, and whatever arrives once `closing`, are `held` and naked only after the server
+    has confirmed the UNSUB (which also drops the open request).
     """
 
-    __slots__ = ("open", "held", "closing", "fetch_scope", "fetch_done")
+    __slots__ = ("open", "held", "closing")
 
     def __init__(self) -> None:
         self.open = True
         self.held: list[NatsMsg] = []
         self.closing = False
-        self.fetch_scope: trio.CancelScope | None = None
-        self.fetch_done = trio.Event()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +136,84 @@ class Message:
             self._release.held.append(self._raw)
         else:
             self._settle("nak")
+
+
+class _StreamingPull:
+    """A durable's messages, pulled a batch at a time and handed over as they arrive.
+
+    One pull request (`batch` messages, expiring after `expires` seconds) is kept open on the
+    durable; the server delivers to this replica's inbox as messages come, and the request ends
+    when `batch` were delivered, or it expired (status 408) or was refused (another 4xx). Then the
+    next one goes out, once the consumer has taken all but `batch` of what it was handed. A
+    message costs one delivery and one ack: no request of its own, no empty reply, no bridge
+    crossing (the inbox callback feeds the Trio channel directly).
+    """
+
+    def __init__(self, bus: "Bus", stream: str, durable: str, release: _PullRelease,
+                 send: trio.MemorySendChannel[Message], batch: int, expires: float) -> None:
+        self.bus, self.release, self.send = bus, release, send
+        self.batch = max(1, batch)
+        self.expires = expires
+        self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = ""
+        self.left = 0  # messages the open request may still deliver
+        self.ended = trio.Event()
+        self.requests = 0
+
+    async def on_message(self, raw: NatsMsg) -> None:
+        """The inbox callback, on the asyncio side (never blocks, never raises)."""
+        status = JetStreamContext.is_status_msg(raw)
+        if status:
+            if status not in ("100", "404", "408", "409"):
+                log.warning("bus.pull_status", subject=self.api_subject, status=status,
+                            description=(raw.headers or {}).get("Description", ""))
+            if status != "100":  # 100: a heartbeat; anything else ends the request
+                self._end()
+            return
+        if not raw.reply:
+            return
+        self.left -= 1
+        if self.left <= 0:
+            self._end()
+        try:
+            message = Message(raw, self.bus, jetstream=True, release=self.release)
+        except Exception as exc:  # not a JetStream delivery (its reply is no ack subject)
+            log.warning("bus.not_a_stream_message", subject=raw.subject, reply=raw.reply, error=repr(exc))
+            return
+        if self.release.closing:
+            message.give_back()  # held until the UNSUB is confirmed (see _PullRelease)
+            return
+        try:
+            self.send.send_nowait(message)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            message.give_back()
+
+    def _end(self) -> None:
+        self.left = 0
+        self.ended.set()
+
+    async def run(self) -> None:
+        request = aio(self._request)
+        while not self.release.closing:
+            if self.send.statistics().current_buffer_used > self.batch:  # the consumer is behind
+                await trio.sleep(0.005)
+                continue
+            self.ended = trio.Event()
+            self.left = self.batch
+            try:
+                await request()
+            except Exception as exc:  # connection trouble: back off, the client reconnects
+                log.warning("bus.fetch_failed", subject=self.api_subject, error=repr(exc))
+                await trio.sleep(1)
+                continue
+            self.requests += 1
+            # A request whose end never arrives (a reconnect dropped it) is given up locally.
+            with trio.move_on_after(self.expires + 1.0):
+                await self.ended.wait()
+
+    async def _request(self) -> None:
+        body = json.dumps({"batch": self.batch, "expires": int(self.expires * 1e9)}).encode()
+        await self.bus._nc.publish(self.api_subject, body, reply=self.inbox)
 
 
 class Bus:
@@ -264,29 +338,28 @@ class Bus:
             return
         durable = subjects.durable_name(queue, subject)
         stream = subjects.stream_for(subject)
-        psub = await aio(self._bind_durable)(stream, durable, subject)
         release = _PullRelease()
-        send, receive = trio.open_memory_channel[Message](batch)
+        # Unbounded: what is in flight is bounded by the pull requests instead (_StreamingPull).
+        send, receive = trio.open_memory_channel[Message](math.inf)
+        pull = _StreamingPull(self, stream, durable, release, send, batch, fetch_timeout)
+        await aio(self._ensure_consumer)(stream, durable, subject)
+        sub = await aio(self._nc.subscribe)(self._nc.new_inbox(), cb=pull.on_message)
+        pull.inbox = sub.subject
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, psub, release, send, batch, fetch_timeout)
+                nursery.start_soon(pull.run)
                 try:
                     yield receive
                 finally:
                     release.closing = True
-                    with trio.CancelScope(shield=True):
-                        with close_scope(2):
-                            try:
-                                await aio(self._stop_pulling)(psub)
-                            except Exception as exc:
-                                log.debug("bus.pull_stop_failed", durable=durable, error=repr(exc))
-                        if release.fetch_scope is not None:
-                            with close_scope(FETCH_SETTLE_S):
-                                await release.fetch_done.wait()
-                        if release.fetch_scope is not None:
-                            release.fetch_scope.cancel()
                     nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True), close_scope(2):
+                        try:
+                            await aio(self._stop_pulling)(sub)
+                        except Exception as exc:
+                            log.debug("bus.pull_stop_failed", durable=durable, error=repr(exc))
         finally:
+            send.close()
             # Give back what was fetched but not handled, so another replica gets it now
             # instead of after the ack wait.
             leftovers = []
@@ -299,7 +372,7 @@ class Bus:
                 msg.give_back()
             with close_scope(2):
                 try:
-                    await aio(self._release_pull)(psub, release)
+                    await aio(self._release_pull)(sub, release)
                 except Exception as exc:
                     log.debug("bus.pull_release_failed", durable=durable, error=repr(exc))
             if release.open:  # the release never ran (the bridge is closing, or it timed out)
@@ -308,80 +381,25 @@ class Bus:
                     self._acks.submit_nowait(_Action("nak", raw))
                 release.held = []
 
-    async def _pump(
-        self, psub: Any, release: _PullRelease, send: trio.MemorySendChannel[Message], batch: int, timeout: float
-    ) -> None:
-        # Long-poll for ONE message (nats-py returns it at once), then take whatever else is
-        # already waiting with a near-zero wait: a batched long-poll would hold a lone message
-        # until the batch filled or the poll expired.
-        fetch = aio(self._fetch)
-
-        async def pull(count: int, wait: float) -> list[NatsMsg]:
-            if release.closing:
-                return []
-            with trio.CancelScope(shield=True) as scope:  # cancelled only by consume(), when safe
-                release.fetch_scope, release.fetch_done = scope, trio.Event()
-                try:
-                    return await fetch(psub, count, wait)
-                finally:
-                    release.fetch_scope = None
-                    release.fetch_done.set()
-            return []
-
-        async with send:
-            while not release.closing:
-                try:
-                    raws = await pull(1, timeout)
-                    while raws:
-                        await self._hand_over(raws, release, send)
-                        raws = await pull(batch, _DRAIN_FETCH_WAIT) if batch > 1 else []
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return  # the consumer is gone; what it did not take was given back
-                except Exception as exc:  # connection trouble: back off, the client reconnects
-                    log.warning("bus.fetch_failed", error=repr(exc))
-                    await trio.sleep(1)
-
-    async def _hand_over(
-        self, raws: list[NatsMsg], release: _PullRelease, send: trio.MemorySendChannel[Message]
-    ) -> None:
-        messages = [Message(raw, self, jetstream=True, release=release) for raw in raws]
-        sent = 0
-        try:
-            for message in messages:
-                await send.send(message)
-                sent += 1
-        finally:
-            # Stopped while the consumer was busy: what it never took goes back to the stream
-            # at once, rather than waiting out the ack wait on this (departing) replica.
-            for message in messages[sent:]:
-                message.give_back()
-
-    @staticmethod
-    async def _fetch(psub: Any, batch: int, timeout: float) -> list[NatsMsg]:
-        try:
-            return await psub.fetch(batch, timeout=timeout)
-        except TimeoutError:  # nats-py raises the builtin on an idle fetch (DESIGN.md §4.3)
-            return []
-
-    async def _stop_pulling(self, psub: Any) -> None:
+    async def _stop_pulling(self, sub: Any) -> None:
         # UNSUB, and wait for the server's answer to a PING sent after it: from then on the server
         # sends this subscription nothing and has dropped its waiting pulls, and whatever it had
         # sent already is in the pending queue (the subscription is removed locally only in
         # `_release_pull`, so nothing in flight is discarded).
-        await self._nc._send_unsubscribe(psub._sub._id)
+        await self._nc._send_unsubscribe(sub._id)
         await self._nc.flush(timeout=1)
 
-    async def _release_pull(self, psub: Any, release: _PullRelease) -> None:
-        # Held give-backs, plus what arrived but was never fetched, go back to the stream.
+    async def _release_pull(self, sub: Any, release: _PullRelease) -> None:
+        # Held give-backs, plus what arrived but was never handed over, go back to the stream.
         release.open = False
         raws, release.held = release.held, []
-        queue = psub._sub._pending_queue
+        queue = sub._pending_queue
         while not queue.empty():
             raw = queue.get_nowait()
             if raw.reply and not JetStreamContext.is_status_msg(raw):
                 raws.append(raw)
         try:
-            await psub.unsubscribe()
+            await sub.unsubscribe()
         finally:
             for raw in raws:
                 try:
@@ -389,11 +407,6 @@ class Bus:
                 except Exception:
                     pass
             await self._nc.flush(timeout=1)
-
-    async def _bind_durable(self, stream: str, durable: str, subject: str) -> Any:
-        assert self._js is not None
-        await self._ensure_consumer(stream, durable, subject)
-        return await self._js.pull_subscribe_bind(durable=durable, stream=stream)
 
     async def _ensure_consumer(self, stream: str, durable: str, subject: str) -> None:
         config = js_api.ConsumerConfig(

@@ -601,8 +601,8 @@ class Worker:
 
     async def _consume(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self._bus is not None
-        # One message per fetch: what waits in the bus's buffer is not kept alive, and nats-py's
-        # batched fetch holds a lone message until the fetch timeout (up to 2 s of latency).
+        # One message per pull request: a message waiting in the bus's buffer for a free slot
+        # would not be kept alive on the durable (only running jobs and the one waiting are).
         async with self._bus.consume(subject, subject, batch=1) as messages:
             task_status.started()
             async for msg in messages:
