@@ -1,7 +1,9 @@
 """`GET /api/v1/stream`: job events, progress, workflow events and heartbeats over a WebSocket.
 
-Each replica taps `sys.job.>`, `sys.workflow.event` and `sys.heartbeat` once, by broadcast (core
-NATS), and fans every packet out to its connected clients as a protobuf-JSON text frame. A client
+While it has a client, each replica taps `sys.job.>`, `sys.workflow.event` and `sys.heartbeat` once,
+by broadcast (core NATS), and fans every packet out to its connected clients as a protobuf-JSON
+text frame. Without clients it taps nothing: every replica would otherwise read every job's
+messages for nobody. A client's connection is accepted once the taps are listening. A client
 sees only its tenant's job events (a JobRequest names its tenant; for results, progress and
 cancels the job's tenant is read from its meta, through a small LRU cache) and workflow events
 (an Alert names its tenant in `details.tenant_id`; one that names none goes to nobody), and every
@@ -52,10 +54,28 @@ class StreamHub:
     closed: bool = False
     delivered: int = 0
     dropped_clients: int = 0
+    _changed: trio.Event = field(default_factory=trio.Event)  # a client came or went
+    _tapping: trio.Event = field(default_factory=trio.Event)  # set while the taps listen
 
     @property
     def client_count(self) -> int:
         return len(self.clients)
+
+    @property
+    def tapping(self) -> bool:
+        return self._tapping.is_set()
+
+    async def wait_taps(self, timeout: float = 5.0) -> bool:
+        """Whether the taps listen (waiting up to `timeout` for them to start)."""
+        if self.closed:
+            return False
+        with trio.move_on_after(timeout):
+            await self._tapping.wait()
+        return self._tapping.is_set()
+
+    def _leave(self, client: _Client) -> None:
+        self.clients.discard(client)
+        self._changed.set()
 
     @contextmanager
     def connect(self, tenant: str) -> Iterator[tuple[_Client, trio.MemoryReceiveChannel[str]]]:
@@ -65,10 +85,11 @@ class StreamHub:
             send.close()
         else:
             self.clients.add(client)
+            self._changed.set()
         try:
             yield client, receive
         finally:
-            self.clients.discard(client)
+            self._leave(client)
             send.close()
 
     def close(self) -> None:
@@ -77,13 +98,27 @@ class StreamHub:
         for client in list(self.clients):
             client.send.close()
         self.clients.clear()
+        self._changed.set()
 
     async def serve_taps(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self._tap, subjects.JOB_EVENTS_ALL)
-            await nursery.start(self._tap, subjects.HEARTBEAT)
-            await nursery.start(self._tap, subjects.WORKFLOW_EVENT)
-            task_status.started()
+        """Tap while there are clients, until cancelled."""
+        task_status.started()
+        while True:
+            while not self.clients:
+                self._changed = trio.Event()
+                await self._changed.wait()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._tap, subjects.JOB_EVENTS_ALL)
+                await nursery.start(self._tap, subjects.HEARTBEAT)
+                await nursery.start(self._tap, subjects.WORKFLOW_EVENT)
+                self._tapping.set()
+                try:
+                    while self.clients:
+                        self._changed = trio.Event()
+                        await self._changed.wait()
+                finally:
+                    self._tapping = trio.Event()
+                nursery.cancel_scope.cancel()
 
     async def _tap(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.gw.bus.subscribe(subject) as messages:
@@ -147,11 +182,11 @@ class StreamHub:
             except trio.WouldBlock:
                 client.dropped = True
                 self.dropped_clients += 1
-                self.clients.discard(client)
+                self._leave(client)
                 client.send.close()
                 log.warning("stream.slow_client_dropped", tenant=client.tenant, buffer=self.buffer)
             except trio.ClosedResourceError:
-                self.clients.discard(client)
+                self._leave(client)
 
 
 def register(app: Quart, gw: Gateway) -> None:
@@ -159,11 +194,14 @@ def register(app: Quart, gw: Gateway) -> None:
     async def stream() -> Any:
         hub: StreamHub | None = gw.hub
         who = caller()
-        await websocket.accept()
         if hub is None:
+            await websocket.accept()
             await websocket.close(CLOSE_GOING_AWAY, "stream not available")
             return
         with hub.connect(who.tenant) as (client, receive):
+            if not await hub.wait_taps():
+                log.warning("stream.taps_not_ready", tenant=who.tenant)
+            await websocket.accept()  # the client's connect returns once events reach it
             async with receive:
                 async for text in receive:
                     await websocket.send(text)

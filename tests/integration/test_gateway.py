@@ -580,8 +580,10 @@ async def test_stream_filters_by_tenant(api: Api, bus) -> None:
         client.connect()
         return client
 
+    assert not api.gw.hub.tapping  # no client: the gateway reads no job's messages
     mine = await trio.to_thread.run_sync(lambda: open_client(ADMIN, query=True))
     theirs = await trio.to_thread.run_sync(lambda: open_client(ACME, query=False))
+    assert api.gw.hub.tapping  # a connect returns once the taps listen
     frames: dict[str, list[dict]] = {"mine": [], "theirs": []}
 
     def reader(name: str, client: WebSocketClient) -> None:
@@ -616,6 +618,7 @@ async def test_stream_filters_by_tenant(api: Api, bus) -> None:
     finally:
         for client in (mine, theirs):
             client.close()
+    await _eventually(lambda: _const(not api.gw.hub.tapping))  # the last one left: taps stop
     rejected = await api.call("GET", "/api/v1/stream", key=None, headers={
         "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
