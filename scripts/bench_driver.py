@@ -3,8 +3,8 @@
     scripts/bench [--jobs N] [--clients C] [--replicas 1,2] [--json] [--no-peers] [--profile] ...
 
 A plain sync program in its own venv (.cordum/bench-venv: redis-py, nats-py, celery, dramatiq,
-py-spy), a separate process from every service it measures; it never imports `cordum` (whose
-trio_asyncio changes asyncio process-wide, DESIGN.md §4.7).
+py-spy), a separate process from every service it measures; it never imports `cordum`'s runtime
+(its Trio/asyncio bridge changes how asyncio runs in a process, DESIGN.md §4.7).
 
 Ours, for each replica count R:
   - `python -m cordum.cli.main up --replicas R --workers K --detach --base-port B` in a temporary
