@@ -36,6 +36,7 @@ log = get_logger("gateway.stream")
 TENANT_CACHE_SIZE = 10_000
 CLOSE_GOING_AWAY = 1001
 CLOSE_TRY_AGAIN = 1013
+TAPS_RETRY_S = 1.0
 
 
 @dataclass(eq=False)
@@ -107,18 +108,26 @@ class StreamHub:
             while not self.clients:
                 self._changed = trio.Event()
                 await self._changed.wait()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._tap, subjects.JOB_EVENTS_ALL)
-                await nursery.start(self._tap, subjects.HEARTBEAT)
-                await nursery.start(self._tap, subjects.WORKFLOW_EVENT)
-                self._tapping.set()
-                try:
-                    while self.clients:
-                        self._changed = trio.Event()
-                        await self._changed.wait()
-                finally:
-                    self._tapping = trio.Event()
-                nursery.cancel_scope.cancel()
+            try:
+                await self._tap_while_wanted()
+            except Exception as exc:  # the bus is reconnecting or closing: try again shortly
+                log.warning("stream.taps_failed", error=repr(exc))
+                await trio.sleep(TAPS_RETRY_S)
+
+    async def _tap_while_wanted(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._tap, subjects.JOB_EVENTS_ALL)
+            await nursery.start(self._tap, subjects.HEARTBEAT)
+            await nursery.start(self._tap, subjects.WORKFLOW_EVENT)
+            await self.gw.bus.sync()  # the server has the subscriptions: no event published from now is missed
+            self._tapping.set()
+            try:
+                while self.clients:
+                    self._changed = trio.Event()
+                    await self._changed.wait()
+            finally:
+                self._tapping = trio.Event()
+            nursery.cancel_scope.cancel()
 
     async def _tap(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.gw.bus.subscribe(subject) as messages:

@@ -134,6 +134,8 @@ def _run_as_guest(
         try:
             ticks.unpark()
             _stop_leftovers(loop)
+        except Exception as exc:  # never hide the run's own outcome behind a cleanup failure
+            log.warning("bridge.leftover_tasks", error=repr(exc))
         finally:
             _loop = previous
             asyncio.set_event_loop(None)
@@ -200,8 +202,12 @@ class _ThreadlessTicks:
     def _park(self, timeout: float) -> None:
         self._parked = True
         self._loop.add_reader(self._fd, self._wake)  # type: ignore[arg-type]
-        if timeout < 86400:
-            self._timer = self._loop.call_later(timeout, self._wake)
+        if not math.isinf(timeout):  # Trio caps it at a day; it re-checks then, as its own tick does
+            # Rounded up to the next millisecond, plus one: uvloop's timers have millisecond
+            # resolution on a clock cached per loop iteration, and one that fires early finds
+            # no deadline due and parks again (dozens of ticks for a sub-millisecond sleep).
+            # Trio's own tick rounds its epoll timeout up the same way.
+            self._timer = self._loop.call_later(math.ceil(timeout * 1000) / 1000 + 0.001, self._wake)
 
     def unpark(self) -> None:
         if self._parked:

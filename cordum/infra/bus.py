@@ -149,26 +149,28 @@ class _StreamingPull:
     crossing (the inbox callback feeds the Trio channel directly).
     """
 
-    def __init__(self, bus: "Bus", stream: str, durable: str, release: _PullRelease,
+    def __init__(self, bus: "Bus", stream: str, durable: str, subject: str, release: _PullRelease,
                  send: trio.MemorySendChannel[Message], batch: int, expires: float) -> None:
         self.bus, self.release, self.send = bus, release, send
+        self.stream, self.durable, self.subject = stream, durable, subject
         self.batch = max(1, batch)
         self.expires = expires
         self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = ""
         self.left = 0  # messages the open request may still deliver
         self.ended = trio.Event()
+        self.refused = ""  # why the server refused the last request ("" = it did not)
         self.requests = 0
 
     async def on_message(self, raw: NatsMsg) -> None:
         """The inbox callback, on the asyncio side (never blocks, never raises)."""
         status = JetStreamContext.is_status_msg(raw)
         if status:
-            if status not in ("100", "404", "408", "409"):
-                log.warning("bus.pull_status", subject=self.api_subject, status=status,
-                            description=(raw.headers or {}).get("Description", ""))
-            if status != "100":  # 100: a heartbeat; anything else ends the request
-                self._end()
+            if status == "100":  # an idle heartbeat: the request goes on
+                return
+            if status not in ("404", "408"):  # 408: it expired, 404: nothing to deliver
+                self.refused = f"{status} {(raw.headers or {}).get('Description', '')}".strip()
+            self._end()
             return
         if not raw.reply:
             return
@@ -194,7 +196,21 @@ class _StreamingPull:
 
     async def run(self) -> None:
         request = aio(self._request)
+        backoff = 0.0
         while not self.release.closing:
+            if self.refused:
+                # The durable is gone (503 no responders, 409 consumer deleted), the server is
+                # shutting down or has too many waiting requests: wait, put the durable back,
+                # and ask again, instead of asking thousands of times a second.
+                backoff = min(max(backoff * 2, 0.5), 10.0)
+                log.warning("bus.pull_refused", subject=self.api_subject, status=self.refused, retry_in=backoff)
+                self.refused = ""
+                await trio.sleep(backoff)
+                try:
+                    await aio(self.bus._ensure_consumer)(self.stream, self.durable, self.subject)
+                except Exception as exc:
+                    log.warning("bus.consumer_restore_failed", durable=self.durable, error=repr(exc))
+                    continue
             if self.send.statistics().current_buffer_used > self.batch:  # the consumer is behind
                 await trio.sleep(0.005)
                 continue
@@ -210,6 +226,8 @@ class _StreamingPull:
             # A request whose end never arrives (a reconnect dropped it) is given up locally.
             with trio.move_on_after(self.expires + 1.0):
                 await self.ended.wait()
+            if not self.refused:
+                backoff = 0.0
 
     async def _request(self) -> None:
         body = json.dumps({"batch": self.batch, "expires": int(self.expires * 1e9)}).encode()
@@ -341,7 +359,7 @@ class Bus:
         release = _PullRelease()
         # Unbounded: what is in flight is bounded by the pull requests instead (_StreamingPull).
         send, receive = trio.open_memory_channel[Message](math.inf)
-        pull = _StreamingPull(self, stream, durable, release, send, batch, fetch_timeout)
+        pull = _StreamingPull(self, stream, durable, subject, release, send, batch, fetch_timeout)
         await aio(self._ensure_consumer)(stream, durable, subject)
         sub = await aio(self._nc.subscribe)(self._nc.new_inbox(), cb=pull.on_message)
         pull.inbox = sub.subject
@@ -466,6 +484,11 @@ class Bus:
             await self._js.update_stream(config)
         for queue, subject in subjects.WELL_KNOWN_DURABLES:
             await self._ensure_consumer(subjects.stream_for(subject), subjects.durable_name(queue, subject), subject)
+
+    async def sync(self) -> None:
+        """Wait until the server has processed everything this connection sent (subscriptions
+        included): a PING answered by its PONG."""
+        await aio(self._nc.flush)()
 
     async def flush(self, *, close: bool = False) -> None:
         """Send everything queued (publishes, acks) and wait until the server has it. Works even

@@ -59,7 +59,6 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterCrossSlotError as _ClusterCrossSlotError
 from redis.exceptions import ClusterDownError as _ClusterDownError
 from redis.exceptions import ConnectionError as _ConnectionError
-from redis.exceptions import DataError as _DataError
 from redis.exceptions import RedisClusterException as _RedisClusterException
 from redis.exceptions import RedisError as _RedisError
 from redis.exceptions import NoScriptError as _NoScriptError
@@ -264,18 +263,19 @@ async def _warm(pool: aredis.BlockingConnectionPool, count: int) -> None:
 class _HiredisPacking:
     """redis-py's asyncio connections pack commands in Python (a tenth of the scheduler's CPU went
     to it); its sync ones use hiredis's C packer when installed, and so do ours. Same bytes: str
-    as UTF-8, int and float as redis-py writes them; bool and None are refused (DataError) as
-    redis-py refuses them."""
+    as UTF-8, int and float as redis-py writes them. A type hiredis does not take (bytearray, an
+    enum, bool, None) goes to redis-py's own packer, which packs or refuses it as before."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        split = args
         if isinstance(args[0], str):
-            args = tuple(args[0].encode().split()) + args[1:]
+            split = tuple(args[0].encode().split()) + args[1:]
         elif b" " in args[0]:
-            args = tuple(args[0].split()) + args[1:]
+            split = tuple(args[0].split()) + args[1:]
         try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise _DataError(str(exc)) from None
+            return [hiredis.pack_command(split)]
+        except TypeError:
+            return super().pack_command(*args)  # type: ignore[misc]
 
 
 def _with_hiredis_packing(connection_class: type) -> type:
@@ -293,9 +293,10 @@ def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConne
         socket_connect_timeout=5,
         socket_keepalive=True,
         # No periodic PING before reuse: redis-py re-arms its timer after every reply through
-        # asyncio.get_running_loop(), a getpid() syscall per reply on Python 3.11 (8% of the
-        # scheduler's CPU). A connection that died while idle fails its next command, which
-        # redis-py's default retry sends again on a fresh connection.
+        # asyncio.get_running_loop(), a getpid() syscall per reply on Python 3.11. The pool still
+        # replaces a connection the server closed (it checks for that when handing one out);
+        # one that died unnoticed fails its next command, which the caller treats as any Redis
+        # error (a consumer redelivers, an HTTP request answers 503).
         health_check_interval=0,
         client_name=f"cordum:{settings.instance_id}",  # CLIENT LIST shows which replica is which
     )

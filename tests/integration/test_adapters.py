@@ -263,3 +263,36 @@ async def test_commands_packed_in_c_round_trip_every_argument_type(redis):
     with pytest.raises(DataError):
         await redis.execute("SET", key, True)  # as redis-py refuses it
     assert await redis.execute("HLEN", key) == 4
+    await redis.execute("HSET", key, "bytearray", bytearray(b"ab"))  # hiredis refuses it; redis-py packs it
+    assert await redis.execute("HGET", key, "bytearray") == "ab"
+
+
+async def test_a_consumer_whose_durable_vanished_backs_off_and_restores_it(bus):
+    from cordum.infra.aio import aio
+    from cordum.protocol import subjects as subj
+
+    queue = unique("q")
+    durable = subj.durable_name(queue, "sys.job.cancel")
+    requests: list[int] = []
+
+    async def count(msg) -> None:
+        requests.append(1)
+
+    tap = await aio(bus._nc.subscribe)(f"$JS.API.CONSUMER.MSG.NEXT.{subj.STREAM_SYS}.{durable}", cb=count)
+    try:
+        async with bus.consume("sys.job.cancel", queue) as messages:
+            await aio(bus._js.delete_consumer)(subj.STREAM_SYS, durable)
+            requests.clear()
+            await trio.sleep(2.0)
+            # Refused requests are retried with backoff (0.5 s, 1 s, ...), not thousands a second.
+            assert len(requests) < 20
+            with trio.fail_after(15):  # the durable is back: messages flow again
+                while True:
+                    await bus.publish("sys.job.cancel", b"after")
+                    with trio.move_on_after(1):
+                        msg = await messages.receive()
+                        await msg.ack()
+                        break
+            assert msg.data == b"after"
+    finally:
+        await aio(tap.unsubscribe)()

@@ -209,3 +209,27 @@ def test_trio_waits_for_io_on_the_host_loop_not_in_a_thread(bridge: str, monkeyp
         return data
 
     assert run(bridge, sleeper_and_sockets) == b"ping"
+
+
+@pytest.mark.parametrize("bridge", ["uvloop", "asyncio"])
+def test_a_short_sleep_wakes_trio_once_not_in_a_spin(bridge: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's timers fire on whole milliseconds of a cached clock: a timer set to the exact
+    deadline fired early, found nothing due, and parked again, dozens of times per sleep."""
+    from cordum.infra import aio as bridge_module
+
+    ticks = [0]
+    original = bridge_module._ThreadlessTicks._tick
+
+    def counting(self) -> None:
+        ticks[0] += 1
+        original(self)
+
+    monkeypatch.setattr(bridge_module._ThreadlessTicks, "_tick", counting)
+
+    async def sleeps() -> int:
+        before = ticks[0]
+        for _ in range(20):
+            await trio.sleep(0.0015)
+        return ticks[0] - before
+
+    assert run(bridge, sleeps) <= 20 * 4  # about two ticks per sleep: one to park, one to wake
