@@ -199,9 +199,9 @@ class _StreamingPull:
         backoff = 0.0
         while not self.release.closing:
             if self.refused:
-                # The durable is gone (503 no responders, 409 consumer deleted), the server is
-                # shutting down or has too many waiting requests: wait, put the durable back,
-                # and ask again, instead of asking thousands of times a second.
+                # The durable is gone (503 no responders, 409 consumer deleted, no answer), the
+                # server is shutting down or has too many waiting requests: wait, put the durable
+                # back, and ask again, instead of asking thousands of times a second.
                 backoff = min(max(backoff * 2, 0.5), 10.0)
                 log.warning("bus.pull_refused", subject=self.api_subject, status=self.refused, retry_in=backoff)
                 self.refused = ""
@@ -223,10 +223,13 @@ class _StreamingPull:
                 await trio.sleep(1)
                 continue
             self.requests += 1
-            # A request whose end never arrives (a reconnect dropped it) is given up locally.
-            with trio.move_on_after(self.expires + 1.0):
+            with trio.move_on_after(self.expires + 1.0) as waited:
                 await self.ended.wait()
-            if not self.refused:
+            if waited.cancelled_caught and not self.release.closing:
+                # Not even the expiry's 408 came back: the request was lost (a reconnect) or the
+                # durable is gone (deleted before the request reached it). Check before asking again.
+                self.refused = "no answer"
+            elif not self.refused:
                 backoff = 0.0
 
     async def _request(self) -> None:

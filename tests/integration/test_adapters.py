@@ -286,7 +286,7 @@ async def test_a_consumer_whose_durable_vanished_backs_off_and_restores_it(bus):
             await trio.sleep(2.0)
             # Refused requests are retried with backoff (0.5 s, 1 s, ...), not thousands a second.
             assert len(requests) < 20
-            with trio.fail_after(15):  # the durable is back: messages flow again
+            with trio.fail_after(30):  # the durable is back: messages flow again
                 while True:
                     await bus.publish("sys.job.cancel", b"after")
                     with trio.move_on_after(1):
@@ -296,3 +296,26 @@ async def test_a_consumer_whose_durable_vanished_backs_off_and_restores_it(bus):
             assert msg.data == b"after"
     finally:
         await aio(tap.unsubscribe)()
+
+
+async def test_a_consumer_whose_durable_never_answered_puts_it_back(bus, monkeypatch):
+    # The durable is missing when the first requests go out (deleted between the check and the
+    # request): whether the server refuses them or never answers, the consumer puts it back.
+    real = bus._ensure_consumer
+    calls: list[tuple] = []
+
+    async def skip_the_first(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            await real(*args)
+
+    monkeypatch.setattr(bus, "_ensure_consumer", skip_the_first)
+    async with bus.consume("sys.job.cancel", unique("q"), fetch_timeout=0.5) as messages:
+        with trio.fail_after(20):
+            while True:
+                await bus.publish("sys.job.cancel", b"late")
+                with trio.move_on_after(1):
+                    msg = await messages.receive()
+                    await msg.ack()
+                    break
+    assert msg.data == b"late" and len(calls) >= 2
