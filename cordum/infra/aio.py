@@ -445,6 +445,25 @@ class Batcher(Generic[T, R]):
     def submit_nowait(self, item: T) -> None:
         self._enqueue(item, None)
 
+    def submit_later(self, item: T) -> Callable[[], Awaitable[R]]:
+        """Queue `item` now; await the returned function for its result later. Items queued
+        before the caller's next checkpoint go in one batch, in the order queued (one round trip
+        for a command and the read that must follow it)."""
+        if not self._running:
+            return functools.partial(self.submit, item)
+        waiter: _Waiter[R] = _Waiter()
+        self._enqueue(item, waiter)
+
+        async def result() -> R:
+            await waiter.done.wait()
+            if isinstance(waiter.error, _Resend):  # the flusher went away: send it from here
+                return await self.submit(item)
+            if waiter.error is not None:
+                raise waiter.error
+            return waiter.result  # type: ignore[return-value]
+
+        return result
+
     def _enqueue(self, item: T, waiter: _Waiter[R] | None) -> None:
         if self._closed:
             raise trio.ClosedResourceError(f"{self.name} is closed")

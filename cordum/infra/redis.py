@@ -80,6 +80,7 @@ log = get_logger("redis")
 
 # Re-exported so callers can catch Redis failures without importing redis-py.
 RedisError = _RedisError
+NoScriptError = _NoScriptError
 # CLUSTERDOWN and an uncovered slot are transient while a replica is promoted after a failover.
 RedisUnavailable = (_ConnectionError, _TimeoutError, OSError, _ClusterDownError, _SlotNotCoveredError)
 ResponseError = _ResponseError
@@ -126,6 +127,11 @@ class Script:
         self._redis = redis
         self.lua = lua
         self.sha = hashlib.sha1(lua.encode()).hexdigest()
+
+    def call_later(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Callable[[], Awaitable[Any]]:
+        """The call, queued with the next batch (see `Redis.execute_later`); the reply raises
+        NoScriptError if the server does not have the script (the caller then calls it again)."""
+        return self._redis.execute_later("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         command = ("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -178,6 +184,12 @@ class Redis:
             self.round_trips += 1
             return await aio(self._gate.run)(self._client.execute_command, *args)
         return await self._batcher.submit(args)
+
+    def execute_later(self, *args: Any) -> Callable[[], Awaitable[Any]]:
+        """`execute`, sent with the next batch: await the returned function for the reply. A
+        command queued right after another goes in the same pipeline, after it, on one server
+        (on a cluster, commands for different nodes run concurrently)."""
+        return self._batcher.submit_later(args)
 
     async def _execute_batch(self, commands: list[Command]) -> list[Any]:
         self.round_trips += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -88,10 +88,19 @@ class Leases:
         holder = holder_token(self._instance_id)
         sent = trio.current_time()
         fence = int(await self._acquire([key, keys.fence_counter(key)], [holder, _ms(ttl), FENCE_TTL_MS]))
-        if fence == 0:
-            return None
-        lease = Lease(key, f"{holder}#{fence}", fence, ttl, 0.0)
-        lease.valid_until = sent + ttl - lease.margin
+        return _granted(key, holder, fence, ttl, sent)
+
+    def try_acquire_later(self, key: str, ttl: float) -> Callable[[], Awaitable[Lease | None]]:
+        """`try_acquire`, queued with the next Redis batch: a read queued right after it runs
+        after the grant, in the same round trip (one server). The reply raises NoScriptError
+        when the server lacks the script; `try_acquire` then loads it."""
+        holder = holder_token(self._instance_id)
+        sent = trio.current_time()
+        reply = self._acquire.call_later([key, keys.fence_counter(key)], [holder, _ms(ttl), FENCE_TTL_MS])
+
+        async def lease() -> Lease | None:
+            return _granted(key, holder, int(await reply()), ttl, sent)
+
         return lease
 
     async def acquire_within(self, key: str, ttl: float, wait: float) -> Lease | None:
@@ -178,6 +187,16 @@ class Leases:
         log.warning("lease.lost", key=lease.key, fence=lease.fence, reason=why)
         if lease._body is not None:
             lease._body.cancel()
+
+
+def _granted(key: str, holder: str, fence: int, ttl: float, sent: float) -> Lease | None:
+    """The lease an acquire's reply grants (fence 0: held by someone else). Valid, by our clock,
+    until the request's send time + TTL - margin."""
+    if fence == 0:
+        return None
+    lease = Lease(key, f"{holder}#{fence}", fence, ttl, 0.0)
+    lease.valid_until = sent + ttl - lease.margin
+    return lease
 
 
 def _ms(seconds: float) -> int:

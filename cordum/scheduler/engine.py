@@ -12,7 +12,7 @@ import json
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 from google.protobuf import json_format
@@ -22,6 +22,7 @@ from cordum.agent.v1.job_pb2 import JobRequest, JobResult, JobStatus
 from cordum.agent.v1.safety_pb2 import PolicyCheckRequest
 from cordum.infra.bus import Bus, Message
 from cordum.infra.metrics import Metrics
+from cordum.infra.redis import NoScriptError, RedisError, RedisUnavailable
 from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.consumer import Retry
@@ -46,6 +47,7 @@ log = get_logger("scheduler")
 SENDER = "cordum-scheduler"
 JOB_LOCK_TTL = 30.0
 LOCK_WAIT = 2.0  # how long a handler waits for a busy job lock before asking for redelivery
+UNREAD = object()  # a job's meta not read along with its lock (see Engine._lock_and_read)
 S = JobState
 
 
@@ -103,8 +105,28 @@ class Engine:
                 with close_scope(2):
                     await self.leases.release(lease)
 
-    async def _locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]]) -> None:
-        lease = await self._lock(job_id)
+    async def _lock_and_read(self, job_id: str) -> tuple[Lease, Any]:
+        """The job's lock and its meta as of the grant, in one round trip: on one server the
+        read is queued right behind the acquire, in the same pipeline. On a cluster (the two keys
+        live on different nodes), or when the lock is busy, the meta is UNREAD: read it after."""
+        if self.store.on_cluster:
+            return await self._lock(job_id), UNREAD
+        granted = self.leases.try_acquire_later(keys.job_lock(job_id), JOB_LOCK_TTL)
+        read = self.store.get_later(job_id)
+        try:
+            lease = await granted()
+        except NoScriptError:  # a restarted server: the plain path loads the script
+            lease = None
+        if lease is None:
+            return await self._lock(job_id), UNREAD
+        try:
+            return lease, await read()
+        except (RedisError, *RedisUnavailable):
+            return lease, UNREAD  # the work reads it again, under the lock it holds
+
+    async def _locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]], *,
+                      lease: Lease | None = None) -> None:
+        lease = lease or await self._lock(job_id)
         try:
             async with self.leases.holding(lease):
                 await work(lease)
@@ -127,7 +149,9 @@ class Engine:
                 await self._locked(request.job_id, lambda lease: self._reject(request, problems, lease))
             return
         started = trio.current_time()
-        await self._locked(request.job_id, lambda lease: self._handle_request(packet, request, lease, started))
+        lease, meta = await self._lock_and_read(request.job_id)
+        await self._locked(request.job_id, lambda lease: self._handle_request(packet, request, lease, started, meta),
+                           lease=lease)
 
     async def _reject(self, request: JobRequest, problems: list[str], lease: Lease) -> None:
         meta = await self.store.get(request.job_id)
@@ -147,7 +171,10 @@ class Engine:
             log.debug("scheduler.invalid_result", job_id=result.job_id, problems=problems)
             return
         attempt = subjects.attempt_of(msg.headers)
-        await self._locked(result.job_id, lambda lease: self.apply_result(result, lease, attempt=attempt))
+        lease, meta = await self._lock_and_read(result.job_id)
+        known = None if meta is UNREAD else meta
+        await self._locked(result.job_id, lambda lease: self.apply_result(result, lease, attempt=attempt, meta=known),
+                           lease=lease)
 
     async def on_cancel(self, packet: BusPacket, msg: Message) -> None:
         if packet.WhichOneof("payload") != "job_cancel" or not packet.job_cancel.job_id:
@@ -159,16 +186,19 @@ class Engine:
 
     # ---- submit -----------------------------------------------------------------------------
 
-    async def _handle_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float) -> None:
+    async def _handle_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float,
+                              meta: Any = UNREAD) -> None:
         try:
-            await self._process_request(packet, request, lease, started)
+            await self._process_request(packet, request, lease, started, meta)
         except InvalidTransition as exc:
             # The job moved on meanwhile (cancelled through the API, say): nothing left to do.
             log.info("scheduler.request_superseded", job_id=request.job_id, error=str(exc))
 
-    async def _process_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float) -> None:
+    async def _process_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float,
+                               meta: Any = UNREAD) -> None:
         job_id, fence = request.job_id, lease.fence
-        meta = await self.store.get(job_id)
+        if meta is UNREAD:
+            meta = await self.store.get(job_id)
         state = S(meta["state"]) if meta else None
         if state in TERMINAL:
             await self.resend_pending_dlq(job_id, meta)  # a redelivery: only its DLQ event may be owed

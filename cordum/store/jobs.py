@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence
 
 from google.protobuf import json_format
 
@@ -86,6 +86,16 @@ if ARGV[6] ~= '' then
 end
 return {'OK', cur, tostring(attempts), redis.call('HGET', KEYS[1], 'tenant') or ''}
 """
+
+
+def _meta_of(job_id: str, raw: Any, tenant: str | None) -> dict[str, Any] | None:
+    if not raw or "state" not in raw:
+        return None
+    if tenant is not None and raw.get("tenant", "") != tenant:
+        return None
+    meta = decode_meta(raw)
+    meta["id"] = job_id
+    return meta
 
 
 class JobStoreError(Exception):
@@ -424,14 +434,20 @@ class JobStore:
     async def get(self, job_id: str, *, tenant: str | None = None) -> dict[str, Any] | None:
         """The job's meta, or None if unknown — or owned by another tenant when `tenant` is given
         (so another tenant's job looks exactly like a missing one)."""
-        raw = await self._redis.execute("HGETALL", keys.job_meta(job_id))
-        if not raw or "state" not in raw:
-            return None
-        if tenant is not None and raw.get("tenant", "") != tenant:
-            return None
-        meta = decode_meta(raw)
-        meta["id"] = job_id
+        return _meta_of(job_id, await self._redis.execute("HGETALL", keys.job_meta(job_id)), tenant)
+
+    def get_later(self, job_id: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:
+        """`get`, queued with the next Redis batch (after what was queued before it)."""
+        reply = self._redis.execute_later("HGETALL", keys.job_meta(job_id))
+
+        async def meta() -> dict[str, Any] | None:
+            return _meta_of(job_id, await reply(), None)
+
         return meta
+
+    @property
+    def on_cluster(self) -> bool:
+        return self._redis.cluster
 
     async def get_many(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         raws = await self._redis.pipeline([("HGETALL", keys.job_meta(j)) for j in job_ids])

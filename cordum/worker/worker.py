@@ -791,6 +791,8 @@ class Worker:
     async def _execute(self, job: _Job) -> JobResult | float | None:
         """Run one job. Returns the result to publish, a nak delay to give it back, or None when
         it is not this worker's to run (the message is acked)."""
+        # The input is read in the claim's round trip; a claim that says "not yours" wastes a GET.
+        context = self._read_context_later(job)
         claim = await self._claim(job)
         if isinstance(claim, float):
             return claim
@@ -812,7 +814,7 @@ class Worker:
         if done is not None and done[0] == job.attempt:  # ran already; only saving its result failed
             result, output = done[1], done[2]
         else:
-            ran = await self._run_handler(job)
+            ran = await self._run_handler(job, context)
             if not isinstance(ran, tuple):
                 return ran
             result, output = ran
@@ -840,8 +842,17 @@ class Worker:
             log.error("worker.result_save_failed", job_id=job.job_id, error=repr(exc))
             return None
 
-    async def _run_handler(self, job: _Job) -> tuple[JobResult, str | None] | float | None:
-        """The handler's run: (result, output to store or None), or a nak delay, or None."""
+    def _read_context_later(self, job: _Job) -> Callable[[], Awaitable[Any]] | None:
+        assert self._redis is not None
+        try:
+            return self._redis.execute_later("GET", pointers.key_of(job.request.context_ptr))
+        except ValueError:
+            return None  # an invalid pointer: _run_handler fails the job naming it
+
+    async def _run_handler(self, job: _Job, context: Callable[[], Awaitable[Any]] | None = None
+                           ) -> tuple[JobResult, str | None] | float | None:
+        """The handler's run: (result, output to store or None), or a nak delay, or None.
+        `context`: the input's read, already queued (else it is read here)."""
         assert self._redis is not None
         request = job.request
         early = self._early_cancels.pop(job.job_id)
@@ -861,7 +872,7 @@ class Worker:
             else:
                 try:
                     with trio.fail_after(IO_TIMEOUT):
-                        raw = await self._redis.execute("GET", key)
+                        raw = await (context() if context is not None else self._redis.execute("GET", key))
                 except (Exception, trio.TooSlowError) as exc:
                     log.error("worker.context_read_failed", job_id=job.job_id, error=repr(exc))
                     return RETRY_DELAY

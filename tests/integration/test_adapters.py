@@ -319,3 +319,16 @@ async def test_a_consumer_whose_durable_never_answered_puts_it_back(bus, monkeyp
                     await msg.ack()
                     break
     assert msg.data == b"late" and len(calls) >= 2
+
+
+async def test_commands_queued_later_share_one_round_trip_in_order(redis):
+    key = unique("later")
+    before = redis.round_trips
+    write = redis.execute_later("SET", key, "v1")
+    read = redis.execute_later("GET", key)  # queued behind the write: sees it
+    assert await read() == "v1" and await write() is True
+    assert redis.round_trips == before + 1
+    script = redis.script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    await script([key + ":n"], [1])  # loaded
+    bump, peek = script.call_later([key + ":n"], [5]), redis.execute_later("GET", key + ":n")
+    assert (await bump(), await peek()) == (6, "6")
