@@ -435,6 +435,9 @@ class Batcher(Generic[T, R]):
             return result  # type: ignore[return-value]
         waiter: _Waiter[R] = _Waiter()
         self._enqueue(item, waiter)
+        return await self._outcome(item, waiter)
+
+    async def _outcome(self, item: T, waiter: _Waiter[R]) -> R:
         await waiter.done.wait()
         if isinstance(waiter.error, _Resend):  # the flusher went away: send it from here
             return await self.submit(item)
@@ -453,16 +456,7 @@ class Batcher(Generic[T, R]):
             return functools.partial(self.submit, item)
         waiter: _Waiter[R] = _Waiter()
         self._enqueue(item, waiter)
-
-        async def result() -> R:
-            await waiter.done.wait()
-            if isinstance(waiter.error, _Resend):  # the flusher went away: send it from here
-                return await self.submit(item)
-            if waiter.error is not None:
-                raise waiter.error
-            return waiter.result  # type: ignore[return-value]
-
-        return result
+        return functools.partial(self._outcome, item, waiter)
 
     def _enqueue(self, item: T, waiter: _Waiter[R] | None) -> None:
         if self._closed:
