@@ -74,10 +74,6 @@ def bridge_from_env(env: dict[str, str] | None = None) -> str:
     return value
 
 
-def active_bridge() -> str | None:
-    return _active
-
-
 def run_with_bridge(fn: Callable[..., Awaitable[T]], *args: Any, bridge: str | None = None, **trio_run_options: Any) -> T:
     """`trio.run` with asyncio available: the entry point of every process and test run."""
     global _active

@@ -160,7 +160,6 @@ class _StreamingPull:
         self.left = 0  # messages the open request may still deliver
         self.ended = trio.Event()
         self.refused = ""  # why the server refused the last request ("" = it did not)
-        self.requests = 0
 
     async def on_message(self, raw: NatsMsg) -> None:
         """The inbox callback, on the asyncio side (never blocks, never raises)."""
@@ -222,7 +221,6 @@ class _StreamingPull:
                 log.warning("bus.fetch_failed", subject=self.api_subject, error=repr(exc))
                 await trio.sleep(1)
                 continue
-            self.requests += 1
             with trio.move_on_after(self.expires + 1.0) as waited:
                 await self.ended.wait()
             if waited.cancelled_caught and not self.release.closing:
@@ -499,7 +497,7 @@ class Bus:
         flush, after which nothing more is sent."""
         await self._publisher.flush_now(close=close)
         await self._acks.flush_now(close=close)
-        await aio(self._nc.flush)()
+        await self.sync()
 
 
 @asynccontextmanager

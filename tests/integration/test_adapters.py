@@ -286,13 +286,7 @@ async def test_a_consumer_whose_durable_vanished_backs_off_and_restores_it(bus):
             await trio.sleep(2.0)
             # Refused requests are retried with backoff (0.5 s, 1 s, ...), not thousands a second.
             assert len(requests) < 20
-            with trio.fail_after(30):  # the durable is back: messages flow again
-                while True:
-                    await bus.publish("sys.job.cancel", b"after")
-                    with trio.move_on_after(1):
-                        msg = await messages.receive()
-                        await msg.ack()
-                        break
+            msg = await _publish_until_one_arrives(bus, messages, b"after", within=30)  # the durable is back
             assert msg.data == b"after"
     finally:
         await aio(tap.unsubscribe)()
@@ -311,14 +305,20 @@ async def test_a_consumer_whose_durable_never_answered_puts_it_back(bus, monkeyp
 
     monkeypatch.setattr(bus, "_ensure_consumer", skip_the_first)
     async with bus.consume("sys.job.cancel", unique("q"), fetch_timeout=0.5) as messages:
-        with trio.fail_after(20):
-            while True:
-                await bus.publish("sys.job.cancel", b"late")
-                with trio.move_on_after(1):
-                    msg = await messages.receive()
-                    await msg.ack()
-                    break
+        msg = await _publish_until_one_arrives(bus, messages, b"late", within=20)
     assert msg.data == b"late" and len(calls) >= 2
+
+
+async def _publish_until_one_arrives(bus, messages, data: bytes, *, within: float):
+    """Publish `data` on sys.job.cancel once a second until the consumer gets a message (a new
+    durable only sees what is published after it exists); that message, acked."""
+    with trio.fail_after(within):
+        while True:
+            await bus.publish("sys.job.cancel", data)
+            with trio.move_on_after(1):
+                msg = await messages.receive()
+                await msg.ack()
+                return msg
 
 
 async def test_commands_queued_later_share_one_round_trip_in_order(redis):
