@@ -28,11 +28,13 @@ MESSAGES=(
   cordum/agent/v1/buspacket.proto
   cordum/agent/v1/safety.proto
   cordum/v1/context.proto
+  cordum/v1/policy_batch.proto
 )
 # Only files that declare a service get a *_grpc.py (the plugin would emit empty ones otherwise).
 SERVICES=(
   cordum/agent/v1/safety.proto
   cordum/v1/context.proto
+  cordum/v1/policy_batch.proto
 )
 
 cd "$ROOT/proto"

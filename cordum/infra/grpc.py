@@ -215,6 +215,10 @@ class GrpcClient:
         self._stub = stub
         self._calls: dict[str, Any] = {}
 
+    def with_stub(self, stub_class: type) -> "GrpcClient":
+        """Another service's client on the same connection."""
+        return GrpcClient(self._channel, stub_class(self._channel))
+
     async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         bridged = self._calls.get(method)
         if bridged is None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import enum
 import math
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import trio
 
 from cordum.agent.v1 import safety_grpc, safety_pb2
+from cordum.v1 import policy_batch_grpc, policy_batch_pb2
 from cordum.infra.config import parse_listen_addr
 from cordum.infra.grpc import GrpcClient, RpcError, open_grpc_client
 from cordum.infra.redis import Redis, RedisError, RedisUnavailable
@@ -26,6 +27,7 @@ from cordum.store import keys
 
 log = get_logger("safety.client")
 STUB = safety_grpc.SafetyKernelStub
+BATCH_STUB = policy_batch_grpc.PolicyBatchStub
 HEALTHY_LOOK_S = 0.25  # how long a look at the shared breaker that saw no failure stands
 
 _FAIL = """
@@ -132,16 +134,57 @@ FAILOVER_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 REPLICA_BACKOFF_S = 5.0
 
 
+# Coalescing (`PolicyBatch`): the checks asked for while a batch is being sent wait for the next
+# one, so batches grow with the load and an idle check goes out alone, as a plain SafetyKernel call.
+BATCH_MAX_ITEMS = 64
+BATCH_MAX_BYTES = 4 << 20  # input content rides along (up to 2 MiB per check)
+BATCH_RETRY_S = 60.0  # kernels that answered UNIMPLEMENTED (older ones) are asked again after this
+
+
+@dataclass
+class _Pending:
+    method: str
+    request: safety_pb2.PolicyCheckRequest
+    done: trio.Event = field(default_factory=trio.Event)
+    response: safety_pb2.PolicyCheckResponse | None = None
+    error: Exception | None = None
+
+    def answer(self, response: safety_pb2.PolicyCheckResponse | None = None, error: Exception | None = None) -> None:
+        self.response, self.error = response, error
+        self.done.set()
+
+
+def _unimplemented(exc: RpcError) -> bool:
+    # A grpclib server answers an unknown method without a content-type header, which a grpclib
+    # client reports as UNKNOWN "Missing content-type header" instead of UNIMPLEMENTED.
+    return exc.code == "UNIMPLEMENTED" or (exc.code == "UNKNOWN" and "content-type" in exc.message)
+
+
+class _Resend(Exception):
+    """The batcher stopped before answering: the caller sends its check itself."""
+
+
 class SafetyClient:
     """Calls spread over the kernel replicas (round robin); a replica that is down, draining or
-    frozen is skipped for the next one, so one kernel's trouble costs no decisions."""
+    frozen is skipped for the next one, so one kernel's trouble costs no decisions.
 
-    def __init__(self, grpc: GrpcClient | Sequence[GrpcClient], breaker: CircuitBreaker, *, timeout: float = 2.0) -> None:
+    With `batches` (one PolicyBatch client per replica) and `run_batches` running, concurrent
+    checks are coalesced into PolicyBatch calls (see BATCH_MAX_ITEMS)."""
+
+    def __init__(self, grpc: GrpcClient | Sequence[GrpcClient], breaker: CircuitBreaker, *, timeout: float = 2.0,
+                 batches: Sequence[GrpcClient] = ()) -> None:
         self._replicas = list(grpc) if isinstance(grpc, Sequence) else [grpc]
         self._next = 0
         self._backoff_until = [-math.inf] * len(self._replicas)
         self._breaker = breaker
         self.timeout = timeout
+        self._batch_replicas = list(batches)
+        self._queue: list[_Pending] = []
+        self._wakeup = trio.Event()
+        self._batching = False
+        self._unbatched_until = -math.inf
+        self.batches_sent = 0
+        self.checks_batched = 0
 
     def _order(self) -> list[int]:
         """Round robin, replicas in backoff last."""
@@ -151,11 +194,12 @@ class SafetyClient:
         now = trio.current_time()
         return sorted(turn, key=lambda index: self._backoff_until[index] > now)
 
-    async def _call(self, method: str, request: object) -> object:
+    async def _call(self, method: str, request: object, *, batch: bool = False) -> object:
+        replicas = self._batch_replicas if batch else self._replicas
         order = self._order()
         for position, index in enumerate(order):
             try:
-                return await self._replicas[index].call(method, request, timeout=self.timeout)
+                return await replicas[index].call(method, request, timeout=self.timeout)
             except RpcError as exc:
                 if exc.code not in FAILOVER_CODES:
                     raise
@@ -168,13 +212,114 @@ class SafetyClient:
         if await self._breaker.is_open():
             return SafetyDecision(Verdict.UNAVAILABLE, "safety kernel circuit open")
         try:
-            response = await self._call(method, request)
+            response = await self._check(method, request)
         except RpcError as exc:
             await self._breaker.record_failure()
             log.warning("safety.check_failed", method=method, code=exc.code, error=exc.message)
             return SafetyDecision(Verdict.UNAVAILABLE, f"safety kernel unavailable: {exc.code}")
         await self._breaker.record_success()
         return SafetyDecision(verdict_of(response), response.reason, response)
+
+    async def _check(self, method: str, request: safety_pb2.PolicyCheckRequest) -> safety_pb2.PolicyCheckResponse:
+        if not self._batching:
+            return await self._call(method, request)  # type: ignore[return-value]
+        pending = _Pending(method, request)
+        self._queue.append(pending)
+        self._wakeup.set()
+        await pending.done.wait()
+        if isinstance(pending.error, _Resend):
+            return await self._call(method, request)  # type: ignore[return-value]
+        if pending.error is not None:
+            raise pending.error
+        return pending.response  # type: ignore[return-value]
+
+    async def run_batches(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sends queued checks, one batch per free slot (one slot per kernel replica, at least
+        two), until cancelled; checks still queued or in flight then go back to their callers."""
+        slots = trio.Semaphore(max(2, len(self._replicas)))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._batching = bool(self._batch_replicas)
+                task_status.started()
+                while self._batching:
+                    await self._wakeup.wait()
+                    await slots.acquire()
+                    batch = self._take_batch() if self._queue else ()
+                    if not self._queue:
+                        self._wakeup = trio.Event()
+                    if batch:
+                        nursery.start_soon(self._send_batch, batch, slots)
+                    else:
+                        slots.release()
+        finally:
+            self._batching = False
+            for pending in self._queue:
+                pending.answer(error=_Resend())
+            self._queue.clear()
+
+    def _take_batch(self) -> tuple[_Pending, ...]:
+        """The oldest queued checks that share its method, within the batch limits."""
+        method = self._queue[0].method
+        taken: list[_Pending] = []
+        size = 0
+        for pending in self._queue:
+            if pending.method != method:
+                continue
+            size += pending.request.ByteSize()
+            if taken and (len(taken) >= BATCH_MAX_ITEMS or size > BATCH_MAX_BYTES):
+                break
+            taken.append(pending)
+        chosen = set(map(id, taken))
+        self._queue = [pending for pending in self._queue if id(pending) not in chosen]
+        return tuple(taken)
+
+    async def _send_batch(self, batch: tuple[_Pending, ...], slots: trio.Semaphore) -> None:
+        try:
+            if len(batch) == 1 or trio.current_time() < self._unbatched_until:
+                await self._send_each(batch)
+                return
+            request = policy_batch_pb2.PolicyCheckBatchRequest(method=batch[0].method,
+                                                               requests=[p.request for p in batch])
+            try:
+                reply = await self._call("CheckBatch", request, batch=True)
+            except RpcError as exc:
+                if not _unimplemented(exc):
+                    for pending in batch:
+                        pending.answer(error=exc)
+                    return
+                log.info("safety.batch_unsupported", note=f"one call per check for {BATCH_RETRY_S:.0f}s")
+                self._unbatched_until = trio.current_time() + BATCH_RETRY_S
+                await self._send_each(batch)
+                return
+            self.batches_sent += 1
+            self.checks_batched += len(batch)
+            items = reply.items  # type: ignore[attr-defined]
+            if len(items) != len(batch):
+                error = RpcError("INTERNAL", f"batch answer has {len(items)} items for {len(batch)} checks")
+                for pending in batch:
+                    pending.answer(error=error)
+                return
+            for pending, item in zip(batch, items):
+                if item.error:
+                    pending.answer(error=RpcError("INTERNAL", item.error))
+                else:
+                    pending.answer(item.response)
+        finally:
+            slots.release()
+            for pending in batch:  # cancelled on the way: its callers send their checks themselves
+                if not pending.done.is_set():
+                    pending.answer(error=_Resend())
+
+    async def _send_each(self, batch: tuple[_Pending, ...]) -> None:
+        async def send(pending: _Pending) -> None:
+            try:
+                pending.answer(await self._call(pending.method, pending.request))  # type: ignore[arg-type]
+            except RpcError as exc:
+                pending.answer(error=exc)
+
+        async with trio.open_nursery() as nursery:
+            for pending in batch:
+                nursery.start_soon(send, pending)
 
     async def call(self, method: str, request: object) -> object:
         """Any other kernel method (Explain, Simulate, ListSnapshots), errors raised as RpcError."""
@@ -195,9 +340,17 @@ def parse_kernel_addrs(raw: str) -> list[tuple[str, int]]:
 
 
 @asynccontextmanager
-async def open_safety_client(addrs: Sequence[tuple[str, int]], breaker: CircuitBreaker, *, timeout: float = 2.0) -> AsyncIterator[SafetyClient]:
+async def open_safety_client(addrs: Sequence[tuple[str, int]], breaker: CircuitBreaker, *, timeout: float = 2.0,
+                             batch: bool = True) -> AsyncIterator[SafetyClient]:
+    """Clients of every kernel replica; with `batch`, concurrent checks are coalesced."""
     async with AsyncExitStack() as stack:
         replicas = [await stack.enter_async_context(open_grpc_client(STUB, host, port)) for host, port in addrs]
-        yield SafetyClient(replicas, breaker, timeout=timeout)
+        batches = [replica.with_stub(BATCH_STUB) for replica in replicas] if batch else []
+        client = SafetyClient(replicas, breaker, timeout=timeout, batches=batches)
+        async with trio.open_nursery() as nursery:
+            if batch:
+                await nursery.start(client.run_batches)
+            yield client
+            nursery.cancel_scope.cancel()
 
 

@@ -39,7 +39,7 @@ from cordum.agent.v1 import safety_grpc, safety_pb2
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Message, open_bus
 from cordum.infra.config import ConfigError, Settings, env_value, parse_listen_addr, parse_positive_duration, parse_positive_int
-from cordum.infra.grpc import GrpcServer
+from cordum.infra.grpc import GrpcServer, RpcError
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, RedisError, open_redis
@@ -62,6 +62,7 @@ from cordum.safety.kernel import (
 )
 from cordum.safety.policy import Policy, PolicyError
 from cordum.store.keys import SAFETY_SNAPSHOTS
+from cordum.v1 import policy_batch_grpc, policy_batch_pb2
 
 SERVICE = "cordum-safety-kernel"
 STAGES = ("grpc drain", "policy watch", "wait for tasks")
@@ -301,6 +302,32 @@ class SafetyKernelService:
         return safety_pb2.ListSnapshotsResponse(snapshots=snapshots or list(self._kernel.history))
 
 
+BATCH_METHODS = ("Check", "Evaluate", "Simulate")
+
+
+class PolicyBatchService:
+    """cordum.v1.PolicyBatch: the checks a client asked for in one turn, answered in one call.
+    Each request is answered exactly as its SafetyKernel method would answer it alone; one that
+    fails gets an error of its own without failing the others."""
+
+    def __init__(self, kernel_service: SafetyKernelService) -> None:
+        self._kernel_service = kernel_service
+
+    def CheckBatch(self, request: policy_batch_pb2.PolicyCheckBatchRequest) -> policy_batch_pb2.PolicyCheckBatchResponse:
+        if request.method not in BATCH_METHODS:
+            raise RpcError("INVALID_ARGUMENT", f"method must be one of {', '.join(BATCH_METHODS)}, not {request.method!r}")
+        check = getattr(self._kernel_service, request.method)
+        reply = policy_batch_pb2.PolicyCheckBatchResponse()
+        for item in request.requests:
+            answer = reply.items.add()
+            try:
+                answer.response.CopyFrom(check(item))
+            except Exception as exc:
+                log.error("policy.batch_item_failed", job_id=item.job_id, error=repr(exc))
+                answer.error = "internal error"
+        return reply
+
+
 # ---- the service -------------------------------------------------------------------------------
 
 
@@ -339,7 +366,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         watcher.snapshots = snapshots
         await watcher.record_pending()
         http = HttpServer(probe_app(SERVICE, metrics, health), *config.admin_addr, graceful_timeout=1.0)
-        grpc = GrpcServer([(safety_grpc.SafetyKernelBase, SafetyKernelService(kernel, snapshots, counters))])
+        kernel_service = SafetyKernelService(kernel, snapshots, counters)
+        grpc = GrpcServer([(safety_grpc.SafetyKernelBase, kernel_service),
+                           (policy_batch_grpc.PolicyBatchBase, PolicyBatchService(kernel_service))])
         watch = trio.CancelScope()
 
         async def watch_policy(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
