@@ -24,7 +24,8 @@ Ours, for each replica count R:
   - Redis commands per job: INFO commandstats calls, after − before, less the driver's own polling,
     / N (commands run inside Lua scripts count too; EVALSHA is one of them). usec per job likewise.
   - NATS messages per job: a tap subscribed to `>` on the topology's nats-server counts every
-    message the server routes in the account while the jobs run (client publishes, JetStream
+    message the server routes in the account while --nats-tap-jobs more jobs run after the
+    measured passes (its CPU is not the jobs'; client publishes, JetStream
     deliveries and acks, JS API requests and replies, advisories), by subject family; also
     JetStream messages stored per job (last_seq delta of the streams). The topology's nats-server
     has no monitoring port, so server-internal traffic not routed to subscribers is not seen.
@@ -794,6 +795,27 @@ def idle_probe(clients: Clients, redis_client, jobs: int) -> dict[str, Any]:
             "submit_to_terminal_ms": summarize(lat["submit_to_terminal_ms"])}
 
 
+def nats_tap_pass(clients: Clients, redis_client, nats_url: str, jobs: int, stall_timeout: float) -> dict[str, Any]:
+    """NATS messages per job, counted by a tap on `>` while `jobs` more jobs run. The tap costs CPU
+    on the same cores and makes the server route every message twice, so it runs in a pass of its
+    own after the measured ones, as MONITOR does for Redis."""
+    tap = NatsTap(nats_url).start()
+    time.sleep(0.2)
+    watch = TerminalWatch(redis_client)
+    sent = clients.run(count=jobs)
+    watch.wait(len(sent["ids"]), stall_timeout)
+    time.sleep(0.2)  # the last acks
+    counts = tap.stop()
+    if tap.error:
+        return {"tap_error": tap.error}
+    n = len(sent["ids"])
+    return {"tap_jobs": n, "messages_per_job": per_job(sum(counts.values()), n),
+            "by_family_per_job": {k: v / n for k, v in counts.most_common()},
+            "covers": ("every message the server routed to subscribers in the account (tap on `>`, a pass of "
+                       f"{n} jobs of its own): publishes, JetStream deliveries/acks, JS API requests+replies, "
+                       "advisories, heartbeats")}
+
+
 def monitor_pass(clients: Clients, redis_client, jobs: int, stall_timeout: float) -> dict[str, Any]:
     """Redis MONITOR while `jobs` more jobs run: commands per job sent by clients (top level) vs run
     inside Lua scripts (MONITOR marks those `lua`), by command. MONITOR slows Redis down, so this is
@@ -871,7 +893,6 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[
         say(f"ours, {replicas} replica(s): {args.jobs} jobs from {args.clients} clients over "
             f"{len(topo.state['gateways'])} gateway(s)" + (f" at {args.rate:g} jobs/s" if args.rate else ""))
         seqs0 = stream_seqs(topo.state["nats_url"])
-        tap = NatsTap(topo.state["nats_url"]).start() if args.nats_tap else None
         watch = TerminalWatch(client)
         before = snapshot(topo, client)
         self0 = time.process_time()
@@ -882,7 +903,6 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[
         self1 = time.process_time()
         after = snapshot(topo, client)
         own_polls = {"zcard": watch.zcards}
-        nats_counts = tap.stop() if tap else None
         seqs1 = stream_seqs(topo.state["nats_url"])
         passes, timelines, http_ms, errors, samples = [], [], [], 0, []
         for k, sent in enumerate(sends):  # read after the measured window: the reads are not the jobs' cost
@@ -952,20 +972,14 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[
         result["scheduler_dispatch_latency_mean_ms"] = dispatch_mean
         nats: dict[str, Any] = {"jetstream_stored_per_job": {
             k: per_job(seqs1.get(k, 0) - seqs0.get(k, 0), n) for k in seqs1}}
-        if tap is not None:
-            if tap.error:
-                nats["tap_error"] = tap.error
-            else:
-                total = sum(nats_counts.values())
-                nats["messages_per_job"] = per_job(total, n)
-                nats["by_family_per_job"] = {k: v / n for k, v in nats_counts.most_common()}
-                nats["covers"] = ("every message the server routed to subscribers in the account (tap on `>`): "
-                                  "publishes, JetStream deliveries/acks, JS API requests+replies, advisories, heartbeats")
         result["nats"] = nats
         incomplete = n - sum(v for k, v in lat["states"].items() if k in TERMINAL)
         if incomplete:
             result["incomplete"] = incomplete
             say(f"ours, {replicas} replica(s): {incomplete} jobs not terminal after the stall timeout")
+        if args.nats_tap:
+            time.sleep(0.3)
+            nats.update(nats_tap_pass(clients, client, topo.state["nats_url"], args.nats_tap_jobs, args.stall_timeout))
         if args.monitor_jobs:
             time.sleep(0.3)
             result["redis_monitor"] = monitor_pass(clients, client, args.monitor_jobs, args.stall_timeout)
@@ -1201,7 +1215,7 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append(f"cordum {ours_label(r)}, {r['replicas']} replica(s) per service, {r['workers']} worker(s): {r['submitted']} jobs in "
                    f"{r.get('repeat', 1)} passes, {r['wall_seconds']:.2f} s; {passes_text(r)}; submit rate {fmt(r['submit_rate_per_s'])}/s; "
                    f"HTTP submit p50 {fmt(r['http_submit_ms']['p50'])} ms p99 {fmt(r['http_submit_ms']['p99'])} ms; "
-                   f"states {r['states']}; submit errors {r['submit_errors']}; bench client CPU (incl. the NATS tap) "
+                   f"states {r['states']}; submit errors {r['submit_errors']}; bench client CPU "
                    f"{fmt(r['bench_driver_cpu_s_per_job'] * 1000 if r.get('bench_driver_cpu_s_per_job') else None, 2)} ms/job")
         idle = r.get("idle")
         if idle:
@@ -1226,7 +1240,8 @@ def report_text(data: Mapping[str, Any]) -> str:
         nats = r["nats"]
         if "messages_per_job" in nats:
             fam = ", ".join(f"{k} {v:.2f}" for k, v in list(nats["by_family_per_job"].items())[:10])
-            out.append(f"  NATS: {fmt(nats['messages_per_job'])} messages/job routed (tap on `>`): {fam}")
+            tapped = f", a pass of {nats['tap_jobs']} jobs" if "tap_jobs" in nats else ""
+            out.append(f"  NATS: {fmt(nats['messages_per_job'])} messages/job routed (tap on `>`{tapped}): {fam}")
         elif "tap_error" in nats:
             out.append(f"  NATS: tap failed: {nats['tap_error']}")
         out.append("  JetStream stored/job: " + ", ".join(f"{k} {fmt(v, 2)}" for k, v in nats["jetstream_stored_per_job"].items()))
@@ -1342,6 +1357,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the clients get answers)")
     parser.add_argument("--idle-jobs", type=int, default=30,
                         help="jobs run one at a time before the load, for idle latencies (default %(default)s; 0 = none)")
+    parser.add_argument("--nats-tap-jobs", type=int, default=300,
+                        help="jobs in the pass that counts NATS messages per job (a tap on `>`)")
     parser.add_argument("--monitor-jobs", type=int, default=100,
                         help="jobs run under Redis MONITOR after the load, to split commands into client-sent "
                         "and inside-Lua (default %(default)s; 0 = none)")
@@ -1350,7 +1367,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", default="celery,dramatiq", help="which peers (default %(default)s)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip redis-benchmark and the NATS rates")
     parser.add_argument("--no-nats-tap", dest="nats_tap", action="store_false",
-                        help="do not count NATS messages with a `>` subscriber (it adds a little load)")
+                        help="skip the pass that counts NATS messages with a `>` subscriber")
     parser.add_argument("--celery-concurrency", type=int, default=2)
     parser.add_argument("--dramatiq-processes", type=int, default=2)
     parser.add_argument("--dramatiq-threads", type=int, default=4)
