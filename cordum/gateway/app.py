@@ -10,7 +10,7 @@ from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
 from cordum.gateway import approvals, config, dlq, errors, jobs, memory, status, stream, workers, workflows
-from cordum.gateway.auth import key_from_headers
+from cordum.gateway.auth import KEY_SUBPROTOCOL, key_from_headers
 from cordum.gateway.context import SERVICE, Gateway
 from cordum.gateway.errors import error_response
 from cordum.infra.http import make_app
@@ -20,6 +20,11 @@ MAX_BODY = 1 << 20
 
 def _authenticate(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
     """Set `g.principal`, or answer 401/403 in the error envelope."""
+    if args is not None and args.get("api_key") and not gw.options.dev:
+        # A key in the URL ends up in proxies' and browsers' logs.
+        return error_response(401, "an API key in the URL (?api_key=) is refused outside dev mode: send it in "
+                              f"X-API-Key or as the WebSocket subprotocol {KEY_SUBPROTOCOL}.<base64url key>",
+                              code="unauthenticated")
     key = key_from_headers(headers, args)
     if not key:
         return error_response(401, "missing API key (X-API-Key)", code="unauthenticated")

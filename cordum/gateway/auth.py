@@ -2,7 +2,10 @@
 
 Keys: `CORDUM_API_KEY` (role admin, tenant `TENANT_ID`, default "default") and any number more
 from `CORDUM_API_KEYS_PATH`: a YAML or JSON list (or `{"keys": [...]}`) of
-`{key, tenant, role (admin|operator|viewer; default viewer), principal_id}`. Keys are kept only
+`{key, tenant, role (admin|operator|viewer; default viewer), principal_id, expires_at}`. The file
+is read again when it changes (`KeyRing.reload_if_changed`; a file that no longer parses keeps
+the keys in force and the error is logged); a key past its `expires_at` (ISO 8601, UTC unless it
+says otherwise) authenticates nothing. Keys are kept only
 as SHA-256 digests and compared with `hmac.compare_digest`; a principal carries its key's
 fingerprint (`key_fingerprint`: the first 16 hex digits of the SHA-256, never the key), which a
 job records as `submitted_key` so that nobody approves a job submitted with their own key. Weak keys (shorter than 16 characters, or an
@@ -15,9 +18,14 @@ entries; admin does everything (config writes, DLQ deletes).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import os
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -65,9 +73,38 @@ def is_weak(key: str) -> bool:
     return len(key) < MIN_KEY_LENGTH or key.strip().lower() in WEAK_KEYS
 
 
+# (key, principal, expires_at as unix seconds or None)
+KeyEntry = tuple[str, Principal, float | None]
+
+
+@dataclass(frozen=True)
+class KeysFile:
+    """Where the file keys come from, and what is needed to read it again."""
+
+    path: Path
+    default_tenant: str
+    dev: bool
+
+    def signature(self) -> tuple[int, int, int] | None:
+        """What changes when the file is replaced or rewritten (None: it cannot be read)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def read(self) -> list[KeyEntry]:
+        return _read_keys_file(self.path, default_tenant=self.default_tenant, dev=self.dev)
+
+
 class KeyRing:
-    def __init__(self, entries: Iterable[tuple[str, Principal]]) -> None:
-        self._entries = [(_digest(key), principal) for key, principal in entries]
+    def __init__(self, entries: Iterable[KeyEntry], *, static: Iterable[KeyEntry] = (),
+                 source: KeysFile | None = None) -> None:
+        self._static = [_stored(entry) for entry in static]
+        self._entries = self._static + [_stored(entry) for entry in entries]
+        self._source = source
+        self._signature = source.signature() if source is not None else None
+        self.reload_error = ""
         if not self._entries:
             raise ConfigError("CORDUM_API_KEY is not set (and CORDUM_API_KEYS_PATH gives no keys): "
                               "the gateway refuses to start without an API key")
@@ -79,18 +116,50 @@ class KeyRing:
         if not key:
             return None
         digest = _digest(key)
+        now = time.time()
         found: Principal | None = None
-        for known, principal in self._entries:  # compare every entry: no early-exit timing
-            if hmac.compare_digest(known, digest) and found is None:
+        for known, principal, expires_at in self._entries:  # compare every entry: no early-exit timing
+            if hmac.compare_digest(known, digest) and found is None and (expires_at is None or now < expires_at):
                 found = principal
         return found
+
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether the key `principal` was authenticated with is still in force, unchanged (a
+        long-lived connection re-checks this: a key removed from the file, expired, or given
+        another tenant or role loses it)."""
+        now = time.time()
+        return any(known == principal and (expires_at is None or now < expires_at)
+                   for _, known, expires_at in self._entries)
+
+    def reload_if_changed(self) -> bool:
+        """Read the keys file again if it changed since the last read; whether the keys changed.
+        A file that cannot be read or parsed keeps the keys in force (`reload_error` says why)."""
+        if self._source is None:
+            return False
+        signature = self._source.signature()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            entries = self._source.read()
+        except ConfigError as exc:
+            self.reload_error = str(exc)
+            return False
+        self.reload_error = ""
+        self._entries = self._static + [_stored(entry) for entry in entries]
+        return True
+
+
+def _stored(entry: KeyEntry) -> tuple[bytes, Principal, float | None]:
+    key, principal, expires_at = entry
+    return _digest(key), principal, expires_at
 
 
 def load_keyring(env: Any) -> KeyRing:
     """The key ring from the environment mapping; raises ConfigError naming the variable."""
     dev = env.get("CORDUM_ENV", "").strip().lower() in DEV_ENVS
     tenant = env.get("TENANT_ID", "").strip() or "default"
-    entries: list[tuple[str, Principal]] = []
+    static_entries: list[KeyEntry] = []
     static = env.get("CORDUM_API_KEY", "").strip()
     if static:
         if is_weak(static) and not dev:
@@ -98,15 +167,30 @@ def load_keyring(env: Any) -> KeyRing:
                 f"CORDUM_API_KEY is too weak (shorter than {MIN_KEY_LENGTH} characters or a well-known "
                 "default); set a long random key, or CORDUM_ENV=dev for local testing"
             )
-        entries.append((static, Principal(tenant=tenant, role="admin", principal_id="", static_admin=True,
-                                          key_fingerprint=key_fingerprint(static))))
+        static_entries.append((static, Principal(tenant=tenant, role="admin", principal_id="", static_admin=True,
+                                                 key_fingerprint=key_fingerprint(static)), None))
     path = env.get("CORDUM_API_KEYS_PATH", "").strip()
-    if path:
-        entries += _read_keys_file(Path(path), default_tenant=tenant, dev=dev)
-    return KeyRing(entries)
+    source = KeysFile(Path(path), tenant, dev) if path else None
+    return KeyRing(source.read() if source else [], static=static_entries, source=source)
 
 
-def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[tuple[str, Principal]]:
+def _expiry(raw: Any, where: str) -> float | None:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, datetime):  # YAML reads an unquoted timestamp as one
+        moment = raw
+    else:
+        try:
+            moment = datetime.fromisoformat(str(raw).strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"{where} is invalid: expires_at must be an ISO 8601 time "
+                              "(e.g. 2027-01-31T00:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[KeyEntry]:
     var = "CORDUM_API_KEYS_PATH"
     try:
         text = path.read_text()
@@ -139,14 +223,40 @@ def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[tuple
         tenant = str(item.get("tenant") or default_tenant).strip()
         principal_id = str(item.get("principal_id") or "").strip()
         entries.append((key.strip(), Principal(tenant=tenant, role=role, principal_id=principal_id,
-                                               key_fingerprint=key_fingerprint(key.strip()))))
+                                               key_fingerprint=key_fingerprint(key.strip())),
+                        _expiry(item.get("expires_at"), where)))
     return entries
 
 
+# A browser cannot set headers on a WebSocket: it offers the key as a subprotocol, as Cordum's
+# clients do (`cordum-api-key.<base64url key>`, or `cordum-api-key` followed by the key's base64).
+KEY_SUBPROTOCOL = "cordum-api-key"
+
+
+def key_from_subprotocols(header: str | None) -> str | None:
+    offered = [part.strip() for part in (header or "").split(",") if part.strip()]
+    encoded = None
+    for index, part in enumerate(offered):
+        if part.startswith(KEY_SUBPROTOCOL + "."):
+            encoded = part[len(KEY_SUBPROTOCOL) + 1:]
+        elif part == KEY_SUBPROTOCOL and index + 1 < len(offered):
+            encoded = offered[index + 1]
+        if encoded:
+            break
+    if not encoded:
+        return None
+    try:
+        key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return key.strip() or None
+
+
 def key_from_headers(headers: Any, args: Any | None = None) -> str | None:
-    """The API key of a request: `X-API-Key`, else (WebSocket) the `api_key` query parameter."""
+    """The API key of a request: `X-API-Key`, else (WebSocket) the `cordum-api-key` subprotocol,
+    else the `api_key` query parameter (refused outside dev mode by the caller)."""
     key = headers.get("X-API-Key")
     if not key and args is not None:
-        key = args.get("api_key")
+        key = key_from_subprotocols(headers.get("Sec-WebSocket-Protocol")) or args.get("api_key")
     return key.strip() if key else None
 

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from quart import g, request
 
-from cordum.gateway.auth import KeyRing, Principal, load_keyring
+from cordum.gateway.auth import DEV_ENVS, KeyRing, Principal, load_keyring
 from cordum.gateway.errors import ApiError
 from cordum.gateway.idempotency import IdempotencyKeys
 from cordum.infra.bus import Bus
@@ -39,14 +39,20 @@ def _fail_mode(raw: str) -> str:
     return value
 
 
-def _buffer_size(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError("expected an integer") from None
-    if not 1 <= value <= 10000:
-        raise ValueError("expected an integer between 1 and 10000")
-    return value
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected an integer between {low} and {high}")
+        return value
+
+    return parse
+
+
+_buffer_size = _int_between(1, 10_000)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,11 @@ class GatewayOptions:
     policy_timeout: float
     keys: KeyRing = field(repr=False)
     default_tenant: str = "default"  # TENANT_ID: the operator's own tenant (system config writes)
+    dev: bool = False  # CORDUM_ENV=dev|development|local
+    keys_reload_interval: float = 5.0
+    ws_max_per_tenant: int = 100  # WebSocket streams per tenant on this replica
+    ws_ping_interval: float = 30.0
+    ws_recheck_interval: float = 120.0  # a stream's key is checked again this often
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -71,6 +82,11 @@ class GatewayOptions:
             policy_timeout=env_value(settings, "GATEWAY_POLICY_CHECK_TIMEOUT", "5s", parse_positive_duration),
             keys=load_keyring(settings.extra),
             default_tenant=(settings.extra.get("TENANT_ID") or "").strip() or "default",
+            dev=(settings.extra.get("CORDUM_ENV") or "").strip().lower() in DEV_ENVS,
+            keys_reload_interval=env_value(settings, "CORDUM_API_KEYS_RELOAD_INTERVAL", "5s", parse_positive_duration),
+            ws_max_per_tenant=env_value(settings, "CORDUM_WS_MAX_CONNECTIONS_PER_TENANT", "100", _int_between(1, 100_000)),
+            ws_ping_interval=env_value(settings, "GATEWAY_WS_PING_INTERVAL", "30s", parse_positive_duration),
+            ws_recheck_interval=env_value(settings, "GATEWAY_WS_AUTH_RECHECK_INTERVAL", "120s", parse_positive_duration),
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from quart import Quart, Response, request
+from quart import Quart, Response, has_request_context, request, websocket
 from werkzeug.exceptions import HTTPException
 
 from cordum.infra.redis import RedisError, RedisUnavailable
@@ -84,7 +84,7 @@ def install(app: Quart) -> None:
         return error_response(status, message, headers=headers)
 
     async def _store_down(exc: Exception) -> Response:
-        log.error("http.store_unavailable", method=request.method, path=request.path, error=repr(exc))
+        log.error("http.store_unavailable", **_where(), error=repr(exc))
         return error_response(503, "store unavailable, try again", code="store_unavailable")
 
     for kind in (RedisError, *RedisUnavailable):
@@ -94,5 +94,12 @@ def install(app: Quart) -> None:
     async def _crash(exc: Exception) -> Response:
         if isinstance(exc, HTTPException):  # defensive: quart may route these here
             return await _http_error(exc)
-        log.error("http.handler_failed", method=request.method, path=request.path, error=repr(exc))
+        log.error("http.handler_failed", **_where(), error=repr(exc))
         return error_response(500, "internal error")
+
+
+def _where() -> dict[str, str]:
+    """The failing request's method and path, for an HTTP request or a WebSocket alike."""
+    if has_request_context():
+        return {"method": request.method, "path": request.path}
+    return {"method": "WEBSOCKET", "path": websocket.path}

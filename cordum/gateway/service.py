@@ -7,6 +7,7 @@ Nursery tree (`serve`):
       │    ├─ DLQ writer      sys.job.dlq, queue group cordum-gateway
       │    └─ stream taps     sys.job.> and sys.heartbeat, broadcast → WebSocket clients
       ├─ instance registry    cordum:instance:cordum-api-gateway:<id> (TTL 15 s, renewed 5 s)
+      ├─ keys reload          CORDUM_API_KEYS_PATH, checked every CORDUM_API_KEYS_RELOAD_INTERVAL
       ├─ DLQ cleanup leader   cordum:dlq:cleanup, every DLQ_CLEANUP_INTERVAL (1h)
       └─ HTTP                 GATEWAY_HTTP_ADDR (:8081): /health, /metrics, /api/v1/..., /api/v1/stream
 
@@ -16,7 +17,9 @@ Shutdown stages (the guide's order): "bus taps" (stop the taps, end WebSocket st
 
 Environment (beyond the common settings): CORDUM_API_KEY, TENANT_ID, CORDUM_API_KEYS_PATH,
 CORDUM_ENV, GATEWAY_HTTP_ADDR, SAFETY_KERNEL_ADDR, POLICY_CHECK_FAIL_MODE (closed|open),
-GATEWAY_POLICY_CHECK_TIMEOUT (5s), DLQ_CLEANUP_INTERVAL (1h), CORDUM_WS_CLIENT_BUFFER_SIZE (256),
+GATEWAY_POLICY_CHECK_TIMEOUT (5s), DLQ_CLEANUP_INTERVAL (1h), CORDUM_API_KEYS_RELOAD_INTERVAL (5s),
+CORDUM_WS_CLIENT_BUFFER_SIZE (256), CORDUM_WS_MAX_CONNECTIONS_PER_TENANT (100, per replica),
+GATEWAY_WS_PING_INTERVAL (30s), GATEWAY_WS_AUTH_RECHECK_INTERVAL (120s),
 API_RATE_LIMIT_RPS (30), API_RATE_LIMIT_BURST (50), API_RATE_LIMIT_REDIS_TIMEOUT (200ms),
 REDIS_RATE_LIMIT (true; false|0|no = per-replica in-memory limiting) — see `ratelimit`.
 """
@@ -26,10 +29,11 @@ from __future__ import annotations
 import trio
 
 from cordum.gateway.app import create_app
+from cordum.gateway.auth import KeyRing
 from cordum.gateway.context import SERVICE, Gateway, GatewayOptions
 from cordum.gateway.dlq import cleanup_election, serve_dlq_writer
 from cordum.gateway.ratelimit import RateLimitConfig, RateLimiter
-from cordum.gateway.stream import StreamHub
+from cordum.gateway.stream import WS_MAX_CLIENT_MESSAGE, StreamHub
 from cordum.infra.bus import open_bus
 from cordum.infra.config import Settings
 from cordum.infra.http import HttpServer
@@ -64,7 +68,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                      safety=safety, leases=Leases(redis, settings.instance_id))
         gw.hub = StreamHub(gw, buffer=options.ws_client_buffer)
         gw.ratelimiter = RateLimiter(rate_limit, redis, metrics)
-        http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0)
+        http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0,
+                          websocket_max_message=WS_MAX_CLIENT_MESSAGE, websocket_ping_interval=options.ws_ping_interval)
         counters = ConsumerMetrics(metrics)
 
         async with trio.open_nursery() as nursery:
@@ -84,6 +89,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                 with background:
                     async with trio.open_nursery() as inner:
                         await inner.start(serve_registration, redis, SERVICE, settings.instance_id)
+                        inner.start_soon(reload_keys, options.keys, options.keys_reload_interval)
                         election, work = cleanup_election(gw)
                         await inner.start(election.run, work)
                         task_status.started()
@@ -110,6 +116,19 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                      rate_limiter=gw.ratelimiter.describe(),
                      safety_kernel=",".join(f"{h}:{p}" for h, p in options.safety_addrs), policy_fail_mode="open" if options.fail_open else "closed")
             task_status.started(gw)
+
+
+async def reload_keys(keys: KeyRing, interval: float) -> None:
+    """Pick up changes to CORDUM_API_KEYS_PATH (keys added, removed, expiring, re-roled)."""
+    reported = ""
+    while True:
+        await trio.sleep(interval)
+        if keys.reload_if_changed():
+            log.info("gateway.keys_reloaded", keys=len(keys))
+        if keys.reload_error != reported:
+            reported = keys.reload_error
+            if reported:
+                log.error("gateway.keys_reload_failed", error=reported, note="the keys in force are kept")
 
 
 def main() -> None:

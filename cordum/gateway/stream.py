@@ -10,6 +10,13 @@ cancels the job's tenant is read from its meta, through a small LRU cache) and w
 heartbeat. Each client has a bounded queue (CORDUM_WS_CLIENT_BUFFER_SIZE, 256): a client that
 falls behind is dropped (close 1013), never waited for. No replay: clients re-read the REST API
 after a reconnect.
+
+The stream only sends. A client message of any kind closes the connection (1008), and hypercorn
+refuses messages over WS_MAX_CLIENT_MESSAGE, so a client cannot park memory here. A tenant has at
+most CORDUM_WS_MAX_CONNECTIONS_PER_TENANT streams per replica (beyond: HTTP 429 before the
+upgrade). The server pings every GATEWAY_WS_PING_INTERVAL, and re-checks the stream's key every
+GATEWAY_WS_AUTH_RECHECK_INTERVAL: a key removed from the keys file, expired, or moved to another
+tenant or role ends its streams (1008).
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from google.protobuf import json_format
 from quart import Quart, websocket
 
 from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.gateway.auth import KEY_SUBPROTOCOL
 from cordum.gateway.context import Gateway, caller
+from cordum.gateway.errors import error_response
 from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.protocol import subjects
 from cordum.protocol.packets import PacketError, decode, job_id_of
@@ -35,8 +44,10 @@ log = get_logger("gateway.stream")
 
 TENANT_CACHE_SIZE = 10_000
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN = 1013
 TAPS_RETRY_S = 1.0
+WS_MAX_CLIENT_MESSAGE = 4096  # clients send nothing; a close frame is at most 125 bytes
 
 
 @dataclass(eq=False)
@@ -61,6 +72,9 @@ class StreamHub:
     @property
     def client_count(self) -> int:
         return len(self.clients)
+
+    def tenant_count(self, tenant: str) -> int:
+        return sum(1 for client in self.clients if client.tenant == tenant)
 
     @property
     def tapping(self) -> bool:
@@ -198,23 +212,57 @@ class StreamHub:
                 self._leave(client)
 
 
+def _subprotocol() -> str | None:
+    """The bare key subprotocol when the client offered it as such (the `cordum-api-key, <key>`
+    form): a browser accepts only a subprotocol it offered, and the key is never echoed."""
+    offered = [part.strip() for part in (websocket.headers.get("Sec-WebSocket-Protocol") or "").split(",")]
+    return KEY_SUBPROTOCOL if KEY_SUBPROTOCOL in offered else None
+
+
 def register(app: Quart, gw: Gateway) -> None:
     @app.websocket("/api/v1/stream")
     async def stream() -> Any:
         hub: StreamHub | None = gw.hub
         who = caller()
         if hub is None:
-            await websocket.accept()
+            await websocket.accept(subprotocol=_subprotocol())
             await websocket.close(CLOSE_GOING_AWAY, "stream not available")
             return
+        limit = gw.options.ws_max_per_tenant
+        if hub.tenant_count(who.tenant) >= limit:
+            log.warning("stream.tenant_limit", tenant=who.tenant, limit=limit)
+            return error_response(429, f"tenant has {limit} streams open on this gateway replica (the limit)",
+                                  code="too_many_streams", headers={"Retry-After": "5"})
+        closing: list[tuple[int, str]] = []  # why the stream ends, if not the hub's doing
+
+        async def refuse_client_data(done: trio.CancelScope) -> None:
+            await websocket.receive()
+            closing.append((CLOSE_POLICY_VIOLATION, "this stream takes no messages"))
+            done.cancel()
+
+        async def recheck_key(done: trio.CancelScope) -> None:
+            while True:
+                await trio.sleep(gw.options.ws_recheck_interval)
+                if not gw.options.keys.still_valid(who):
+                    log.info("stream.key_revoked", tenant=who.tenant, principal_id=who.principal_id)
+                    closing.append((CLOSE_POLICY_VIOLATION, "credentials no longer valid"))
+                    done.cancel()
+                    return
+
         with hub.connect(who.tenant) as (client, receive):
             if not await hub.wait_taps():
                 log.warning("stream.taps_not_ready", tenant=who.tenant)
-            await websocket.accept()  # the client's connect returns once events reach it
-            async with receive:
-                async for text in receive:
-                    await websocket.send(text)
-        if client.dropped:
+            await websocket.accept(subprotocol=_subprotocol())  # connect returns once events reach it
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refuse_client_data, nursery.cancel_scope)
+                nursery.start_soon(recheck_key, nursery.cancel_scope)
+                async with receive:
+                    async for text in receive:
+                        await websocket.send(text)
+                nursery.cancel_scope.cancel()
+        if closing:
+            await websocket.close(*closing[0])
+        elif client.dropped:
             await websocket.close(CLOSE_TRY_AGAIN, "client too slow, reconnect")
         else:
             await websocket.close(CLOSE_GOING_AWAY, "server shutting down")

@@ -86,11 +86,15 @@ def make_app(service: str, metrics: Metrics, health: HealthCheck | None = None) 
 
 
 class HttpServer:
-    def __init__(self, app: Any, host: str, port: int, *, graceful_timeout: float = 5.0) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, graceful_timeout: float = 5.0,
+                 websocket_max_message: int = 64 * 1024, websocket_ping_interval: float | None = None) -> None:
         self.app = app
         self.config = HypercornConfig()
         self.config.bind = [f"{host}:{port}"]
         self.config.graceful_timeout = graceful_timeout
+        # hypercorn's default (16 MiB, ten queued per connection) lets one client park 160 MiB.
+        self.config.websocket_max_message_size = websocket_max_message
+        self.config.websocket_ping_interval = websocket_ping_interval
         self.config.accesslog = None
         self.config.errorlog = None
         self._stop = trio.Event()

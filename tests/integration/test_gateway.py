@@ -22,7 +22,7 @@ import trio
 from cordum.agent.v1 import job_pb2, safety_grpc, safety_pb2
 from cordum.agent.v1.heartbeat_pb2 import Heartbeat
 from cordum.dev.servers import free_port
-from cordum.gateway.auth import load_keyring
+from cordum.gateway.auth import KEY_SUBPROTOCOL, load_keyring
 from cordum.gateway.context import SERVICE
 from cordum.gateway.dlq import write_dlq_entry
 from cordum.gateway.service import STAGES, serve
@@ -574,15 +574,16 @@ async def test_instance_registry_renews_and_unregisters(redis) -> None:
 async def test_stream_filters_by_tenant(api: Api, bus) -> None:
     from cordum.cli.ws import WebSocketClient
 
-    def open_client(key: str, *, query: bool) -> WebSocketClient:
-        url = f"ws://127.0.0.1:{api.port}/api/v1/stream" + (f"?api_key={key}" if query else "")
-        client = WebSocketClient(url, headers={} if query else {"X-API-Key": key}, timeout=5)
+    def open_client(key: str, *, subprotocol: bool) -> WebSocketClient:
+        url = f"ws://127.0.0.1:{api.port}/api/v1/stream"
+        offered = {"Sec-WebSocket-Protocol": f"{KEY_SUBPROTOCOL}.{_b64url(key)}"}  # a browser's way
+        client = WebSocketClient(url, headers=offered if subprotocol else {"X-API-Key": key}, timeout=5)
         client.connect()
         return client
 
     assert not api.gw.hub.tapping  # no client: the gateway reads no job's messages
-    mine = await trio.to_thread.run_sync(lambda: open_client(ADMIN, query=True))
-    theirs = await trio.to_thread.run_sync(lambda: open_client(ACME, query=False))
+    mine = await trio.to_thread.run_sync(lambda: open_client(ADMIN, subprotocol=True))
+    theirs = await trio.to_thread.run_sync(lambda: open_client(ACME, subprotocol=False))
     assert api.gw.hub.tapping  # a connect returns once the taps listen
     frames: dict[str, list[dict]] = {"mine": [], "theirs": []}
 
@@ -623,6 +624,133 @@ async def test_stream_filters_by_tenant(api: Api, bus) -> None:
         "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
     assert rejected.status == 401
+
+
+def _b64url(key: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+@dataclass
+class WsPeer:
+    """A raw WebSocket client (wsproto over a socket), for what the CLI's client never does."""
+
+    sock: Any
+    conn: Any
+    status: int  # 101 when accepted
+    subprotocol: str | None = None
+
+    def send_text(self, text: str) -> None:
+        from wsproto.events import TextMessage
+
+        self.sock.sendall(self.conn.send(TextMessage(data=text)))
+
+    def close_code(self, timeout: float = 10.0) -> int | None:
+        """The code of the server's close frame (None: the connection just ended)."""
+        from wsproto.events import CloseConnection, Ping
+
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.conn.receive_data(data)
+                for event in self.conn.events():
+                    if isinstance(event, CloseConnection):
+                        return event.code
+                    if isinstance(event, Ping):
+                        self.sock.sendall(self.conn.send(event.response()))
+        except OSError:
+            return None
+        finally:
+            self.sock.close()
+
+
+def _ws_open(port: int, *, headers: dict[str, str] | None = None, target: str = "/api/v1/stream",
+             subprotocols: list[str] | None = None) -> WsPeer:
+    import socket
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, RejectConnection, Request
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(conn.send(Request(host=f"127.0.0.1:{port}", target=target, subprotocols=subprotocols or [],
+                                   extra_headers=[(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()])))
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError("connection closed during the handshake")
+        conn.receive_data(data)
+        for event in conn.events():
+            if isinstance(event, AcceptConnection):
+                return WsPeer(sock, conn, 101, event.subprotocol)
+            if isinstance(event, RejectConnection):
+                sock.close()
+                return WsPeer(sock, conn, event.status_code)
+
+
+async def test_stream_takes_no_client_messages(api: Api) -> None:
+    """A client that sends anything is closed with 1008; one that sends a large frame is cut off
+    by the server's small message limit, before it is buffered."""
+    peer = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": ALICE}))
+    assert peer.status == 101
+    await trio.to_thread.run_sync(peer.send_text, "hello?")
+    assert await trio.to_thread.run_sync(peer.close_code) == 1008
+    big = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": ALICE}))
+    await trio.to_thread.run_sync(big.send_text, "x" * (1 << 20))
+    assert await trio.to_thread.run_sync(big.close_code) in (1009, None)  # message too big
+    await _eventually(lambda: _const(api.gw.hub.client_count == 0))
+
+
+async def test_stream_key_in_the_url_is_refused_outside_dev_mode(start_gateway) -> None:
+    api = await start_gateway()
+    refused = await trio.to_thread.run_sync(lambda: _ws_open(api.port, target=f"/api/v1/stream?api_key={ALICE}"))
+    assert refused.status == 401
+    offered = await trio.to_thread.run_sync(
+        lambda: _ws_open(api.port, subprotocols=[KEY_SUBPROTOCOL, _b64url(ALICE)]))  # the comma form
+    assert offered.status == 101 and offered.subprotocol == KEY_SUBPROTOCOL  # echoed bare, never the key
+    offered.sock.close()
+    dev = await start_gateway(CORDUM_ENV="dev")
+    allowed = await trio.to_thread.run_sync(lambda: _ws_open(dev.port, target=f"/api/v1/stream?api_key={ALICE}"))
+    assert allowed.status == 101
+    allowed.sock.close()
+
+
+async def test_stream_connections_per_tenant_are_capped(start_gateway) -> None:
+    api = await start_gateway(CORDUM_WS_MAX_CONNECTIONS_PER_TENANT="2")
+    open_peers = [await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": key}))
+                  for key in (ALICE, BOB)]
+    assert [p.status for p in open_peers] == [101, 101]
+    third = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": CAROL}))
+    assert third.status == 429
+    other_tenant = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": ACME}))
+    assert other_tenant.status == 101
+    for peer in [*open_peers, other_tenant]:
+        peer.sock.close()
+    await _eventually(lambda: _const(api.gw.hub.client_count == 0))
+    again = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": CAROL}))
+    assert again.status == 101  # the slots came back
+    again.sock.close()
+
+
+async def test_a_revoked_key_loses_its_stream_and_its_access(start_gateway, tmp_path) -> None:
+    api = await start_gateway(GATEWAY_WS_AUTH_RECHECK_INTERVAL="200ms", CORDUM_API_KEYS_RELOAD_INTERVAL="100ms")
+    alice = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": ALICE}))
+    bob = await trio.to_thread.run_sync(lambda: _ws_open(api.port, headers={"X-API-Key": BOB}))
+    assert (alice.status, bob.status) == (101, 101)
+    keys_path = tmp_path / "keys.yaml"
+    kept = [line for line in keys_path.read_text().splitlines() if ALICE not in line]
+    tmp = keys_path.with_suffix(".tmp")
+    tmp.write_text("\n".join(kept) + "\n")
+    tmp.replace(keys_path)  # as a deploy tool does
+    assert await trio.to_thread.run_sync(alice.close_code) == 1008
+    assert (await api.call("GET", "/api/v1/jobs", key=ALICE)).status == 401
+    assert (await api.call("GET", "/api/v1/jobs", key=BOB)).status == 200
+    assert api.gw.hub.client_count == 1  # bob's stream stands
+    bob.sock.close()
 
 
 async def test_stream_hub_drops_a_slow_client() -> None:
