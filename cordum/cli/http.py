@@ -104,6 +104,30 @@ class Response:
     headers: Mapping[str, str]
 
 
+CREDENTIAL_HEADERS = ("x-api-key", "authorization", "x-tenant-id")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but sends the API key only to the origin it was given for: a redirect to
+    another host, port or scheme (https → http included) goes there without it."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(newurl) != _origin(req.full_url):
+            for name in [name for name in new.headers if name.lower() in CREDENTIAL_HEADERS]:
+                new.remove_header(name)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+
+
 class Client:
     """A small synchronous client of the gateway's REST API."""
 
@@ -145,7 +169,7 @@ class Client:
         req = urllib.request.Request(self.url(path, query), data=data, method=method, headers=headers)
         where = f"{method} {path}"
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 return Response(resp.status, _parse(resp.read()), dict(resp.headers.items()))
         except urllib.error.HTTPError as exc:
             raw = b""

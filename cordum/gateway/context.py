@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
@@ -169,15 +170,66 @@ async def json_body(*, optional: bool = False) -> dict[str, Any]:
         if optional:
             return {}
         raise ApiError(400, "request body must be a JSON object")
+    body = parse_json_object(data)
+    if body is None:
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+MAX_JSON_DEPTH = 64
+# A \uD800-\uDFFF escape: only then can the decoded text hold a lone surrogate (checked below).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object (None: valid JSON but not an object); ApiError 400 naming the
+    problem for text that is not UTF-8, not JSON, nested deeper than MAX_JSON_DEPTH, or holding
+    a lone surrogate escape (such a string cannot be stored or sent on)."""
     try:
         body = json.loads(data)
     except UnicodeDecodeError:
         raise ApiError(400, "invalid JSON body: not UTF-8") from None
+    except RecursionError:
+        raise ApiError(400, f"invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise ApiError(400, f"invalid JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return body
+    problem = _json_problem(body, "$", 0, check_text=bool(_SURROGATE_ESCAPE.search(data)))
+    if problem:
+        raise ApiError(400, f"invalid JSON body: {problem}")
+    return body if isinstance(body, dict) else None
+
+
+def json_problem(doc: Any) -> str | None:
+    """What makes a decoded document unfit to store (too deep, a lone surrogate), or None."""
+    return _json_problem(doc, "$", 0, check_text=True)
+
+
+def _json_problem(value: Any, path: str, depth: int, *, check_text: bool) -> str | None:
+    if depth > MAX_JSON_DEPTH:
+        return f"nested deeper than {MAX_JSON_DEPTH} levels at {path}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if check_text and not _encodable(key):
+                return f"a key at {path} holds a lone surrogate (\\uD800-\\uDFFF without its pair)"
+            found = _json_problem(item, f"{path}.{key}" if _encodable(key) else path, depth + 1, check_text=check_text)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _json_problem(item, f"{path}[{index}]", depth + 1, check_text=check_text)
+            if found:
+                return found
+    elif check_text and isinstance(value, str) and not _encodable(value):
+        return f"the string at {path} holds a lone surrogate (\\uD800-\\uDFFF without its pair)"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def query_int(name: str, default: int, *, low: int = 1, high: int | None = None) -> int:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import re
 import uuid
 from contextlib import asynccontextmanager
@@ -42,7 +41,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import yaml
 from quart import Quart, request
 
-from cordum.gateway.context import Gateway, caller, json_body, optional_str, query_int, require
+from cordum.gateway.context import (MAX_JSON_DEPTH, Gateway, caller, json_body, json_problem, optional_str,
+                                    parse_json_object, query_int, require)
 from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.workflow_views import (
     ShapeError,
@@ -108,11 +108,13 @@ async def definition_body() -> tuple[str, dict[str, Any]]:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ApiError(400, f"invalid YAML body{where}: {getattr(exc, 'problem', None) or exc}") from None
+        except RecursionError:
+            raise ApiError(400, f"invalid YAML body: nested deeper than {MAX_JSON_DEPTH} levels") from None
+        problem = json_problem(doc)
+        if problem:
+            raise ApiError(400, f"invalid YAML body: {problem}")
     else:
-        try:
-            doc = json.loads(text)
-        except ValueError as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}") from None
+        doc = parse_json_object(data)
     if not isinstance(doc, dict):
         raise ApiError(400, "request body must be a workflow definition object")
     return text, doc

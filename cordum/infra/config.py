@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, TypeVar
 
 from cordum.runtime.identity import default_instance_id
+from cordum.runtime.log import redact_urls
 
 T = TypeVar("T")
 
@@ -156,7 +157,7 @@ def _env(env: Mapping[str, str], name: str, default: str, parse: Callable[[str],
     try:
         return parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+        raise ConfigError(redact_urls(f"{name}={raw!r} is invalid: {exc}")) from None
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         )
     if seeds and redis_url.startswith("unix://"):
         raise ConfigError(
-            f"REDIS_CLUSTER_ADDRESSES={env.get('REDIS_CLUSTER_ADDRESSES')!r} is invalid: REDIS_URL={redis_url!r} "
+            f"REDIS_CLUSTER_ADDRESSES={env.get('REDIS_CLUSTER_ADDRESSES')!r} is invalid: REDIS_URL={redact_urls(redis_url)!r} "
             "is a unix socket; a cluster client takes credentials and TLS from a redis:// or rediss:// REDIS_URL"
         )
     nats_servers = _env(env, "NATS_URL", "nats://localhost:4222", parse_nats_servers)

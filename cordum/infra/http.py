@@ -29,8 +29,9 @@ async def health_body(service: str, metrics: Metrics, health: HealthCheck | None
     if health is not None:
         try:
             body.update(await health())
-        except Exception as exc:
-            body.update(status="degraded", error=str(exc))
+        except Exception as exc:  # the text may name hosts or credentials: logged, never served
+            log.warning("health.check_failed", service=service, error=repr(exc))
+            body.update(status="degraded", error="health check failed (see the service's log)")
     return body, 200 if body["status"] == "ok" else 503
 
 

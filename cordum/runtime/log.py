@@ -31,11 +31,17 @@ def configure(*, service: str, instance: str, level: str = "info", stream: TextI
     _stream = stream
 
 
+def redact_urls(text: str) -> str:
+    """`text` with the credentials of every URL in it masked (`redis://***@host`): for errors and
+    output that show a URL."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
 def redact(name: str, value: Any) -> Any:
     if isinstance(value, str):
         if _SECRET_NAME.search(name) and value:
             return "***"
-        return _URL_CREDENTIALS.sub(r"\g<scheme>***@", value)
+        return redact_urls(value)
     return value
 
 

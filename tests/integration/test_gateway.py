@@ -417,6 +417,18 @@ async def test_bad_input_is_named(api: Api) -> None:
     assert "priority" in (await post(b'{"prompt": "x", "priority": "urgent"}'))["error"]
     assert "risk_tags" in (await post(b'{"prompt": "x", "risk_tags": "a"}'))["error"]
     assert "prompt" in (await post(json.dumps({"prompt": "x" * 50_001}).encode()))["error"]
+    # Hostile shapes are a 400 naming the problem, never a 500.
+    assert "nested deeper than 64" in (await post(b'{"prompt": "x", "context": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"))["error"]
+    assert "nested deeper than 64" in (await post(b'{"prompt": "x", "context": ' + b"[" * 70 + b"]" * 70 + b"}"))["error"]
+    assert "lone surrogate" in (await post(b'{"prompt": "x", "labels": {"team": "\\ud800"}}'))["error"]
+    assert "$.labels" in (await post(b'{"prompt": "x", "labels": {"\\udfff": "a"}}'))["error"]
+    paired = await api.call("POST", "/api/v1/jobs", {"prompt": "x \U0001f600", "labels": {"mood": "\U0001f600"}})
+    assert paired.status == 200, paired.raw  # a real pair (an escaped emoji) is fine
+    deep_yaml = "name: w\nsteps:\n" + "  " + "[" * 5000 + "]" * 5000 + "\n"
+    flow = await api.call("POST", "/api/v1/workflows", raw=deep_yaml.encode(), headers={"Content-Type": "application/yaml"})
+    assert flow.status == 400 and "nested" in flow.body["error"], flow.raw
+    flow = await api.call("POST", "/api/v1/workflows", raw=b'{"name": "\\ud800"}', headers={"Content-Type": "application/json"})
+    assert flow.status == 400 and "lone surrogate" in flow.body["error"], flow.raw
 
     big = await api.call("POST", "/api/v1/jobs", raw=b'{"prompt": "' + b"x" * (1 << 20) + b'"}',
                          headers={"Content-Type": "application/json"})
@@ -427,7 +439,8 @@ async def test_bad_input_is_named(api: Api) -> None:
     assert wrong_method.status == 405 and wrong_method.body["status"] == 405
     assert (await api.call("GET", "/api/v1/jobs?limit=abc")).body["error"] == "limit must be an integer"
     assert (await api.call("GET", "/api/v1/jobs?state=bogus")).status == 400
-    assert (await api.call("GET", "/api/v1/jobs")).body["items"] == []  # nothing was persisted
+    items = (await api.call("GET", "/api/v1/jobs")).body["items"]
+    assert [item["id"] for item in items] == [paired.body["job_id"]]  # nothing else was persisted
 
 
 def test_startup_refuses_missing_and_weak_keys() -> None:

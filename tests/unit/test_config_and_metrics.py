@@ -82,3 +82,24 @@ def test_services_without_an_api_do_not_load_quart():
     for module in ("cordum.scheduler.service", "cordum.safety.service", "cordum.worker.echo"):
         code = f"import sys, {module}; sys.exit('quart' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
+
+
+@pytest.mark.parametrize("name,value", [
+    ("REDIS_URL", "http://app:hunter2-secret@redis.internal:6379/0"),
+    ("NATS_URL", "nats://hunter2-secret@nats-a:4222,nats://app:hunter2-secret@nats-b:notaport"),
+])
+def test_a_bad_url_is_named_without_its_credentials(name, value):
+    with pytest.raises(ConfigError, match=name) as refused:
+        load_settings({name: value})
+    assert "hunter2" not in str(refused.value) and "***@" in str(refused.value)
+
+
+async def test_a_failed_health_check_does_not_serve_its_error_text():
+    from cordum.infra.http import health_body
+
+    async def failing() -> dict:
+        raise ConnectionError("redis://app:hunter2-secret@redis.internal:6379 refused")
+
+    body, status = await health_body("svc", Metrics("i-1"), failing)
+    assert status == 503 and body["status"] == "degraded"
+    assert "hunter2" not in str(body) and "redis.internal" not in str(body)

@@ -1001,3 +1001,60 @@ def test_run_wait_json_lines_max_wait_and_errors(gateway: FakeGateway) -> None:
     gateway.route("GET", "/api/v1/workflow-runs/r1", (404, {"error": "workflow run not found", "status": 404}))
     result = run(gateway, "run", "start", "wf", "--wait", "--interval", "0.05")
     assert result.code == 3 and "workflow run not found" in result.err
+
+
+# -- redirects -------------------------------------------------------------------------------------
+
+
+def _recording_server(redirect: Callable[[str], str | None] = lambda path: None):
+    """A server that records each request's headers and redirects where `redirect(path)` says."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            location = redirect(self.path)
+            if location is not None:
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.end_headers()
+                return
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def test_the_api_key_is_not_forwarded_on_a_redirect_to_another_host():
+    """A gateway (or something posing as one) redirecting elsewhere must not hand the caller's
+    key and tenant to that host."""
+    elsewhere, elsewhere_seen = _recording_server()
+    other = f"http://localhost:{elsewhere.server_address[1]}"  # another host name and port
+    gateway, gateway_seen = _recording_server(lambda path: other + path)
+    try:
+        client = cli_http.Client(f"http://127.0.0.1:{gateway.server_address[1]}", api_key=SECRET, tenant="acme")
+        assert client.get("/api/v1/jobs") == {"ok": True}  # the redirect is still followed
+        assert gateway_seen[0]["x-api-key"] == SECRET
+        assert "x-api-key" not in elsewhere_seen[0] and "x-tenant-id" not in elsewhere_seen[0]
+    finally:
+        gateway.shutdown()
+        elsewhere.shutdown()
+
+
+def test_a_same_origin_redirect_keeps_the_api_key():
+    server, seen = _recording_server(lambda path: "/api/v1/jobs" if path.startswith("/old") else None)
+    try:
+        client = cli_http.Client(f"http://127.0.0.1:{server.server_address[1]}", api_key=SECRET)
+        assert client.get("/old/jobs") == {"ok": True}
+        assert [request.get("x-api-key") for request in seen] == [SECRET, SECRET]
+    finally:
+        server.shutdown()
