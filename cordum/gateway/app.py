@@ -14,6 +14,7 @@ from cordum.gateway.auth import KEY_SUBPROTOCOL, key_from_headers
 from cordum.gateway.context import SERVICE, Gateway
 from cordum.gateway.errors import error_response
 from cordum.infra.http import make_app
+from cordum.store.validate import tenant_name_problem
 
 MAX_BODY = 1 << 20
 
@@ -34,6 +35,9 @@ def _authenticate(gw: Gateway, headers: Any, args: Any | None) -> Response | Non
     requested = (headers.get("X-Tenant-ID") or "").strip()
     if not requested and args is not None:
         requested = (args.get("tenant_id") or args.get("tenant") or "").strip()
+    problem = tenant_name_problem(requested) if requested else None
+    if problem:
+        return error_response(400, problem, code="invalid_tenant")
     if requested and requested != principal.tenant:
         return error_response(403, "tenant access denied", code="tenant_access_denied")
     g.principal = principal

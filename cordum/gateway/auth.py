@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import yaml
 
 from cordum.infra.config import ConfigError
+from cordum.store.validate import TENANT_RULE, tenant_name_problem
 
 ROLES = ("viewer", "operator", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -159,6 +160,8 @@ def load_keyring(env: Any) -> KeyRing:
     """The key ring from the environment mapping; raises ConfigError naming the variable."""
     dev = env.get("CORDUM_ENV", "").strip().lower() in DEV_ENVS
     tenant = env.get("TENANT_ID", "").strip() or "default"
+    if tenant_name_problem(tenant):
+        raise ConfigError(f"TENANT_ID={tenant!r} is invalid: {TENANT_RULE}")
     static_entries: list[KeyEntry] = []
     static = env.get("CORDUM_API_KEY", "").strip()
     if static:
@@ -221,6 +224,8 @@ def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[KeyEn
         if role not in _RANK:
             raise ConfigError(f"{where} is invalid: role must be one of {', '.join(ROLES)}")
         tenant = str(item.get("tenant") or default_tenant).strip()
+        if tenant_name_problem(tenant):
+            raise ConfigError(f"{where} is invalid: tenant {tenant!r} must be {TENANT_RULE}")
         principal_id = str(item.get("principal_id") or "").strip()
         entries.append((key.strip(), Principal(tenant=tenant, role=role, principal_id=principal_id,
                                                key_fingerprint=key_fingerprint(key.strip())),

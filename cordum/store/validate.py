@@ -86,14 +86,26 @@ def validate_job_request(req: job_pb2.JobRequest) -> list[str]:
     return problems
 
 
+# Tenant names become key prefixes and label values: lower case, no separators (`acme` and
+# `acme:eu` would share key prefixes), so one tenant can never name another's keys.
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TENANT_RULE = "1-64 characters: lower-case letters, digits, '-' and '_', starting with a letter or digit"
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why `name` is not a valid tenant name, or None."""
+    return None if TENANT_NAME.match(name) else f"tenant {name!r} is invalid: {TENANT_RULE}"
+
+
 def tenant_problems(req: job_pb2.JobRequest) -> list[str]:
-    """The tenant cross-check: `tenant_id` and `env["tenant_id"]` both set and different → drop."""
+    """The tenant checks: each of `tenant_id` and `env["tenant_id"]` a valid name when set, and the
+    two the same when both are set → else drop."""
     env_tenant = req.env.get(TENANT_ENV_KEY, "")
+    problems = [problem for name in dict.fromkeys((req.tenant_id, env_tenant)) if name
+                for problem in [tenant_name_problem(name)] if problem]
     if req.tenant_id and env_tenant and req.tenant_id != env_tenant:
-        return [
-            f"tenant_id {req.tenant_id!r} does not match env[{TENANT_ENV_KEY!r}] {env_tenant!r}"
-        ]
-    return []
+        problems.append(f"tenant_id {req.tenant_id!r} does not match env[{TENANT_ENV_KEY!r}] {env_tenant!r}")
+    return problems
 
 
 def validate_job_result(res: job_pb2.JobResult) -> list[str]:

@@ -396,6 +396,8 @@ async def test_auth_roles_and_tenants(api: Api) -> None:
     assert (await api.call("GET", "/api/v1/jobs", key=ACME)).body["items"] == []
     assert (await api.call("PUT", "/api/v1/config", {"a": 1}, key=ALICE)).status == 403
     assert (await api.submit(tenant_id="acme")).status == 403
+    bad = await api.call("GET", "/api/v1/jobs", key=ACME, headers={"X-Tenant-ID": "ACME:eu"})
+    assert bad.status == 400 and bad.body["code"] == "invalid_tenant" and "'ACME:eu' is invalid" in bad.body["error"]
 
 
 async def test_bad_input_is_named(api: Api) -> None:
@@ -452,6 +454,15 @@ def test_startup_refuses_missing_and_weak_keys() -> None:
     with pytest.raises(ConfigError, match="CORDUM_API_KEY"):
         load_keyring({"CORDUM_API_KEY": "short-key"})
     assert len(load_keyring({"CORDUM_API_KEY": "changeme", "CORDUM_ENV": "dev"})) == 1
+    with pytest.raises(ConfigError, match="TENANT_ID='Acme:EU' is invalid"):
+        load_keyring({"CORDUM_API_KEY": ADMIN, "TENANT_ID": "Acme:EU"})
+
+
+def test_a_keys_file_tenant_must_be_a_valid_name(tmp_path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"- {{key: {ALICE}, tenant: acme}}\n- {{key: {BOB}, tenant: 'acme:eu'}}\n")
+    with pytest.raises(ConfigError, match="entry 2 is invalid: tenant 'acme:eu'"):
+        load_keyring({"CORDUM_API_KEY": ADMIN, "CORDUM_API_KEYS_PATH": str(path)})
 
 
 # ---- workers, config, policy, DLQ retry, status ------------------------------------------------------

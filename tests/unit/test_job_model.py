@@ -10,7 +10,7 @@ import pytest
 from cordum.agent.v1 import job_pb2
 from cordum.store import jobstate as js
 from cordum.store.jobstate import JobState as S
-from cordum.store.validate import validate_job_request, validate_job_result
+from cordum.store.validate import tenant_name_problem, tenant_problems, validate_job_request, validate_job_result
 
 St = job_pb2.JobStatus
 EC = job_pb2.ErrorCode
@@ -484,3 +484,25 @@ def test_gateway_synthetic_cancel_result_is_rejected_for_missing_worker_id():
 def test_result_reports_every_problem_at_once():
     problems = validate_job_result(job_pb2.JobResult(execution_ms=-3))
     assert len(problems) == 4
+
+
+@pytest.mark.parametrize("name", ["default", "acme", "a", "team-7_eu", "0x", "a" * 64])
+def test_valid_tenant_names(name):
+    assert tenant_name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["", "Acme", "acme:eu", "acme eu", "-acme", "_x", "a" * 65, "acme/eu", "acmé", "acme{x}"])
+def test_invalid_tenant_names_are_named(name):
+    assert f"tenant {name!r} is invalid" in tenant_name_problem(name)
+
+
+def test_a_request_naming_a_bad_tenant_is_dropped():
+    """Published straight to the bus (no gateway in between), a job for `acme:eu` would share
+    key prefixes with `acme`'s: the scheduler's ingress check drops it, naming the tenant."""
+    request = job_pb2.JobRequest(job_id="j", topic="job.default", tenant_id="acme:eu")
+    assert any("'acme:eu' is invalid" in p for p in tenant_problems(request))
+    request = job_pb2.JobRequest(job_id="j", topic="job.default", env={"tenant_id": "ACME"})
+    assert any("'ACME' is invalid" in p for p in tenant_problems(request))
+    both = job_pb2.JobRequest(job_id="j", topic="job.default", tenant_id="acme", env={"tenant_id": "beta"})
+    assert tenant_problems(both) == ["tenant_id 'acme' does not match env['tenant_id'] 'beta'"]
+    assert tenant_problems(job_pb2.JobRequest(job_id="j", tenant_id="acme", env={"tenant_id": "acme"})) == []
