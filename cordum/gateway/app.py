@@ -17,6 +17,7 @@ from cordum.infra.http import make_app
 from cordum.store.validate import tenant_name_problem
 
 MAX_BODY = 1 << 20
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _authenticate(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
@@ -77,7 +78,8 @@ def create_app(gw: Gateway) -> QuartTrio:
     @app.after_request
     async def _count(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        gw.http_requests.labels(method=request.method, route=rule, status=str(response.status_code)).inc()
+        method = request.method if request.method in HTTP_METHODS else "other"  # any word is a method to a client
+        gw.http_requests.labels(method=method, route=rule, status=str(response.status_code)).inc()
         return response
 
     for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory):

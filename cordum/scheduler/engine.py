@@ -31,7 +31,7 @@ from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyClient, SafetyDecision, Verdict
 from cordum.scheduler.registry import WorkerRegistry
-from cordum.scheduler.routing import NoRoute, Pools, pick_worker
+from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us, result_from_json
@@ -56,18 +56,35 @@ class EngineConfig:
     fail_open: bool = False  # POLICY_CHECK_FAIL_MODE=open: dispatch when the kernel is unreachable
 
 
+class _TopicBounded:
+    """A metric whose `topic` label takes only the topics the pools file routes; any other topic
+    (anyone may publish `job.<anything>`) counts as `other`, so series stay bounded."""
+
+    def __init__(self, metric: Any, known: Callable[[], Pools]) -> None:
+        self._metric = metric
+        self._known = known
+
+    def labels(self, *, topic: str, **rest: str) -> Any:
+        return self._metric.labels(topic=topic_label(self._known(), topic), **rest)
+
+
 class SchedulerMetrics:
-    def __init__(self, metrics: Metrics) -> None:
-        self.finished = metrics.counter("cordum_scheduler_jobs_finished_total", "Jobs this replica brought to a final state", ["topic", "state"])
-        self.received = metrics.counter("cordum_scheduler_jobs_received_total", "Job requests handled", ["topic"])
-        self.dispatched = metrics.counter("cordum_scheduler_jobs_dispatched_total", "Jobs dispatched", ["topic"])
-        self.completed = metrics.counter("cordum_scheduler_jobs_completed_total", "Worker results applied", ["topic", "status"])
-        self.denied = metrics.counter("cordum_scheduler_safety_denied_total", "Jobs denied by policy", ["topic"])
-        self.unavailable = metrics.counter("cordum_scheduler_safety_unavailable_total", "Safety checks that failed", ["topic"])
+    def __init__(self, metrics: Metrics, pools: Callable[[], Pools] | None = None) -> None:
+        known = pools or (lambda: NO_POOLS)
+
+        def by_topic(metric: Any) -> _TopicBounded:
+            return _TopicBounded(metric, known)
+
+        self.finished = by_topic(metrics.counter("cordum_scheduler_jobs_finished_total", "Jobs this replica brought to a final state", ["topic", "state"]))
+        self.received = by_topic(metrics.counter("cordum_scheduler_jobs_received_total", "Job requests handled", ["topic"]))
+        self.dispatched = by_topic(metrics.counter("cordum_scheduler_jobs_dispatched_total", "Jobs dispatched", ["topic"]))
+        self.completed = by_topic(metrics.counter("cordum_scheduler_jobs_completed_total", "Worker results applied", ["topic", "status"]))
+        self.denied = by_topic(metrics.counter("cordum_scheduler_safety_denied_total", "Jobs denied by policy", ["topic"]))
+        self.unavailable = by_topic(metrics.counter("cordum_scheduler_safety_unavailable_total", "Safety checks that failed", ["topic"]))
         self.rejected = metrics.counter("cordum_scheduler_validation_rejections_total", "Invalid packets dropped", ["kind"])
         self.ignored = metrics.counter("cordum_scheduler_results_ignored_total", "Results for unknown or finished jobs", ["reason"])
-        self.latency = metrics.histogram("cordum_scheduler_dispatch_latency_seconds", "Submit handling to dispatch", ["topic"],
-                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.latency = by_topic(metrics.histogram("cordum_scheduler_dispatch_latency_seconds", "Submit handling to dispatch", ["topic"],
+                                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
 
 class Engine:

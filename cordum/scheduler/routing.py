@@ -53,6 +53,15 @@ class Pools:
         return tuple(p for p in self.topics.get(topic, ()) if self.pools.get(p, Pool(p)).status == "active")
 
 
+NO_POOLS = Pools(topics={}, pools={})
+OTHER_TOPIC = "other"
+
+
+def topic_label(pools: Pools, topic: str) -> str:
+    """A topic as a metric label: itself if the pools file routes it, else `other` (bounded)."""
+    return topic if topic in pools.topics else OTHER_TOPIC
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """What routing needs to know about a worker (from its last heartbeat)."""

@@ -79,7 +79,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         registry = WorkerRegistry(ttl=worker_ttl, started=trio.current_time())
         engine = Engine(
             store=JobStore(redis), bus=bus, leases=leases, safety=safety,
-            registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics),
+            registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics, pools.current),
             config=EngineConfig(fail_open=fail_mode == "open"),
         )
 

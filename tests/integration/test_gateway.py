@@ -400,6 +400,15 @@ async def test_auth_roles_and_tenants(api: Api) -> None:
     assert bad.status == 400 and bad.body["code"] == "invalid_tenant" and "'ACME:eu' is invalid" in bad.body["error"]
 
 
+async def test_made_up_methods_do_not_grow_metric_series(api: Api) -> None:
+    for method in ("FROBNICATE", "BREW", "X-1"):
+        assert (await api.call(method, "/api/v1/jobs")).status in (400, 405)
+    text = api.gw.metrics.exposition().decode()
+    lines = [line for line in text.splitlines() if line.startswith("cordum_api_gateway_http_requests_total{")]
+    assert not any(m in text for m in ("FROBNICATE", "BREW", "X-1"))
+    assert any('method="other"' in line and line.endswith(" 3.0") for line in lines), lines
+
+
 async def test_bad_input_is_named(api: Api) -> None:
     async def post(raw: bytes) -> dict:
         reply = await api.call("POST", "/api/v1/jobs", raw=raw, headers={"Content-Type": "application/json"})

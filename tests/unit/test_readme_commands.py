@@ -13,8 +13,8 @@ import tomllib
 from pathlib import Path
 
 import cordum
-from cordum.dev import stack
-from cordum.dev.servers import free_port
+from cordum.dev import stack, topology
+from cordum.dev.servers import free_block, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_LOCAL = "bash scripts/run_local.sh"
@@ -68,8 +68,11 @@ def test_stack_knows_every_service_of_pyproject() -> None:
 def test_local_stack_uses_given_servers_and_stops_on_sigterm(tmp_path: Path, redis_server, nats_server) -> None:
     out = tmp_path / "stack.out"
     env = _env(REDIS_URL=redis_server.url, NATS_URL=nats_server.url)
+    # Cordum's default ports (50051, 50070) lie in the ephemeral range, where any outgoing
+    # connection of the suite may hold one for a moment: the block comes from below it.
+    base = free_block(topology.BLOCK_SIZE)
     with out.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "cordum.dev.stack"], stdout=sink,
+        proc = subprocess.Popen([sys.executable, "-m", "cordum.dev.stack", "--base-port", str(base)], stdout=sink,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 30

@@ -132,3 +132,23 @@ def test_silence_means_gone_only_after_the_registry_has_listened_for_a_ttl():
     registry.observe(_beat("a"), now=110)
     assert registry.status("a", 140) is WorkerStatus.ALIVE
     assert registry.status("a", 141) is WorkerStatus.GONE
+
+
+def test_metric_topic_labels_are_bounded_by_the_pools_file():
+    """Anyone may publish `job.<anything>`: a counter labelled by raw topic would grow a series
+    per made-up topic forever. Only routed topics are labels of their own."""
+    from cordum.infra.metrics import Metrics
+    from cordum.scheduler.engine import SchedulerMetrics
+    from cordum.scheduler.routing import load_pools_text, topic_label
+
+    pools = load_pools_text("topics:\n  job.default: default\n  job.deploy: [default]\npools:\n  default: {}\n", "test")
+    assert topic_label(pools, "job.default") == "job.default"
+    assert topic_label(pools, "job.default.x9f3") == "other"
+    metrics = Metrics("sched-1")
+    counters = SchedulerMetrics(metrics, lambda: pools)
+    for topic in ["job.default", "job.deploy"] + [f"job.random.{i}" for i in range(50)]:
+        counters.received.labels(topic=topic).inc()
+        counters.finished.labels(topic=topic, state="SUCCEEDED").inc()
+    text = metrics.exposition().decode()
+    received = [line for line in text.splitlines() if line.startswith("cordum_scheduler_jobs_received_total{")]
+    assert len(received) == 3 and any('topic="other"' in line and line.endswith(" 50.0") for line in received)
