@@ -174,7 +174,7 @@ async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
         except Exception as store_exc:
             log.error("dlq.retry_fail_mark_failed", job_id=new_id, error=repr(store_exc))
         raise ApiError(503, "retry could not be queued (bus unavailable), try again", code="bus_unavailable") from None
-    await gw.dlq.delete(job_id)  # the entry is gone already; drops its index member
+    await gw.dlq.delete(job_id, tenant=tenant)  # the entry is gone already; drops its index member
     try:  # a late DLQ event for the old job must not bring its entry back (deadletter.record)
         await gw.jobs.set_fields(job_id, {"retried_as": new_id})
     except Exception as exc:
@@ -208,7 +208,7 @@ def register(app: Quart, gw: Gateway) -> None:
         checked_job_id(job_id)
         if await gw.dlq.get(job_id, tenant=caller().tenant) is None:
             raise not_found("dlq entry not found")
-        await gw.dlq.delete(job_id)
+        await gw.dlq.delete(job_id, tenant=caller().tenant)
         return Response(b"", status=204)
 
     @app.post("/api/v1/dlq/<job_id>/retry")

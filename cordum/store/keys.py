@@ -142,7 +142,13 @@ def result(job_id: str) -> str:
 
 
 # ---- DLQ ---------------------------------------------------------------------------------------
-DLQ_INDEX = "dlq:index"
+DLQ_INDEX = "dlq:index"  # Cordum's: every tenant's entries (kept for its readers)
+DLQ_TENANTS = "dlq:tenants"  # ours: the tenants that have a DLQ index
+
+
+def dlq_tenant_index(tenant: str) -> str:
+    """Ours: one tenant's entries, so its cap and its listings never touch another tenant's."""
+    return f"dlq:index:tenant:{tenant}"
 
 
 def dlq_entry(job_id: str) -> str:

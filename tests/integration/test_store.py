@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
 
@@ -159,30 +161,55 @@ async def test_idempotency_key_is_claimed_once(redis):
 
 async def test_dlq_entries_page_per_tenant_and_trim(redis):
     dlq = DlqStore(redis, max_size=5)
-    tenant = unique("tenant")
+    tenant, other = unique("tenant"), unique("other")
+    for n in range(3):  # another tenant's entries, older than all of this tenant's
+        await dlq.put(dlq_entry(job_id=f"{other}-{n}", tenant=other, topic="job.default",
+                                status="JOB_STATUS_FAILED", reason="x", reason_code="x", created=1_600_000_000 + n))
     for n in range(7):
         await dlq.put(dlq_entry(job_id=f"{tenant}-{n}", tenant=tenant, topic="job.default",
                                 status="JOB_STATUS_FAILED", reason="boom", reason_code="worker_failed",
                                 created=1_700_000_000 + n))
-    await dlq.put(dlq_entry(job_id=unique("other"), tenant="someone-else", topic="job.default",
-                            status="JOB_STATUS_FAILED", reason="x", reason_code="x", created=1_700_000_100))
     items, cursor = await dlq.page(tenant, limit=3)
-    # Capped at 5 entries overall: the two oldest of this tenant were evicted, then the newer one.
+    # Capped at 5 entries per tenant: this tenant's two oldest were evicted, the other tenant's
+    # older entries were not (one tenant's failures never evict another's).
     assert [e["job_id"] for e in items] == [f"{tenant}-6", f"{tenant}-5", f"{tenant}-4"]
     rest, end = await dlq.page(tenant, limit=3, cursor=cursor)
-    assert [e["job_id"] for e in rest] == [f"{tenant}-3"] and end is None
-    assert await dlq.get(f"{tenant}-0") is None
-    assert await dlq.get(f"{tenant}-6", tenant="someone-else") is None
-    assert await dlq.delete(f"{tenant}-6") and not await dlq.delete(f"{tenant}-6")
+    assert [e["job_id"] for e in rest] == [f"{tenant}-3", f"{tenant}-2"] and end is None
+    assert await dlq.get(f"{tenant}-0") is None and await redis.zscore(keys.DLQ_INDEX, f"{tenant}-0") is None
+    assert [e["job_id"] for e in (await dlq.page(other, limit=10))[0]] == [f"{other}-2", f"{other}-1", f"{other}-0"]
+    assert await dlq.get(f"{tenant}-6", tenant=other) is None
+    assert await dlq.delete(f"{tenant}-6", tenant=tenant) and not await dlq.delete(f"{tenant}-6", tenant=tenant)
+    assert await redis.zscore(keys.dlq_tenant_index(tenant), f"{tenant}-6") is None
 
 
-async def test_dlq_cleanup_drops_expired_entries_from_the_index(redis):
+async def test_listing_one_tenant_reads_only_its_own_index(redis):
+    """A tenant with a few entries lists them without walking another tenant's thousands."""
     dlq = DlqStore(redis)
-    job_id = unique("job")
-    await dlq.put(dlq_entry(job_id=job_id, tenant="t", topic="job.x", status="S", reason="r", reason_code="c"))
+    busy, quiet = unique("busy"), unique("quiet")
+    await redis.pipeline([("ZADD", keys.dlq_tenant_index(busy), 1_800_000_000 + n, f"{busy}-{n}") for n in range(3000)])
+    await dlq.put(dlq_entry(job_id=f"{quiet}-1", tenant=quiet, topic="job.default", status="S", reason="r",
+                            reason_code="c", created=1_700_000_000))
+    before = int((await redis.info("commandstats")).get("cmdstat_get", {}).get("calls", 0))
+    items, _ = await dlq.page(quiet, limit=1)
+    after = int((await redis.info("commandstats")).get("cmdstat_get", {}).get("calls", 0))
+    assert [e["job_id"] for e in items] == [f"{quiet}-1"]
+    assert after - before <= 2  # one entry read (plus, at most, another client's GET)
+
+
+async def test_dlq_cleanup_drops_expired_entries_and_indexes_old_ones_by_tenant(redis):
+    dlq = DlqStore(redis)
+    tenant = unique("t")
+    job_id, old_id = unique("job"), unique("old")
+    await dlq.put(dlq_entry(job_id=job_id, tenant=tenant, topic="job.x", status="S", reason="r", reason_code="c"))
     await redis.delete(keys.dlq_entry(job_id))  # as if its TTL ran out
-    assert await dlq.cleanup() >= 1
+    # An entry written before tenant indexes existed: only in dlq:index.
+    entry = dlq_entry(job_id=old_id, tenant=tenant, topic="job.x", status="S", reason="r", reason_code="c")
+    await redis.set(keys.dlq_entry(old_id), json.dumps(entry))
+    await redis.zadd(keys.DLQ_INDEX, {old_id: entry["created_unix"]})
+    assert await dlq.cleanup() >= 2  # the expired member, from both indexes
     assert await redis.zscore(keys.DLQ_INDEX, job_id) is None
+    assert await redis.zscore(keys.dlq_tenant_index(tenant), job_id) is None
+    assert [e["job_id"] for e in (await dlq.page(tenant))[0]] == [old_id]
 
 
 async def test_config_documents_use_revisions(redis):
