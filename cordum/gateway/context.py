@@ -111,6 +111,7 @@ class Gateway:
     started_at: float = field(default_factory=time.time)
     hub: Any = None  # stream.StreamHub, set by the service
     ratelimiter: Any = None  # ratelimit.RateLimiter, set by the service (None: no limiting)
+    status_cache: Any = None  # status.StatusCache
     http_port: int | None = None
 
     def __post_init__(self) -> None:

@@ -74,6 +74,7 @@ def cleanup_election(gw: Gateway) -> tuple[LeaderElection, Any]:
         removed = await gw.dlq.cleanup()
         if removed:
             log.info("dlq.cleanup", removed=removed)
+        await gw.jobs.index_held_jobs()  # approvals held since before the per-tenant index
 
     return election, every(gw.options.dlq_cleanup_interval, step)
 

@@ -1,15 +1,17 @@
 """`GET /api/v1/status` and the `/health` check: bus and store reachability, workers, the
-caller's pipeline by state, and the live replicas of every registered service."""
+caller's pipeline by state, and (admins only) the live replicas of every registered service. What
+status reads from Redis is cached for STATUS_CACHE_S per replica."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 from quart import Quart
 
+from cordum.gateway.auth import Principal
 from cordum.gateway.context import Gateway, caller, require
 from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.gateway.workers import list_workers
@@ -39,7 +41,32 @@ async def health(gw: Gateway) -> dict[str, Any]:
     return body
 
 
-async def status(gw: Gateway, tenant: str) -> dict[str, Any]:
+STATUS_CACHE_S = 5.0  # what a status call reads from Redis is reused this long
+PIPELINE_SAMPLE = 500  # the tenant's most recent jobs, counted by state
+
+
+class StatusCache:
+    """The Redis-read parts of `/api/v1/status`, computed at most once per STATUS_CACHE_S per key
+    (per tenant for its pipeline, once for workers and replicas) however many callers ask: a
+    viewer polling status costs Redis nothing between refreshes."""
+
+    def __init__(self, ttl: float = STATUS_CACHE_S) -> None:
+        self.ttl = ttl
+        self._values: dict[str, tuple[float, Any]] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def get(self, key: str, compute: Callable[[], Awaitable[Any]]) -> Any:
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:  # one computes, the others wait for its answer
+            cached = self._values.get(key)
+            if cached is not None and trio.current_time() < cached[0]:
+                return cached[1]
+            value = await compute()
+            self._values[key] = (trio.current_time() + self.ttl, value)
+            return value
+
+
+async def status(gw: Gateway, who: Principal) -> dict[str, Any]:
     ok = await redis_ok(gw)
     body: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -49,15 +76,27 @@ async def status(gw: Gateway, tenant: str) -> dict[str, Any]:
         "redis": {"ok": ok},
         "workers": {"count": 0},
         "pipeline": {},
-        "replicas": {},
         "active_ws_clients": gw.hub.client_count if gw.hub is not None else 0,
         "rate_limiter": gw.ratelimiter.describe() if gw.ratelimiter is not None else {"mode": "off"},
     }
+    if who.allows("admin"):
+        body["replicas"] = {}  # which replicas run where: for operators of the system, not tenants
     if ok:
-        body["workers"]["count"] = len(await list_workers(gw))
-        recent, _ = await gw.jobs.list(tenant, limit=500)
-        body["pipeline"] = dict(Counter(str(m.get("state", "")) for m in recent))
-        body["replicas"] = await list_instances(gw.redis)
+        if gw.status_cache is None:
+            gw.status_cache = StatusCache()
+        cache: StatusCache = gw.status_cache
+
+        async def pipeline() -> dict[str, int]:
+            recent, _ = await gw.jobs.list(who.tenant, limit=PIPELINE_SAMPLE)
+            return dict(Counter(str(m.get("state", "")) for m in recent))
+
+        async def workers() -> int:
+            return len(await list_workers(gw))
+
+        body["workers"]["count"] = await cache.get("workers", workers)
+        body["pipeline"] = await cache.get(f"pipeline:{who.tenant}", pipeline)
+        if "replicas" in body:
+            body["replicas"] = await cache.get("replicas", lambda: list_instances(gw.redis))
     return body
 
 
@@ -65,4 +104,4 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.get("/api/v1/status")
     @require("viewer")
     async def status_route() -> Any:
-        return await status(gw, caller().tenant)
+        return await status(gw, caller())

@@ -418,8 +418,8 @@ def _tools() -> dict[str, Tool]:
              _list_schema({}), _plan_list("/api/v1/workflows", {}), listing),
         Tool("cordum_list_workers", "List the workers that have announced themselves: pool, capacity, "
              "heartbeat age, online.", _list_schema({}), _plan_list("/api/v1/workers", {}, paged=False), _shape_workers),
-        Tool("cordum_status", "Platform status: NATS and Redis, workers, the tenant's jobs by state, the "
-             "replicas of every service.", _schema(), lambda args: Call("GET", "/api/v1/status"), _body),
+        Tool("cordum_status", "Platform status: NATS and Redis, workers, the tenant's jobs by state, and "
+             "(admin keys) the replicas of every service.", _schema(), lambda args: Call("GET", "/api/v1/status"), _body),
         Tool("cordum_query_policy", "Evaluate the safety policy for a topic without submitting a job.",
              POLICY_SCHEMA, _plan_policy, _shape_policy),
     ]

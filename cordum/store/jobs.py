@@ -40,6 +40,13 @@ RECENT_MAX = 1000
 TENANT_RECENT_MAX = 10_000
 
 _NON_TERMINAL = [s for s in JobState if s not in TERMINAL]
+# States a job is held in for people to act on: indexed per tenant (keys.tenant_state_index), so
+# `/api/v1/approvals` reads one small index. Writing it costs nothing on the job path: a job enters
+# or leaves it only through approval.
+TENANT_INDEXED_STATES = frozenset({JobState.APPROVAL_REQUIRED})
+# A listing filtered by state or topic looks at most this many recent jobs per request; past it
+# the page comes back short, with a cursor to go on from (bounded work per request).
+LIST_SCAN_BUDGET = 1000
 
 # KEYS[1] job:meta:<id>
 # ARGV[1] to-state ("" = fields only)  ARGV[2] allowed from-states, comma separated, "" entry = no
@@ -249,7 +256,7 @@ class JobStore:
         sources = _allowed_sources(to) if allowed_from is None else set(allowed_from)
         ts = now_us()
         if tenant is not None and not self._redis.cluster:
-            follow = self._index_commands(job_id, None, to, tenant, ts, event) + list(after)
+            follow = self._index_commands(job_id, None, to, tenant, ts, event, sources=sources) + list(after)
             reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, follow=follow,
                                            expect=expect)
             previous, attempts = parse_state(reply[1]), int(reply[2])
@@ -324,8 +331,11 @@ class JobStore:
 
     def _index_commands(
         self, job_id: str, previous: JobState | None, to: JobState, tenant: str, ts: int,
-        event: Mapping[str, Any] | None,
+        event: Mapping[str, Any] | None, *, sources: Iterable[JobState | None] = (),
     ) -> list[tuple[Any, ...]]:
+        """The index upkeep of a move to `to`. `previous` None with `sources`: the move is made
+        by the same script, from one of `sources` (the per-tenant index of each indexed source
+        state loses the job: harmless where it was not)."""
         record = {"ts": ts, "state": to.value, **({"ctx": dict(event)} if event else {})}
         commands: list[tuple[Any, ...]] = [
             ("SET", keys.job_state(job_id), to.value, "EX", self.meta_ttl),
@@ -343,6 +353,11 @@ class JobStore:
                 ("ZREMRANGEBYRANK", keys.tenant_recent(tenant), 0, -TENANT_RECENT_MAX - 1),
                 ("SREM" if to in TERMINAL else "SADD", keys.tenant_active(tenant), job_id),
             ]
+            left = {previous} if previous is not None else set(sources)
+            commands += [("ZREM", keys.tenant_state_index(tenant, state.value), job_id)
+                         for state in TENANT_INDEXED_STATES & left if state != to]
+            if to in TENANT_INDEXED_STATES:
+                commands.append(("ZADD", keys.tenant_state_index(tenant, to.value), ts, job_id))
         if to in TERMINAL:
             commands.append(("ZREM", keys.JOB_DEADLINE, job_id))
         return commands
@@ -493,30 +508,64 @@ class JobStore:
 
     async def list(
         self, tenant: str, *, state: str | None = None, topic: str | None = None, limit: int = 50,
-        cursor: int | None = None,
+        cursor: int | None = None, budget: int = LIST_SCAN_BUDGET,
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """Newest first from the tenant's recent set; `cursor` is an updated_at (µs) bound."""
+        """Newest first; `cursor` is an updated_at (µs) bound. A state indexed per tenant is read
+        from its index; otherwise the tenant's recent set is filtered, looking at no more than
+        `budget` jobs: a short page then comes with a cursor to go on from."""
+        if state is not None and parse_state(state) in TENANT_INDEXED_STATES:
+            index = keys.tenant_state_index(tenant, state)
+        else:
+            index = keys.tenant_recent(tenant)
         high = "+inf" if cursor is None else str(cursor)
         found: list[dict[str, Any]] = []
+        looked, batch = 0, min(max(limit * 2, 100), budget)
+        next_cursor: int | None = None
         while len(found) < limit:
-            ids = await self._redis.execute(
-                "ZREVRANGEBYSCORE", keys.tenant_recent(tenant), high, "-inf", "WITHSCORES", "LIMIT", 0, limit * 2
-            )
+            if looked >= budget:
+                next_cursor = int(high.lstrip("(")) - 1 if high != "+inf" else None
+                break
+            ids = await self._redis.execute("ZREVRANGEBYSCORE", index, high, "-inf", "WITHSCORES", "LIMIT", 0, batch)
             if not ids:
                 break
             pairs = score_pairs(ids)
+            looked += len(pairs)
             metas = await self.get_many([job_id for job_id, _ in pairs])
-            for meta in metas:
-                if meta is None or (state and meta["state"] != state) or (topic and meta.get("topic") != topic):
+            for (_, score), meta in zip(pairs, metas):
+                high = "(" + str(int(float(score)))
+                if meta is None or meta.get("tenant", "") != tenant or (state and meta["state"] != state) \
+                        or (topic and meta.get("topic") != topic):
                     continue
                 found.append(meta)
                 if len(found) == limit:
                     break
-            high = "(" + str(int(float(pairs[-1][1])))
-            if len(pairs) < limit * 2:
+            if len(pairs) < batch:
                 break
-        next_cursor = int(found[-1]["updated_at"]) - 1 if len(found) == limit else None
+        if len(found) == limit:
+            next_cursor = int(found[-1]["updated_at"]) - 1
         return found, next_cursor
+
+    async def index_held_jobs(self, batch: int = 500) -> int:
+        """Index every job held in a TENANT_INDEXED_STATES state under its tenant (jobs that
+        entered it before these indexes existed); returns how many were looked at."""
+        looked = 0
+        for state in TENANT_INDEXED_STATES:
+            start = 0
+            while True:
+                flat = await self._redis.execute("ZRANGE", keys.job_index(state.value), start, start + batch - 1,
+                                                 "WITHSCORES")
+                if not flat:
+                    break
+                pairs = score_pairs(flat)
+                metas = await self.get_many([job_id for job_id, _ in pairs])
+                await self._redis.pipeline([
+                    ("ZADD", keys.tenant_state_index(meta.get("tenant", ""), state.value), "NX", score, job_id)
+                    for (job_id, score), meta in zip(pairs, metas)
+                    if meta is not None and meta["state"] == state.value and meta.get("tenant")
+                ] or [("PING",)])
+                looked += len(pairs)
+                start += batch
+        return looked
 
     async def ids_in_state(self, state: JobState, *, updated_before_us: int, limit: int = 200) -> list[str]:
         return await self._redis.execute(

@@ -100,6 +100,12 @@ def tenant_recent(tenant: str) -> str:
     return f"job:recent:tenant:{tenant}"
 
 
+def tenant_state_index(tenant: str, state: str) -> str:
+    """Ours: one tenant's jobs held in `state` (jobs.TENANT_INDEXED_STATES only), so listing them
+    never walks the tenant's other jobs or another tenant's."""
+    return f"job:index:tenant:{tenant}:{state.lower()}"
+
+
 def tenant_active(tenant: str) -> str:
     return f"job:tenant:active:{tenant}"
 

@@ -239,7 +239,7 @@ async def test_http_credentials_tenants_read_only_and_two_replicas(mcp_stack: Mc
 
     # both replicas are listed in the gateway's status (instance registration)
     async def listed():
-        replicas = (await trio.to_thread.run_sync(lambda: mcp_stack.rest(ALICE).get("/api/v1/status")))["replicas"]
+        replicas = (await trio.to_thread.run_sync(lambda: mcp_stack.rest(ADMIN).get("/api/v1/status")))["replicas"]
         return {r["id"] for r in replicas.get("cordum-mcp", [])} >= {"mcp-1", "mcp-2"}
 
     await eventually(listed, timeout=WAIT, interval=0.5, what="the MCP replicas in /api/v1/status")
