@@ -11,12 +11,11 @@ from quart_trio import QuartTrio
 
 from cordum.gateway import approvals, config, dlq, errors, jobs, memory, status, stream, workers, workflows
 from cordum.gateway.auth import KEY_SUBPROTOCOL, key_from_headers
-from cordum.gateway.context import SERVICE, Gateway
+from cordum.gateway.context import MAX_BODY, SERVICE, Gateway
 from cordum.gateway.errors import error_response
 from cordum.infra.http import make_app
 from cordum.store.validate import tenant_name_problem
 
-MAX_BODY = 1 << 20
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -28,6 +28,7 @@ from cordum.store.workflows import WorkflowStore
 from cordum.workflow.engine import WorkflowEngine, WorkflowMetrics
 
 SERVICE = "cordum-api-gateway"
+MAX_BODY = 1 << 20  # request bodies (413 above)
 SENDER = "api-gateway"
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -71,6 +72,7 @@ class GatewayOptions:
     ws_max_per_tenant: int = 100  # WebSocket streams per tenant on this replica
     ws_ping_interval: float = 30.0
     ws_recheck_interval: float = 120.0  # a stream's key is checked again this often
+    max_context_bytes: int = MAX_BODY  # a submit's `context`, as JSON
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -88,6 +90,7 @@ class GatewayOptions:
             ws_max_per_tenant=env_value(settings, "CORDUM_WS_MAX_CONNECTIONS_PER_TENANT", "100", _int_between(1, 100_000)),
             ws_ping_interval=env_value(settings, "GATEWAY_WS_PING_INTERVAL", "30s", parse_positive_duration),
             ws_recheck_interval=env_value(settings, "GATEWAY_WS_AUTH_RECHECK_INTERVAL", "120s", parse_positive_duration),
+            max_context_bytes=env_value(settings, "CORDUM_MAX_CONTEXT_BYTES", str(MAX_BODY), _int_between(1, MAX_BODY)),
         )
 
 

@@ -157,6 +157,8 @@ async def retry_entry(gw: Gateway, job_id: str, tenant: str) -> dict[str, Any]:
         fields["retried_key"] = who.key_fingerprint  # the retrier may not approve the new job either
     fields.pop("idempotency_key", None)  # the key stays with the original job
     context = await gw.jobs.get_context(job_id)
+    if context is None and entry.get("reason_code") == "policy_denied":
+        raise ApiError(409, "a job denied at submit keeps no input; submit it again", code="retry_unavailable")
 
     if not await _claim(gw, job_id):
         raise ApiError(409, "this entry is being retried already", code="retry_in_progress")

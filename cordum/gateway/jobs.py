@@ -22,6 +22,7 @@ records `submitted_key`, the submitting API key's fingerprint, for the self-appr
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import time
 import uuid
@@ -34,7 +35,7 @@ from quart import Quart, request
 from cordum.agent.v1 import job_pb2, safety_pb2
 from cordum.context.window import memory_id_problems
 from cordum.gateway import deadletter
-from cordum.gateway.context import SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
+from cordum.gateway.context import MAX_BODY, SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
@@ -68,6 +69,7 @@ PRIORITIES = {
 ACTOR_TYPES = {"": job_pb2.ACTOR_TYPE_UNSPECIFIED, "human": job_pb2.ACTOR_TYPE_HUMAN,
                "service": job_pb2.ACTOR_TYPE_SERVICE}
 THROTTLE_RETRY_AFTER = "30"
+TENANT_LIMIT_RETRY_AFTER = "2"
 POLICY_UNAVAILABLE = "policy check unavailable"
 
 
@@ -331,6 +333,13 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
             raise ApiError(403, "principal_id does not match the API key's principal", code="principal_mismatch")
         inp.principal_id = who.principal_id
 
+    limit = gw.options.max_context_bytes
+    if limit < MAX_BODY and inp.context is not None:  # at the default, the body limit decides
+        size = len(json.dumps(inp.context, separators=(",", ":")).encode())
+        if size > limit:
+            raise ApiError(413, f"context is {size} bytes; the limit is {limit} (CORDUM_MAX_CONTEXT_BYTES)",
+                           code="context_too_large", extra={"limit": limit, "size": size})
+
     job_id, trace_id = str(uuid.uuid4()), str(uuid.uuid4())
     request_msg = build_request(job_id, inp, tenant)
     problems = request_problems(request_msg)
@@ -361,6 +370,16 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
         raise ApiError(429, reason or "throttled by policy", code="throttled",
                        headers={"Retry-After": THROTTLE_RETRY_AFTER})
 
+    admitted = verdict in (Verdict.ALLOW, Verdict.ALLOW_WITH_CONSTRAINTS, Verdict.REQUIRE_APPROVAL)
+    quota = decision.response.constraints.budgets.max_concurrent_jobs if decision.response is not None else 0
+    if admitted and quota > 0:
+        unfinished = await gw.jobs.active_count(tenant)
+        if unfinished >= quota:
+            gw.submitted.labels(outcome="tenant_limit").inc()
+            raise ApiError(429, f"tenant {tenant} has {unfinished} unfinished jobs; its limit is {quota} "
+                           "(policy tenants.<tenant>.max_concurrent_jobs)", code="tenant_limit",
+                           headers={"Retry-After": TENANT_LIMIT_RETRY_AFTER})
+
     # A fail-closed denial is not the policy's answer: it does not hold the key, so the same submit
     # can succeed once the kernel is back.
     reserved = bool(key) and not (unavailable and verdict is Verdict.DENY)
@@ -383,6 +402,8 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
     initial = JobState.APPROVAL_REQUIRED if verdict is Verdict.REQUIRE_APPROVAL else JobState.PENDING
     if initial is JobState.APPROVAL_REQUIRED:
         fields.update(approval_status="pending", approval_revision=1)
+    if verdict is Verdict.DENY:
+        context = None  # a denied job's input is not kept: nobody may run it, and it costs storage
     try:
         await gw.jobs.create(job_id, initial, request=request_msg, fields=fields, context=context)
     except BaseException:

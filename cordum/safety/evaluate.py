@@ -7,6 +7,7 @@ and MCP filters are later stages and are rejected by the policy parser instead o
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field
@@ -297,8 +298,22 @@ def evaluate(policy: Policy | None, request: CheckInput) -> Decision:
     ctx = _context(policy, request)
     for rule in policy.rules:
         if not _mismatches(rule, ctx, first_only=True):
-            return _effective_config(_from_rule(rule), request)
-    return _effective_config(_default(policy), request)
+            return _tenant_limits(_effective_config(_from_rule(rule), request), policy, ctx.tenant)
+    return _tenant_limits(_effective_config(_default(policy), request), policy, ctx.tenant)
+
+
+def _tenant_limits(decision: Decision, policy: Policy, tenant: str) -> Decision:
+    """`tenants.<t>.max_concurrent_jobs` rides along as the budget constraint of every decision
+    that lets a job of that tenant in (unless the rule set one itself): the gateway refuses a
+    submit (429) while the tenant has that many unfinished jobs."""
+    if decision.kind in (DecisionKind.DENY, DecisionKind.THROTTLE):
+        return decision
+    limit = next((t.max_concurrent_jobs for t in policy.tenants if t.name == tenant), 0)
+    current = decision.constraints or Constraints()
+    if limit <= 0 or current.budgets.max_concurrent_jobs > 0:
+        return decision
+    budgets = dataclasses.replace(current.budgets, max_concurrent_jobs=limit)
+    return dataclasses.replace(decision, constraints=dataclasses.replace(current, budgets=budgets))
 
 
 def explain(policy: Policy | None, request: CheckInput) -> Explanation:
@@ -318,7 +333,8 @@ def explain(policy: Policy | None, request: CheckInput) -> Explanation:
             chosen = rule
         traces.append(RuleTrace(rule.id, not reasons, selected, tuple(reasons), rule.line))
     decision = _from_rule(chosen) if chosen is not None else _default(policy)
-    return Explanation(_effective_config(decision, request), ctx.tenant, tuple(traces))
+    return Explanation(_tenant_limits(_effective_config(decision, request), policy, ctx.tenant), ctx.tenant,
+                       tuple(traces))
 
 
 # --- proto conversion --------------------------------------------------------------------------

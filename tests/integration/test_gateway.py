@@ -557,9 +557,56 @@ async def test_policy_evaluate_kernel_down(start_gateway) -> None:
     assert reply.status == 503 and reply.body["status"] == 503
 
 
+async def _worker_failed(api: Api, **submit: Any) -> str:
+    """A job that a worker failed: dead-lettered with its input kept (a retry can run it)."""
+    job_id = (await api.submit(**submit)).body["job_id"]
+    written = await write_dlq_entry(api.gw, dlq_packet(job_id, status=job_pb2.JOB_STATUS_FAILED,
+                                                       reason_code="worker_failed", reason="boom", sender_id="test"))
+    assert written
+    return job_id
+
+
+async def test_context_size_is_capped_before_anything_is_stored(start_gateway, redis) -> None:
+    api = await start_gateway(CORDUM_MAX_CONTEXT_BYTES="1000")
+    before = await redis.zcard(keys.tenant_recent("default"))
+    big = await api.submit(context={"blob": "x" * 2000})
+    assert big.status == 413 and big.body["code"] == "context_too_large"
+    assert big.body["limit"] == 1000 and "CORDUM_MAX_CONTEXT_BYTES" in big.body["error"]
+    assert await redis.zcard(keys.tenant_recent("default")) == before  # no job, no input stored
+    assert (await api.submit(context={"blob": "x" * 500})).status == 200
+
+
+async def test_a_tenants_unfinished_jobs_are_capped_by_policy(start_gateway, nursery) -> None:
+    """`tenants.<t>.max_concurrent_jobs` in the policy: the gateway refuses a submit (429) while
+    the tenant has that many unfinished jobs; other tenants are not affected."""
+    tenant = unique("capped").replace(".", "-").lower()[:40]
+    servicer = PolicyKernel(POLICY + f"tenants:\n  {tenant}:\n    max_concurrent_jobs: 2\n")
+    server = GrpcServer([(safety_grpc.SafetyKernelBase, servicer)])
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    api = await start_gateway(SAFETY_KERNEL_ADDR=f"127.0.0.1:{port}", TENANT_ID=tenant)
+    assert [(await api.submit()).status for _ in range(2)] == [200, 200]  # PENDING: no scheduler here
+    third = await api.submit()
+    assert third.status == 429 and third.body["code"] == "tenant_limit", third.raw
+    assert "2 unfinished jobs" in third.body["error"] and third.headers["Retry-After"]
+    assert (await api.submit(key=ACME)).status == 200  # acme has no limit
+    jobs = (await api.call("GET", "/api/v1/jobs")).body["items"]
+    await api.call("POST", f"/api/v1/jobs/{jobs[0]['id']}/cancel")  # one finishes: room for one more
+    assert (await api.submit()).status == 200
+
+
+async def test_a_denied_submit_keeps_no_input_and_cannot_be_retried(api: Api, redis) -> None:
+    denied = (await api.submit(topic="job.vault.x", context={"secret": "v" * 1000})).body["job_id"]
+    assert await redis.exists(keys.context(denied)) == 0  # nothing stored that nobody may run
+    assert (await api.job(denied))["state"] == "DENIED"
+    await _eventually(lambda: _dlq_entry(redis, denied))
+    refused = await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ALICE)
+    assert refused.status == 409 and refused.body["code"] == "retry_unavailable"
+    assert await _dlq_entry(redis, denied) is not None  # the entry stays
+
+
 async def test_dlq_retry_and_delete(api: Api, bus, redis) -> None:
-    denied = (await api.submit(topic="job.vault.x", context={"k": "v"})).body["job_id"]
-    second = (await api.submit(topic="job.vault.y")).body["job_id"]
+    denied = await _worker_failed(api, topic="job.default.x", context={"k": "v"})
+    second = await _worker_failed(api, topic="job.default.y")
 
     async def both_listed():
         items = (await api.call("GET", "/api/v1/dlq/page?limit=10")).body["items"]
@@ -579,7 +626,7 @@ async def test_dlq_retry_and_delete(api: Api, bus, redis) -> None:
     req = packet.job_request
     assert packet.trace_id == f"dlq-retry-{denied}"
     assert req.labels["retry"] == "true" and req.labels["retry_of_job"] == denied and req.labels["dlq_entry"] == denied
-    assert req.context_ptr == f"redis://ctx:{new_id}" and req.topic == "job.vault.x"
+    assert req.context_ptr == f"redis://ctx:{new_id}" and req.topic == "job.default.x"
     assert json.loads(await redis.get(keys.context(new_id)))["context"] == {"k": "v"}
     job = await api.job(new_id)
     assert job["state"] == "PENDING" and job["trace_id"] == f"dlq-retry-{denied}"
@@ -930,7 +977,7 @@ async def test_deny_and_reject_write_the_dlq_entry_when_the_bus_fails(api: Api, 
 
 
 async def test_concurrent_dlq_retries_create_one_job(api: Api, redis, monkeypatch) -> None:
-    denied = (await api.submit(topic="job.vault.x")).body["job_id"]
+    denied = await _worker_failed(api)
     assert await _dlq_entry(redis, denied) is not None
 
     # a retry that cannot be queued puts the entry back
@@ -959,7 +1006,7 @@ async def test_concurrent_dlq_retries_create_one_job(api: Api, redis, monkeypatc
     assert await _dlq_entry(redis, denied) is None
     assert (await api.call("POST", f"/api/v1/dlq/{denied}/retry", key=ALICE)).status == 404
     # the writer consuming the (late) DLQ event of the retried job does not bring the entry back
-    await write_dlq_entry(api.gw, dlq_packet(denied, status=job_pb2.JOB_STATUS_DENIED, reason_code="policy_denied",
+    await write_dlq_entry(api.gw, dlq_packet(denied, status=job_pb2.JOB_STATUS_FAILED, reason_code="worker_failed",
                                              reason="late", sender_id="test"))
     assert await _dlq_entry(redis, denied) is None
 
