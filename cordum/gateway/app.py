@@ -4,6 +4,8 @@ stream, workflows, memory/artifacts). `/health` and `/metrics` come from `make_a
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from quart import Response, g, request, websocket
@@ -11,7 +13,7 @@ from quart_trio import QuartTrio
 
 from cordum.gateway import approvals, config, dlq, errors, jobs, memory, status, stream, workers, workflows
 from cordum.gateway.auth import KEY_SUBPROTOCOL, key_from_headers
-from cordum.gateway.context import MAX_BODY, SERVICE, Gateway
+from cordum.gateway.context import MAX_BODY, SERVICE, Gateway, client_address
 from cordum.gateway.errors import error_response
 from cordum.infra.http import make_app
 from cordum.store.validate import tenant_name_problem
@@ -19,8 +21,21 @@ from cordum.store.validate import tenant_name_problem
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _authenticate(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
-    """Set `g.principal`, or answer 401/403 in the error envelope."""
+def _authenticate(gw: Gateway, headers: Any, args: Any | None, address: str) -> Response | None:
+    """Set `g.principal`, or answer 401/403 (429 for an address that failed too often) in the
+    error envelope."""
+    now = time.monotonic()
+    wait = gw.auth_failures.blocked_for(address, now)
+    if wait > 0:
+        return error_response(429, "too many failed authentications from this address; try again later",
+                              code="auth_rate_limited", headers={"Retry-After": str(math.ceil(wait))})
+    refused = _check_credentials(gw, headers, args)
+    if refused is not None and refused.status_code == 401:
+        gw.auth_failures.record(address, now)
+    return refused
+
+
+def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
     if args is not None and args.get("api_key") and not gw.options.dev:
         # A key in the URL ends up in proxies' and browsers' logs.
         return error_response(401, "an API key in the URL (?api_key=) is refused outside dev mode: send it in "
@@ -67,11 +82,15 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def _auth() -> Response | None:
         if not request.path.startswith("/api/"):
             return None
-        return _authenticate(gw, request.headers, None) or await _rate_limit(gw, request.headers, None)
+        address = client_address(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
+                                 gw.options.trusted_proxies)
+        return _authenticate(gw, request.headers, None, address) or await _rate_limit(gw, request.headers, None)
 
     @app.before_websocket
     async def _ws_auth() -> Response | None:
-        return (_authenticate(gw, websocket.headers, websocket.args)
+        address = client_address(websocket.remote_addr or "", websocket.headers.get("X-Forwarded-For"),
+                                 gw.options.trusted_proxies)
+        return (_authenticate(gw, websocket.headers, websocket.args, address)
                 or await _rate_limit(gw, websocket.headers, websocket.args))
 
     @app.after_request

@@ -68,7 +68,7 @@ def _is_self_approval(who: Principal, meta: dict[str, Any]) -> bool:
     or as the same known principal."""
     if who.key_fingerprint:
         submitted = {str(meta.get("submitted_key") or ""), str(meta.get("retried_key") or "")} - {""}
-        if who.key_fingerprint in submitted:
+        if {who.key_fingerprint, who.legacy_fingerprint} & submitted:  # legacy: recorded before keyed names
             return True
     if not who.principal_id:
         return False

@@ -5,12 +5,14 @@ from `CORDUM_API_KEYS_PATH`: a YAML or JSON list (or `{"keys": [...]}`) of
 `{key, tenant, role (admin|operator|viewer; default viewer), principal_id, expires_at}`. The file
 is read again when it changes (`KeyRing.reload_if_changed`; a file that no longer parses keeps
 the keys in force and the error is logged); a key past its `expires_at` (ISO 8601, UTC unless it
-says otherwise) authenticates nothing. Keys are kept only
-as SHA-256 digests and compared with `hmac.compare_digest`; a principal carries its key's
-fingerprint (`key_fingerprint`: the first 16 hex digits of the SHA-256, never the key), which a
-job records as `submitted_key` so that nobody approves a job submitted with their own key. Weak keys (shorter than 16 characters, or an
-obvious default) refuse to start unless `CORDUM_ENV=dev`; the error names the variable, never the
-key. No key at all is a startup error too.
+says otherwise) authenticates nothing. Keys are kept only as SHA-256 digests and compared with
+`hmac.compare_digest`. A principal carries its key's name (`key_fingerprint`: an HMAC of the
+digest under the deployment's fingerprint secret, so it cannot be used to test guesses of the key
+offline), which a job records as `submitted_key` so that nobody approves a job submitted with
+their own key; no API view shows it. Weak keys (shorter than 16 characters, an obvious default, or
+fewer than 8 distinct characters) refuse to start unless `CORDUM_ENV=dev`; the error names the
+variable, never the key. No key at all is a startup error too. An address with too many failed
+authentications is refused for a while before any key is looked at (`AuthFailures`).
 
 Roles: viewer reads (GET); operator also submits, cancels, approves, rejects and retries DLQ
 entries; admin does everything (config writes, DLQ deletes).
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +54,8 @@ class Principal:
     role: str
     principal_id: str = ""
     static_admin: bool = False  # the CORDUM_API_KEY key
-    key_fingerprint: str = ""  # key_fingerprint(key): identifies the key, never reveals it
+    key_fingerprint: str = ""  # identifies the key, never reveals it (see KeyRing.set_fingerprint_secret)
+    legacy_fingerprint: str = ""  # the unkeyed form jobs recorded before: still recognised
 
     def allows(self, role: str) -> bool:
         return _RANK[self.role] >= _RANK[role]
@@ -66,12 +71,54 @@ def _digest(key: str) -> bytes:
 
 
 def key_fingerprint(key: str) -> str:
-    """A stable, non-reversible name for an API key: the first 16 hex digits of its SHA-256."""
+    """The unkeyed name of an API key (the first 16 hex digits of its SHA-256): what a ring without
+    a fingerprint secret uses, and what jobs recorded before there was one."""
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def keyed_fingerprint(secret: bytes, digest: bytes) -> str:
+    """A key's name under the deployment's fingerprint secret: an HMAC of the key's SHA-256, so
+    nobody who sees it (in a job record, a log) can test guesses of the key offline."""
+    return hmac.new(secret, digest, hashlib.sha256).hexdigest()[:16]
+
+
+MIN_DISTINCT_CHARS = 8  # "aaaaaaaaaaaaaaaa" and "1212121212121212" are long, not strong
+
+
 def is_weak(key: str) -> bool:
-    return len(key) < MIN_KEY_LENGTH or key.strip().lower() in WEAK_KEYS
+    return (len(key) < MIN_KEY_LENGTH or key.strip().lower() in WEAK_KEYS
+            or len(set(key)) < MIN_DISTINCT_CHARS)
+
+
+class AuthFailures:
+    """Failed authentications per client address (per replica, in memory): an address with
+    `limit` failures within `window` seconds is refused before its key is even looked at, so
+    keys cannot be guessed at the speed of the API. Bounded: the least recently failing
+    addresses are forgotten first past `max_addresses`."""
+
+    def __init__(self, limit: int = 30, window: float = 60.0, max_addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_addresses = max_addresses
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+
+    def blocked_for(self, address: str, now: float) -> float:
+        """Seconds until `address` may try again (0: it may now)."""
+        times = self._failures.get(address)
+        if not times:
+            return 0.0
+        recent = [t for t in times if now - t < self.window]
+        self._failures[address] = recent
+        if len(recent) < self.limit:
+            return 0.0
+        return max(0.0, recent[-self.limit] + self.window - now)
+
+    def record(self, address: str, now: float) -> None:
+        times = self._failures.pop(address, [])
+        times = [t for t in times if now - t < self.window][-self.limit:] + [now]
+        self._failures[address] = times
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
 
 
 # (key, principal, expires_at as unix seconds or None)
@@ -101,6 +148,7 @@ class KeysFile:
 class KeyRing:
     def __init__(self, entries: Iterable[KeyEntry], *, static: Iterable[KeyEntry] = (),
                  source: KeysFile | None = None) -> None:
+        self._secret = b""
         self._static = [_stored(entry) for entry in static]
         self._entries = self._static + [_stored(entry) for entry in entries]
         self._source = source
@@ -147,8 +195,23 @@ class KeyRing:
             self.reload_error = str(exc)
             return False
         self.reload_error = ""
-        self._entries = self._static + [_stored(entry) for entry in entries]
+        self._entries = self._static + [self._fingerprinted(_stored(entry)) for entry in entries]
         return True
+
+    def set_fingerprint_secret(self, secret: bytes) -> None:
+        """Name every key by `keyed_fingerprint` from now on (the secret is shared by all gateway
+        replicas, so a key has one name everywhere); the unkeyed name stays as its legacy one."""
+        self._secret = secret
+        self._static = [self._fingerprinted(entry) for entry in self._static]
+        self._entries = [self._fingerprinted(entry) for entry in self._entries]
+
+    def _fingerprinted(self, entry: tuple[bytes, Principal, float | None]) -> tuple[bytes, Principal, float | None]:
+        digest, principal, expires_at = entry
+        if not self._secret:
+            return entry
+        named = dataclasses.replace(principal, key_fingerprint=keyed_fingerprint(self._secret, digest),
+                                    legacy_fingerprint=digest.hex()[:16])
+        return digest, named, expires_at
 
 
 def _stored(entry: KeyEntry) -> tuple[bytes, Principal, float | None]:

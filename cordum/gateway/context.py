@@ -4,6 +4,7 @@ stores (`Gateway`), and small request helpers (caller, role check, JSON body).""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import re
 import time
@@ -12,7 +13,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from quart import g, request
 
-from cordum.gateway.auth import DEV_ENVS, KeyRing, Principal, load_keyring
+from cordum.gateway.auth import DEV_ENVS, AuthFailures, KeyRing, Principal, load_keyring
 from cordum.gateway.errors import ApiError
 from cordum.gateway.idempotency import IdempotencyKeys
 from cordum.infra.bus import Bus
@@ -57,6 +58,37 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
 _buffer_size = _int_between(1, 10_000)
 
 
+def _networks(raw: str) -> tuple[Any, ...]:
+    """`CORDUM_TRUSTED_PROXIES`: comma-separated addresses or CIDR networks ("" = none)."""
+    found = []
+    for part in (p.strip() for p in raw.split(",")):
+        if part:
+            try:
+                found.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+    return tuple(found)
+
+
+def client_address(remote: str, forwarded: str | None, trusted: tuple[Any, ...]) -> str:
+    """Who is calling: the peer, unless it is a trusted proxy; then the nearest address in its
+    X-Forwarded-For that is not one (a client cannot spoof its way past a proxy that appends)."""
+    def is_trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in trusted)
+
+    if not forwarded or not is_trusted(remote):
+        return remote
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else remote
+
+
 @dataclass(frozen=True)
 class GatewayOptions:
     http_addr: tuple[str, int]
@@ -73,6 +105,9 @@ class GatewayOptions:
     ws_ping_interval: float = 30.0
     ws_recheck_interval: float = 120.0  # a stream's key is checked again this often
     max_context_bytes: int = MAX_BODY  # a submit's `context`, as JSON
+    auth_failures_per_minute: int = 30  # per client address, before it is refused (429)
+    # Proxies whose X-Forwarded-For names the client (cordum-mcp on this host, a load balancer).
+    trusted_proxies: tuple[Any, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -91,6 +126,8 @@ class GatewayOptions:
             ws_ping_interval=env_value(settings, "GATEWAY_WS_PING_INTERVAL", "30s", parse_positive_duration),
             ws_recheck_interval=env_value(settings, "GATEWAY_WS_AUTH_RECHECK_INTERVAL", "120s", parse_positive_duration),
             max_context_bytes=env_value(settings, "CORDUM_MAX_CONTEXT_BYTES", str(MAX_BODY), _int_between(1, MAX_BODY)),
+            auth_failures_per_minute=env_value(settings, "CORDUM_AUTH_FAILURES_PER_MINUTE", "30", _int_between(1, 1_000_000)),
+            trusted_proxies=env_value(settings, "CORDUM_TRUSTED_PROXIES", "127.0.0.0/8,::1/128", _networks),
         )
 
 
@@ -115,9 +152,11 @@ class Gateway:
     hub: Any = None  # stream.StreamHub, set by the service
     ratelimiter: Any = None  # ratelimit.RateLimiter, set by the service (None: no limiting)
     status_cache: Any = None  # status.StatusCache
+    auth_failures: AuthFailures = field(init=False)
     http_port: int | None = None
 
     def __post_init__(self) -> None:
+        self.auth_failures = AuthFailures(limit=self.options.auth_failures_per_minute)
         self.jobs = JobStore(self.redis)
         self.dlq = DlqStore(self.redis)
         self.configs = ConfigStore(self.redis)

@@ -70,6 +70,8 @@ ACTOR_TYPES = {"": job_pb2.ACTOR_TYPE_UNSPECIFIED, "human": job_pb2.ACTOR_TYPE_H
                "service": job_pb2.ACTOR_TYPE_SERVICE}
 THROTTLE_RETRY_AFTER = "30"
 TENANT_LIMIT_RETRY_AFTER = "2"
+# Kept on a job for the self-approval check, never shown: key names are not for anybody's eyes.
+PRIVATE_FIELDS = frozenset({"submitted_key", "retried_key"})
 POLICY_UNAVAILABLE = "policy check unavailable"
 
 
@@ -271,7 +273,7 @@ def job_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
     Shaped for the public cordum-sdk client (DESIGN §1), whose models parse `updated_at` as an
     RFC 3339 date-time (the store keeps µs; the string is lossless) and `labels` as an object."""
-    view = {k: v for k, v in meta.items() if not k.startswith("_")}
+    view = {k: v for k, v in meta.items() if not k.startswith("_") and k not in PRIVATE_FIELDS}
     view.setdefault("id", meta.get("id"))
     view["context_ptr"] = ptr(context_key(view["id"]))
     view.setdefault("attempts", 0)

@@ -26,6 +26,8 @@ REDIS_RATE_LIMIT (true; false|0|no = per-replica in-memory limiting) — see `ra
 
 from __future__ import annotations
 
+import secrets
+
 import trio
 
 from cordum.gateway.app import create_app
@@ -38,7 +40,7 @@ from cordum.infra.bus import open_bus
 from cordum.infra.config import Settings
 from cordum.infra.http import HttpServer
 from cordum.infra.metrics import Metrics
-from cordum.infra.redis import open_redis
+from cordum.infra.redis import Redis, open_redis
 from cordum.runtime.consumer import ConsumerMetrics
 from cordum.runtime.instances import serve_registration
 from cordum.runtime.lease import Leases
@@ -46,6 +48,7 @@ from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
 from cordum.runtime.service import run_service
 from cordum.safety import client as safety_client
+from cordum.store import keys
 
 STAGES = ("bus taps", "http drain", "grpc drain", "close stores")
 
@@ -64,6 +67,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
         safety_client.open_safety_client(options.safety_addrs, safety_client.CircuitBreaker(redis),
                                          timeout=options.policy_timeout) as safety,
     ):
+        options.keys.set_fingerprint_secret(await fingerprint_secret(redis, settings))
         gw = Gateway(settings=settings, options=options, redis=redis, bus=bus, metrics=metrics,
                      safety=safety, leases=Leases(redis, settings.instance_id))
         gw.hub = StreamHub(gw, buffer=options.ws_client_buffer)
@@ -118,15 +122,25 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
             task_status.started(gw)
 
 
-async def reload_keys(keys: KeyRing, interval: float) -> None:
+async def fingerprint_secret(redis: Redis, settings: Settings) -> bytes:
+    """The secret API keys are named under (`CORDUM_KEY_FINGERPRINT_SECRET`, else one made by the
+    first gateway and kept in Redis, so that every replica names a key alike)."""
+    configured = (settings.extra.get("CORDUM_KEY_FINGERPRINT_SECRET") or "").strip()
+    if configured:
+        return configured.encode()
+    await redis.execute("SET", keys.KEY_FINGERPRINT_SECRET, secrets.token_hex(32), "NX")
+    return str(await redis.execute("GET", keys.KEY_FINGERPRINT_SECRET)).encode()
+
+
+async def reload_keys(ring: KeyRing, interval: float) -> None:
     """Pick up changes to CORDUM_API_KEYS_PATH (keys added, removed, expiring, re-roled)."""
     reported = ""
     while True:
         await trio.sleep(interval)
-        if keys.reload_if_changed():
-            log.info("gateway.keys_reloaded", keys=len(keys))
-        if keys.reload_error != reported:
-            reported = keys.reload_error
+        if ring.reload_if_changed():
+            log.info("gateway.keys_reloaded", keys=len(ring))
+        if ring.reload_error != reported:
+            reported = ring.reload_error
             if reported:
                 log.error("gateway.keys_reload_failed", error=reported, note="the keys in force are kept")
 

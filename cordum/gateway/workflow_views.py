@@ -141,6 +141,10 @@ def run_detail(doc: Mapping[str, Any], timers: list[dict[str, Any]] | None = Non
     """A run document (`RunDetail`): every stored field, times and steps in the SDK's shape."""
     view = dict(doc)
     view.update(run_summary(doc))
+    metadata = doc.get("metadata")
+    if isinstance(metadata, Mapping) and isinstance(metadata.get("started_by"), Mapping):
+        # the starter's key name is kept for the self-approval check of its steps, never shown
+        view["metadata"] = {**metadata, "started_by": {k: v for k, v in metadata["started_by"].items() if k != "key"}}
     view["triggered_by"] = doc.get("triggered_by", "")
     view["input"] = doc.get("input") or {}
     view["context"] = doc.get("context") or {}

@@ -32,7 +32,8 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from cordum.cli.http import GatewayError
 from cordum.mcp.catalog import Call
-from cordum.mcp.server import SCOPE_KEY, SCOPE_TENANT, Busy, Credential, GatewayClient, InFlight, fingerprint
+from cordum.mcp.server import (SCOPE_KEY, SCOPE_TENANT, Busy, Credential, GatewayClient, InFlight, client_host,
+                               fingerprint)
 from cordum.runtime.log import get_logger
 
 log = get_logger("mcp.http")
@@ -220,7 +221,7 @@ class McpHttpApp:
         if self.tenant and tenant and tenant != self.tenant:
             await respond(send, 403, {"error": f"this server serves tenant {self.tenant} only", "status": 403})
             return None
-        who = Credential(key, self.tenant or tenant)
+        who = Credential(key, self.tenant or tenant, client_host(scope))
         refused = await self.keys.refusal(who)
         if refused is not None:
             status = 401 if refused.status == 401 else 403

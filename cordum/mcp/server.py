@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import mcp_types as types
 import trio
@@ -46,9 +46,16 @@ SCOPE_KEY, SCOPE_TENANT = "cordum.api_key", "cordum.tenant"
 class Credential:
     api_key: str
     tenant: str = ""
+    address: str = ""  # the MCP client's address: the gateway counts failed keys per address
 
     def __repr__(self) -> str:
         return f"Credential(fingerprint={fingerprint(self.api_key)!r}, tenant={self.tenant!r})"
+
+
+def client_host(scope: Mapping[str, Any]) -> str:
+    """The address of the client an ASGI scope came from ("" when unknown)."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def fingerprint(key: str) -> str:
@@ -67,9 +74,13 @@ class GatewayClient:
         """The call's reply; its thread counts against `limiter` (default: Trio's shared one)."""
         client = Client(self.addr, api_key=who.api_key, tenant=who.tenant, timeout=self.timeout)
 
+        # The gateway trusts this (from its trusted proxies) to count failed keys per MCP client,
+        # not per MCP replica: one client guessing keys must not lock every other one out.
+        headers = {**call.headers, "X-Forwarded-For": who.address} if who.address else call.headers
+
         def send() -> Reply:
             body = call.body if call.body is not None or call.method == "GET" else {}
-            response = client.request(call.method, call.path, query=call.query, body=body, headers=call.headers)
+            response = client.request(call.method, call.path, query=call.query, body=body, headers=headers)
             return Reply(response.body, dict(response.headers))
 
         # urllib blocks: a thread per call, left to finish on its own (its timeout bounds it)
@@ -210,7 +221,7 @@ def build_server(config: McpConfig, gateway: GatewayClient, metrics: Metrics,
         key = request.scope.get(SCOPE_KEY)
         if not key:  # cordum.mcp.http rejects such requests before they get here
             raise MCPError(types.INVALID_REQUEST, "no credential: send Authorization: Bearer <key> or X-API-Key")
-        return Credential(key, request.scope.get(SCOPE_TENANT, ""))
+        return Credential(key, request.scope.get(SCOPE_TENANT, ""), client_host(request.scope))
 
     async def list_tools(ctx: Any, params: Any) -> types.ListToolsResult:
         tools = [types.Tool(name=t.name, description=t.description, input_schema=t.schema,

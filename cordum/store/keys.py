@@ -268,3 +268,8 @@ def memory_owner(memory_id: str) -> str | None:
 def artifact(artifact_id: str) -> str:
     """An uploaded artifact (spec cordum-jobpath §1.6 `art:<id>`): a hash of content and metadata."""
     return f"art:{artifact_id}"
+
+
+# ---- auth --------------------------------------------------------------------------------------
+# Ours: the secret API keys are named under (gateway.auth.keyed_fingerprint), made once.
+KEY_FINGERPRINT_SECRET = "cordum:auth:fingerprint_secret"

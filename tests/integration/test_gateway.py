@@ -434,6 +434,16 @@ async def test_auth_roles_and_tenants(api: Api) -> None:
     assert bad.status == 400 and bad.body["code"] == "invalid_tenant" and "'ACME:eu' is invalid" in bad.body["error"]
 
 
+async def test_an_address_guessing_keys_is_refused_before_its_keys_are_checked(start_gateway) -> None:
+    api = await start_gateway(CORDUM_AUTH_FAILURES_PER_MINUTE="3")
+    for n in range(3):
+        assert (await api.call("GET", "/api/v1/jobs", key=f"guess-{n:02d}-0123456789abcdef")).status == 401
+    refused = await api.call("GET", "/api/v1/jobs", key=ALICE)  # even a right key, from this address
+    assert refused.status == 429 and refused.body["code"] == "auth_rate_limited"
+    assert 50 <= int(refused.headers["Retry-After"]) <= 60
+    assert (await api.call("GET", "/health")).status == 200  # probes need no key and are not refused
+
+
 async def test_made_up_methods_do_not_grow_metric_series(api: Api) -> None:
     for method in ("FROBNICATE", "BREW", "X-1"):
         assert (await api.call(method, "/api/v1/jobs")).status in (400, 405)
@@ -1013,6 +1023,7 @@ async def test_concurrent_dlq_retries_create_one_job(api: Api, redis, monkeypatc
 
 async def test_nobody_approves_a_job_submitted_with_their_own_key(api: Api, redis) -> None:
     import hashlib
+    import hmac
 
     mine = (await api.submit(topic="job.deploy.web")).body["job_id"]  # the static admin key
     same = await api.call("POST", f"/api/v1/approvals/{mine}/approve", {})
@@ -1020,13 +1031,26 @@ async def test_nobody_approves_a_job_submitted_with_their_own_key(api: Api, redi
 
     carols = (await api.submit(key=CAROL, topic="job.deploy.web")).body["job_id"]  # key without principal_id
     meta = await redis.hgetall(keys.job_meta(carols))
-    assert meta["submitted_key"] == hashlib.sha256(CAROL.encode()).hexdigest()[:16]
+    # The key's name is keyed by the deployment's secret: without it, nobody can test guesses of
+    # the key against it offline; and no view shows it.
+    secret = (await redis.get(keys.KEY_FINGERPRINT_SECRET)).encode()
+    digest = hashlib.sha256(CAROL.encode()).digest()
+    assert meta["submitted_key"] == hmac.new(secret, digest, hashlib.sha256).hexdigest()[:16]
+    assert meta["submitted_key"] != digest.hex()[:16]
     assert not any(CAROL in str(v) for v in meta.values())
-    assert CAROL not in json.dumps(await api.job(carols))
+    for key in (VIEWER, ADMIN):
+        view = await api.job(carols, key=key)
+        assert CAROL not in json.dumps(view) and "submitted_key" not in view
+    assert all("submitted_key" not in item for item in (await api.call("GET", "/api/v1/jobs")).body["items"])
     same = await api.call("POST", f"/api/v1/approvals/{carols}/approve", {}, key=CAROL)
     assert same.status == 403 and same.body["code"] == "self_approval_denied"
     assert (await api.call("POST", f"/api/v1/approvals/{carols}/approve", {}, key=BOB)).status == 200
     assert (await api.call("POST", f"/api/v1/approvals/{mine}/approve", {}, key=ALICE)).status == 200
+    # a job recorded before keyed names (the bare SHA-256 prefix) is still recognised
+    older = (await api.submit(key=CAROL, topic="job.deploy.api")).body["job_id"]
+    await redis.hset(keys.job_meta(older), "submitted_key", digest.hex()[:16])
+    same = await api.call("POST", f"/api/v1/approvals/{older}/approve", {}, key=CAROL)
+    assert same.status == 403 and same.body["code"] == "self_approval_denied"
 
     # a keys-file entry without a role is a viewer, not an admin
     assert (await api.call("GET", "/api/v1/jobs", key=NOROLE)).status == 200

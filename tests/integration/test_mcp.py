@@ -319,6 +319,7 @@ class StubGateway:
         self.arrivals = 0
         self.holding = self.peak = 0
         self.seen: Counter[str] = Counter()
+        self.forwarded: list[str | None] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -326,6 +327,7 @@ class StubGateway:
                 path = self.path.split("?")[0]
                 with stub.lock:
                     stub.seen[path] += 1
+                    stub.forwarded.append(self.headers.get("X-Forwarded-For"))
                 if path == stub.held:
                     stub._hold()
                 valid = self.headers.get("X-API-Key") == stub.KEY
@@ -598,3 +600,14 @@ async def test_bogus_keys_are_checked_in_threads_of_their_own_and_refusals_are_r
     assert gateway.seen["/api/v1/approvals"] == 51  # 50 distinct keys, and one check for the 10 alike
     assert (await keys.refusal(Credential("same-bogus-key-0123456789"))).status == 401
     assert gateway.seen["/api/v1/approvals"] == 51  # remembered: not asked again
+
+
+async def test_the_gateway_is_told_which_client_each_call_is_for(stub_gateway) -> None:
+    """The gateway counts failed keys per client address: cordum-mcp names its client in
+    X-Forwarded-For, so one MCP client guessing keys cannot lock the others out."""
+    gateway = stub_gateway(held="/nowhere")
+    client = GatewayClient(gateway.url, timeout=WAIT)
+    await client.run(Call("GET", "/api/v1/jobs"), Credential(StubGateway.KEY, address="198.51.100.7"))
+    await client.run(Call("GET", "/api/v1/jobs"), Credential(StubGateway.KEY))  # stdio: no address to name
+    assert gateway.forwarded == ["198.51.100.7", None]
+

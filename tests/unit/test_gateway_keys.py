@@ -90,3 +90,39 @@ def test_keys_offered_as_a_subprotocol():
     headers = {"Sec-WebSocket-Protocol": f"{KEY_SUBPROTOCOL}.{_b64(ALICE)}"}
     assert key_from_headers(headers, {}) == ALICE
     assert key_from_headers(headers) is None  # plain HTTP requests: X-API-Key only
+
+
+@pytest.mark.parametrize("key", ["aaaaaaaaaaaaaaaaaaaaaaaa", "1212121212121212121212", "abcabcabcabcabcabcabc"])
+def test_long_keys_of_few_characters_are_weak(key):
+    with pytest.raises(ConfigError, match="CORDUM_API_KEY is too weak") as refused:
+        load_keyring({"CORDUM_API_KEY": key})
+    assert key not in str(refused.value)
+
+
+def test_an_address_that_fails_too_often_waits():
+    from cordum.gateway.auth import AuthFailures
+
+    failures = AuthFailures(limit=3, window=60.0, max_addresses=2)
+    for t in (0.0, 1.0, 2.0):
+        assert failures.blocked_for("10.0.0.1", t) == 0.0
+        failures.record("10.0.0.1", t)
+    assert failures.blocked_for("10.0.0.1", 3.0) == pytest.approx(57.0)  # the oldest of the 3 ages out at 60
+    assert failures.blocked_for("10.0.0.2", 3.0) == 0.0  # others are not affected
+    assert failures.blocked_for("10.0.0.1", 60.5) == 0.0
+    failures.record("10.0.0.2", 70.0)
+    failures.record("10.0.0.3", 71.0)  # bounded: the least recently failing address is forgotten
+    assert "10.0.0.1" not in failures._failures  # noqa: SLF001
+
+
+def test_the_client_address_comes_from_trusted_proxies_only():
+    import ipaddress
+
+    from cordum.gateway.context import client_address
+
+    trusted = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"))
+    assert client_address("203.0.113.9", "1.2.3.4", trusted) == "203.0.113.9"  # not a proxy: its header is ignored
+    assert client_address("127.0.0.1", None, trusted) == "127.0.0.1"
+    assert client_address("127.0.0.1", "198.51.100.7", trusted) == "198.51.100.7"  # cordum-mcp's client
+    # a client's own (spoofed) entry stays to the left of what the trusted proxies appended
+    assert client_address("10.1.1.1", "6.6.6.6, 198.51.100.7, 10.2.2.2", trusted) == "198.51.100.7"
+    assert client_address("127.0.0.1", "10.0.0.5, 127.0.0.2", trusted) == "10.0.0.5"  # all trusted: the first

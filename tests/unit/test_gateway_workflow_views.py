@@ -91,3 +91,11 @@ def test_timeline_view() -> None:
     assert event == {"type": "step_dispatched", "step_id": "a", "data": {"attempt": 1}, "timestamp": iso(100.0),
                      "time": iso(100.0), "run_id": "r1", "workflow_id": "w", "message": ""}
     assert "timestamp" not in timeline_view({"type": "x"}, "r1", "w")
+
+
+def test_a_run_view_never_shows_its_starters_key_name() -> None:
+    doc = {"id": "r1", "workflow_id": "wf", "status": "running", "created_at": 1.0, "updated_at": 1.0,
+           "metadata": {"started_by": {"principal": "alice", "key": "0123abcd4567ef89"}, "note": "x"}}
+    view = run_detail(doc)
+    assert view["metadata"] == {"started_by": {"principal": "alice"}, "note": "x"}
+    assert doc["metadata"]["started_by"]["key"] == "0123abcd4567ef89"  # the stored run is untouched
