@@ -2,7 +2,8 @@
 
 Keys: `CORDUM_API_KEY` (role admin, tenant `TENANT_ID`, default "default") and any number more
 from `CORDUM_API_KEYS_PATH`: a YAML or JSON list (or `{"keys": [...]}`) of
-`{key, tenant, role (admin|operator|viewer; default viewer), principal_id, expires_at}`. The file
+`{key, tenant, role (admin|operator|viewer; default viewer), principal_id, actor_id, actor_type,
+expires_at}`. The file
 is read again when it changes (`KeyRing.reload_if_changed`; a file that no longer parses keeps
 the keys in force and the error is logged); a key past its `expires_at` (ISO 8601, UTC unless it
 says otherwise) authenticates nothing. Keys are kept only as SHA-256 digests and compared with
@@ -54,6 +55,8 @@ class Principal:
     role: str
     principal_id: str = ""
     static_admin: bool = False  # the CORDUM_API_KEY key
+    actor_id: str = ""  # the agent the key belongs to, if the keys file binds one
+    actor_type: str = ""  # human | service, with actor_id
     key_fingerprint: str = ""  # identifies the key, never reveals it (see KeyRing.set_fingerprint_secret)
     legacy_fingerprint: str = ""  # the unkeyed form jobs recorded before: still recognised
 
@@ -290,7 +293,12 @@ def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[KeyEn
         if tenant_name_problem(tenant):
             raise ConfigError(f"{where} is invalid: tenant {tenant!r} must be {TENANT_RULE}")
         principal_id = str(item.get("principal_id") or "").strip()
+        actor_id = str(item.get("actor_id") or "").strip()
+        actor_type = str(item.get("actor_type") or "").strip().lower()
+        if actor_type not in ("", "human", "service"):
+            raise ConfigError(f"{where} is invalid: actor_type must be human or service")
         entries.append((key.strip(), Principal(tenant=tenant, role=role, principal_id=principal_id,
+                                               actor_id=actor_id, actor_type=actor_type,
                                                key_fingerprint=key_fingerprint(key.strip())),
                         _expiry(item.get("expires_at"), where)))
     return entries

@@ -1,8 +1,9 @@
 """Jobs: the submit pipeline (spec cordum-services §1.6, jobpath §2.3/§2.5) and the job reads.
 
 Submit: validate the body (every integer bounded by its protobuf type; reserved label prefixes
-refused) → the caller's principal (a key with a principal_id fixes the job's principal; another
-one in the body → 403 `principal_mismatch`) → build the JobRequest and run the scheduler's own
+refused) → the caller's identity from the credential (`bound_identity`: principal and actor are
+the key's; another one in the body → 403 `principal_mismatch`/`actor_mismatch`; only admin keys
+act on another's behalf) → build the JobRequest and run the scheduler's own
 ingress validation on it (a problem → 400 naming the field; nothing persisted) → idempotency
 pre-check (tenant-scoped) → submit-time policy (kernel `Evaluate`, 5 s) → by verdict:
 - ALLOW / ALLOW_WITH_CONSTRAINTS: reserve the idempotency key (a lost race returns the holder's
@@ -35,6 +36,7 @@ from quart import Quart, request
 from cordum.agent.v1 import job_pb2, safety_pb2
 from cordum.context.window import memory_id_problems
 from cordum.gateway import deadletter
+from cordum.gateway.auth import Principal
 from cordum.gateway.context import MAX_BODY, SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
 from cordum.gateway.errors import ApiError, not_found
 from cordum.protocol import subjects
@@ -307,6 +309,24 @@ async def publish_request(gw: Gateway, request_msg: job_pb2.JobRequest, trace_id
 # ---- the pipeline -------------------------------------------------------------------------------
 
 
+def bound_identity(who: Principal, principal_id: str, actor_id: str, actor_type: str) -> tuple[str, str, str]:
+    """Who a job runs as: (principal_id, actor_id, actor_type) from the credential, never from
+    what the body claims, since policy rules match on them. A key that names its principal or
+    actor fixes it (the body may repeat it, not change it); a key that names none leaves it empty.
+    Only an admin key may name them in the body: a trusted service acting on someone's behalf
+    (the job still records the admin key as its submitter)."""
+    if who.allows("admin") and not (who.principal_id or who.actor_id):
+        return principal_id, actor_id, actor_type
+    for claimed, bound, name in ((principal_id, who.principal_id, "principal_id"), (actor_id, who.actor_id, "actor_id")):
+        if claimed and claimed != bound:
+            raise ApiError(403, f"{name} {claimed!r} is not the API key's" + (f" ({bound!r})" if bound else
+                           ": the key names none, and only an admin key may act on another's behalf"),
+                           code="principal_mismatch" if name == "principal_id" else "actor_mismatch")
+    if actor_type and who.actor_type and actor_type != who.actor_type:
+        raise ApiError(403, f"actor_type {actor_type!r} is not the API key's ({who.actor_type!r})", code="actor_mismatch")
+    return who.principal_id, who.actor_id, who.actor_type or (actor_type if who.actor_id else "")
+
+
 def checked_job_id(job_id: str) -> str:
     """A caller-supplied job id (path segment), refused with 400 `invalid_job_id` before any Redis
     key or lock is built from it (a `{` or `}` would split a job's lock from its fence counter on
@@ -330,10 +350,7 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
     who = caller()
     tenant = who.tenant
     inp = parse_submit(body, tenant)
-    if who.principal_id:  # the key names its principal: the body may not claim another one
-        if inp.principal_id and inp.principal_id != who.principal_id:
-            raise ApiError(403, "principal_id does not match the API key's principal", code="principal_mismatch")
-        inp.principal_id = who.principal_id
+    inp.principal_id, inp.actor_id, inp.actor_type = bound_identity(who, inp.principal_id, inp.actor_id, inp.actor_type)
 
     limit = gw.options.max_context_bytes
     if limit < MAX_BODY and inp.context is not None:  # at the default, the body limit decides

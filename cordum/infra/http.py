@@ -72,7 +72,7 @@ def make_app(service: str, metrics: Metrics, health: HealthCheck | None = None) 
     from quart import Response
     from quart_trio import QuartTrio
 
-    app = QuartTrio(service)
+    app = QuartTrio(service, static_folder=None)  # no /static/<path> route: nothing is served from disk
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
 
     @app.get("/health")

@@ -48,6 +48,7 @@ ACME = "acme-key-0123456789abcdef00"  # operator, tenant acme
 CAROL = "carol-key-0123456789abcdef0"  # operator, tenant default, no principal_id
 NOROLE = "norole-key-0123456789abcdef"  # no role given: viewer
 ACME_ADMIN = "acme-admin-key-0123456789ab"  # admin, tenant acme
+AGENT = "agent-key-0123456789abcdef00"  # operator, tenant default, bound to actor agent-7 (service)
 
 POLICY = """\
 version: "gw-test"
@@ -147,6 +148,7 @@ def _keys_file(tmp_path: Path) -> Path:
         f"- {{key: {CAROL}, tenant: default, role: operator}}\n"
         f"- {{key: {NOROLE}, tenant: default, principal_id: nora}}\n"
         f"- {{key: {ACME_ADMIN}, tenant: acme, role: admin, principal_id: aaron}}\n"
+        f"- {{key: {AGENT}, tenant: default, role: operator, principal_id: ops, actor_id: agent-7, actor_type: service}}\n"
     )
     return path
 
@@ -1178,6 +1180,75 @@ async def test_another_tenants_job_is_404_even_while_locked(api: Api, redis) -> 
     assert (await api.call("POST", f"/api/v1/approvals/{job_id}/approve", key=BOB)).status == 409
 
 
+# ---- object-level authorization (BOLA) on every route -------------------------------------------
+
+# Workers serve every tenant (they belong to pools, not tenants): not a tenant's object.
+SHARED_OBJECT_ROUTES = {"/api/v1/workers/<worker_id>"}
+# POSTs that change nothing: a viewer may make them.
+READ_ONLY_POSTS = {"/api/v1/policy/evaluate", "/api/v1/workflows/<workflow_id>/dry-run"}
+
+
+def _routes(gw: Any) -> list[tuple[str, str]]:
+    from cordum.gateway.app import create_app
+
+    app = create_app(gw)
+    return sorted((method, rule.rule) for rule in app.url_map.iter_rules() if rule.rule.startswith("/api/")
+                  and not getattr(rule, "websocket", False)
+                  for method in rule.methods - {"HEAD", "OPTIONS"})
+
+
+async def _default_tenants_objects(api: Api) -> dict[str, str]:
+    """One object of tenant `default` for each kind of id a route takes."""
+    import base64
+
+    job = (await api.submit()).body["job_id"]
+    held = (await api.submit(topic="job.deploy.x")).body["job_id"]
+    failed = await _worker_failed(api)
+    flow = await api.call("POST", "/api/v1/workflows", {"steps": {"a": {"type": "worker", "topic": "job.default"}}})
+    assert flow.status == 201, flow.raw
+    run = await api.call("POST", f"/api/v1/workflows/{flow.body['id']}/runs", {})
+    assert run.status == 200, run.raw
+    artifact = await api.call("POST", "/api/v1/artifacts", {"content_base64": base64.b64encode(b"x").decode(),
+                                                           "content_type": "text/plain"})
+    assert artifact.status == 200, artifact.raw
+    return {"job": job, "held": held, "dlq": failed, "workflow_id": flow.body["id"], "run_id": run.body["run_id"],
+            "ptr": urllib.parse.quote(artifact.body["artifact_ptr"], safe="")}
+
+
+def _path(rule: str, ids: dict[str, str]) -> str:
+    kind = "held" if "/approvals/" in rule else "dlq" if "/dlq/" in rule else "job"
+    path = rule.replace("<job_id>", ids[kind]).replace("<path:ptr>", ids["ptr"])
+    for name in ("workflow_id", "run_id"):
+        path = path.replace(f"<{name}>", ids[name])
+    assert "<" not in path, f"no object of tenant default for {rule}: add one to _default_tenants_objects"
+    return path
+
+
+async def test_another_tenants_objects_are_not_found_on_every_route(api: Api) -> None:
+    """Tenant acme's admin, for every route that takes an object id, with tenant default's ids:
+    404, exactly as for an id that does not exist (no 403 that would confirm the object)."""
+    ids = await _default_tenants_objects(api)
+    routes = [(m, r) for m, r in _routes(api.gw) if "<" in r and r not in SHARED_OBJECT_ROUTES]
+    assert len(routes) >= 15, routes
+    for method, rule in routes:
+        reply = await api.call(method, _path(rule, ids), {} if method != "GET" else None, key=ACME_ADMIN)
+        assert reply.status == 404, (method, rule, reply.status, reply.raw)
+        assert reply.body["status"] == 404
+    for method, rule in routes:  # and nothing above touched them: the owner still sees each one
+        if method == "GET":
+            assert (await api.call(method, _path(rule, ids))).status == 200, (method, rule)
+
+
+async def test_a_viewer_is_refused_every_mutation(api: Api) -> None:
+    ids = await _default_tenants_objects(api)
+    mutations = [(m, r) for m, r in _routes(api.gw) if m != "GET" and r not in READ_ONLY_POSTS]
+    assert len(mutations) >= 12, mutations
+    for method, rule in mutations:
+        path = _path(rule, ids) if "<" in rule else rule
+        reply = await api.call(method, path, {}, key=VIEWER)
+        assert reply.status == 403 and reply.body["code"] == "forbidden", (method, rule, reply.status, reply.raw)
+
+
 async def test_body_principal_cannot_impersonate_the_keys(api: Api, bus) -> None:
     mismatch = await api.submit(key=ALICE, principal_id="bob")
     assert mismatch.status == 403 and mismatch.body["code"] == "principal_mismatch"
@@ -1188,9 +1259,19 @@ async def test_body_principal_cannot_impersonate_the_keys(api: Api, bus) -> None
     assert packet.job_request.principal_id == "alice"
     assert (await api.job(own.body["job_id"]))["principal"] == "alice"
     assert (await api.submit(key=ALICE, principal_id="alice")).status == 200
-    # a key without a principal_id may name one (a service acting for a user)
-    named = await api.submit(principal_id="svc-7")
+    # an admin key that names nobody may act on another's behalf (a trusted service)
+    named = await api.submit(principal_id="svc-7", actor_id="bot-1")
     assert named.status == 200 and (await api.job(named.body["job_id"]))["principal"] == "svc-7"
+    # any other key: the identity is the credential's, never the body's (policy matches on it)
+    unbound = await api.submit(key=CAROL, principal_id="svc-7")
+    assert unbound.status == 403 and unbound.body["code"] == "principal_mismatch"
+    claimed = await api.submit(key=ALICE, actor_id="trusted-agent")
+    assert claimed.status == 403 and claimed.body["code"] == "actor_mismatch"
+    agent = await api.submit(key=AGENT)
+    job = await api.job(agent.body["job_id"])
+    assert (job["principal"], job["actor_id"], job["actor_type"]) == ("ops", "agent-7", "service")
+    assert (await api.submit(key=AGENT, actor_id="agent-8")).body["code"] == "actor_mismatch"
+    assert (await api.submit(key=AGENT, actor_type="human")).body["code"] == "actor_mismatch"
     # the principal a key names cannot approve a job submitted under its name by another key
     held = (await api.submit(principal_id="bob", topic="job.deploy.x")).body["job_id"]
     assert (await api.call("POST", f"/api/v1/approvals/{held}/approve", key=BOB)).body["code"] == "self_approval_denied"
