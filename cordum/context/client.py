@@ -32,6 +32,7 @@ import trio
 from cordum.context.window import STORE_UNAVAILABLE
 from cordum.infra.aio import timeout_left
 from cordum.infra.grpc import GrpcClient, RpcError, open_grpc_client
+from cordum.infra.tls import GrpcTls
 from cordum.runtime.log import get_logger
 from cordum.safety.client import parse_kernel_addrs
 from cordum.v1 import context_grpc
@@ -106,9 +107,14 @@ class ContextClient:
 
 
 @asynccontextmanager
-async def open_context_client(addrs: Sequence[tuple[str, int]], *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[ContextClient]:
-    """Channels to every replica (each connects on its first call), closed on exit."""
+async def open_context_client(addrs: Sequence[tuple[str, int]], *, timeout: float = DEFAULT_TIMEOUT,
+                              tls: GrpcTls | None = None) -> AsyncIterator[ContextClient]:
+    """Channels to every replica (each connects on its first call; over TLS per `tls`,
+    CONTEXT_ENGINE_TLS_*), closed on exit."""
+    context = tls.client_context() if tls is not None else None
+    server_name = tls.server_name if tls is not None else ""
     async with AsyncExitStack() as stack:
-        replicas = [await stack.enter_async_context(open_grpc_client(context_grpc.ContextEngineStub, host, port))
+        replicas = [await stack.enter_async_context(open_grpc_client(context_grpc.ContextEngineStub, host, port,
+                                                                     ssl=context, server_name=server_name))
                     for host, port in addrs]
         yield ContextClient(replicas, timeout=timeout)

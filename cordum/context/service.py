@@ -40,8 +40,9 @@ from grpclib.health.service import Health
 from cordum.context import window
 from cordum.context.memory import MemoryStore, MemoryUnavailable
 from cordum.infra.aio import aio
-from cordum.infra.config import ConfigError, Settings, env_value, parse_listen_addr, parse_positive_duration, parse_positive_int
-from cordum.infra.grpc import GrpcServer, RpcError
+from cordum.infra.config import Settings, env_value, parse_listen_addr, parse_positive_duration, parse_positive_int
+from cordum.infra.grpc import DEFAULT_MAX_MESSAGE, GrpcServer, RpcError
+from cordum.infra.tls import GrpcTls
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, open_redis
@@ -78,14 +79,14 @@ class EngineConfig:
     max_chunk_scan: int
     max_entry_bytes: int
     max_payload_bytes: int
+    tls: GrpcTls
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "EngineConfig":
-        for name in ("CONTEXT_ENGINE_TLS_CERT", "CONTEXT_ENGINE_TLS_KEY"):
-            if env_value(settings, name, "", str).strip():
-                raise ConfigError(f"{name} is set, but this context engine does not serve TLS; unset it and "
-                                  "terminate TLS in front of the service (a mesh sidecar or proxy)")
+        tls = GrpcTls.from_env(settings.extra, "CONTEXT_ENGINE")
+        tls.server_context()  # a bad certificate file stops the start, naming it
         return cls(
+            tls=tls,
             grpc_addr=env_value(settings, "CONTEXT_ENGINE_ADDR", ":50070", parse_listen_addr),
             metrics_addr=env_value(settings, "CONTEXT_ENGINE_METRICS_ADDR", ":9094", parse_listen_addr),
             redis_timeout=env_value(settings, "CONTEXT_ENGINE_REDIS_TIMEOUT", "2s", parse_positive_duration),
@@ -229,7 +230,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         impl = ContextEngineService(store, config, counters)
         # "" (the whole server) and the service's own name, as grpc-health-probe and k8s ask.
         checks = Health({_ContextEngineName(): [serving]})
-        grpc = GrpcServer([(context_grpc.ContextEngineBase, impl)], native=[checks])
+        # A request carries at most one payload of max_payload_bytes (plus its small fields).
+        grpc = GrpcServer([(context_grpc.ContextEngineBase, impl)], native=[checks], ssl=config.tls.server_context(),
+                          max_message=max(DEFAULT_MAX_MESSAGE, config.max_payload_bytes + (1 << 20)))
         http = HttpServer(probe_app(SERVICE, metrics, health), *config.metrics_addr, graceful_timeout=1.0)
 
         async def grpc_drain() -> None:

@@ -20,8 +20,9 @@ from cordum.infra.bus import Bus
 from cordum.infra.config import Settings, env_value, parse_listen_addr, parse_positive_duration
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis
+from cordum.infra.tls import GrpcTls
 from cordum.runtime.lease import Leases
-from cordum.safety.client import SafetyClient, parse_kernel_addrs
+from cordum.safety.client import SafetyClient, kernel_client_tls, parse_kernel_addrs
 from cordum.store.config import ConfigStore
 from cordum.store.dlq import DlqStore
 from cordum.store.jobs import JobStore
@@ -93,6 +94,7 @@ def client_address(remote: str, forwarded: str | None, trusted: tuple[Any, ...])
 class GatewayOptions:
     http_addr: tuple[str, int]
     safety_addrs: list[tuple[str, int]]
+    safety_tls: GrpcTls
     fail_open: bool
     dlq_cleanup_interval: float
     ws_client_buffer: int
@@ -114,6 +116,7 @@ class GatewayOptions:
         return cls(
             http_addr=env_value(settings, "GATEWAY_HTTP_ADDR", ":8081", parse_listen_addr),
             safety_addrs=env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs),
+            safety_tls=kernel_client_tls(settings),
             fail_open=env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode) == "open",
             dlq_cleanup_interval=env_value(settings, "DLQ_CLEANUP_INTERVAL", "1h", parse_positive_duration),
             ws_client_buffer=env_value(settings, "CORDUM_WS_CLIENT_BUFFER_SIZE", "256", _buffer_size),

@@ -65,7 +65,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
         open_redis(settings) as redis,
         open_bus(settings, name=SERVICE) as bus,
         safety_client.open_safety_client(options.safety_addrs, safety_client.CircuitBreaker(redis),
-                                         timeout=options.policy_timeout) as safety,
+                                         timeout=options.policy_timeout, tls=options.safety_tls) as safety,
     ):
         options.keys.set_fingerprint_secret(await fingerprint_secret(redis, settings))
         gw = Gateway(settings=settings, options=options, redis=redis, bus=bus, metrics=metrics,

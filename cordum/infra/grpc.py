@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from ssl import SSLContext
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import trio
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
@@ -125,10 +127,34 @@ class _Servable:
         return self._mapping
 
 
+DEFAULT_MAX_MESSAGE = 4 << 20  # as gRPC's own default receive limit; grpclib reads up to 4 GiB
+
+
+async def _recv_bounded(stream: Stream, limit: int) -> Any:
+    """The request message, refused (RESOURCE_EXHAUSTED) before its body is read if its length
+    prefix says it is larger than `limit`: grpclib itself would buffer whatever a client
+    announces. (Reads grpclib's stream internals, as `grpclib.stream.recv_message` does.)"""
+    meta = await stream._stream.recv_data(5)
+    if len(meta) < 5:
+        raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+    if meta[0]:
+        raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
+    size = int.from_bytes(meta[1:5], "big")
+    if size > limit:
+        raise GRPCError(Status.RESOURCE_EXHAUSTED, f"request message of {size} bytes; the limit is {limit}")
+    data = await stream._stream.recv_data(size)
+    if len(data) != size:
+        raise GRPCError(Status.INVALID_ARGUMENT, "request message cut short")
+    return stream._codec.decode(data, stream._recv_type)
+
+
 class GrpcServer:
-    def __init__(self, services: Sequence[tuple[type, object]], *, native: Sequence[Any] = ()) -> None:
+    def __init__(self, services: Sequence[tuple[type, object]], *, native: Sequence[Any] = (),
+                 ssl: SSLContext | None = None, max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self._services = services
         self._native = native
+        self._ssl = ssl
+        self.max_message = max_message
         self._server: Server | None = None
         self._draining = False
         self._inflight = 0
@@ -155,7 +181,7 @@ class GrpcServer:
             if self._idle.is_set():
                 self._idle = trio.Event()
             try:
-                request = await stream.recv_message()
+                request = await _recv_bounded(stream, self.max_message)
                 try:
                     reply = await call_trio(request)
                 except RpcError as exc:
@@ -192,7 +218,7 @@ class GrpcServer:
         for servable in self._native:
             mapping.update(servable.__mapping__())
         self._server = _Server([_Servable(mapping)])
-        await self._server.start(host, port)
+        await self._server.start(host, port, ssl=self._ssl)
         sockets = self._server._server.sockets  # type: ignore[union-attr]
         return sockets[0].getsockname()[1]
 
@@ -239,8 +265,11 @@ class GrpcClient:
 
 
 @asynccontextmanager
-async def open_grpc_client(stub_class: type, host: str, port: int) -> AsyncIterator[GrpcClient]:
-    channel = await aio(_make_channel)(host, port)
+async def open_grpc_client(stub_class: type, host: str, port: int, *, ssl: SSLContext | None = None,
+                           server_name: str = "") -> AsyncIterator[GrpcClient]:
+    """A client of `host:port`; with `ssl`, over TLS (the certificate checked for `server_name`,
+    else for `host`)."""
+    channel = await aio(_make_channel)(host, port, ssl, server_name)
     try:
         yield GrpcClient(channel, stub_class(channel))
     finally:
@@ -248,8 +277,10 @@ async def open_grpc_client(stub_class: type, host: str, port: int) -> AsyncItera
             await aio(_close_channel)(channel)
 
 
-async def _make_channel(host: str, port: int) -> Channel:
-    return _Channel(host, port)
+async def _make_channel(host: str, port: int, ssl: SSLContext | None = None, server_name: str = "") -> Channel:
+    if ssl is None:
+        return _Channel(host, port)
+    return _Channel(host, port, ssl=ssl, config=Configuration(ssl_target_name_override=server_name or None))
 
 
 async def _close_channel(channel: Channel) -> None:

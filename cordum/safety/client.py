@@ -13,17 +13,18 @@ import enum
 import math
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import trio
 
 from cordum.agent.v1 import safety_grpc, safety_pb2
-from cordum.v1 import policy_batch_grpc, policy_batch_pb2
 from cordum.infra.config import parse_listen_addr
 from cordum.infra.grpc import GrpcClient, RpcError, open_grpc_client
 from cordum.infra.redis import Redis, RedisError, RedisUnavailable
+from cordum.infra.tls import GrpcTls
 from cordum.runtime.log import get_logger
 from cordum.store import keys
+from cordum.v1 import policy_batch_grpc, policy_batch_pb2
 
 log = get_logger("safety.client")
 STUB = safety_grpc.SafetyKernelStub
@@ -137,7 +138,7 @@ REPLICA_BACKOFF_S = 5.0
 # Coalescing (`PolicyBatch`): the checks asked for while a batch is being sent wait for the next
 # one, so batches grow with the load and an idle check goes out alone, as a plain SafetyKernel call.
 BATCH_MAX_ITEMS = 64
-BATCH_MAX_BYTES = 4 << 20  # input content rides along (up to 2 MiB per check)
+BATCH_MAX_BYTES = 3 << 20  # input content rides along (up to 2 MiB per check); servers take 4 MiB
 BATCH_RETRY_S = 60.0  # kernels that answered UNIMPLEMENTED (older ones) are asked again after this
 
 
@@ -339,12 +340,23 @@ def parse_kernel_addrs(raw: str) -> list[tuple[str, int]]:
     return addrs
 
 
+def kernel_client_tls(settings: Any) -> GrpcTls:
+    """SAFETY_KERNEL_TLS_* as the kernel's clients read them (files checked now: exit 2 if bad)."""
+    tls = GrpcTls.from_env(settings.extra, "SAFETY_KERNEL")
+    tls.client_context()
+    return tls
+
+
 @asynccontextmanager
 async def open_safety_client(addrs: Sequence[tuple[str, int]], breaker: CircuitBreaker, *, timeout: float = 2.0,
-                             batch: bool = True) -> AsyncIterator[SafetyClient]:
-    """Clients of every kernel replica; with `batch`, concurrent checks are coalesced."""
+                             batch: bool = True, tls: GrpcTls | None = None) -> AsyncIterator[SafetyClient]:
+    """Clients of every kernel replica (over TLS per `tls`, SAFETY_KERNEL_TLS_*); with `batch`,
+    concurrent checks are coalesced."""
+    context = tls.client_context() if tls is not None else None
+    server_name = tls.server_name if tls is not None else ""
     async with AsyncExitStack() as stack:
-        replicas = [await stack.enter_async_context(open_grpc_client(STUB, host, port)) for host, port in addrs]
+        replicas = [await stack.enter_async_context(open_grpc_client(STUB, host, port, ssl=context, server_name=server_name))
+                    for host, port in addrs]
         batches = [replica.with_stub(BATCH_STUB) for replica in replicas] if batch else []
         client = SafetyClient(replicas, breaker, timeout=timeout, batches=batches)
         async with trio.open_nursery() as nursery:

@@ -40,6 +40,7 @@ from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Message, open_bus
 from cordum.infra.config import ConfigError, Settings, env_value, parse_listen_addr, parse_positive_duration, parse_positive_int
 from cordum.infra.grpc import GrpcServer, RpcError
+from cordum.infra.tls import GrpcTls
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, RedisError, open_redis
@@ -83,6 +84,7 @@ class KernelConfig:
     policy_path: Path
     reload_interval: float
     max_bytes: int
+    tls: GrpcTls
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "KernelConfig":
@@ -91,7 +93,10 @@ class KernelConfig:
                 "SAFETY_POLICY_URL is set, but remote policies are not supported by this safety kernel; "
                 "unset it and point SAFETY_POLICY_PATH at a local file"
             )
+        tls = GrpcTls.from_env(settings.extra, "SAFETY_KERNEL")
+        tls.server_context()  # a bad certificate file stops the start, naming it
         return cls(
+            tls=tls,
             grpc_addr=env_value(settings, "SAFETY_KERNEL_ADDR", ":50051", parse_listen_addr),
             admin_addr=env_value(settings, "SAFETY_KERNEL_ADMIN_ADDR", ":9095", parse_listen_addr),
             policy_path=env_value(settings, "SAFETY_POLICY_PATH", str(DEFAULT_POLICY_PATH), lambda raw: Path(raw.strip())),
@@ -368,7 +373,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         http = HttpServer(probe_app(SERVICE, metrics, health), *config.admin_addr, graceful_timeout=1.0)
         kernel_service = SafetyKernelService(kernel, snapshots, counters)
         grpc = GrpcServer([(safety_grpc.SafetyKernelBase, kernel_service),
-                           (policy_batch_grpc.PolicyBatchBase, PolicyBatchService(kernel_service))])
+                           (policy_batch_grpc.PolicyBatchBase, PolicyBatchService(kernel_service))],
+                          ssl=config.tls.server_context())
         watch = trio.CancelScope()
 
         async def watch_policy(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -37,7 +37,7 @@ from cordum.runtime.lease import Leases
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
 from cordum.runtime.service import run_service
-from cordum.safety.client import CircuitBreaker, open_safety_client, parse_kernel_addrs
+from cordum.safety.client import CircuitBreaker, kernel_client_tls, open_safety_client, parse_kernel_addrs
 from cordum.scheduler.config import PoolsSource
 from cordum.scheduler.engine import SENDER, Engine, EngineConfig, SchedulerMetrics
 from cordum.scheduler.loops import IndexSweep, PendingReplayer, Reconciler, SnapshotWriter, Timeouts, WorkerReaper
@@ -55,6 +55,7 @@ log = get_logger("scheduler.service")
 async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     http_addr = env_value(settings, "SCHEDULER_METRICS_ADDR", ":9090", parse_listen_addr)
     safety_addrs = env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs)
+    safety_tls = kernel_client_tls(settings)
     fail_mode = env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode)
     scan = env_value(settings, "SCHEDULER_SCAN_INTERVAL", "30s", parse_duration)
     timeouts = Timeouts(
@@ -72,7 +73,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     metrics = Metrics(settings.instance_id)
     counters = ConsumerMetrics(metrics)
     async with open_redis(settings) as redis, open_bus(settings, name=f"{NAME}/{settings.instance_id}") as bus, \
-            open_safety_client(safety_addrs, CircuitBreaker(redis)) as safety:
+            open_safety_client(safety_addrs, CircuitBreaker(redis), tls=safety_tls) as safety:
         pools = PoolsSource(Path(pools_path), ConfigStore(redis), timeouts)
         await pools.load()  # a bad pools file stops the start with its message
         leases = Leases(redis, settings.instance_id)

@@ -36,6 +36,7 @@ import trio
 from cordum.agent.v1 import job_pb2
 from cordum.agent.v1.job_pb2 import JobRequest
 from cordum.context.client import DEFAULT_TIMEOUT, ContextClient, open_context_client, parse_engine_addrs
+from cordum.infra.tls import GrpcTls
 from cordum.infra.grpc import RpcError
 from cordum.store.keys import memory_scope
 from cordum.v1 import context_pb2 as pb
@@ -59,9 +60,11 @@ class ContextWindow:
 class ContextEngineAccess:
     """The worker's client of the context engine, opened on first use (one per worker)."""
 
-    def __init__(self, addrs: list[tuple[str, int]], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, addrs: list[tuple[str, int]], *, timeout: float = DEFAULT_TIMEOUT,
+                 tls: GrpcTls | None = None) -> None:
         self.addrs = addrs
         self.timeout = timeout
+        self.tls = tls
         self._client: ContextClient | None = None
         self._stack: AsyncExitStack | None = None
         self._lock = trio.Lock()
@@ -70,11 +73,14 @@ class ContextEngineAccess:
     def from_env(cls, explicit: str | None, env: Mapping[str, str] | None, *,
                  timeout: float = DEFAULT_TIMEOUT) -> "ContextEngineAccess":
         """`explicit`, else CONTEXT_ENGINE_ADDR of `env` (the process environment if None)."""
-        raw = explicit if explicit is not None else (os.environ if env is None else env).get("CONTEXT_ENGINE_ADDR", "")
+        source = os.environ if env is None else env
+        raw = explicit if explicit is not None else source.get("CONTEXT_ENGINE_ADDR", "")
         if not raw.strip():
             return cls([], timeout=timeout)
+        tls = GrpcTls.from_env(source, "CONTEXT_ENGINE")  # CONTEXT_ENGINE_TLS_CA etc.: exit 2 if bad
+        tls.client_context()
         try:
-            return cls(parse_engine_addrs(raw), timeout=timeout)
+            return cls(parse_engine_addrs(raw), timeout=timeout, tls=tls)
         except ValueError as exc:
             raise ValueError(f"CONTEXT_ENGINE_ADDR={raw!r} is invalid: {exc}") from None
 
@@ -84,7 +90,8 @@ class ContextEngineAccess:
         async with self._lock:
             if self._client is None:
                 stack = AsyncExitStack()
-                self._client = await stack.enter_async_context(open_context_client(self.addrs, timeout=self.timeout))
+                self._client = await stack.enter_async_context(open_context_client(self.addrs, timeout=self.timeout,
+                                                                                   tls=self.tls))
                 self._stack = stack
         return self._client
 

@@ -356,7 +356,8 @@ async def test_shutdown_drains_grpc_then_metrics_lets_a_call_in_flight_finish_an
     ("CONTEXT_ENGINE_MAX_PAYLOAD_BYTES", "10", "CONTEXT_ENGINE_MAX_PAYLOAD_BYTES='10' is invalid"),
     ("CONTEXT_ENGINE_REDIS_TIMEOUT", "-1s", "CONTEXT_ENGINE_REDIS_TIMEOUT='-1s' is invalid"),
     ("CONTEXT_ENGINE_ADDR", "nowhere", "CONTEXT_ENGINE_ADDR='nowhere' is invalid"),
-    ("CONTEXT_ENGINE_TLS_CERT", "/etc/cert.pem", "CONTEXT_ENGINE_TLS_CERT is set"),
+    ("CONTEXT_ENGINE_TLS_CERT", "/etc/cert.pem", "CONTEXT_ENGINE_TLS_CERT and CONTEXT_ENGINE_TLS_KEY go together"),
+    ("CONTEXT_ENGINE_TLS_CLIENT_CA", "/etc/ca.pem", "CONTEXT_ENGINE_TLS_CLIENT_CA is invalid without"),
 ])
 def test_bad_configuration_exits_2_naming_the_variable(name: str, value: str, needle: str, server_env) -> None:
     env = {**os.environ, **server_env, name: value, "PYTHONPATH": str(ROOT)}
