@@ -500,6 +500,15 @@ class Bus:
         await self.sync()
 
 
+def _credentials(settings: Settings) -> dict[str, str]:
+    """NATS_USER/NATS_PASSWORD or NATS_TOKEN (credentials in NATS_URL, if any, are used as given)."""
+    if settings.nats_token:
+        return {"token": settings.nats_token}
+    if settings.nats_user:
+        return {"user": settings.nats_user, "password": settings.nats_password}
+    return {}
+
+
 @asynccontextmanager
 async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
     """Connect (reconnecting forever), create the streams, run the batchers; drain on exit."""
@@ -516,6 +525,7 @@ async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
             ping_interval=30,
             connect_timeout=5,
             allow_reconnect=True,
+            **_credentials(settings),
         )
 
     nc = await aio(_connect)()

@@ -185,6 +185,14 @@ class Settings:
     safety_decision_cache_max_size: int = 10000
     shutdown_timeout: float = 15.0
     log_level: str = "info"
+    # Credentials kept out of the URLs (and out of repr): REDIS_USERNAME/REDIS_PASSWORD (an ACL
+    # user, or the requirepass password) apply when REDIS_URL carries none; NATS_USER/NATS_PASSWORD
+    # or NATS_TOKEN when NATS_URL carries none.
+    redis_username: str = field(default="", repr=False)
+    redis_password: str = field(default="", repr=False)
+    nats_user: str = field(default="", repr=False)
+    nats_password: str = field(default="", repr=False)
+    nats_token: str = field(default="", repr=False)
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -239,8 +247,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         shutdown_timeout=_env(env, "CORDUM_SHUTDOWN_TIMEOUT", "15s", parse_positive_duration),
         log_level=_env(env, "CORDUM_LOG_LEVEL", "info", _one_of("debug", "info", "warning", "error")),
+        **_credentials(env),
         extra=env,
     )
+
+
+def _credentials(env: Mapping[str, str]) -> dict[str, str]:
+    found = {name.lower(): (env.get(name) or "").strip()
+             for name in ("REDIS_USERNAME", "REDIS_PASSWORD", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN")}
+    if bool(found["nats_user"]) != bool(found["nats_password"]):
+        raise ConfigError("NATS_USER and NATS_PASSWORD go together: set both or neither")
+    if found["nats_token"] and found["nats_user"]:
+        raise ConfigError("NATS_TOKEN is invalid together with NATS_USER/NATS_PASSWORD: use one or the other")
+    if found["redis_username"] and not found["redis_password"]:
+        raise ConfigError("REDIS_USERNAME is invalid without REDIS_PASSWORD")
+    return {"redis_username": found["redis_username"], "redis_password": found["redis_password"],
+            "nats_user": found["nats_user"], "nats_password": found["nats_password"],
+            "nats_token": found["nats_token"]}
 
 
 def parse_positive_duration(raw: str) -> float:

@@ -311,6 +311,8 @@ def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConne
         # error (a consumer redelivers, an HTTP request answers 503).
         health_check_interval=0,
         client_name=f"cordum:{settings.instance_id}",  # CLIENT LIST shows which replica is which
+        # REDIS_USERNAME/REDIS_PASSWORD; credentials in the URL, if any, take precedence
+        **_password_options(settings),
     )
     # The URL picks the class (TCP, TLS, unix socket); each gets the C packer.
     pool.connection_class = _with_hiredis_packing(pool.connection_class)
@@ -335,6 +337,13 @@ def cluster_credentials(url: str) -> dict[str, Any]:
     return options
 
 
+def _password_options(settings: Settings) -> dict[str, str]:
+    options = {"password": settings.redis_password} if settings.redis_password else {}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    return options
+
+
 def _make_cluster_client(settings: Settings) -> RedisCluster:
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in settings.redis_cluster_nodes],
@@ -345,7 +354,7 @@ def _make_cluster_client(settings: Settings) -> RedisCluster:
         socket_keepalive=True,
         health_check_interval=0,  # as for one server (_make_client)
         client_name=f"cordum:{settings.instance_id}",
-        **cluster_credentials(settings.redis_url),
+        **{**_password_options(settings), **cluster_credentials(settings.redis_url)},
     )
 
 

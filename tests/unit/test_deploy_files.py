@@ -241,7 +241,10 @@ def test_k8s_deployments_follow_the_guide() -> None:
         assert env["CORDUM_INSTANCE_ID"] == {
             "name": "CORDUM_INSTANCE_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}, name
         for ref in container.get("envFrom", []):
-            assert ref["configMapRef"]["name"] in configmaps, name
+            if "configMapRef" in ref:
+                assert ref["configMapRef"]["name"] in configmaps, name
+            else:  # created by the operator, never committed
+                assert ref == {"secretRef": {"name": "cordum-credentials"}}, name
         program = container["command"][0]
         if program in HEALTH_PORTS:
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -281,6 +284,37 @@ def test_k8s_context_engine_and_mcp() -> None:
     (engine,) = [d for d in _kind(docs, "Deployment") if d["metadata"]["name"] == "cordum-context-engine"]
     listen = {e["name"]: e.get("value") for e in next(_containers(engine))["env"]}
     assert listen["CONTEXT_ENGINE_ADDR"] == ":50070" and listen["CONTEXT_ENGINE_METRICS_ADDR"] == ":9094"
+
+
+def test_k8s_credentials_come_from_a_secret_and_guard_redis_and_nats() -> None:
+    docs = _k8s_docs()
+    for dep in _kind(docs, "Deployment"):
+        (container,) = _containers(dep)
+        assert {"secretRef": {"name": "cordum-credentials"}} in container["envFrom"], dep["metadata"]["name"]
+    (redis,) = [d for d in _kind(docs, "StatefulSet") if d["metadata"]["name"] == "cordum-redis"]
+    command = " ".join(next(_containers(redis))["command"])
+    assert "--requirepass $(REDIS_PASSWORD)" in command and "--masterauth $(REDIS_PASSWORD)" in command
+    (cm,) = [d for d in _kind(docs, "ConfigMap") if d["metadata"]["name"] == "cordum-nats-config"]
+    assert re.search(r"authorization\s*\{\s*user:\s*\$NATS_USER\s*password:\s*\$NATS_PASSWORD", cm["data"]["nats.conf"])
+    for cm in _kind(docs, "ConfigMap"):
+        assert not any("PASSWORD" in key for key in cm["data"]), cm["metadata"]["name"]
+
+
+def test_k8s_network_policies_fence_the_internal_services() -> None:
+    docs = _k8s_docs()
+    policies = {p["metadata"]["name"]: p["spec"] for p in _kind(docs, "NetworkPolicy")}
+    deny = policies["cordum-default-deny"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny  # nothing, unless allowed below
+    assert deny["podSelector"] == {"matchLabels": {"app.kubernetes.io/part-of": "cordum"}}
+    redis_from = policies["cordum-redis"]["ingress"][0]["from"]
+    assert redis_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "cordum"}}}]
+    kernel_from = policies["cordum-safety-kernel"]["ingress"][0]
+    assert kernel_from["ports"] == [{"port": 50051}]
+    assert set(kernel_from["from"][0]["podSelector"]["matchExpressions"][0]["values"]) == {
+        "cordum-api-gateway", "cordum-scheduler"}
+    # every Deployment's pods are selected by the default deny
+    for dep in _kind(docs, "Deployment"):
+        assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "cordum"
 
 
 def test_k8s_api_key_comes_from_a_secret() -> None:
@@ -410,9 +444,15 @@ def _compose_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def _secrets() -> dict[str, str]:
+    return {"CORDUM_API_KEY": secrets.token_hex(24), "REDIS_PASSWORD": secrets.token_hex(16),
+            "NATS_PASSWORD": secrets.token_hex(16)}
+
+
 def test_compose_config_accepts_both_files() -> None:
-    key = secrets.token_hex(24)
-    result = _compose("config", "--format", "json", env=_compose_env(CORDUM_API_KEY=key))
+    given = _secrets()
+    key = given["CORDUM_API_KEY"]
+    result = _compose("config", "--format", "json", env=_compose_env(**given))
     assert result.returncode == 0, result.stderr
     model = json.loads(result.stdout)
     services = model["services"]
@@ -427,9 +467,24 @@ def test_compose_config_accepts_both_files() -> None:
         assert services[name]["environment"]["CORDUM_API_KEY"] == key
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), name
+        if name not in ("redis", "nats"):  # every service authenticates to Redis and NATS
+            env = service["environment"]
+            assert (env["REDIS_PASSWORD"], env["NATS_USER"], env["NATS_PASSWORD"]) == \
+                (given["REDIS_PASSWORD"], "cordum", given["NATS_PASSWORD"]), name
+            assert given["REDIS_PASSWORD"] not in env["REDIS_URL"]  # never inside a URL
+    assert given["REDIS_PASSWORD"] in services["redis"]["command"]  # requirepass
+    assert services["nats"]["environment"]["NATS_PASSWORD"] == given["NATS_PASSWORD"]
+
+
+@pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "NATS_PASSWORD"])
+def test_compose_config_refuses_missing_server_credentials(missing: str) -> None:
+    given = {k: v for k, v in _secrets().items() if k != missing}
+    result = _compose("config", "-q", env=_compose_env(**given))
+    assert result.returncode != 0
+    assert f"set {missing}" in result.stderr
 
 
 def test_compose_config_refuses_a_missing_api_key() -> None:
-    result = _compose("config", "-q", env=_compose_env())
+    result = _compose("config", "-q", env=_compose_env(**{k: v for k, v in _secrets().items() if k != "CORDUM_API_KEY"}))
     assert result.returncode != 0
     assert "set CORDUM_API_KEY" in result.stderr
