@@ -12,16 +12,17 @@ from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
 from cordum.gateway import approvals, config, dlq, errors, jobs, memory, status, stream, workers, workflows
-from cordum.gateway.auth import KEY_SUBPROTOCOL, key_from_headers
+from cordum.gateway.auth import KEY_SUBPROTOCOL, Principal, key_from_headers
 from cordum.gateway.context import MAX_BODY, SERVICE, Gateway, client_address
 from cordum.gateway.errors import error_response
+from cordum.gateway.oidc import TokenRefused, looks_like_jwt
 from cordum.infra.http import make_app
 from cordum.store.validate import tenant_name_problem
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def _authenticate(gw: Gateway, headers: Any, args: Any | None, address: str) -> Response | None:
+async def _authenticate(gw: Gateway, headers: Any, args: Any | None, address: str) -> Response | None:
     """Set `g.principal`, or answer 401/403 (429 for an address that failed too often) in the
     error envelope."""
     now = time.monotonic()
@@ -29,24 +30,42 @@ def _authenticate(gw: Gateway, headers: Any, args: Any | None, address: str) -> 
     if wait > 0:
         return error_response(429, "too many failed authentications from this address; try again later",
                               code="auth_rate_limited", headers={"Retry-After": str(math.ceil(wait))})
-    refused = _check_credentials(gw, headers, args)
+    refused = await _check_credentials(gw, headers, args)
     if refused is not None and refused.status_code == 401:
         gw.auth_failures.record(address, now)
     return refused
 
 
-def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
+async def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
+    token = bearer_token(headers)
+    if token and gw.oidc is not None and looks_like_jwt(token):
+        try:
+            principal = await gw.oidc.principal(token)
+        except TokenRefused as exc:
+            return error_response(401, str(exc), code="unauthenticated",
+                                  headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return _tenant_checked(principal, headers, args)
     if args is not None and args.get("api_key") and not gw.options.dev:
         # A key in the URL ends up in proxies' and browsers' logs.
         return error_response(401, "an API key in the URL (?api_key=) is refused outside dev mode: send it in "
                               f"X-API-Key or as the WebSocket subprotocol {KEY_SUBPROTOCOL}.<base64url key>",
                               code="unauthenticated")
-    key = key_from_headers(headers, args)
+    key = key_from_headers(headers, args) or token
     if not key:
         return error_response(401, "missing API key (X-API-Key)", code="unauthenticated")
     principal = gw.options.keys.authenticate(key)
     if principal is None:
         return error_response(401, "invalid API key", code="unauthenticated")
+    return _tenant_checked(principal, headers, args)
+
+
+def bearer_token(headers: Any) -> str:
+    auth = (headers.get("Authorization") or "").strip()
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+
+
+def _tenant_checked(principal: Principal, headers: Any, args: Any | None) -> Response | None:
+    """`principal` for this request unless it asks for another tenant (403) or a malformed one (400)."""
     requested = (headers.get("X-Tenant-ID") or "").strip()
     if not requested and args is not None:
         requested = (args.get("tenant_id") or args.get("tenant") or "").strip()
@@ -84,13 +103,13 @@ def create_app(gw: Gateway) -> QuartTrio:
             return None
         address = client_address(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
                                  gw.options.trusted_proxies)
-        return _authenticate(gw, request.headers, None, address) or await _rate_limit(gw, request.headers, None)
+        return await _authenticate(gw, request.headers, None, address) or await _rate_limit(gw, request.headers, None)
 
     @app.before_websocket
     async def _ws_auth() -> Response | None:
         address = client_address(websocket.remote_addr or "", websocket.headers.get("X-Forwarded-For"),
                                  gw.options.trusted_proxies)
-        return (_authenticate(gw, websocket.headers, websocket.args, address)
+        return (await _authenticate(gw, websocket.headers, websocket.args, address)
                 or await _rate_limit(gw, websocket.headers, websocket.args))
 
     @app.after_request

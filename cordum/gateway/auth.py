@@ -59,6 +59,7 @@ class Principal:
     actor_type: str = ""  # human | service, with actor_id
     key_fingerprint: str = ""  # identifies the key, never reveals it (see KeyRing.set_fingerprint_secret)
     legacy_fingerprint: str = ""  # the unkeyed form jobs recorded before: still recognised
+    expires_at: float = 0.0  # unix time a bearer token's principal ends (0: an API key's, see KeyRing)
 
     def allows(self, role: str) -> bool:
         return _RANK[self.role] >= _RANK[role]
@@ -178,8 +179,10 @@ class KeyRing:
     def still_valid(self, principal: Principal) -> bool:
         """Whether the key `principal` was authenticated with is still in force, unchanged (a
         long-lived connection re-checks this: a key removed from the file, expired, or given
-        another tenant or role loses it)."""
+        another tenant or role loses it); for a bearer token's principal, until the token expires."""
         now = time.time()
+        if principal.expires_at:
+            return now < principal.expires_at
         return any(known == principal and (expires_at is None or now < expires_at)
                    for _, known, expires_at in self._entries)
 
@@ -200,6 +203,10 @@ class KeyRing:
         self.reload_error = ""
         self._entries = self._static + [self._fingerprinted(_stored(entry)) for entry in entries]
         return True
+
+    def name_of(self, identity: str) -> str:
+        """The name a non-key credential (a token's issuer and subject) is recorded under."""
+        return keyed_fingerprint(self._secret, _digest(identity)) if self._secret else _digest(identity).hex()[:16]
 
     def set_fingerprint_secret(self, secret: bytes) -> None:
         """Name every key by `keyed_fingerprint` from now on (the secret is shared by all gateway

@@ -16,6 +16,7 @@ from quart import g, request
 from cordum.gateway.auth import DEV_ENVS, AuthFailures, KeyRing, Principal, load_keyring
 from cordum.gateway.errors import ApiError
 from cordum.gateway.idempotency import IdempotencyKeys
+from cordum.gateway.oidc import OidcConfig, OidcVerifier
 from cordum.infra.bus import Bus
 from cordum.infra.config import Settings, env_value, parse_listen_addr, parse_positive_duration
 from cordum.infra.metrics import Metrics
@@ -110,6 +111,7 @@ class GatewayOptions:
     auth_failures_per_minute: int = 30  # per client address, before it is refused (429)
     # Proxies whose X-Forwarded-For names the client (cordum-mcp on this host, a load balancer).
     trusted_proxies: tuple[Any, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    oidc: OidcConfig | None = None  # CORDUM_OIDC_ISSUER: bearer tokens of that issuer authenticate too
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -131,6 +133,7 @@ class GatewayOptions:
             max_context_bytes=env_value(settings, "CORDUM_MAX_CONTEXT_BYTES", str(MAX_BODY), _int_between(1, MAX_BODY)),
             auth_failures_per_minute=env_value(settings, "CORDUM_AUTH_FAILURES_PER_MINUTE", "30", _int_between(1, 1_000_000)),
             trusted_proxies=env_value(settings, "CORDUM_TRUSTED_PROXIES", "127.0.0.0/8,::1/128", _networks),
+            oidc=OidcConfig.from_env(settings.extra),
         )
 
 
@@ -156,10 +159,13 @@ class Gateway:
     ratelimiter: Any = None  # ratelimit.RateLimiter, set by the service (None: no limiting)
     status_cache: Any = None  # status.StatusCache
     auth_failures: AuthFailures = field(init=False)
+    oidc: OidcVerifier | None = field(init=False)
     http_port: int | None = None
 
     def __post_init__(self) -> None:
         self.auth_failures = AuthFailures(limit=self.options.auth_failures_per_minute)
+        self.oidc = (OidcVerifier(self.options.oidc, self.redis, self.options.keys, self.options.default_tenant)
+                     if self.options.oidc is not None else None)
         self.jobs = JobStore(self.redis)
         self.dlq = DlqStore(self.redis)
         self.configs = ConfigStore(self.redis)

@@ -273,3 +273,8 @@ def artifact(artifact_id: str) -> str:
 # ---- auth --------------------------------------------------------------------------------------
 # Ours: the secret API keys are named under (gateway.auth.keyed_fingerprint), made once.
 KEY_FINGERPRINT_SECRET = "cordum:auth:fingerprint_secret"
+
+
+def oidc_jwks(issuer_hash: str) -> str:
+    """The guide's cross-replica cache of an OIDC issuer's JWKS (1 h)."""
+    return f"cordum:auth:jwks:{issuer_hash}"

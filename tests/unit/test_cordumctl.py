@@ -24,6 +24,7 @@ from cordum.cli import http as cli_http
 from cordum.cli import main as cli
 from cordum.cli import render
 from cordum.cli.ws import StreamError, WebSocketClient, stream_url
+from tests.httpstub import send_json
 
 SECRET = "sk-test-SECRET-9f8e7d"
 
@@ -1019,12 +1020,7 @@ def _recording_server(redirect: Callable[[str], str | None] = lambda path: None)
                 self.send_header("Location", location)
                 self.end_headers()
                 return
-            body = b'{"ok": true}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, 200, {"ok": True})
 
         def log_message(self, *args: Any) -> None:
             pass
