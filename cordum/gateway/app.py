@@ -11,7 +11,7 @@ from typing import Any
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from cordum.gateway import approvals, config, dlq, errors, jobs, memory, status, stream, workers, workflows
+from cordum.gateway import approvals, audit, config, dlq, errors, jobs, memory, status, stream, workers, workflows
 from cordum.gateway.auth import KEY_SUBPROTOCOL, Principal, key_from_headers
 from cordum.gateway.context import MAX_BODY, SERVICE, Gateway, client_address
 from cordum.gateway.errors import error_response
@@ -117,8 +117,9 @@ def create_app(gw: Gateway) -> QuartTrio:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         method = request.method if request.method in HTTP_METHODS else "other"  # any word is a method to a client
         gw.http_requests.labels(method=method, route=rule, status=str(response.status_code)).inc()
+        audit.record_request(gw, response)
         return response
 
-    for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory):
+    for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory, audit):
         module.register(app, gw)
     return app

@@ -112,6 +112,8 @@ class GatewayOptions:
     # Proxies whose X-Forwarded-For names the client (cordum-mcp on this host, a load balancer).
     trusted_proxies: tuple[Any, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     oidc: OidcConfig | None = None  # CORDUM_OIDC_ISSUER: bearer tokens of that issuer authenticate too
+    audit_hmac_key: bytes = field(default=b"", repr=False)  # CORDUM_AUDIT_HMAC_KEY: keys the chain's hashes
+    audit_buffer_size: int = 1000
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -134,6 +136,8 @@ class GatewayOptions:
             auth_failures_per_minute=env_value(settings, "CORDUM_AUTH_FAILURES_PER_MINUTE", "30", _int_between(1, 1_000_000)),
             trusted_proxies=env_value(settings, "CORDUM_TRUSTED_PROXIES", "127.0.0.0/8,::1/128", _networks),
             oidc=OidcConfig.from_env(settings.extra),
+            audit_hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode(),
+            audit_buffer_size=env_value(settings, "CORDUM_AUDIT_BUFFER_SIZE", "1000", _int_between(1, 1_000_000)),
         )
 
 
@@ -158,6 +162,7 @@ class Gateway:
     hub: Any = None  # stream.StreamHub, set by the service
     ratelimiter: Any = None  # ratelimit.RateLimiter, set by the service (None: no limiting)
     status_cache: Any = None  # status.StatusCache
+    audit: Any = None  # runtime.audit.AuditLog, set by the service (None: nothing recorded)
     auth_failures: AuthFailures = field(init=False)
     oidc: OidcVerifier | None = field(init=False)
     http_port: int | None = None

@@ -35,7 +35,7 @@ from quart import Quart, request
 
 from cordum.agent.v1 import job_pb2, safety_pb2
 from cordum.context.window import memory_id_problems
-from cordum.gateway import deadletter
+from cordum.gateway import audit, deadletter
 from cordum.gateway.auth import Principal
 from cordum.gateway.context import MAX_BODY, SENDER, Gateway, caller, cursor_text, json_body, optional_str, optional_str_list, optional_str_map, query_int, require
 from cordum.gateway.errors import ApiError, not_found
@@ -384,6 +384,8 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
         else:
             verdict, reason = Verdict.DENY, POLICY_UNAVAILABLE
 
+    audit.record_decision(gw, tenant, job_id, inp.topic, verdict.value, reason, decision.rule_id, decision.snapshot,
+                          inp.principal_id)
     if verdict is Verdict.THROTTLE:
         gw.submitted.labels(outcome="throttled").inc()
         raise ApiError(429, reason or "throttled by policy", code="throttled",

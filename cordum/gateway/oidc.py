@@ -10,7 +10,8 @@ highest known role; absent: CORDUM_OIDC_DEFAULT_ROLE, `viewer`), the principal f
 The JWKS (from CORDUM_OIDC_JWKS_URL, else the issuer's discovery document) is kept in memory
 and shared by the gateway replicas in Redis at `cordum:auth:jwks:<issuerHash>` for an hour (the
 guide's key): a replica that starts, or meets a key id it does not know, reads Redis before it
-asks the issuer, and asks the issuer at most once per REFRESH_COOLDOWN_S.
+asks the issuer, and asks the issuer at most once per REFRESH_COOLDOWN_S. `joserfc` (and `cryptography` under it, some
+15 MB) is imported only by a gateway that has OIDC configured.
 """
 
 from __future__ import annotations
@@ -24,10 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import trio
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
-from joserfc.jwt import JWTClaimsRegistry
 
 from cordum.gateway.auth import ROLES, KeyRing, Principal
 from cordum.infra.config import ConfigError
@@ -114,14 +111,14 @@ class Jwks:
         self._config = config
         self._redis = redis
         self._cache_key = keys.oidc_jwks(issuer_hash(config.issuer))
-        self._keys: KeySet | None = None
+        self._keys: Any = None  # joserfc KeySet
         self._kids: frozenset[str] = frozenset()
         self._loaded_at = -1e18
         self._fetched_at = -1e18
         self._lock = trio.Lock()
         self.fetches = 0
 
-    async def for_kid(self, kid: str) -> KeySet:
+    async def for_kid(self, kid: str) -> Any:
         async with self._lock:
             if self._current(kid):
                 return self._keys  # type: ignore[return-value]
@@ -147,6 +144,9 @@ class Jwks:
         return self._keys is not None and fresh and (not kid or kid in self._kids)
 
     def _install(self, document: str) -> None:
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+
         try:
             self._keys = KeySet.import_key_set(json.loads(document))
         except (ValueError, JoseError, TypeError) as exc:
@@ -182,6 +182,8 @@ class Jwks:
 
 class OidcVerifier:
     def __init__(self, config: OidcConfig, redis: Redis, ring: KeyRing, default_tenant: str) -> None:
+        from joserfc.jwt import JWTClaimsRegistry
+
         self.config = config
         self.jwks = Jwks(config, redis)
         self._ring = ring
@@ -192,6 +194,9 @@ class OidcVerifier:
 
     async def principal(self, token: str) -> Principal:
         """The caller a token names; TokenRefused saying why it does not."""
+        from joserfc import jwt
+        from joserfc.errors import JoseError
+
         header = _header(token)
         algorithm = header.get("alg")
         if algorithm not in ALGORITHMS:

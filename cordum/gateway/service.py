@@ -26,6 +26,7 @@ REDIS_RATE_LIMIT (true; false|0|no = per-replica in-memory limiting) — see `ra
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 import trio
@@ -41,7 +42,9 @@ from cordum.infra.config import Settings
 from cordum.infra.http import HttpServer
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, open_redis
-from cordum.runtime.consumer import ConsumerMetrics
+from cordum.protocol import subjects
+from cordum.runtime.audit import AuditLog
+from cordum.runtime.consumer import ConsumerMetrics, serve_packets
 from cordum.runtime.instances import serve_registration
 from cordum.runtime.lease import Leases
 from cordum.runtime.lifecycle import Lifecycle
@@ -49,6 +52,7 @@ from cordum.runtime.log import get_logger
 from cordum.runtime.service import run_service
 from cordum.safety import client as safety_client
 from cordum.store import keys
+from cordum.store.audit import AuditChain
 
 STAGES = ("bus taps", "http drain", "grpc drain", "close stores")
 
@@ -72,6 +76,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                      safety=safety, leases=Leases(redis, settings.instance_id))
         gw.hub = StreamHub(gw, buffer=options.ws_client_buffer)
         gw.ratelimiter = RateLimiter(rate_limit, redis, metrics)
+        gw.audit = AuditLog(AuditChain(redis, hmac_key=options.audit_hmac_key), bus, transport=settings.audit_transport,
+                            sender=settings.instance_id, buffer_size=options.audit_buffer_size)
         http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0,
                           websocket_max_message=WS_MAX_CLIENT_MESSAGE, websocket_ping_interval=options.ws_ping_interval)
         counters = ConsumerMetrics(metrics)
@@ -84,6 +90,10 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                     async with trio.open_nursery() as inner:
                         await inner.start(serve_dlq_writer, gw, counters)
                         await inner.start(gw.hub.serve_taps)
+                        if settings.audit_transport == "nats":  # one exporter of every replica's events
+                            await inner.start(functools.partial(
+                                serve_packets, bus, subjects.AUDIT_EXPORT, gw.audit.export, counters,
+                                queue=subjects.QUEUE_AUDIT_EXPORTERS, concurrency=8))
                         task_status.started()
 
             await nursery.start(run_taps)
@@ -93,6 +103,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                 with background:
                     async with trio.open_nursery() as inner:
                         await inner.start(serve_registration, redis, SERVICE, settings.instance_id)
+                        await inner.start(gw.audit.run)
                         inner.start_soon(reload_keys, options.keys, options.keys_reload_interval)
                         election, work = cleanup_election(gw)
                         await inner.start(election.run, work)

@@ -31,6 +31,7 @@ from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyClient, SafetyDecision, Verdict
 from cordum.scheduler.registry import WorkerRegistry
+from cordum.runtime.audit import AuditLog, new_event
 from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
@@ -100,6 +101,7 @@ class Engine:
         self.pools = pools
         self.metrics = metrics
         self.config = config
+        self.audit: AuditLog | None = None  # policy decisions go to the tenant's audit chain
 
     # ---- locking ----------------------------------------------------------------------------
 
@@ -239,6 +241,11 @@ class Engine:
             return
 
         decision = await self._safety(request, meta, tenant)
+        if self.audit is not None:
+            self.audit.record(new_event(tenant, "policy_decision", "dispatch", job_id=job_id, topic=request.topic,
+                                        verdict=decision.verdict.value, reason=decision.reason,
+                                        rule_id=decision.rule_id, snapshot=decision.snapshot,
+                                        principal=request.principal_id))
         if decision.verdict is Verdict.UNAVAILABLE:
             self.metrics.unavailable.labels(topic=request.topic).inc()
             if not self.config.fail_open:

@@ -31,6 +31,7 @@ from cordum.infra.redis import open_redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.instances import serve_registration
+from cordum.runtime.audit import AuditLog
 from cordum.runtime.consumer import ConsumerMetrics, PacketConsumer, serve_packets
 from cordum.runtime.leader import LeaderElection, every
 from cordum.runtime.lease import Leases
@@ -43,6 +44,7 @@ from cordum.scheduler.engine import SENDER, Engine, EngineConfig, SchedulerMetri
 from cordum.scheduler.loops import IndexSweep, PendingReplayer, Reconciler, SnapshotWriter, Timeouts, WorkerReaper
 from cordum.scheduler.registry import WorkerRegistry
 from cordum.store import keys
+from cordum.store.audit import AuditChain
 from cordum.store.config import ConfigStore
 from cordum.store.jobs import JobStore
 
@@ -83,6 +85,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics, pools.current),
             config=EngineConfig(fail_open=fail_mode == "open"),
         )
+        engine.audit = AuditLog(AuditChain(redis, hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode()),
+                                bus, transport=settings.audit_transport, sender=settings.instance_id)
 
         async def health() -> dict:
             await redis.ping()
@@ -105,6 +109,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve)
             await nursery.start(serve_registration, redis, NAME, settings.instance_id)
+            await nursery.start(engine.audit.run)
             await nursery.start(serve_packets, bus, subjects.HEARTBEAT, on_heartbeat, counters)
             for consumer in consumers:
                 await nursery.start(consumer.run)

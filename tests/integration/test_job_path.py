@@ -88,6 +88,18 @@ async def test_allowed_job_runs_to_success_with_its_result(path):
     assert job["state"] == "SUCCEEDED"
     assert job["result"]["worker_id"] == "worker-1"
     assert job["result"]["echo"]["context"] == {"n": 1}
+    # both policy decisions (the gateway's at submit, the scheduler's before dispatch) are in the
+    # tenant's audit chain, with the request that submitted the job, and the chain verifies
+    with trio.fail_after(10):
+        while True:
+            _, audit, _ = await api.call("GET", "/api/v1/audit/events?limit=100")
+            mine = {(e["kind"], e["action"]) for e in audit["items"] if e.get("job_id") == body["job_id"]}
+            if mine == {("policy_decision", "submit"), ("policy_decision", "dispatch")}:
+                break
+            await trio.sleep(0.1)
+    assert any(e["action"] == "POST /api/v1/jobs" for e in audit["items"])
+    _, verified, _ = await api.call("GET", "/api/v1/audit/verify")
+    assert verified["valid"] is True
 
 
 async def test_denied_job_is_403_denied_and_in_the_dlq(path):

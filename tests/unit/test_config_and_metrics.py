@@ -82,6 +82,9 @@ def test_services_without_an_api_do_not_load_quart():
     for module in ("cordum.scheduler.service", "cordum.safety.service", "cordum.worker.echo"):
         code = f"import sys, {module}; sys.exit('quart' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code]).returncode == 0, module
+    # joserfc and cryptography (~15 MB) only where OIDC is configured
+    code = "import sys, cordum.gateway.service; sys.exit('joserfc' in sys.modules or 'cryptography.hazmat' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 @pytest.mark.parametrize("name,value", [
