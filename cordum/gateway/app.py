@@ -11,7 +11,8 @@ from typing import Any
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from cordum.gateway import approvals, audit, config, dlq, errors, jobs, memory, status, stream, workers, workflows
+from cordum.gateway import (approvals, audit, config, dlq, errors, jobs, memory, openapi, status, stream, workers,
+                            workflows)
 from cordum.gateway.auth import KEY_SUBPROTOCOL, Principal, key_from_headers
 from cordum.gateway.context import MAX_BODY, SERVICE, Gateway, client_address
 from cordum.gateway.errors import error_response
@@ -19,6 +20,7 @@ from cordum.gateway.oidc import TokenRefused, looks_like_jwt
 from cordum.infra.http import make_app
 from cordum.store.validate import tenant_name_problem
 
+OPENAPI_PATH = "/api/v1/openapi.json"  # public: describes the API, holds nothing secret
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -99,7 +101,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.before_request
     async def _auth() -> Response | None:
-        if not request.path.startswith("/api/"):
+        if not request.path.startswith("/api/") or request.path == OPENAPI_PATH:
             return None
         address = client_address(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
                                  gw.options.trusted_proxies)
@@ -122,4 +124,10 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory, audit):
         module.register(app, gw)
+    spec = openapi.document()
+
+    @app.get(OPENAPI_PATH)
+    async def openapi_document() -> Any:
+        return spec
+
     return app
