@@ -44,6 +44,8 @@ _NON_TERMINAL = [s for s in JobState if s not in TERMINAL]
 # `/api/v1/approvals` reads one small index. Writing it costs nothing on the job path: a job enters
 # or leaves it only through approval.
 TENANT_INDEXED_STATES = frozenset({JobState.APPROVAL_REQUIRED})
+# The index sweep leaves alone a job changed this recently: its index writes may be on their way.
+REPAIR_SETTLE_US = 5_000_000
 # A listing filtered by state or topic looks at most this many recent jobs per request; past it
 # the page comes back short, with a cursor to go on from (bounded work per request).
 LIST_SCAN_BUDGET = 1000
@@ -587,15 +589,22 @@ class JobStore:
         metas = await self.get_many(ids) if ids else []
         return cursor, [meta for meta in metas if meta is not None]
 
-    async def repair_indexes(self, metas: Sequence[Mapping[str, Any]]) -> list[str]:
+    async def repair_indexes(self, metas: Sequence[Mapping[str, Any]], *, settled_us: int = REPAIR_SETTLE_US) -> list[str]:
         """Put live jobs back into their state index (and tenant's active set, and the in-flight
         list of the worker they were sent to) where a lost write left them out: one pipeline of
-        checks and one of repairs for the whole page. Returns the ids repaired."""
+        checks, one of re-reads and one of repairs for the whole page. Returns the ids repaired.
+
+        `metas` were read a while ago (a scan page): a job that moved on since (its index entries
+        moved with it) must not be put back where it was. So only jobs unchanged for `settled_us`
+        are looked at (the index writes of a recent change may still be on their way, on a
+        cluster), and a job is repaired only if it is still in the state and at the update time
+        it was scanned at, read again right before the repair."""
         checks: list[tuple[Any, ...]] = []
         wanted: list[tuple[Mapping[str, Any], str]] = []  # (meta, what the check looks for)
+        settled_before = now_us() - settled_us
         for meta in metas:
             state = JobState(meta["state"])
-            if state in TERMINAL:
+            if state in TERMINAL or int(meta.get("updated_at") or 0) > settled_before:
                 continue
             checks.append(("ZSCORE", keys.job_index(state.value), meta["id"]))
             wanted.append((meta, "index"))
@@ -604,11 +613,17 @@ class JobStore:
                 wanted.append((meta, "inflight"))
         if not checks:
             return []
+        missing = [(meta, kind) for (meta, kind), found in zip(wanted, await self._redis.pipeline(checks))
+                   if found is None]  # absent (a failed check reads as present: the next pass looks again)
+        if not missing:
+            return []
+        now = await self._redis.pipeline([("HMGET", keys.job_meta(meta["id"]), "state", "updated_at")
+                                          for meta, _ in missing])
         commands: list[tuple[Any, ...]] = []
         repaired: list[str] = []
-        for (meta, kind), found in zip(wanted, await self._redis.pipeline(checks)):
-            if found is not None:  # present (or the check itself failed: the next pass looks again)
-                continue
+        for (meta, kind), current in zip(missing, now):
+            if not isinstance(current, list) or current != [meta["state"], str(meta.get("updated_at"))]:
+                continue  # moved on since the scan: its indexes moved with it
             job_id = meta["id"]
             if kind == "inflight":
                 commands += self.inflight_commands(meta["worker_id"], job_id, done=False)

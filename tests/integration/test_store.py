@@ -267,3 +267,30 @@ async def test_the_store_counts_attempts_by_the_pure_rule(redis):
     assert (await store.transition(job_id, S.SCHEDULED)).attempts == 2  # a rolled-back dispatch counts
     assert (await store.transition(job_id, S.DISPATCHED)).attempts == 2  # counted on entering SCHEDULED
     assert (await store.transition(job_id, S.RUNNING)).attempts == 2
+
+
+async def test_the_index_sweep_repairs_a_lost_index_entry_and_nothing_else(redis):
+    """A live job missing from its state index (a lost write) is put back; a job that finished
+    after the sweep read it, or that changed moments ago, is left alone: putting those back would
+    list a finished job as running and count it as the tenant's unfinished work forever."""
+    store = JobStore(redis)
+    tenant = unique("sweep")
+    lost, finished, fresh = [await _new_job(store, tenant=tenant) for _ in range(3)]
+    for job_id in (lost, finished, fresh):
+        await store.transition(job_id, S.DISPATCHED, tenant=tenant, fields={"worker_id": "w1"})
+    scanned = {job_id: await store.get(job_id) for job_id in (lost, finished, fresh)}
+    # the lost write: `lost` is missing from the dispatched index and its tenant's active set
+    await redis.zrem(keys.job_index("dispatched"), lost)
+    await redis.srem(keys.tenant_active(tenant), lost)
+    # `finished` finishes after the scan read it (its index entries move with it)
+    await store.transition(finished, S.SUCCEEDED, tenant=tenant)
+    repaired = await store.repair_indexes([scanned[lost], scanned[finished]], settled_us=0)
+    assert repaired == [lost]
+    assert await redis.zscore(keys.job_index("dispatched"), lost) is not None
+    assert await redis.sismember(keys.tenant_active(tenant), lost)
+    assert await redis.zscore(keys.job_index("dispatched"), finished) is None
+    assert not await redis.sismember(keys.tenant_active(tenant), finished)
+    assert await redis.get(keys.job_state(finished)) == "SUCCEEDED"
+    # a job changed moments ago is not judged yet (its index writes may still be on their way)
+    await redis.zrem(keys.job_index("dispatched"), fresh)
+    assert await store.repair_indexes([scanned[fresh]]) == []
