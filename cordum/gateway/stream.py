@@ -14,9 +14,10 @@ after a reconnect.
 The stream only sends. A client message of any kind closes the connection (1008), and hypercorn
 refuses messages over WS_MAX_CLIENT_MESSAGE, so a client cannot park memory here. A tenant has at
 most CORDUM_WS_MAX_CONNECTIONS_PER_TENANT streams per replica (beyond: HTTP 429 before the
-upgrade). The server pings every GATEWAY_WS_PING_INTERVAL, and re-checks the stream's key every
-GATEWAY_WS_AUTH_RECHECK_INTERVAL: a key removed from the keys file, expired, or moved to another
-tenant or role ends its streams (1008).
+upgrade). The server pings every GATEWAY_WS_PING_INTERVAL; a client that vanished without closing
+is found by TCP keepalive (infra.http: about a minute of silence) and its stream ends. The stream's
+key is re-checked every GATEWAY_WS_AUTH_RECHECK_INTERVAL: a key removed from the keys file, expired,
+or moved to another tenant or role ends its streams (1008), as does a bearer token that expires.
 """
 
 from __future__ import annotations

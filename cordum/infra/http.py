@@ -10,6 +10,7 @@ in-flight requests finish (bounded by `graceful_timeout`, kept small: hypercorn 
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -86,11 +87,36 @@ def make_app(service: str, metrics: Metrics, health: HealthCheck | None = None) 
     return app
 
 
+# A peer that vanished without closing (a crashed client, a dropped NAT entry) is noticed by the
+# kernel after KEEPALIVE_IDLE_S of silence and KEEPALIVE_COUNT unanswered probes: its connection
+# (a WebSocket stream in particular, which the server only ever writes to) then ends.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 30, 10, 3
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on a listening socket: the connections it accepts inherit it (Linux)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+class _Config(HypercornConfig):
+    def create_sockets(self) -> Any:
+        sockets = super().create_sockets()
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            set_keepalive(sock)
+        return sockets
+
+
 class HttpServer:
     def __init__(self, app: Any, host: str, port: int, *, graceful_timeout: float = 5.0,
                  websocket_max_message: int = 64 * 1024, websocket_ping_interval: float | None = None) -> None:
         self.app = app
-        self.config = HypercornConfig()
+        self.config = _Config()
         self.config.bind = [f"{host}:{port}"]
         self.config.graceful_timeout = graceful_timeout
         # hypercorn's default (16 MiB, ten queued per connection) lets one client park 160 MiB.

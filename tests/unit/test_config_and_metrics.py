@@ -106,3 +106,23 @@ async def test_a_failed_health_check_does_not_serve_its_error_text():
     body, status = await health_body("svc", Metrics("i-1"), failing)
     assert status == 503 and body["status"] == "degraded"
     assert "hunter2" not in str(body) and "redis.internal" not in str(body)
+
+
+def test_http_connections_inherit_tcp_keepalive_from_the_listener():
+    """A client that vanishes without closing is noticed (its WebSocket stream ends) once the
+    kernel's keepalive probes go unanswered: the accepted sockets carry the listener's settings."""
+    import socket
+
+    from cordum.infra.http import KEEPALIVE_COUNT, KEEPALIVE_IDLE_S, _Config
+
+    config = _Config()
+    config.bind = ["127.0.0.1:0"]
+    (listener,) = config.create_sockets().insecure_sockets
+    listener.listen()
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
+        assert client
