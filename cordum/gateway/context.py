@@ -114,6 +114,7 @@ class GatewayOptions:
     oidc: OidcConfig | None = None  # CORDUM_OIDC_ISSUER: bearer tokens of that issuer authenticate too
     audit_hmac_key: bytes = field(default=b"", repr=False)  # CORDUM_AUDIT_HMAC_KEY: keys the chain's hashes
     audit_buffer_size: int = 1000
+    tenant_bytes_per_hour: int = 0  # CORDUM_TENANT_BYTES_PER_HOUR: input bytes a tenant stores an hour (0: no cap)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "GatewayOptions":
@@ -138,6 +139,7 @@ class GatewayOptions:
             oidc=OidcConfig.from_env(settings.extra),
             audit_hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode(),
             audit_buffer_size=env_value(settings, "CORDUM_AUDIT_BUFFER_SIZE", "1000", _int_between(1, 1_000_000)),
+            tenant_bytes_per_hour=env_value(settings, "CORDUM_TENANT_BYTES_PER_HOUR", "0", _int_between(0, 1 << 50)),
         )
 
 

@@ -47,6 +47,7 @@ from cordum.safety.client import SafetyDecision, Verdict
 from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request
 from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
 from cordum.store.keys import memory_scope
+from cordum.store import keys
 from cordum.store.jobstate import TERMINAL, JobState, parse_state
 
 log = get_logger("gateway.jobs")
@@ -309,6 +310,22 @@ async def publish_request(gw: Gateway, request_msg: job_pb2.JobRequest, trace_id
 # ---- the pipeline -------------------------------------------------------------------------------
 
 
+async def charge_stored_bytes(gw: Gateway, tenant: str, size: int) -> None:
+    """Count `size` input bytes against the tenant's hourly allowance (CORDUM_TENANT_BYTES_PER_HOUR,
+    shared by the gateway replicas in Redis): inputs are kept a day, so a tenant stores at most 24
+    allowances. Over it: 429 until the next hour, nothing counted."""
+    limit = gw.options.tenant_bytes_per_hour
+    hour = int(time.time() // 3600)
+    key = keys.tenant_bytes(tenant, hour)
+    used, _ = await gw.redis.pipeline([("INCRBY", key, size), ("EXPIRE", key, 7200)])
+    if isinstance(used, int) and used > limit:
+        await gw.redis.execute("DECRBY", key, size)
+        gw.submitted.labels(outcome="tenant_bytes_limit").inc()
+        raise ApiError(429, f"tenant {tenant} has stored {used - size} input bytes this hour; its allowance is "
+                       f"{limit} (CORDUM_TENANT_BYTES_PER_HOUR)", code="tenant_bytes_limit",
+                       headers={"Retry-After": str(3600 - int(time.time()) % 3600)})
+
+
 def bound_identity(who: Principal, principal_id: str, actor_id: str, actor_type: str) -> tuple[str, str, str]:
     """Who a job runs as: (principal_id, actor_id, actor_type) from the credential, never from
     what the body claims, since policy rules match on them. A key that names its principal or
@@ -401,6 +418,10 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
                            "(policy tenants.<tenant>.max_concurrent_jobs)", code="tenant_limit",
                            headers={"Retry-After": TENANT_LIMIT_RETRY_AFTER})
 
+    context = context_payload(inp, tenant)
+    if admitted and gw.options.tenant_bytes_per_hour:
+        await charge_stored_bytes(gw, tenant, len(json.dumps(context).encode()))
+
     # A fail-closed denial is not the policy's answer: it does not hold the key, so the same submit
     # can succeed once the kernel is back.
     reserved = bool(key) and not (unavailable and verdict is Verdict.DENY)
@@ -419,7 +440,6 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
     fields = {**job_fields(inp, tenant, trace_id, who.identity), **safety_fields(decision, verdict, reason)}
     if who.key_fingerprint:
         fields["submitted_key"] = who.key_fingerprint  # never the key: see auth.key_fingerprint
-    context = context_payload(inp, tenant)
     initial = JobState.APPROVAL_REQUIRED if verdict is Verdict.REQUIRE_APPROVAL else JobState.PENDING
     if initial is JobState.APPROVAL_REQUIRED:
         fields.update(approval_status="pending", approval_revision=1)

@@ -278,3 +278,8 @@ KEY_FINGERPRINT_SECRET = "cordum:auth:fingerprint_secret"
 def oidc_jwks(issuer_hash: str) -> str:
     """The guide's cross-replica cache of an OIDC issuer's JWKS (1 h)."""
     return f"cordum:auth:jwks:{issuer_hash}"
+
+
+def tenant_bytes(tenant: str, hour: int) -> str:
+    """Ours: input bytes a tenant stored in one hour (unix time // 3600), for its allowance."""
+    return f"cordum:quota:bytes:{tenant}:{hour}"

@@ -606,6 +606,18 @@ async def test_a_tenants_unfinished_jobs_are_capped_by_policy(start_gateway, nur
     assert (await api.submit()).status == 200
 
 
+async def test_a_tenants_stored_input_bytes_are_capped_per_hour(start_gateway, redis) -> None:
+    api = await start_gateway(CORDUM_TENANT_BYTES_PER_HOUR="3000")
+    blob = {"blob": "x" * 1000}
+    accepted = [(await api.submit(key=ALICE, context=blob)).status for _ in range(2)]
+    assert accepted == [200, 200]
+    over = await api.submit(key=ALICE, context=blob)
+    assert over.status == 429 and over.body["code"] == "tenant_bytes_limit", over.raw
+    assert 0 < int(over.headers["Retry-After"]) <= 3600 and "CORDUM_TENANT_BYTES_PER_HOUR" in over.body["error"]
+    assert (await api.submit(key=ACME, context=blob)).status == 200  # another tenant has its own allowance
+    assert (await api.submit(key=ALICE, context={"small": 1})).status == 200  # the refused one was not counted
+
+
 async def test_a_denied_submit_keeps_no_input_and_cannot_be_retried(api: Api, redis) -> None:
     denied = (await api.submit(topic="job.vault.x", context={"secret": "v" * 1000})).body["job_id"]
     assert await redis.exists(keys.context(denied)) == 0  # nothing stored that nobody may run
