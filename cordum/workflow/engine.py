@@ -150,22 +150,33 @@ class WorkflowMetrics:
     """The Go original's workflow series (spec metrics): runs started, completed by status, and
     how long finished runs took, labelled by workflow id."""
 
+    MAX_NAMED = 200  # workflows with series of their own per process; the rest count as "other"
+
     def __init__(self, metrics: Metrics) -> None:
+        self._named: set[str] = set()
         self.started = metrics.counter("cordum_workflows_started_total", "Workflows started by name", ["workflow"])
         self.completed = metrics.counter("cordum_workflows_completed_total", "Workflows completed by name and status",
                                          ["workflow", "status"])
         self.duration = metrics.histogram("cordum_workflow_duration_seconds", "Workflow duration seconds by name",
                                           ["workflow"])
 
+    def _label(self, workflow_id: str) -> str:
+        """Bounded: any tenant may define workflows, and each name would be series kept forever."""
+        if workflow_id in self._named or len(self._named) < self.MAX_NAMED:
+            self._named.add(workflow_id)
+            return workflow_id
+        return "other"
+
     def moved(self, run: Run, previous: str) -> None:
         if previous == run.status:
             return
+        name = self._label(run.workflow_id)
         if previous == rs.PENDING:
-            self.started.labels(workflow=run.workflow_id).inc()
+            self.started.labels(workflow=name).inc()
         if run.terminal and previous not in rs.TERMINAL_RUN_STATUSES:
-            self.completed.labels(workflow=run.workflow_id, status=run.status).inc()
+            self.completed.labels(workflow=name, status=run.status).inc()
             if run.started_at is not None and run.completed_at is not None:
-                self.duration.labels(workflow=run.workflow_id).observe(max(0.0, run.completed_at - run.started_at))
+                self.duration.labels(workflow=name).observe(max(0.0, run.completed_at - run.started_at))
 
 
 class WorkflowEngine(StepHandlers):

@@ -152,3 +152,22 @@ def test_metric_topic_labels_are_bounded_by_the_pools_file():
     text = metrics.exposition().decode()
     received = [line for line in text.splitlines() if line.startswith("cordum_scheduler_jobs_received_total{")]
     assert len(received) == 3 and any('topic="other"' in line and line.endswith(" 50.0") for line in received)
+
+
+def test_workflow_metric_labels_are_bounded():
+    from types import SimpleNamespace
+
+    from cordum.infra.metrics import Metrics
+    from cordum.workflow.engine import WorkflowMetrics
+
+    metrics = Metrics("wf-1")
+    counters = WorkflowMetrics(metrics)
+    for n in range(WorkflowMetrics.MAX_NAMED + 50):
+        run = SimpleNamespace(workflow_id=f"wf-{n}", status="running", terminal=False)
+        counters.moved(run, "pending")
+    counters.moved(SimpleNamespace(workflow_id="wf-0", status="running", terminal=False), "pending")
+    text = metrics.exposition().decode()
+    started = [line for line in text.splitlines() if line.startswith("cordum_workflows_started_total{")]
+    assert len(started) == WorkflowMetrics.MAX_NAMED + 1  # the named ones and "other"
+    assert any('workflow="other"' in line and line.endswith(" 50.0") for line in started)
+    assert any('workflow="wf-0"' in line and line.endswith(" 2.0") for line in started)  # a known one keeps its own
