@@ -50,8 +50,8 @@ async def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Res
     if args is not None and args.get("api_key") and not gw.options.dev:
         # A key in the URL ends up in proxies' and browsers' logs.
         return error_response(401, "an API key in the URL (?api_key=) is refused outside dev mode: send it in "
-                              f"X-API-Key or as the WebSocket subprotocol {KEY_SUBPROTOCOL}.<base64url key>",
-                              code="unauthenticated")
+                              f"X-API-Key or, from a browser, as the WebSocket subprotocols {KEY_SUBPROTOCOL} "
+                              "and the key's base64url", code="unauthenticated")
     key = key_from_headers(headers, args) or token
     if not key:
         return error_response(401, "missing API key (X-API-Key)", code="unauthenticated")

@@ -10,6 +10,7 @@ read and verify their tenant's chain here.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from quart import Quart, Response, g, request
@@ -20,6 +21,7 @@ from cordum.protocol import subjects
 from cordum.runtime.audit import new_event
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+STREAM_ID = re.compile(r"\d{1,19}-\d{1,19}")  # what next_cursor holds (Redis stream ids are 64-bit)
 READ_ONLY_POSTS = frozenset({"/api/v1/policy/evaluate", "/api/v1/workflows/<workflow_id>/dry-run"})
 
 
@@ -54,7 +56,7 @@ def register(app: Quart, gw: Gateway) -> None:
     async def audit_events() -> Any:
         limit = query_int("limit", 100, high=1000)
         cursor = request.args.get("cursor") or None
-        if cursor is not None and not all(part.isdigit() for part in cursor.split("-", 1)):
+        if cursor is not None and not STREAM_ID.fullmatch(cursor):
             raise ApiError(400, "cursor must be a stream id (as next_cursor gave it)")
         entries, next_cursor = await _audit(gw).chain.page(caller().tenant, limit=limit, before=cursor)
         return {"items": [entry.view() for entry in entries], "next_cursor": next_cursor}

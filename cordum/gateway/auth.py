@@ -10,9 +10,9 @@ says otherwise) authenticates nothing. Keys are kept only as SHA-256 digests and
 `hmac.compare_digest`. A principal carries its key's name (`key_fingerprint`: an HMAC of the
 digest under the deployment's fingerprint secret, so it cannot be used to test guesses of the key
 offline), which a job records as `submitted_key` so that nobody approves a job submitted with
-their own key; no API view shows it. Weak keys (shorter than 16 characters, an obvious default, or
-fewer than 8 distinct characters) refuse to start unless `CORDUM_ENV=dev`; the error names the
-variable, never the key. No key at all is a startup error too. An address with too many failed
+their own key; no job or run view shows it (the audit trail records it). Weak keys (shorter than
+16 characters, an obvious default, or fewer than 8 distinct characters) refuse to start unless
+`CORDUM_ENV=dev`; the error names the variable, never the key. No key at all is a startup error too. An address with too many failed
 authentications is refused for a while before any key is looked at (`AuthFailures`).
 
 Roles: viewer reads (GET); operator also submits, cancels, approves, rejects and retries DLQ

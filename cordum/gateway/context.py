@@ -245,7 +245,9 @@ def parse_json_object(data: bytes) -> dict[str, Any] | None:
     problem for text that is not UTF-8, not JSON, nested deeper than MAX_JSON_DEPTH, or holding
     a lone surrogate escape (such a string cannot be stored or sent on)."""
     try:
-        body = json.loads(data)
+        # Strict UTF-8 first: json.loads(bytes) would also take UTF-16/32 and let encoded
+        # surrogates (ED A0 80) through, which no store or protobuf can hold.
+        body = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ApiError(400, "invalid JSON body: not UTF-8") from None
     except RecursionError:

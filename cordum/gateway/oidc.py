@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -65,14 +67,22 @@ class OidcConfig:
         if not audience:
             raise ConfigError("CORDUM_OIDC_AUDIENCE is required with CORDUM_OIDC_ISSUER: tokens issued for "
                               "another audience must not be accepted")
-        if not issuer.startswith(("https://", "http://")):
-            raise ConfigError(f"CORDUM_OIDC_ISSUER={issuer!r} is invalid: expected an https:// URL")
+        if not trusted_url(issuer):
+            raise ConfigError(f"CORDUM_OIDC_ISSUER={issuer!r} is invalid: expected an https:// URL "
+                              "(http:// only for this machine)")
         role = (env.get("CORDUM_OIDC_DEFAULT_ROLE") or "viewer").strip().lower()
         if role not in ROLES:
             raise ConfigError(f"CORDUM_OIDC_DEFAULT_ROLE={role!r} is invalid: one of {', '.join(ROLES)}")
         return cls(issuer=issuer, audience=audience, jwks_url=(env.get("CORDUM_OIDC_JWKS_URL") or "").strip(),
                    claim_tenant=(env.get("CORDUM_OIDC_CLAIM_TENANT") or "tenant").strip(),
                    claim_role=(env.get("CORDUM_OIDC_CLAIM_ROLE") or "role").strip(), default_role=role)
+
+
+def trusted_url(url: str) -> bool:
+    """Keys are fetched over https (http only from this machine: a test or local issuer), so
+    nobody on the way can hand the gateway signing keys of their own."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
 
 
 def issuer_hash(issuer: str) -> str:
@@ -84,11 +94,16 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2 and token.startswith("eyJ")
 
 
+MAX_HEADER_CHARS = 2048
+
+
 def _header(token: str) -> dict[str, Any]:
     first = token.split(".", 1)[0]
+    if len(first) > MAX_HEADER_CHARS:
+        raise TokenRefused("malformed token header")
     try:
         header = json.loads(base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise TokenRefused("malformed token header") from None
     if not isinstance(header, dict):
         raise TokenRefused("malformed token header")
@@ -116,9 +131,13 @@ class Jwks:
         self._loaded_at = -1e18
         self._fetched_at = -1e18
         self._lock = trio.Lock()
+        self._unknown: dict[str, float] = {}  # key ids no key set had, when last looked for
         self.fetches = 0
 
     async def for_kid(self, kid: str) -> Any:
+        refused_at = self._unknown.get(kid)
+        if refused_at is not None and trio.current_time() - refused_at < REFRESH_COOLDOWN_S:
+            raise TokenRefused("token signed with a key the issuer does not have")
         async with self._lock:
             if self._current(kid):
                 return self._keys  # type: ignore[return-value]
@@ -137,6 +156,11 @@ class Jwks:
                     log.warning("oidc.jwks_cache_write_failed", error=repr(exc))
             if self._keys is None:
                 raise TokenRefused("the issuer's keys are not available")
+            if kid and kid not in self._kids:  # asked the issuer (or may not yet): remember the miss
+                if len(self._unknown) > 1000:
+                    self._unknown.clear()
+                self._unknown[kid] = trio.current_time()
+                raise TokenRefused("token signed with a key the issuer does not have")
             return self._keys
 
     def _current(self, kid: str) -> bool:
@@ -164,7 +188,7 @@ class Jwks:
         self.fetches += 1
         try:
             return await trio.to_thread.run_sync(self._fetch_blocking)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             log.warning("oidc.jwks_fetch_failed", issuer=self._config.issuer, error=repr(exc))
             raise TokenRefused("the issuer's keys could not be fetched") from None
 
@@ -175,6 +199,8 @@ class Jwks:
             url = discovery.get("jwks_uri") if isinstance(discovery, dict) else None
             if not isinstance(url, str) or not url:
                 raise ValueError("the discovery document names no jwks_uri")
+        if not trusted_url(url):
+            raise ValueError(f"the JWKS URL {url!r} is not https")
         document = _get(url).decode()
         json.loads(document)  # a JSON document, or nothing is cached
         return document
@@ -207,7 +233,7 @@ class OidcVerifier:
             self._claims.validate(claims)
         except JoseError as exc:
             raise TokenRefused(f"token refused ({exc.error})") from None
-        except ValueError as exc:  # a malformed token, or no key of that id
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # malformed, or no key of that id
             raise TokenRefused(f"token refused ({exc.__class__.__name__})") from None
         tenant = str(claims.get(self.config.claim_tenant) or self._default_tenant)
         problem = tenant_name_problem(tenant)

@@ -135,12 +135,17 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
 
 async def fingerprint_secret(redis: Redis, settings: Settings) -> bytes:
     """The secret API keys are named under (`CORDUM_KEY_FINGERPRINT_SECRET`, else one made by the
-    first gateway and kept in Redis, so that every replica names a key alike)."""
+    first gateway and kept in Redis, so that every replica names a key alike). A Redis that loses
+    its data loses the secret, and jobs recorded before are then not recognised as a key's own:
+    set the variable where Redis is not persistent."""
     configured = (settings.extra.get("CORDUM_KEY_FINGERPRINT_SECRET") or "").strip()
     if configured:
         return configured.encode()
     await redis.execute("SET", keys.KEY_FINGERPRINT_SECRET, secrets.token_hex(32), "NX")
-    return str(await redis.execute("GET", keys.KEY_FINGERPRINT_SECRET)).encode()
+    secret = await redis.execute("GET", keys.KEY_FINGERPRINT_SECRET)
+    if not secret:  # evicted or flushed between the two: do not name keys under a made-up secret
+        raise RuntimeError(f"{keys.KEY_FINGERPRINT_SECRET} vanished from Redis; set CORDUM_KEY_FINGERPRINT_SECRET")
+    return str(secret).encode()
 
 
 async def reload_keys(ring: KeyRing, interval: float) -> None:

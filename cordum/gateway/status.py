@@ -1,5 +1,6 @@
 """`GET /api/v1/status` and the `/health` check: bus and store reachability, workers, the
-caller's pipeline by state, and (admins only) the live replicas of every registered service. What
+caller's pipeline by state, and (admins of the operator's tenant, TENANT_ID, only) the live replicas
+of every registered service. What
 status reads from Redis is cached for STATUS_CACHE_S per replica."""
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ async def status(gw: Gateway, who: Principal) -> dict[str, Any]:
         "active_ws_clients": gw.hub.client_count if gw.hub is not None else 0,
         "rate_limiter": gw.ratelimiter.describe() if gw.ratelimiter is not None else {"mode": "off"},
     }
-    if who.allows("admin"):
-        body["replicas"] = {}  # which replicas run where: for operators of the system, not tenants
+    if who.allows("admin") and who.tenant == gw.options.default_tenant:
+        body["replicas"] = {}  # which replicas run where: for the operator's admins, not tenants'
     if ok:
         if gw.status_cache is None:
             gw.status_cache = StatusCache()

@@ -78,12 +78,13 @@ class AuditLog:
         self.last_written_at = 0.0
         self._tenant_locks: dict[str, trio.Lock] = {}
 
+    def _drop(self, lost: dict[str, Any]) -> None:
+        self.dropped += 1
+        log.error("audit.event_dropped", event_id=lost.get("id"), tenant=lost.get("tenant"), buffer=self.buffer_size)
+
     def record(self, event: dict[str, Any]) -> None:
         if len(self._buffer) >= self.buffer_size:
-            lost = self._buffer.popleft()
-            self.dropped += 1
-            log.error("audit.event_dropped", event_id=lost.get("id"), tenant=lost.get("tenant"),
-                      buffer=self.buffer_size)
+            self._drop(self._buffer.popleft())
         if self.sender:
             event.setdefault("replica", self.sender)
         self._buffer.append(event)
@@ -108,26 +109,33 @@ class AuditLog:
                     log.error("audit.events_lost_at_stop", count=len(self._buffer), error=self.last_error)
 
     async def flush(self) -> None:
-        """Send what is buffered; what could not be sent stays buffered, in order."""
+        """Send what is buffered; what could not be sent goes back to the front, in order (events
+        recorded meanwhile stay behind it; past the buffer's size the oldest are dropped)."""
         batch = list(self._buffer)
+        self._buffer.clear()
+        sent = 0
         try:
             if self.transport == "nats" and self.bus is not None:
                 for event in batch:
                     await self.bus.publish(subjects.AUDIT_EXPORT, encode(event_packet(event, self.sender)),
                                            msg_id=f"audit:{event['id']}")
-                    self._buffer.popleft()
-                    self.written += 1
+                    sent += 1
             else:
                 await self._append(batch)
-                for _ in batch:
-                    self._buffer.popleft()
-                self.written += len(batch)
+                sent = len(batch)
             self.last_error = ""
             self.last_written_at = time.time()
         except Exception as exc:  # Redis or NATS away: keep the events, try again shortly
             if not self.last_error:
-                log.warning("audit.write_failed", transport=self.transport, buffered=len(self._buffer), error=repr(exc))
+                log.warning("audit.write_failed", transport=self.transport, buffered=len(batch) - sent, error=repr(exc))
             self.last_error = repr(exc)
+        finally:
+            self.written += sent
+            unsent = batch[sent:]
+            if unsent:
+                self._buffer.extendleft(reversed(unsent))
+                while len(self._buffer) > self.buffer_size:
+                    self._drop(self._buffer.popleft())
 
     async def _append(self, events: list[dict[str, Any]]) -> None:
         by_tenant: dict[str, list[tuple[str, float, dict[str, Any]]]] = {}
@@ -135,7 +143,7 @@ class AuditLog:
             by_tenant.setdefault(str(event["tenant"]), []).append((str(event["id"]), float(event["ts"]), event))
         for tenant, items in by_tenant.items():
             # a failed batch is appended again whole: its events already in the chain are skipped
-            await self.chain.append(tenant, items, dedup=self.last_error != "")
+            await self.chain.append(tenant, items)
 
     async def export(self, packet: BusPacket, msg: Message) -> None:
         """The `audit-exporters` consumer's handler: append one exported event to its chain."""

@@ -283,7 +283,8 @@ class SafetyClient:
                                                                requests=[p.request for p in batch])
             try:
                 reply = await self._call("CheckBatch", request, batch=True)
-            except RpcError as exc:
+            except Exception as exc:  # not only RpcError: a bad reply must fail its checks, not the batcher
+                exc = exc if isinstance(exc, RpcError) else RpcError("UNAVAILABLE", repr(exc))
                 if not _unimplemented(exc):
                     for pending in batch:
                         pending.answer(error=exc)
@@ -317,6 +318,8 @@ class SafetyClient:
                 pending.answer(await self._call(pending.method, pending.request))  # type: ignore[arg-type]
             except RpcError as exc:
                 pending.answer(error=exc)
+            except Exception as exc:  # a bad reply fails its check only
+                pending.answer(error=RpcError("UNAVAILABLE", repr(exc)))
 
         async with trio.open_nursery() as nursery:
             for pending in batch:

@@ -314,7 +314,7 @@ class WorkerReaper:
             await engine.resubmit(job_id, meta.get("trace_id") or job_id, f"reroute:{job_id}:{attempt}")
 
 
-LIVE_STATES = frozenset(s.value for s in JobState if s not in TERMINAL)
+KNOWN_STATES = frozenset(s.value for s in JobState)
 
 
 class IndexSweep:
@@ -331,7 +331,7 @@ class IndexSweep:
     async def tick(self, lease: Lease) -> None:
         store = self.engine.store
         self.cursor, metas = await store.scan_jobs(self.cursor, self.page)
-        live = [meta for meta in metas if meta.get("state") in LIVE_STATES]  # an unknown state is left alone
-        for job_id in await store.repair_indexes(live):
+        known = [meta for meta in metas if meta.get("state") in KNOWN_STATES]  # an unknown state is left alone
+        for job_id in await store.repair_indexes(known):
             self.repaired += 1
             log.warning("index_sweep.repaired", job_id=job_id)

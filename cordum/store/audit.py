@@ -5,11 +5,14 @@ shows when the chain is verified.
     hash = HMAC-SHA256(CORDUM_AUDIT_HMAC_KEY, prev + "\\n" + seq + "\\n" + event)   (SHA-256 without a key)
 
 `event` is the event's canonical JSON (sorted keys, no spaces). Appending is a compare-and-set on
-the stream's last entry (one script, one key: it runs unchanged on Redis Cluster, the tenant being
-the hash tag): a writer reads the head, computes the hashes of its batch, and the script appends
-them only if the head is still the one it read. Event ids make a repeated append (a redelivered
-export) a no-op. The stream keeps about MAX_ENTRIES per tenant; verification starts from the
-oldest entry kept.
+the stream's last entry: a writer reads the head, computes the hashes of its batch, and one script
+appends them only if the head is still the one it read and none of their ids is in the chain's id
+set (`audit:chain:ids:{<tenant>}`): a repeated append (a redelivered export, a batch retried after
+its reply was lost) is a no-op. Both keys carry the tenant as their hash tag, so the script runs
+unchanged on Redis Cluster. The stream keeps about MAX_ENTRIES per tenant; verification starts from
+the oldest entry kept. Events come from the services (the API, and the bus for exports): whoever
+can publish on `sys.audit.export` can add to a chain, which is why NATS must be reachable by
+Cordum's services only (README, Security).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
+
+import trio
 
 from cordum.infra.redis import Redis
 
 MAX_ENTRIES = 100_000
-DEDUP_WINDOW = 200  # a repeated event is looked for among this many newest entries
 MAX_CAS_TRIES = 20
 
 _APPEND = """
@@ -37,15 +42,26 @@ if #last > 0 then
 end
 if head ~= ARGV[1] then return 0 end
 for i = 3, #ARGV, 6 do
+  if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return 0 end
+end
+for i = 3, #ARGV, 6 do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'id', ARGV[i], 'seq', ARGV[i + 1], 'ts', ARGV[i + 2],
              'event', ARGV[i + 3], 'prev', ARGV[i + 4], 'hash', ARGV[i + 5])
+  redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
 end
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[2]) - 1)
 return 1
 """
 
 
 def chain_key(tenant: str) -> str:
     return f"audit:chain:{{{tenant}}}"
+
+
+def ids_key(tenant: str) -> str:
+    """The ids of the events in the chain (score: their sequence number): an event recorded twice
+    (a redelivered export, a batch retried after its reply was lost) is appended once."""
+    return f"audit:chain:ids:{{{tenant}}}"
 
 
 def canonical(event: Mapping[str, Any]) -> str:
@@ -104,18 +120,22 @@ class AuditChain:
         self.hmac_key = hmac_key
         self.max_entries = max_entries
 
-    async def append(self, tenant: str, events: Sequence[tuple[str, float, Mapping[str, Any]]], *,
-                     dedup: bool = True) -> int:
-        """Append (id, ts, event) in order; how many were new. With `dedup`, ids already among the
-        newest DEDUP_WINDOW entries are skipped (a redelivered export); without, only the head is read."""
-        key = chain_key(tenant)
-        for _ in range(MAX_CAS_TRIES):
-            newest = [_entry(sid, dict(fields)) for sid, fields in
-                      await self._redis.execute("XREVRANGE", key, "+", "-", "COUNT", DEDUP_WINDOW if dedup else 1)
-                      or []]
+    async def append(self, tenant: str, events: Sequence[tuple[str, float, Mapping[str, Any]]]) -> int:
+        """Append (id, ts, event) in order, skipping ids the chain has already; how many were new."""
+        key, ids = chain_key(tenant), ids_key(tenant)
+        for attempt in range(MAX_CAS_TRIES):
+            if attempt:  # lost the race for the head: step aside a random moment, or two writers
+                await trio.sleep(random.uniform(0, 0.002 * attempt))  # in lock-step starve one of them
+            last, known = await self._redis.pipeline([  # one node: both keys carry the tenant's hash tag
+                ("XREVRANGE", key, "+", "-", "COUNT", 1), ("ZMSCORE", ids, *[event_id for event_id, _, _ in events])])
+            if isinstance(last, Exception):
+                raise last
+            if isinstance(known, Exception):
+                raise known
+            newest = [_entry(sid, dict(fields)) for sid, fields in last or []]
             head_hash = newest[0].hash if newest else ""
             head_seq = newest[0].seq if newest else 0
-            seen = {entry.id for entry in newest}
+            seen = {event_id for (event_id, _, _), score in zip(events, known) if score is not None}
             args: list[Any] = [head_hash, self.max_entries]
             prev, seq, added = head_hash, head_seq, 0
             for event_id, ts, event in events:
@@ -129,7 +149,7 @@ class AuditChain:
                 prev, added = digest, added + 1
             if not added:
                 return 0
-            if int(await self._append([key], args)) == 1:
+            if int(await self._append([key, ids], args)) == 1:
                 return added
         raise ChainConflict(f"the audit chain of tenant {tenant} kept moving")
 

@@ -602,6 +602,10 @@ class JobStore:
         checks: list[tuple[Any, ...]] = []
         wanted: list[tuple[Mapping[str, Any], str]] = []  # (meta, what the check looks for)
         settled_before = now_us() - settled_us
+        finished = [("SREM", keys.tenant_active(meta["tenant"]), meta["id"]) for meta in metas
+                    if JobState(meta["state"]) in TERMINAL and meta.get("tenant")]
+        if finished:  # a finished job never counts as a tenant's unfinished work, however it got there
+            await self.run_repeatable(finished)
         for meta in metas:
             state = JobState(meta["state"])
             if state in TERMINAL or int(meta.get("updated_at") or 0) > settled_before:

@@ -34,6 +34,14 @@ async def test_the_chain_links_every_event_to_the_one_before(redis) -> None:
     assert not (await AuditChain(redis, hmac_key=b"other").verify(tenant)).valid  # the key matters
 
 
+async def test_an_event_recorded_again_long_after_is_not_appended_twice(redis) -> None:
+    chain = AuditChain(redis)
+    tenant = unique("t")
+    assert await chain.append(tenant, _events(300)) == 300
+    assert await chain.append(tenant, _events(1)) == 0  # e0, 300 entries back: still known
+    assert (await chain.verify(tenant)).checked == 300
+
+
 async def test_concurrent_writers_keep_one_unbroken_chain(redis) -> None:
     tenant = unique("t")
     writers = [AuditChain(redis), AuditChain(redis)]

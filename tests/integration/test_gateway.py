@@ -479,6 +479,8 @@ async def test_bad_input_is_named(api: Api) -> None:
     assert "nested deeper than 64" in (await post(b'{"prompt": "x", "context": ' + b"[" * 70 + b"]" * 70 + b"}"))["error"]
     assert "lone surrogate" in (await post(b'{"prompt": "x", "labels": {"team": "\\ud800"}}'))["error"]
     assert "$.labels" in (await post(b'{"prompt": "x", "labels": {"\\udfff": "a"}}'))["error"]
+    assert "not UTF-8" in (await post(b'{"prompt": "x", "labels": {"k": "\xed\xa0\x80"}}'))["error"]  # an encoded surrogate
+    assert "not UTF-8" in (await post('{"prompt": "x"}'.encode("utf-16")))["error"]
     paired = await api.call("POST", "/api/v1/jobs", {"prompt": "x \U0001f600", "labels": {"mood": "\U0001f600"}})
     assert paired.status == 200, paired.raw  # a real pair (an escaped emoji) is fine
     deep_yaml = "name: w\nsteps:\n" + "  " + "[" * 5000 + "]" * 5000 + "\n"

@@ -128,3 +128,29 @@ async def test_replicas_share_the_issuers_keys_through_redis(start_gateway, issu
     second = await _oidc_gateway(start_gateway, issuer)
     assert (await _as(second, token)).status == 200
     assert issuer.requests == fetched
+
+
+async def test_hostile_token_headers_are_a_401_not_a_500(start_gateway, issuer) -> None:
+    import base64
+
+    api = await _oidc_gateway(start_gateway, issuer)
+    def header(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    deep, deeper = (header(b'{"a":' + b"[" * n + b"]" * n + b"}") for n in (700, 5000))
+    assert deep.startswith("eyJ") and deeper.startswith("eyJ")  # they look like JWTs
+    for token in (deep + ".e30.x", deeper + ".e30.x", "eyJhbGciOiJSUzI1NiJ9.e30", "eyJ" + "A" * 5000 + ".e30.x"):
+        reply = await _as(api, token)
+        assert reply.status == 401, (token[:20], reply.raw)
+
+
+def test_an_issuer_is_trusted_over_https_only_or_on_this_machine() -> None:
+    from cordum.gateway.oidc import OidcConfig
+    from cordum.infra.config import ConfigError
+
+    with pytest.raises(ConfigError, match="expected an https:// URL"):
+        OidcConfig.from_env({"CORDUM_OIDC_ISSUER": "http://idp.example.com", "CORDUM_OIDC_AUDIENCE": "a"})
+    assert OidcConfig.from_env({"CORDUM_OIDC_ISSUER": "https://idp.example.com", "CORDUM_OIDC_AUDIENCE": "a"})
+    assert OidcConfig.from_env({"CORDUM_OIDC_ISSUER": "http://127.0.0.1:9", "CORDUM_OIDC_AUDIENCE": "a"})
+    with pytest.raises(ConfigError, match="CORDUM_OIDC_AUDIENCE is required"):
+        OidcConfig.from_env({"CORDUM_OIDC_ISSUER": "https://idp.example.com"})

@@ -294,3 +294,7 @@ async def test_the_index_sweep_repairs_a_lost_index_entry_and_nothing_else(redis
     # a job changed moments ago is not judged yet (its index writes may still be on their way)
     await redis.zrem(keys.job_index("dispatched"), fresh)
     assert await store.repair_indexes([scanned[fresh]]) == []
+    # a finished job left in its tenant's active set (however it got there) is taken out
+    await redis.sadd(keys.tenant_active(tenant), finished)
+    await store.repair_indexes([await store.get(finished)])
+    assert not await redis.sismember(keys.tenant_active(tenant), finished)
