@@ -12,7 +12,8 @@ namespace ``client.jobs`` (the generated operations parse responses into the SDK
 2. ``jobs.get_job(id)`` until each job is terminal (or CORDUM_SDK_TIMEOUT seconds pass);
 3. ``jobs.list_jobs(limit=50)``, and ``cordum_sdk.paginate(jobs.list_jobs, limit=1)`` (the SDK's
    cursor-following helper);
-4. ``jobs.get_job`` of an unknown id, which must raise the SDK's ``NotFoundError``.
+4. ``jobs.get_job`` of an unknown id, which must raise the SDK's ``NotFoundError``;
+5. ``telemetry.get_audit_export_config``, ``get_audit_export_health`` and ``test_audit_export``.
 
 Environment: CORDUM_BASE_URL, CORDUM_API_KEY, CORDUM_TENANT_ID, CORDUM_SDK_JOBS (default 2),
 CORDUM_SDK_TIMEOUT (default 30).
@@ -130,6 +131,13 @@ def main() -> None:
                                 "message": exc.message}
         else:
             out["not_found"] = {"error": None}
+
+        # 5. the audit export calls (namespace `telemetry`): each parses into the SDK's GenericObject
+        audit = {}
+        for name in ("get_audit_export_config", "get_audit_export_health", "test_audit_export"):
+            parsed = getattr(client.telemetry, name)(x_tenant_id=os.environ["CORDUM_TENANT_ID"])
+            audit[name] = {"type": _type(parsed), "dict": parsed.to_dict() if hasattr(parsed, "to_dict") else None}
+        out["audit_export"] = audit
 
     json.dump(out, sys.stdout, default=str)
     sys.stdout.write("\n")

@@ -118,6 +118,13 @@ async def test_cordum_sdk_submits_reads_and_lists_jobs(spawn, tmp_path, redis, c
     # errors: our envelope maps onto the SDK's exception classes
     assert out["not_found"] == {"error": "NotFoundError", "status_code": 404, "message": "job not found"}
 
+    # the SDK's audit_export calls (namespace telemetry) parse our answers
+    audit = out["audit_export"]
+    assert {call["type"] for call in audit.values()} == {"GenericObject"}, audit
+    assert audit["get_audit_export_config"]["dict"]["transport"] == "local"
+    assert audit["get_audit_export_health"]["dict"]["status"] in ("ok", "degraded")
+    assert audit["test_audit_export"]["dict"]["ok"] is True
+
     # the gateway saw the same jobs
     for job_id in job_ids:
         assert await redis.execute("HGET", f"job:meta:{job_id}", "tenant") == tenant
