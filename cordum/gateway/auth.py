@@ -316,8 +316,13 @@ def _read_keys_file(path: Path, *, default_tenant: str, dev: bool) -> list[KeyEn
 KEY_SUBPROTOCOL = "cordum-api-key"
 
 
+def offered_subprotocols(header: str | None) -> list[str]:
+    """The subprotocols a WebSocket client offered (its Sec-WebSocket-Protocol header), in order."""
+    return [part.strip() for part in (header or "").split(",") if part.strip()]
+
+
 def key_from_subprotocols(header: str | None) -> str | None:
-    offered = [part.strip() for part in (header or "").split(",") if part.strip()]
+    offered = offered_subprotocols(header)
     encoded = None
     for index, part in enumerate(offered):
         if part.startswith(KEY_SUBPROTOCOL + "."):

@@ -135,6 +135,8 @@ class Jwks:
         self.fetches = 0
 
     async def for_kid(self, kid: str) -> Any:
+        if self._current(kid):  # the common case: no lock, no I/O
+            return self._keys
         refused_at = self._unknown.get(kid)
         if refused_at is not None and trio.current_time() - refused_at < REFRESH_COOLDOWN_S:
             raise TokenRefused("token signed with a key the issuer does not have")

@@ -32,7 +32,7 @@ from google.protobuf import json_format
 from quart import Quart, websocket
 
 from cordum.agent.v1.buspacket_pb2 import BusPacket
-from cordum.gateway.auth import KEY_SUBPROTOCOL
+from cordum.gateway.auth import KEY_SUBPROTOCOL, offered_subprotocols
 from cordum.gateway.context import Gateway, caller
 from cordum.gateway.errors import error_response
 from cordum.infra.redis import RedisError, RedisUnavailable
@@ -216,7 +216,7 @@ class StreamHub:
 def _subprotocol() -> str | None:
     """The bare key subprotocol when the client offered it as such (the `cordum-api-key, <key>`
     form): a browser accepts only a subprotocol it offered, and the key is never echoed."""
-    offered = [part.strip() for part in (websocket.headers.get("Sec-WebSocket-Protocol") or "").split(",")]
+    offered = offered_subprotocols(websocket.headers.get("Sec-WebSocket-Protocol"))
     return KEY_SUBPROTOCOL if KEY_SUBPROTOCOL in offered else None
 
 

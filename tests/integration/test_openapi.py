@@ -34,7 +34,8 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(sta
     argv = [str(st), "run", f"http://127.0.0.1:{api.port}/api/v1/openapi.json", "-H", f"X-API-Key: {ADMIN}",
             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
             "--phases", "examples,coverage,fuzzing", "--max-examples", "15", "--workers", "1", "--seed", "7",
-            "--suppress-health-check", "all", "--max-failures", "20", "--no-color"]
+            "--suppress-health-check", "all", "--max-failures", "20", "--no-color",
+            "--request-timeout", "120"]  # a loaded CI machine may be slow; a hang still fails
     done = await trio.to_thread.run_sync(lambda: subprocess.run(argv, capture_output=True, text=True, timeout=900,
                                                                 cwd=tmp_path))
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
