@@ -500,6 +500,27 @@ class Bus:
         await self.sync()
 
 
+class _ConnectionEvents:
+    """The NATS client's connection callbacks, logged (errors at most once per `every` seconds:
+    the client retries every couple of seconds while the server is away)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last_error = -math.inf
+        self._suppressed = 0
+
+    async def error(self, exc: Exception) -> None:
+        now = asyncio.get_running_loop().time()
+        if now - self._last_error < self.every:
+            self._suppressed += 1
+            return
+        log.warning("bus.connection_error", error=repr(exc), repeated=self._suppressed)
+        self._last_error, self._suppressed = now, 0
+
+    async def reconnected(self) -> None:
+        log.info("bus.reconnected")
+
+
 def _credentials(settings: Settings) -> dict[str, str]:
     """NATS_USER/NATS_PASSWORD or NATS_TOKEN (credentials in NATS_URL, if any, are used as given)."""
     if settings.nats_token:
@@ -513,6 +534,8 @@ def _credentials(settings: Settings) -> dict[str, str]:
 async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
     """Connect (reconnecting forever), create the streams, run the batchers; drain on exit."""
 
+    events = _ConnectionEvents()
+
     async def _connect() -> NatsClient:
         # NATS_URL may list every member of a cluster: the client connects to one (in a random
         # order, so replicas spread over the members) and, on losing it, reconnects to another.
@@ -525,6 +548,9 @@ async def open_bus(settings: Settings, *, name: str) -> AsyncIterator[Bus]:
             ping_interval=30,
             connect_timeout=5,
             allow_reconnect=True,
+            # nats-py retries a failed first connect forever and silently: say so in the log
+            error_cb=events.error,
+            reconnected_cb=events.reconnected,
             **_credentials(settings),
         )
 

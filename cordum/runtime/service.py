@@ -8,8 +8,10 @@ names the variable).
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
+import signal
 import sys
 import threading
 from typing import Awaitable, Callable, Protocol, Sequence
@@ -89,6 +91,9 @@ def run_service(name: str, stages: Sequence[str], serve: Serve, *,
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     logging.configure(service=name, instance=settings.instance_id, level=settings.log_level)
+    # `kill -USR1 <pid>` writes every thread's Python stack to stderr: where a stuck process is
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    log.info("service.starting", pid=os.getpid(), bridge=bridge)
     # Each job allocates thousands of short-lived objects (packets, dicts, futures, Trio tasks):
     # at the default gen-0 threshold of 700 the cycle collector ran several times per job, 3–8% of
     # a service's CPU. Garbage here is mostly freed by reference counting; collections can wait.

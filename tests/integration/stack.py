@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,21 @@ class Stack:
     async def ready(self, *names: str, timeout: float = 60) -> None:  # generous: a loaded CI machine
         for name in names or tuple(self.procs):
             proc = self.procs[name]
-            await _wait_for(lambda: any(e.get("event") == "service.ready" for e in proc.events()), timeout,
-                            f"{name} ready (stderr: {proc.lines('err')[-5:]})")
+            try:
+                await _wait_for(lambda: any(e.get("event") == "service.ready" for e in proc.events()), timeout,
+                                f"{name} ready")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; {await _diagnose(proc)}") from None
+
+
+async def _diagnose(proc) -> str:
+    """Why a process is not ready: its exit code, or (alive) the stack dump it writes on SIGUSR1."""
+    code = proc.popen.poll()
+    if code is None:
+        proc.signal(signal.SIGUSR1)  # faulthandler, registered by every service
+        await trio.sleep(1.0)
+    tail = "\n".join(proc.lines("err")[-40:])
+    return f"exit code {code}, stderr tail:\n{tail}"
 
 
 async def job_path(spawn, tmp_path: Path, *, worker: bool = True, **env: str) -> Stack:
