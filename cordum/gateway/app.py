@@ -1,6 +1,7 @@
 """The gateway's quart-trio app: auth, tenant check and rate limit on `/api/`, the error envelope, request
 metrics, and the routes of every module (jobs, approvals, DLQ, workers, config/policy, status,
-stream, workflows, memory/artifacts). `/health` and `/metrics` come from `make_app` and need no key."""
+stream, workflows, memory/artifacts). `/health` and `/metrics` come from `make_app` and need no key, nor
+does the dashboard's page (`/dashboard/`, which holds no data)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 
-from cordum.gateway import (approvals, audit, config, dlq, errors, jobs, memory, openapi, status, stream, workers,
-                            workflows)
+from cordum.gateway import (approvals, audit, config, dashboard, dlq, errors, jobs, memory, openapi, status, stream,
+                            workers, workflows)
 from cordum.gateway.auth import KEY_SUBPROTOCOL, Principal, key_from_headers
 from cordum.gateway.context import MAX_BODY, SERVICE, Gateway, client_address
 from cordum.gateway.errors import error_response
@@ -124,6 +125,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory, audit):
         module.register(app, gw)
+    dashboard.register(app)
     spec = openapi.document()
 
     @app.get(OPENAPI_PATH)

@@ -17,6 +17,7 @@ from cordum.gateway.context import Gateway, caller, require
 from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.gateway.workers import list_workers
 from cordum.runtime.instances import list_instances
+from cordum.store import keys
 
 PROBE_TIMEOUT = 1.0
 
@@ -79,9 +80,13 @@ async def status(gw: Gateway, who: Principal) -> dict[str, Any]:
         "pipeline": {},
         "active_ws_clients": gw.hub.client_count if gw.hub is not None else 0,
         "rate_limiter": gw.ratelimiter.describe() if gw.ratelimiter is not None else {"mode": "off"},
+        # who the key is: the dashboard shows actions only to roles that may take them
+        "caller": {"tenant": who.tenant, "role": who.role, "principal_id": who.principal_id},
     }
     if who.allows("admin") and who.tenant == gw.options.default_tenant:
-        body["replicas"] = {}  # which replicas run where: for the operator's admins, not tenants'
+        # which replicas run where, and who leads each loop: for the operator's admins, not tenants'
+        body["replicas"] = {}
+        body["leaders"] = {}
     if ok:
         if gw.status_cache is None:
             gw.status_cache = StatusCache()
@@ -98,7 +103,28 @@ async def status(gw: Gateway, who: Principal) -> dict[str, Any]:
         body["pipeline"] = await cache.get(f"pipeline:{who.tenant}", pipeline)
         if "replicas" in body:
             body["replicas"] = await cache.get("replicas", lambda: list_instances(gw.redis))
+            body["leaders"] = await cache.get("leaders", lambda: leaders(gw))
     return body
+
+
+# The leader-elected loops, by the name status shows them under.
+LEADER_KEYS = {
+    "reconciler": keys.RECONCILER_LEADER,
+    "pending_replayer": keys.REPLAYER_LEADER,
+    "snapshot_writer": keys.SNAPSHOT_WRITER_LEADER,
+    "worker_reaper": keys.WORKER_REAPER_LEADER,
+    "workflow_reconciler": keys.WORKFLOW_RECONCILER_LEADER,
+    "workflow_delay_poller": keys.WORKFLOW_DELAY_POLLER_LEADER,
+    "dlq_cleanup": keys.DLQ_CLEANUP_LEADER,
+}
+
+
+async def leaders(gw: Gateway) -> dict[str, str | None]:
+    """Which replica holds each loop's lease right now (None: nobody; a failover is under way or
+    no replica runs that loop). A lease's value is `<instance>/<fence>`."""
+    values = await gw.redis.pipeline([("GET", key) for key in LEADER_KEYS.values()])
+    return {name: value.rsplit("/", 1)[0] if isinstance(value, str) and value else None
+            for name, value in zip(LEADER_KEYS, values)}
 
 
 def register(app: Quart, gw: Gateway) -> None:
