@@ -1,6 +1,8 @@
-"""The gateway's REST client for cordumctl (stdlib only) and the mapping of outcomes to exit codes.
+"""The gateway's REST client for cordumctl (on httpx) and the mapping of outcomes to exit codes.
 
-Every request sends `X-API-Key` and `X-Tenant-ID`. A non-2xx answer raises `GatewayError`, which
+Every request sends `X-API-Key` and `X-Tenant-ID`; over https the gateway's certificate is checked
+against the system's CAs, or `cacert` (cordumctl --cacert), or not at all (`insecure`). Redirects are
+followed, but credentials go only to the origin they were given for. A non-2xx answer raises `GatewayError`, which
 carries the message from the gateway's error envelope (`{"error": ..., "status": ..., "code"?}`) and
 the exit code cordumctl returns for it. The API key never appears in an error's text.
 """
@@ -8,12 +10,13 @@ the exit code cordumctl returns for it. The API key never appears in an error's 
 from __future__ import annotations
 
 import json
-import socket
-import urllib.error
+import ssl
+import threading
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import httpx
 
 # Exit codes (documented in `cordumctl --help`).
 EXIT_OK = 0
@@ -112,31 +115,38 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
 
 
-class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects, but sends the API key only to the origin it was given for: a redirect to
-    another host, port or scheme (https → http included) goes there without it."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> urllib.request.Request | None:
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _origin(newurl) != _origin(req.full_url):
-            for name in [name for name in new.headers if name.lower() in CREDENTIAL_HEADERS]:
-                new.remove_header(name)
-        return new
+MAX_REDIRECTS = 5
 
 
-_OPENER = urllib.request.build_opener(_SameOriginRedirects)
+def tls_verify(cacert: str = "", insecure: bool = False) -> ssl.SSLContext | bool:
+    """What httpx (and the stream's client) check a gateway's certificate with: the system's CAs,
+    a CA bundle file, or nothing (`--insecure`). A missing or unreadable bundle is a GatewayError."""
+    if insecure:
+        return False
+    context = ssl.create_default_context()
+    if cacert:
+        try:
+            context.load_verify_locations(cafile=cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise GatewayError(f"--cacert {cacert}: cannot load it ({getattr(exc, 'strerror', None) or exc})",
+                               exit_code=EXIT_USAGE) from None
+    return context
 
 
 class Client:
-    """A small synchronous client of the gateway's REST API."""
+    """A small synchronous client of the gateway's REST API (one httpx connection pool, shared by
+    the threads that use this client)."""
 
     def __init__(self, addr: str = DEFAULT_ADDR, *, api_key: str = "", tenant: str = DEFAULT_TENANT,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, cacert: str = "", insecure: bool = False) -> None:
         self.addr = normalize_addr(addr)
         self.api_key = api_key
         self.tenant = tenant
         self.timeout = timeout
+        self.cacert = cacert
+        self.insecure = insecure
+        self._http: httpx.Client | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never shows the key
         return f"Client(addr={self.addr!r}, tenant={self.tenant!r})"
@@ -149,6 +159,9 @@ class Client:
             headers["X-Tenant-ID"] = self.tenant
         return headers
 
+    def tls(self) -> ssl.SSLContext | bool:
+        return tls_verify(self.cacert, self.insecure)
+
     def url(self, path: str, query: Mapping[str, Any] | None = None) -> str:
         url = self.addr + path
         if query:
@@ -156,6 +169,20 @@ class Client:
             if pairs:
                 url += "?" + urllib.parse.urlencode(pairs)
         return url
+
+    def _client(self) -> httpx.Client:
+        with self._lock:
+            if self._http is None:
+                # Redirects are followed by `request` itself: httpx would forward X-API-Key to
+                # another host (it strips only Authorization).
+                self._http = httpx.Client(verify=self.tls(), timeout=self.timeout, follow_redirects=False)
+            return self._http
+
+    def close(self) -> None:
+        with self._lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
 
     def request(self, method: str, path: str, *, query: Mapping[str, Any] | None = None,
                 body: Any = None, headers: Mapping[str, str] | None = None) -> Response:
@@ -166,27 +193,40 @@ class Client:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        req = urllib.request.Request(self.url(path, query), data=data, method=method, headers=headers)
-        where = f"{method} {path}"
+        url, where = self.url(path, query), f"{method} {path}"
         try:
-            with _OPENER.open(req, timeout=self.timeout) as resp:
-                return Response(resp.status, _parse(resp.read()), dict(resp.headers.items()))
-        except urllib.error.HTTPError as exc:
-            raw = b""
-            try:
-                raw = exc.read()
-            except OSError:
-                pass
-            raise error_from_response(exc.code, _parse(raw), exc.headers, where) from None
-        except urllib.error.URLError as exc:
-            raise GatewayError(f"gateway {self.addr} unreachable ({_reason(exc.reason)})",
-                               exit_code=EXIT_UNAVAILABLE) from None
-        except (TimeoutError, socket.timeout):
+            resp = self._send(method, url, headers, data)
+        except httpx.TimeoutException:
             raise GatewayError(f"gateway {self.addr} did not answer {where} within {self.timeout:g}s",
                                exit_code=EXIT_UNAVAILABLE) from None
-        except (ConnectionError, OSError) as exc:
+        except httpx.TooManyRedirects:
+            raise GatewayError(f"gateway {self.addr}: more than {MAX_REDIRECTS} redirects for {where}",
+                               exit_code=EXIT_UNAVAILABLE) from None
+        except (httpx.TransportError, OSError) as exc:
             raise GatewayError(f"gateway {self.addr} unreachable ({_reason(exc)})",
                                exit_code=EXIT_UNAVAILABLE) from None
+        parsed = _parse(resp.content)
+        if not 200 <= resp.status_code < 300:
+            raise error_from_response(resp.status_code, parsed, resp.headers, where)
+        return Response(resp.status_code, parsed, dict(resp.headers.items()))
+
+    def _send(self, method: str, url: str, headers: dict[str, str], data: bytes | None) -> httpx.Response:
+        """One request, following redirects; a redirect to another origin (host, port or scheme,
+        https → http included) goes there without the credentials."""
+        http = self._client()
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = http.request(method, url, headers=headers, content=data)
+            location = resp.headers.get("location")
+            if not resp.is_redirect or not location:
+                return resp
+            target = urllib.parse.urljoin(url, location)
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+            if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):
+                method, data = "GET", None  # as browsers do
+                headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+            url = target
+        raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=resp.request)
 
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query).body
@@ -239,6 +279,9 @@ def _parse(raw: bytes) -> Any:
 
 
 def _reason(reason: Any) -> str:
+    if isinstance(reason, OSError):
+        return reason.strerror or str(reason)
     if isinstance(reason, BaseException):
-        return reason.strerror or str(reason) if isinstance(reason, OSError) else str(reason)
+        # httpx wraps the socket's error: its text ("[Errno 111] Connection refused") says it all
+        return str(reason) or type(reason).__name__
     return str(reason)

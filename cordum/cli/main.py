@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -45,9 +46,10 @@ environment:
   CORDUM_GATEWAY_ADDR, CORDUM_API_URL  gateway address (default http://localhost:8081)
   CORDUM_API_KEY                       API key (sent as X-API-Key; prefer it to --api-key)
   CORDUM_TENANT_ID                     tenant (sent as X-Tenant-ID; default "default")
+  CORDUM_CACERT                        CA bundle for an https gateway (like --cacert)
 """
 
-SUB_EPILOG = ("global options (--addr, --api-key, --tenant, --json, --timeout) go before or after "
+SUB_EPILOG = ("global options (--addr, --api-key, --tenant, --json, --timeout, --cacert, --insecure) go before or after "
               "the command.\n\n" + EXIT_CODES_HELP)
 
 PRIORITIES = ("interactive", "batch", "critical")
@@ -82,6 +84,13 @@ class Output:
             return self.stdout.isatty()
         except (AttributeError, ValueError):
             return False
+
+    def columns(self) -> int | None:
+        """The terminal's width, when output goes to one (tables are fitted to it); else None."""
+        return shutil.get_terminal_size().columns if self.isatty() else None
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.out(render.table(headers, rows, fit=self.columns()))
 
 
 @dataclass
@@ -147,6 +156,12 @@ def _add_globals(parser: argparse.ArgumentParser, *, top: bool, skip: Sequence[s
     group.add_argument("--timeout", dest="timeout", type=_seconds, metavar="SECONDS", **kw,
                        help=f"per-request timeout (default {DEFAULT_TIMEOUT:g})"
                        if top else argparse.SUPPRESS)
+    group.add_argument("--cacert", dest="cacert", metavar="FILE", **kw,
+                       help="CA bundle to check an https gateway's certificate with (env CORDUM_CACERT; "
+                       "default: the system's CAs)" if top else argparse.SUPPRESS)
+    group.add_argument("--insecure", dest="insecure", action="store_true", **kw,
+                       help="do not check an https gateway's certificate (testing only)"
+                       if top else argparse.SUPPRESS)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -174,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     commands.add_parser("version", help="print the version")
+    p = commands.add_parser("completion", help="print a shell completion script: "
+                            "source <(cordumctl completion bash)")
+    p.add_argument("shell", choices=("bash", "zsh"))
     commands.add_parser("up", help="run the control plane locally, N replicas of each service "
                         "(options: cordumctl up --help)", add_help=False)
     commands.add_parser("dev", help="act on the replicas of a local topology: ps, stop, start, kill, "
@@ -208,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=50)
     p.add_argument("--cursor", help="the next_cursor of the previous page")
     p = sub(jobs, "cancel", "cancel a job", func=cmd_job_cancel)
+    p.add_argument("job_id", metavar="ID")
+    p = sub(jobs, "trace", "a job's path: its state changes and policy decisions in time order",
+            func=cmd_job_trace)
     p.add_argument("job_id", metavar="ID")
     p = sub(jobs, "watch", "follow a job with a progress bar until it ends", func=cmd_job_watch)
     p.add_argument("job_id", metavar="ID")
@@ -299,10 +320,20 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     if args.command == "version":
         stdout.write(f"cordumctl {cordum.__version__}\n")
         return EXIT_OK
+    if args.command == "completion":
+        from cordum.cli import completion
+
+        from cordum.dev import control
+
+        grafts = {"dev": control.build_parser("cordumctl dev")}  # it parses its own arguments
+        stdout.write(completion.script(args.shell, completion.command_tree(parser, grafts)))
+        return EXIT_OK
     addr, api_key, tenant, timeout = resolve(args, env)
     io = Output(stdout, stderr, secret=api_key)
-    ctx = Ctx(args, Client(addr, api_key=api_key, tenant=tenant, timeout=timeout), io,
-              bool(getattr(args, "json", False)))
+    client = Client(addr, api_key=api_key, tenant=tenant, timeout=timeout,
+                    cacert=getattr(args, "cacert", None) or env.get("CORDUM_CACERT") or "",
+                    insecure=bool(getattr(args, "insecure", False)))
+    ctx = Ctx(args, client, io, bool(getattr(args, "json", False)))
     try:
         return args.func(ctx)
     except GatewayError as exc:
@@ -310,6 +341,8 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except KeyboardInterrupt:
         io.err("cordumctl: interrupted")
         return 130
+    finally:
+        client.close()
 
 
 def report_error(ctx: Ctx, exc: GatewayError, prefix: str = "") -> int:
@@ -354,7 +387,7 @@ def cmd_status(ctx: Ctx) -> int:
             rows = [(service, r.get("id"), r.get("version"), render.timestamp(r.get("started_at")))
                     for service, items in sorted(replicas.items()) for r in (items or [])]
             ctx.io.out()
-            ctx.io.out(render.table(("SERVICE", "REPLICA", "VERSION", "STARTED"), rows))
+            ctx.io.table(("SERVICE", "REPLICA", "VERSION", "STARTED"), rows)
     if not healthy:
         down = [n for n, ok in (("NATS", nats.get("connected") is True),
                                 ("Redis", redis.get("ok") is True)) if not ok]
@@ -519,7 +552,7 @@ def print_page(ctx: Ctx, body: Any, headers: Sequence[str], row: Callable[[dict[
 
 def _print_rows(ctx: Ctx, headers: Sequence[str], rows: list[Sequence[Any]], what: str) -> None:
     if rows:
-        ctx.io.out(render.table(headers, rows))
+        ctx.io.table(headers, rows)
     else:
         ctx.io.err(f"no {what}")
 
@@ -535,6 +568,27 @@ def cmd_job_cancel(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def cmd_job_trace(ctx: Ctx) -> int:
+    body = ctx.client.get(_path("jobs", ctx.args.job_id, "timeline")) or {}
+    if ctx.json:
+        ctx.emit_json(body)
+        return state_exit(render.short_enum(body.get("state")))
+    ctx.io.out(render.key_values([("job", body.get("id")), ("trace_id", body.get("trace_id")),
+                                  ("state", render.short_enum(body.get("state")))]))
+    rows = []
+    for item in body.get("items") or []:
+        if item.get("kind") == "decision":
+            what = f"policy {render.short_enum(item.get('decision'))}"
+            detail = "; ".join(str(x) for x in (item.get("rule_id") and f"rule {item['rule_id']}", item.get("reason"))
+                               if x)
+        else:
+            what, detail = render.short_enum(item.get("state")), item.get("detail")
+        rows.append((render.timestamp(item.get("at"), ms=True), what, item.get("by"), detail))
+    ctx.io.out()
+    _print_rows(ctx, ("AT", "STEP", "BY", "DETAIL"), rows, "recorded steps")
+    return state_exit(render.short_enum(body.get("state")))
+
+
 def cmd_job_watch(ctx: Ctx) -> int:
     return Watcher(ctx, ctx.args.job_id, open_stream(ctx)).run()
 
@@ -545,10 +599,11 @@ def cmd_job_watch(ctx: Ctx) -> int:
 def open_stream(ctx: Ctx) -> WebSocketClient | None:
     """The gateway's event stream, or None (with a note on stderr) when it cannot be opened."""
     headers = {k: v for k, v in ctx.client.headers().items() if k.startswith("X-")}
-    client = WebSocketClient(stream_url(ctx.client.addr), headers=headers, timeout=ctx.client.timeout)
     try:
+        client = WebSocketClient(stream_url(ctx.client.addr), headers=headers, timeout=ctx.client.timeout,
+                                 tls=ctx.client.tls())
         client.connect()
-    except StreamError as exc:
+    except (StreamError, GatewayError) as exc:
         ctx.io.err(f"cordumctl: progress stream unavailable ({exc}); polling the job instead")
         return None
     return client

@@ -38,16 +38,35 @@ def cell(value: Any) -> str:
     return " ".join(str(value).split())
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, max_width: int = 60) -> str:
-    """An aligned plain-text table; cells wider than `max_width` are cut with `…`."""
-    body = [[_clip(cell(v), max_width) for v in row] for row in rows]
+MIN_COLUMN = 8  # a column squeezed to fit a terminal keeps at least this many characters
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, max_width: int = 60,
+          fit: int | None = None) -> str:
+    """An aligned plain-text table; cells wider than `max_width` are cut with `…`. With `fit` (a
+    terminal's width), the widest columns are narrowed until each line fits, if they can be."""
+    body = [[cell(v) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in body:
         for i, text in enumerate(row):
-            widths[i] = max(widths[i], len(text))
-    lines = [_line(headers, widths)]
-    lines.extend(_line(row, widths) for row in body)
+            widths[i] = max(widths[i], min(len(text), max_width))
+    if fit is not None:
+        widths = fit_widths(widths, fit)
+    lines = [_line([_clip(h, w) for h, w in zip(headers, widths)], widths)]
+    lines.extend(_line([_clip(text, w) for text, w in zip(row, widths)], widths) for row in body)
     return "\n".join(lines)
+
+
+def fit_widths(widths: Sequence[int], total: int, gap: int = 2) -> list[int]:
+    """Column widths whose line (columns joined by `gap` spaces) fits in `total`: the widest column
+    gives up a character at a time, none below MIN_COLUMN (so a very narrow terminal still wraps)."""
+    out = list(widths)
+    while sum(out) + gap * (len(out) - 1) > total:
+        widest = max(range(len(out)), key=lambda i: out[i])
+        if out[widest] <= MIN_COLUMN:
+            break
+        out[widest] -= 1
+    return out
 
 
 def key_values(pairs: Iterable[tuple[str, Any]], *, max_width: int = 200) -> str:
@@ -77,9 +96,9 @@ def progress_bar(percent: float | None, *, width: int = 30, state: str = "", mes
     return " ".join(parts)
 
 
-def timestamp(value: Any) -> str:
-    """Unix seconds, ms or µs (auto-detected) or an RFC 3339 string → `2024-05-01 12:00:00Z`;
-    other strings pass through."""
+def timestamp(value: Any, *, ms: bool = False) -> str:
+    """Unix seconds, ms or µs (auto-detected) or an RFC 3339 string → `2024-05-01 12:00:00Z`
+    (`12:00:00.123Z` with `ms`); other strings pass through."""
     if value is None or value == "" or value == 0:
         return "-"
     seconds = epoch(value)
@@ -89,6 +108,8 @@ def timestamp(value: Any) -> str:
         moment = _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
     except (OverflowError, OSError, ValueError):
         return str(value)
+    if ms:
+        return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 

@@ -34,6 +34,7 @@ from cordum.cli.main import (
     print_page,
 )
 from cordum.workflow.runstate import SUCCEEDED, TERMINAL_RUN_STATUSES, WAITING
+from cordum.workflow.runmodel import TERMINAL_STEP_STATUSES
 
 Sub = Callable[..., argparse.ArgumentParser]
 
@@ -262,7 +263,7 @@ def cmd_run_get(ctx: Ctx) -> int:
         rows = _step_rows(run)
         if rows:
             ctx.io.out()
-            ctx.io.out(render.table(("STEP", "STATUS", "ATTEMPTS", "JOB", "ERROR"), rows))
+            ctx.io.table(("STEP", "STATUS", "ATTEMPTS", "JOB", "ERROR"), rows)
     return run_exit(run.get("status"))
 
 
@@ -308,6 +309,8 @@ class RunWatcher:
         self.interval = max(0.05, float(getattr(ctx.args, "interval", 1.0) or 1.0))
         self.max_wait = float(getattr(ctx.args, "max_wait", 0.0) or 0.0)
         self.seen: dict[str, tuple[str, str]] = {}
+        self.tty = ctx.io.isatty() and not ctx.json
+        self._bar = ""  # the progress line under the step lines, on a terminal
 
     def run(self) -> int:
         started = time.monotonic()
@@ -328,14 +331,34 @@ class RunWatcher:
                     self._show(change, width)
                 status = str(run.get("status") or "").lower()
                 if status in TERMINAL_RUN_STATUSES:
+                    self._clear_bar()
                     return self._finish(run, status)
+                self._draw_bar(run, status)
             if self.max_wait and time.monotonic() - started >= self.max_wait:
                 self.ctx.io.err(f"cordumctl: run {self.run_id} still {status or 'not finished'} "
                                 f"after {self.max_wait:g}s")
                 return EXIT_FAILED
             time.sleep(self.interval)
 
+    def _draw_bar(self, run: Mapping[str, Any], status: str) -> None:
+        """`[#####-----]  50% running  2/4 steps ended` redrawn in place (terminals only)."""
+        if not self.tty:
+            return
+        statuses = [str(step.get("status") or "pending").lower() for _, step in _steps(run)]
+        ended = sum(1 for s in statuses if s in TERMINAL_STEP_STATUSES)
+        percent = 100.0 * ended / len(statuses) if statuses else None
+        bar = render.progress_bar(percent, state=status, message=f"{ended}/{len(statuses)} steps ended")
+        if bar != self._bar:
+            self._bar = bar
+            self.ctx.io.out("\r" + bar + "\x1b[K", end="")
+
+    def _clear_bar(self) -> None:
+        if self._bar:
+            self.ctx.io.out("\r\x1b[K", end="")
+            self._bar = ""
+
     def _show(self, change: tuple[str, str, str], width: int) -> None:
+        self._clear_bar()  # step lines scroll above the progress line
         step_id, status, job_id = change
         if self.ctx.json:
             self.ctx.io.out(json.dumps({"step_id": step_id, "status": status, "job_id": job_id or None},

@@ -1,4 +1,4 @@
-"""A tiny synchronous WebSocket client (wsproto over a plain socket) for the gateway's event stream.
+"""A synchronous client of the gateway's event stream, on the `websockets` library.
 
 `GET /api/v1/stream` sends JSON text frames, each a protobuf-JSON `BusPacket`. The stream has no replay:
 it is used for progress only; the job's REST record stays the source of truth.
@@ -7,22 +7,13 @@ it is used for progress only; the job's REST record stays the source of truth.
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import urllib.parse
+from contextlib import ExitStack
 from typing import Any, Iterator
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.sync.client import ClientConnection, connect
 
 STREAM_PATH = "/api/v1/stream"
 
@@ -39,71 +30,66 @@ def stream_url(addr: str, path: str = STREAM_PATH) -> str:
 
 
 class WebSocketClient:
-    """One client connection: `connect()`, then iterate `messages()`; `close()` from any thread."""
+    """One client connection: `connect()`, then iterate `messages()`; `close()` from any thread.
+    A `Sec-WebSocket-Protocol` among `headers` is offered as the subprotocols (a browser's way of
+    sending the API key); `tls` is what a wss:// server's certificate is checked with
+    (`cordum.cli.http.tls_verify`: a context, or False for none)."""
 
-    def __init__(self, url: str, *, headers: dict[str, str] | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, headers: dict[str, str] | None = None, timeout: float = 10.0,
+                 tls: ssl.SSLContext | bool = True) -> None:
         self.url = url
         self.headers = dict(headers or {})
         self.timeout = timeout
-        self._sock: socket.socket | None = None
-        self._ws = WSConnection(ConnectionType.CLIENT)
+        self.tls = tls
+        self._ws: ClientConnection | None = None
+        self._exit = ExitStack()  # the connection as a context manager: the library's preferred form
         self._closed = False
 
     def connect(self) -> None:
-        parts = urllib.parse.urlsplit(self.url)
-        secure = parts.scheme == "wss"
-        host = parts.hostname or "localhost"
-        port = parts.port or (443 if secure else 80)
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "sec-websocket-protocol"}
+        offered = [p.strip() for k, v in self.headers.items() if k.lower() == "sec-websocket-protocol"
+                   for p in v.split(",") if p.strip()]
+        options: dict[str, Any] = {}
+        if self.url.startswith("wss://"):
+            options["ssl"] = self._ssl_context()
         try:
-            sock = socket.create_connection((host, port), timeout=self.timeout)
-            if secure:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            self._ws = self._exit.enter_context(connect(
+                self.url, additional_headers=headers, subprotocols=offered or None,  # type: ignore[arg-type]
+                open_timeout=self.timeout, close_timeout=1, user_agent_header="cordumctl", **options))
+        except InvalidStatus as exc:
+            raise StreamError(f"stream refused: HTTP {exc.response.status_code}") from None
+        except (InvalidHandshake, InvalidURI) as exc:
+            raise StreamError(f"stream handshake failed ({exc})") from None
+        except TimeoutError:
+            raise StreamError(f"no stream handshake within {self.timeout:g}s") from None
         except OSError as exc:
-            raise StreamError(f"cannot connect to {host}:{port} ({exc})") from None
-        self._sock = sock
-        extra = [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
-        self._send(self._ws.send(Request(host=parts.netloc or host, target=target, extra_headers=extra)))
-        while True:
-            for event in self._events():
-                if isinstance(event, AcceptConnection):
-                    return
-                if isinstance(event, RejectConnection):
-                    self.close()
-                    raise StreamError(f"stream refused: HTTP {event.status_code}")
+            raise StreamError(f"cannot connect to {self.url} ({exc.strerror or exc})") from None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if isinstance(self.tls, ssl.SSLContext):
+            return self.tls
+        context = ssl.create_default_context()
+        if self.tls is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def messages(self, *, idle_timeout: float | None = None) -> Iterator[str]:
         """Yield each text message until the server closes, or the connection breaks or is closed."""
-        if self._sock is None:
+        ws = self._ws
+        if ws is None:
             raise StreamError("not connected")
-        self._sock.settimeout(idle_timeout)
-        parts: list[str] = []
         while not self._closed:
             try:
-                events = list(self._events())
-            except StreamError:
-                if self._closed:
+                message = ws.recv(timeout=idle_timeout)
+            except TimeoutError:
+                raise StreamError("stream idle timeout") from None
+            except ConnectionClosed as exc:
+                if self._closed or exc.rcvd is not None:  # closed by us, or a clean close by the server
                     return
-                raise
-            for event in events:
-                if isinstance(event, TextMessage):
-                    parts.append(event.data)
-                    if event.message_finished:
-                        yield "".join(parts)
-                        parts = []
-                elif isinstance(event, BytesMessage):
-                    continue
-                elif isinstance(event, Ping):
-                    self._send(self._ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    try:
-                        self._send(self._ws.send(event.response()))
-                    except StreamError:
-                        pass
-                    self.close()
-                    return
+                raise StreamError("connection closed by the gateway") from None
+            if isinstance(message, str):
+                yield message
 
     def packets(self, *, idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The JSON object of each text message (others are skipped)."""
@@ -119,14 +105,8 @@ class WebSocketClient:
         if self._closed:
             return
         self._closed = True
-        sock, self._sock = self._sock, None
-        if sock is None:
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
+        self._ws = None
+        self._exit.close()
 
     def __enter__(self) -> "WebSocketClient":
         self.connect()
@@ -134,40 +114,3 @@ class WebSocketClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- internals -------------------------------------------------------------------------------
-
-    def _send(self, data: bytes) -> None:
-        if self._sock is None:
-            raise StreamError("connection closed")
-        try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            raise StreamError(f"send failed ({exc})") from None
-
-    def _events(self) -> Iterator[Any]:
-        """Events already buffered (e.g. frames that arrived with the handshake), else one read's worth."""
-        pending = [e for e in self._ws.events() if not isinstance(e, RejectData)]
-        if pending:
-            yield from pending
-            return
-        sock = self._sock
-        if sock is None:
-            raise StreamError("connection closed")
-        try:
-            data = sock.recv(65536)
-        except (socket.timeout, TimeoutError):
-            raise StreamError("stream idle timeout") from None
-        except OSError as exc:
-            raise StreamError(f"receive failed ({exc})") from None
-        if not data:
-            self._ws.receive_data(None)
-            if self._closed:
-                return
-            self.close()
-            raise StreamError("connection closed by the gateway")
-        self._ws.receive_data(data)
-        for event in self._ws.events():
-            if isinstance(event, RejectData):
-                continue
-            yield event

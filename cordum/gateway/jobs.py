@@ -241,7 +241,7 @@ def decision_record(decision: SafetyDecision, verdict: Verdict, reason: str) -> 
     return {
         "decision": verdict.value, "reason": reason, "rule_id": decision.rule_id,
         "policy_snapshot": decision.snapshot, "approval_required": verdict is Verdict.REQUIRE_APPROVAL,
-        "checked_at": now_us(), "source": "api-gateway",
+        "checked_at": now_us(), "source": "api-gateway", "by": SENDER,
     }
 
 
@@ -297,6 +297,31 @@ async def job_detail(gw: Gateway, meta: dict[str, Any]) -> dict[str, Any]:
         view.update(error_message=entry.get("reason", ""), error_status=entry.get("status", ""),
                     error_code=entry.get("reason_code", ""), last_state=entry.get("last_state", ""))
     return view
+
+
+def job_timeline(events: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A job's path in time order: its state changes (with what moved it, when recorded) and its
+    policy decisions (which replica decided, under which rule and policy snapshot)."""
+    merged: list[tuple[int, int, dict[str, Any]]] = []
+    for order, event in enumerate(events):
+        entry = {"kind": "state", "state": event.get("state", "")}
+        if isinstance(event.get("ctx"), dict):
+            entry["detail"] = event["ctx"]
+        merged.append((_us(event.get("ts")), order, entry))
+    for order, decision in enumerate(decisions):
+        entry = {"kind": "decision", **{k: decision[k] for k in ("decision", "reason", "rule_id", "policy_snapshot", "by")
+                                         if decision.get(k) not in (None, "")}}
+        entry.setdefault("by", decision.get("source") or "")
+        merged.append((_us(decision.get("checked_at")), len(events) + order, entry))
+    merged.sort(key=lambda item: (item[0], item[1]))
+    return [{"at": rfc3339_us(us) if us else None, **entry} for us, _, entry in merged]
+
+
+def _us(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 # ---- publishing ---------------------------------------------------------------------------------
@@ -446,7 +471,8 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
     if verdict is Verdict.DENY:
         context = None  # a denied job's input is not kept: nobody may run it, and it costs storage
     try:
-        await gw.jobs.create(job_id, initial, request=request_msg, fields=fields, context=context)
+        await gw.jobs.create(job_id, initial, request=request_msg, fields=fields, context=context,
+                             decision=decision_record(decision, verdict, reason))
     except BaseException:
         if reserved:  # the key must not point at a job that does not exist
             await gw.idempotency.release_quietly(tenant, key, job_id)
@@ -455,7 +481,6 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
     if verdict is Verdict.DENY:
         await gw.jobs.transition(job_id, JobState.DENIED, fields={"failure_reason": reason or "denied by policy"},
                                  event={"reason": reason})
-        await gw.jobs.add_decision(job_id, decision_record(decision, verdict, reason))
         await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="policy_denied",
                                      reason=reason or "denied by policy")
         gw.submitted.labels(outcome="denied").inc()
@@ -463,12 +488,11 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
                        extra={"job_id": job_id, "trace_id": trace_id}, headers={"X-Trace-Id": trace_id})
 
     if verdict is Verdict.REQUIRE_APPROVAL:
-        await gw.jobs.add_decision(job_id, decision_record(decision, verdict, reason))
         gw.submitted.labels(outcome="approval_required").inc()
         return _accepted(job_id, trace_id, status="approval_required", reason=reason)
 
-    # ALLOW, ALLOW_WITH_CONSTRAINTS (or fail-open). The decision is on the job's meta (safety_*);
-    # the decision log gets the scheduler's check, so the hot path saves a round trip here.
+    # ALLOW, ALLOW_WITH_CONSTRAINTS (or fail-open): the decision went into the job's decision log
+    # with its creation; the scheduler's check before dispatch follows it there.
     try:
         await publish_request(gw, request_msg, trace_id)
     except Exception as exc:
@@ -538,30 +562,37 @@ def register(app: Quart, gw: Gateway) -> None:
         return {"items": [job_summary(m) for m in items],
                 "next_cursor": cursor_text(next_cursor)}
 
-    @app.get("/api/v1/jobs/<job_id>")
-    @require("viewer")
-    async def get_job(job_id: str) -> Any:
+    async def tenants_job(job_id: str) -> dict[str, Any]:
+        """The caller's tenant's job; another tenant's (or none) is a 404."""
         checked_job_id(job_id)
         meta = await gw.jobs.get(job_id, tenant=caller().tenant)
         if meta is None:
             raise not_found("job not found")
-        return await job_detail(gw, meta)
+        return meta
+
+    @app.get("/api/v1/jobs/<job_id>")
+    @require("viewer")
+    async def get_job(job_id: str) -> Any:
+        return await job_detail(gw, await tenants_job(job_id))
 
     @app.get("/api/v1/jobs/<job_id>/decisions")
     @require("viewer")
     async def get_decisions(job_id: str) -> Any:
-        checked_job_id(job_id)
-        if await gw.jobs.get(job_id, tenant=caller().tenant) is None:
-            raise not_found("job not found")
+        await tenants_job(job_id)
         return {"items": await gw.jobs.decisions(job_id)}
+
+    @app.get("/api/v1/jobs/<job_id>/timeline")
+    @require("viewer")
+    async def get_timeline(job_id: str) -> Any:
+        meta = await tenants_job(job_id)
+        events, decisions = await gw.jobs.events(job_id), await gw.jobs.decisions(job_id)
+        return {"id": job_id, "trace_id": meta.get("trace_id", job_id), "state": meta.get("state", ""),
+                "items": job_timeline(events, decisions)}
 
     @app.post("/api/v1/jobs/<job_id>/cancel")
     @require("operator")
     async def cancel(job_id: str) -> Any:
-        checked_job_id(job_id)
-        meta = await gw.jobs.get(job_id, tenant=caller().tenant)
-        if meta is None:
-            raise not_found("job not found")
+        meta = await tenants_job(job_id)
         if parse_state(meta["state"]) in TERMINAL:
             return {"id": job_id, "state": meta["state"], "reason": "job already terminal"}
         try:

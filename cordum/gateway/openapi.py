@@ -88,6 +88,9 @@ def document() -> dict[str, Any]:
         "/api/v1/jobs/{job_id}": {"get": _op("A job, with its result", "viewer", "200", JOB, params=[JOB_ID], tag=jobs)},
         "/api/v1/jobs/{job_id}/decisions": {
             "get": _op("A job's policy decisions", "viewer", "200", _page(), params=[JOB_ID], tag=jobs)},
+        "/api/v1/jobs/{job_id}/timeline": {
+            "get": _op("A job's state changes and policy decisions in time order", "viewer", "200", _page(),
+                       params=[JOB_ID], tag=jobs)},
         "/api/v1/jobs/{job_id}/cancel": {
             "post": _op("Cancel a job", "operator", "200", OBJECT, params=[JOB_ID], body=OBJECT, body_required=False,
                         tag=jobs)},

@@ -216,10 +216,14 @@ class JobStore:
         request: JobRequest,
         fields: Mapping[str, Any],
         context: Any = None,
+        decision: Mapping[str, Any] | None = None,
     ) -> Transition:
-        """Create a job in `state` with its meta, request snapshot, trace and (optional) input
-        context. Raises InvalidTransition if the job already exists."""
+        """Create a job in `state` with its meta, request snapshot, trace, (optional) input
+        context and (optional) first policy decision, in one round trip. Raises
+        InvalidTransition if the job already exists."""
         after: list[tuple[Any, ...]] = [("SET", keys.job_request(job_id), request_to_json(request), "EX", self.meta_ttl)]
+        if decision is not None:
+            after += self.decision_commands(job_id, decision)
         if context is not None:
             after.append(("SET", keys.context(job_id), json.dumps(context), "EX", self.data_ttl))
         trace_id = str(fields.get("trace_id") or "")
@@ -375,9 +379,6 @@ class JobStore:
         """Appending a safety decision to the job's log (to run with a transition's `after`)."""
         return [("RPUSH", keys.job_decisions(job_id), json.dumps(record, separators=(",", ":"), default=str)),
                 ("EXPIRE", keys.job_decisions(job_id), self.meta_ttl)]
-
-    async def add_decision(self, job_id: str, record: Mapping[str, Any]) -> None:
-        await self._redis.pipeline(self.decision_commands(job_id, record))
 
     def worker_history_commands(self, worker_id: str, job_id: str) -> list[tuple[Any, ...]]:
         key = keys.worker_jobs(worker_id)

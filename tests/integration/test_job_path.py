@@ -212,4 +212,14 @@ async def test_cordumctl_submits_and_waits(path):
     assert listed.returncode == 0 and final["id"] in listed.stdout
     workers = await trio.to_thread.run_sync(run, "--json", "workers")
     assert workers.returncode == 0 and "worker-1" in workers.stdout
+    # the job's path, from what the gateway and the scheduler recorded: both decisions, every state
+    traced = await trio.to_thread.run_sync(run, "--json", "job", "trace", final["id"])
+    assert traced.returncode == 0, traced.stderr
+    steps = json.loads(traced.stdout)["items"]
+    states = [s["state"] for s in steps if s["kind"] == "state"]
+    assert states[0] == "PENDING" and states[-1] == "SUCCEEDED" and "DISPATCHED" in states
+    assert [s["by"] for s in steps if s["kind"] == "decision"] == ["api-gateway", "cordum-scheduler"]
+    assert [s["at"] for s in steps] == sorted(s["at"] for s in steps)
+    table = await trio.to_thread.run_sync(run, "job", "trace", final["id"])
+    assert table.returncode == 0 and "policy ALLOW" in table.stdout and "SUCCEEDED" in table.stdout
     assert API_KEY not in done.stdout + done.stderr + listed.stdout

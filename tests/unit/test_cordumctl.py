@@ -951,6 +951,22 @@ def test_run_start_wait_prints_each_step_change_and_succeeds(gateway: FakeGatewa
     assert "HTTP 503: gateway restarting (retrying)" in result.err
 
 
+def test_run_start_wait_on_a_terminal_shows_a_progress_line_under_the_steps(gateway: FakeGateway) -> None:
+    gateway.route("POST", "/api/v1/workflows/order-flow/runs", (200, {"run_id": "r1"}))
+    gateway.route("GET", "/api/v1/workflow-runs/r1", _sequence(
+        _run_doc("running", fetch=("running", "r1:fetch@1"), approve=("pending", "")),
+        _run_doc("running", fetch=("succeeded", "r1:fetch@1"), approve=("running", "r1:approve@1")),
+        _run_doc("succeeded", fetch=("succeeded", "r1:fetch@1"), approve=("succeeded", "r1:approve@1"))))
+    out, err = _Tty(), io.StringIO()
+    code = cli.main(["run", "start", "order-flow", "--wait", "--interval", "0.05"],
+                    env={"CORDUM_API_KEY": SECRET, "CORDUM_GATEWAY_ADDR": gateway.addr}, stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    text = out.getvalue()
+    assert "0/2 steps ended" in text and "1/2 steps ended" in text and " 50% running" in text
+    assert text.index("1/2 steps ended") > text.index("fetch     succeeded")  # the bar follows the step lines
+    assert text.rstrip().endswith("status  succeeded")  # cleared before the summary
+
+
 def test_step_changes_come_in_the_order_they_happened() -> None:
     from cordum.cli.workflows import step_changes
 
@@ -1054,3 +1070,105 @@ def test_a_same_origin_redirect_keeps_the_api_key():
         assert [request.get("x-api-key") for request in seen] == [SECRET, SECRET]
     finally:
         server.shutdown()
+
+
+# -- TLS (--cacert, --insecure) ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_gateway(tmp_path: Path) -> Iterator[tuple[FakeGateway, Path]]:
+    """The fake gateway over https, its certificate from a throwaway CA (returned: the CA's file)."""
+    import ssl
+
+    from tests.certs import TestCA
+
+    ca = TestCA(tmp_path)
+    issued = ca.issue("gateway", server=True)
+    gw = FakeGateway()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(gw))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert, issued.key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    gw.addr = f"https://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield gw, ca.cert
+    server.shutdown()
+
+
+def test_an_https_gateway_is_checked_against_the_system_cas_cacert_or_not_at_all(tls_gateway, tmp_path) -> None:
+    gw, ca_file = tls_gateway
+    gw.route("GET", "/api/v1/jobs", (200, {"items": [{"id": "j1", "state": "SUCCEEDED"}]}))
+    unknown = run(gw, "job", "list")
+    assert unknown.code == 6 and "certificate" in unknown.err.lower()  # a CA the system does not know
+    trusted = run(gw, "job", "list", "--cacert", str(ca_file))
+    assert trusted.code == 0 and "j1" in trusted.out
+    assert run(gw, "job", "list", env={"CORDUM_CACERT": str(ca_file)}).code == 0
+    assert run(gw, "--insecure", "job", "list").code == 0
+    missing = run(gw, "job", "list", "--cacert", str(tmp_path / "nope.pem"))
+    assert missing.code == 2 and "nope.pem" in missing.err
+
+
+def test_the_stream_over_wss_uses_the_same_tls_options(tls_gateway) -> None:
+    gw, ca_file = tls_gateway
+    gw.ws_frames = [_packet(jobResult={"jobId": "a", "status": "JOB_STATUS_SUCCEEDED"})]
+    gw.ws_settle = 0.0
+    with pytest.raises(StreamError, match="certificate|handshake|SSL"):
+        WebSocketClient(stream_url(gw.addr), timeout=5).connect()
+    from cordum.cli.http import tls_verify
+
+    with WebSocketClient(stream_url(gw.addr), timeout=5, tls=tls_verify(str(ca_file))) as ws:
+        assert next(ws.packets())["jobResult"]["jobId"] == "a"
+
+
+# -- shell completion -------------------------------------------------------------------------------
+
+
+def _complete(script_text: str, line: str) -> list[str]:
+    """What bash offers for `line` (completing its last word) with the script loaded."""
+    import subprocess
+
+    words = line.split(" ")
+    probe = (f"{script_text}\nCOMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+             "_cordumctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    return [w for w in done.stdout.splitlines() if w]
+
+
+def test_bash_completion_follows_the_command_tree() -> None:
+    script_text = run(None, "completion", "bash").out
+    assert "complete -o default -F _cordumctl cordumctl" in script_text
+    assert _complete(script_text, "cordumctl jo") == ["job"]
+    assert set(_complete(script_text, "cordumctl job ")) >= {"submit", "watch", "list", "get", "cancel"}
+    assert set(_complete(script_text, "cordumctl job submit --w")) == {"--wait"}
+    assert "--cacert" in _complete(script_text, "cordumctl --api-key k run start --")  # options between words
+    assert _complete(script_text, "cordumctl dev pa") == ["pause"]
+    assert _complete(script_text, "cordumctl completion z") == ["zsh"]
+    zsh = run(None, "completion", "zsh")
+    assert zsh.code == 0 and zsh.out.startswith("#compdef cordumctl") and "bashcompinit" in zsh.out
+    assert run(None, "completion", "fish").code == 2
+
+
+def test_tables_fit_the_terminal_by_narrowing_the_widest_columns() -> None:
+    rows = [("job-" + "a" * 40, "SUCCEEDED", "job.default", "x" * 50)]
+    wide = render.table(("ID", "STATE", "TOPIC", "NOTE"), rows)
+    assert len(wide.splitlines()[1]) > 100  # unfitted: as wide as the content
+    fitted = render.table(("ID", "STATE", "TOPIC", "NOTE"), rows, fit=80)
+    assert all(len(line) <= 80 for line in fitted.splitlines()), fitted
+    assert "SUCCEEDED" in fitted and "…" in fitted  # short columns intact, long ones cut
+    assert render.fit_widths([30, 30], 10) == [render.MIN_COLUMN, render.MIN_COLUMN]  # never below the minimum
+
+
+def test_a_listing_on_a_terminal_fits_its_width(gateway: FakeGateway, monkeypatch) -> None:
+    import os
+
+    gateway.route("GET", "/api/v1/jobs", (200, {"items": [{"id": "j" * 70, "state": "RUNNING", "topic": "t" * 40}]}))
+    monkeypatch.setattr(cli.shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((72, 24)))
+    out, err = _Tty(), io.StringIO()
+    code = cli.main(["job", "list"], env={"CORDUM_API_KEY": SECRET, "CORDUM_GATEWAY_ADDR": gateway.addr},
+                    stdout=out, stderr=err)
+    assert code == 0 and all(len(line) <= 72 for line in out.getvalue().splitlines()), out.getvalue()
+    piped = run(gateway, "job", "list")  # not a terminal: nothing cut but the 60-character cell cap
+    assert "t" * 40 in piped.out
