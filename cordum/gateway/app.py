@@ -14,7 +14,7 @@ from quart_trio import QuartTrio
 
 from cordum.gateway import (approvals, audit, config, dashboard, dlq, errors, jobs, memory, openapi, status, stream,
                             workers, workflows)
-from cordum.gateway.auth import KEY_SUBPROTOCOL, Principal, key_from_headers
+from cordum.gateway.auth import KEY_SUBPROTOCOL, Principal, key_from_headers, key_from_subprotocols
 from cordum.gateway.context import MAX_BODY, SERVICE, Gateway, client_address
 from cordum.gateway.errors import error_response
 from cordum.gateway.oidc import TokenRefused, looks_like_jwt
@@ -41,6 +41,11 @@ async def _authenticate(gw: Gateway, headers: Any, args: Any | None, address: st
 
 async def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
     token = bearer_token(headers)
+    if not token and args is not None and gw.oidc is not None:
+        # A browser cannot set headers on a WebSocket: the dashboard offers its token the way it
+        # offers an API key, as the key subprotocol.
+        offered = key_from_subprotocols(headers.get("Sec-WebSocket-Protocol")) or ""
+        token = offered if looks_like_jwt(offered) else ""
     if token and gw.oidc is not None and looks_like_jwt(token):
         try:
             principal = await gw.oidc.principal(token)

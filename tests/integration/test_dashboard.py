@@ -243,3 +243,27 @@ async def test_a_user_works_the_job_path_from_the_dashboard(gateway, tmp_path):
 def test_the_browser_parts_are_installed():
     # scripts/install.sh installs them for the tests: a missing browser fails here, never skips.
     assert shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER), "apt-get install chromium chromium-driver"
+
+
+async def test_an_oidc_user_signs_in_with_a_token_and_gets_the_live_stream(spawn, tmp_path):
+    from tests.integration.test_gateway_oidc import AUDIENCE, Issuer
+
+    issuer = Issuer()
+    try:
+        stack = Stack.create(spawn, tmp_path)
+        stack.kernel()
+        stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN,
+                    CORDUM_OIDC_ISSUER=issuer.url, CORDUM_OIDC_AUDIENCE=AUDIENCE)
+        await stack.ready(timeout=WAIT)
+        base = f"http://127.0.0.1:{stack.http_ports['gateway-1']}"
+        token = issuer.token(tenant="acme", role="operator")
+
+        def scenario(page: Page) -> None:
+            page.sign_in(token)
+            assert "acme · operator · user-42" in page.find("#who")[0].text
+            page.wait("the live stream, opened with the token", lambda: page.find("#live")[0].text == "live")
+            page.wait("the submit form (an operator may submit)", lambda: page.find("#submit-form"))
+
+        await trio.to_thread.run_sync(_run_in_browser, tmp_path, base, scenario)
+    finally:
+        issuer.server.shutdown()

@@ -154,3 +154,26 @@ def test_an_issuer_is_trusted_over_https_only_or_on_this_machine() -> None:
     assert OidcConfig.from_env({"CORDUM_OIDC_ISSUER": "http://127.0.0.1:9", "CORDUM_OIDC_AUDIENCE": "a"})
     with pytest.raises(ConfigError, match="CORDUM_OIDC_AUDIENCE is required"):
         OidcConfig.from_env({"CORDUM_OIDC_ISSUER": "https://idp.example.com"})
+
+
+async def test_a_browser_opens_the_stream_with_its_token_as_the_key_subprotocol(start_gateway, issuer) -> None:
+    """The dashboard cannot send Authorization on a WebSocket: it offers the token as it would an API
+    key (`cordum-api-key` and the token's base64url); a forged one is refused before the upgrade."""
+    import trio
+
+    from cordum.cli.ws import StreamError, WebSocketClient
+    from cordum.gateway.auth import KEY_SUBPROTOCOL
+    from tests.integration.test_gateway import _b64url
+
+    api = await _oidc_gateway(start_gateway, issuer)
+    url = f"ws://127.0.0.1:{api.port}/api/v1/stream"
+
+    def open_with(token: str) -> None:
+        offered = {"Sec-WebSocket-Protocol": f"{KEY_SUBPROTOCOL}, {_b64url(token)}"}
+        with WebSocketClient(url, headers=offered, timeout=10):
+            pass
+
+    await trio.to_thread.run_sync(open_with, issuer.token(tenant="acme"))
+    forged = issuer.token(key=RSAKey.generate_key(2048, parameters={"kid": "key-1"}), tenant="acme")
+    with pytest.raises(StreamError, match="HTTP 401"):
+        await trio.to_thread.run_sync(open_with, forged)

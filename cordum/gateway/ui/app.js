@@ -59,8 +59,13 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
+// An OIDC token (a JWT: three base64url parts) goes as a bearer token; anything else is an API key.
+const isToken = (credential) => /^ey[\w-]+\.[\w-]+\.[\w-]*$/.test(credential);
+
 async function api(method, path, body) {
-  const headers = { "X-API-Key": session.key, Accept: "application/json" };
+  const headers = { Accept: "application/json" };
+  if (isToken(session.key)) headers.Authorization = `Bearer ${session.key}`;
+  else headers["X-API-Key"] = session.key;
   if (session.tenant) headers["X-Tenant-ID"] = session.tenant;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(API + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), cache: "no-store" });
