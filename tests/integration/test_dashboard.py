@@ -34,6 +34,7 @@ async def gateway(spawn, tmp_path) -> tuple[Stack, str]:
     stack.kernel()
     stack.scheduler("scheduler-1")
     stack.scheduler("scheduler-2")
+    stack.workflow_engine()
     stack.worker()
     stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN,
                 CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
@@ -86,7 +87,7 @@ async def test_status_names_the_caller_and_the_leaders_to_operator_admins(gatewa
         return held if held["reconciler"] in ("scheduler-1", "scheduler-2") else None
 
     held = await eventually(leaders_known, WAIT, what="a reconciler leader in status")
-    assert held["dlq_cleanup"] == "gateway-1" and held["workflow_reconciler"] is None  # no workflow engine runs
+    assert held["dlq_cleanup"] == "gateway-1"
     viewer = await trio.to_thread.run_sync(lambda: Client(base, api_key=VIEWER, timeout=10).get("/api/v1/status"))
     assert viewer["caller"] == {"tenant": "default", "role": "viewer", "principal_id": "vic"}
     assert "leaders" not in viewer and "replicas" not in viewer
@@ -133,6 +134,31 @@ class Page:
                 raise AssertionError(f"timed out waiting for {what} (page error: {error}; view: {self.view_text()[:600]})")
             time.sleep(0.1)
 
+    def act(self, what: str, action) -> None:
+        """Do `action` (find and click, type) again if the live page replaced an element under it,
+        as a person would click again."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def attempt() -> bool:
+            try:
+                action()
+            except StaleElementReferenceException:
+                return False
+            return True
+
+        self.wait(what, attempt)
+
+    def fill(self, css: str, text: str) -> None:
+        def typed() -> None:
+            field = self.find(css)[0]
+            field.clear()
+            field.send_keys(text)
+
+        self.act(f"typing into {css}", typed)
+
+    def click(self, css: str) -> None:
+        self.act(f"clicking {css}", lambda: self.find(css)[0].click())
+
     def view_text(self) -> str:
         views = self.find("#view")
         return views[0].text if views else ""
@@ -175,10 +201,10 @@ async def test_a_user_works_the_job_path_from_the_dashboard(gateway, tmp_path):
         page.wait("the live stream", lambda: page.find("#live")[0].text == "live")
 
         # Submit from the page: the job's page follows it to SUCCEEDED without a reload.
-        page.find("#submit-topic")[0].send_keys("job.default")
-        page.find("#submit-prompt")[0].send_keys("from the dashboard")
-        page.find("#submit-input")[0].send_keys('{"note": "typed in a browser"}')
-        page.find("#submit-form button")[0].click()
+        page.fill("#submit-topic", "job.default")
+        page.fill("#submit-prompt", "from the dashboard")
+        page.fill("#submit-input", '{"note": "typed in a browser"}')
+        page.click("#submit-form button")
         page.wait("the job's page", lambda: page.find("#job-state"))
         job_id = page.driver.current_url.rsplit("/", 1)[1]
         page.wait("SUCCEEDED, live", lambda: page.find("#job-state")[0].text == "SUCCEEDED")
@@ -188,32 +214,45 @@ async def test_a_user_works_the_job_path_from_the_dashboard(gateway, tmp_path):
         # A held job, submitted by alice, approved by bob (nobody approves their own job).
         page.go("#/jobs")
         page.wait("the submit form", lambda: page.find("#submit-topic"))
-        page.find("#submit-topic")[0].send_keys("job.approve")
-        page.find("#submit-prompt")[0].send_keys("needs a human")
-        page.find("#submit-form button")[0].click()
+        page.fill("#submit-topic", "job.approve")
+        page.fill("#submit-prompt", "needs a human")
+        page.click("#submit-form button")
         page.wait("the held job's page", lambda: page.find("#job-state") and page.find("#job-state")[0].text == "APPROVAL_REQUIRED")
         held = page.driver.current_url.rsplit("/", 1)[1]
         page.sign_out()
         page.sign_in(BOB)
         page.go("#/approvals")
-        row = page.wait("the held job in approvals", lambda: page.find(f'tr[data-job="{held}"]'))[0]
-        row.find_element("css selector", "input").send_keys("looks fine")
-        row.find_element("css selector", "button.approve").click()
+        page.wait("the held job in approvals", lambda: page.find(f'tr[data-job="{held}"]'))
+        page.fill(f'tr[data-job="{held}"] input', "looks fine")
+        page.click(f'tr[data-job="{held}"] button.approve')
         page.wait("the approved job to leave the list", lambda: not page.find(f'tr[data-job="{held}"]')
                   and page.find("#view")[0].get_attribute("data-view") == "approvals")
         page.go(f"#/jobs/{held}")
         page.wait("the approved job to finish", lambda: page.find("#job-state") and page.find("#job-state")[0].text == "SUCCEEDED")
         assert "bob" in page.view_text()  # the approver is shown
         stored = api.get(f"/api/v1/jobs/{held}")
-        assert stored["approval_by"] == "bob" and stored["state"] == "SUCCEEDED"
+        assert stored["approval_by"] == "bob" and stored["approval_reason"] == "looks fine" and stored["state"] == "SUCCEEDED"
 
         # A failed job's DLQ entry, retried from the page.
         failed = api.post("/api/v1/jobs", {"topic": "job.default", "prompt": "fail", "context": {"fail": True}})["job_id"]
         page.go("#/dlq")
-        row = page.wait("the failed job in the DLQ", lambda: page.find(f'tr[data-job="{failed}"]'))[0]
-        row.find_element("css selector", "button.retry").click()
+        page.wait("the failed job in the DLQ", lambda: page.find(f'tr[data-job="{failed}"]'))
+        page.click(f'tr[data-job="{failed}"] button.retry')
         page.wait("the retried entry to leave the DLQ view", lambda: not page.find(f'tr[data-job="{failed}"]'))
         assert api.get(f"/api/v1/jobs/{failed}")["retried_as"]
+
+        # A workflow run: its steps as a DAG, coloured by status as it runs.
+        flow = api.post("/api/v1/workflows", {"name": "two steps", "steps": {
+            "fetch": {"type": "worker", "topic": "job.default"},
+            "act": {"type": "worker", "topic": "job.default", "depends_on": ["fetch"]}}})["id"]
+        run_id = api.post(f"/api/v1/workflows/{flow}/runs", {"input": {"n": 1}})["run_id"]
+        page.go("#/runs")
+        page.wait("the run in the list", lambda: page.find(f'tr[data-run="{run_id}"]'))
+        page.click(f'tr[data-run="{run_id}"]')
+        page.wait("both steps done in the DAG", lambda: len(page.find(".dag .step.SUCCEEDED")) == 2)
+        layers = page.find(".dag .layer")
+        assert [layer.text.split()[0] for layer in layers] == ["fetch", "act"]  # act depends on fetch: right of it
+        page.wait("the run's status", lambda: "SUCCEEDED" in page.find("#run-status")[0].text)
 
         # The cluster view: both schedulers, then one fewer after a stop (admins of the operator tenant).
         page.sign_out()

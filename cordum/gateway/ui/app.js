@@ -35,10 +35,12 @@ function el(tag, attrs, ...children) {
 
 const $ = (id) => document.getElementById(id);
 const can = (role) => session && RANK[session.role] >= RANK[role];
-const fmtTime = (value) => {
+const fmtTime = (value, precise) => {
   if (value === undefined || value === null || value === "") return "";
   const date = typeof value === "number" ? new Date(value > 1e14 ? value / 1000 : value > 1e11 ? value : value * 1000) : new Date(value);
-  return isNaN(date) ? String(value) : date.toLocaleString();
+  if (isNaN(date)) return String(value);
+  // A job's steps are milliseconds apart: its timeline shows them.
+  return precise ? `${date.toLocaleString()}.${String(date.getMilliseconds()).padStart(3, "0")}` : date.toLocaleString();
 };
 const stateCell = (state) => el("td", { class: `state ${state}` }, state);
 
@@ -218,6 +220,14 @@ const views = {
 };
 
 const filters = { state: "", topic: "" };
+// What the user typed survives a refresh of the view (the view is rebuilt from the API each time).
+const drafts = {};
+
+function draft(name, node) {
+  if (drafts[name] !== undefined) node.value = drafts[name];
+  node.addEventListener("input", () => { drafts[name] = node.value; });
+  return node;
+}
 
 async function jobsView() {
   const query = new URLSearchParams({ limit: "100" });
@@ -226,9 +236,9 @@ async function jobsView() {
   const data = await api("GET", `/jobs?${query}`);
   const parts = [el("h1", {}, "Jobs")];
   if (can("operator")) {
-    const topic = el("input", { id: "submit-topic", placeholder: "job.default", required: true });
-    const prompt = el("input", { id: "submit-prompt", placeholder: "what the agent asks", required: true });
-    const input = el("textarea", { id: "submit-input", placeholder: '{"key": "value"} (optional)' });
+    const topic = draft("topic", el("input", { id: "submit-topic", placeholder: "job.default", required: true }));
+    const prompt = draft("prompt", el("input", { id: "submit-prompt", placeholder: "what the agent asks", required: true }));
+    const input = draft("input", el("textarea", { id: "submit-input", placeholder: '{"key": "value"} (optional)' }));
     parts.push(el("form", {
       id: "submit-form",
       onsubmit: (event) => {
@@ -239,6 +249,7 @@ async function jobsView() {
             try { context = JSON.parse(input.value); } catch (_) { throw new Error("the input is not JSON"); }
           }
           const accepted = await api("POST", "/jobs", { topic: topic.value.trim(), prompt: prompt.value, context });
+          for (const name of ["topic", "prompt", "input"]) delete drafts[name];
           location.hash = `#/jobs/${encodeURIComponent(accepted.job_id)}`;
         });
       },
@@ -263,7 +274,7 @@ function fields(object, names) {
 
 async function jobDetail(id) {
   const path = `/jobs/${encodeURIComponent(id)}`;
-  const [job, decisions] = await Promise.all([api("GET", path), api("GET", `${path}/decisions`).catch(() => ({ items: [] }))]);
+  const [job, timeline] = await Promise.all([api("GET", path), api("GET", `${path}/timeline`).catch(() => ({ items: [] }))]);
   const parts = [el("h1", {}, "Job ", el("span", { class: "mono" }, job.id)),
     el("p", {}, "State: ", el("span", { id: "job-state", class: `state ${job.state}` }, job.state))];
   const actions = [];
@@ -273,10 +284,16 @@ async function jobDetail(id) {
   parts.push(fields(job, ["topic", "tenant", "attempts", "retries", "worker_id", "principal", "submitted_by", "safety_decision",
     "safety_reason", "safety_rule_id", "approval_status", "approval_by", "approval_reason", "failure_reason", "error_message",
     "trace_id", "updated_at"]));
-  parts.push(el("h2", {}, "Policy decisions"));
-  parts.push(table(["When", "Decision", "Rule", "Reason", "By"], (decisions.items || []).map((d) => el("tr", {},
-    el("td", {}, fmtTime(d.checked_at)), el("td", {}, d.decision || ""), el("td", { class: "mono" }, d.rule_id || ""),
-    el("td", {}, d.reason || ""), el("td", {}, d.by || ""))), "No decisions recorded."));
+  // The job's path: state changes and policy decisions (the gateway's, the scheduler's) in time order.
+  parts.push(el("h2", {}, "Timeline"));
+  parts.push(table(["When", "Step", "By", "Detail"], (timeline.items || []).map((t) => {
+    const decision = t.kind === "decision";
+    const step = decision ? `policy ${t.decision || ""}` : t.state || "";
+    const detail = decision ? [t.rule_id && `rule ${t.rule_id}`, t.reason].filter(Boolean).join("; ")
+      : t.detail ? JSON.stringify(t.detail) : "";
+    return el("tr", { class: decision ? "decision" : "state-change" }, el("td", {}, fmtTime(t.at, true)),
+      el("td", { class: decision ? "" : `state ${t.state}` }, step), el("td", {}, t.by || ""), el("td", {}, detail));
+  }), "Nothing recorded yet."));
   parts.push(el("h2", {}, "Input"), el("pre", {}, JSON.stringify(job.context, null, 2)));
   parts.push(el("h2", {}, "Result"), el("pre", { id: "job-result" }, job.result === null || job.result === undefined ? "—" : JSON.stringify(job.result, null, 2)));
   parts.push(el("p", {}, el("a", { href: "#/jobs" }, "← all jobs")));
@@ -287,7 +304,7 @@ async function approvalsView() {
   const data = await api("GET", "/approvals?limit=100");
   const rows = (data.items || []).map((item) => {
     const job = item.job || {};
-    const reason = el("input", { placeholder: "reason", "aria-label": `reason for ${job.id}` });
+    const reason = draft(`reason:${job.id}`, el("input", { placeholder: "reason", "aria-label": `reason for ${job.id}` }));
     const decide = (verb) => act(verb, () => api("POST", `/approvals/${encodeURIComponent(job.id)}/${verb}`, { reason: reason.value }));
     return el("tr", { "data-job": job.id },
       el("td", { class: "mono" }, el("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id)),
@@ -326,7 +343,7 @@ async function workersView() {
 
 async function runsView() {
   const data = await api("GET", "/workflow-runs?limit=100");
-  const rows = (data.items || []).map((run) => el("tr", { class: "clickable", onclick: () => { location.hash = `#/runs/${encodeURIComponent(run.id)}`; } },
+  const rows = (data.items || []).map((run) => el("tr", { class: "clickable", "data-run": run.id, onclick: () => { location.hash = `#/runs/${encodeURIComponent(run.id)}`; } },
     el("td", { class: "mono" }, run.id), el("td", {}, run.workflow_id), stateCell((run.status || "").toUpperCase()),
     el("td", {}, fmtTime(run.created_at)), el("td", {}, fmtTime(run.updated_at))));
   return [el("h1", {}, "Workflow runs"), table(["Run", "Workflow", "Status", "Started", "Updated"], rows, "No workflow runs.")];
@@ -362,7 +379,7 @@ async function runDetail(id) {
     return el("div", { class: `step ${status}` }, el("strong", {}, sid), el("div", { class: "muted" }, status));
   }))));
   const parts = [el("h1", {}, "Run ", el("span", { class: "mono" }, run.id)),
-    el("p", {}, `Workflow ${run.workflow_id} · `, el("span", { class: `state ${(run.status || "").toUpperCase()}` }, run.status))];
+    el("p", {}, `Workflow ${run.workflow_id} · `, el("span", { id: "run-status", class: `state ${(run.status || "").toUpperCase()}` }, (run.status || "").toUpperCase()))];
   if (can("operator") && !["succeeded", "failed", "cancelled", "timed_out"].includes(run.status)) {
     parts.push(el("div", { class: "actions" }, el("button", { class: "danger", onclick: () => act("Cancel run", () => api("POST", `/workflow-runs/${encodeURIComponent(id)}/cancel`)) }, "Cancel run")));
   }
@@ -410,8 +427,11 @@ async function render() {
     const view = views[name] || views.jobs;
     const content = await view(routeArg());
     if (session) {
-      $("view").replaceChildren(...content);
-      $("view").dataset.view = name;
+      const target = $("view");
+      const fresh = el("div", {}, content);
+      // Unchanged text: keep the page as it is (no flicker, nothing the user points at replaced).
+      if (target.dataset.view !== name || target.textContent !== fresh.textContent) target.replaceChildren(...fresh.childNodes);
+      target.dataset.view = name;
     }
   } catch (err) {
     showError(err.message);
