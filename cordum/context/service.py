@@ -46,6 +46,7 @@ from cordum.infra.tls import GrpcTls
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import Redis, open_redis
+from cordum.runtime.gauges import watch_redis_pool
 from cordum.runtime.instances import serve_registration
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
@@ -222,6 +223,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
     serving = ServiceStatus()
 
     async with open_redis(settings) as redis:
+        watch_redis_pool(metrics, redis)
+
         async def health() -> dict[str, Any]:
             # Redis down degrades windows but does not take the replica out of service.
             return {"redis": await _redis_state(redis), "grpc_serving": bool(serving.__status__())}

@@ -31,7 +31,7 @@ from cordum.protocol import subjects
 from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.consumer import ConsumerMetrics, serve_packets
 from cordum.runtime.lease import Lease
-from cordum.runtime.leader import LeaderElection, every
+from cordum.runtime.leader import LeaderElection, LeaderMetrics, every
 from cordum.runtime.log import get_logger
 from cordum.store import keys
 from cordum.store.jobstate import JobState
@@ -67,8 +67,8 @@ async def serve_dlq_writer(gw: Gateway, counters: ConsumerMetrics, *,
     await serve_packets(gw.bus, subjects.DLQ, handle, counters, queue=subjects.QUEUE_GATEWAY, task_status=task_status)
 
 
-def cleanup_election(gw: Gateway) -> tuple[LeaderElection, Any]:
-    election = LeaderElection(gw.leases, keys.DLQ_CLEANUP_LEADER, CLEANUP_LEASE_TTL)
+def cleanup_election(gw: Gateway, leaders: LeaderMetrics | None = None) -> tuple[LeaderElection, Any]:
+    election = LeaderElection(gw.leases, keys.DLQ_CLEANUP_LEADER, CLEANUP_LEASE_TTL, metrics=leaders)
 
     async def step(lease: Lease) -> None:
         removed = await gw.dlq.cleanup()

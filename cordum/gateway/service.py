@@ -9,6 +9,7 @@ Nursery tree (`serve`):
       ├─ instance registry    cordum:instance:cordum-api-gateway:<id> (TTL 15 s, renewed 5 s)
       ├─ keys reload          CORDUM_API_KEYS_PATH, checked every CORDUM_API_KEYS_RELOAD_INTERVAL
       ├─ DLQ cleanup leader   cordum:dlq:cleanup, every DLQ_CLEANUP_INTERVAL (1h)
+      ├─ gauges               DLQ size, DLQ consumer backlog, safety breaker (every 15 s)
       └─ HTTP                 GATEWAY_HTTP_ADDR (:8081): /health, /metrics, /api/v1/..., /api/v1/stream
 
 Shutdown stages (the guide's order): "bus taps" (stop the taps, end WebSocket streams) →
@@ -45,7 +46,9 @@ from cordum.infra.redis import Redis, open_redis
 from cordum.protocol import subjects
 from cordum.runtime.audit import AuditLog
 from cordum.runtime.consumer import ConsumerMetrics, serve_packets
+from cordum.runtime.gauges import ConsumerBacklog, DlqSize, refresh_forever, watch_breaker, watch_redis_pool
 from cordum.runtime.instances import serve_registration
+from cordum.runtime.leader import LeaderMetrics
 from cordum.runtime.lease import Leases
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
@@ -68,9 +71,10 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
     async with (
         open_redis(settings) as redis,
         open_bus(settings, name=SERVICE) as bus,
-        safety_client.open_safety_client(options.safety_addrs, safety_client.CircuitBreaker(redis),
+        safety_client.open_safety_client(options.safety_addrs, breaker := safety_client.CircuitBreaker(redis),
                                          timeout=options.policy_timeout, tls=options.safety_tls) as safety,
     ):
+        watch_redis_pool(metrics, redis)
         options.keys.set_fingerprint_secret(await fingerprint_secret(redis, settings))
         gw = Gateway(settings=settings, options=options, redis=redis, bus=bus, metrics=metrics,
                      safety=safety, leases=Leases(redis, settings.instance_id))
@@ -81,6 +85,11 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
         http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0,
                           websocket_max_message=WS_MAX_CLIENT_MESSAGE, websocket_ping_interval=options.ws_ping_interval)
         counters = ConsumerMetrics(metrics)
+        consumed = [(subjects.DLQ, subjects.QUEUE_GATEWAY)]
+        if settings.audit_transport == "nats":
+            consumed.append((subjects.AUDIT_EXPORT, subjects.QUEUE_AUDIT_EXPORTERS))
+        gauges = [DlqSize(metrics, redis).refresh, ConsumerBacklog(metrics, bus, consumed).refresh,
+                  watch_breaker(metrics, breaker)]
 
         async with trio.open_nursery() as nursery:
             taps = trio.CancelScope()
@@ -105,8 +114,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                         await inner.start(serve_registration, redis, SERVICE, settings.instance_id)
                         await inner.start(gw.audit.run)
                         inner.start_soon(reload_keys, options.keys, options.keys_reload_interval)
-                        election, work = cleanup_election(gw)
+                        election, work = cleanup_election(gw, LeaderMetrics(metrics))
                         await inner.start(election.run, work)
+                        await inner.start(refresh_forever, gauges)
                         task_status.started()
 
             await nursery.start(run_background)

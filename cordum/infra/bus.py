@@ -400,6 +400,19 @@ class Bus:
                     self._acks.submit_nowait(_Action("nak", raw))
                 release.held = []
 
+    async def consumer_backlog(self, subject: str, queue: str) -> tuple[int, int] | None:
+        """(messages not yet delivered, delivered but not acked) of the queue group's durable on
+        `subject`: one request to the server, the same answer on every replica of the group. None
+        without JetStream (core NATS keeps no backlog)."""
+        if not self._uses_jetstream(subject):
+            return None
+        return await aio(self._consumer_backlog)(subjects.stream_for(subject), subjects.durable_name(queue, subject))
+
+    async def _consumer_backlog(self, stream: str, durable: str) -> tuple[int, int]:
+        assert self._js is not None
+        info = await self._js.consumer_info(stream, durable, timeout=2.0)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
     async def _stop_pulling(self, sub: Any) -> None:
         # UNSUB, and wait for the server's answer to a PING sent after it: from then on the server
         # sends this subscription nothing and has dropped its waiting pulls, and whatever it had

@@ -212,6 +212,16 @@ class Redis:
     def script(self, lua: str) -> Script:
         return Script(self, lua)
 
+    def pool_usage(self) -> tuple[int, int, int] | None:
+        """(connections in use, idle, the pool's limit), read from the pool's own bookkeeping (no
+        round trip). None on a cluster: its pools are per node, bounded by the in-flight gate."""
+        pool = self._pool
+        if pool is None:
+            return None
+        in_use = len(getattr(pool, "_in_use_connections", ()))
+        idle = len(getattr(pool, "_available_connections", ()))
+        return in_use, idle, int(pool.max_connections)
+
     async def scan_keys(self, match: str, *, count: int = 200, limit: int | None = None) -> list[str]:
         """The keys matching `match`, SCANned to the end (on a cluster: on every primary, each
         with its own cursor); at most `limit`."""

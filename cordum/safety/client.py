@@ -90,8 +90,13 @@ class CircuitBreaker:
         self._seen = 0  # failures counted in Redis at the last look
         self._healthy_until = -math.inf  # trio time until which a look that saw no failure stands
         self._failures_recorded = 0  # by this replica: a look begun before one is not cached
+        self.open = False  # what the last look found (the cordum_safety_breaker_open gauge)
 
     async def is_open(self) -> bool:
+        self.open = await self._look()
+        return self.open
+
+    async def _look(self) -> bool:
         # While no failure is counted anywhere, one look stands for HEALTHY_LOOK_S: a check then
         # costs no Redis round trip (two per job otherwise). Once failures are seen, every check
         # looks, so the breaker still opens and closes with the shared count.

@@ -47,6 +47,7 @@ from cordum.infra.redis import Redis, RedisError, open_redis
 from cordum.runtime.instances import serve_registration
 from cordum.protocol.subjects import CONFIG_CHANGED
 from cordum.runtime.consumer import ConsumerMetrics, serve_packets
+from cordum.runtime.gauges import watch_redis_pool
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
 from cordum.runtime.service import run_service
@@ -367,6 +368,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         watcher.request_reload(CONFIG_CHANGED)
 
     async with open_redis(settings) as redis, open_bus(settings, name=SERVICE) as bus:
+        watch_redis_pool(metrics, redis)
         snapshots = SnapshotLog(redis)
         watcher.snapshots = snapshots
         await watcher.record_pending()

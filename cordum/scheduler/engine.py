@@ -86,6 +86,23 @@ class SchedulerMetrics:
         self.ignored = metrics.counter("cordum_scheduler_results_ignored_total", "Results for unknown or finished jobs", ["reason"])
         self.latency = by_topic(metrics.histogram("cordum_scheduler_dispatch_latency_seconds", "Submit handling to dispatch", ["topic"],
                                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
+        # From the job's stored timestamps (its hash's `updated_at`, in hand with the meta the
+        # handlers read anyway): waits for a worker, a lock or a policy retry count in here.
+        self.submit_to_dispatch = by_topic(metrics.histogram(
+            "cordum_scheduler_submit_to_dispatch_seconds",
+            "From a job becoming due (submitted, approved, retry time reached) to its dispatch", ["topic"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)))
+        self.dispatch_to_terminal = by_topic(metrics.histogram(
+            "cordum_scheduler_dispatch_to_terminal_seconds",
+            "From a job's dispatch to its final state (a worker's result or a timeout)", ["topic"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)))
+
+    def ran(self, topic: str, meta: dict, state: JobState) -> None:
+        """A job left DISPATCHED/RUNNING for a final state: in those two states the hash's
+        `updated_at` is the dispatch (DISPATCHED, then RUNNING right after the publish)."""
+        since = int(meta.get("updated_at") or 0)
+        if since and state in (S.DISPATCHED, S.RUNNING):
+            self.dispatch_to_terminal.labels(topic=topic).observe(max(now_us() - since, 0) / 1_000_000)
 
 
 class Engine:
@@ -234,7 +251,8 @@ class Engine:
         tenant = _tenant_of(request)
         if meta is None:  # published straight to the bus (workflow engine, other producers)
             await self.store.create(job_id, S.PENDING, request=request, fields=_fields_from_request(request, packet.trace_id))
-            meta = {"attempts": 0, "tenant": tenant, "topic": request.topic}
+            meta = {"attempts": 0, "tenant": tenant, "topic": request.topic, "updated_at": now_us()}
+        due_us = _due_since(meta)
         if scheduling_retries_exhausted(int(meta.get("attempts", 0))):
             await self._finish(job_id, request.topic, S.FAILED, fence, "max_scheduling_retries",
                                f"gave up after {MAX_SCHEDULING_RETRIES} scheduling attempts")
@@ -292,10 +310,10 @@ class Engine:
                                         fence=fence)
             raise Retry(RETRY_NO_WORKERS_S, str(exc)) from None
         await self._dispatch(packet, request, worker.worker_id, fence, started, tenant=tenant, fields=decided,
-                             after=recorded)
+                             after=recorded, due_us=due_us)
 
     async def _dispatch(self, packet: BusPacket, request: JobRequest, worker_id: str, fence: int, started: float,
-                        *, tenant: str, fields: dict, after: list) -> None:
+                        *, tenant: str, fields: dict, after: list, due_us: int = 0) -> None:
         job_id = request.job_id
         # DISPATCHED is written before the publish: a redelivered submit then finds the job
         # dispatched and does nothing, so a job is never sent twice by the scheduler. (The
@@ -317,6 +335,8 @@ class Engine:
             raise Retry(backoff_delay(dispatched.attempts, rand=random.random()), "dispatch publish failed") from None
         await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant)
         self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
+        if due_us:
+            self.metrics.submit_to_dispatch.labels(topic=request.topic).observe(max(now_us() - due_us, 0) / 1_000_000)
 
     async def send_to_worker(self, request: JobRequest, worker_id: str, trace_id: str, attempt: int) -> None:
         dispatch = new_packet(request, sender_id=SENDER, trace_id=trace_id)
@@ -426,6 +446,7 @@ class Engine:
             await self.resubmit(job_id, meta.get("trace_id") or job_id, f"retry:{job_id}:{current}")
         elif target in TERMINAL:
             self.metrics.finished.labels(topic=topic, state=target.value).inc()
+            self.metrics.ran(topic, meta, state)
         return True
 
     def _plan_retry(self, meta: dict, attempts: int, code: str, reason: str,
@@ -531,6 +552,12 @@ class Engine:
 def _approved(request: JobRequest, meta: dict) -> bool:
     """A human approved this job (the approve route set both the label and the stored status)."""
     return request.labels.get("approval_granted") == "true" and meta.get("approval_status") == "approved"
+
+
+def _due_since(meta: dict) -> int:
+    """µs since the epoch at which the job became due: its last state change (submission,
+    approval, a retry planned) or, for a retry, the time it was planned for, if later."""
+    return max(int(meta.get("updated_at") or 0), int(meta.get("retry_at") or 0))
 
 
 def _tenant_of(request: JobRequest) -> str:

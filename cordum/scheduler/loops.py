@@ -100,6 +100,7 @@ class Reconciler:
                 log.info("reconciler.skip", job_id=job_id, error=str(exc))
                 return
             self.engine.metrics.finished.labels(topic=topic, state=S.TIMEOUT.value).inc()
+            self.engine.metrics.ran(topic, meta, state)
             log.warning("reconciler.timed_out", job_id=job_id, state=state.value, reason=reason)
             alert = SystemAlert(
                 level="warning", message=f"job {job_id} timed out", component=SENDER, code="timeout",

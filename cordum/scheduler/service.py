@@ -9,7 +9,8 @@
         ├── pending replayer  leader cordum:replayer:pending
         ├── worker reaper     leader cordum:scheduler:worker:reaper (+ the index sweep)
         ├── snapshot writer   leader cordum:scheduler:snapshot:writer
-        └── config overlay    sys.config.changed + poll
+        ├── config overlay    sys.config.changed + poll
+        └── gauges            consumer backlog, safety breaker (every 15 s)
 
 The background starts once the consumers run, and the reconciler's first pass comes one interval
 after it leads: results that waited in the stream while no scheduler ran are applied before any
@@ -33,7 +34,8 @@ from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.instances import serve_registration
 from cordum.runtime.audit import AuditLog
 from cordum.runtime.consumer import ConsumerMetrics, PacketConsumer, serve_packets
-from cordum.runtime.leader import LeaderElection, every
+from cordum.runtime.gauges import ConsumerBacklog, refresh_forever, watch_breaker, watch_redis_pool
+from cordum.runtime.leader import LeaderElection, LeaderMetrics, every
 from cordum.runtime.lease import Leases
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
@@ -74,8 +76,10 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
 
     metrics = Metrics(settings.instance_id)
     counters = ConsumerMetrics(metrics)
+    leaders = LeaderMetrics(metrics)
     async with open_redis(settings) as redis, open_bus(settings, name=f"{NAME}/{settings.instance_id}") as bus, \
-            open_safety_client(safety_addrs, CircuitBreaker(redis), tls=safety_tls) as safety:
+            open_safety_client(safety_addrs, breaker := CircuitBreaker(redis), tls=safety_tls) as safety:
+        watch_redis_pool(metrics, redis)
         pools = PoolsSource(Path(pools_path), ConfigStore(redis), timeouts)
         await pools.load()  # a bad pools file stops the start with its message
         leases = Leases(redis, settings.instance_id)
@@ -98,6 +102,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             PacketConsumer(bus, subjects.RESULT, engine.on_result, counters, queue=subjects.QUEUE_SCHEDULER),
             PacketConsumer(bus, subjects.CANCEL, engine.on_cancel, counters, queue=subjects.QUEUE_SCHEDULER),
         ]
+        backlog = ConsumerBacklog(metrics, bus, [(c.subject, subjects.QUEUE_SCHEDULER) for c in consumers])
 
         async def on_heartbeat(packet, msg) -> None:
             if packet.WhichOneof("payload") == "heartbeat" and packet.heartbeat.worker_id:
@@ -124,15 +129,17 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
                 with background:
                     async with trio.open_nursery() as loops:
                         await loops.start(serve_packets, bus, subjects.CONFIG_CHANGED, on_config_changed, counters)
-                        loops.start_soon(LeaderElection(leases, keys.RECONCILER_LEADER, 2 * scan).run,
+                        loops.start_soon(LeaderElection(leases, keys.RECONCILER_LEADER, 2 * scan, metrics=leaders).run,
                                          every(scan, Reconciler(engine, timeouts).tick, first_after=scan))
-                        loops.start_soon(LeaderElection(leases, keys.WORKER_REAPER_LEADER, 2 * reap_every).run,
+                        loops.start_soon(LeaderElection(leases, keys.WORKER_REAPER_LEADER, 2 * reap_every,
+                                                        metrics=leaders).run,
                                          every(reap_every, reap))
-                        loops.start_soon(LeaderElection(leases, keys.REPLAYER_LEADER, 2 * scan).run,
+                        loops.start_soon(LeaderElection(leases, keys.REPLAYER_LEADER, 2 * scan, metrics=leaders).run,
                                          every(scan, PendingReplayer(engine, timeouts).tick))
-                        loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0).run,
+                        loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0, metrics=leaders).run,
                                          every(snapshot_every, SnapshotWriter(engine, redis, settings.instance_id).tick))
                         loops.start_soon(pools.poll, config_every)
+                        loops.start_soon(refresh_forever, [backlog.refresh, watch_breaker(metrics, breaker)])
                         task_status.started()
 
             await nursery.start(run_background)

@@ -5,7 +5,8 @@
     ├── consumers sys.job.result, sys.job.dlq    queue group cordum-workflow-engine ("cancel context")
     └── background ("cancel context"; started after the consumers)
         ├── run reconciler    leader cordum:workflow-engine:reconciler:default (TTL 2× scan)
-        └── delay poller      leader cordum:wf:delay:poller (TTL 2× poll)
+        ├── delay poller      leader cordum:wf:delay:poller (TTL 2× poll)
+        └── gauges            consumer backlog (every 15 s)
 
 Results drive runs: each result is processed by exactly one replica (the queue group), under the
 run's fenced lock. The scheduler keeps its own durable on `sys.job.result`, so both see every
@@ -28,7 +29,8 @@ from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.consumer import ConsumerMetrics, PacketConsumer
 from cordum.runtime.instances import serve_registration
-from cordum.runtime.leader import LeaderElection, every
+from cordum.runtime.gauges import ConsumerBacklog, refresh_forever, watch_redis_pool
+from cordum.runtime.leader import LeaderElection, LeaderMetrics, every
 from cordum.runtime.lease import Leases
 from cordum.runtime.lifecycle import Lifecycle
 from cordum.runtime.log import get_logger
@@ -59,7 +61,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
 
     metrics = Metrics(settings.instance_id)
     counters = ConsumerMetrics(metrics)
+    leaders = LeaderMetrics(metrics)
     async with open_redis(settings) as redis, open_bus(settings, name=f"{NAME}/{settings.instance_id}") as bus:
+        watch_redis_pool(metrics, redis)
         leases = Leases(redis, settings.instance_id)
         engine = WorkflowEngine(store=WorkflowStore(redis), jobs=JobStore(redis), bus=bus, leases=leases,
                                 redis=redis, metrics=WorkflowMetrics(metrics))
@@ -73,6 +77,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             PacketConsumer(bus, subjects.RESULT, engine.on_result, counters, queue=subjects.QUEUE_WORKFLOW_ENGINE),
             PacketConsumer(bus, subjects.DLQ, engine.on_dlq, counters, queue=subjects.QUEUE_WORKFLOW_ENGINE),
         ]
+        backlog = ConsumerBacklog(metrics, bus, [(c.subject, subjects.QUEUE_WORKFLOW_ENGINE) for c in consumers])
 
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve)
@@ -84,10 +89,13 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             async def run_background(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 with background:
                     async with trio.open_nursery() as loops:
-                        loops.start_soon(LeaderElection(leases, keys.WORKFLOW_RECONCILER_LEADER, 2 * scan).run,
+                        loops.start_soon(LeaderElection(leases, keys.WORKFLOW_RECONCILER_LEADER, 2 * scan,
+                                                        metrics=leaders).run,
                                          every(scan, RunReconciler(engine, scan, scan_limit).tick, first_after=scan))
-                        loops.start_soon(LeaderElection(leases, keys.WORKFLOW_DELAY_POLLER_LEADER, max(2 * poll, 2.0)).run,
+                        loops.start_soon(LeaderElection(leases, keys.WORKFLOW_DELAY_POLLER_LEADER, max(2 * poll, 2.0),
+                                                        metrics=leaders).run,
                                          every(poll, DelayPoller(engine).tick))
+                        loops.start_soon(refresh_forever, [backlog.refresh])
                         task_status.started()
 
             await nursery.start(run_background)
