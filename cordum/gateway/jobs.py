@@ -506,6 +506,10 @@ async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any],
         raise ApiError(503, "job could not be queued (bus unavailable), try again", code="bus_unavailable",
                        extra={"job_id": job_id, "trace_id": trace_id}) from None
     gw.submitted.labels(outcome="accepted").inc()
+    # Debug level: with CORDUM_LOG_LEVEL=debug, grep for a job id (or its trace id) follows the
+    # job through every replica that handled it; at info a job costs no log line.
+    log.debug("job.submitted", job_id=job_id, trace_id=trace_id, tenant=tenant, topic=inp.topic,
+              decision=verdict.value)
     return _accepted(job_id, trace_id)
 
 

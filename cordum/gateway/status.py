@@ -16,8 +16,12 @@ from cordum.gateway.auth import Principal
 from cordum.gateway.context import Gateway, caller, require
 from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.gateway.workers import list_workers
+from cordum.protocol import subjects
 from cordum.runtime.instances import list_instances
+from cordum.runtime.log import get_logger
 from cordum.store import keys
+
+log = get_logger("gateway.status")
 
 PROBE_TIMEOUT = 1.0
 
@@ -87,10 +91,13 @@ async def status(gw: Gateway, who: Principal) -> dict[str, Any]:
         # which replicas run where, and who leads each loop: for the operator's admins, not tenants'
         body["replicas"] = {}
         body["leaders"] = {}
+        body["stream_lag"] = []
+    if gw.status_cache is None:
+        gw.status_cache = StatusCache()
+    cache: StatusCache = gw.status_cache
+    if "stream_lag" in body:  # from NATS: answers while Redis is away too
+        body["stream_lag"] = await cache.get("stream_lag", lambda: stream_lag(gw))
     if ok:
-        if gw.status_cache is None:
-            gw.status_cache = StatusCache()
-        cache: StatusCache = gw.status_cache
 
         async def pipeline() -> dict[str, int]:
             recent, _ = await gw.jobs.list(who.tenant, limit=PIPELINE_SAMPLE)
@@ -125,6 +132,23 @@ async def leaders(gw: Gateway) -> dict[str, str | None]:
     values = await gw.redis.pipeline([("GET", key) for key in LEADER_KEYS.values()])
     return {name: value.rsplit("/", 1)[0] if isinstance(value, str) and value else None
             for name, value in zip(LEADER_KEYS, values)}
+
+
+async def stream_lag(gw: Gateway) -> list[dict[str, Any]]:
+    """The backlog of every shared durable (its queue group's, on JetStream): messages not yet
+    delivered, and delivered but not acked. One request to NATS each; a durable that cannot be
+    read is left out."""
+    lag = []
+    for queue, subject in subjects.WELL_KNOWN_DURABLES:
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                backlog = await gw.bus.consumer_backlog(subject, queue)
+            except Exception as exc:  # NATS away, durable not created yet: status still answers
+                log.debug("status.backlog_unavailable", subject=subject, queue=queue, error=repr(exc))
+                continue
+            if backlog is not None:
+                lag.append({"queue": queue, "subject": subject, "pending": backlog[0], "ack_pending": backlog[1]})
+    return lag
 
 
 def register(app: Quart, gw: Gateway) -> None:

@@ -335,6 +335,8 @@ class Engine:
             raise Retry(backoff_delay(dispatched.attempts, rand=random.random()), "dispatch publish failed") from None
         await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant)
         self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
+        log.debug("job.dispatched", job_id=job_id, trace_id=packet.trace_id or job_id, worker_id=worker_id,
+                  attempt=dispatched.attempts)
         if due_us:
             self.metrics.submit_to_dispatch.labels(topic=request.topic).observe(max(now_us() - due_us, 0) / 1_000_000)
 
@@ -441,6 +443,8 @@ class Engine:
             log.info("scheduler.result_not_applicable", job_id=job_id, error=str(exc))
             return False
         self.metrics.completed.labels(topic=topic, status=JobStatus.Name(result.status)).inc()
+        log.debug("job.result_applied", job_id=job_id, trace_id=meta.get("trace_id") or job_id, state=target.value,
+                  worker_id=result.worker_id)
         self.registry.completed(result.worker_id)
         if target is S.RETRYING:
             await self.resubmit(job_id, meta.get("trace_id") or job_id, f"retry:{job_id}:{current}")

@@ -742,6 +742,8 @@ class Worker:
             outcome = await self._execute(job)  # kept alive meanwhile by _keep_jobs_alive
             published = False
             if isinstance(outcome, JobResult):
+                log.debug("job.ran", job_id=job.job_id, trace_id=job.packet.trace_id or job.job_id,
+                          attempt=job.attempt, worker_id=self.worker_id, status=outcome.status)
                 data = encode(self._packet(outcome, trace_id=job.packet.trace_id or job.job_id))
                 # Cached before publishing: a redelivery publishes it again, never runs the job again.
                 self._results.put(job.job_id, (job.attempt, data))

@@ -860,6 +860,7 @@ class WorkflowEngine(StepHandlers):
         except Exception as exc:
             log.error("workflow.publish_failed", run_id=run.id, job_id=jid, error=repr(exc))
             return False
+        log.debug("job.submitted", job_id=jid, trace_id=run.id, run_id=run.id, topic=request.topic)
         return True
 
     async def _read_output(self, job_id: str, result_ptr: str) -> Any:

@@ -88,9 +88,11 @@ async def test_status_names_the_caller_and_the_leaders_to_operator_admins(gatewa
 
     held = await eventually(leaders_known, WAIT, what="a reconciler leader in status")
     assert held["dlq_cleanup"] == "gateway-1"
+    lag = {(d["queue"], d["subject"]): d for d in admin["stream_lag"]}
+    assert lag[("cordum-scheduler", "sys.job.submit")]["pending"] == 0  # idle: nothing waits
     viewer = await trio.to_thread.run_sync(lambda: Client(base, api_key=VIEWER, timeout=10).get("/api/v1/status"))
     assert viewer["caller"] == {"tenant": "default", "role": "viewer", "principal_id": "vic"}
-    assert "leaders" not in viewer and "replicas" not in viewer
+    assert "leaders" not in viewer and "replicas" not in viewer and "stream_lag" not in viewer
 
 
 # ---- in the browser ------------------------------------------------------------------------------
@@ -259,6 +261,7 @@ async def test_a_user_works_the_job_path_from_the_dashboard(gateway, tmp_path):
         page.sign_in(ADMIN)
         page.go("#/cluster")
         page.wait("both schedulers", lambda: page.find('[data-replica="scheduler-1"]') and page.find('[data-replica="scheduler-2"]'))
+        page.wait("the stream lag", lambda: page.find('tr[data-durable="cordum-scheduler/sys.job.submit"]'))
         page.wait("a reconciler leader", lambda: page.find('tr[data-loop="reconciler"]')
                   and "scheduler-" in page.find('tr[data-loop="reconciler"]')[0].text)
         stack.procs["scheduler-2"].signal(signal.SIGTERM)

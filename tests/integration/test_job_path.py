@@ -223,3 +223,33 @@ async def test_cordumctl_submits_and_waits(path):
     table = await trio.to_thread.run_sync(run, "job", "trace", final["id"])
     assert table.returncode == 0 and "policy ALLOW" in table.stdout and "SUCCEEDED" in table.stdout
     assert API_KEY not in done.stdout + done.stderr + listed.stdout
+
+
+async def test_with_debug_logs_one_grep_follows_a_job_through_every_replica(spawn, tmp_path):
+    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", CORDUM_LOG_LEVEL="debug")
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    stack.start("gateway-1", "cordum.gateway.service")
+    await stack.ready()
+    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
+    api = Api(stack.http_ports["gateway-1"])
+    status, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "trace me"})
+    assert status == 200
+    job_id, trace_id = body["job_id"], body["trace_id"]
+    await api.job_until(job_id, {"SUCCEEDED"})
+
+    def steps() -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for name in ("gateway-1", "scheduler-1", "worker-1"):
+            lines = [line for line in stack.procs[name].lines("err") if job_id in line]  # the grep
+            found[name] = {e["event"] for e in map(json.loads, lines) if e.get("trace_id") == trace_id}
+        return found
+
+    with trio.fail_after(30):  # the worker may log just after the state is written
+        while not all(steps().values()):
+            await trio.sleep(0.1)
+    found = steps()
+    assert {"job.submitted"} <= found["gateway-1"]
+    assert {"job.dispatched", "job.result_applied"} <= found["scheduler-1"]
+    assert {"job.ran"} <= found["worker-1"]

@@ -407,6 +407,10 @@ async function clusterView() {
   }
   parts.push(el("h2", {}, "Leaders"), table(["Loop", "Held by"], Object.entries(status.leaders || {}).map(([loop, holder]) =>
     el("tr", { "data-loop": loop }, el("td", {}, loop), el("td", { class: "mono" }, holder || "— none —")))));
+  parts.push(el("h2", {}, "Stream lag"), table(["Queue group", "Subject", "Not delivered", "Not acked"],
+    (status.stream_lag || []).map((d) => el("tr", { "data-durable": `${d.queue}/${d.subject}` }, el("td", {}, d.queue),
+      el("td", { class: "mono" }, d.subject), el("td", {}, d.pending), el("td", {}, d.ack_pending))),
+    "No JetStream durables (core NATS keeps no backlog)."));
   parts.push(el("h2", {}, "Replicas"), el("div", { class: "cards", id: "replicas" }, Object.entries(status.replicas).map(([service, list]) =>
     el("div", { class: "card", "data-service": service }, el("h3", {}, `${service} (${list.length})`),
       el("ul", {}, list.map((r) => el("li", { class: "mono", "data-replica": r.id }, r.id, r.started_at ? ` · since ${fmtTime(r.started_at)}` : "")))))));
