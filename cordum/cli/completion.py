@@ -2,8 +2,8 @@
 itself so it never drifts from the commands. It completes command words and options at every level
 (`cordumctl job sub<TAB>`, `cordumctl run start --<TAB>`); values are left to the shell's defaults.
 
-    source <(cordumctl completion bash)          # bash, this shell
-    cordumctl completion zsh > "${fpath[1]}/_cordumctl"   # zsh (bashcompinit-based)
+    source <(cordumctl completion bash)    # in ~/.bashrc
+    source <(cordumctl completion zsh)     # in ~/.zshrc (through zsh's bashcompinit)
 """
 
 from __future__ import annotations
@@ -53,15 +53,17 @@ def script(shell: str, tree: dict[str, list[str]]) -> str:
         raise ValueError(f"unknown shell {shell!r}: one of {', '.join(SHELLS)}")
     cases = "\n".join(f"        {shlex.quote(path)}) words={shlex.quote(' '.join(words))} ;;"
                       for path, words in sorted(tree.items()))
-    known = " ".join(sorted({part for path in tree for part in path.split()}))
+    paths = "|" + "|".join(sorted(tree)) + "|"  # every command path, "|job|job submit|…|"
     body = f"""_cordumctl() {{
-    local cur path w i known={shlex.quote(known)}
+    local cur path next w i paths={shlex.quote(paths)}
     cur="${{COMP_WORDS[COMP_CWORD]}}"
     path=""
-    # The command path: the command words typed so far (options and their values skipped).
+    # The command path: each typed word that extends it to a known path (so an option's value
+    # that happens to be a command name is skipped).
     for ((i = 1; i < COMP_CWORD; i++)); do
         w="${{COMP_WORDS[i]}}"
-        case " $known " in *" $w "*) path="${{path:+$path }}$w" ;; esac
+        next="${{path:+$path }}$w"
+        case "$paths" in *"|$next|"*) path="$next" ;; esac
     done
     local words=""
     case "$path" in
@@ -71,6 +73,6 @@ def script(shell: str, tree: dict[str, list[str]]) -> str:
 }}
 complete -o default -F _cordumctl cordumctl
 """
-    if shell == "zsh":
-        return "#compdef cordumctl\nautoload -U +X bashcompinit && bashcompinit\n" + body
+    if shell == "zsh":  # zsh runs the same function through its bash-completion layer
+        return "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n" + body
     return body

@@ -220,6 +220,9 @@ class Client:
             if not resp.is_redirect or not location:
                 return resp
             target = urllib.parse.urljoin(url, location)
+            if _origin(url)[0] == "https" and _origin(target)[0] != "https":
+                # the body (a prompt, a job's input) would cross the network in clear
+                raise httpx.UnsupportedProtocol(f"refused a redirect from https to {target}", request=resp.request)
             if _origin(target) != _origin(url):
                 headers = {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
             if resp.status_code == 303 or (resp.status_code in (301, 302) and method == "POST"):

@@ -7,12 +7,13 @@ it is used for progress only; the job's REST record stays the source of truth.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import urllib.parse
 from contextlib import ExitStack
 from typing import Any, Iterator
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, SecurityError
 from websockets.sync.client import ClientConnection, connect
 
 STREAM_PATH = "/api/v1/stream"
@@ -49,15 +50,29 @@ class WebSocketClient:
         headers = {k: v for k, v in self.headers.items() if k.lower() != "sec-websocket-protocol"}
         offered = [p.strip() for k, v in self.headers.items() if k.lower() == "sec-websocket-protocol"
                    for p in v.split(",") if p.strip()]
-        options: dict[str, Any] = {}
-        if self.url.startswith("wss://"):
-            options["ssl"] = self._ssl_context()
+        parts = urllib.parse.urlsplit(self.url)
+        secure = parts.scheme == "wss"
+        options: dict[str, Any] = {"ssl": self._ssl_context(), "server_hostname": parts.hostname} if secure else {}
         try:
-            self._ws = self._exit.enter_context(connect(
-                self.url, additional_headers=headers, subprotocols=offered or None,  # type: ignore[arg-type]
-                open_timeout=self.timeout, close_timeout=1, user_agent_header="cordumctl", **options))
+            try:
+                # Our own socket: the library then follows no redirect (it would send X-API-Key
+                # to wherever a redirect points; it strips only Authorization and cookies).
+                sock = socket.create_connection((parts.hostname or "localhost", parts.port or (443 if secure else 80)),
+                                                timeout=self.timeout)
+                self._exit.callback(sock.close)
+                self._ws = self._exit.enter_context(connect(
+                    self.url, sock=sock, additional_headers=headers, subprotocols=offered or None,  # type: ignore[arg-type]
+                    open_timeout=self.timeout, close_timeout=1, user_agent_header="cordumctl", **options))
+            except BaseException:
+                self._exit.close()  # the socket of a failed handshake
+                raise
         except InvalidStatus as exc:
             raise StreamError(f"stream refused: HTTP {exc.response.status_code}") from None
+        except (SecurityError, ValueError) as exc:  # the library's refusal to follow a redirect
+            if not isinstance(exc.__cause__, InvalidStatus):
+                raise StreamError(f"stream handshake failed ({exc})") from None
+            raise StreamError(f"stream refused: HTTP {exc.__cause__.response.status_code} (a redirect: not followed, "
+                              "the stream's credentials stay with the gateway they were given for)") from None
         except (InvalidHandshake, InvalidURI) as exc:
             raise StreamError(f"stream handshake failed ({exc})") from None
         except TimeoutError:

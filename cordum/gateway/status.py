@@ -138,17 +138,24 @@ async def stream_lag(gw: Gateway) -> list[dict[str, Any]]:
     """The backlog of every shared durable (its queue group's, on JetStream): messages not yet
     delivered, and delivered but not acked. One request to NATS each; a durable that cannot be
     read is left out."""
-    lag = []
-    for queue, subject in subjects.WELL_KNOWN_DURABLES:
-        with trio.move_on_after(PROBE_TIMEOUT):
-            try:
-                backlog = await gw.bus.consumer_backlog(subject, queue)
-            except Exception as exc:  # NATS away, durable not created yet: status still answers
-                log.debug("status.backlog_unavailable", subject=subject, queue=queue, error=repr(exc))
-                continue
-            if backlog is not None:
-                lag.append({"queue": queue, "subject": subject, "pending": backlog[0], "ack_pending": backlog[1]})
-    return lag
+    found: dict[tuple[str, str], tuple[int, int]] = {}
+
+    async def probe(queue: str, subject: str) -> None:
+        try:
+            backlog = await gw.bus.consumer_backlog(subject, queue)
+        except Exception as exc:  # NATS away, durable not created yet: status still answers
+            log.debug("status.backlog_unavailable", subject=subject, queue=queue, error=repr(exc))
+            return
+        if backlog is not None:
+            found[(queue, subject)] = backlog
+
+    with trio.move_on_after(PROBE_TIMEOUT):  # all at once: one timeout, not one per durable
+        async with trio.open_nursery() as nursery:
+            for queue, subject in subjects.WELL_KNOWN_DURABLES:
+                nursery.start_soon(probe, queue, subject)
+    return [{"queue": queue, "subject": subject, "pending": found[(queue, subject)][0],
+             "ack_pending": found[(queue, subject)][1]}
+            for queue, subject in subjects.WELL_KNOWN_DURABLES if (queue, subject) in found]
 
 
 def register(app: Quart, gw: Gateway) -> None:

@@ -309,3 +309,34 @@ async def test_an_oidc_user_signs_in_with_a_token_and_gets_the_live_stream(spawn
         await trio.to_thread.run_sync(_run_in_browser, tmp_path, base, scenario)
     finally:
         issuer.server.shutdown()
+
+
+async def test_without_the_stream_the_page_polls(spawn, tmp_path):
+    """A stream refused (here: the tenant's one stream on this replica is taken) leaves the page
+    polling: a job submitted elsewhere still shows up, and the stream is retried with a backoff."""
+    from cordum.cli.ws import WebSocketClient, stream_url
+
+    stack = Stack.create(spawn, tmp_path)
+    stack.kernel()
+    stack.scheduler()
+    stack.worker()
+    stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN, CORDUM_WS_MAX_CONNECTIONS_PER_TENANT="1")
+    await stack.ready(timeout=WAIT)
+    base = f"http://127.0.0.1:{stack.http_ports['gateway-1']}"
+    taken = WebSocketClient(stream_url(base), headers={"X-API-Key": ADMIN}, timeout=10)
+    await trio.to_thread.run_sync(taken.connect)
+    api = Client(base, api_key=ADMIN, timeout=10)
+
+    def scenario(page: Page) -> None:
+        page.sign_in(ADMIN)
+        page.go("#/jobs")
+        page.wait("the jobs view", lambda: page.find("#view")[0].get_attribute("data-view") == "jobs")
+        time.sleep(1.0)  # the stream's first attempt is refused by now
+        assert page.find("#live")[0].text == "polling"
+        job_id = api.post("/api/v1/jobs", {"topic": "job.default", "prompt": "seen by polling"})["job_id"]
+        page.wait("the job, by polling", lambda: page.find(f'tr[data-job="{job_id}"]'), timeout=30)
+
+    try:
+        await trio.to_thread.run_sync(_run_in_browser, tmp_path, base, scenario)
+    finally:
+        taken.close()

@@ -64,13 +64,8 @@ class Api:
         raise AssertionError(f"job {job_id} is {job.get('state')}, wanted {states}: {job}")
 
 
-@pytest.fixture
-async def path(spawn, tmp_path):
-    (tmp_path / "keys.yaml").write_text(KEYS_FILE)
-    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", SCHEDULER_RUNNING_TIMEOUT="5s",
-                         CORDUM_API_KEYS_PATH=str(tmp_path / "keys.yaml"))
-    (tmp_path / "safety.yaml").write_text(POLICY_WITH_APPROVALS)
-    (tmp_path / "pools.yaml").write_text(POOLS)
+async def _gateway_path(stack: Stack) -> tuple[Stack, Api]:
+    """Kernel, scheduler, echo worker and gateway of `stack`, ready, the worker known."""
     stack.kernel()
     stack.scheduler()
     stack.worker()
@@ -78,6 +73,16 @@ async def path(spawn, tmp_path):
     await stack.ready()
     await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
     return stack, Api(stack.http_ports["gateway-1"])
+
+
+@pytest.fixture
+async def path(spawn, tmp_path):
+    (tmp_path / "keys.yaml").write_text(KEYS_FILE)
+    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", SCHEDULER_RUNNING_TIMEOUT="5s",
+                         CORDUM_API_KEYS_PATH=str(tmp_path / "keys.yaml"))
+    (tmp_path / "safety.yaml").write_text(POLICY_WITH_APPROVALS)
+    (tmp_path / "pools.yaml").write_text(POOLS)
+    return await _gateway_path(stack)
 
 
 async def test_allowed_job_runs_to_success_with_its_result(path):
@@ -226,14 +231,8 @@ async def test_cordumctl_submits_and_waits(path):
 
 
 async def test_with_debug_logs_one_grep_follows_a_job_through_every_replica(spawn, tmp_path):
-    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev", CORDUM_LOG_LEVEL="debug")
-    stack.kernel()
-    stack.scheduler()
-    stack.worker()
-    stack.start("gateway-1", "cordum.gateway.service")
-    await stack.ready()
-    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
-    api = Api(stack.http_ports["gateway-1"])
+    stack, api = await _gateway_path(Stack.create(spawn, tmp_path, CORDUM_API_KEY=API_KEY, CORDUM_ENV="dev",
+                                                  CORDUM_LOG_LEVEL="debug"))
     status, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "trace me"})
     assert status == 200
     job_id, trace_id = body["job_id"], body["trace_id"]

@@ -1028,12 +1028,15 @@ def _recording_server(redirect: Callable[[str], str | None] = lambda path: None)
     seen: list[dict[str, str]] = []
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # what a WebSocket client accepts an answer in
+
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             seen.append({k.lower(): v for k, v in self.headers.items()})
             location = redirect(self.path)
             if location is not None:
                 self.send_response(302)
                 self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             send_json(self, 200, {"ok": True})
@@ -1146,8 +1149,9 @@ def test_bash_completion_follows_the_command_tree() -> None:
     assert "--cacert" in _complete(script_text, "cordumctl --api-key k run start --")  # options between words
     assert _complete(script_text, "cordumctl dev pa") == ["pause"]
     assert _complete(script_text, "cordumctl completion z") == ["zsh"]
+    assert set(_complete(script_text, "cordumctl --tenant job job ")) >= {"submit", "watch"}  # a value named like a command
     zsh = run(None, "completion", "zsh")
-    assert zsh.code == 0 and zsh.out.startswith("#compdef cordumctl") and "bashcompinit" in zsh.out
+    assert zsh.code == 0 and "bashcompinit" in zsh.out and "complete -o default -F _cordumctl cordumctl" in zsh.out
     assert run(None, "completion", "fish").code == 2
 
 
@@ -1172,3 +1176,37 @@ def test_a_listing_on_a_terminal_fits_its_width(gateway: FakeGateway, monkeypatc
     assert code == 0 and all(len(line) <= 72 for line in out.getvalue().splitlines()), out.getvalue()
     piped = run(gateway, "job", "list")  # not a terminal: nothing cut but the 60-character cell cap
     assert "t" * 40 in piped.out
+
+
+def test_the_event_stream_follows_no_redirect_so_the_key_stays_with_the_gateway():
+    elsewhere, elsewhere_seen = _recording_server()
+    other = f"ws://localhost:{elsewhere.server_address[1]}"
+    gateway, gateway_seen = _recording_server(lambda path: other + path)
+    try:
+        ws = WebSocketClient(stream_url(f"http://127.0.0.1:{gateway.server_address[1]}"),
+                             headers={"X-API-Key": SECRET}, timeout=5)
+        with pytest.raises(StreamError, match="HTTP 302.*not followed"):
+            ws.connect()
+        assert gateway_seen and gateway_seen[0]["x-api-key"] == SECRET
+        assert not elsewhere_seen  # never contacted
+    finally:
+        gateway.shutdown()
+        elsewhere.shutdown()
+
+
+def test_a_redirect_from_https_to_http_is_refused():
+    """The credentials would be dropped, but a 307 re-sends the body (a prompt, a job's input) in
+    clear: cordumctl does not go there."""
+    import httpx
+
+    sent: list[str] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        sent.append(str(request.url))
+        return httpx.Response(307, headers={"Location": "http://gateway.example/api/v1/jobs"}, request=request)
+
+    client = cli_http.Client("https://gateway.example", api_key=SECRET)
+    client._http = httpx.Client(transport=httpx.MockTransport(gateway))  # no TLS server needed
+    with pytest.raises(cli_http.GatewayError, match="refused a redirect from https"):
+        client.post("/api/v1/jobs", {"prompt": "secret plans"})
+    assert sent == ["https://gateway.example/api/v1/jobs"]

@@ -49,7 +49,10 @@ function table(headers, rows, empty) {
   return el("table", {}, el("thead", {}, el("tr", {}, headers.map((h) => el("th", {}, h)))), el("tbody", {}, rows));
 }
 
+let renderFailed = false; // the error on screen came from reading a view: the next good read clears it
+
 function showError(message) {
+  renderFailed = false;
   const box = $("error");
   box.textContent = message || "";
   box.hidden = !message;
@@ -116,6 +119,10 @@ function signOut(message) {
   session = null;
   sessionStorage.removeItem(SESSION);
   stopLive();
+  // The next user of this tab sees nothing the last one typed or chose.
+  for (const name of Object.keys(drafts)) delete drafts[name];
+  filters.state = "";
+  filters.topic = "";
   showError(message || "");
   layout();
 }
@@ -144,12 +151,21 @@ function setLive(on) {
   badge.className = `live ${on ? "on" : "off"}`;
 }
 
+const RECONNECT_MS = [3000, 6000, 12000, 30000]; // the stream's reconnect delays, then the last one
+let reconnects = 0;
+let reconnectTimer = null;
+
 function startLive() {
   stopLive();
-  // The stream carries job, workflow and worker events; replicas and leases change without one.
+  // Polling runs all along: it carries the views while the stream is down, and replicas and
+  // leases (the cluster view) change without a stream event.
   pollTimer = setInterval(() => {
     if (!socket || socket.readyState !== WebSocket.OPEN || currentView() === "cluster") autoRefresh();
   }, POLL_MS);
+  openStream();
+}
+
+function openStream() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   let ws;
   try {
@@ -159,7 +175,11 @@ function startLive() {
     return;
   }
   socket = ws;
-  ws.onopen = () => setLive(true);
+  ws.onopen = () => {
+    reconnects = 0;
+    setLive(true);
+    scheduleRefresh(); // what happened while it was down
+  };
   ws.onmessage = (event) => {
     let packet = null;
     try { packet = JSON.parse(event.data); } catch (_) { return; }
@@ -168,13 +188,21 @@ function startLive() {
   };
   ws.onclose = () => {
     setLive(false);
-    if (socket === ws && session) setTimeout(() => { if (socket === ws && session) startLive(); }, 3000);
+    if (socket !== ws || !session) return; // signed out, or replaced
+    // Back off: a stream refused (a proxy without WebSocket, a key just rotated) is not retried
+    // in a tight loop; each refusal counts against this address's failed authentications.
+    const delay = RECONNECT_MS[Math.min(reconnects, RECONNECT_MS.length - 1)];
+    reconnects += 1;
+    reconnectTimer = setTimeout(() => { reconnectTimer = null; if (socket === ws && session) openStream(); }, delay);
   };
 }
 
 function stopLive() {
   if (pollTimer) clearInterval(pollTimer);
   pollTimer = null;
+  if (reconnectTimer) clearTimeout(reconnectTimer);
+  reconnectTimer = null;
+  reconnects = 0;
   const ws = socket;
   socket = null;
   if (ws) ws.close();
@@ -428,7 +456,7 @@ async function render() {
   const name = currentView();
   for (const link of document.querySelectorAll("nav a")) link.classList.toggle("active", link.dataset.view === name);
   try {
-    const view = views[name] || views.jobs;
+    const view = Object.hasOwn(views, name) ? views[name] : views.jobs;
     const content = await view(routeArg());
     if (session) {
       const target = $("view");
@@ -436,9 +464,11 @@ async function render() {
       // Unchanged text: keep the page as it is (no flicker, nothing the user points at replaced).
       if (target.dataset.view !== name || target.textContent !== fresh.textContent) target.replaceChildren(...fresh.childNodes);
       target.dataset.view = name;
+      if (renderFailed) showError("");
     }
   } catch (err) {
     showError(err.message);
+    renderFailed = true;
   } finally {
     rendering = false;
     if (renderAgain) render();
