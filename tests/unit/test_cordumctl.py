@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
