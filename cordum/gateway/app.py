@@ -106,6 +106,10 @@ def create_app(gw: Gateway) -> QuartTrio:
     errors.install(app)
 
     @app.before_request
+    async def _start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.before_request
     async def _auth() -> Response | None:
         if not request.path.startswith("/api/") or request.path == OPENAPI_PATH:
             return None
@@ -125,6 +129,9 @@ def create_app(gw: Gateway) -> QuartTrio:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         method = request.method if request.method in HTTP_METHODS else "other"  # any word is a method to a client
         gw.http_requests.labels(method=method, route=rule, status=str(response.status_code)).inc()
+        started = g.get("started")
+        if started is not None:
+            gw.http_duration.labels(method=method, route=rule).observe(time.perf_counter() - started)
         audit.record_request(gw, response)
         return response
 

@@ -99,13 +99,24 @@ async def _locked(gw: Gateway, job_id: str, tenant: str) -> AsyncIterator[tuple[
 
 
 async def _resolve(gw: Gateway, job_id: str, target: JobState, lease: Lease, fields: dict[str, Any],
-                   event: dict[str, Any]) -> None:
-    """APPROVAL_REQUIRED → `target` under the lock's fence; a lost race is a 409."""
+                   event: dict[str, Any], held_since_us: int) -> None:
+    """APPROVAL_REQUIRED → `target` under the lock's fence; a lost race is a 409. Counted by
+    decision, with the time the job was held (its hash's `updated_at` while it waited)."""
     try:
         await gw.jobs.transition(job_id, target, fence=lease.fence, allowed_from=[JobState.APPROVAL_REQUIRED],
                                  fields=fields, event=event)
     except InvalidTransition:
         raise ApiError(409, "approval already resolved", code="approval_already_resolved") from None
+    gw.approval_decisions.labels(decision=str(event.get("approval", ""))).inc()
+    if held_since_us:
+        gw.approval_latency.observe(max(now_us() - held_since_us, 0) / 1_000_000)
+
+
+def _held_since(meta: dict[str, Any]) -> int:
+    try:
+        return int(meta.get("updated_at") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _labels(meta: dict[str, Any]) -> dict[str, str]:
@@ -145,7 +156,7 @@ async def approve(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, A
             "approval_note": note, "approval_decision": "approve", "approval_revision": revision,
             "approval_actionability": "resolved", "approval_publish_status": "pending",
             "approval_publish_target": "submit",
-        }, event={"approval": "approved", "by": who.identity})
+        }, event={"approval": "approved", "by": who.identity}, held_since_us=_held_since(meta))
         try:
             await publish_request(gw, request_msg, trace_id or job_id)
             await gw.jobs.set_fields(job_id, {"approval_publish_status": "published",
@@ -170,7 +181,7 @@ async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, An
             "approval_status": "rejected", "approval_reason": reason, "approval_note": note,
             "approval_decision": "reject", "approval_actionability": "resolved",
             "approval_publish_target": "dlq", "failure_reason": reason,
-        }, event={"approval": "rejected", "by": who.identity})
+        }, event={"approval": "rejected", "by": who.identity}, held_since_us=_held_since(meta))
     await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected",
                                  reason=reason)
     if meta.get("topic") == subjects.APPROVAL_GATE_TOPIC:

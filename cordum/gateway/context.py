@@ -185,8 +185,20 @@ class Gateway:
             # The guide's per-replica throughput metric: summed over gateway replicas,
             # outcome="accepted" is the number of jobs admitted to run.
             "cordum_jobs_total", "Job submissions through this replica, by outcome", ["outcome"])
-        self.http_requests = self.metrics.counter(
-            "cordum_api_gateway_http_requests_total", "HTTP requests", ["method", "route", "status"])
+        # Cordum's names; the gateway's own name for the request counter counts too, for a release.
+        self.http_requests = self.metrics.renamed_counter(
+            "cordum_http_requests_total", "cordum_api_gateway_http_requests_total", "HTTP requests by method, route and status",
+            ["method", "route", "status"])
+        self.http_duration = self.metrics.histogram(
+            "cordum_http_request_duration_seconds", "HTTP request handling time by method and route", ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.approval_decisions = self.metrics.counter(
+            "cordum_approval_decisions_total", "Approval decisions by outcome (approved, rejected)", ["decision"])
+        self.approval_latency = self.metrics.histogram(
+            "cordum_approval_latency_seconds", "From a job being held for approval to its decision",
+            buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600))
+        self.cancel_failures = self.metrics.counter(
+            "cordum_job_cancel_failures_total", "Cancels recorded but not published to the bus (the worker was not told)")
         self.dlq_written = self.metrics.counter(
             "cordum_api_gateway_dlq_entries_written_total", "DLQ entries written by this replica's DLQ writer")
 

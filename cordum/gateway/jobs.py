@@ -613,5 +613,6 @@ def register(app: Quart, gw: Gateway) -> None:
             await gw.bus.publish(subjects.CANCEL, encode(packet))
         except Exception as exc:  # best effort: the job is already CANCELLED in the store
             log.warning("cancel.publish_failed", job_id=job_id, error=repr(exc))
+            gw.cancel_failures.inc()
         return {"id": job_id, "state": JobState.CANCELLED.value}
 

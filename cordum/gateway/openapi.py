@@ -57,6 +57,36 @@ def _op(summary: str, role: str, ok: str, ok_schema: dict[str, Any] | None, *, p
     return operation
 
 
+COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
+BOOL: dict[str, Any] = {"type": "boolean"}
+
+
+def _record(required: tuple[str, ...], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+# The fields Cordum's clients and release gates read (spec §1.5); admins see more.
+STATUS = _record(
+    ("time", "uptime_seconds", "goroutine_count", "build", "nats", "redis", "redis_pool_stats", "workers"),
+    time=STRING, uptime_seconds=COUNT, goroutine_count=COUNT, active_ws_clients=COUNT, instance_id=STRING,
+    build=_record(("version", "commit", "date"), version=STRING, commit=STRING, date=STRING),
+    nats=_record(("connected", "status"), connected=BOOL, status=STRING, url=STRING),
+    redis=_record(("ok", "status"), ok=BOOL, status={"enum": ["ok", "error"]}, error=STRING),
+    redis_pool_stats=_record(("hits", "misses", "timeouts", "total_conns", "idle_conns", "stale_conns"),
+                             hits=COUNT, misses=COUNT, timeouts=COUNT, total_conns=COUNT, idle_conns=COUNT,
+                             stale_conns=COUNT, cluster=BOOL),
+    workers=_record(("count",), count=COUNT), pipeline={"type": "object", "additionalProperties": COUNT},
+)
+
+
+def _status_op(tag: str) -> dict[str, Any]:
+    operation = _op("Platform status", "viewer", "200", STATUS, tag=tag)
+    operation["responses"]["200"]["headers"] = {"X-Cache": {
+        "description": "HIT: what status reads from Redis all came from this replica's cache",
+        "schema": {"enum": ["HIT", "MISS"]}}}
+    return operation
+
+
 SUBMIT = {
     "type": "object", "required": ["prompt"],
     "properties": {
@@ -120,7 +150,7 @@ def document() -> dict[str, Any]:
         "/api/v1/policy/evaluate": {
             "post": _op("Evaluate the policy for a request, without submitting", "viewer", "200", OBJECT,
                         body=OBJECT, tag=ops)},
-        "/api/v1/status": {"get": _op("Platform status", "viewer", "200", OBJECT, tag=ops)},
+        "/api/v1/status": {"get": _status_op(ops)},
         "/api/v1/memory": {"get": _op("A memory entry of the tenant", "viewer", "200", OBJECT,
                                       params=[_query("key", STRING, "mem:<memory id>:events|chunks|summary, or a job's ctx:/res: key")],
                                       tag=ops)},

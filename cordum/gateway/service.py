@@ -82,6 +82,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
         gw.ratelimiter = RateLimiter(rate_limit, redis, metrics)
         gw.audit = AuditLog(AuditChain(redis, hmac_key=options.audit_hmac_key), bus, transport=settings.audit_transport,
                             sender=settings.instance_id, buffer_size=options.audit_buffer_size)
+        gw.audit.instrument(metrics)
         http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0,
                           websocket_max_message=WS_MAX_CLIENT_MESSAGE, websocket_ping_interval=options.ws_ping_interval)
         counters = ConsumerMetrics(metrics)

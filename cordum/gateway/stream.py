@@ -35,6 +35,7 @@ from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.gateway.auth import KEY_SUBPROTOCOL, offered_subprotocols
 from cordum.gateway.context import Gateway, caller
 from cordum.gateway.errors import error_response
+from cordum.infra.metrics import Metrics
 from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.protocol import subjects
 from cordum.protocol.packets import PacketError, decode, job_id_of
@@ -58,6 +59,22 @@ class _Client:
     dropped: bool = False
 
 
+class StreamMetrics:
+    """Cordum's WebSocket metrics (its release gate reads `cordum_gateway_ws_clients_active`)."""
+
+    def __init__(self, metrics: Metrics, hub: "StreamHub") -> None:
+        metrics.gauge("cordum_gateway_ws_clients_active", "Event-stream clients connected to this replica"
+                      ).set_function(lambda: len(hub.clients))
+        self.evictions = metrics.counter("cordum_gateway_ws_slow_client_evictions_total",
+                                         "Stream clients dropped for falling behind (close 1013)")
+        self.events_dropped = metrics.counter("cordum_gateway_ws_events_dropped_total",
+                                              "Events not delivered because their client fell behind")
+        self.revalidations = metrics.counter("cordum_gateway_ws_revalidation_total",
+                                             "Periodic re-checks of an open stream's credentials")
+        self.duration = metrics.histogram("cordum_gateway_ws_connection_duration_seconds", "How long streams stayed open",
+                                          buckets=(1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600))
+
+
 @dataclass
 class StreamHub:
     gw: Gateway
@@ -69,6 +86,11 @@ class StreamHub:
     dropped_clients: int = 0
     _changed: trio.Event = field(default_factory=trio.Event)  # a client came or went
     _tapping: trio.Event = field(default_factory=trio.Event)  # set while the taps listen
+    metrics: StreamMetrics | None = None
+
+    def __post_init__(self) -> None:
+        if self.gw is not None:
+            self.metrics = StreamMetrics(self.gw.metrics, self)
 
     @property
     def client_count(self) -> int:
@@ -206,6 +228,9 @@ class StreamHub:
             except trio.WouldBlock:
                 client.dropped = True
                 self.dropped_clients += 1
+                if self.metrics is not None:
+                    self.metrics.evictions.inc()
+                    self.metrics.events_dropped.inc()
                 self._leave(client)
                 client.send.close()
                 log.warning("stream.slow_client_dropped", tenant=client.tenant, buffer=self.buffer)
@@ -244,12 +269,15 @@ def register(app: Quart, gw: Gateway) -> None:
         async def recheck_key(done: trio.CancelScope) -> None:
             while True:
                 await trio.sleep(gw.options.ws_recheck_interval)
+                if hub.metrics is not None:
+                    hub.metrics.revalidations.inc()
                 if not gw.options.keys.still_valid(who):
                     log.info("stream.key_revoked", tenant=who.tenant, principal_id=who.principal_id)
                     closing.append((CLOSE_POLICY_VIOLATION, "credentials no longer valid"))
                     done.cancel()
                     return
 
+        opened = trio.current_time()
         with hub.connect(who.tenant) as (client, receive):
             if not await hub.wait_taps():
                 log.warning("stream.taps_not_ready", tenant=who.tenant)
@@ -261,6 +289,8 @@ def register(app: Quart, gw: Gateway) -> None:
                     async for text in receive:
                         await websocket.send(text)
                 nursery.cancel_scope.cancel()
+        if hub.metrics is not None:
+            hub.metrics.duration.observe(trio.current_time() - opened)
         if closing:
             await websocket.close(*closing[0])
         elif client.dropped:

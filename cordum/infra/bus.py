@@ -35,7 +35,7 @@ from cordum.infra.aio import Batcher, aio
 from cordum.infra.config import Settings
 from cordum.protocol import subjects
 from cordum.runtime.lifecycle import close_scope
-from cordum.runtime.log import get_logger
+from cordum.runtime.log import get_logger, redact_urls
 
 log = get_logger("bus")
 
@@ -251,6 +251,27 @@ class Bus:
     @property
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
+
+    @property
+    def state(self) -> str:
+        """The connection's state, as status and /health show it: connected, draining (closing;
+        still connected), reconnecting, connecting, closed or disconnected."""
+        nc = self._nc
+        if nc.is_draining:
+            return "draining"
+        if nc.is_connected:
+            return "connected"
+        if nc.is_reconnecting:
+            return "reconnecting"
+        if nc.is_connecting:
+            return "connecting"
+        return "closed" if nc.is_closed else "disconnected"
+
+    @property
+    def server_url(self) -> str | None:
+        """The server connected to now (NATS_URL may list several), credentials masked."""
+        url = self._nc.connected_url
+        return redact_urls(url.geturl()) if url is not None else None
 
     def _uses_jetstream(self, subject: str) -> bool:
         return self._js is not None and subjects.is_durable_subject(subject)

@@ -33,7 +33,8 @@ async def health_body(service: str, metrics: Metrics, health: HealthCheck | None
         except Exception as exc:  # the text may name hosts or credentials: logged, never served
             log.warning("health.check_failed", service=service, error=repr(exc))
             body.update(status="degraded", error="health check failed (see the service's log)")
-    return body, 200 if body["status"] == "ok" else 503
+    # "healthy" is the gateway's word (Cordum's /health shape); the other services say "ok"
+    return body, 200 if body["status"] in ("ok", "healthy") else 503
 
 
 def probe_app(service: str, metrics: Metrics, health: HealthCheck | None = None) -> Callable[..., Awaitable[None]]:
@@ -84,7 +85,27 @@ def make_app(service: str, metrics: Metrics, health: HealthCheck | None = None) 
     async def _metrics() -> Response:
         return Response(metrics.exposition(), content_type=CONTENT_TYPE)
 
+    @app.after_request
+    async def _read_request_to_its_end(response: Response) -> Response:
+        return await finish_reading_body(response)
+
     return app
+
+
+async def finish_reading_body(response: Any) -> Any:
+    """Read what is left of the request's body before the response goes out. hypercorn (0.18)
+    reuses a keep-alive connection only if the request was read to its end by the time the
+    response is complete: an answer given before the body arrived (a 401, 404 or 405 decided from
+    the headers) left the connection stuck, and the client's next request on it went unanswered
+    (seen: schemathesis waiting 120 s). A body too large to read closes the connection instead."""
+    from quart import request
+
+    if request.content_length or "transfer-encoding" in request.headers:
+        try:
+            await request.get_data(cache=True)
+        except Exception:  # over MAX_CONTENT_LENGTH, or the client stopped sending it
+            response.headers["Connection"] = "close"
+    return response
 
 
 # A peer that vanished without closing (a crashed client, a dropped NAT entry) is noticed by the

@@ -51,5 +51,31 @@ class Metrics:
         kwargs = {"buckets": list(buckets)} if buckets is not None else {}
         return Histogram(name, doc, list(labels), registry=self.registry, **kwargs)
 
+    def renamed_counter(self, name: str, old: str, doc: str, labels: Iterable[str] = ()) -> "Both":
+        """A counter under Cordum's `name` that also counts under the `old` name it had here, so
+        boards that scrape the old one keep working for a release (CHANGELOG says which)."""
+        return Both(self.counter(name, doc, labels), self.counter(old, f"Deprecated: the same as {name}", labels))
+
     def exposition(self) -> bytes:
         return generate_latest(self._exposed)
+
+
+class Both:
+    """Several metrics (or labelled children) moved together: `labels`, `inc` and `observe` go to
+    each. The renamed metrics count under both names through it."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, *parts: object) -> None:
+        self._parts = parts
+
+    def labels(self, *values: str, **labels: str) -> "Both":
+        return Both(*(part.labels(*values, **labels) for part in self._parts))  # type: ignore[attr-defined]
+
+    def inc(self, amount: float = 1.0) -> None:
+        for part in self._parts:
+            part.inc(amount)  # type: ignore[attr-defined]
+
+    def observe(self, value: float) -> None:
+        for part in self._parts:
+            part.observe(value)  # type: ignore[attr-defined]

@@ -222,6 +222,25 @@ class Redis:
         idle = len(getattr(pool, "_available_connections", ()))
         return in_use, idle, int(pool.max_connections)
 
+    def pool_stats(self) -> dict[str, Any]:
+        """The pool's counters and connections now, as go-redis's PoolStats (see `_CountingPool`
+        for what each counts); no round trip. `idle_conns` are the open idle connections,
+        `total_conns` those plus the ones in use. On a cluster redis-py keeps one small pool per
+        node and counts nothing: hits, misses, timeouts and stale_conns are 0 there,
+        `total_conns`/`idle_conns` are summed over the nodes, and `cluster` is true."""
+        pool = self._pool
+        if pool is None:
+            nodes = self._client.get_nodes() if self.cluster else []
+            total = sum(len(getattr(node, "_connections", ())) for node in nodes)
+            idle = sum(len(getattr(node, "_free", ())) for node in nodes)
+            return {"hits": 0, "misses": 0, "timeouts": 0, "total_conns": total, "idle_conns": idle,
+                    "stale_conns": 0, "cluster": self.cluster}
+        idle = sum(1 for conn in list(getattr(pool, "_available_connections", ())) if conn.is_connected)
+        in_use = len(getattr(pool, "_in_use_connections", ()))
+        return {"hits": getattr(pool, "hits", 0), "misses": getattr(pool, "misses", 0),
+                "timeouts": getattr(pool, "timeouts", 0), "total_conns": in_use + idle, "idle_conns": idle,
+                "stale_conns": getattr(pool, "stale", 0)}
+
     async def scan_keys(self, match: str, *, count: int = 200, limit: int | None = None) -> list[str]:
         """The keys matching `match`, SCANned to the end (on a cluster: on every primary, each
         with its own cursor); at most `limit`."""
@@ -306,8 +325,63 @@ def _with_hiredis_packing(connection_class: type) -> type:
     return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
 
 
+class _CountingPool(aredis.BlockingConnectionPool):
+    """redis-py's blocking pool, counting hand-outs as go-redis's PoolStats do (`Redis.pool_stats`):
+
+    - hits: handed out with its connection open;
+    - misses: the pool had to dial: a new connection, or one dropped after an I/O error or a
+      cancelled call (redis-py keeps the object and reconnects it when next handed out);
+    - timeouts: waits for a free connection that timed out (the caller got "No connection
+      available");
+    - stale: connections the server had closed while they sat idle, found when handed out.
+      redis-py reconnects one in place (also a miss) unless its maintenance notifications are on
+      (RESP3's default, "auto"): then the command on it fails, and the next hand-out redials it.
+
+    The counters are plain integers without a lock: only the asyncio loop uses the pool, and
+    status reads them from the same thread. The hot overrides are plain functions returning the
+    parent's coroutine: a command pays a few attribute reads, no extra frame, await or lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hits = self.misses = self.timeouts = self.stale = 0
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:  # type: ignore[override]
+        if self.can_get_connection():
+            return super().get_connection(*args, **kwargs)
+        # Exhausted: only a caller that waits can time out, so only it pays for the try (one
+        # that found room waits only if others take it first: such a rare timeout goes uncounted).
+        return self._wait_for_connection(*args, **kwargs)
+
+    async def _wait_for_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except _ConnectionError as exc:
+            if isinstance(exc.__cause__, asyncio.TimeoutError):
+                self.timeouts += 1
+            raise
+
+    def ensure_connection(self, connection: Any) -> Awaitable[None]:  # type: ignore[override]
+        # Called once per hand-out, with the connection the pool just picked.
+        reader = connection._reader
+        if reader is None:
+            self.misses += 1
+        elif not reader.at_eof():
+            self.hits += 1
+        else:
+            self.stale += 1
+            if not getattr(self, "maint_notifications_enabled", lambda: False)():
+                self.misses += 1
+        return super().ensure_connection(connection)
+
+
+# The hooks above exist in redis-py 6+; an older redis-py gets the plain pool (status then
+# reports its connections, and zeros for the counters).
+_POOL = _CountingPool if all(hasattr(aredis.BlockingConnectionPool, name)
+                             for name in ("can_get_connection", "ensure_connection")) else aredis.BlockingConnectionPool
+
+
 def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConnectionPool]:
-    pool = aredis.BlockingConnectionPool.from_url(
+    pool = _POOL.from_url(
         settings.redis_url,
         max_connections=settings.redis_pool_size,
         timeout=5,  # seconds to wait for a free connection before raising
@@ -315,10 +389,11 @@ def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConne
         socket_connect_timeout=5,
         socket_keepalive=True,
         # No periodic PING before reuse: redis-py re-arms its timer after every reply through
-        # asyncio.get_running_loop(), a getpid() syscall per reply on Python 3.11. The pool still
-        # replaces a connection the server closed (it checks for that when handing one out);
-        # one that died unnoticed fails its next command, which the caller treats as any Redis
-        # error (a consumer redelivers, an HTTP request answers 503).
+        # asyncio.get_running_loop(), a getpid() syscall per reply on Python 3.11. redis-py
+        # replaces a connection the server closed when handing it out only while its maintenance
+        # notifications are off, and RESP3 turns them on ("auto"): such a connection, like one
+        # that died unnoticed, fails its next command, which the caller treats as any Redis
+        # error (a consumer redelivers, an HTTP request answers 503); it is redialled after.
         health_check_interval=0,
         client_name=f"cordum:{settings.instance_id}",  # CLIENT LIST shows which replica is which
         # REDIS_USERNAME/REDIS_PASSWORD; credentials in the URL, if any, take precedence

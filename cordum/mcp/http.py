@@ -58,12 +58,36 @@ def credential_from(headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
     return key or found.get("x-api-key", ""), found.get("x-tenant-id", "")
 
 
-async def respond(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+DRAIN_LIMIT = 1 << 20  # of a refused request's body, read before answering; past it the connection closes
+
+
+async def respond(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = (), *,
+                  receive: Any = None) -> None:
+    """A JSON answer. With `receive`, the request's body is read to its end first: hypercorn (0.18)
+    reuses a keep-alive connection only if the request was read through by the time the answer is
+    complete, else the client's next request on it goes unanswered."""
+    headers = list(headers)
+    if receive is not None and not await _drained(receive):
+        headers.append((b"connection", b"close"))
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             *headers]})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def _drained(receive: Any) -> bool:
+    """Read the request body to its end (False: it is longer than DRAIN_LIMIT, or the client left)."""
+    read = 0
+    while True:
+        message = await receive()
+        if message.get("type") != "http.request":
+            return False
+        read += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return True
+        if read > DRAIN_LIMIT:
+            return False
 
 
 class KeyCheck:
@@ -160,17 +184,17 @@ class McpHttpApp:
         routes = {"/mcp": ("POST", "GET", "DELETE"), "/sse": ("GET",), "/message": ("POST",)}
         if path not in routes:
             return await respond(send, 404, {"error": "not found; MCP is served at /mcp (and /sse, /message)",
-                                             "status": 404})
+                                             "status": 404}, receive=receive)
         if method not in routes[path]:
             return await respond(send, 405, {"error": f"{method} is not allowed on {path}", "status": 405},
-                                 [(b"allow", ", ".join(routes[path]).encode())])
+                                 [(b"allow", ", ".join(routes[path]).encode())], receive=receive)
         if method == "GET":
             return await self._serve(path, scope, receive, send)
         with self.busy.holding():
             await self._serve(path, scope, receive, send)
 
     async def _serve(self, path: str, scope: dict, receive: Any, send: Any) -> None:
-        who = await self._authenticate(scope, send)
+        who = await self._authenticate(scope, receive, send)
         if who is None:
             return
         scope = {**scope, SCOPE_KEY: who.api_key, SCOPE_TENANT: who.tenant,
@@ -211,22 +235,23 @@ class McpHttpApp:
             session.cancel()
         await self.sse_streams.idle()
 
-    async def _authenticate(self, scope: dict, send: Any) -> Credential | None:
+    async def _authenticate(self, scope: dict, receive: Any, send: Any) -> Credential | None:
         key, tenant = credential_from(scope.get("headers", []))
         challenge = [(b"www-authenticate", b'Bearer realm="cordum-mcp"')]
         if not key:
             await respond(send, 401, {"error": "missing credential: send Authorization: Bearer <API key> "
-                                               "or X-API-Key", "status": 401}, challenge)
+                                               "or X-API-Key", "status": 401}, challenge, receive=receive)
             return None
         if self.tenant and tenant and tenant != self.tenant:
-            await respond(send, 403, {"error": f"this server serves tenant {self.tenant} only", "status": 403})
+            await respond(send, 403, {"error": f"this server serves tenant {self.tenant} only", "status": 403},
+                          receive=receive)
             return None
         who = Credential(key, self.tenant or tenant, client_host(scope))
         refused = await self.keys.refusal(who)
         if refused is not None:
             status = 401 if refused.status == 401 else 403
             await respond(send, status, {"error": f"the gateway refused this credential: {refused.describe()}",
-                                         "status": status}, challenge if status == 401 else [])
+                                         "status": status}, challenge if status == 401 else [], receive=receive)
             return None
         return who
 

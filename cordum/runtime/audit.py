@@ -25,6 +25,7 @@ import trio
 from cordum.agent.v1.alert_pb2 import SystemAlert
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.infra.bus import Bus, Message
+from cordum.infra.metrics import Metrics
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.log import get_logger
@@ -77,9 +78,21 @@ class AuditLog:
         self.last_error = ""
         self.last_written_at = 0.0
         self._tenant_locks: dict[str, trio.Lock] = {}
+        self._exported: Any = None  # counters, once `instrument` is called
+        self._drops: Any = None
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Cordum's audit metrics: events written (to the chain, or onto the bus), events dropped
+        from a full buffer, and the buffer's depth."""
+        self._exported = metrics.counter("cordum_audit_export_total", "Audit events written to the chain or exported")
+        self._drops = metrics.counter("cordum_audit_batch_drops_total", "Audit events dropped from a full buffer")
+        metrics.gauge("cordum_audit_export_events", "Audit events buffered, not yet written").set_function(
+            lambda: len(self._buffer))
 
     def _drop(self, lost: dict[str, Any]) -> None:
         self.dropped += 1
+        if self._drops is not None:
+            self._drops.inc()
         log.error("audit.event_dropped", event_id=lost.get("id"), tenant=lost.get("tenant"), buffer=self.buffer_size)
 
     def record(self, event: dict[str, Any]) -> None:
@@ -131,6 +144,8 @@ class AuditLog:
             self.last_error = repr(exc)
         finally:
             self.written += sent
+            if self._exported is not None and sent:
+                self._exported.inc(sent)
             unsent = batch[sent:]
             if unsent:
                 self._buffer.extendleft(reversed(unsent))
@@ -156,6 +171,8 @@ class AuditLog:
         async with self._tenant_locks.setdefault(tenant, trio.Lock()):
             await self.chain.append(tenant, [(str(event["id"]), float(event.get("ts") or 0), event)])
         self.written += 1
+        if self._exported is not None:
+            self._exported.inc()
         self.last_written_at = time.time()
 
     def health(self) -> dict[str, Any]:

@@ -283,10 +283,13 @@ def _globs(patterns: tuple[str, ...]) -> list[Glob]:
     return out
 
 
+NO_MATCH = "no matching rule"  # how a default decision's reason begins (counted by the kernel)
+
+
 def _default(policy: Policy) -> Decision:
     if policy.default_decision == "allow":
-        return Decision(DecisionKind.ALLOW, "no matching rule (default allow)")
-    return _deny("no matching rule (default deny)")
+        return Decision(DecisionKind.ALLOW, f"{NO_MATCH} (default allow)")
+    return _deny(f"{NO_MATCH} (default deny)")
 
 
 def evaluate(policy: Policy | None, request: CheckInput) -> Decision:

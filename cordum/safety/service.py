@@ -62,6 +62,7 @@ from cordum.safety.kernel import (
     parse_policy_bytes,
     read_policy_file,
 )
+from cordum.safety.evaluate import NO_MATCH
 from cordum.safety.policy import Policy, PolicyError
 from cordum.store.keys import SAFETY_SNAPSHOTS
 from cordum.v1 import policy_batch_grpc, policy_batch_pb2
@@ -117,6 +118,9 @@ class KernelMetrics:
             ["result"],
         )
         self.version = metrics.gauge("cordum_safety_policy_version", "Version counter of the policy in force")
+        self.defaulted = metrics.counter(
+            "cordum_safety_default_decision_total", "Decisions no rule matched: the policy's default, by decision",
+            ["decision"])
         for result in ("ok", "error"):
             self.reloads.labels(result=result)
 
@@ -288,6 +292,8 @@ class SafetyKernelService:
 
     def _counted(self, response: safety_pb2.PolicyCheckResponse) -> safety_pb2.PolicyCheckResponse:
         self._counters.decisions.labels(decision=decision_name(response.decision)).inc()
+        if not response.rule_id and response.reason.startswith(NO_MATCH):
+            self._counters.defaulted.labels(decision=decision_name(response.decision)).inc()
         return response
 
     # Decisions are pure and in memory: plain methods, answered without a crossing to Trio.

@@ -21,7 +21,7 @@ from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.agent.v1.job_pb2 import JobRequest, JobResult, JobStatus
 from cordum.agent.v1.safety_pb2 import PolicyCheckRequest
 from cordum.infra.bus import Bus, Message
-from cordum.infra.metrics import Metrics
+from cordum.infra.metrics import Both, Metrics
 from cordum.infra.redis import NoScriptError, RedisError, RedisUnavailable
 from cordum.protocol import pointers, subjects
 from cordum.protocol.packets import encode, new_packet
@@ -69,6 +69,19 @@ class _TopicBounded:
         return self._metric.labels(topic=topic_label(self._known(), topic), **rest)
 
 
+class _Rejections:
+    """Cordum's `cordum_validation_rejections_total` (no labels) with, for one release, the
+    per-kind counter it had before."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._total = metrics.counter("cordum_validation_rejections_total", "Bus packets refused by CAP validation")
+        self._by_kind = metrics.counter("cordum_scheduler_validation_rejections_total",
+                                        "Deprecated: cordum_validation_rejections_total by kind", ["kind"])
+
+    def labels(self, *, kind: str) -> Both:
+        return Both(self._total, self._by_kind.labels(kind=kind))
+
+
 class SchedulerMetrics:
     def __init__(self, metrics: Metrics, pools: Callable[[], Pools] | None = None) -> None:
         known = pools or (lambda: NO_POOLS)
@@ -77,13 +90,42 @@ class SchedulerMetrics:
             return _TopicBounded(metric, known)
 
         self.finished = by_topic(metrics.counter("cordum_scheduler_jobs_finished_total", "Jobs this replica brought to a final state", ["topic", "state"]))
-        self.received = by_topic(metrics.counter("cordum_scheduler_jobs_received_total", "Job requests handled", ["topic"]))
-        self.dispatched = by_topic(metrics.counter("cordum_scheduler_jobs_dispatched_total", "Jobs dispatched", ["topic"]))
-        self.completed = by_topic(metrics.counter("cordum_scheduler_jobs_completed_total", "Worker results applied", ["topic", "status"]))
-        self.denied = by_topic(metrics.counter("cordum_scheduler_safety_denied_total", "Jobs denied by policy", ["topic"]))
-        self.unavailable = by_topic(metrics.counter("cordum_scheduler_safety_unavailable_total", "Safety checks that failed", ["topic"]))
-        self.rejected = metrics.counter("cordum_scheduler_validation_rejections_total", "Invalid packets dropped", ["kind"])
+        # Cordum's names (operators' boards and alerts read them); the names these had before
+        # count too, for one release.
+        self.received = by_topic(metrics.renamed_counter(
+            "cordum_jobs_received_total", "cordum_scheduler_jobs_received_total", "Job requests the scheduler handled", ["topic"]))
+        self.dispatched = by_topic(metrics.renamed_counter(
+            "cordum_jobs_dispatched_total", "cordum_scheduler_jobs_dispatched_total", "Jobs dispatched to a worker", ["topic"]))
+        self.completed = by_topic(metrics.renamed_counter(
+            "cordum_jobs_completed_total", "cordum_scheduler_jobs_completed_total", "Worker results applied, by status",
+            ["topic", "status"]))
+        self.denied = by_topic(metrics.renamed_counter(
+            "cordum_safety_denied_total", "cordum_scheduler_safety_denied_total", "Jobs the policy denied before dispatch",
+            ["topic"]))
+        self.unavailable = by_topic(metrics.renamed_counter(
+            "cordum_safety_unavailable_total", "cordum_scheduler_safety_unavailable_total",
+            "Jobs held back because the safety kernel could not be asked", ["topic"]))
+        self.rejected = _Rejections(metrics)
         self.ignored = metrics.counter("cordum_scheduler_results_ignored_total", "Results for unknown or finished jobs", ["reason"])
+        self.fail_open = by_topic(metrics.counter(
+            "cordum_input_fail_open_total", "Jobs dispatched unchecked while the kernel was away (POLICY_CHECK_FAIL_MODE=open)",
+            ["topic"]))
+        self.dlq_emit_failures = by_topic(metrics.counter(
+            "cordum_dlq_emit_failures_total", "DLQ events that could not be published (the reconciler sends them later)",
+            ["topic"]))
+        self.dispatch_rollback = by_topic(metrics.counter(
+            "cordum_scheduler_dispatch_rollback_total", "Dispatches rolled back because the publish to the worker failed",
+            ["topic"]))
+        self.orphan_replayed = by_topic(metrics.counter(
+            "cordum_scheduler_orphan_replayed_total", "Stuck PENDING/SCHEDULED/RETRYING jobs the pending replayer re-submitted",
+            ["topic"]))
+        self.lock_wait = metrics.histogram(
+            "cordum_scheduler_job_lock_wait_seconds", "Time to get a job's lock (with its record, when read together)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.lock_abandoned = metrics.counter(
+            "cordum_scheduler_job_lock_abandoned_total", "Job locks lost mid-work (their renewal failed): the work is retried")
+        self.stale_jobs = metrics.gauge(
+            "cordum_scheduler_stale_jobs", "Jobs the reconciler's last pass found overdue, by state", ["state"])
         self.latency = by_topic(metrics.histogram("cordum_scheduler_dispatch_latency_seconds", "Submit handling to dispatch", ["topic"],
                                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
         # From the job's stored timestamps (its hash's `updated_at`, in hand with the meta the
@@ -145,6 +187,13 @@ class Engine:
         """The job's lock and its meta as of the grant, in one round trip: on one server the
         read is queued right behind the acquire, in the same pipeline. On a cluster (the two keys
         live on different nodes), or when the lock is busy, the meta is UNREAD: read it after."""
+        started = trio.current_time()
+        try:
+            return await self._lock_and_read_now(job_id)
+        finally:
+            self.metrics.lock_wait.observe(trio.current_time() - started)
+
+    async def _lock_and_read_now(self, job_id: str) -> tuple[Lease, Any]:
         if self.store.on_cluster:
             return await self._lock(job_id), UNREAD
         granted = self.leases.try_acquire_later(keys.job_lock(job_id), JOB_LOCK_TTL)
@@ -167,6 +216,7 @@ class Engine:
             async with self.leases.holding(lease):
                 await work(lease)
         except LeaseLost:
+            self.metrics.lock_abandoned.inc()
             raise Retry(1.0, f"lost the lock of job {job_id}") from None
 
     # ---- bus handlers -------------------------------------------------------------------------
@@ -268,6 +318,7 @@ class Engine:
             self.metrics.unavailable.labels(topic=request.topic).inc()
             if not self.config.fail_open:
                 raise Retry(RETRY_SAFETY_THROTTLE_S, decision.reason)
+            self.metrics.fail_open.labels(topic=request.topic).inc()
             decided: dict = {"safety_bypassed": True}
             recorded: list = []
         else:
@@ -329,6 +380,7 @@ class Engine:
             log.warning("scheduler.dispatch_unconfirmed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             return
         except Exception as exc:
+            self.metrics.dispatch_rollback.labels(topic=request.topic).inc()
             await self.store.transition(job_id, S.SCHEDULED, fence=fence, tenant=tenant, event={"rollback": repr(exc)},
                                         after=self.store.inflight_commands(worker_id, job_id, done=True))
             log.warning("scheduler.dispatch_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
@@ -544,11 +596,15 @@ class Engine:
             log.warning("scheduler.bad_dlq_mark", job_id=job_id)
             await self.store.set_fields(job_id, {"dlq_pending": ""})
             return
-        await self.send_dlq(job_id, status, code, reason)
+        await self.send_dlq(job_id, status, code, reason, topic=meta.get("topic", ""))
 
-    async def send_dlq(self, job_id: str, status: int, code: str, reason: str) -> None:
+    async def send_dlq(self, job_id: str, status: int, code: str, reason: str, topic: str = "") -> None:
         packet = dlq_packet(job_id, status=status, reason_code=code, reason=reason, sender_id=SENDER)
-        await self.bus.publish(subjects.DLQ, encode(packet), msg_id=f"dlq:{job_id}:{code}")
+        try:
+            await self.bus.publish(subjects.DLQ, encode(packet), msg_id=f"dlq:{job_id}:{code}")
+        except Exception:
+            self.metrics.dlq_emit_failures.labels(topic=topic).inc()  # still marked: the reconciler sends it
+            raise
         await self.store.set_fields(job_id, {"dlq_pending": ""})
         await self.store.run_repeatable(self.store.dlq_pending_commands(job_id, pending=False))
 

@@ -50,7 +50,9 @@ class Reconciler:
         now = now_us()
         for state, limit in ((S.DISPATCHED, self.timeouts.dispatch), (S.RUNNING, self.timeouts.running)):
             cutoff = now - int(limit * 1_000_000)
-            for job_id in await self.engine.store.ids_in_state(state, updated_before_us=cutoff):
+            overdue = await self.engine.store.ids_in_state(state, updated_before_us=cutoff)
+            self.engine.metrics.stale_jobs.labels(state=state.value).set(len(overdue))
+            for job_id in overdue:
                 await self._guarded(job_id, f"timeout: {state.value} > {limit:g}s", expected=state, cutoff=cutoff)
         for job_id in await self.engine.store.due_deadlines(now):
             await self._guarded(job_id, "timeout: deadline expired")
@@ -113,7 +115,7 @@ class Reconciler:
             cancel = JobCancel(job_id=job_id, reason=reason, requested_by=SENDER)
             self.engine.bus.publish_nowait(subjects.CANCEL, encode(new_packet(cancel, sender_id=SENDER, trace_id=job_id)))
             if dlq is not None:
-                await self.engine.send_dlq(job_id, *dlq)  # if it fails, the next pass sends it
+                await self.engine.send_dlq(job_id, *dlq, topic=topic)  # if it fails, the next pass sends it
 
 
 class PendingReplayer:
@@ -158,6 +160,7 @@ class PendingReplayer:
             return
         await store.set_fields(job_id, {"replayed_at": now_us()})
         self.replayed += 1
+        self.engine.metrics.orphan_replayed.labels(topic=meta.get("topic", "")).inc()
         log.info("replayer.resubmitted", job_id=job_id, state=state.value)
 
     async def _redispatch(self, job_id: str) -> None:

@@ -91,6 +91,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         )
         engine.audit = AuditLog(AuditChain(redis, hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode()),
                                 bus, transport=settings.audit_transport, sender=settings.instance_id)
+        engine.audit.instrument(metrics)
 
         async def health() -> dict:
             await redis.ping()

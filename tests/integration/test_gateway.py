@@ -450,7 +450,7 @@ async def test_made_up_methods_do_not_grow_metric_series(api: Api) -> None:
     for method in ("FROBNICATE", "BREW", "X-1"):
         assert (await api.call(method, "/api/v1/jobs")).status in (400, 405)
     text = api.gw.metrics.exposition().decode()
-    lines = [line for line in text.splitlines() if line.startswith("cordum_api_gateway_http_requests_total{")]
+    lines = [line for line in text.splitlines() if line.startswith("cordum_http_requests_total{")]
     assert not any(m in text for m in ("FROBNICATE", "BREW", "X-1"))
     assert any('method="other"' in line and line.endswith(" 3.0") for line in lines), lines
 
@@ -698,7 +698,8 @@ async def test_status_shape_and_instance_registry(api: Api, redis) -> None:
     body = (await api.call("GET", "/api/v1/status", key=VIEWER)).body
     assert set(body) >= {"time", "uptime_seconds", "instance_id", "nats", "redis", "workers", "pipeline"}
     assert "replicas" not in body  # where the replicas run is for the system's admins
-    assert body["nats"] == {"connected": True} and body["redis"] == {"ok": True}
+    assert body["nats"] == {"connected": True, "status": "connected"}  # the server's URL: admins only
+    assert body["redis"] == {"ok": True, "status": "ok"}
     assert body["workers"] == {"count": 0}
     assert body["pipeline"] == {"PENDING": 1, "APPROVAL_REQUIRED": 1}
     replicas = (await api.call("GET", "/api/v1/status")).body["replicas"][SERVICE]
@@ -1324,3 +1325,14 @@ async def test_a_memory_id_the_context_engine_would_refuse_is_refused_at_submit(
     assert "whitespace" in refused.body["error"]
     accepted = await api.submit(memory_id="conv-1")
     assert accepted.status in (200, 201, 202), accepted.raw
+
+
+async def test_a_connection_answered_before_its_body_arrived_serves_the_next_request(api: Api) -> None:
+    from tests.httpstub import early_answer_then_next
+
+    body = b'{"a": 1}'
+    head = (b"PUT /api/v1/artifacts HTTP/1.1\r\nHost: gw\r\nX-API-Key: " + ADMIN.encode() +
+            b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    second = b"GET /api/v1/jobs HTTP/1.1\r\nHost: gw\r\nX-API-Key: " + ADMIN.encode() + b"\r\n\r\n"
+    first, second = await trio.to_thread.run_sync(early_answer_then_next, api.port, head, body, second)
+    assert first.startswith(b"HTTP/1.1 405") and second.startswith(b"HTTP/1.1 200"), (first, second)

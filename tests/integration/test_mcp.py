@@ -611,3 +611,29 @@ async def test_the_gateway_is_told_which_client_each_call_is_for(stub_gateway) -
     await client.run(Call("GET", "/api/v1/jobs"), Credential(StubGateway.KEY))  # stdio: no address to name
     assert gateway.forwarded == ["198.51.100.7", None]
 
+
+
+async def test_an_http_replica_refusing_a_request_before_its_body_still_serves_the_connection(mcp_stack: McpStack):
+    """A 401 decided from the headers alone waits for the body: the client's next request on the
+    same keep-alive connection is answered (hypercorn would leave it hanging otherwise)."""
+    from tests.httpstub import early_answer_then_next
+
+    base = mcp_stack.http_replica("mcp-keepalive")
+    port = int(base.rsplit(":", 1)[1])
+    await eventually(lambda: trio.to_thread.run_sync(_health_ok, port), WAIT, what="the MCP replica")
+
+    body = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+    head = b"POST /mcp HTTP/1.1\r\nHost: mcp\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    first, second = await trio.to_thread.run_sync(early_answer_then_next, port, head, body,
+                                                  b"GET /health HTTP/1.1\r\nHost: mcp\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 401") and second.startswith(b"HTTP/1.1 200"), (first, second)
+
+
+def _health_ok(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False

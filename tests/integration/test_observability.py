@@ -12,6 +12,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import trio
 import yaml
@@ -283,21 +284,21 @@ async def test_prometheus_scrapes_every_replica_and_answers_the_dashboard(spawn,
         # sample, so one job first, then more once that sample is in.
         store = JobStore(redis)
         await wait_state(store, await _submit(stack), {"SUCCEEDED"}, timeout=WAIT)
-        await eventually(lambda: query('cordum_scheduler_jobs_dispatched_total{pod="scheduler-1"}'), timeout=WAIT,
+        await eventually(lambda: query('cordum_jobs_dispatched_total{pod="scheduler-1"}'), timeout=WAIT,
                          interval=0.5, what="the first job in Prometheus")
         for job_id in [await _submit(stack) for _ in range(3)]:
             await wait_state(store, job_id, {"SUCCEEDED"}, timeout=WAIT)
 
         async def counted() -> bool:  # scraped after the jobs ran: the rates see them
-            found = await query('sum(increase(cordum_scheduler_jobs_dispatched_total[1m]))')
-            dispatched = await query("sum(cordum_scheduler_jobs_dispatched_total)")
+            found = await query('sum(increase(cordum_jobs_dispatched_total[1m]))')
+            dispatched = await query("sum(cordum_jobs_dispatched_total)")
             return bool(found) and float(found[0]["value"][1]) > 0 and dispatched[0]["value"][1] == "4"
 
         await eventually(counted, timeout=WAIT, interval=0.5, what="the jobs in Prometheus")
         for title, expr in dashboard_queries():  # each query runs without error
             await query(expr)
         # The series the scrape stored carry their replica's `pod`, not an exported_ copy.
-        dispatched = await query("sum by (pod) (cordum_scheduler_jobs_dispatched_total)")
+        dispatched = await query("sum by (pod) (cordum_jobs_dispatched_total)")
         assert [(r["metric"], r["value"][1]) for r in dispatched] == [({"pod": "scheduler-1"}, "4")]
         leaders = await query("sum by (lease) (cordum_leader_is_leader)")
         assert {r["metric"]["lease"]: r["value"][1] for r in leaders} == \
@@ -324,3 +325,83 @@ def _program(process: str) -> str:
     """The `service` label of one of this test's processes (what compose's targets file names)."""
     return {"safety-kernel": "cordum-safety-kernel", "scheduler": "cordum-scheduler",
             "api-gateway": "cordum-api-gateway", "workflow-engine": "cordum-workflow-engine"}[process.rsplit("-", 1)[0]]
+
+
+# ---- Cordum's names (issue 14) -------------------------------------------------------------------
+
+SPEC = Path(__file__).parents[1] / "testdata" / "cordum_metrics.txt"
+# What we measure under Cordum's names: each must be exported with its type and labels.
+IMPLEMENTED = {
+    "cordum_jobs_received_total", "cordum_jobs_dispatched_total", "cordum_jobs_completed_total",
+    "cordum_safety_denied_total", "cordum_safety_unavailable_total", "cordum_validation_rejections_total",
+    "cordum_input_fail_open_total", "cordum_dlq_emit_failures_total", "cordum_scheduler_dispatch_latency_seconds",
+    "cordum_scheduler_dispatch_rollback_total", "cordum_scheduler_orphan_replayed_total",
+    "cordum_scheduler_job_lock_wait_seconds", "cordum_scheduler_job_lock_abandoned_total", "cordum_scheduler_stale_jobs",
+    "cordum_http_requests_total", "cordum_http_request_duration_seconds", "cordum_approval_decisions_total",
+    "cordum_approval_latency_seconds", "cordum_job_cancel_failures_total", "cordum_safety_default_decision_total",
+    "cordum_workflows_started_total", "cordum_workflows_completed_total", "cordum_workflow_duration_seconds",
+    "cordum_gateway_ws_clients_active", "cordum_gateway_ws_slow_client_evictions_total",
+    "cordum_gateway_ws_events_dropped_total", "cordum_gateway_ws_revalidation_total",
+    "cordum_gateway_ws_connection_duration_seconds", "cordum_audit_export_total", "cordum_audit_export_events",
+    "cordum_audit_batch_drops_total",
+}
+
+
+def _spec() -> dict[str, tuple[str, set[str] | None]]:
+    rows = {}
+    for line in SPEC.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, kind, labels = line.split()
+            rows[name] = (kind, None if labels == "?" else set() if labels == "-" else set(labels.split(",")))
+    return rows
+
+
+async def _exported(stack: Stack) -> dict[str, tuple[str, set[str] | None]]:
+    """Every cordum_* family the serving processes export: its type and, once it has a series,
+    its label names (without `pod`, which every series carries)."""
+    found: dict[str, tuple[str, set[str] | None]] = {}
+    for name in (n for n in stack.http_ports if not n.startswith("worker")):
+        text = await trio.to_thread.run_sync(http_get, stack.http_ports[name], "/metrics")
+        for family in text_string_to_metric_families(text):
+            full = family.name + "_total" if family.type == "counter" else family.name
+            if not full.startswith("cordum_"):
+                continue
+            labels = {k for s in family.samples for k in s.labels} - {"pod", "le"}
+            kind, known = found.get(full, (family.type, None))
+            found[full] = (kind, (known or set()) | labels if family.samples else known)
+    return found
+
+
+async def test_cordum_metric_names_types_and_labels(spawn, tmp_path, redis):
+    stack = await _start(spawn, tmp_path, schedulers=1, workflow_engine=True)
+    port = stack.http_ports["api-gateway-1"]
+    store = JobStore(redis)
+    await wait_state(store, await _submit(stack), {"SUCCEEDED"}, timeout=WAIT)
+    held = (await trio.to_thread.run_sync(_request, port, "POST", "/api/v1/jobs",
+                                          {"prompt": "hold", "topic": "job.approve"}))[1]["job_id"]
+    status, _ = await trio.to_thread.run_sync(_request, port, "POST", f"/api/v1/approvals/{held}/reject", {})
+    assert status == 200
+
+    spec = _spec()
+    exported = await _exported(stack)
+    mismatched, missing = {}, sorted(set(spec) - set(exported))
+    for name, (kind, labels) in spec.items():
+        if name not in exported:
+            continue
+        ours_kind, ours_labels = exported[name]
+        if kind != "?" and ours_kind != kind:
+            mismatched[name] = f"type {ours_kind}, Cordum's is {kind}"
+        elif labels is not None and ours_labels is not None and ours_labels != labels:
+            mismatched[name] = f"labels {sorted(ours_labels)}, Cordum's are {sorted(labels)}"
+    print(f"Cordum metrics not exported yet ({len(missing)} of {len(spec)}):", ", ".join(missing))
+    assert not mismatched, mismatched
+    assert IMPLEMENTED <= set(exported), sorted(IMPLEMENTED - set(exported))
+    # the guide's names stand beside Cordum's, every series with its replica's `pod`
+    assert {"cordum_jobs_total", "cordum_rate_limit_hits_total"} <= set(exported)
+    samples = await _scrape(stack, "api-gateway-1")
+    assert all(s.labels.get("pod") == "api-gateway-1" for s in samples if s.name.startswith("cordum_"))
+    assert _value(samples, "cordum_approval_decisions_total", decision="rejected") == 1
+    assert _value(samples, "cordum_approval_latency_seconds_count") == 1
+    # a renamed counter still counts under its old name, for one release
+    scheduler = await _scrape(stack, "scheduler-1")
+    assert _value(scheduler, "cordum_jobs_dispatched_total") == _value(scheduler, "cordum_scheduler_jobs_dispatched_total") >= 1

@@ -124,7 +124,7 @@ async def test_two_schedulers_dispatch_each_of_200_jobs_exactly_once(spawn, tmp_
     assert all(executions[job_id] == 1 for job_id in jobs), {j: n for j, n in executions.items() if n != 1}
     for job_id in jobs[:20]:
         assert [e["state"] for e in await store.events(job_id)].count("DISPATCHED") == 1
-    dispatched = [metric(http_get(stack.http_ports[f"scheduler-{n}"], "/metrics"), "cordum_scheduler_jobs_dispatched_total")
+    dispatched = [metric(http_get(stack.http_ports[f"scheduler-{n}"], "/metrics"), "cordum_jobs_dispatched_total")
                   for n in (1, 2)]
     assert sum(dispatched) == 200 and all(d > 0 for d in dispatched), dispatched
     assert {meta["worker_id"] for meta in metas} == {"worker-1", "worker-2"}

@@ -150,7 +150,7 @@ def test_metric_topic_labels_are_bounded_by_the_pools_file():
         counters.received.labels(topic=topic).inc()
         counters.finished.labels(topic=topic, state="SUCCEEDED").inc()
     text = metrics.exposition().decode()
-    received = [line for line in text.splitlines() if line.startswith("cordum_scheduler_jobs_received_total{")]
+    received = [line for line in text.splitlines() if line.startswith("cordum_jobs_received_total{")]
     assert len(received) == 3 and any('topic="other"' in line and line.endswith(" 50.0") for line in received)
 
 
