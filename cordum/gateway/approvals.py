@@ -112,13 +112,6 @@ async def _resolve(gw: Gateway, job_id: str, target: JobState, lease: Lease, fie
         gw.approval_latency.observe(max(now_us() - held_since_us, 0) / 1_000_000)
 
 
-def _held_since(meta: dict[str, Any]) -> int:
-    try:
-        return int(meta.get("updated_at") or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
 def _labels(meta: dict[str, Any]) -> dict[str, str]:
     labels = meta.get("labels")
     return dict(labels) if isinstance(labels, dict) else {}
@@ -156,7 +149,7 @@ async def approve(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, A
             "approval_note": note, "approval_decision": "approve", "approval_revision": revision,
             "approval_actionability": "resolved", "approval_publish_status": "pending",
             "approval_publish_target": "submit",
-        }, event={"approval": "approved", "by": who.identity}, held_since_us=_held_since(meta))
+        }, event={"approval": "approved", "by": who.identity}, held_since_us=int(meta.get("updated_at") or 0))
         try:
             await publish_request(gw, request_msg, trace_id or job_id)
             await gw.jobs.set_fields(job_id, {"approval_publish_status": "published",
@@ -181,7 +174,7 @@ async def reject(gw: Gateway, job_id: str, body: dict[str, Any]) -> dict[str, An
             "approval_status": "rejected", "approval_reason": reason, "approval_note": note,
             "approval_decision": "reject", "approval_actionability": "resolved",
             "approval_publish_target": "dlq", "failure_reason": reason,
-        }, event={"approval": "rejected", "by": who.identity}, held_since_us=_held_since(meta))
+        }, event={"approval": "rejected", "by": who.identity}, held_since_us=int(meta.get("updated_at") or 0))
     await deadletter.dead_letter(gw, job_id, status=job_pb2.JOB_STATUS_DENIED, reason_code="approval_rejected",
                                  reason=reason)
     if meta.get("topic") == subjects.APPROVAL_GATE_TOPIC:

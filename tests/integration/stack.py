@@ -150,6 +150,23 @@ async def _diagnose(proc) -> str:
     return f"exit code {code}, stderr tail:\n{tail}"
 
 
+async def gateway_stack(stack: Stack, *, schedulers: int = 1, workflow_engine: bool = False, timeout: float = 60,
+                        **gateway_env: str) -> str:
+    """A kernel, `schedulers` schedulers (`scheduler-N`), optionally the workflow engine, an echo
+    worker and `gateway-1` (with `gateway_env`) in `stack`, ready, and long enough for the worker's
+    heartbeats to reach the schedulers: the gateway's base URL."""
+    stack.kernel()
+    for n in range(1, schedulers + 1):
+        stack.scheduler(f"scheduler-{n}")
+    if workflow_engine:
+        stack.workflow_engine()
+    stack.worker()
+    stack.start("gateway-1", "cordum.gateway.service", **gateway_env)
+    await stack.ready(timeout=timeout)
+    await trio.sleep(1.0)
+    return f"http://127.0.0.1:{stack.http_ports['gateway-1']}"
+
+
 async def job_path(spawn, tmp_path: Path, *, worker: bool = True, **env: str) -> Stack:
     """A safety kernel, a scheduler (`scheduler-1`) and, unless told not to, an echo worker
     (`worker-1`), ready; with a worker, also long enough for its heartbeats to reach the scheduler."""

@@ -18,7 +18,7 @@ import trio
 
 from cordum.cli.http import Client
 from tests.integration import stack as stack_module
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, gateway_stack
 from tests.integration.test_gateway import ADMIN, ALICE, BOB, VIEWER, _keys_file
 from tests.integration.test_gateway_workflows import eventually
 
@@ -31,16 +31,9 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture
 async def gateway(spawn, tmp_path) -> tuple[Stack, str]:
     stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler("scheduler-1")
-    stack.scheduler("scheduler-2")
-    stack.workflow_engine()
-    stack.worker()
-    stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN,
-                CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
-    await stack.ready(timeout=WAIT)
-    await trio.sleep(1.0)  # the worker's heartbeats reach the schedulers
-    return stack, f"http://127.0.0.1:{stack.http_ports['gateway-1']}"
+    base = await gateway_stack(stack, schedulers=2, workflow_engine=True, timeout=WAIT, CORDUM_API_KEY=ADMIN,
+                               CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
+    return stack, base
 
 
 def _raw_get(base: str, path: str) -> tuple[int, dict[str, str], str]:
@@ -316,13 +309,8 @@ async def test_without_the_stream_the_page_polls(spawn, tmp_path):
     polling: a job submitted elsewhere still shows up, and the stream is retried with a backoff."""
     from cordum.cli.ws import WebSocketClient, stream_url
 
-    stack = Stack.create(spawn, tmp_path)
-    stack.kernel()
-    stack.scheduler()
-    stack.worker()
-    stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN, CORDUM_WS_MAX_CONNECTIONS_PER_TENANT="1")
-    await stack.ready(timeout=WAIT)
-    base = f"http://127.0.0.1:{stack.http_ports['gateway-1']}"
+    base = await gateway_stack(Stack.create(spawn, tmp_path), timeout=WAIT, CORDUM_API_KEY=ADMIN,
+                               CORDUM_WS_MAX_CONNECTIONS_PER_TENANT="1")
     taken = WebSocketClient(stream_url(base), headers={"X-API-Key": ADMIN}, timeout=10)
     await trio.to_thread.run_sync(taken.connect)
     api = Client(base, api_key=ADMIN, timeout=10)

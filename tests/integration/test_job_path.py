@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 import trio
 
-from tests.integration.stack import POLICY, Stack
+from tests.integration.stack import POLICY, Stack, gateway_stack
 from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 API_KEY = "e2e-admin-key-0123456789abcdef"
@@ -65,13 +65,7 @@ class Api:
 
 
 async def _gateway_path(stack: Stack) -> tuple[Stack, Api]:
-    """Kernel, scheduler, echo worker and gateway of `stack`, ready, the worker known."""
-    stack.kernel()
-    stack.scheduler()
-    stack.worker()
-    stack.start("gateway-1", "cordum.gateway.service")
-    await stack.ready()
-    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
+    await gateway_stack(stack)
     return stack, Api(stack.http_ports["gateway-1"])
 
 

@@ -79,15 +79,9 @@ class McpStack:
 @pytest.fixture
 async def mcp_stack(spawn, tmp_path, server_env) -> McpStack:
     stack = Stack.create(spawn, tmp_path, WORKFLOW_ENGINE_SCAN_INTERVAL="1s", **server_env)
-    stack.kernel()
-    stack.scheduler()
-    stack.workflow_engine()
-    stack.worker()
-    stack.start("gateway-1", "cordum.gateway.service", CORDUM_API_KEY=ADMIN,
-                CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
-    await stack.ready(timeout=WAIT)
-    await trio.sleep(1.0)  # the worker's heartbeats reach the scheduler
-    return McpStack(stack, f"http://127.0.0.1:{stack.http_ports['gateway-1']}", tmp_path)
+    base = await stack_module.gateway_stack(stack, workflow_engine=True, timeout=WAIT, CORDUM_API_KEY=ADMIN,
+                                            CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
+    return McpStack(stack, base, tmp_path)
 
 
 async def call(session: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
