@@ -29,12 +29,14 @@ MESSAGES=(
   cordum/agent/v1/safety.proto
   cordum/v1/context.proto
   cordum/v1/policy_batch.proto
+  cordum/v1/output_policy.proto
 )
 # Only files that declare a service get a *_grpc.py (the plugin would emit empty ones otherwise).
 SERVICES=(
   cordum/agent/v1/safety.proto
   cordum/v1/context.proto
   cordum/v1/policy_batch.proto
+  cordum/v1/output_policy.proto
 )
 
 cd "$ROOT/proto"

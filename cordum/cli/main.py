@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub(jobs, "get", "show a job (exit code: its state)", func=cmd_job_get)
     p.add_argument("job_id", metavar="ID")
+    p.add_argument("--include-quarantined", action="store_true",
+                   help="(admins) show the output even if the output policy quarantined it")
     p = sub(jobs, "list", "list recent jobs", func=cmd_job_list)
     p.add_argument("--state")
     p.add_argument("--topic")
@@ -515,11 +517,31 @@ def _job_pairs(job: Mapping[str, Any]) -> list[tuple[str, Any]]:
         elif key in ("state", "safety_decision", "last_state"):
             value = render.short_enum(value)
         pairs.append((key, value))
+    return pairs + _output_pairs(job)
+
+
+def _output_pairs(job: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """What the output policy decided about the job's output, and its findings, one per line."""
+    pairs: list[tuple[str, Any]] = []
+    if job.get("output_check"):
+        pairs.append(("output_check", job["output_check"]))
+    if job.get("result_withheld"):
+        pairs.append(("result_withheld", job["result_withheld"]))
+    safety = job.get("output_safety")
+    if isinstance(safety, Mapping) and safety:
+        rule = f" (rule {safety['rule_id']})" if safety.get("rule_id") else ""
+        pairs.append(("output_policy", f"{safety.get('decision', '')}{rule}: {safety.get('reason', '')}".strip()))
+        for finding in safety.get("findings") or []:
+            if isinstance(finding, Mapping):
+                where = f" at {finding.get('offset', 0)}+{finding.get('length', 0)}" if finding.get("length") else ""
+                pairs.append(("finding", f"{finding.get('type', '')} [{finding.get('severity', '')}, "
+                                         f"{finding.get('scanner', '')}]{where}: {finding.get('detail', '')}"))
     return pairs
 
 
 def cmd_job_get(ctx: Ctx) -> int:
-    job = ctx.client.get(_path("jobs", ctx.args.job_id)) or {}
+    query = {"include_quarantined": "true"} if getattr(ctx.args, "include_quarantined", False) else {}
+    job = ctx.client.get(_path("jobs", ctx.args.job_id), **query) or {}
     if ctx.json:
         ctx.emit_json(job)
     else:
@@ -692,7 +714,10 @@ class Watcher:
                 next_poll = time.monotonic() + self.interval
                 if job is not None:
                     state = render.short_enum(job.get("state"))
-                    if state in render.TERMINAL_STATES:
+                    # SUCCEEDED with its output still under the output policy's check: the check
+                    # may yet quarantine it, and the result is not served until it ends
+                    checking = state == "SUCCEEDED" and job.get("output_check") in ("due", "pending")
+                    if state in render.TERMINAL_STATES and not checking:
                         self._drain()
                         return self._finish(job, state)
                     if state != self.state:
@@ -763,7 +788,7 @@ class Watcher:
         for key in ("result", "result_ptr", "error_message", "error_code", "safety_reason"):
             if job.get(key) not in (None, "", [], {}):
                 pairs.append((key, job[key]))
-        self.ctx.io.out(render.key_values(pairs))
+        self.ctx.io.out(render.key_values(pairs + _output_pairs(job)))
         return state_exit(state)
 
 

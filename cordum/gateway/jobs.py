@@ -48,6 +48,7 @@ from cordum.store.validate import job_id_problems, tenant_problems, validate_job
 from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
 from cordum.store.keys import memory_scope
 from cordum.store import keys
+from cordum.store import output as output_check
 from cordum.store.jobstate import TERMINAL, JobState, parse_state
 
 log = get_logger("gateway.jobs")
@@ -283,15 +284,25 @@ def job_summary(meta: dict[str, Any]) -> dict[str, Any]:
     view["labels"] = view.get("labels") or {}
     if isinstance(view.get("updated_at"), int):
         view["updated_at"] = rfc3339_us(view["updated_at"])
+    if output_check.SAFETY_FIELD in view:
+        view[output_check.SAFETY_FIELD] = output_check.safety_record(meta) or {}
     return view
 
 
-async def job_detail(gw: Gateway, meta: dict[str, Any]) -> dict[str, Any]:
+async def job_detail(gw: Gateway, meta: dict[str, Any], *, include_quarantined: bool = False) -> dict[str, Any]:
+    """A job with its input, output and failure. An output the output policy has not cleared
+    (still being checked, or quarantined) is withheld: `result` null and `result_withheld` saying
+    why; an admin may ask for a quarantined one (`include_quarantined`)."""
     job_id = meta["id"]
     view = job_summary(meta)
     view["context"] = await gw.jobs.get_context(job_id)
     view["result_ptr"] = meta.get("result_ptr", "")
-    view["result"] = await gw.jobs.get_result(job_id) if view["result_ptr"] else None
+    try:
+        key = output_check.served_result_key(meta, include_quarantined=include_quarantined)
+    except output_check.Withheld as withheld:
+        key = None
+        view["result_withheld"] = withheld.reason
+    view["result"] = await gw.jobs.get_output(key) if key else None
     entry = await gw.dlq.get(job_id, tenant=meta.get("tenant", ""))
     if entry is not None:
         view.update(error_message=entry.get("reason", ""), error_status=entry.get("status", ""),
@@ -577,7 +588,10 @@ def register(app: Quart, gw: Gateway) -> None:
     @app.get("/api/v1/jobs/<job_id>")
     @require("viewer")
     async def get_job(job_id: str) -> Any:
-        return await job_detail(gw, await tenants_job(job_id))
+        include = request.args.get("include_quarantined", "").lower() in ("1", "true", "yes")
+        if include and not caller().allows("admin"):
+            raise ApiError(403, "only an admin may read a quarantined output", code="forbidden")
+        return await job_detail(gw, await tenants_job(job_id), include_quarantined=include)
 
     @app.get("/api/v1/jobs/<job_id>/decisions")
     @require("viewer")

@@ -37,6 +37,7 @@ from cordum.gateway.errors import ApiError, not_found
 from cordum.gateway.jobs import checked_job_id
 from cordum.protocol.pointers import SCHEME
 from cordum.store import keys
+from cordum.store import output as output_check
 
 MEMORY_PARTS = ("events", "chunks", "summary")
 DEFAULT_RETENTION = "30d"
@@ -176,9 +177,15 @@ async def read_memory(gw: Gateway, tenant: str, key: str) -> dict[str, Any]:
     if kind == "mem":
         stored, part = memory_key(tenant, key)
     elif kind in ("ctx", "res"):
-        if await gw.jobs.get(checked_job_id(rest), tenant=tenant) is None:
+        meta = await gw.jobs.get(checked_job_id(rest), tenant=tenant)
+        if meta is None:
             raise not_found("memory not found")
         stored, part = key, "string"
+        if kind == "res":  # what the output policy has not cleared is not served here either
+            try:
+                stored = output_check.served_result_key(meta) or key
+            except output_check.Withheld as withheld:
+                raise ApiError(403, f"{withheld.reason}: the job's output is withheld", code="output_withheld") from None
     elif kind == "art":
         return await _artifact_memory(gw, tenant, key, rest)
     else:

@@ -101,8 +101,18 @@ SUBMIT = {
 }
 ACCEPTED = {"type": "object", "required": ["job_id", "trace_id"],
             "properties": {"job_id": STRING, "trace_id": STRING, "status": STRING, "reason": STRING}}
-JOB = {"type": "object", "required": ["id"], "properties": {"id": STRING, "state": STRING, "topic": STRING,
-                                                         "tenant": STRING, "labels": OBJECT}}
+FINDING = {"type": "object", "properties": {
+    "type": STRING, "severity": STRING, "detail": STRING, "scanner": STRING, "matched_pattern": STRING,
+    "offset": {"type": ["string", "integer"]}, "length": {"type": ["string", "integer"]}, "confidence": {"type": "number"}}}
+OUTPUT_SAFETY = {"type": "object", "properties": {
+    "decision": {"enum": ["allow", "quarantine", "redact", "unavailable"]}, "reason": STRING, "rule_id": STRING,
+    "phase": {"enum": ["metadata", "content"]}, "policy_snapshot": STRING, "redacted_ptr": STRING,
+    "findings": {"type": "array", "items": FINDING}}}
+JOB = {"type": "object", "required": ["id"], "properties": {
+    "id": STRING, "state": STRING, "topic": STRING, "tenant": STRING, "labels": OBJECT,
+    # what the output policy found, and why `result` is null while it has not cleared the output
+    "output_check": {"enum": ["", "due", "pending", "allow", "redact", "skipped", "quarantine"]},
+    "output_safety": OUTPUT_SAFETY, "result_withheld": STRING}}
 REASON = {"type": "object", "properties": {"reason": STRING}}
 ERROR = {"type": "object", "required": ["error", "status"],
          "properties": {"error": STRING, "status": {"type": "integer"}, "code": STRING}}
@@ -115,7 +125,10 @@ def document() -> dict[str, Any]:
             "post": _op("Submit a job", "operator", "200", ACCEPTED, body=SUBMIT, tag=jobs),
             "get": _op("List the tenant's jobs, newest first", "viewer", "200", _page(),
                        params=[LIMIT, CURSOR_Q, _query("state"), _query("topic")], tag=jobs)},
-        "/api/v1/jobs/{job_id}": {"get": _op("A job, with its result", "viewer", "200", JOB, params=[JOB_ID], tag=jobs)},
+        "/api/v1/jobs/{job_id}": {"get": _op(
+            "A job, with its result (withheld while the output policy has not cleared it)", "viewer", "200", JOB,
+            params=[JOB_ID, _query("include_quarantined", {"enum": ["true", "false"]},
+                                   "true: an admin reads a quarantined output")], tag=jobs)},
         "/api/v1/jobs/{job_id}/decisions": {
             "get": _op("A job's policy decisions", "viewer", "200", _page(), params=[JOB_ID], tag=jobs)},
         "/api/v1/jobs/{job_id}/timeline": {

@@ -60,6 +60,22 @@ class Metrics:
         return generate_latest(self._exposed)
 
 
+class BoundedLabel:
+    """Label values taken as they come up to `limit` distinct ones per process, then `other`:
+    values anyone may choose (topics, workflow names) must not create series forever."""
+
+    def __init__(self, limit: int = 200, other: str = "other") -> None:
+        self.limit = limit
+        self.other = other
+        self._named: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._named or len(self._named) < self.limit:
+            self._named.add(value)
+            return value
+        return self.other
+
+
 class Both:
     """Several metrics (or labelled children) moved together: `labels`, `inc` and `observe` go to
     each. The renamed metrics count under both names through it."""

@@ -24,11 +24,12 @@ from cordum.infra.redis import Redis, RedisError, RedisUnavailable
 from cordum.infra.tls import GrpcTls
 from cordum.runtime.log import get_logger
 from cordum.store import keys
-from cordum.v1 import policy_batch_grpc, policy_batch_pb2
+from cordum.v1 import output_policy_grpc, output_policy_pb2, policy_batch_grpc, policy_batch_pb2
 
 log = get_logger("safety.client")
 STUB = safety_grpc.SafetyKernelStub
 BATCH_STUB = policy_batch_grpc.PolicyBatchStub
+OUTPUT_STUB = output_policy_grpc.OutputPolicyServiceStub
 HEALTHY_LOOK_S = 0.25  # how long a look at the shared breaker that saw no failure stands
 
 _FAIL = """
@@ -200,12 +201,12 @@ class SafetyClient:
         now = trio.current_time()
         return sorted(turn, key=lambda index: self._backoff_until[index] > now)
 
-    async def _call(self, method: str, request: object, *, batch: bool = False) -> object:
+    async def _call(self, method: str, request: object, *, batch: bool = False, timeout: float | None = None) -> object:
         replicas = self._batch_replicas if batch else self._replicas
         order = self._order()
         for position, index in enumerate(order):
             try:
-                return await replicas[index].call(method, request, timeout=self.timeout)
+                return await replicas[index].call(method, request, timeout=timeout or self.timeout)
             except RpcError as exc:
                 if exc.code not in FAILOVER_CODES:
                     raise
@@ -330,9 +331,66 @@ class SafetyClient:
             for pending in batch:
                 nursery.start_soon(send, pending)
 
-    async def call(self, method: str, request: object) -> object:
+    def output_client(self, breaker: CircuitBreaker) -> "OutputClient":
+        """An OutputClient over the same kernel connections (the same failover), with its own breaker."""
+        replicas = SafetyClient([replica.with_stub(OUTPUT_STUB) for replica in self._replicas], breaker,
+                                timeout=self.timeout)
+        return OutputClient(replicas, breaker)
+
+    async def call(self, method: str, request: object, *, timeout: float | None = None) -> object:
         """Any other kernel method (Explain, Simulate, ListSnapshots), errors raised as RpcError."""
-        return await self._call(method, request)
+        return await self._call(method, request, timeout=timeout)
+
+
+class OutputDecision(enum.Enum):
+    ALLOW = "allow"
+    QUARANTINE = "quarantine"
+    REDACT = "redact"
+    UNAVAILABLE = "unavailable"  # the kernel could not be asked: the caller applies its fail mode
+
+
+_OUTPUT_FROM_PROTO = {
+    output_policy_pb2.OUTPUT_DECISION_ALLOW: OutputDecision.ALLOW,
+    output_policy_pb2.OUTPUT_DECISION_QUARANTINE: OutputDecision.QUARANTINE,
+    output_policy_pb2.OUTPUT_DECISION_REDACT: OutputDecision.REDACT,
+}
+
+
+@dataclass(frozen=True)
+class OutputVerdict:
+    decision: OutputDecision
+    reason: str
+    response: output_policy_pb2.OutputCheckResponse | None = None
+
+
+class OutputClient:
+    """`cordum.v1.OutputPolicyService.CheckOutput` on the kernel replicas, behind its own breaker
+    (`cordum:cb:safety:output:failures`, shared by the scheduler replicas): a kernel that fails
+    output checks does not stop input checks, and the other way round."""
+
+    def __init__(self, replicas: SafetyClient, breaker: CircuitBreaker) -> None:
+        self._replicas = replicas
+        self.breaker = breaker
+
+    async def check(self, request: output_policy_pb2.OutputCheckRequest, *, timeout: float,
+                    retries: int = 0) -> OutputVerdict:
+        """One check within `timeout` per try; a try that ran out of time is repeated `retries`
+        times (the metadata phase: one retry on a deadline)."""
+        if await self.breaker.is_open():
+            return OutputVerdict(OutputDecision.UNAVAILABLE, "safety kernel output circuit open")
+        for attempt in range(retries + 1):
+            try:
+                response = await self._replicas.call("CheckOutput", request, timeout=timeout)
+            except RpcError as exc:
+                if exc.code == "DEADLINE_EXCEEDED" and attempt < retries:
+                    continue
+                await self.breaker.record_failure()
+                log.warning("safety.output_check_failed", job_id=request.job_id, code=exc.code, error=exc.message)
+                return OutputVerdict(OutputDecision.UNAVAILABLE, f"safety kernel unavailable for output checks: {exc.code}")
+            await self.breaker.record_success()
+            decision = _OUTPUT_FROM_PROTO.get(response.decision, OutputDecision.QUARANTINE)  # unknown: the cautious one
+            return OutputVerdict(decision, response.reason, response)
+        raise AssertionError("unreachable")
 
 
 def parse_kernel_addrs(raw: str) -> list[tuple[str, int]]:

@@ -24,6 +24,9 @@ Format (field names follow the Go ``config/safety.yaml``)::
         decision: throttle
         retry_after: 30
 
+``output_policy`` / ``output_rules`` (what a job produced) are parsed by
+:mod:`cordum.safety.output_rules` into :attr:`Policy.output`.
+
 Criteria that this implementation cannot enforce (``velocity``, ``mcp``, ``predicate``, tier
 scoping...) are rejected rather than ignored: ignoring a criterion would make a rule match more
 than its author intended.
@@ -39,6 +42,8 @@ from typing import Any, Mapping
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from cordum.safety.output_rules import OutputPolicy, parse_output_section
 
 __all__ = [
     "DECISIONS",
@@ -265,8 +270,10 @@ class Policy:
     tenants: tuple[TenantPolicy, ...] = ()
     content_hash: str = ""  # sha256 hex of the raw document text
     source: str = "<policy>"
-    #: sections kept verbatim for later stages (input/output scanning), not interpreted here
+    #: sections kept verbatim for later stages (input scanning), not interpreted here
     extras: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
+    #: output_policy + output_rules (spec §4.7); disabled and empty when neither is present
+    output: OutputPolicy = field(default_factory=OutputPolicy)
 
     @property
     def snapshot(self) -> str:
@@ -402,15 +409,16 @@ _TOP_KEYS = frozenset(
         "default_tenant",
         "rules",
         "tenants",
-        # kept verbatim for later stages (input/output content scanning, §4.2 step 9, §4.7)
+        # kept verbatim for a later stage (input content scanning, §4.2 step 9)
         "input_policy",
         "input_rules",
         "require_human",
+        # parsed by cordum.safety.output_rules (§4.7)
         "output_policy",
         "output_rules",
     }
 )
-_EXTRA_KEYS = ("input_policy", "input_rules", "require_human", "output_policy", "output_rules")
+_EXTRA_KEYS = ("input_policy", "input_rules", "require_human")
 _UNSUPPORTED_TOP = {"tier": "tier scoping", "selector": "tier scoping"}
 
 _RULE_KEYS = frozenset(
@@ -713,6 +721,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     final_rules = tuple(rules) if rules else _legacy_rules(tenants)
 
     extras = tuple((k, _plain(p, top[k][1])) for k in _EXTRA_KEYS if k in top)
+    output = parse_output_section(p, top)
     return Policy(
         version=version,
         rules=final_rules,
@@ -722,5 +731,6 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         content_hash=content_hash,
         source=source,
         extras=extras,
+        output=output,
     )
 

@@ -4,7 +4,8 @@ Nursery tree (`serve`):
 
     open_redis ─ open_bus
       ├─ admin HTTP   SAFETY_KERNEL_ADMIN_ADDR (:9095): /health (+ policy version, snapshot), /metrics
-      ├─ gRPC         SAFETY_KERNEL_ADDR (:50051): cordum.agent.v1.SafetyKernel
+      ├─ gRPC         SAFETY_KERNEL_ADDR (:50051): cordum.agent.v1.SafetyKernel, cordum.v1.PolicyBatch,
+      │               cordum.v1.OutputPolicyService (output rules: safety.output_service)
       └─ policy watch (one cancel scope)
            ├─ poll the file every SAFETY_POLICY_RELOAD_INTERVAL (30s)
            └─ sys.config.changed broadcast → reload at once
@@ -65,7 +66,8 @@ from cordum.safety.kernel import (
 from cordum.safety.evaluate import NO_MATCH
 from cordum.safety.policy import Policy, PolicyError
 from cordum.store.keys import SAFETY_SNAPSHOTS
-from cordum.v1 import policy_batch_grpc, policy_batch_pb2
+from cordum.safety.output_service import OutputKernelMetrics, OutputPolicyServicer
+from cordum.v1 import output_policy_grpc, policy_batch_grpc, policy_batch_pb2
 
 SERVICE = "cordum-safety-kernel"
 STAGES = ("grpc drain", "policy watch", "wait for tasks")
@@ -254,6 +256,7 @@ class PolicyWatcher:
             snapshot=loaded.snapshot,
             source=str(self._path),
             rules=len(policy.rules),
+            output_rules=len(policy.output.rules) if policy.output.enabled else 0,
             default_decision=policy.default_decision,
             trigger=trigger,
         )
@@ -359,6 +362,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
             "policy_source": str(config.policy_path),
             "policy_loaded_at": current.loaded_at if current else None,
             "policy_rules": len(current.policy.rules) if current else 0,
+            "output_rules": len(current.policy.output.rules) if current and current.policy.output.enabled else 0,
             "decision_cache": {
                 "enabled": kernel.cache.enabled,
                 "size": len(kernel.cache),
@@ -381,7 +385,9 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         http = HttpServer(probe_app(SERVICE, metrics, health), *config.admin_addr, graceful_timeout=1.0)
         kernel_service = SafetyKernelService(kernel, snapshots, counters)
         grpc = GrpcServer([(safety_grpc.SafetyKernelBase, kernel_service),
-                           (policy_batch_grpc.PolicyBatchBase, PolicyBatchService(kernel_service))],
+                           (policy_batch_grpc.PolicyBatchBase, PolicyBatchService(kernel_service)),
+                           (output_policy_grpc.OutputPolicyServiceBase,
+                            OutputPolicyServicer(kernel, redis, OutputKernelMetrics(metrics)))],
                           ssl=config.tls.server_context())
         watch = trio.CancelScope()
 

@@ -12,7 +12,7 @@ import json
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import trio
 from google.protobuf import json_format
@@ -41,7 +41,11 @@ from cordum.store.jobstate import (
     backoff_delay, can_transition, retries_left, scheduling_retries_exhausted, state_for_result,
     status_for_state,
 )
+from cordum.store.output import CHECK_FIELD, DUE
 from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request, validate_job_result
+
+if TYPE_CHECKING:
+    from cordum.scheduler.output import OutputReview
 
 log = get_logger("scheduler")
 
@@ -161,6 +165,7 @@ class Engine:
         self.metrics = metrics
         self.config = config
         self.audit: AuditLog | None = None  # policy decisions go to the tenant's audit chain
+        self.output: OutputReview | None = None  # the output policy (scheduler.output), when enabled
 
     # ---- locking ----------------------------------------------------------------------------
 
@@ -209,6 +214,10 @@ class Engine:
         except (RedisError, *RedisUnavailable):
             return lease, UNREAD  # the work reads it again, under the lock it holds
 
+    async def locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]]) -> None:
+        """Run `work` under the job's lock (Retry if it stays busy, or is lost on the way)."""
+        await self._locked(job_id, work)
+
     async def _locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]], *,
                       lease: Lease | None = None) -> None:
         lease = lease or await self._lock(job_id)
@@ -250,6 +259,8 @@ class Engine:
         if packet.WhichOneof("payload") != "job_result":
             return
         result = packet.job_result
+        if packet.sender_id == SENDER and result.worker_id == SENDER:
+            return  # ours (an approved gate's or a checked output's): written before it was sent
         problems = validate_job_result(result) + (job_id_problems(result.job_id) if result.job_id else [])
         if problems:
             # e.g. the gateway's synthetic CANCELLED result has no worker id: not for us
@@ -370,6 +381,8 @@ class Engine:
         # dispatched and does nothing, so a job is never sent twice by the scheduler. (The
         # spec's SCHEDULED step in between is skipped: it would cost a write and tell nothing.)
         after = [*after, *self.store.inflight_commands(worker_id, job_id, done=False)]
+        if self.output is not None:  # is its output to be checked before anyone relies on it?
+            fields = {**fields, **self.output.dispatch_fields(str(fields.get("safety_snapshot", "")))}
         dispatched = await self.store.transition(job_id, S.DISPATCHED, fence=fence, tenant=tenant, after=after,
                                                  fields={**fields, "worker_id": worker_id})
         try:
@@ -487,6 +500,13 @@ class Engine:
             target, code, reason, fields = self._plan_retry(meta, current, code, reason, fields)
         after = [*self.store.worker_history_commands(result.worker_id, job_id),
                  *self.store.inflight_commands(meta.get("worker_id", ""), job_id, done=True)]
+        outcome = None
+        if target is S.SUCCEEDED and self.output is not None and meta.get(CHECK_FIELD) == DUE:
+            outcome = await self.output.before_success({**meta, "id": job_id}, result)
+            target, fields, after = outcome.state, {**fields, **outcome.fields}, [*after, *outcome.after]
+            if target is S.OUTPUT_QUARANTINED:
+                code, reason = outcome.code, outcome.reason
+                fields["failure_reason"] = reason
         try:
             await self.end_job(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
                             after=after, allowed_from=[state])
@@ -497,6 +517,8 @@ class Engine:
         self.metrics.completed.labels(topic=topic, status=JobStatus.Name(result.status)).inc()
         log.debug("job.result_applied", job_id=job_id, trace_id=meta.get("trace_id") or job_id, state=target.value,
                   worker_id=result.worker_id)
+        if outcome is not None:
+            await self.output.after_write({**meta, **fields, "id": job_id}, outcome)
         self.registry.completed(result.worker_id)
         if target is S.RETRYING:
             await self.resubmit(job_id, meta.get("trace_id") or job_id, f"retry:{job_id}:{current}")

@@ -65,6 +65,11 @@ class Reconciler:
                     await self.engine.resend_pending_dlq(job_id, meta)
             except Exception as exc:
                 log.warning("reconciler.dlq_resend_failed", job_id=job_id, error=repr(exc))
+        if self.engine.output is not None:
+            try:
+                await self.engine.output.sweep()  # output checks a scheduler left unfinished
+            except Exception as exc:
+                log.warning("reconciler.output_sweep_failed", error=repr(exc))
 
     async def _guarded(self, job_id: str, reason: str, **kw: object) -> None:
         # One job's trouble must not stall the sweep (or make the leader step down and loop).

@@ -25,7 +25,7 @@ import trio
 
 from cordum.agent.v1.handshake_pb2 import COMPONENT_ROLE_SCHEDULER, Handshake
 from cordum.infra.bus import open_bus
-from cordum.infra.config import Settings, env_value, parse_duration, parse_listen_addr
+from cordum.infra.config import Settings, env_value, parse_bool, parse_duration, parse_listen_addr, parse_positive_duration
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import open_redis
@@ -43,6 +43,8 @@ from cordum.runtime.service import run_service
 from cordum.safety.client import CircuitBreaker, kernel_client_tls, open_safety_client, parse_kernel_addrs
 from cordum.scheduler.config import PoolsSource
 from cordum.scheduler.engine import SENDER, Engine, EngineConfig, SchedulerMetrics
+from cordum.scheduler.output import OutputMetrics, OutputReview, OutputSettings
+from cordum.scheduler.routing import topic_label
 from cordum.scheduler.loops import IndexSweep, PendingReplayer, Reconciler, SnapshotWriter, Timeouts, WorkerReaper
 from cordum.scheduler.registry import WorkerRegistry
 from cordum.store import keys
@@ -61,6 +63,12 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     safety_addrs = env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs)
     safety_tls = kernel_client_tls(settings)
     fail_mode = env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode)
+    output_settings = OutputSettings(
+        enabled=env_value(settings, "OUTPUT_POLICY_ENABLED", "true", parse_bool),
+        fail_closed=env_value(settings, "OUTPUT_POLICY_FAIL_MODE", "open", _fail_mode) == "closed",
+        meta_timeout=env_value(settings, "CORDUM_OUTPUT_META_TIMEOUT_MS", "500", _milliseconds),
+        content_timeout=env_value(settings, "CORDUM_OUTPUT_CONTENT_TIMEOUT", "30s", parse_positive_duration),
+    )
     scan = env_value(settings, "SCHEDULER_SCAN_INTERVAL", "30s", parse_duration)
     timeouts = Timeouts(
         dispatch=env_value(settings, "SCHEDULER_DISPATCH_TIMEOUT", "120s", parse_duration),
@@ -92,6 +100,10 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         engine.audit = AuditLog(AuditChain(redis, hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode()),
                                 bus, transport=settings.audit_transport, sender=settings.instance_id)
         engine.audit.instrument(metrics)
+        if output_settings.enabled:
+            output_breaker = CircuitBreaker(redis, keys.SAFETY_CB_OUTPUT_FAILURES)
+            engine.output = OutputReview(engine, safety.output_client(output_breaker), output_settings,
+                                         OutputMetrics(metrics, lambda topic: topic_label(pools.current(), topic)))
 
         async def health() -> dict:
             await redis.ping()
@@ -140,6 +152,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
                         loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0, metrics=leaders).run,
                                          every(snapshot_every, SnapshotWriter(engine, redis, settings.instance_id).tick))
                         loops.start_soon(pools.poll, config_every)
+                        if engine.output is not None:
+                            await loops.start(engine.output.run)
                         loops.start_soon(refresh_forever, [backlog.refresh, watch_breaker(metrics, breaker)])
                         task_status.started()
 
@@ -168,6 +182,13 @@ def _fail_mode(raw: str) -> str:
     if value not in ("closed", "open"):
         raise ValueError("expected 'closed' or 'open'")
     return value
+
+
+def _milliseconds(raw: str) -> float:
+    value = int(raw.strip())
+    if value <= 0:
+        raise ValueError("expected a positive number of milliseconds")
+    return value / 1000
 
 
 def main() -> None:

@@ -395,6 +395,11 @@ class JobStore:
         return await self._redis.execute("ZRANGEBYSCORE", keys.JOB_DLQ_PENDING, "-inf", marked_before_us,
                                          "LIMIT", 0, limit)
 
+    async def output_pending(self, *, listed_before_us: int, limit: int = 100) -> list[str]:
+        """SUCCEEDED jobs whose output content check was listed before then and is still due."""
+        return list(await self._redis.execute("ZRANGEBYSCORE", keys.JOB_OUTPUT_PENDING, "-inf", listed_before_us,
+                                              "LIMIT", 0, limit))
+
     @staticmethod
     def inflight_commands(worker_id: str, job_id: str, *, done: bool) -> list[tuple[Any, ...]]:
         """Keeping `worker_inflight` (what the worker reaper re-routes) current: a dispatch adds the
@@ -495,7 +500,11 @@ class JobStore:
         return bool(await self._redis.execute("EXISTS", keys.result(job_id)))
 
     async def get_result(self, job_id: str) -> Any:
-        text = await self._redis.execute("GET", keys.result(job_id))
+        return await self.get_output(keys.result(job_id))
+
+    async def get_output(self, key: str) -> Any:
+        """A stored output (`res:<id>` or its redacted copy): JSON decoded, else the text."""
+        text = await self._redis.execute("GET", key)
         if text is None:
             return None
         try:

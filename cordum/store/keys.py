@@ -67,6 +67,7 @@ def fence_counter(lock_key: str) -> str:
 # ---- jobs (spec cordum-jobpath §2.4) ----------------------------------------------------------
 JOB_RECENT = "job:recent"
 JOB_DEADLINE = "job:deadline"
+JOB_OUTPUT_PENDING = "job:output:pending"  # SUCCEEDED jobs whose output content check is still due (zset, µs)
 JOB_DLQ_PENDING = "job:dlq:pending"  # finished jobs whose DLQ event is still to be sent (zset, µs)
 
 
@@ -145,6 +146,11 @@ def context(job_id: str) -> str:
 
 def result(job_id: str) -> str:
     return f"res:{job_id}"
+
+
+def redacted_result(job_id: str) -> str:
+    """The copy of a job's output the output policy redacted (written by the safety kernel)."""
+    return f"res:{job_id}:redacted"
 
 
 # ---- DLQ ---------------------------------------------------------------------------------------

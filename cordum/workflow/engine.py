@@ -44,7 +44,7 @@ import trio
 from cordum.agent.v1.buspacket_pb2 import BusPacket
 from cordum.agent.v1.job_pb2 import Budget, JobCancel, JobMetadata, JobPriority, JobRequest, JobStatus
 from cordum.infra.bus import Bus
-from cordum.infra.metrics import Metrics
+from cordum.infra.metrics import BoundedLabel, Metrics
 from cordum.infra.redis import Redis
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
@@ -54,6 +54,7 @@ from cordum.runtime.lease import Lease, LeaseLost, Leases
 from cordum.runtime.log import get_logger
 from cordum.context.window import memory_id_problems
 from cordum.store import keys
+from cordum.store import output as output_check
 from cordum.store.keys import memory_scope
 from cordum.store.jobs import InvalidTransition, JobStore
 from cordum.store.jobstate import TERMINAL as TERMINAL_JOB, JobState
@@ -138,6 +139,20 @@ def timer_member(run: Run) -> str:
     return f"{run.workflow_id}:{run.id}"
 
 
+def _superseded(result: Any, attempt: int | None, current: str | None, worker: str | None) -> bool:
+    """The scheduler's rule (``scheduler.engine.apply_result``): a result of an earlier dispatch
+    attempt of the job (its worker was presumed gone and the job moved on), or, from a worker that
+    does not say its attempt, from another worker than the current one, is not the step's
+    outcome: the current attempt's result is."""
+    if attempt is not None and current and attempt != int(current):
+        log.info("workflow.stale_attempt_result", job_id=result.job_id, attempt=attempt, current=current)
+        return True
+    if attempt is None and worker and result.worker_id and result.worker_id != worker:
+        log.info("workflow.other_worker_result", job_id=result.job_id, worker_id=result.worker_id, current=worker)
+        return True
+    return False
+
+
 def status_name(status: int) -> str:
     """CAP JobStatus number → the name runstate.apply_result understands (``SUCCEEDED`` …)."""
     try:
@@ -153,19 +168,13 @@ class WorkflowMetrics:
     MAX_NAMED = 200  # workflows with series of their own per process; the rest count as "other"
 
     def __init__(self, metrics: Metrics) -> None:
-        self._named: set[str] = set()
+        # Bounded: any tenant may define workflows, and each name would be series kept forever.
+        self._label = BoundedLabel(self.MAX_NAMED)
         self.started = metrics.counter("cordum_workflows_started_total", "Workflows started by name", ["workflow"])
         self.completed = metrics.counter("cordum_workflows_completed_total", "Workflows completed by name and status",
                                          ["workflow", "status"])
         self.duration = metrics.histogram("cordum_workflow_duration_seconds", "Workflow duration seconds by name",
                                           ["workflow"])
-
-    def _label(self, workflow_id: str) -> str:
-        """Bounded: any tenant may define workflows, and each name would be series kept forever."""
-        if workflow_id in self._named or len(self._named) < self.MAX_NAMED:
-            self._named.add(workflow_id)
-            return workflow_id
-        return "other"
 
     def moved(self, run: Run, previous: str) -> None:
         if previous == run.status:
@@ -413,23 +422,17 @@ class WorkflowEngine(StepHandlers):
         result = packet.job_result
         if result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE or rs.parse_job_id(result.job_id) is None:
             return
-        if await self._superseded(result, subjects.attempt_of(getattr(msg, "headers", None))):
+        current, worker, check, stored_ptr = await self.redis.execute(
+            "HMGET", keys.job_meta(result.job_id), "attempts", "worker_id", output_check.CHECK_FIELD, "result_ptr")
+        if _superseded(result, subjects.attempt_of(getattr(msg, "headers", None)), current, worker):
             return
+        if result.status == JobStatus.JOB_STATUS_SUCCEEDED and check:
+            if check in output_check.UNCHECKED or check == output_check.QUARANTINED:
+                # The output policy has yet to clear it: the scheduler sends the checked result
+                # (or, quarantined, a DLQ event) when it has, and our reconciler reads the store.
+                return
+            result.result_ptr = stored_ptr or result.result_ptr  # a redacted output's copy
         await self.handle_result(packet)
-
-    async def _superseded(self, result: Any, attempt: int | None) -> bool:
-        """The scheduler's rule (``scheduler.engine.apply_result``): a result of an earlier dispatch
-        attempt of the job (its worker was presumed gone and the job moved on), or, from a worker
-        that does not say its attempt, from another worker than the current one, is not the
-        step's outcome: the current attempt's result is."""
-        current, worker = await self.redis.execute("HMGET", keys.job_meta(result.job_id), "attempts", "worker_id")
-        if attempt is not None and current and attempt != int(current):
-            log.info("workflow.stale_attempt_result", job_id=result.job_id, attempt=attempt, current=current)
-            return True
-        if attempt is None and worker and result.worker_id and result.worker_id != worker:
-            log.info("workflow.other_worker_result", job_id=result.job_id, worker_id=result.worker_id, current=worker)
-            return True
-        return False
 
     async def on_dlq(self, packet: BusPacket, msg: Any = None) -> None:
         """``sys.job.dlq`` consumer: a step job the scheduler ended badly (denied by policy,
@@ -443,6 +446,8 @@ class WorkflowEngine(StepHandlers):
             return
         result = packet.job_result
         status = status_name(result.status)
+        if result.error_code.startswith("output_quarantined"):
+            status = "FAILED"  # the job ran; what it produced may not be used: the step failed
         error: Any = None
         if status != "SUCCEEDED":
             error = {"message": result.error_message or f"job {status.lower()}"}
@@ -560,8 +565,8 @@ class WorkflowEngine(StepHandlers):
                     lost.append(path)
                 continue
             state = JobState(meta["state"])
-            if state not in TERMINAL_JOB:
-                continue
+            if state not in TERMINAL_JOB or meta.get(output_check.CHECK_FIELD) in output_check.UNCHECKED:
+                continue  # still running, or its output still being checked
             status = _STATUS_OF_STATE.get(state, "FAILED")
             error = None
             if status != "SUCCEEDED":
@@ -870,7 +875,8 @@ class WorkflowEngine(StepHandlers):
             return None
         if self._small_get is None:
             self._small_get = self.redis.script(_GET_IF_SMALL)
-        text = await self._small_get([keys.result(job_id)], [MAX_RESULT_BYTES])
+        key = keys.redacted_result(job_id) if result_ptr == ptr(keys.redacted_result(job_id)) else keys.result(job_id)
+        text = await self._small_get([key], [MAX_RESULT_BYTES])
         if not text:
             return None
         try:

@@ -1,0 +1,150 @@
+"""`cordum.v1.OutputPolicyService` on the safety kernel: output rules applied to what a job produced
+(cordum-jobpath §4.7; the rules and their evaluation are `safety.output_rules`, pure).
+
+The metadata phase evaluates the rules on what the scheduler sends (topic, tenant, labels, error,
+sizes): rules that look at content do not match there. The content phase (`content_phase`, or
+`output_content` given) scans the output: `output_content` if sent, else the job's own output at
+`res:<job_id>` (the only key `result_ptr` may name), read with its size in one round trip. A REDACT
+verdict in the content phase stores the redacted copy at `res:<job_id>:redacted` (a day, like
+outputs) and answers its pointer. A policy without output rules answers ALLOW at once and says so
+(`no_output_rules`): schedulers then stop asking until the policy changes.
+
+Scanning is CPU work: outputs over INLINE_SCAN_BYTES are scanned on a worker thread, so input
+checks keep being answered meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from cordum.infra.grpc import RpcError
+from cordum.infra.metrics import BoundedLabel, Metrics
+from cordum.infra.redis import Redis
+from cordum.protocol import pointers
+from cordum.runtime.log import get_logger
+from cordum.safety.kernel import Kernel
+from cordum.safety.output_rules import OutputFacts, OutputPolicy, OutputVerdict, evaluate_output
+from cordum.store import keys
+from cordum.store.jobs import DATA_TTL
+from cordum.v1 import output_policy_pb2 as pb
+
+log = get_logger("safety.output")
+INLINE_SCAN_BYTES = 64 * 1024
+MAX_OUTPUT_READ = 16 << 20  # larger outputs: only the scanned head is read, and cannot be redacted
+READ_TIMEOUT = 5.0
+
+_DECISIONS = {"allow": pb.OUTPUT_DECISION_ALLOW, "quarantine": pb.OUTPUT_DECISION_QUARANTINE,
+              "redact": pb.OUTPUT_DECISION_REDACT}
+
+# The whole output if it is at most ARGV[1] bytes, else its first ARGV[2] bytes; and its size.
+_READ = """
+local n = redis.call('STRLEN', KEYS[1])
+if n <= tonumber(ARGV[1]) then return {n, redis.call('GET', KEYS[1]) or ''} end
+return {n, redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)}
+"""
+
+
+class OutputKernelMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.topic = BoundedLabel()
+        self.evaluations = metrics.counter("cordum_output_evaluations_total",
+                                           "Total output policy evaluations executed per topic", ["topic"])
+        self.denials = metrics.counter("cordum_output_denials_total",
+                                       "Output policy evaluations that denied or quarantined a result per topic", ["topic"])
+        self.redactions = metrics.counter("cordum_output_redactions_total",
+                                          "Output policy evaluations that required redaction per topic", ["topic"])
+        self.duration = metrics.histogram("cordum_output_eval_duration_seconds", "Duration of output policy evaluation",
+                                          buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+
+
+class OutputPolicyServicer:
+    def __init__(self, kernel: Kernel, redis: Redis, counters: OutputKernelMetrics) -> None:
+        self._kernel = kernel
+        self._redis = redis
+        self._read = redis.script(_READ)
+        self._counters = counters
+
+    async def CheckOutput(self, request: pb.OutputCheckRequest) -> pb.OutputCheckResponse:
+        policy = self._kernel.policy
+        rules = policy.output if policy is not None else OutputPolicy()
+        response = pb.OutputCheckResponse(policy_snapshot=self._kernel.snapshot, no_output_rules=not rules.has_rules,
+                                          content_rules=rules.needs_content)
+        if not rules.has_rules:
+            response.reason = "no output rules"
+            return response
+        content: bytes | None = bytes(request.output_content) if request.output_content else None
+        size = int(request.output_size_bytes) if request.output_size_bytes > 0 else -1
+        whole = True
+        if content is None and request.content_phase:
+            content, size, whole = await self._output_of(request, rules)
+        elif content is not None and size < 0:
+            size = len(content)
+        facts = OutputFacts(
+            job_id=request.job_id, topic=request.topic, tenant=request.tenant, labels=dict(request.labels),
+            capabilities=tuple(request.capabilities), risk_tags=tuple(request.risk_tags),
+            error_message=request.error_message, error_code=request.error_code, output_size_bytes=size,
+            content_type=request.content_type or request.labels.get("content_type", ""), content=content,
+        )
+        started = time.perf_counter()
+        if content is not None and len(content) > INLINE_SCAN_BYTES:
+            verdict = await trio.to_thread.run_sync(evaluate_output, rules, facts)
+        else:
+            verdict = evaluate_output(rules, facts)
+        self._counted(request.topic, verdict, time.perf_counter() - started)
+        if verdict.decision == "redact" and content is not None:
+            if not whole:
+                verdict = OutputVerdict("quarantine", f"{verdict.reason}; the output is larger than "
+                                        f"{MAX_OUTPUT_READ} bytes and cannot be redacted", verdict.rule_id, verdict.findings)
+            elif verdict.redacted is not None:
+                response.redacted_ptr = await self._store_redacted(request.job_id, verdict.redacted)
+        response.decision = _DECISIONS.get(verdict.decision, pb.OUTPUT_DECISION_QUARANTINE)
+        response.reason = verdict.reason
+        response.rule_id = verdict.rule_id
+        for finding in verdict.findings:
+            response.findings.add(type=finding.type, severity=finding.severity, detail=finding.detail,
+                                  offset=finding.offset, length=finding.length, scanner=finding.scanner,
+                                  confidence=finding.confidence, matched_pattern=finding.matched_pattern)
+        return response
+
+    def _counted(self, topic: str, verdict: OutputVerdict, elapsed: float) -> None:
+        label = self._counters.topic(topic)
+        self._counters.evaluations.labels(topic=label).inc()
+        self._counters.duration.observe(elapsed)
+        if verdict.decision == "quarantine":
+            self._counters.denials.labels(topic=label).inc()
+        elif verdict.decision == "redact":
+            self._counters.redactions.labels(topic=label).inc()
+
+    async def _output_of(self, request: pb.OutputCheckRequest, rules: OutputPolicy) -> tuple[bytes, int, bool]:
+        """(content, size, whether content is all of it) of the job's stored output."""
+        if not request.job_id:
+            raise RpcError("INVALID_ARGUMENT", "job_id is required for a content check")
+        own = keys.result(request.job_id)
+        if request.result_ptr:
+            try:
+                named = pointers.key_of(request.result_ptr)
+            except ValueError as exc:
+                raise RpcError("INVALID_ARGUMENT", f"result_ptr: {exc}") from None
+            if named != own:
+                raise RpcError("INVALID_ARGUMENT", f"result_ptr must name the job's output {own!r}, not {named!r}")
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                size, value = await self._read([own], [MAX_OUTPUT_READ, rules.max_scan_bytes])
+        except Exception as exc:
+            log.warning("safety.output_read_failed", job_id=request.job_id, error=repr(exc))
+            raise RpcError("UNAVAILABLE", "the job's output could not be read") from None
+        data = value.encode() if isinstance(value, str) else bytes(value or b"")
+        size = int(size)
+        return data, size, len(data) >= size
+
+    async def _store_redacted(self, job_id: str, redacted: bytes) -> str:
+        key = keys.redacted_result(job_id)
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                await self._redis.execute("SET", key, redacted, "EX", DATA_TTL)
+        except Exception as exc:
+            log.warning("safety.redacted_store_failed", job_id=job_id, error=repr(exc))
+            raise RpcError("UNAVAILABLE", "the redacted copy could not be stored") from None
+        return pointers.ptr(key)
