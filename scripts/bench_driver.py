@@ -628,10 +628,25 @@ def http_text(url: str, timeout: float = 5) -> str:
         conn.close()
 
 
+# The "+output-rules" run: the packaged policy plus output rules that scan every job's output
+# (a secret quarantines, an email is redacted); the echo jobs' outputs match neither.
+OUTPUT_RULES = """
+output_policy:
+  enabled: true
+output_rules:
+  - id: bench-no-secrets
+    match: {scanners: [secret]}
+    decision: quarantine
+  - id: bench-redact-pii
+    match: {detectors: [email]}
+    decision: redact
+"""
+
+
 class Topology:
     """One local topology started with `cordumctl up --detach` in a temporary state directory."""
 
-    def __init__(self, args: argparse.Namespace, replicas: int, bridge: str = "") -> None:
+    def __init__(self, args: argparse.Namespace, replicas: int, bridge: str = "", output_rules: bool = False) -> None:
         self.args = args
         self.replicas = replicas
         self.dir = Path(tempfile.mkdtemp(prefix=f"cordum-bench-r{replicas}-"))
@@ -646,6 +661,11 @@ class Topology:
             self.env.pop(name, None)
         if bridge:
             self.env["CORDUM_BRIDGE"] = bridge
+        if output_rules:
+            policy = self.dir / "safety-with-output-rules.yaml"
+            packaged = ROOT / "cordum" / "safety" / "default_policy.yaml"
+            policy.write_text(packaged.read_text() + OUTPUT_RULES)
+            self.env["SAFETY_POLICY_PATH"] = str(policy)
         # The echo handler does no work of its own, like the peers' no-op task: it does not count
         # its runs in Redis (the dev topology's default, for the HA gate's exactly-once check).
         self.env["ECHO_EXECUTIONS_KEY"] = ""
@@ -865,17 +885,21 @@ def monitor_pass(clients: Clients, redis_client, jobs: int, stall_timeout: float
 
 
 def ours_label(r: Mapping[str, Any]) -> str:
-    """How a run of ours is named in tables and ratios: r=<replicas>, plus the bridge if chosen."""
-    return f"r={r['replicas']}" + (f" {r['bridge']}" if r.get("bridge") else "")
+    """How a run of ours is named in tables and ratios: r=<replicas>, plus the bridge if chosen, and
+    `+output-rules` for the run whose policy scans outputs."""
+    return (f"r={r['replicas']}" + (f" {r['bridge']}" if r.get("bridge") else "")
+            + (" +output-rules" if r.get("output_rules") else ""))
 
 
-def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "") -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "", output_rules: bool = False) -> dict[str, Any]:
     import redis
 
-    topo = Topology(args, replicas, bridge)
-    say(f"ours, {replicas} replica(s){' on ' + bridge if bridge else ''}: starting the topology in {topo.dir}")
+    topo = Topology(args, replicas, bridge, output_rules)
+    say(f"ours, {replicas} replica(s){' on ' + bridge if bridge else ''}{' with output rules' if output_rules else ''}: "
+        f"starting the topology in {topo.dir}")
     topo.up()
     result: dict[str, Any] = {"replicas": replicas, "bridge": bridge, "workers": args.workers, "up_seconds": topo.up_seconds,
+                              "output_rules": output_rules,
                               "worker_max_parallel": args.worker_parallel or "default",
                               "worker_heartbeat": args.worker_heartbeat or "default",
                               "workers_seen": [{k: w.get(k) for k in ("worker_id", "max_parallel_jobs", "pool")}
@@ -1344,6 +1368,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", default="1,2", help="replica counts to run ours with (default %(default)s)")
     parser.add_argument("--bridges", default="", help="run ours once per Trio/asyncio runtime named (CORDUM_BRIDGE: "
                         "uvloop, asyncio, trio-asyncio), e.g. trio-asyncio,uvloop; default: the project's default")
+    parser.add_argument("--output-rules", choices=("on", "off"), default="on",
+                        help="on: also run ours at the first replica count with output rules that scan every "
+                             "job's output, to show what output checks cost (default %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="echo worker processes (default %(default)s)")
     parser.add_argument("--worker-parallel", type=int, default=100000,
                         help="WORKER_MAX_PARALLEL of each echo worker (default %(default)s; 0 = the worker's "
@@ -1419,12 +1446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cordum-bench-"))
     try:
         for bridge in args.bridge_list:
-            for replicas in ([] if args.workflows_only else args.replica_counts):
+            runs = [(replicas, False) for replicas in args.replica_counts]
+            if args.output_rules == "on":
+                runs.insert(1, (args.replica_counts[0], True))
+            for replicas, output_rules in ([] if args.workflows_only else runs):
                 try:
-                    data["ours"].append(run_ours(args, replicas, bridge))
+                    data["ours"].append(run_ours(args, replicas, bridge, output_rules))
                 except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
                     say(f"ours, {replicas} replica(s) failed: {exc!r}")
-                    data["ours"].append({"replicas": replicas, "bridge": bridge, "error": repr(exc)})
+                    data["ours"].append({"replicas": replicas, "bridge": bridge, "output_rules": output_rules,
+                                         "error": repr(exc)})
         if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:

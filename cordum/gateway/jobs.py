@@ -45,7 +45,7 @@ from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyDecision, Verdict
 from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request
-from cordum.store.jobs import InvalidTransition, JobNotFound, now_us
+from cordum.store.jobs import InvalidTransition, JobNotFound, decode_output, now_us
 from cordum.store.keys import memory_scope
 from cordum.store import keys
 from cordum.store import output as output_check
@@ -297,12 +297,15 @@ async def job_detail(gw: Gateway, meta: dict[str, Any], *, include_quarantined: 
     view = job_summary(meta)
     view["context"] = await gw.jobs.get_context(job_id)
     view["result_ptr"] = meta.get("result_ptr", "")
+    view["result"] = None
     try:
         key = output_check.served_result_key(meta, include_quarantined=include_quarantined)
+        text = await gw.jobs.output_text(key) if key else None
+        if not include_quarantined and not output_check.unchanged(meta, key or "", text):
+            raise output_check.Withheld("the output changed after the output policy checked it")
+        view["result"] = decode_output(text)
     except output_check.Withheld as withheld:
-        key = None
         view["result_withheld"] = withheld.reason
-    view["result"] = await gw.jobs.get_output(key) if key else None
     entry = await gw.dlq.get(job_id, tenant=meta.get("tenant", ""))
     if entry is not None:
         view.update(error_message=entry.get("reason", ""), error_status=entry.get("status", ""),

@@ -184,8 +184,14 @@ async def read_memory(gw: Gateway, tenant: str, key: str) -> dict[str, Any]:
         if kind == "res":  # what the output policy has not cleared is not served here either
             try:
                 stored = output_check.served_result_key(meta) or key
+                found, value = await _read(gw, stored, part)
+                if not output_check.unchanged(meta, stored, value):
+                    raise output_check.Withheld("the output changed after the output policy checked it")
             except output_check.Withheld as withheld:
                 raise ApiError(403, f"{withheld.reason}: the job's output is withheld", code="output_withheld") from None
+            if value is None:
+                raise not_found("memory not found")
+            return memory_view(key, found, value)
     elif kind == "art":
         return await _artifact_memory(gw, tenant, key, rest)
     else:

@@ -342,6 +342,12 @@ class SafetyClient:
         return await self._call(method, request, timeout=timeout)
 
 
+# Answers that say the kernel is in trouble (count toward the breaker); any other error refuses one
+# request only (a malformed one), and one tenant's bad requests must not open it for everybody.
+KERNEL_TROUBLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "RESOURCE_EXHAUSTED",
+                            "UNIMPLEMENTED", "CANCELLED"})
+
+
 class OutputDecision(enum.Enum):
     ALLOW = "allow"
     QUARANTINE = "quarantine"
@@ -384,7 +390,8 @@ class OutputClient:
             except RpcError as exc:
                 if exc.code == "DEADLINE_EXCEEDED" and attempt < retries:
                     continue
-                await self.breaker.record_failure()
+                if exc.code in KERNEL_TROUBLE:  # not a refusal of this one request: the kernel's state
+                    await self.breaker.record_failure()
                 log.warning("safety.output_check_failed", job_id=request.job_id, code=exc.code, error=exc.message)
                 return OutputVerdict(OutputDecision.UNAVAILABLE, f"safety kernel unavailable for output checks: {exc.code}")
             await self.breaker.record_success()

@@ -123,6 +123,10 @@ class OutputMatch:
     def has_content_criteria(self) -> bool:
         return bool(self.scanners or self.detectors or self.content_patterns or self.keywords)
 
+    @property
+    def has_size_criteria(self) -> bool:
+        return self.output_size_gt is not None or self.max_output_bytes is not None
+
 
 @dataclass(frozen=True)
 class OutputRule:
@@ -154,8 +158,10 @@ class OutputPolicy:
 
     @property
     def needs_content(self) -> bool:
+        # Sizes are known for sure in the content phase (the kernel reads the output).
         return self.enabled and any(
-            r.enabled and (r.match.has_content_criteria or r.decision == "redact") for r in self.rules
+            r.enabled and (r.match.has_content_criteria or r.match.has_size_criteria or r.decision == "redact")
+            for r in self.rules
         )
 
 
@@ -555,11 +561,14 @@ def _content_findings(scan: _Scan, rule: OutputRule, *, exhaustive: bool) -> lis
     """Findings of the rule's content criteria; stops at the first hit unless ``exhaustive``."""
     m = rule.match
     out: list[Finding] = []
-    for keyword, compiled in zip(m.keywords, m.keyword_patterns):
-        found = scan.spans(("keyword", keyword.casefold()), compiled, keyword)
+    # Findings name a keyword or pattern by its place in the rule, never by its text: a policy
+    # may list literal secrets as keywords, and findings are shown to every viewer of the job.
+    for index, (keyword, compiled) in enumerate(zip(m.keywords, m.keyword_patterns)):
+        label = f"{rule.id}.keywords[{index}]"
+        found = scan.spans(("keyword", keyword.casefold()), compiled, label)
         out.extend(
             Finding("keyword", rule.severity, f"output contains a keyword of output rule {rule.id!r}",
-                    s, e - s, "custom", 1.0, keyword)
+                    s, e - s, "custom", 1.0, label)
             for s, e in found
         )
         if out and not exhaustive:
@@ -568,11 +577,12 @@ def _content_findings(scan: _Scan, rule: OutputRule, *, exhaustive: bool) -> lis
         out.extend(scan.detector(d))
         if out and not exhaustive:
             return out
-    for cp in m.content_patterns:
-        found = scan.spans(("pattern", cp.source), cp.compiled, cp.source)
+    for index, cp in enumerate(m.content_patterns):
+        label = f"{rule.id}.content_patterns[{index}]"
+        found = scan.spans(("pattern", cp.source), cp.compiled, label)
         out.extend(
             Finding("pattern", rule.severity, f"output matches a content pattern of output rule {rule.id!r}",
-                    s, e - s, "custom", 1.0, cp.source)
+                    s, e - s, "custom", 1.0, label)
             for s, e in found
         )
         if out and not exhaustive:
@@ -580,7 +590,11 @@ def _content_findings(scan: _Scan, rule: OutputRule, *, exhaustive: bool) -> lis
     return out
 
 
-def _metadata_matches(m: OutputMatch, facts: OutputFacts) -> bool:
+def _size_unknown(facts: OutputFacts) -> bool:
+    return facts.output_size_bytes < 0 and facts.content is None
+
+
+def _metadata_matches(m: OutputMatch, facts: OutputFacts, *, ignore_size: bool = False) -> bool:
     if m.tenants and facts.tenant.casefold() not in m.tenants:
         return False
     if m.topics and not any(g.matches(facts.topic) for g in m.topics):
@@ -597,7 +611,7 @@ def _metadata_matches(m: OutputMatch, facts: OutputFacts) -> bool:
         media = facts.content_type.split(";", 1)[0].strip()
         if not media or not any(g.matches(media) for g in m.content_types):
             return False
-    if m.output_size_gt is not None or m.max_output_bytes is not None:
+    if m.has_size_criteria and not ignore_size:
         size = facts.output_size_bytes
         if size < 0:
             if facts.content is None:
@@ -688,6 +702,14 @@ def _decide(scan: _Scan, rule: OutputRule) -> OutputVerdict:
         findings = _content_findings(scan, rule, exhaustive=True)
     else:
         findings = [f for d in rule.redact_detectors for f in scan.detector(d)]
+    if scan.truncated:
+        return OutputVerdict(
+            "quarantine",
+            f"output rule {rule.id!r} would redact, but the output is larger than max_scan_bytes "
+            f"({scan.policy.max_scan_bytes}): what was not scanned cannot be redacted; quarantined instead",
+            rule.id,
+            _listed(findings, scan),
+        )
     full = scan.full_text()
     if full is None:
         return OutputVerdict(
@@ -707,12 +729,19 @@ def evaluate_output(policy: OutputPolicy, facts: OutputFacts) -> OutputVerdict:
         return OutputVerdict("allow", "no output rules")
     scan = _Scan(policy, facts)
     for rule in policy.rules:
-        if not rule.enabled or not _metadata_matches(rule.match, facts):
+        if not rule.enabled:
             continue
+        deferred = facts.content is None and (
+            rule.match.has_content_criteria or (rule.match.has_size_criteria and _size_unknown(facts)))
+        if not _metadata_matches(rule.match, facts, ignore_size=deferred):
+            continue
+        if deferred:
+            # The metadata phase cannot tell whether this rule matches, and a later rule must not
+            # decide in its place (first match wins): the content phase decides.
+            return OutputVerdict("allow", f"output rule {rule.id!r} needs the content: checked in the content phase",
+                                 rule.id)
         try:
             if rule.match.has_content_criteria:
-                if facts.content is None:
-                    continue
                 if not _content_findings(scan, rule, exhaustive=False):
                     continue
             return _decide(scan, rule)

@@ -15,6 +15,7 @@ checks keep being answered meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import trio
@@ -70,15 +71,24 @@ class OutputPolicyServicer:
         policy = self._kernel.policy
         rules = policy.output if policy is not None else OutputPolicy()
         response = pb.OutputCheckResponse(policy_snapshot=self._kernel.snapshot, no_output_rules=not rules.has_rules,
-                                          content_rules=rules.needs_content)
+                                          metadata_suffices=not rules.needs_content)
         if not rules.has_rules:
             response.reason = "no output rules"
             return response
         content: bytes | None = bytes(request.output_content) if request.output_content else None
         size = int(request.output_size_bytes) if request.output_size_bytes > 0 else -1
-        whole = True
+        whole, read_here = True, False
         if content is None and request.content_phase:
-            content, size, whole = await self._output_of(request, rules)
+            problem = _foreign_pointer(request)
+            if problem:  # a per-job verdict: the kernel is fine, this output cannot be checked
+                return _with(response, pb.OUTPUT_DECISION_QUARANTINE, problem)
+            try:
+                content, size, whole = await self._output_of(request, rules)
+            except _Unreadable as exc:
+                return self._unreadable(response, rules, str(exc))
+            read_here = True
+            if whole:
+                response.content_sha256 = hashlib.sha256(content).hexdigest()
         elif content is not None and size < 0:
             size = len(content)
         facts = OutputFacts(
@@ -97,7 +107,9 @@ class OutputPolicyServicer:
             if not whole:
                 verdict = OutputVerdict("quarantine", f"{verdict.reason}; the output is larger than "
                                         f"{MAX_OUTPUT_READ} bytes and cannot be redacted", verdict.rule_id, verdict.findings)
-            elif verdict.redacted is not None:
+            elif verdict.redacted is not None and read_here:
+                # Only a redaction of what the kernel itself read from the job's output is stored:
+                # a caller's own `output_content` never lands where the gateway serves from.
                 response.redacted_ptr = await self._store_redacted(request.job_id, verdict.redacted)
         response.decision = _DECISIONS.get(verdict.decision, pb.OUTPUT_DECISION_QUARANTINE)
         response.reason = verdict.reason
@@ -117,24 +129,23 @@ class OutputPolicyServicer:
         elif verdict.decision == "redact":
             self._counters.redactions.labels(topic=label).inc()
 
+    def _unreadable(self, response: pb.OutputCheckResponse, rules: OutputPolicy, why: str) -> pb.OutputCheckResponse:
+        """The output could not be read here: the policy's own `output_policy.fail_mode` decides
+        if it names one, else the scheduler's (this answer is then an error it counts)."""
+        if rules.fail_mode == "closed":
+            return _with(response, pb.OUTPUT_DECISION_QUARANTINE, f"{why} (output_policy.fail_mode: closed)")
+        if rules.fail_mode == "open":
+            return _with(response, pb.OUTPUT_DECISION_ALLOW, f"{why}; let through unchecked (output_policy.fail_mode: open)")
+        raise RpcError("UNAVAILABLE", why)
+
     async def _output_of(self, request: pb.OutputCheckRequest, rules: OutputPolicy) -> tuple[bytes, int, bool]:
         """(content, size, whether content is all of it) of the job's stored output."""
-        if not request.job_id:
-            raise RpcError("INVALID_ARGUMENT", "job_id is required for a content check")
-        own = keys.result(request.job_id)
-        if request.result_ptr:
-            try:
-                named = pointers.key_of(request.result_ptr)
-            except ValueError as exc:
-                raise RpcError("INVALID_ARGUMENT", f"result_ptr: {exc}") from None
-            if named != own:
-                raise RpcError("INVALID_ARGUMENT", f"result_ptr must name the job's output {own!r}, not {named!r}")
         try:
             with trio.fail_after(READ_TIMEOUT):
-                size, value = await self._read([own], [MAX_OUTPUT_READ, rules.max_scan_bytes])
+                size, value = await self._read([keys.result(request.job_id)], [MAX_OUTPUT_READ, rules.max_scan_bytes])
         except Exception as exc:
             log.warning("safety.output_read_failed", job_id=request.job_id, error=repr(exc))
-            raise RpcError("UNAVAILABLE", "the job's output could not be read") from None
+            raise _Unreadable("the job's output could not be read") from None
         data = value.encode() if isinstance(value, str) else bytes(value or b"")
         size = int(size)
         return data, size, len(data) >= size
@@ -148,3 +159,30 @@ class OutputPolicyServicer:
             log.warning("safety.redacted_store_failed", job_id=job_id, error=repr(exc))
             raise RpcError("UNAVAILABLE", "the redacted copy could not be stored") from None
         return pointers.ptr(key)
+
+
+class _Unreadable(Exception):
+    """The job's output could not be read (Redis away or too slow)."""
+
+
+def _foreign_pointer(request: pb.OutputCheckRequest) -> str:
+    """Why the content phase cannot check this job's output ("" when it can): only the job's own
+    output (`res:<job_id>`) is ever read, whatever `result_ptr` names."""
+    if not request.job_id:
+        return "a content check needs the job's id"
+    if not request.result_ptr:
+        return ""
+    own = keys.result(request.job_id)
+    try:
+        named = pointers.key_of(request.result_ptr)
+    except ValueError as exc:
+        return f"the result pointer cannot be checked: {exc}"
+    if named != own:
+        return f"the result pointer names {named!r}, not the job's output {own!r}: it cannot be checked"
+    return ""
+
+
+def _with(response: pb.OutputCheckResponse, decision: int, reason: str) -> pb.OutputCheckResponse:
+    response.decision = decision
+    response.reason = reason
+    return response

@@ -35,13 +35,13 @@ from cordum.runtime.audit import AuditLog, new_event
 from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
-from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us, result_from_json
+from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, StaleFence, now_us, result_from_json
 from cordum.store.jobstate import (
     MAX_SCHEDULING_RETRIES, RETRY_LOCK_BUSY_S, RETRY_NO_WORKERS_S, RETRY_SAFETY_THROTTLE_S, TERMINAL, JobState,
     backoff_delay, can_transition, retries_left, scheduling_retries_exhausted, state_for_result,
     status_for_state,
 )
-from cordum.store.output import CHECK_FIELD, DUE
+from cordum.store.output import CHECK_FIELD, DUE, SKIPPED
 from cordum.store.validate import job_id_problems, tenant_problems, validate_job_request, validate_job_result
 
 if TYPE_CHECKING:
@@ -500,17 +500,23 @@ class Engine:
             target, code, reason, fields = self._plan_retry(meta, current, code, reason, fields)
         after = [*self.store.worker_history_commands(result.worker_id, job_id),
                  *self.store.inflight_commands(meta.get("worker_id", ""), job_id, done=True)]
-        outcome = None
-        if target is S.SUCCEEDED and self.output is not None and meta.get(CHECK_FIELD) == DUE:
-            outcome = await self.output.before_success({**meta, "id": job_id}, result)
-            target, fields, after = outcome.state, {**fields, **outcome.fields}, [*after, *outcome.after]
-            if target is S.OUTPUT_QUARANTINED:
-                code, reason = outcome.code, outcome.reason
-                fields["failure_reason"] = reason
+        outcome, unchecked = None, False
+        if meta.get(CHECK_FIELD) == DUE:
+            if target is not S.SUCCEEDED:
+                fields[CHECK_FIELD] = ""  # a failure's output is not checked
+            elif self.output is not None:
+                outcome = await self.output.before_success({**meta, "id": job_id}, result)
+                target, fields, after = outcome.state, {**fields, **outcome.fields}, [*after, *outcome.after]
+                if target is S.OUTPUT_QUARANTINED:
+                    code, reason = outcome.code, outcome.reason
+                    fields["failure_reason"] = reason
+            else:  # marked by a replica that checks outputs; this one was told not to
+                fields[CHECK_FIELD], unchecked = SKIPPED, True
+        quarantined = outcome is not None and target is S.OUTPUT_QUARANTINED
         try:
-            await self.end_job(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
-                            after=after, allowed_from=[state])
-        except InvalidTransition as exc:
+            dlq = await self.end_job(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
+                                     after=after, allowed_from=[state], send_dlq=not quarantined)
+        except (InvalidTransition, StaleFence) as exc:  # moved on, or our lock expired meanwhile
             self.metrics.ignored.labels(reason="invalid_transition").inc()
             log.info("scheduler.result_not_applicable", job_id=job_id, error=str(exc))
             return False
@@ -519,6 +525,10 @@ class Engine:
                   worker_id=result.worker_id)
         if outcome is not None:
             await self.output.after_write({**meta, **fields, "id": job_id}, outcome)
+            if dlq is not None:  # a quarantine's DLQ event after its audit record (see send_dlq)
+                await self.send_dlq(job_id, *dlq, topic=topic)
+        elif unchecked:
+            await self.publish_checked({**meta, **fields, "id": job_id}, result.result_ptr)
         self.registry.completed(result.worker_id)
         if target is S.RETRYING:
             await self.resubmit(job_id, meta.get("trace_id") or job_id, f"retry:{job_id}:{current}")
@@ -605,6 +615,20 @@ class Engine:
             await self.send_dlq(job_id, *dlq)
             return None
         return dlq
+
+    async def publish_checked(self, meta: dict, result_ptr: str) -> None:
+        """A result the output policy cleared (or was told not to check), on `sys.job.result`: the
+        workflow engine waits for it instead of the worker's when the job was marked `due`. If it
+        is lost, nothing is: the engine's reconciler reads the job's stored outcome."""
+        job_id, attempt = meta["id"], int(meta.get("attempts") or 0)
+        result = JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_SUCCEEDED, worker_id=SENDER,
+                           result_ptr=result_ptr, execution_ms=int(meta.get("execution_ms") or 0))
+        packet = new_packet(result, sender_id=SENDER, trace_id=meta.get("trace_id") or job_id)
+        try:
+            await self.bus.publish(subjects.RESULT, encode(packet), msg_id=f"checked:{job_id}:{attempt}",
+                                   headers={subjects.ATTEMPT_HEADER: str(attempt)} if attempt else None)
+        except Exception as exc:
+            log.warning("scheduler.checked_result_publish_failed", job_id=job_id, error=repr(exc))
 
     async def resend_pending_dlq(self, job_id: str, meta: dict) -> None:
         """Send the DLQ event of a finished job whose event did not go out."""

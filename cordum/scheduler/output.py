@@ -43,7 +43,7 @@ from cordum.store import keys
 from cordum.store.jobs import ConditionFailed, InvalidTransition, JobNotFound, StaleFence, now_us
 from cordum.store.jobstate import JobState
 from cordum.store.output import (
-    ALLOWED, CHECK_FIELD, DUE, PENDING, QUARANTINED, REDACTED, SAFETY_FIELD, SKIPPED,
+    ALLOWED, CHECK_FIELD, DUE, HASH_FIELD, PENDING, QUARANTINED, REDACTED, SAFETY_FIELD, SKIPPED,
 )
 from cordum.v1.output_policy_pb2 import OutputCheckRequest, OutputCheckResponse
 
@@ -144,10 +144,16 @@ class OutputReview:
         if verdict.decision is OutputDecision.REDACT:
             content = await self._check(_content_request(request), topic, "content", timeout=self.settings.content_timeout)
             return self._settled(job_id, content, "content", from_redact=True)
-        if verdict.decision is OutputDecision.UNAVAILABLE or (response is not None and response.content_rules):
-            # The content phase decides (and applies the fail mode if the kernel stays away).
-            return Outcome(S.SUCCEEDED, {CHECK_FIELD: PENDING},
-                           after=[("ZADD", keys.JOB_OUTPUT_PENDING, now_us(), job_id)])
+        if verdict.decision is OutputDecision.UNAVAILABLE or response is None or not response.metadata_suffices:
+            # The content phase decides (and applies the fail mode if the kernel stays away). The
+            # job is listed for the sweep in the same script as its SUCCEEDED write; on a cluster,
+            # where that script touches the job's hash only, it is listed first (listed but not
+            # pending, the sweep just unlists it).
+            listing = [("ZADD", keys.JOB_OUTPUT_PENDING, now_us(), job_id)]
+            if self.engine.store.on_cluster:
+                await self.engine.store.run_repeatable(listing)
+                listing = []
+            return Outcome(S.SUCCEEDED, {CHECK_FIELD: PENDING}, after=listing)
         return Outcome(S.SUCCEEDED, {CHECK_FIELD: ALLOWED, SAFETY_FIELD: _record_json(verdict, "metadata")})
 
     def _quarantine(self, job_id: str, code: str, verdict: OutputVerdict, phase: str, reason: str = "") -> Outcome:
@@ -176,8 +182,10 @@ class OutputReview:
                 return self._quarantine(job_id, code, verdict, phase, reason=f"{verdict.reason} ({why})")
             return Outcome(S.SUCCEEDED, {CHECK_FIELD: SKIPPED, SAFETY_FIELD: _record_json(verdict, phase)},
                            after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
-        return Outcome(S.SUCCEEDED, {CHECK_FIELD: ALLOWED, SAFETY_FIELD: _record_json(verdict, phase)},
-                       after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
+        fields = {CHECK_FIELD: ALLOWED, SAFETY_FIELD: _record_json(verdict, phase)}
+        if response is not None and response.content_sha256:
+            fields[HASH_FIELD] = response.content_sha256  # readers serve only this very output
+        return Outcome(S.SUCCEEDED, fields, after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
 
     async def _check(self, request: OutputCheckRequest, topic: str, phase: str, *, timeout: float,
                      retries: int = 0) -> OutputVerdict:
@@ -207,7 +215,7 @@ class OutputReview:
         else:
             if outcome.fields.get(CHECK_FIELD) == SKIPPED:
                 self.metrics.skipped.labels(topic=label).inc()
-            await self._publish_checked(meta, str(outcome.fields.get("result_ptr") or meta.get("result_ptr") or ""))
+            await self.engine.publish_checked(meta, str(outcome.fields.get("result_ptr") or meta.get("result_ptr") or ""))
 
     async def _announce_quarantine(self, meta: Mapping[str, Any], outcome: Outcome) -> None:
         job_id, tenant = meta["id"], str(meta.get("tenant", ""))
@@ -225,19 +233,6 @@ class OutputReview:
                 progress, sender_id=SENDER, trace_id=meta.get("trace_id") or job_id)))
         except Exception as exc:  # the job's state and DLQ entry say it all; the event is a notice
             log.warning("scheduler.output_event_failed", job_id=job_id, error=repr(exc))
-
-    async def _publish_checked(self, meta: Mapping[str, Any], result_ptr: str) -> None:
-        """The checked result, for the workflow engine (it waits for this one when the job was
-        `due`). Lost, it is not lost: the engine's reconciler reads the job's stored outcome."""
-        job_id, attempt = meta["id"], int(meta.get("attempts") or 0)
-        result = JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_SUCCEEDED, worker_id=SENDER,
-                           result_ptr=result_ptr, execution_ms=int(meta.get("execution_ms") or 0))
-        packet = new_packet(result, sender_id=SENDER, trace_id=meta.get("trace_id") or job_id)
-        try:
-            await self.engine.bus.publish(subjects.RESULT, encode(packet), msg_id=f"checked:{job_id}:{attempt}",
-                                          headers={subjects.ATTEMPT_HEADER: str(attempt)} if attempt else None)
-        except Exception as exc:
-            log.warning("scheduler.checked_result_publish_failed", job_id=job_id, error=repr(exc))
 
     # ---- content phase ----------------------------------------------------------------------
 
@@ -260,7 +255,9 @@ class OutputReview:
     async def sweep(self) -> int:
         """(Reconciler leader) content checks whose scheduler went away: listed longer than the
         content timeout. Returns how many were started here."""
-        cutoff = now_us() - int((self.settings.content_timeout + 15) * 1_000_000)
+        # Past the time a check may take (failing over between two kernel replicas included): a
+        # second check of a job still being checked is harmless, only wasted.
+        cutoff = now_us() - int((2 * self.settings.content_timeout + 15) * 1_000_000)
         ids = await self.engine.store.output_pending(listed_before_us=cutoff, limit=SWEEP_LIMIT)
         started = 0
         for job_id in ids:
@@ -311,12 +308,13 @@ class OutputReview:
 
     async def _write(self, meta: Mapping[str, Any], outcome: Outcome, lease: "Lease") -> bool:
         job_id = meta["id"]
+        dlq = None
         try:
             if outcome.state is S.OUTPUT_QUARANTINED:
-                await self.engine.end_job(job_id, S.OUTPUT_QUARANTINED, fence=lease.fence, code=outcome.code,
-                                          reason=outcome.reason, tenant=str(meta.get("tenant", "")),
-                                          fields={**outcome.fields, "failure_reason": outcome.reason},
-                                          after=outcome.after, allowed_from=[S.SUCCEEDED])
+                dlq = await self.engine.end_job(job_id, S.OUTPUT_QUARANTINED, fence=lease.fence, code=outcome.code,
+                                                reason=outcome.reason, tenant=str(meta.get("tenant", "")),
+                                                fields={**outcome.fields, "failure_reason": outcome.reason},
+                                                after=outcome.after, allowed_from=[S.SUCCEEDED], send_dlq=False)
                 self.engine.metrics.finished.labels(topic=str(meta.get("topic", "")), state=S.OUTPUT_QUARANTINED.value).inc()
             else:
                 await self.engine.store.set_fields(job_id, outcome.fields, fence=lease.fence,
@@ -326,6 +324,8 @@ class OutputReview:
             log.info("scheduler.output_review_moot", job_id=job_id, error=str(exc))
             return False
         await self.after_write(meta, outcome)
+        if dlq is not None:  # after the audit record: a failed publish (retried) must not lose it
+            await self.engine.send_dlq(job_id, *dlq, topic=str(meta.get("topic", "")))
         return True
 
 

@@ -504,13 +504,11 @@ class JobStore:
 
     async def get_output(self, key: str) -> Any:
         """A stored output (`res:<id>` or its redacted copy): JSON decoded, else the text."""
-        text = await self._redis.execute("GET", key)
-        if text is None:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text
+        return decode_output(await self.output_text(key))
+
+    async def output_text(self, key: str) -> str | None:
+        """A stored output as stored (see `store.output.unchanged`)."""
+        return await self._redis.execute("GET", key)
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(e) for e in await self._redis.execute("LRANGE", keys.job_events(job_id), 0, -1)]
@@ -674,3 +672,13 @@ def _state_list(states: Iterable[JobState | None]) -> str:
 
 def _allowed_sources(to: JobState) -> set[JobState | None]:
     return {source for source, targets in TRANSITIONS.items() if to in targets}
+
+
+def decode_output(text: str | None) -> Any:
+    """An output as the API shows it: JSON decoded, else the text itself."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

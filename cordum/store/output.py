@@ -14,6 +14,7 @@ asks for it; a redacted output is served as its redacted copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Mapping
 
@@ -22,8 +23,10 @@ from cordum.store import keys
 
 CHECK_FIELD = "output_check"
 SAFETY_FIELD = "output_safety"
+HASH_FIELD = "output_sha256"  # of the output the content check read (see `unchanged`)
 DUE, PENDING, ALLOWED, REDACTED, SKIPPED, QUARANTINED = "due", "pending", "allow", "redact", "skipped", "quarantine"
 UNCHECKED = frozenset({DUE, PENDING})  # an output nobody may rely on yet
+FAILED_ENDINGS = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "DENIED"})  # no output to check
 
 
 class Withheld(Exception):
@@ -46,8 +49,10 @@ def served_result_key(meta: Mapping[str, Any], *, include_quarantined: bool = Fa
         if not include_quarantined:
             raise Withheld("output quarantined by the output policy")
         return keys.result(job_id)
-    if check in UNCHECKED and state == "SUCCEEDED":
-        raise Withheld("output policy check in progress")
+    if check in UNCHECKED and state not in FAILED_ENDINGS:
+        # SUCCEEDED and being checked, or still running: a worker writes its output before it
+        # reports, so what is there now has not been checked (a failure's output is not checked).
+        raise Withheld("output policy check in progress" if state == "SUCCEEDED" else "output not checked yet")
     ptr = str(meta.get("result_ptr") or "")
     if not ptr:
         return None
@@ -57,6 +62,16 @@ def served_result_key(meta: Mapping[str, Any], *, include_quarantined: bool = Fa
         return keys.result(job_id)
     # Only the job's own output or its redacted copy: a pointer is never a way to read other keys.
     return key if key in (keys.result(job_id), keys.redacted_result(job_id)) else keys.result(job_id)
+
+
+def unchanged(meta: Mapping[str, Any], key: str, text: str | bytes | None) -> bool:
+    """Whether `text`, read at `key`, is the output the content check read (True when no hash was
+    recorded, or for the redacted copy, which only the kernel writes)."""
+    digest = str(meta.get(HASH_FIELD) or "")
+    if not digest or text is None or key != keys.result(str(meta.get("id") or "")):
+        return True
+    data = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest() == digest
 
 
 def safety_record(meta: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -99,7 +99,7 @@ class OutputFinding(_message.Message):
     def __init__(self, type: _Optional[str] = ..., severity: _Optional[str] = ..., detail: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., scanner: _Optional[str] = ..., confidence: _Optional[float] = ..., matched_pattern: _Optional[str] = ...) -> None: ...
 
 class OutputCheckResponse(_message.Message):
-    __slots__ = ("decision", "reason", "rule_id", "policy_snapshot", "findings", "redacted_ptr", "no_output_rules", "content_rules")
+    __slots__ = ("decision", "reason", "rule_id", "policy_snapshot", "findings", "redacted_ptr", "no_output_rules", "metadata_suffices", "content_sha256")
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RULE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -107,7 +107,8 @@ class OutputCheckResponse(_message.Message):
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     REDACTED_PTR_FIELD_NUMBER: _ClassVar[int]
     NO_OUTPUT_RULES_FIELD_NUMBER: _ClassVar[int]
-    CONTENT_RULES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_SUFFICES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     decision: OutputDecision
     reason: str
     rule_id: str
@@ -115,5 +116,6 @@ class OutputCheckResponse(_message.Message):
     findings: _containers.RepeatedCompositeFieldContainer[OutputFinding]
     redacted_ptr: str
     no_output_rules: bool
-    content_rules: bool
-    def __init__(self, decision: _Optional[_Union[OutputDecision, str]] = ..., reason: _Optional[str] = ..., rule_id: _Optional[str] = ..., policy_snapshot: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[OutputFinding, _Mapping]]] = ..., redacted_ptr: _Optional[str] = ..., no_output_rules: _Optional[bool] = ..., content_rules: _Optional[bool] = ...) -> None: ...
+    metadata_suffices: bool
+    content_sha256: str
+    def __init__(self, decision: _Optional[_Union[OutputDecision, str]] = ..., reason: _Optional[str] = ..., rule_id: _Optional[str] = ..., policy_snapshot: _Optional[str] = ..., findings: _Optional[_Iterable[_Union[OutputFinding, _Mapping]]] = ..., redacted_ptr: _Optional[str] = ..., no_output_rules: _Optional[bool] = ..., metadata_suffices: _Optional[bool] = ..., content_sha256: _Optional[str] = ...) -> None: ...

@@ -120,7 +120,12 @@ class _Outcome:
     status: str
     error: Any
     result_ptr: str
+    output_sha256: str = ""  # of the output the output policy checked (store.output.HASH_FIELD)
     done: bool = False
+
+
+class OutputChanged(Exception):
+    """A step job's output is no longer the one the output policy checked."""
 
 
 class RunBusy(Retry):
@@ -422,8 +427,9 @@ class WorkflowEngine(StepHandlers):
         result = packet.job_result
         if result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE or rs.parse_job_id(result.job_id) is None:
             return
-        current, worker, check, stored_ptr = await self.redis.execute(
-            "HMGET", keys.job_meta(result.job_id), "attempts", "worker_id", output_check.CHECK_FIELD, "result_ptr")
+        current, worker, check, stored_ptr, checked_hash = await self.redis.execute(
+            "HMGET", keys.job_meta(result.job_id), "attempts", "worker_id", output_check.CHECK_FIELD, "result_ptr",
+            output_check.HASH_FIELD)
         if _superseded(result, subjects.attempt_of(getattr(msg, "headers", None)), current, worker):
             return
         if result.status == JobStatus.JOB_STATUS_SUCCEEDED and check:
@@ -432,14 +438,14 @@ class WorkflowEngine(StepHandlers):
                 # (or, quarantined, a DLQ event) when it has, and our reconciler reads the store.
                 return
             result.result_ptr = stored_ptr or result.result_ptr  # a redacted output's copy
-        await self.handle_result(packet)
+        await self.handle_result(packet, output_sha256=checked_hash or "")
 
     async def on_dlq(self, packet: BusPacket, msg: Any = None) -> None:
         """``sys.job.dlq`` consumer: a step job the scheduler ended badly (denied by policy,
         retries used up, timed out) without a worker result for it."""
         await self.handle_result(packet)
 
-    async def handle_result(self, packet: BusPacket) -> None:
+    async def handle_result(self, packet: BusPacket, *, output_sha256: str = "") -> None:
         """One JobResult packet: apply it to its run (ignored when not a workflow job), persist,
         carry out its effects, then advance the run."""
         if packet.WhichOneof("payload") != "job_result":
@@ -453,9 +459,10 @@ class WorkflowEngine(StepHandlers):
             error = {"message": result.error_message or f"job {status.lower()}"}
             if result.error_code:
                 error["code"] = result.error_code
-        await self.apply_outcome(result.job_id, status, error, result_ptr=result.result_ptr)
+        await self.apply_outcome(result.job_id, status, error, result_ptr=result.result_ptr, output_sha256=output_sha256)
 
-    async def apply_outcome(self, jid: str, status: str, error: Any = None, *, result_ptr: str = "") -> None:
+    async def apply_outcome(self, jid: str, status: str, error: Any = None, *, result_ptr: str = "",
+                            output_sha256: str = "") -> None:
         """Apply a step job's outcome (``status`` a CAP JobStatus name) to its run. Outcomes that
         queue for the same run meanwhile are applied together, in one persist and one advance;
         each caller returns once its own outcome was applied (or raises if its operation failed,
@@ -464,7 +471,7 @@ class WorkflowEngine(StepHandlers):
         if parsed is None:
             return
         run_id = parsed[0]
-        mine = _Outcome(jid, status, error, result_ptr)
+        mine = _Outcome(jid, status, error, result_ptr, output_sha256)
         inbox = self._inbox.setdefault(run_id, [])
         inbox.append(mine)
         batch: list[_Outcome] = []
@@ -500,9 +507,14 @@ class WorkflowEngine(StepHandlers):
                 return
             before, effects = run, []
             for outcome in current:
-                output = (await self._read_output(outcome.job_id, outcome.result_ptr)
-                          if outcome.status == "SUCCEEDED" else None)
-                run, fx = rs.apply_result(workflow, run, outcome.job_id, outcome.status, output, outcome.error,
+                status, error, output = outcome.status, outcome.error, None
+                if status == "SUCCEEDED":
+                    try:
+                        output = await self._read_output(outcome.job_id, outcome.result_ptr, outcome.output_sha256)
+                    except OutputChanged:
+                        status, error = "FAILED", {"code": "output_changed", "message": (
+                            "the job's output changed after the output policy checked it; it is not used")}
+                run, fx = rs.apply_result(workflow, run, outcome.job_id, status, output, error,
                                           self.clock(), result_ptr=outcome.result_ptr)
                 effects += fx
             if run is not before:
@@ -537,8 +549,8 @@ class WorkflowEngine(StepHandlers):
                 if run is None or run.terminal:
                     return
                 outcomes, lost = await self._job_outcomes(run, stale_after)
-                for jid, status, error, result_ptr in outcomes:
-                    await self.apply_outcome(jid, status, error, result_ptr=result_ptr)
+                for jid, status, error, result_ptr, checked in outcomes:
+                    await self.apply_outcome(jid, status, error, result_ptr=result_ptr, output_sha256=checked)
                 if lost:
                     await self._republish(run_id, lost)
                 await self.advance(run_id)
@@ -550,13 +562,13 @@ class WorkflowEngine(StepHandlers):
             log.warning("workflow.reconcile_failed", run_id=run_id, error=repr(exc))
 
     async def _job_outcomes(self, run: Run, stale_after: float,
-                            ) -> tuple[list[tuple[str, str, Any, str]], list[str]]:
+                            ) -> tuple[list[tuple[str, str, Any, str, str]], list[str]]:
         """(outcomes of ended step jobs, paths whose job record is missing past ``stale_after``)."""
         live = [(path, sr) for path, sr in run.steps.items() if sr.status in (rs.RUNNING, rs.WAITING) and sr.job_id]
         if not live:
             return [], []
         metas = await self.jobs.get_many([sr.job_id for _, sr in live])
-        outcomes: list[tuple[str, str, Any, str]] = []
+        outcomes: list[tuple[str, str, Any, str, str]] = []
         lost: list[str] = []
         now = self.clock()
         for (path, sr), meta in zip(live, metas):
@@ -565,13 +577,16 @@ class WorkflowEngine(StepHandlers):
                     lost.append(path)
                 continue
             state = JobState(meta["state"])
-            if state not in TERMINAL_JOB or meta.get(output_check.CHECK_FIELD) in output_check.UNCHECKED:
-                continue  # still running, or its output still being checked
+            if state not in TERMINAL_JOB:
+                continue
+            if state is JobState.SUCCEEDED and meta.get(output_check.CHECK_FIELD) in output_check.UNCHECKED:
+                continue  # its output is still being checked: the scheduler sends the outcome
             status = _STATUS_OF_STATE.get(state, "FAILED")
             error = None
             if status != "SUCCEEDED":
                 error = {"message": str(meta.get("failure_reason") or f"job {state.value.lower()}")}
-            outcomes.append((sr.job_id, status, error, str(meta.get("result_ptr") or "")))
+            outcomes.append((sr.job_id, status, error, str(meta.get("result_ptr") or ""),
+                             str(meta.get(output_check.HASH_FIELD) or "")))
         return outcomes, lost
 
     async def _republish(self, run_id: str, paths: Sequence[str]) -> None:
@@ -868,7 +883,7 @@ class WorkflowEngine(StepHandlers):
         log.debug("job.submitted", job_id=jid, trace_id=run.id, run_id=run.id, topic=request.topic)
         return True
 
-    async def _read_output(self, job_id: str, result_ptr: str) -> Any:
+    async def _read_output(self, job_id: str, result_ptr: str, checked_sha256: str = "") -> Any:
         """The JSON output a worker stored at ``res:<jobID>`` (None if absent or over 256 KiB: one
         round trip, and a larger value never leaves Redis)."""
         if not result_ptr:
@@ -877,6 +892,9 @@ class WorkflowEngine(StepHandlers):
             self._small_get = self.redis.script(_GET_IF_SMALL)
         key = keys.redacted_result(job_id) if result_ptr == ptr(keys.redacted_result(job_id)) else keys.result(job_id)
         text = await self._small_get([key], [MAX_RESULT_BYTES])
+        if not output_check.unchanged({"id": job_id, output_check.HASH_FIELD: checked_sha256}, key, text or None):
+            log.warning("workflow.output_changed_after_check", job_id=job_id)
+            raise OutputChanged(job_id)
         if not text:
             return None
         try:

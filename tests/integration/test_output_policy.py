@@ -88,7 +88,7 @@ async def test_outputs_are_quarantined_redacted_or_passed_and_withheld_until_cle
         await nursery.start(listen)
         ids = {}
         for name, context in (("secret", {"note": f"the key is {SECRET}"}), ("email", {"note": f"write to {EMAIL} today"}),
-                              ("clean", {"note": "nothing to see"})):
+                              ("clean", {"note": "nothing to see"}), ("failed", {"fail": True, "error": "no luck"})):
             status, body, _ = await api.call("POST", "/api/v1/jobs", {"prompt": "echo", "context": context}, key=ADMIN)
             assert status == 200, body
             ids[name] = body["job_id"]
@@ -128,10 +128,25 @@ async def test_outputs_are_quarantined_redacted_or_passed_and_withheld_until_cle
         clean = jobs["clean"]
         assert clean["state"] == "SUCCEEDED" and clean["output_check"] == "allow"
         assert clean["result"]["echo"]["context"] == {"note": "nothing to see"}
+        # A failure's output is not checked, and not held back for a check that never comes.
+        failed = jobs["failed"]
+        assert failed["state"] == "FAILED" and not failed.get("output_check") and "result_withheld" not in failed
+        # An output overwritten after its check (a late worker of an earlier attempt) is not
+        # served as if it had been checked.
+        original = await redis.execute("GET", keys.result(ids["clean"]))
+        await redis.execute("SET", keys.result(ids["clean"]), json.dumps({"echo": SECRET}))
+        _, changed = await _job(api, ids["clean"])
+        assert changed["result"] is None and "changed after" in changed["result_withheld"]
+        status, body, _ = await api.call("GET", f"/api/v1/memory?key=res:{ids['clean']}", key=ADMIN)
+        assert status == 403 and SECRET not in json.dumps(body)
+        await redis.execute("SET", keys.result(ids["clean"]), original)
+        _, restored = await _job(api, ids["clean"])
+        assert restored["result"]["echo"]["context"] == {"note": "nothing to see"}
 
         # The work ran once per job (counted at the worker), the quarantine was announced.
-        executions = await read_executions(redis, EXECUTIONS_KEY, ids.values())
-        assert executions == {job_id: 1 for job_id in ids.values()}
+        ran = [ids[name] for name in ("secret", "email", "clean")]
+        executions = await read_executions(redis, EXECUTIONS_KEY, ran)
+        assert executions == {job_id: 1 for job_id in ran}
         with trio.fail_after(10):
             while not any(e.job_progress.job_id == ids["secret"] for e in events):
                 await trio.sleep(0.05)
@@ -219,3 +234,56 @@ async def test_the_output_breaker_opened_by_one_scheduler_is_open_for_another(re
         assert verdict.decision is OutputDecision.UNAVAILABLE and verdict.reason == "safety kernel output circuit open"
         assert await redis.execute("GET", keys.SAFETY_CB_FAILURES) is None  # input checks unaffected
         assert 0 < await redis.execute("PTTL", keys.SAFETY_CB_OUTPUT_FAILURES) <= 30_000  # half-open after the window
+
+
+async def test_a_result_pointer_to_another_key_is_quarantined_without_tripping_the_breaker(spawn, tmp_path, redis):
+    """The kernel reads only the job's own output, whatever `result_ptr` names: a pointer elsewhere
+    is this job's problem (quarantined), not the kernel's (the shared breaker stays closed)."""
+    stack = _stack(spawn, tmp_path)
+    stack.kernel()
+    await stack.ready()
+    await redis.execute("SET", "cfg:system:default", json.dumps({"data": {"secret": SECRET}}))
+    addr = stack.env["SAFETY_KERNEL_ADDR"].rsplit(":", 1)
+    breaker = CircuitBreaker(redis, keys.SAFETY_CB_OUTPUT_FAILURES)
+    async with open_safety_client([(addr[0], int(addr[1]))], CircuitBreaker(redis), batch=False) as safety:
+        client = safety.output_client(breaker)
+        for _ in range(4):
+            verdict = await client.check(OutputCheckRequest(job_id="j-1", topic="job.default", content_phase=True,
+                                                            result_ptr="redis://cfg:system:default"), timeout=5)
+            assert verdict.decision is OutputDecision.QUARANTINE and "cannot be checked" in verdict.reason
+            assert SECRET not in str(verdict.response)
+        await redis.execute("SET", keys.result("j-2"), json.dumps({"note": f"key {SECRET}"}))
+        verdict = await client.check(OutputCheckRequest(job_id="j-2", topic="job.default", content_phase=True,
+                                                        result_ptr="redis://res:j-2"), timeout=5)
+        assert verdict.decision is OutputDecision.QUARANTINE and verdict.response.rule_id == "no-secrets"
+        assert verdict.response.content_sha256  # what was checked, for readers to compare
+    assert await redis.execute("GET", keys.SAFETY_CB_OUTPUT_FAILURES) is None
+
+
+async def test_a_scheduler_told_not_to_check_finishes_a_job_another_marked_for_a_check(spawn, tmp_path, redis, bus):
+    """A rolling change of OUTPUT_POLICY_ENABLED: the job was dispatched (marked `due`) by a
+    scheduler that checks outputs, its result is applied by one that does not. It ends SUCCEEDED
+    `skipped`, and the checked result a workflow would wait for goes out."""
+    stack = _stack(spawn, tmp_path, SCHEDULER_RUNNING_TIMEOUT="120s")
+    stack.kernel()
+    stack.scheduler("scheduler-1")
+    stack.worker()
+    await stack.ready()
+    await trio.sleep(1.0)
+    store = JobStore(redis)
+    async with bus.subscribe(subjects.RESULT) as results:
+        job_id = await submit_direct(store, bus, context={"sleep_ms": 3000})
+        meta = await wait_state(store, job_id, {"RUNNING"}, timeout=30)
+        assert meta["output_check"] == "due"
+        stack.procs["scheduler-1"].signal()
+        assert stack.procs["scheduler-1"].wait(30) == 0
+        stack.scheduler("scheduler-2", OUTPUT_POLICY_ENABLED="false")
+        await stack.ready("scheduler-2")
+        meta = await wait_state(store, job_id, {"SUCCEEDED", "FAILED", "OUTPUT_QUARANTINED"}, timeout=30)
+        assert meta["state"] == "SUCCEEDED" and meta["output_check"] == "skipped", meta
+        with trio.fail_after(10):
+            while True:
+                packet = BusPacket()
+                packet.ParseFromString((await results.receive()).data)
+                if packet.job_result.job_id == job_id and packet.sender_id == "cordum-scheduler":
+                    break

@@ -323,7 +323,18 @@ async function jobDetail(id) {
       el("td", { class: decision ? "" : `state ${t.state}` }, step), el("td", {}, t.by || ""), el("td", {}, detail));
   }), "Nothing recorded yet."));
   parts.push(el("h2", {}, "Input"), el("pre", {}, JSON.stringify(job.context, null, 2)));
-  parts.push(el("h2", {}, "Result"), el("pre", { id: "job-result" }, job.result === null || job.result === undefined ? "—" : JSON.stringify(job.result, null, 2)));
+  // What the output policy found: its verdict and findings (never the matched text), and why the
+  // result is withheld while a check runs or after a quarantine.
+  const safety = job.output_safety || {};
+  if (job.output_check || safety.decision) {
+    parts.push(el("h2", {}, "Output policy"), fields({ ...safety, output_check: job.output_check }, ["output_check", "decision", "rule_id", "reason"]));
+    const findings = (safety.findings || []).map((f) => el("tr", {}, el("td", {}, f.type || ""), el("td", {}, f.severity || ""),
+      el("td", {}, f.scanner || ""), el("td", {}, f.length ? `${f.offset || 0}+${f.length}` : ""), el("td", {}, f.detail || "")));
+    parts.push(table(["Finding", "Severity", "Scanner", "Where", "Detail"], findings, "No findings."));
+  }
+  const shown = job.result === null || job.result === undefined ? (job.result_withheld ? `withheld: ${job.result_withheld}` : "—")
+    : JSON.stringify(job.result, null, 2);
+  parts.push(el("h2", {}, "Result"), el("pre", { id: "job-result" }, shown));
   parts.push(el("p", {}, el("a", { href: "#/jobs" }, "← all jobs")));
   return parts;
 }
