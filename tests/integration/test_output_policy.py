@@ -13,11 +13,13 @@ import pytest
 import trio
 
 from cordum.agent.v1.buspacket_pb2 import BusPacket
+from cordum.agent.v1.job_pb2 import JobRequest
 from cordum.dev.servers import free_port
 from cordum.protocol import subjects
 from cordum.safety.client import HEALTHY_LOOK_S, CircuitBreaker, OutputDecision, open_safety_client
 from cordum.store import keys
-from cordum.store.jobs import JobStore
+from cordum.store.jobs import JobStore, now_us
+from cordum.store.jobstate import JobState
 from cordum.v1.output_policy_pb2 import OutputCheckRequest
 from cordum.worker.echo import read_executions
 from tests.integration import stack as stack_module
@@ -287,3 +289,29 @@ async def test_a_scheduler_told_not_to_check_finishes_a_job_another_marked_for_a
                 packet.ParseFromString((await results.receive()).data)
                 if packet.job_result.job_id == job_id and packet.sender_id == "cordum-scheduler":
                     break
+
+
+async def test_a_content_check_left_unfinished_is_taken_up_by_the_reconcilers_leader(spawn, tmp_path, redis):
+    """A scheduler died between writing SUCCEEDED (`pending`, listed in job:output:pending) and
+    its content check: the reconciler's leader checks it once the content timeout has passed, and
+    the output is quarantined; a listed job whose check did finish is only unlisted."""
+    stack = _stack(spawn, tmp_path, CORDUM_OUTPUT_CONTENT_TIMEOUT="1s")
+    stack.kernel()
+    stack.scheduler()
+    await stack.ready()
+    store = JobStore(redis)
+    long_ago = now_us() - 120_000_000
+    for job_id, check, output in (("left-1", "pending", {"note": f"key {SECRET}"}), ("done-1", "allow", {"ok": True})):
+        await store.create(job_id, JobState.RUNNING, request=JobRequest(job_id=job_id, topic="job.default"),
+                           fields={"topic": "job.default", "tenant": "default", "trace_id": job_id})
+        await redis.execute("SET", keys.result(job_id), json.dumps(output))
+        await store.transition(job_id, JobState.SUCCEEDED, tenant="default",
+                               fields={"output_check": check, "result_ptr": f"redis://res:{job_id}", "worker_id": "w"})
+        await redis.execute("ZADD", keys.JOB_OUTPUT_PENDING, long_ago, job_id)
+    meta = await wait_state(store, "left-1", {"OUTPUT_QUARANTINED"}, timeout=60)
+    assert meta["output_check"] == "quarantine" and "credential" in meta["failure_reason"]
+    with trio.fail_after(30):
+        while await redis.execute("ZSCORE", keys.JOB_OUTPUT_PENDING, "done-1") is not None:
+            await trio.sleep(0.1)
+    assert (await store.get("done-1"))["state"] == "SUCCEEDED"
+    assert await redis.execute("ZCARD", keys.JOB_OUTPUT_PENDING) == 0
