@@ -619,7 +619,11 @@ class Engine:
     async def publish_checked(self, meta: dict, result_ptr: str) -> None:
         """A result the output policy cleared (or was told not to check), on `sys.job.result`: the
         workflow engine waits for it instead of the worker's when the job was marked `due`. If it
-        is lost, nothing is: the engine's reconciler reads the job's stored outcome."""
+        is lost, nothing is: the engine's reconciler reads the job's stored outcome. Only a
+        workflow step's (labelled with its run): nobody else waits for it."""
+        labels = meta.get("labels")
+        if not isinstance(labels, dict) or not labels.get("run_id"):
+            return
         job_id, attempt = meta["id"], int(meta.get("attempts") or 0)
         result = JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_SUCCEEDED, worker_id=SENDER,
                            result_ptr=result_ptr, execution_ms=int(meta.get("execution_ms") or 0))

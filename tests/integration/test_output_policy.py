@@ -265,7 +265,8 @@ async def test_a_result_pointer_to_another_key_is_quarantined_without_tripping_t
 async def test_a_scheduler_told_not_to_check_finishes_a_job_another_marked_for_a_check(spawn, tmp_path, redis, bus):
     """A rolling change of OUTPUT_POLICY_ENABLED: the job was dispatched (marked `due`) by a
     scheduler that checks outputs, its result is applied by one that does not. It ends SUCCEEDED
-    `skipped`, and the checked result a workflow would wait for goes out."""
+    `skipped`, and the checked result a workflow would wait for goes out (a workflow step's job:
+    nobody else waits for it)."""
     stack = _stack(spawn, tmp_path, SCHEDULER_RUNNING_TIMEOUT="120s")
     stack.kernel()
     stack.scheduler("scheduler-1")
@@ -274,7 +275,7 @@ async def test_a_scheduler_told_not_to_check_finishes_a_job_another_marked_for_a
     await trio.sleep(1.0)
     store = JobStore(redis)
     async with bus.subscribe(subjects.RESULT) as results:
-        job_id = await submit_direct(store, bus, context={"sleep_ms": 3000})
+        job_id = await submit_direct(store, bus, context={"sleep_ms": 3000}, labels={"run_id": "run-1"})
         meta = await wait_state(store, job_id, {"RUNNING"}, timeout=30)
         assert meta["output_check"] == "due"
         stack.procs["scheduler-1"].signal()
