@@ -214,10 +214,6 @@ class Engine:
         except (RedisError, *RedisUnavailable):
             return lease, UNREAD  # the work reads it again, under the lock it holds
 
-    async def locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]]) -> None:
-        """Run `work` under the job's lock (Retry if it stays busy, or is lost on the way)."""
-        await self._locked(job_id, work)
-
     async def _locked(self, job_id: str, work: Callable[[Lease], Awaitable[None]], *,
                       lease: Lease | None = None) -> None:
         lease = lease or await self._lock(job_id)
@@ -597,7 +593,8 @@ class Engine:
 
     async def end_job(self, job_id: str, state: JobState, *, fence: int, code: str, reason: str, fields: dict,
                       tenant: str | None, after: Sequence[tuple], allowed_from: Sequence[JobState] | None = None,
-                      event: dict | None = None, send_dlq: bool = True) -> tuple[int, str, str] | None:
+                      event: dict | None = None, send_dlq: bool = True,
+                      expect: dict | None = None) -> tuple[int, str, str] | None:
         """Write a state a result or a decision led to; a failed ending then gets its DLQ entry.
 
         The DLQ event goes out only after the terminal write succeeded (a write that lost — to a
@@ -610,7 +607,7 @@ class Engine:
             fields = {**fields, "dlq_pending": json.dumps({"status": dlq[0], "code": code, "reason": reason})}
             after = [*after, *self.store.dlq_pending_commands(job_id, pending=True)]
         await self.store.transition(job_id, state, fence=fence, fields=fields, tenant=tenant, after=after,
-                                    allowed_from=allowed_from, event=event)
+                                    allowed_from=allowed_from, event=event, expect=expect)
         if dlq is not None and send_dlq:
             await self.send_dlq(job_id, *dlq)
             return None

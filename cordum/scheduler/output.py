@@ -10,7 +10,7 @@ before anyone relies on it.
   that cannot be asked lets the job through to the content phase, which applies the fail mode.
 - Content phase, after SUCCEEDED is written with `output_check=pending` (the job is listed in
   `job:output:pending`): the kernel scans the output (CORDUM_OUTPUT_CONTENT_TIMEOUT, 30 s). Its
-  verdict is applied under the job's lock, only while the job is still SUCCEEDED and pending:
+  verdict is written only while the job is still SUCCEEDED and pending (the write checks it):
   QUARANTINE → OUTPUT_QUARANTINED (DLQ `output_quarantined_async`), REDACT → `result_ptr` swapped,
   ALLOW → done; unavailable → quarantine with OUTPUT_POLICY_FAIL_MODE=closed, else `skipped`
   (counted). A scheduler that dies mid-check leaves the job listed: the reconciler's leader checks
@@ -35,12 +35,11 @@ from cordum.infra.metrics import Metrics
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.audit import new_event
-from cordum.runtime.consumer import Retry
 from cordum.runtime.log import get_logger
 from cordum.scheduler.engine import SENDER
 from cordum.safety.client import OutputClient, OutputDecision, OutputVerdict
 from cordum.store import keys
-from cordum.store.jobs import ConditionFailed, InvalidTransition, JobNotFound, StaleFence, now_us
+from cordum.store.jobs import ConditionFailed, InvalidTransition, JobNotFound, now_us
 from cordum.store.jobstate import JobState
 from cordum.store.output import (
     ALLOWED, CHECK_FIELD, DUE, HASH_FIELD, PENDING, QUARANTINED, REDACTED, SAFETY_FIELD, SKIPPED,
@@ -48,7 +47,6 @@ from cordum.store.output import (
 from cordum.v1.output_policy_pb2 import OutputCheckRequest, OutputCheckResponse
 
 if TYPE_CHECKING:
-    from cordum.runtime.lease import Lease
     from cordum.scheduler.engine import Engine
 
 log = get_logger("scheduler.output")
@@ -275,7 +273,11 @@ class OutputReview:
             self._reviewing.discard(job_id)
 
     async def review(self, job_id: str) -> bool:
-        """The content phase of one job; True when it settled the job's output."""
+        """The content phase of one job; True when it settled the job's output.
+
+        No job lock: the verdict is written only while the job is still SUCCEEDED and `pending`
+        (checked by the write itself), and nothing else writes a SUCCEEDED job but this. Two
+        checks of one job (a sweep meeting a slow first one) settle it once."""
         store = self.engine.store
         meta = await store.get(job_id)
         if not _awaiting(meta):
@@ -284,44 +286,25 @@ class OutputReview:
         assert meta is not None
         request = _content_request(_request(meta, None))
         verdict = await self._check(request, str(meta.get("topic", "")), "content", timeout=self.settings.content_timeout)
-        settled: list[bool] = [False]
+        return await self._write(meta, self._settled(job_id, verdict, "content"))
 
-        async def apply(lease: "Lease") -> None:
-            current = await store.get(job_id)
-            if not _awaiting(current):
-                await store.run_repeatable([("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
-                return
-            assert current is not None
-            outcome = self._settled(job_id, verdict, "content")
-            settled[0] = await self._write(current, outcome, lease)
-
-        for attempt in range(3):
-            try:
-                await self.engine.locked(job_id, apply)
-                break
-            except Retry as busy:
-                if attempt == 2:
-                    log.info("scheduler.output_review_deferred", job_id=job_id, reason=str(busy))
-                    return False
-                await trio.sleep(busy.delay)
-        return settled[0]
-
-    async def _write(self, meta: Mapping[str, Any], outcome: Outcome, lease: "Lease") -> bool:
-        job_id = meta["id"]
+    async def _write(self, meta: Mapping[str, Any], outcome: Outcome) -> bool:
+        job_id, guard = meta["id"], {CHECK_FIELD: PENDING}
         dlq = None
         try:
             if outcome.state is S.OUTPUT_QUARANTINED:
-                dlq = await self.engine.end_job(job_id, S.OUTPUT_QUARANTINED, fence=lease.fence, code=outcome.code,
+                dlq = await self.engine.end_job(job_id, S.OUTPUT_QUARANTINED, fence=0, code=outcome.code,
                                                 reason=outcome.reason, tenant=str(meta.get("tenant", "")),
                                                 fields={**outcome.fields, "failure_reason": outcome.reason},
-                                                after=outcome.after, allowed_from=[S.SUCCEEDED], send_dlq=False)
+                                                after=outcome.after, allowed_from=[S.SUCCEEDED], send_dlq=False,
+                                                expect=guard)
                 self.engine.metrics.finished.labels(topic=str(meta.get("topic", "")), state=S.OUTPUT_QUARANTINED.value).inc()
             else:
-                await self.engine.store.set_fields(job_id, outcome.fields, fence=lease.fence,
-                                                   expect={"state": S.SUCCEEDED.value, CHECK_FIELD: PENDING})
-                await self.engine.store.run_repeatable(outcome.after)
-        except (InvalidTransition, ConditionFailed, JobNotFound, StaleFence) as exc:
+                await self.engine.store.set_fields(job_id, outcome.fields, expect={"state": S.SUCCEEDED.value, **guard},
+                                                   after=outcome.after)
+        except (InvalidTransition, ConditionFailed, JobNotFound) as exc:
             log.info("scheduler.output_review_moot", job_id=job_id, error=str(exc))
+            await self.engine.store.run_repeatable([("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
             return False
         await self.after_write(meta, outcome)
         if dlq is not None:  # after the audit record: a failed publish (retried) must not lose it

@@ -307,9 +307,14 @@ class JobStore:
                               meta.get("tenant", "") if meta else "")
 
     async def set_fields(self, job_id: str, fields: Mapping[str, Any], *, fence: int = 0,
-                         expect: Mapping[str, Any] | None = None) -> None:
-        """Update fields of an existing job (no state change), fenced and guarded like a transition."""
-        await self._run_update(job_id, "", set(), fence, fields, expect=expect)
+                         expect: Mapping[str, Any] | None = None, after: Sequence[tuple[Any, ...]] = ()) -> None:
+        """Update fields of an existing job (no state change), fenced and guarded like a transition;
+        `after` runs once the update is made (in the same script on one server)."""
+        if self._redis.cluster:
+            await self._run_update(job_id, "", set(), fence, fields, expect=expect)
+            await self.run_repeatable(after)
+        else:
+            await self._run_update(job_id, "", set(), fence, fields, expect=expect, follow=after)
 
     async def _run_update(
         self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None,
