@@ -189,6 +189,7 @@ class OutputVerdict:
     rule_id: str = ""
     findings: tuple[Finding, ...] = ()
     redacted: bytes | None = None
+    deferred: bool = False  # metadata phase: a rule needs the content to decide (the allow is provisional)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -739,7 +740,7 @@ def evaluate_output(policy: OutputPolicy, facts: OutputFacts) -> OutputVerdict:
             # The metadata phase cannot tell whether this rule matches, and a later rule must not
             # decide in its place (first match wins): the content phase decides.
             return OutputVerdict("allow", f"output rule {rule.id!r} needs the content: checked in the content phase",
-                                 rule.id)
+                                 rule.id, deferred=True)
         try:
             if rule.match.has_content_criteria:
                 if not _content_findings(scan, rule, exhaustive=False):

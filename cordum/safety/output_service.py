@@ -2,12 +2,15 @@
 (cordum-jobpath §4.7; the rules and their evaluation are `safety.output_rules`, pure).
 
 The metadata phase evaluates the rules on what the scheduler sends (topic, tenant, labels, error,
-sizes): rules that look at content do not match there. The content phase (`content_phase`, or
-`output_content` given) scans the output: `output_content` if sent, else the job's own output at
-`res:<job_id>` (the only key `result_ptr` may name), read with its size in one round trip. A REDACT
-verdict in the content phase stores the redacted copy at `res:<job_id>:redacted` (a day, like
-outputs) and answers its pointer. A policy without output rules answers ALLOW at once and says so
-(`no_output_rules`): schedulers then stop asking until the policy changes.
+sizes). The first rule that needs the content (or the size) stops it: then a small output
+(SAFETY_OUTPUT_INLINE_BYTES, 64 KiB; 0 = never) is read and checked whole in the same call, and a
+larger one is left to the content phase (`metadata_suffices` false), as Cordum does for all. The
+content phase (`content_phase`) scans the job's own output at `res:<job_id>` (the only key ever
+read, whatever `result_ptr` names), read with its size in one round trip; `output_content`, if a
+caller sends it, is scanned instead. A REDACT verdict on an output the kernel read whole stores
+the redacted copy at `res:<job_id>:redacted` (a day, like outputs) and answers its pointer. A
+policy without output rules answers ALLOW at once and says so (`no_output_rules`): schedulers then
+stop asking until the policy changes.
 
 Scanning is CPU work: outputs over INLINE_SCAN_BYTES are scanned on a worker thread, so input
 checks keep being answered meanwhile.
@@ -32,17 +35,20 @@ from cordum.store.jobs import DATA_TTL
 from cordum.v1 import output_policy_pb2 as pb
 
 log = get_logger("safety.output")
-INLINE_SCAN_BYTES = 64 * 1024
+INLINE_SCAN_BYTES = 64 * 1024  # larger outputs are scanned on a worker thread
+DEFAULT_INLINE_BYTES = 64 * 1024  # SAFETY_OUTPUT_INLINE_BYTES: checked whole in the metadata call
 MAX_OUTPUT_READ = 16 << 20  # larger outputs: only the scanned head is read, and cannot be redacted
 READ_TIMEOUT = 5.0
 
 _DECISIONS = {"allow": pb.OUTPUT_DECISION_ALLOW, "quarantine": pb.OUTPUT_DECISION_QUARANTINE,
               "redact": pb.OUTPUT_DECISION_REDACT}
 
-# The whole output if it is at most ARGV[1] bytes, else its first ARGV[2] bytes; and its size.
+# The whole output if it is at most ARGV[1] bytes, else its first ARGV[2] bytes (none for 0); and
+# its size.
 _READ = """
 local n = redis.call('STRLEN', KEYS[1])
 if n <= tonumber(ARGV[1]) then return {n, redis.call('GET', KEYS[1]) or ''} end
+if tonumber(ARGV[2]) == 0 then return {n, ''} end
 return {n, redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)}
 """
 
@@ -61,8 +67,10 @@ class OutputKernelMetrics:
 
 
 class OutputPolicyServicer:
-    def __init__(self, kernel: Kernel, redis: Redis, counters: OutputKernelMetrics) -> None:
+    def __init__(self, kernel: Kernel, redis: Redis, counters: OutputKernelMetrics, *,
+                 inline_bytes: int = DEFAULT_INLINE_BYTES) -> None:
         self._kernel = kernel
+        self._inline_bytes = inline_bytes
         self._redis = redis
         self._read = redis.script(_READ)
         self._counters = counters
@@ -75,42 +83,63 @@ class OutputPolicyServicer:
         if not rules.has_rules:
             response.reason = "no output rules"
             return response
-        content: bytes | None = bytes(request.output_content) if request.output_content else None
         size = int(request.output_size_bytes) if request.output_size_bytes > 0 else -1
-        whole, read_here = True, False
-        if content is None and request.content_phase:
+        if request.output_content:  # the caller's own copy: checked, never stored (see _finish)
+            content = bytes(request.output_content)
+            return await self._finish(request, response, rules, content, len(content) if size < 0 else size)
+        if request.content_phase:
             problem = _foreign_pointer(request)
             if problem:  # a per-job verdict: the kernel is fine, this output cannot be checked
                 return _with(response, pb.OUTPUT_DECISION_QUARANTINE, problem)
             try:
-                content, size, whole = await self._output_of(request, rules)
+                content, size, whole = await self._output_of(request, rules.max_scan_bytes, MAX_OUTPUT_READ)
             except _Unreadable as exc:
                 return self._unreadable(response, rules, str(exc))
-            read_here = True
+            return await self._finish(request, response, rules, content, size, read_here=True, whole=whole)
+        verdict = self._evaluate_now(rules, _facts(request, None, size))
+        if verdict.deferred and self._inline_bytes and request.result_ptr and not _foreign_pointer(request):
+            # A small output is checked whole right now: one call instead of two, and the job's
+            # SUCCEEDED comes with its output already cleared. Larger ones: the content phase.
+            try:
+                content, size, whole = await self._output_of(request, 0, self._inline_bytes)
+            except _Unreadable:
+                whole = False
             if whole:
-                response.content_sha256 = hashlib.sha256(content).hexdigest()
-        elif content is not None and size < 0:
-            size = len(content)
-        facts = OutputFacts(
-            job_id=request.job_id, topic=request.topic, tenant=request.tenant, labels=dict(request.labels),
-            capabilities=tuple(request.capabilities), risk_tags=tuple(request.risk_tags),
-            error_message=request.error_message, error_code=request.error_code, output_size_bytes=size,
-            content_type=request.content_type or request.labels.get("content_type", ""), content=content,
-        )
+                return await self._finish(request, response, rules, content, size, read_here=True)
+        response.metadata_suffices = not verdict.deferred  # first match decided, or the content must
+        return self._answer(response, verdict)
+
+    def _evaluate_now(self, rules: OutputPolicy, facts: OutputFacts) -> OutputVerdict:
         started = time.perf_counter()
-        if content is not None and len(content) > INLINE_SCAN_BYTES:
+        verdict = evaluate_output(rules, facts)
+        self._counted(facts.topic, verdict, time.perf_counter() - started)
+        return verdict
+
+    async def _finish(self, request: pb.OutputCheckRequest, response: pb.OutputCheckResponse, rules: OutputPolicy,
+                      content: bytes, size: int, *, read_here: bool = False, whole: bool = True) -> pb.OutputCheckResponse:
+        """The verdict on the content (scanned off the event loop when large); a redaction stored
+        only of what the kernel itself read whole from the job's output: a caller's own
+        `output_content` never lands where the gateway serves from."""
+        facts = _facts(request, content, size)
+        if len(content) > INLINE_SCAN_BYTES:
+            started = time.perf_counter()
             verdict = await trio.to_thread.run_sync(evaluate_output, rules, facts)
+            self._counted(request.topic, verdict, time.perf_counter() - started)
         else:
-            verdict = evaluate_output(rules, facts)
-        self._counted(request.topic, verdict, time.perf_counter() - started)
-        if verdict.decision == "redact" and content is not None:
+            verdict = self._evaluate_now(rules, facts)
+        if read_here and whole:
+            response.content_sha256 = hashlib.sha256(content).hexdigest()
+        response.metadata_suffices = True  # decided on the content itself
+        if verdict.decision == "redact":
             if not whole:
                 verdict = OutputVerdict("quarantine", f"{verdict.reason}; the output is larger than "
                                         f"{MAX_OUTPUT_READ} bytes and cannot be redacted", verdict.rule_id, verdict.findings)
             elif verdict.redacted is not None and read_here:
-                # Only a redaction of what the kernel itself read from the job's output is stored:
-                # a caller's own `output_content` never lands where the gateway serves from.
                 response.redacted_ptr = await self._store_redacted(request.job_id, verdict.redacted)
+        return self._answer(response, verdict)
+
+    @staticmethod
+    def _answer(response: pb.OutputCheckResponse, verdict: OutputVerdict) -> pb.OutputCheckResponse:
         response.decision = _DECISIONS.get(verdict.decision, pb.OUTPUT_DECISION_QUARANTINE)
         response.reason = verdict.reason
         response.rule_id = verdict.rule_id
@@ -138,11 +167,12 @@ class OutputPolicyServicer:
             return _with(response, pb.OUTPUT_DECISION_ALLOW, f"{why}; let through unchecked (output_policy.fail_mode: open)")
         raise RpcError("UNAVAILABLE", why)
 
-    async def _output_of(self, request: pb.OutputCheckRequest, rules: OutputPolicy) -> tuple[bytes, int, bool]:
-        """(content, size, whether content is all of it) of the job's stored output."""
+    async def _output_of(self, request: pb.OutputCheckRequest, prefix: int, whole_up_to: int) -> tuple[bytes, int, bool]:
+        """(content, size, whether content is all of it) of the job's stored output: all of it up
+        to `whole_up_to` bytes, else its first `prefix` bytes."""
         try:
             with trio.fail_after(READ_TIMEOUT):
-                size, value = await self._read([keys.result(request.job_id)], [MAX_OUTPUT_READ, rules.max_scan_bytes])
+                size, value = await self._read([keys.result(request.job_id)], [whole_up_to, prefix])
         except Exception as exc:
             log.warning("safety.output_read_failed", job_id=request.job_id, error=repr(exc))
             raise _Unreadable("the job's output could not be read") from None
@@ -186,3 +216,12 @@ def _with(response: pb.OutputCheckResponse, decision: int, reason: str) -> pb.Ou
     response.decision = decision
     response.reason = reason
     return response
+
+
+def _facts(request: pb.OutputCheckRequest, content: bytes | None, size: int) -> OutputFacts:
+    return OutputFacts(
+        job_id=request.job_id, topic=request.topic, tenant=request.tenant, labels=dict(request.labels),
+        capabilities=tuple(request.capabilities), risk_tags=tuple(request.risk_tags),
+        error_message=request.error_message, error_code=request.error_code, output_size_bytes=size,
+        content_type=request.content_type or request.labels.get("content_type", ""), content=content,
+    )

@@ -23,7 +23,9 @@ shared by all replicas; ListSnapshots reads it newest first, or the local histor
 
 Environment (beyond the common settings): SAFETY_KERNEL_ADDR, SAFETY_KERNEL_ADMIN_ADDR,
 SAFETY_POLICY_PATH, SAFETY_POLICY_RELOAD_INTERVAL, SAFETY_POLICY_MAX_BYTES (2 MiB),
-SAFETY_DECISION_CACHE_TTL (0 = off), SAFETY_DECISION_CACHE_MAX_SIZE (10000).
+SAFETY_DECISION_CACHE_TTL (0 = off), SAFETY_DECISION_CACHE_MAX_SIZE (10000), SAFETY_OUTPUT_INLINE_BYTES
+(64 KiB: outputs up to this size are checked whole in the scheduler's first output check; 0 = always
+Cordum's two phases).
 SAFETY_POLICY_URL (a remote policy in the Go original) is not supported: set, it stops the start
 instead of being silently ignored.
 """
@@ -66,7 +68,7 @@ from cordum.safety.kernel import (
 from cordum.safety.evaluate import NO_MATCH
 from cordum.safety.policy import Policy, PolicyError
 from cordum.store.keys import SAFETY_SNAPSHOTS
-from cordum.safety.output_service import OutputKernelMetrics, OutputPolicyServicer
+from cordum.safety.output_service import DEFAULT_INLINE_BYTES, OutputKernelMetrics, OutputPolicyServicer
 from cordum.v1 import output_policy_grpc, policy_batch_grpc, policy_batch_pb2
 
 SERVICE = "cordum-safety-kernel"
@@ -89,6 +91,7 @@ class KernelConfig:
     reload_interval: float
     max_bytes: int
     tls: GrpcTls
+    output_inline_bytes: int = 64 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "KernelConfig":
@@ -106,6 +109,7 @@ class KernelConfig:
             policy_path=env_value(settings, "SAFETY_POLICY_PATH", str(DEFAULT_POLICY_PATH), lambda raw: Path(raw.strip())),
             reload_interval=env_value(settings, "SAFETY_POLICY_RELOAD_INTERVAL", "30s", parse_positive_duration),
             max_bytes=env_value(settings, "SAFETY_POLICY_MAX_BYTES", str(DEFAULT_MAX_BYTES), parse_positive_int),
+            output_inline_bytes=env_value(settings, "SAFETY_OUTPUT_INLINE_BYTES", str(DEFAULT_INLINE_BYTES), _bytes),
         )
 
 
@@ -387,7 +391,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
         grpc = GrpcServer([(safety_grpc.SafetyKernelBase, kernel_service),
                            (policy_batch_grpc.PolicyBatchBase, PolicyBatchService(kernel_service)),
                            (output_policy_grpc.OutputPolicyServiceBase,
-                            OutputPolicyServicer(kernel, redis, OutputKernelMetrics(metrics)))],
+                            OutputPolicyServicer(kernel, redis, OutputKernelMetrics(metrics),
+                                                 inline_bytes=config.output_inline_bytes))],
                           ssl=config.tls.server_context())
         watch = trio.CancelScope()
 
@@ -423,6 +428,13 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status: trio.T
                 decision_cache_ttl=settings.safety_decision_cache_ttl,
             )
             task_status.started()
+
+
+def _bytes(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 0:
+        raise ValueError("expected a number of bytes (0 or more)")
+    return value
 
 
 def _check(settings: Settings) -> None:

@@ -8,6 +8,8 @@ before anyone relies on it.
   `output_quarantined`, an event on `sys.audit.output_policy`); REDACT runs the content check at
   once, which stores a redacted copy that `result_ptr` then names (no copy → quarantine); a kernel
   that cannot be asked lets the job through to the content phase, which applies the fail mode.
+  When a rule needs the content, our kernel checks a small output whole in this same call (the
+  answer carries the hash of what it read): the job is settled here, with no content phase.
 - Content phase, after SUCCEEDED is written with `output_check=pending` (the job is listed in
   `job:output:pending`): the kernel scans the output (CORDUM_OUTPUT_CONTENT_TIMEOUT, 30 s). Its
   verdict is written only while the job is still SUCCEEDED and pending (the write checks it):
@@ -137,11 +139,14 @@ class OutputReview:
         request = _request(meta, result)
         verdict = await self._check(request, topic, "metadata", timeout=self.settings.meta_timeout, retries=1)
         response = verdict.response
+        if response is not None and response.content_sha256:
+            # The kernel checked the output itself already (a small one: SAFETY_OUTPUT_INLINE_BYTES).
+            return self._settled(job_id, verdict, "content", sync=True)
         if verdict.decision is OutputDecision.QUARANTINE:
             return self._quarantine(job_id, "output_quarantined", verdict, "metadata")
         if verdict.decision is OutputDecision.REDACT:
             content = await self._check(_content_request(request), topic, "content", timeout=self.settings.content_timeout)
-            return self._settled(job_id, content, "content", from_redact=True)
+            return self._settled(job_id, content, "content", sync=True)
         if verdict.decision is OutputDecision.UNAVAILABLE or response is None or not response.metadata_suffices:
             # The content phase decides (and applies the fail mode if the kernel stays away). The
             # job is listed for the sweep in the same script as its SUCCEEDED write; on a cluster,
@@ -161,9 +166,10 @@ class OutputReview:
         return Outcome(S.OUTPUT_QUARANTINED, {CHECK_FIELD: QUARANTINED, SAFETY_FIELD: json.dumps(record)},
                        code=code, reason=reason, after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)], record=record)
 
-    def _settled(self, job_id: str, verdict: OutputVerdict, phase: str, *, from_redact: bool = False) -> Outcome:
-        """A content-phase verdict as the job's ending (SUCCEEDED with its mark, or quarantine)."""
-        code = "output_quarantined" if from_redact else "output_quarantined_async"
+    def _settled(self, job_id: str, verdict: OutputVerdict, phase: str, *, sync: bool = False) -> Outcome:
+        """A verdict on the content as the job's ending (SUCCEEDED with its mark, or quarantine);
+        `sync`: decided before SUCCEEDED was written (Cordum's codes tell the two apart)."""
+        code = "output_quarantined" if sync else "output_quarantined_async"
         response = verdict.response
         if verdict.decision is OutputDecision.QUARANTINE:
             return self._quarantine(job_id, code, verdict, phase)
@@ -175,7 +181,7 @@ class OutputReview:
                                          "result_ptr": response.redacted_ptr},
                            after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)], record=_record(verdict, phase))
         if verdict.decision is OutputDecision.UNAVAILABLE:
-            if self.settings.fail_closed or from_redact:
+            if self.settings.fail_closed or sync:  # sync: only a redaction asks, and it could not be made
                 why = "OUTPUT_POLICY_FAIL_MODE=closed" if self.settings.fail_closed else "a redaction could not be made"
                 return self._quarantine(job_id, code, verdict, phase, reason=f"{verdict.reason} ({why})")
             return Outcome(S.SUCCEEDED, {CHECK_FIELD: SKIPPED, SAFETY_FIELD: _record_json(verdict, phase)},

@@ -72,8 +72,9 @@ async def _settled(api: Api, job_id: str, timeout: float = 30) -> dict:
     raise AssertionError(f"job {job_id} did not settle: {job}")
 
 
-async def test_outputs_are_quarantined_redacted_or_passed_and_withheld_until_cleared(spawn, tmp_path, redis, bus):
-    stack = _stack(spawn, tmp_path)
+@pytest.mark.parametrize("inline", [True, False], ids=["small-outputs-checked-at-once", "cordums-two-phases"])
+async def test_outputs_are_quarantined_redacted_or_passed_and_withheld_until_cleared(spawn, tmp_path, redis, bus, inline):
+    stack = _stack(spawn, tmp_path, **({} if inline else {"SAFETY_OUTPUT_INLINE_BYTES": "0"}))
     await gateway_stack(stack, timeout=WAIT, CORDUM_API_KEY=ADMIN, CORDUM_API_KEYS_PATH=str(_keys_file(tmp_path)))
     api = Api(stack.http_ports["gateway-1"])
     events: list[BusPacket] = []
@@ -102,6 +103,7 @@ async def test_outputs_are_quarantined_redacted_or_passed_and_withheld_until_cle
         assert secret["result"] is None and "quarantined" in secret["result_withheld"]
         safety = secret["output_safety"]
         assert safety["decision"] == "quarantine" and safety["rule_id"] == "no-secrets"
+        assert safety["phase"] == "content"  # decided on the content: inline, or in the content phase
         assert any(f["type"] == "aws_access_key" for f in safety["findings"]), safety
         assert SECRET not in json.dumps(safety), "a finding leaks the secret"  # (the job's input has it: ours)
         status, _ = await _job(api, ids["secret"], key=VIEWER, query="?include_quarantined=true")
@@ -117,7 +119,8 @@ async def test_outputs_are_quarantined_redacted_or_passed_and_withheld_until_cle
                 if entry is not None:
                     break
                 await trio.sleep(0.1)
-        assert entry["reason_code"] == "output_quarantined_async" and entry["status"] == "JOB_STATUS_DENIED", entry
+        code = "output_quarantined" if inline else "output_quarantined_async"
+        assert entry["reason_code"] == code and entry["status"] == "JOB_STATUS_DENIED", entry
 
         # Personal data under a redact rule: SUCCEEDED, served redacted; the original kept apart.
         email = jobs["email"]

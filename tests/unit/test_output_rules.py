@@ -428,7 +428,7 @@ def test_metadata_phase_skips_content_rules_but_applies_metadata_rules():
     # The content rule comes first: without the content nothing after it may decide (first match
     # wins), the verdict is a provisional allow that names the rule, the content phase decides.
     v = evaluate_output(pol, facts(None, error_message="boom"))
-    assert (v.decision, v.rule_id) == ("allow", "secrets") and "content phase" in v.reason
+    assert (v.decision, v.rule_id, v.deferred) == ("allow", "secrets", True) and "content phase" in v.reason
     metadata_first = OP("""\
         output_rules:
           - id: errors
@@ -442,7 +442,7 @@ def test_metadata_phase_skips_content_rules_but_applies_metadata_rules():
             decision: quarantine
         """)
     v = evaluate_output(metadata_first, facts(None, error_message="boom"))
-    assert (v.decision, v.rule_id) == ("quarantine", "errors")
+    assert (v.decision, v.rule_id, v.deferred) == ("quarantine", "errors", False)
     v = evaluate_output(metadata_first, facts(None, topic="job.chat.x"))
     assert (v.decision, v.rule_id, v.redacted) == ("redact", "scrub-chat", None)
     v = evaluate_output(metadata_first, facts(None, topic="job.other"))
