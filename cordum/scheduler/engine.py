@@ -35,7 +35,7 @@ from cordum.runtime.audit import AuditLog, new_event
 from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
-from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, StaleFence, now_us, result_from_json
+from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, now_us, result_from_json
 from cordum.store.jobstate import (
     MAX_SCHEDULING_RETRIES, RETRY_LOCK_BUSY_S, RETRY_NO_WORKERS_S, RETRY_SAFETY_THROTTLE_S, TERMINAL, JobState,
     backoff_delay, can_transition, retries_left, scheduling_retries_exhausted, state_for_result,
@@ -512,7 +512,7 @@ class Engine:
         try:
             dlq = await self.end_job(job_id, target, fence=fence, code=code, reason=reason, fields=fields, tenant=tenant,
                                      after=after, allowed_from=[state], send_dlq=not quarantined)
-        except (InvalidTransition, StaleFence) as exc:  # moved on, or our lock expired meanwhile
+        except InvalidTransition as exc:  # (a stale fence raises on: the message comes back)
             self.metrics.ignored.labels(reason="invalid_transition").inc()
             log.info("scheduler.result_not_applicable", job_id=job_id, error=str(exc))
             return False
