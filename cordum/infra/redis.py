@@ -56,6 +56,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aredis
 import trio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.client import NEVER_DECODE
 from redis.exceptions import ClusterCrossSlotError as _ClusterCrossSlotError
 from redis.exceptions import ClusterDownError as _ClusterDownError
 from redis.exceptions import ConnectionError as _ConnectionError
@@ -184,6 +185,12 @@ class Redis:
             self.round_trips += 1
             return await aio(self._gate.run)(self._client.execute_command, *args)
         return await self._batcher.submit(args)
+
+    async def execute_bytes(self, *args: Any) -> Any:
+        """A raw command whose reply is not decoded (bytes stay bytes: a job's output need not be
+        UTF-8). Not batched: it is for the rare reads that need it."""
+        self.round_trips += 1
+        return await aio(self._gate.run)(self._client.execute_command, *args, **{NEVER_DECODE: True})
 
     def execute_later(self, *args: Any) -> Callable[[], Awaitable[Any]]:
         """`execute`, sent with the next batch: await the returned function for the reply. A

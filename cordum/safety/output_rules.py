@@ -472,7 +472,8 @@ class _Scan:
         if self._text is None:
             content = self.facts.content or b""
             limit = self.policy.max_scan_bytes
-            if len(content) > limit:
+            # Cut here, or given only its head (a reader took the first bytes of a larger output)
+            if len(content) > limit or self.facts.output_size_bytes > len(content):
                 self.truncated = True
                 prefix = content[:limit]
                 try:  # a character cut at the limit is simply not scanned
@@ -504,7 +505,7 @@ class _Scan:
         """The truncation notice, once the content has been decoded for scanning."""
         if not self.truncated:
             return ()
-        size = len(self.facts.content or b"")
+        size = max(len(self.facts.content or b""), self.facts.output_size_bytes)
         return (
             Finding(
                 type="truncated",

@@ -72,7 +72,6 @@ class OutputPolicyServicer:
         self._kernel = kernel
         self._inline_bytes = inline_bytes
         self._redis = redis
-        self._read = redis.script(_READ)
         self._counters = counters
 
     async def CheckOutput(self, request: pb.OutputCheckRequest) -> pb.OutputCheckResponse:
@@ -172,7 +171,9 @@ class OutputPolicyServicer:
         to `whole_up_to` bytes, else its first `prefix` bytes."""
         try:
             with trio.fail_after(READ_TIMEOUT):
-                size, value = await self._read([keys.result(request.job_id)], [whole_up_to, prefix])
+                # As bytes: an output need not be UTF-8 (the rules decide what that means).
+                size, value = await self._redis.execute_bytes("EVAL", _READ, 1, keys.result(request.job_id),
+                                                              whole_up_to, prefix)
         except Exception as exc:
             log.warning("safety.output_read_failed", job_id=request.job_id, error=repr(exc))
             raise _Unreadable("the job's output could not be read") from None

@@ -24,6 +24,7 @@ from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.lease import Lease
 from cordum.runtime.log import get_logger
 from cordum.scheduler.engine import SENDER, Engine
+from cordum.scheduler.output import skip_unchecked
 from cordum.scheduler.registry import WorkerStatus
 from cordum.store.jobs import ConditionFailed, InvalidTransition, StaleFence, now_us
 from cordum.store.jobstate import TERMINAL, JobState, is_terminal
@@ -39,6 +40,7 @@ class Timeouts:
     running: float = 900.0
     pending_age: float = 30.0
     dispatch_confirm: float = 10.0  # a DISPATCHED job not RUNNING after this was never confirmed sent
+    output_content: float = 30.0  # CORDUM_OUTPUT_CONTENT_TIMEOUT: a content check listed longer is overdue
 
 
 class Reconciler:
@@ -65,11 +67,13 @@ class Reconciler:
                     await self.engine.resend_pending_dlq(job_id, meta)
             except Exception as exc:
                 log.warning("reconciler.dlq_resend_failed", job_id=job_id, error=repr(exc))
-        if self.engine.output is not None:
-            try:
-                await self.engine.output.sweep()  # output checks a scheduler left unfinished
-            except Exception as exc:
-                log.warning("reconciler.output_sweep_failed", error=repr(exc))
+        try:  # output checks a scheduler left unfinished (or, told not to check, settle them skipped)
+            if self.engine.output is not None:
+                await self.engine.output.sweep()
+            else:
+                await skip_unchecked(self.engine, self.timeouts.output_content)
+        except Exception as exc:
+            log.warning("reconciler.output_sweep_failed", error=repr(exc))
 
     async def _guarded(self, job_id: str, reason: str, **kw: object) -> None:
         # One job's trouble must not stall the sweep (or make the leader step down and loop).

@@ -37,6 +37,7 @@ from cordum.infra.metrics import Metrics
 from cordum.protocol import subjects
 from cordum.protocol.packets import encode, new_packet
 from cordum.runtime.audit import new_event
+from cordum.runtime.consumer import Retry
 from cordum.runtime.log import get_logger
 from cordum.scheduler.engine import SENDER
 from cordum.safety.client import OutputClient, OutputDecision, OutputVerdict
@@ -54,8 +55,9 @@ if TYPE_CHECKING:
 log = get_logger("scheduler.output")
 S = JobState
 RULE_FREE_SNAPSHOTS = 8  # policy snapshots remembered as having no output rule
-MAX_REVIEWS = 64  # content checks in flight per replica; more wait for the reconciler's sweep
-SWEEP_LIMIT = 100
+MAX_REVIEWS = 64  # content checks in flight per replica; the next waits for a free one
+SWEEP_LIMIT = 100  # jobs per page of the sweep
+SWEEP_PAGES = 20  # pages per reconciler pass at most (the rest on the next pass)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class OutputReview:
         self._rule_free: OrderedDict[str, None] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._reviewing: set[str] = set()
+        self._slots = trio.Semaphore(MAX_REVIEWS)
 
     # ---- dispatch ---------------------------------------------------------------------------
 
@@ -154,7 +157,8 @@ class OutputReview:
             # pending, the sweep just unlists it).
             listing = [("ZADD", keys.JOB_OUTPUT_PENDING, now_us(), job_id)]
             if self.engine.store.on_cluster:
-                await self.engine.store.run_repeatable(listing)
+                if not await self.engine.store.run_repeatable(listing):
+                    raise Retry(1.0, f"job {job_id} could not be listed for its output check")
                 listing = []
             return Outcome(S.SUCCEEDED, {CHECK_FIELD: PENDING}, after=listing)
         return Outcome(S.SUCCEEDED, {CHECK_FIELD: ALLOWED, SAFETY_FIELD: _record_json(verdict, "metadata")})
@@ -215,7 +219,7 @@ class OutputReview:
             self.metrics.quarantined.labels(topic=label).inc()
             await self._announce_quarantine(meta, outcome)
         elif outcome.pending:
-            self.schedule(job_id)
+            await self.schedule(job_id)
         else:
             if outcome.fields.get(CHECK_FIELD) == SKIPPED:
                 self.metrics.skipped.labels(topic=label).inc()
@@ -250,24 +254,37 @@ class OutputReview:
         finally:
             self._nursery = None
 
-    def schedule(self, job_id: str) -> None:
-        if self._nursery is None or job_id in self._reviewing or len(self._reviewing) >= MAX_REVIEWS:
-            return  # listed in job:output:pending: the reconciler's sweep comes back to it
+    async def schedule(self, job_id: str) -> bool:
+        """Start the content check of a job, waiting for a free slot (MAX_REVIEWS): a slow kernel
+        slows the results consumer down rather than leaving checks to the sweep. Not running (not
+        yet, or stopping): the job stays listed and the sweep comes back to it."""
+        if self._nursery is None or job_id in self._reviewing:
+            return False
         self._reviewing.add(job_id)
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._reviewing.discard(job_id)
+            raise
+        if self._nursery is None:
+            self._slots.release()
+            self._reviewing.discard(job_id)
+            return False
         self._nursery.start_soon(self._review_guarded, job_id)
+        return True
 
     async def sweep(self) -> int:
         """(Reconciler leader) content checks whose scheduler went away: listed longer than the
-        content timeout. Returns how many were started here."""
-        # Past the time a check may take (failing over between two kernel replicas included): a
-        # second check of a job still being checked is harmless, only wasted.
-        cutoff = now_us() - int((2 * self.settings.content_timeout + 15) * 1_000_000)
-        ids = await self.engine.store.output_pending(listed_before_us=cutoff, limit=SWEEP_LIMIT)
+        content timeout, page after page. Returns how many were started here."""
         started = 0
-        for job_id in ids:
-            if job_id not in self._reviewing:
-                self.schedule(job_id)
-                started += job_id in self._reviewing
+        for _ in range(SWEEP_PAGES):
+            ids = await self.engine.store.output_pending(listed_before_us=overdue_before(self.settings.content_timeout),
+                                                         limit=SWEEP_LIMIT)
+            fresh = [job_id for job_id in ids if job_id not in self._reviewing]
+            for job_id in fresh:
+                started += await self.schedule(job_id)
+            if len(ids) < SWEEP_LIMIT or not fresh:
+                break
         return started
 
     async def _review_guarded(self, job_id: str) -> None:
@@ -277,6 +294,7 @@ class OutputReview:
             log.warning("scheduler.output_review_failed", job_id=job_id, error=repr(exc))
         finally:
             self._reviewing.discard(job_id)
+            self._slots.release()
 
     async def review(self, job_id: str) -> bool:
         """The content phase of one job; True when it settled the job's output.
@@ -316,6 +334,39 @@ class OutputReview:
         if dlq is not None:  # after the audit record: a failed publish (retried) must not lose it
             await self.engine.send_dlq(job_id, *dlq, topic=str(meta.get("topic", "")))
         return True
+
+
+def overdue_before(content_timeout: float) -> int:
+    """µs: a check listed before then is past the time it may take (failing over between two
+    kernel replicas included); a second check of a job still being checked is only wasted."""
+    return now_us() - int((2 * content_timeout + 15) * 1_000_000)
+
+
+async def skip_unchecked(engine: "Engine", content_timeout: float) -> int:
+    """(Reconciler leader of a replica told not to check outputs) jobs left `pending` by replicas
+    that did: settled `skipped`, their checked result sent, as `apply_result` does for `due` ones.
+    Returns how many."""
+    store, settled = engine.store, 0
+    for _ in range(SWEEP_PAGES):
+        ids = await store.output_pending(listed_before_us=overdue_before(content_timeout), limit=SWEEP_LIMIT)
+        for job_id in ids:
+            meta = await store.get(job_id)
+            unlist = [("ZREM", keys.JOB_OUTPUT_PENDING, job_id)]
+            if not _awaiting(meta):
+                await store.run_repeatable(unlist)
+                continue
+            assert meta is not None
+            try:
+                await store.set_fields(job_id, {CHECK_FIELD: SKIPPED}, after=unlist,
+                                       expect={"state": S.SUCCEEDED.value, CHECK_FIELD: PENDING})
+            except (ConditionFailed, JobNotFound):  # settled meanwhile
+                await store.run_repeatable(unlist)
+                continue
+            settled += 1
+            await engine.publish_checked(meta, str(meta.get("result_ptr") or ""))
+        if len(ids) < SWEEP_LIMIT:
+            break
+    return settled
 
 
 def _awaiting(meta: Mapping[str, Any] | None) -> bool:

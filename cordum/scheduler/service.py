@@ -75,6 +75,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         running=env_value(settings, "SCHEDULER_RUNNING_TIMEOUT", "900s", parse_duration),
         pending_age=env_value(settings, "SCHEDULER_PENDING_AGE", "30s", parse_duration),
         dispatch_confirm=env_value(settings, "SCHEDULER_DISPATCH_CONFIRM", "10s", parse_duration),
+        output_content=output_settings.content_timeout,
     )
     snapshot_every = env_value(settings, "WORKER_SNAPSHOT_INTERVAL", "5s", parse_duration)
     config_every = env_value(settings, "SCHEDULER_CONFIG_RELOAD_INTERVAL", "30s", parse_duration)
@@ -129,6 +130,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             await nursery.start(serve_registration, redis, NAME, settings.instance_id)
             await nursery.start(engine.audit.run)
             await nursery.start(serve_packets, bus, subjects.HEARTBEAT, on_heartbeat, counters)
+            if engine.output is not None:  # before the consumers: their results may start content checks
+                await nursery.start(engine.output.run)
             for consumer in consumers:
                 await nursery.start(consumer.run)
             background = trio.CancelScope()
@@ -152,8 +155,6 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
                         loops.start_soon(LeaderElection(leases, keys.SNAPSHOT_WRITER_LEADER, 30.0, metrics=leaders).run,
                                          every(snapshot_every, SnapshotWriter(engine, redis, settings.instance_id).tick))
                         loops.start_soon(pools.poll, config_every)
-                        if engine.output is not None:
-                            await loops.start(engine.output.run)
                         loops.start_soon(refresh_forever, [backlog.refresh, watch_breaker(metrics, breaker)])
                         task_status.started()
 

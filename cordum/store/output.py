@@ -26,7 +26,6 @@ SAFETY_FIELD = "output_safety"
 HASH_FIELD = "output_sha256"  # of the output the content check read (see `unchanged`)
 DUE, PENDING, ALLOWED, REDACTED, SKIPPED, QUARANTINED = "due", "pending", "allow", "redact", "skipped", "quarantine"
 UNCHECKED = frozenset({DUE, PENDING})  # an output nobody may rely on yet
-FAILED_ENDINGS = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "DENIED"})  # no output to check
 
 
 class Withheld(Exception):
@@ -49,10 +48,14 @@ def served_result_key(meta: Mapping[str, Any], *, include_quarantined: bool = Fa
         if not include_quarantined:
             raise Withheld("output quarantined by the output policy")
         return keys.result(job_id)
-    if check in UNCHECKED and state not in FAILED_ENDINGS:
-        # SUCCEEDED and being checked, or still running: a worker writes its output before it
-        # reports, so what is there now has not been checked (a failure's output is not checked).
-        raise Withheld("output policy check in progress" if state == "SUCCEEDED" else "output not checked yet")
+    if check in UNCHECKED:
+        # Being checked, still running (a worker writes its output before it reports), or ended
+        # by the scheduler (timed out, cancelled) with whatever a late worker wrote there since:
+        # nothing at res:<id> has been checked. A failure the worker reported clears the mark.
+        if state == "SUCCEEDED":
+            raise Withheld("output policy check in progress")
+        raise Withheld("output not checked" if state in ("FAILED", "CANCELLED", "TIMEOUT", "DENIED")
+                       else "output not checked yet")
     ptr = str(meta.get("result_ptr") or "")
     if not ptr:
         return None

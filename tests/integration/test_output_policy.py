@@ -262,6 +262,11 @@ async def test_a_result_pointer_to_another_key_is_quarantined_without_tripping_t
                                                         result_ptr="redis://res:j-2"), timeout=5)
         assert verdict.decision is OutputDecision.QUARANTINE and verdict.response.rule_id == "no-secrets"
         assert verdict.response.content_sha256  # what was checked, for readers to compare
+        # An output that is not UTF-8 is read (as bytes) and scanned, not a kernel failure.
+        await redis.execute("SET", keys.result("j-3"), b"\xff\xfe binary, then " + SECRET.encode())
+        verdict = await client.check(OutputCheckRequest(job_id="j-3", topic="job.default", content_phase=True,
+                                                        result_ptr="redis://res:j-3"), timeout=5)
+        assert verdict.decision is OutputDecision.QUARANTINE and verdict.response.rule_id == "no-secrets", verdict
     assert await redis.execute("GET", keys.SAFETY_CB_OUTPUT_FAILURES) is None
 
 
@@ -318,4 +323,22 @@ async def test_a_content_check_left_unfinished_is_taken_up_by_the_reconcilers_le
         while await redis.execute("ZSCORE", keys.JOB_OUTPUT_PENDING, "done-1") is not None:
             await trio.sleep(0.1)
     assert (await store.get("done-1"))["state"] == "SUCCEEDED"
+    assert await redis.execute("ZCARD", keys.JOB_OUTPUT_PENDING) == 0
+
+
+async def test_a_scheduler_told_not_to_check_settles_checks_others_left_pending(spawn, tmp_path, redis):
+    """Output checks turned off while a job waited for its content check (its scheduler gone):
+    the reconciler's leader settles it `skipped` instead of leaving its output withheld for good."""
+    stack = _stack(spawn, tmp_path, CORDUM_OUTPUT_CONTENT_TIMEOUT="1s", OUTPUT_POLICY_ENABLED="false")
+    stack.scheduler()
+    await stack.ready()
+    store = JobStore(redis)
+    await store.create("left-2", JobState.RUNNING, request=JobRequest(job_id="left-2", topic="job.default"),
+                       fields={"topic": "job.default", "tenant": "default", "trace_id": "left-2"})
+    await store.transition("left-2", JobState.SUCCEEDED, tenant="default",
+                           fields={"output_check": "pending", "result_ptr": "redis://res:left-2", "worker_id": "w"})
+    await redis.execute("ZADD", keys.JOB_OUTPUT_PENDING, now_us() - 120_000_000, "left-2")
+    with trio.fail_after(60):
+        while (await store.get("left-2"))["output_check"] != "skipped":
+            await trio.sleep(0.1)
     assert await redis.execute("ZCARD", keys.JOB_OUTPUT_PENDING) == 0

@@ -675,8 +675,12 @@ def test_an_output_not_yet_cleared_is_withheld(state, check):
 
 
 @pytest.mark.parametrize("state", ["FAILED", "CANCELLED", "TIMEOUT", "DENIED"])
-def test_a_failures_output_is_not_held_for_a_check_that_never_comes(state):
-    assert served.served_result_key(_meta(state, "due", result_ptr="redis://res:j1")) == "res:j1"
+def test_an_ending_the_scheduler_decided_serves_nothing_unchecked(state):
+    # timed out or cancelled while marked: a late worker's output there was never checked
+    with pytest.raises(served.Withheld, match="not checked"):
+        served.served_result_key(_meta(state, "due", result_ptr="redis://res:j1"))
+    # a failure the worker reported clears the mark: its error output is served
+    assert served.served_result_key(_meta(state, "", result_ptr="redis://res:j1")) == "res:j1"
 
 
 def test_quarantined_outputs_only_for_an_admin_asking_and_redacted_copies_served():
