@@ -2,10 +2,11 @@
 
     root
     ├── metrics/health HTTP                      stage "metrics drain"
+    ├── output checks     content checks of outputs (scheduler.output), started before the consumers
     ├── consumers sys.job.submit|result|cancel   queue group cordum-scheduler ("engine stop")
     ├── broadcast taps: heartbeats, config       (every replica hears every worker)
     └── background ("cancel context"; started after the consumers)
-        ├── reconciler        leader cordum:reconciler:default
+        ├── reconciler        leader cordum:reconciler:default (+ the sweep of unfinished output checks)
         ├── pending replayer  leader cordum:replayer:pending
         ├── worker reaper     leader cordum:scheduler:worker:reaper (+ the index sweep)
         ├── snapshot writer   leader cordum:scheduler:snapshot:writer
