@@ -299,10 +299,7 @@ async def job_detail(gw: Gateway, meta: dict[str, Any], *, include_quarantined: 
     view["result_ptr"] = meta.get("result_ptr", "")
     view["result"] = None
     try:
-        key = output_check.served_result_key(meta, include_quarantined=include_quarantined)
-        text = await gw.jobs.output_text(key) if key else None
-        if not include_quarantined and not output_check.unchanged(meta, key or "", text):
-            raise output_check.Withheld("the output changed after the output policy checked it")
+        _, text = await gw.jobs.served_output(meta, include_quarantined=include_quarantined)
         view["result"] = decode_output(text)
     except output_check.Withheld as withheld:
         view["result_withheld"] = withheld.reason

@@ -183,15 +183,12 @@ async def read_memory(gw: Gateway, tenant: str, key: str) -> dict[str, Any]:
         stored, part = key, "string"
         if kind == "res":  # what the output policy has not cleared is not served here either
             try:
-                stored = output_check.served_result_key(meta) or key
-                found, value = await _read(gw, stored, part)
-                if not output_check.unchanged(meta, stored, value):
-                    raise output_check.Withheld("the output changed after the output policy checked it")
+                _, value = await gw.jobs.served_output(meta, unpointed=True)
             except output_check.Withheld as withheld:
                 raise ApiError(403, f"{withheld.reason}: the job's output is withheld", code="output_withheld") from None
             if value is None:
                 raise not_found("memory not found")
-            return memory_view(key, found, value)
+            return memory_view(key, "string", value)
     elif kind == "art":
         return await _artifact_memory(gw, tenant, key, rest)
     else:

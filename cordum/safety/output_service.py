@@ -154,7 +154,7 @@ class OutputPolicyServicer:
         self._counters.duration.observe(elapsed)
         if verdict.decision == "quarantine":
             self._counters.denials.labels(topic=label).inc()
-        elif verdict.decision == "redact":
+        elif verdict.decision == "redact" and verdict.redacted is not None:  # not the metadata phase's intent
             self._counters.redactions.labels(topic=label).inc()
 
     def _unreadable(self, response: pb.OutputCheckResponse, rules: OutputPolicy, why: str) -> pb.OutputCheckResponse:

@@ -42,7 +42,7 @@ from cordum.runtime.log import get_logger
 from cordum.scheduler.engine import SENDER
 from cordum.safety.client import OutputClient, OutputDecision, OutputVerdict
 from cordum.store import keys
-from cordum.store.jobs import ConditionFailed, InvalidTransition, JobNotFound, now_us
+from cordum.store.jobs import ConditionFailed, InvalidTransition, JobNotFound, JobStore, now_us
 from cordum.store.jobstate import JobState
 from cordum.store.output import (
     ALLOWED, CHECK_FIELD, DUE, HASH_FIELD, PENDING, QUARANTINED, REDACTED, SAFETY_FIELD, SKIPPED,
@@ -146,7 +146,7 @@ class OutputReview:
             # The kernel checked the output itself already (a small one: SAFETY_OUTPUT_INLINE_BYTES).
             return self._settled(job_id, verdict, "content", sync=True)
         if verdict.decision is OutputDecision.QUARANTINE:
-            return self._quarantine(job_id, "output_quarantined", verdict, "metadata")
+            return self._quarantine(job_id, "output_quarantined", verdict, "metadata", listed=False)
         if verdict.decision is OutputDecision.REDACT:
             content = await self._check(_content_request(request), topic, "content", timeout=self.settings.content_timeout)
             return self._settled(job_id, content, "content", sync=True)
@@ -161,39 +161,42 @@ class OutputReview:
                     raise Retry(1.0, f"job {job_id} could not be listed for its output check")
                 listing = []
             return Outcome(S.SUCCEEDED, {CHECK_FIELD: PENDING}, after=listing)
-        return Outcome(S.SUCCEEDED, {CHECK_FIELD: ALLOWED, SAFETY_FIELD: _record_json(verdict, "metadata")})
+        return Outcome(S.SUCCEEDED, {CHECK_FIELD: ALLOWED, SAFETY_FIELD: json.dumps(_record(verdict, "metadata"))})
 
-    def _quarantine(self, job_id: str, code: str, verdict: OutputVerdict, phase: str, reason: str = "") -> Outcome:
+    def _quarantine(self, job_id: str, code: str, verdict: OutputVerdict, phase: str, *, listed: bool,
+                    reason: str = "") -> Outcome:
         record = _record(verdict, phase)
         reason = reason or verdict.reason or "output quarantined by the output policy"
         record["reason"] = reason
         return Outcome(S.OUTPUT_QUARANTINED, {CHECK_FIELD: QUARANTINED, SAFETY_FIELD: json.dumps(record)},
-                       code=code, reason=reason, after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)], record=record)
+                       code=code, reason=reason, after=_unlist(job_id) if listed else [], record=record)
 
     def _settled(self, job_id: str, verdict: OutputVerdict, phase: str, *, sync: bool = False) -> Outcome:
         """A verdict on the content as the job's ending (SUCCEEDED with its mark, or quarantine);
-        `sync`: decided before SUCCEEDED was written (Cordum's codes tell the two apart)."""
+        `sync`: decided before SUCCEEDED was written (Cordum's codes tell the two apart; the job
+        was never listed for a content check)."""
         code = "output_quarantined" if sync else "output_quarantined_async"
+        after = [] if sync else _unlist(job_id)
         response = verdict.response
+        record = _record(verdict, phase)
+        fields = {SAFETY_FIELD: json.dumps(record)}
         if verdict.decision is OutputDecision.QUARANTINE:
-            return self._quarantine(job_id, code, verdict, phase)
+            return self._quarantine(job_id, code, verdict, phase, listed=not sync)
         if verdict.decision is OutputDecision.REDACT:
             if response is None or not response.redacted_ptr:
-                return self._quarantine(job_id, code, verdict, phase,
+                return self._quarantine(job_id, code, verdict, phase, listed=not sync,
                                         reason=f"{verdict.reason or 'redaction required'}; no redacted copy was stored")
-            return Outcome(S.SUCCEEDED, {CHECK_FIELD: REDACTED, SAFETY_FIELD: _record_json(verdict, phase),
-                                         "result_ptr": response.redacted_ptr},
-                           after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)], record=_record(verdict, phase))
+            return Outcome(S.SUCCEEDED, {**fields, CHECK_FIELD: REDACTED, "result_ptr": response.redacted_ptr},
+                           after=after, record=record)
         if verdict.decision is OutputDecision.UNAVAILABLE:
             if self.settings.fail_closed or sync:  # sync: only a redaction asks, and it could not be made
                 why = "OUTPUT_POLICY_FAIL_MODE=closed" if self.settings.fail_closed else "a redaction could not be made"
-                return self._quarantine(job_id, code, verdict, phase, reason=f"{verdict.reason} ({why})")
-            return Outcome(S.SUCCEEDED, {CHECK_FIELD: SKIPPED, SAFETY_FIELD: _record_json(verdict, phase)},
-                           after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
-        fields = {CHECK_FIELD: ALLOWED, SAFETY_FIELD: _record_json(verdict, phase)}
+                return self._quarantine(job_id, code, verdict, phase, listed=not sync, reason=f"{verdict.reason} ({why})")
+            return Outcome(S.SUCCEEDED, {**fields, CHECK_FIELD: SKIPPED}, after=after)
+        fields[CHECK_FIELD] = ALLOWED
         if response is not None and response.content_sha256:
             fields[HASH_FIELD] = response.content_sha256  # readers serve only this very output
-        return Outcome(S.SUCCEEDED, fields, after=[("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
+        return Outcome(S.SUCCEEDED, fields, after=after)
 
     async def _check(self, request: OutputCheckRequest, topic: str, phase: str, *, timeout: float,
                      retries: int = 0) -> OutputVerdict:
@@ -305,7 +308,7 @@ class OutputReview:
         store = self.engine.store
         meta = await store.get(job_id)
         if not _awaiting(meta):
-            await store.run_repeatable([("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
+            await store.run_repeatable(_unlist(job_id))
             return False
         assert meta is not None
         request = _content_request(_request(meta, None))
@@ -313,23 +316,21 @@ class OutputReview:
         return await self._write(meta, self._settled(job_id, verdict, "content"))
 
     async def _write(self, meta: Mapping[str, Any], outcome: Outcome) -> bool:
-        job_id, guard = meta["id"], {CHECK_FIELD: PENDING}
-        dlq = None
-        try:
-            if outcome.state is S.OUTPUT_QUARANTINED:
+        job_id, dlq = meta["id"], None
+        if outcome.state is not S.OUTPUT_QUARANTINED:
+            if not await _settle_success(self.engine.store, job_id, outcome.fields, outcome.after):
+                return False
+        else:
+            try:
                 dlq = await self.engine.end_job(job_id, S.OUTPUT_QUARANTINED, fence=0, code=outcome.code,
                                                 reason=outcome.reason, tenant=str(meta.get("tenant", "")),
                                                 fields={**outcome.fields, "failure_reason": outcome.reason},
                                                 after=outcome.after, allowed_from=[S.SUCCEEDED], send_dlq=False,
-                                                expect=guard)
-                self.engine.metrics.finished.labels(topic=str(meta.get("topic", "")), state=S.OUTPUT_QUARANTINED.value).inc()
-            else:
-                await self.engine.store.set_fields(job_id, outcome.fields, expect={"state": S.SUCCEEDED.value, **guard},
-                                                   after=outcome.after)
-        except (InvalidTransition, ConditionFailed, JobNotFound) as exc:
-            log.info("scheduler.output_review_moot", job_id=job_id, error=str(exc))
-            await self.engine.store.run_repeatable([("ZREM", keys.JOB_OUTPUT_PENDING, job_id)])
-            return False
+                                                expect={CHECK_FIELD: PENDING})
+            except (InvalidTransition, ConditionFailed, JobNotFound) as exc:
+                await _moot(self.engine.store, job_id, exc)
+                return False
+            self.engine.metrics.finished.labels(topic=str(meta.get("topic", "")), state=S.OUTPUT_QUARANTINED.value).inc()
         await self.after_write(meta, outcome)
         if dlq is not None:  # after the audit record: a failed publish (retried) must not lose it
             await self.engine.send_dlq(job_id, *dlq, topic=str(meta.get("topic", "")))
@@ -351,22 +352,34 @@ async def skip_unchecked(engine: "Engine", content_timeout: float) -> int:
         ids = await store.output_pending(listed_before_us=overdue_before(content_timeout), limit=SWEEP_LIMIT)
         for job_id in ids:
             meta = await store.get(job_id)
-            unlist = [("ZREM", keys.JOB_OUTPUT_PENDING, job_id)]
             if not _awaiting(meta):
-                await store.run_repeatable(unlist)
-                continue
-            assert meta is not None
-            try:
-                await store.set_fields(job_id, {CHECK_FIELD: SKIPPED}, after=unlist,
-                                       expect={"state": S.SUCCEEDED.value, CHECK_FIELD: PENDING})
-            except (ConditionFailed, JobNotFound):  # settled meanwhile
-                await store.run_repeatable(unlist)
-                continue
-            settled += 1
-            await engine.publish_checked(meta, str(meta.get("result_ptr") or ""))
+                await store.run_repeatable(_unlist(job_id))
+            elif await _settle_success(store, job_id, {CHECK_FIELD: SKIPPED}, _unlist(job_id)):
+                settled += 1
+                await engine.publish_checked(meta, str(meta.get("result_ptr") or ""))
         if len(ids) < SWEEP_LIMIT:
             break
     return settled
+
+
+def _unlist(job_id: str) -> list[tuple]:
+    return [("ZREM", keys.JOB_OUTPUT_PENDING, job_id)]
+
+
+async def _settle_success(store: JobStore, job_id: str, fields: dict, after: list) -> bool:
+    """Write a SUCCEEDED job's cleared output mark, only while it is still `pending` (the write
+    checks it; `after` unlists it in the same script). False: settled by someone else first."""
+    try:
+        await store.set_fields(job_id, fields, expect={"state": S.SUCCEEDED.value, CHECK_FIELD: PENDING}, after=after)
+    except (ConditionFailed, JobNotFound) as exc:
+        await _moot(store, job_id, exc)
+        return False
+    return True
+
+
+async def _moot(store: JobStore, job_id: str, why: Exception) -> None:
+    log.info("scheduler.output_review_moot", job_id=job_id, error=str(why))
+    await store.run_repeatable(_unlist(job_id))
 
 
 def _awaiting(meta: Mapping[str, Any] | None) -> bool:
@@ -415,6 +428,3 @@ def _record(verdict: OutputVerdict, phase: str) -> dict:
             record["redacted_ptr"] = response.redacted_ptr
     return record
 
-
-def _record_json(verdict: OutputVerdict, phase: str) -> str:
-    return json.dumps(_record(verdict, phase))

@@ -27,7 +27,7 @@ import trio
 
 from cordum.infra.redis import Redis, score_pairs
 from cordum.runtime.log import get_logger
-from cordum.store import keys
+from cordum.store import keys, output
 from cordum.store.jobstate import TERMINAL, TRANSITIONS, JobState, increments_attempts, parse_state
 
 log = get_logger("jobs")
@@ -504,16 +504,18 @@ class JobStore:
         """Whether a worker stored the job's output (`res:<id>`, written before its result is sent)."""
         return bool(await self._redis.execute("EXISTS", keys.result(job_id)))
 
-    async def get_result(self, job_id: str) -> Any:
-        return await self.get_output(keys.result(job_id))
-
-    async def get_output(self, key: str) -> Any:
-        """A stored output (`res:<id>` or its redacted copy): JSON decoded, else the text."""
-        return decode_output(await self.output_text(key))
-
-    async def output_text(self, key: str) -> str | None:
-        """A stored output as stored (see `store.output.unchanged`)."""
-        return await self._redis.execute("GET", key)
+    async def served_output(self, meta: Mapping[str, Any], *, include_quarantined: bool = False,
+                            unpointed: bool = False) -> tuple[str | None, str | None]:
+        """(key, text) of the output a reader may see of a job (`store.output` decides which),
+        raising `output.Withheld` for one the output policy has not cleared, or that changed after
+        its check. `unpointed`: a job without `result_ptr` is read at `res:<id>` anyway."""
+        key = output.served_result_key(meta, include_quarantined=include_quarantined)
+        if key is None and unpointed:
+            key = keys.result(str(meta["id"]))
+        text = await self._redis.execute("GET", key) if key else None
+        if not include_quarantined and not output.unchanged(meta, key or "", text):
+            raise output.Withheld("the output changed after the output policy checked it")
+        return key, text
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(e) for e in await self._redis.execute("LRANGE", keys.job_events(job_id), 0, -1)]

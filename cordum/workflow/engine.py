@@ -890,7 +890,8 @@ class WorkflowEngine(StepHandlers):
             return None
         if self._small_get is None:
             self._small_get = self.redis.script(_GET_IF_SMALL)
-        key = keys.redacted_result(job_id) if result_ptr == ptr(keys.redacted_result(job_id)) else keys.result(job_id)
+        # the job's own output, or the redacted copy its pointer names (never another key)
+        key = output_check.served_result_key({"id": job_id, "result_ptr": result_ptr}) or keys.result(job_id)
         text = await self._small_get([key], [MAX_RESULT_BYTES])
         if not output_check.unchanged({"id": job_id, output_check.HASH_FIELD: checked_sha256}, key, text or None):
             log.warning("workflow.output_changed_after_check", job_id=job_id)
