@@ -48,6 +48,7 @@ _TRIO_ASYNCIO = "trio-asyncio"
 # and its host loop: asyncio.get_running_loop() costs a getpid() syscall on Python 3.11.
 _active: str | None = None
 _loop: asyncio.AbstractEventLoop | None = None
+_ticks: "_ThreadlessTicks | None" = None  # the guest run's ticks (uvloop/asyncio host)
 
 
 class BridgeError(RuntimeError):
@@ -103,7 +104,7 @@ def _new_loop(chosen: str) -> asyncio.AbstractEventLoop:
 def _run_as_guest(
     loop: asyncio.AbstractEventLoop, uvloop: bool, fn: Callable[..., Awaitable[T]], args: tuple, options: dict[str, Any]
 ) -> T:
-    global _loop
+    global _loop, _ticks
     asyncio.set_event_loop(loop)
     previous, _loop = _loop, loop
     done: asyncio.Future[outcome.Outcome[T]] = loop.create_future()
@@ -112,7 +113,7 @@ def _run_as_guest(
         if not done.done():
             done.set_result(result)
 
-    ticks = _ThreadlessTicks(loop)
+    ticks = _ticks = _ThreadlessTicks(loop)
     try:
         trio.lowlevel.start_guest_run(
             fn,
@@ -128,7 +129,8 @@ def _run_as_guest(
         result = loop.run_until_complete(done)
     finally:
         try:
-            ticks.unpark()
+            _ticks = None
+            ticks.close()
             _stop_leftovers(loop)
         except Exception as exc:  # never hide the run's own outcome behind a cleanup failure
             log.warning("bridge.leftover_tasks", error=repr(exc))
@@ -169,6 +171,9 @@ class _ThreadlessTicks:
             self._loop.call_soon(callback)
             return
         self._state, self._fd = state, fd
+        # Registered once for the whole run (not per park: two epoll_ctl calls a wake-up); while
+        # Trio is not parked its own ticks poll the descriptor, and the callback does nothing.
+        self._loop.add_reader(fd, self._wake)
         self._loop.call_soon(self._tick)
 
     def _tick(self) -> None:
@@ -197,7 +202,6 @@ class _ThreadlessTicks:
 
     def _park(self, timeout: float) -> None:
         self._parked = True
-        self._loop.add_reader(self._fd, self._wake)  # type: ignore[arg-type]
         if not math.isinf(timeout):  # Trio caps it at a day; it re-checks then, as its own tick does
             # Rounded up to the next millisecond, plus one: uvloop's timers have millisecond
             # resolution on a clock cached per loop iteration, and one that fires early finds
@@ -208,10 +212,24 @@ class _ThreadlessTicks:
     def unpark(self) -> None:
         if self._parked:
             self._parked = False
-            self._loop.remove_reader(self._fd)  # type: ignore[arg-type]
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+    def close(self) -> None:
+        self.unpark()
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
+
+    def wake_soon(self) -> None:
+        """Called on the host's side just before it reschedules a Trio task (an asyncio reply, a
+        message handed over): a parked Trio is woken by a callback on this loop, and Trio, told
+        its tick is scheduled, skips the write to its wake-up socket (and the read that drains
+        it, and the loop iteration that notices it)."""
+        if self._parked:
+            self._state.runner.guest_tick_scheduled = True
+            self._loop.call_soon(self._wake)
 
     def _wake(self) -> None:
         if not self._parked:
@@ -221,6 +239,13 @@ class _ThreadlessTicks:
         state.unrolled_run_next_send = outcome.capture(state.runner.io_manager.get_events, 0)
         state.runner.guest_tick_scheduled = True
         self._tick()
+
+
+def host_wakes_trio() -> None:
+    """Call on the host loop's side right before rescheduling a Trio task from there (waking a
+    parked Trio without a round trip through its wake-up socket); a no-op on other bridges."""
+    if _ticks is not None:
+        _ticks.wake_soon()
 
 
 def _poll_fd(state: Any) -> int | None:
@@ -308,6 +333,7 @@ async def _wait_for_task(task: asyncio.Task[T]) -> T:
             result = outcome.Error(exc)
         else:
             result = outcome.Value(done.result())
+        host_wakes_trio()
         trio.lowlevel.reschedule(trio_task, result)
 
     def abort(cancel: Callable[[], Any]) -> trio.lowlevel.Abort:
@@ -400,6 +426,8 @@ class Batcher(Generic[T, R]):
     `run_batch` is an asyncio coroutine function taking a list of items and returning one result
     (or exception instance) per item, in order. `submit` waits for its item's result;
     `submit_nowait` is fire-and-forget (failures are logged). `run` is the flusher task.
+    `linger`: how long the flusher waits, once an item came, for more to join its batch (for
+    items nobody waits for, such as acks: fewer, larger writes).
     """
 
     def __init__(
@@ -408,10 +436,12 @@ class Batcher(Generic[T, R]):
         run_batch: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         *,
         max_batch: int = 1024,
+        linger: float = 0.0,
     ) -> None:
         self.name = name
         self._run_batch = aio(run_batch)
         self._max_batch = max_batch
+        self._linger = linger
         self._items: list[tuple[T, _Waiter[R] | None]] = []
         self._wakeup = trio.Event()
         self._closed = False
@@ -472,6 +502,8 @@ class Batcher(Generic[T, R]):
                         return
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
+                    if self._linger and not self._closed:
+                        await trio.sleep(self._linger)  # let more items join this batch
                     continue
                 batch = self._items[: self._max_batch]
                 del self._items[: self._max_batch]
