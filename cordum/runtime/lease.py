@@ -20,7 +20,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from cordum.infra.redis import Redis, RedisError, RedisUnavailable
+from cordum.infra.redis import NoScriptError, Redis, RedisError, RedisUnavailable
 from cordum.runtime.identity import holder_token
 from cordum.runtime.lifecycle import close_scope
 from cordum.runtime.log import get_logger
@@ -68,6 +68,7 @@ class Lease:
     ttl: float
     valid_until: float  # trio clock; conservative local bound on the server-side expiry
     lost: bool = False
+    released: bool = False  # given back before the end of its body (see Leases.release_later)
     _body: trio.CancelScope | None = field(default=None, repr=False)
 
     @property
@@ -124,7 +125,26 @@ class Leases:
         return True
 
     async def release(self, lease: Lease) -> bool:
+        if lease.released:
+            return True
+        lease.released = True
         return int(await self._release([lease.key], [lease.value])) == 1
+
+    def release_later(self, lease: Lease) -> Callable[[], Awaitable[bool]]:
+        """`release`, queued with the next Redis batch: behind a last write queued just before
+        it, both go in one round trip. From then on the lease is no longer kept, and the body goes
+        on without it (nothing it does after may rely on the lease)."""
+        lease.released = True
+        reply = self._release.call_later([lease.key], [lease.value])
+
+        async def released() -> bool:
+            try:
+                return int(await reply()) == 1
+            except NoScriptError:  # a restarted server: the plain call loads the script
+                lease.released = False
+                return await self.release(lease)
+
+        return released
 
     @asynccontextmanager
     async def hold(self, key: str, ttl: float) -> AsyncIterator[Lease]:
@@ -154,7 +174,7 @@ class Leases:
                     raise group.exceptions[0] from None
                 raise
         finally:
-            if not lease.lost:
+            if not lease.lost and not lease.released:
                 with close_scope(2):
                     try:
                         await self.release(lease)
@@ -169,6 +189,8 @@ class Leases:
         next_renewal = trio.current_time() + interval
         while True:
             await trio.sleep_until(min(next_renewal, lease.valid_until))
+            if lease.released:
+                return
             if trio.current_time() >= lease.valid_until:
                 self._lose(lease, "validity ran out before a renewal succeeded")
                 return

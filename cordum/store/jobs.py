@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from cordum.agent.v1.job_pb2 import JobRequest, JobResult
 import trio
 
-from cordum.infra.redis import Redis, score_pairs
+from cordum.infra.redis import NoScriptError, Redis, RedisError, RedisUnavailable, score_pairs
 from cordum.runtime.log import get_logger
 from cordum.store import keys, output
 from cordum.store.jobstate import TERMINAL, TRANSITIONS, JobState, increments_attempts, parse_state
@@ -250,11 +250,14 @@ class JobStore:
         tenant: str | None = None,
         after: Sequence[tuple[Any, ...]] = (),
         expect: Mapping[str, Any] | None = None,
+        along: Callable[[], Callable[[], Awaitable[Any]]] | None = None,
     ) -> Transition:
         """Move `job_id` to `to` if the table (or `allowed_from`, which narrows or replaces it)
         allows it from the current state, the fence is not older than the last fenced write, and
         every `expect` field holds its value (else ConditionFailed). `after`: more commands to run
-        once the transition is made (decision log, worker history).
+        once the transition is made (decision log, worker history). `along`: queues one more
+        command right behind the transition's script, in its round trip (a lock's release after
+        its last write), whatever the transition's outcome; awaited before this returns.
 
         On a single Redis server, when the caller knows the job's tenant, the whole change
         (state, indexes, events, `after`) is one script: one round trip. On a cluster the script
@@ -264,10 +267,10 @@ class JobStore:
         if tenant is not None and not self._redis.cluster:
             follow = self._index_commands(job_id, None, to, tenant, ts, event, sources=sources) + list(after)
             reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, follow=follow,
-                                           expect=expect)
+                                           expect=expect, along=along)
             previous, attempts = parse_state(reply[1]), int(reply[2])
             return Transition(job_id, previous, to, attempts, reply[3])
-        reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, expect=expect)
+        reply = await self._run_update(job_id, to.value, sources, fence, fields, ts=ts, expect=expect, along=along)
         previous, attempts, stored_tenant = parse_state(reply[1]), int(reply[2]), reply[3]
         await self.run_repeatable(self._index_commands(job_id, previous, to, stored_tenant, ts, event) + list(after))
         return Transition(job_id, previous, to, attempts, stored_tenant)
@@ -319,6 +322,7 @@ class JobStore:
     async def _run_update(
         self, job_id: str, to: str, sources: set[JobState | None], fence: int, fields: Mapping[str, Any] | None,
         *, ts: int | None = None, follow: Sequence[tuple[Any, ...]] = (), expect: Mapping[str, Any] | None = None,
+        along: Callable[[], Callable[[], Awaitable[Any]]] | None = None,
     ) -> list[str]:
         allowed = _state_list(sources)
         counting = _state_list({s for s in sources if to and increments_attempts(s, to)})
@@ -328,7 +332,10 @@ class JobStore:
                            counting, conditions]
         for name, value in (fields or {}).items():
             args += [name, _encode(value)]
-        reply = await self._update([keys.job_meta(job_id)], args)
+        if along is None:
+            reply = await self._update([keys.job_meta(job_id)], args)
+        else:
+            reply = await self._update_along([keys.job_meta(job_id)], args, along)
         status = reply[0]
         if status == "OK":
             return reply
@@ -339,6 +346,23 @@ class JobStore:
         if status == "CHANGED":
             raise ConditionFailed(job_id, reply[1], reply[2])
         raise InvalidTransition(job_id, reply[1], to)
+
+    async def _update_along(self, keys_: list[str], args: list[Any],
+                            along: Callable[[], Callable[[], Awaitable[Any]]]) -> list[str]:
+        """The update script and `along`'s command in one round trip; `along`'s reply is awaited
+        too (it handles its own failures), whatever the update's."""
+        update = self._update.call_later(keys_, args)
+        other = along()
+        try:
+            try:
+                return await update()
+            except NoScriptError:  # a restarted server: the plain call loads the script
+                return await self._update(keys_, args)
+        finally:
+            try:
+                await other()
+            except (RedisError, *RedisUnavailable) as exc:  # e.g. a lock left to expire: logged, not raised
+                log.warning("jobs.along_failed", job_id=keys_[0], error=repr(exc))
 
     def _index_commands(
         self, job_id: str, previous: JobState | None, to: JobState, tenant: str, ts: int,

@@ -837,6 +837,8 @@ class Worker:
         assert self._redis is not None and self._claims is not None
         try:
             with trio.fail_after(IO_TIMEOUT):
+                if output is not None and claim.claim is Claim.CLAIMED and not self._redis.cluster:
+                    return await self._claims.commit_with_output(job.job_id, claim, result, output, self.result_ttl)
                 if output is not None:
                     await self._redis.execute("SET", pointers.result_key(job.job_id), output, "EX", self.result_ttl)
                 return await self._claims.commit(job.job_id, claim, result)

@@ -145,3 +145,47 @@ async def test_leader_election_runs_one_loop_and_hands_over_on_release(redis):
     assert taken_over[0] - stopped_at < 0.5  # at its next poll, not after a TTL
     assert all(t < stopped_at + 0.01 for name, t in ticks if name == first)
     assert elections[other].terms == 1
+
+
+async def test_a_lease_released_early_is_no_longer_kept_and_its_body_goes_on(redis):
+    """`release_later`: the release goes with the next batch (behind a last write); the keeper
+    stops renewing it (a renewal would find it gone and cancel the body), and the body's exit
+    releases nothing more (a rival's lease taken meanwhile stays)."""
+    leases, rival = Leases(redis, "holder"), Leases(redis, "rival")
+    key = unique("cordum:test:lock")
+    async with leases.hold(key, 0.6) as lease:
+        assert await leases.release_later(lease)()
+        taken = await rival.try_acquire(key, 5)
+        assert taken is not None and taken.fence > lease.fence
+        await trio.sleep(0.5)  # past the keeper's renewal time (TTL/3): no LeaseLost
+        assert not lease.lost
+    assert await redis.get(key) == taken.value
+    assert await leases.release(lease)  # releasing again is a no-op
+    assert await redis.get(key) == taken.value
+
+
+async def test_a_transition_carries_the_lock_release_in_its_round_trip(redis):
+    """`JobStore.transition(along=...)`: the release is queued right behind the write, so both go
+    in one round trip (per node: on a cluster the lock and the job live apart); the release
+    happens whatever the transition's outcome."""
+    store, leases = JobStore(redis), Leases(redis, "holder")
+    job_id = unique("job")
+    tenant = None if redis.cluster else "t"  # the one-script path is for one server
+    await store.create(job_id, JobState.PENDING, request=JobRequest(job_id=job_id), fields={"tenant": "t"})
+    lease = await leases.try_acquire(keys.job_lock(job_id), 5)
+    trips = redis.round_trips
+    await store.transition(job_id, JobState.DISPATCHED, fence=lease.fence, tenant=tenant,
+                           along=lambda: leases.release_later(lease))
+    if not redis.cluster:
+        assert redis.round_trips - trips == 1
+    assert await redis.get(keys.job_lock(job_id)) is None
+    assert (await store.get(job_id))["state"] == "DISPATCHED"
+    again = await leases.try_acquire(keys.job_lock(job_id), 5)
+    await store.transition(job_id, JobState.RUNNING, fence=again.fence, tenant=tenant,
+                           along=lambda: leases.release_later(again))
+    third = await leases.try_acquire(keys.job_lock(job_id), 5)
+    with pytest.raises(StaleFence):  # refused: the lock is released all the same
+        await store.transition(job_id, JobState.SUCCEEDED, fence=lease.fence, tenant=tenant,
+                               along=lambda: leases.release_later(third))
+    assert await redis.get(keys.job_lock(job_id)) is None
+    assert (await store.get(job_id))["state"] == "RUNNING"

@@ -59,3 +59,23 @@ async def test_a_commit_holds_after_the_claim_was_lost_but_not_after_the_job_mov
     await store.transition(moved, S.DISPATCHED, fields={"worker_id": "w-b"})  # re-routed: attempt 2
     assert (await claims.claim(moved, 2, "w-b")).claim is Claim.CLAIMED
     assert not await claims.commit(moved, claim, result)
+
+
+async def test_the_output_is_written_with_the_commit_and_only_while_the_claim_stands(redis):
+    store, claims = JobStore(redis), RunClaims(redis)
+    job_id = await _dispatched(store)
+    mine = await claims.claim(job_id, 1, "w-a")
+    result = JobResult(job_id=job_id, status=job_pb2.JOB_STATUS_SUCCEEDED, worker_id="w-a",
+                       result_ptr=f"redis://res:{job_id}")
+    assert await claims.commit_with_output(job_id, mine, result, '{"answer": 42}', 60)
+    assert await redis.execute("GET", f"res:{job_id}") == '{"answer": 42}'
+    assert 0 < await redis.execute("TTL", f"res:{job_id}") <= 60
+    assert (await claims.claim(job_id, 1, "w-a")).stored == result
+    # A worker whose attempt was superseded neither commits nor touches the new attempt's output.
+    stale = await claims.claim(moved := await _dispatched(store), 1, "w-a")
+    await store.transition(moved, S.RETRYING)
+    await store.transition(moved, S.DISPATCHED, fields={"worker_id": "w-b"})
+    current = await claims.claim(moved, 2, "w-b")
+    assert await claims.commit_with_output(moved, current, result, "new", 60)
+    assert not await claims.commit_with_output(moved, stale, result, "old", 60)
+    assert await redis.execute("GET", f"res:{moved}") == "new"
