@@ -27,6 +27,7 @@ import functools
 import importlib.util
 import math
 import os
+import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generic, Sequence, TypeVar
 
@@ -162,6 +163,8 @@ class _ThreadlessTicks:
         self._fd: int | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._parked = False
+        self._wake_queued = False  # a host-side wake is on its way (one is enough)
+        self._thread = threading.get_ident()
 
     def first_call(self, callback: Callable[[], object]) -> None:
         """Trio's first `run_sync_soon_not_threadsafe(guest_state.guest_tick)`: take over."""
@@ -170,10 +173,12 @@ class _ThreadlessTicks:
         if state is None or fd is None or self._state is not None:
             self._loop.call_soon(callback)
             return
-        self._state, self._fd = state, fd
         # Registered once for the whole run (not per park: two epoll_ctl calls a wake-up); while
-        # Trio is not parked its own ticks poll the descriptor, and the callback does nothing.
-        self._loop.add_reader(fd, self._wake)
+        # Trio is not parked its own ticks poll the descriptor, and the callback does nothing. A
+        # duplicate: Trio closes its own descriptor in its last tick, and a number the host loop
+        # still watched could be reused by a socket opened meanwhile.
+        self._state, self._fd = state, os.dup(fd)
+        self._loop.add_reader(self._fd, self._wake)
         self._loop.call_soon(self._tick)
 
     def _tick(self) -> None:
@@ -220,6 +225,7 @@ class _ThreadlessTicks:
         self.unpark()
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
+            os.close(self._fd)
             self._fd = None
 
     def wake_soon(self) -> None:
@@ -227,9 +233,14 @@ class _ThreadlessTicks:
         message handed over): a parked Trio is woken by a callback on this loop, and Trio, told
         its tick is scheduled, skips the write to its wake-up socket (and the read that drains
         it, and the loop iteration that notices it)."""
-        if self._parked:
+        if self._parked and not self._wake_queued and threading.get_ident() == self._thread:
+            self._wake_queued = True
             self._state.runner.guest_tick_scheduled = True
-            self._loop.call_soon(self._wake)
+            self._loop.call_soon(self._queued_wake)
+
+    def _queued_wake(self) -> None:
+        self._wake_queued = False
+        self._wake()
 
     def _wake(self) -> None:
         if not self._parked:
@@ -512,7 +523,9 @@ class Batcher(Generic[T, R]):
             self._running = False
             # Items queued while this task was being cancelled (by a shielded `finally` cancelled
             # in the same sweep, say) would wait for nobody: their callers send them themselves.
-            orphans, self._items = self._items, []
+            # Items nobody waits for (acks) stay queued: the final `flush_now` sends them.
+            orphans = self._items
+            self._items = [(item, waiter) for item, waiter in orphans if waiter is None]
             for _, waiter in orphans:
                 if waiter is not None:
                     waiter.error = _Resend()

@@ -68,7 +68,8 @@ class Lease:
     ttl: float
     valid_until: float  # trio clock; conservative local bound on the server-side expiry
     lost: bool = False
-    released: bool = False  # given back before the end of its body (see Leases.release_later)
+    giving_back: bool = False  # its release is on its way: no longer renewed (Leases.release_later)
+    released: bool = False  # a release's reply came back: nothing left to release
     _body: trio.CancelScope | None = field(default=None, repr=False)
 
     @property
@@ -125,24 +126,29 @@ class Leases:
         return True
 
     async def release(self, lease: Lease) -> bool:
+        """Compare-and-DEL (safe to repeat: the value names the grant); True when it deleted the
+        lease, or a release of it had already come back."""
         if lease.released:
             return True
+        deleted = int(await self._release([lease.key], [lease.value])) == 1
         lease.released = True
-        return int(await self._release([lease.key], [lease.value])) == 1
+        return deleted
 
     def release_later(self, lease: Lease) -> Callable[[], Awaitable[bool]]:
         """`release`, queued with the next Redis batch: behind a last write queued just before
-        it, both go in one round trip. From then on the lease is no longer kept, and the body goes
-        on without it (nothing it does after may rely on the lease)."""
-        lease.released = True
+        it, both go in one round trip. From then on the lease is no longer renewed, and the body
+        goes on without it (nothing it does after may rely on the lease). Should the release not
+        come back (cancelled, Redis away), `holding` releases again on its way out."""
+        lease.giving_back = True
         reply = self._release.call_later([lease.key], [lease.value])
 
         async def released() -> bool:
             try:
-                return int(await reply()) == 1
+                deleted = int(await reply()) == 1
             except NoScriptError:  # a restarted server: the plain call loads the script
-                lease.released = False
                 return await self.release(lease)
+            lease.released = True
+            return deleted
 
         return released
 
@@ -174,7 +180,7 @@ class Leases:
                     raise group.exceptions[0] from None
                 raise
         finally:
-            if not lease.lost and not lease.released:
+            if not lease.lost and not lease.released:  # (a release that never came back: again)
                 with close_scope(2):
                     try:
                         await self.release(lease)
@@ -189,7 +195,7 @@ class Leases:
         next_renewal = trio.current_time() + interval
         while True:
             await trio.sleep_until(min(next_renewal, lease.valid_until))
-            if lease.released:
+            if lease.giving_back or lease.released:
                 return
             if trio.current_time() >= lease.valid_until:
                 self._lose(lease, "validity ran out before a renewal succeeded")

@@ -350,14 +350,18 @@ class JobStore:
     async def _update_along(self, keys_: list[str], args: list[Any],
                             along: Callable[[], Callable[[], Awaitable[Any]]]) -> list[str]:
         """The update script and `along`'s command in one round trip; `along`'s reply is awaited
-        too (it handles its own failures), whatever the update's."""
+        too (it handles its own failures), whatever the update's. A server without the update
+        script (restarted) has run `along` all the same (a lock's release): the write is not
+        made after it; the script is loaded and NoScriptError raised, for the caller to try
+        again (a consumer redelivers the message)."""
         update = self._update.call_later(keys_, args)
         other = along()
         try:
             try:
                 return await update()
-            except NoScriptError:  # a restarted server: the plain call loads the script
-                return await self._update(keys_, args)
+            except NoScriptError:
+                await self._redis.script_load(self._update.lua)
+                raise
         finally:
             try:
                 await other()

@@ -233,3 +233,84 @@ def test_a_short_sleep_wakes_trio_once_not_in_a_spin(bridge: str, monkeypatch: p
         return ticks[0] - before
 
     assert run(bridge, sleeps) <= 20 * 4  # about two ticks per sleep: one to park, one to wake
+
+
+@guest_bridges
+def test_a_crossing_wakes_trio_without_its_wakeup_socket(bridge: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An asyncio reply wakes a parked Trio by a callback on the host loop: no write to Trio's
+    wake-up socket (a syscall, a drain and one more loop iteration each), and a burst of replies
+    in one host iteration costs one tick, not one each."""
+    from trio._core._wakeup_socketpair import WakeupSocketpair
+
+    from cordum.infra import aio as bridge_module
+
+    writes, ticks = [0], [0]
+    original_write, original_tick = WakeupSocketpair.wakeup_thread_and_signal_safe, bridge_module._ThreadlessTicks._tick
+
+    def counting_write(self) -> None:
+        writes[0] += 1
+        original_write(self)
+
+    def counting_tick(self) -> None:
+        ticks[0] += 1
+        original_tick(self)
+
+    monkeypatch.setattr(WakeupSocketpair, "wakeup_thread_and_signal_safe", counting_write)
+    monkeypatch.setattr(bridge_module._ThreadlessTicks, "_tick", counting_tick)
+
+    async def nothing() -> int:
+        return 1
+
+    async def crossings() -> tuple[int, int]:
+        call = aio(nothing)
+        await call()
+        before = writes[0]
+        for _ in range(50):
+            assert await call() == 1
+        single = writes[0] - before
+
+        results: list[int] = []
+        waiters = [asyncio.get_running_loop().create_future() for _ in range(20)]
+
+        async def one(i: int) -> None:
+            async def wait() -> int:
+                return await waiters[i]
+            results.append(await aio(wait)())
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+            await trio.sleep(0.02)  # all 20 parked in their crossings, Trio itself parked too
+            asyncio.get_running_loop().call_soon(lambda: [w.set_result(1) for w in waiters])
+            burst = ticks[0]
+        assert results == [1] * 20
+        return single, ticks[0] - burst
+
+    single, burst_ticks = run(bridge, crossings)
+    assert single == 0
+    assert burst_ticks <= 6  # one wake for the burst (and a few ticks to run the 20 tasks), not 20
+
+
+@guest_bridges
+def test_acks_queued_when_the_flusher_is_cancelled_go_out_with_the_final_flush(bridge: str) -> None:
+    """Items nobody waits for (acks, lingering for company) stay queued when the flusher task is
+    cancelled, so the final flush at shutdown still sends them."""
+    from cordum.infra.aio import Batcher
+
+    sent: list[str] = []
+
+    async def send(items: list[str]) -> list[None]:
+        sent.extend(items)
+        return [None] * len(items)
+
+    async def cancelled_then_flushed() -> list[str]:
+        batcher: Batcher[str, None] = Batcher("acks", send, linger=0.05)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            batcher.submit_nowait("ack-1")
+            await trio.sleep(0.005)  # the flusher lingers for company
+            nursery.cancel_scope.cancel()
+        await batcher.flush_now(close=True)
+        return sent
+
+    assert run(bridge, cancelled_then_flushed) == ["ack-1"]
