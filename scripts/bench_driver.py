@@ -337,6 +337,13 @@ def scrape_histogram(text: str, name: str) -> tuple[float, float]:
     return total, count
 
 
+def scrape_counter(text: str, name: str) -> float | None:
+    """A Prometheus counter summed over its label sets; None when the text has none of it."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")]
+    return sum(values) if values else None
+
+
 def fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -727,16 +734,20 @@ def log_lines(path: str) -> int:
 def snapshot(topo: Topology, redis_client) -> dict[str, Any]:
     procs = {r["name"]: proc_sample(r["pid"]) for r in topo.services}
     logs = {r["name"]: log_lines(r["log"]) for r in topo.services if r["kind"] not in ("redis", "nats")}
-    metrics = {}
+    metrics, bridge = {}, {}
     for r in topo.services:
-        if r["kind"] == "scheduler" and str(r.get("health", "")).startswith("http"):
-            try:
-                text = http_text(r["health"].rsplit("/", 1)[0] + "/metrics")
-                metrics[r["name"]] = scrape_histogram(text, "cordum_scheduler_dispatch_latency_seconds")
-            except OSError:
-                pass
+        if not str(r.get("health", "")).startswith("http"):
+            continue  # (the echo workers serve no metrics)
+        try:
+            text = http_text(r["health"].rsplit("/", 1)[0] + "/metrics")
+        except OSError:
+            continue
+        if r["kind"] == "scheduler":
+            metrics[r["name"]] = scrape_histogram(text, "cordum_scheduler_dispatch_latency_seconds")
+        bridge[r["name"]] = (scrape_counter(text, "cordum_bridge_crossings_total"),
+                             scrape_counter(text, "cordum_bridge_wakeups_total"))
     return {"procs": procs, "logs": logs, "commandstats": commandstats(redis_client), "metrics": metrics,
-            "time": time.time()}
+            "bridge": bridge, "time": time.time()}
 
 
 def commandstats(redis_client) -> dict[str, dict[str, float]]:
@@ -975,6 +986,11 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "", output_r
                                       "cpu_utilisation": cpu / wall if wall > 0 else None,
                                       "peak_rss_mb": a.get("VmHWM", 0) / 2**20, "rss_mb": a.get("VmRSS", 0) / 2**20,
                                       "log_lines_per_job": per_job(lines, n) if r["kind"] not in ("redis", "nats") else None}
+            counts0, counts1 = before.get("bridge", {}).get(r["name"]), after.get("bridge", {}).get(r["name"])
+            if counts0 and counts1 and None not in (*counts0, *counts1):
+                # Trio→asyncio calls and wake-ups of an idle Trio, per job: what its CPU follows
+                per_replica[r["name"]]["bridge_crossings_per_job"] = per_job(counts1[0] - counts0[0], n)
+                per_replica[r["name"]]["bridge_wakeups_per_job"] = per_job(counts1[1] - counts0[1], n)
             kind = per_kind.setdefault(r["kind"], {"replicas": 0, "cpu_s": 0.0, "peak_rss_mb_max": 0.0})
             kind["replicas"] += 1
             kind["cpu_s"] += cpu
@@ -1248,10 +1264,12 @@ def report_text(data: Mapping[str, Any]) -> str:
                        f"submit→terminal p50 {fmt(idle['submit_to_terminal_ms']['p50'], 2)} p95 "
                        f"{fmt(idle['submit_to_terminal_ms']['p95'], 2)} ms; HTTP submit p50 {fmt(idle['http_submit_ms']['p50'], 2)} ms")
         rows = [[name, v.get("kind"), v.get("cpu_ms_per_job"), (v.get("cpu_utilisation") or 0) * 100,
-                 v.get("peak_rss_mb"), v.get("log_lines_per_job")]
+                 v.get("peak_rss_mb"), v.get("log_lines_per_job"), v.get("bridge_wakeups_per_job"),
+                 v.get("bridge_crossings_per_job")]
                 for name, v in r["per_replica"].items() if "error" not in v]
-        rows.append(["all", "", r["cpu_ms_per_job_all"], "", "", ""])
-        out.append(table(["replica", "kind", "CPU ms/job", "CPU %", "peak RSS MB", "log lines/job"], rows))
+        rows.append(["all", "", r["cpu_ms_per_job_all"], "", "", "", "", ""])
+        out.append(table(["replica", "kind", "CPU ms/job", "CPU %", "peak RSS MB", "log lines/job", "wake-ups/job",
+                          "crossings/job"], rows))
         red = r["redis"]
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(red["by_command_per_job"].items())[:12])
         out.append(f"  Redis: {fmt(red['commands_per_job'])} commands/job ({fmt(red['usec_per_job'])} µs server time/job, "

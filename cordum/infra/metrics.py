@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -38,6 +38,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
+        self.registry.register(_BridgeCollector())
         self._exposed = CollectorRegistry(auto_describe=False)
         self._exposed.register(_PodLabelled(self.registry, instance_id))
 
@@ -58,6 +59,18 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self._exposed)
+
+
+class _BridgeCollector(Collector):
+    """The Trio/asyncio bridge's counts (cordum.infra.aio.COUNTS), read at each scrape."""
+
+    def collect(self) -> Iterable[Metric]:
+        from cordum.infra.aio import COUNTS
+
+        yield CounterMetricFamily("cordum_bridge_crossings", "Calls from Trio into asyncio (the Redis, NATS and "
+                                  "gRPC clients run there)", value=COUNTS.crossings)
+        yield CounterMetricFamily("cordum_bridge_wakeups", "Times the idle Trio run was woken by its host loop",
+                                  value=COUNTS.wakeups)
 
 
 class BoundedLabel:

@@ -314,3 +314,27 @@ def test_acks_queued_when_the_flusher_is_cancelled_go_out_with_the_final_flush(b
         return sent
 
     assert run(bridge, cancelled_then_flushed) == ["ack-1"]
+
+
+@guest_bridges
+def test_metrics_count_crossings_and_wakeups(bridge: str) -> None:
+    """`cordum_bridge_crossings_total` and `cordum_bridge_wakeups_total` (every service's /metrics)
+    follow what the bridge did: one per call into asyncio, one per wake-up of a parked Trio."""
+    from cordum.infra.aio import COUNTS
+    from cordum.infra.metrics import Metrics
+
+    async def nothing() -> int:
+        return 1
+
+    async def some_work() -> tuple[int, int]:
+        crossings, wakeups = COUNTS.crossings, COUNTS.wakeups
+        for _ in range(5):
+            await aio(nothing)()
+        await trio.sleep(0.01)  # parked until its timer wakes it
+        return COUNTS.crossings - crossings, COUNTS.wakeups - wakeups
+
+    crossed, woken = run(bridge, some_work)
+    assert crossed == 5 and woken >= 1
+    text = Metrics("replica-1").exposition().decode()
+    assert f'cordum_bridge_crossings_total{{pod="replica-1"}} {float(COUNTS.crossings)}' in text
+    assert f'cordum_bridge_wakeups_total{{pod="replica-1"}} {float(COUNTS.wakeups)}' in text
