@@ -336,6 +336,7 @@ def aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 import trio_asyncio
 
                 emulated.append(trio_asyncio.aio_as_trio(fn))
+            COUNTS.crossings += 1
             return await emulated[0](*args, **kwargs)
         await trio.lowlevel.checkpoint_if_cancelled()
         COUNTS.crossings += 1

@@ -14,6 +14,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from cordum.infra.aio import COUNTS
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -65,8 +67,6 @@ class _BridgeCollector(Collector):
     """The Trio/asyncio bridge's counts (cordum.infra.aio.COUNTS), read at each scrape."""
 
     def collect(self) -> Iterable[Metric]:
-        from cordum.infra.aio import COUNTS
-
         yield CounterMetricFamily("cordum_bridge_crossings", "Calls from Trio into asyncio (the Redis, NATS and "
                                   "gRPC clients run there)", value=COUNTS.crossings)
         yield CounterMetricFamily("cordum_bridge_wakeups", "Times the idle Trio run was woken by its host loop",
