@@ -1042,7 +1042,7 @@ def profile_pass(args: argparse.Namespace, topo: Topology, clients: Clients, cli
     procs = []
     for t in targets:
         out = out_dir / f"{t['name']}.txt"
-        argv = [str(pyspy), "record", "--pid", str(t["pid"]), "--duration", str(int(seconds) + 1), "--rate", "100",
+        argv = [str(pyspy), "record", "--pid", str(t["pid"]), "--duration", str(int(seconds) + 1), "--rate", "100", "--gil",
                 "--nonblocking", "--format", "raw", "--output", str(out)]
         procs.append((t, out, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.PIPE, text=True)))

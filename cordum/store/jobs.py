@@ -376,22 +376,25 @@ class JobStore:
         by the same script, from one of `sources` (the per-tenant index of each indexed source
         state loses the job: harmless where it was not)."""
         record = {"ts": ts, "state": to.value, **({"ctx": dict(event)} if event else {})}
+        # The recent lists grow by a job when it is created: they are trimmed then, not on every
+        # move of a job already in them (a job trimmed out and moved later is one extra member
+        # until the next creation trims it).
+        created = previous is None and all(source is None for source in sources)
         commands: list[tuple[Any, ...]] = [
             ("SET", keys.job_state(job_id), to.value, "EX", self.meta_ttl),
             ("ZADD", keys.job_index(to.value), ts, job_id),
             ("ZADD", keys.JOB_RECENT, ts, job_id),
-            ("ZREMRANGEBYRANK", keys.JOB_RECENT, 0, -RECENT_MAX - 1),
+            *([("ZREMRANGEBYRANK", keys.JOB_RECENT, 0, -RECENT_MAX - 1)] if created else []),
             ("RPUSH", keys.job_events(job_id), json.dumps(record, separators=(",", ":"))),
             ("EXPIRE", keys.job_events(job_id), self.meta_ttl),
         ]
         if previous is not None and previous != to:
             commands.append(("ZREM", keys.job_index(previous.value), job_id))
         if tenant:
-            commands += [
-                ("ZADD", keys.tenant_recent(tenant), ts, job_id),
-                ("ZREMRANGEBYRANK", keys.tenant_recent(tenant), 0, -TENANT_RECENT_MAX - 1),
-                ("SREM" if to in TERMINAL else "SADD", keys.tenant_active(tenant), job_id),
-            ]
+            commands.append(("ZADD", keys.tenant_recent(tenant), ts, job_id))
+            if created:
+                commands.append(("ZREMRANGEBYRANK", keys.tenant_recent(tenant), 0, -TENANT_RECENT_MAX - 1))
+            commands.append(("SREM" if to in TERMINAL else "SADD", keys.tenant_active(tenant), job_id))
             left = {previous} if previous is not None else set(sources)
             commands += [("ZREM", keys.tenant_state_index(tenant, state.value), job_id)
                          for state in TENANT_INDEXED_STATES & left if state != to]

@@ -11,7 +11,7 @@ from cordum.agent.v1.job_pb2 import JobRequest
 from cordum.store import keys
 from cordum.store.config import ConfigStore, RevisionConflict
 from cordum.store.dlq import DlqStore, dlq_entry
-from cordum.store.jobs import InvalidTransition, JobNotFound, JobStore, StaleFence
+from cordum.store.jobs import RECENT_MAX, TENANT_RECENT_MAX, InvalidTransition, JobNotFound, JobStore, StaleFence
 from cordum.store.jobstate import JobState as S
 from tests.conftest import unique
 
@@ -49,6 +49,24 @@ async def test_create_writes_meta_request_context_and_indexes(redis):
 
 async def _new_job_with_id(store: JobStore, job_id: str) -> None:
     await store.create(job_id, S.PENDING, request=JobRequest(job_id=job_id), fields={"tenant": "acme"})
+
+
+@pytest.mark.parametrize("one_trip", [False, True], ids=["two-step", "one-trip"])
+async def test_the_recent_lists_are_trimmed_when_a_job_is_created_not_when_it_moves(redis, one_trip):
+    store = JobStore(redis)
+    tenant = unique("trim")
+    recent = keys.tenant_recent(tenant)
+    await redis.zadd(recent, {f"old-{n}": n for n in range(TENANT_RECENT_MAX - 1)})
+    first = await _new_job(store, tenant=tenant)
+    assert await redis.zcard(recent) == TENANT_RECENT_MAX
+    await redis.zadd(recent, {"older-1": -2, "older-2": -1})  # jobs trimmed out earlier, moved since
+    await store.transition(first, S.SCHEDULED, **({"tenant": tenant} if one_trip else {}))
+    assert await redis.zcard(recent) == TENANT_RECENT_MAX + 2  # a move adds no member: nothing trimmed
+    second = await _new_job(store, tenant=tenant)
+    assert await redis.zcard(recent) == TENANT_RECENT_MAX  # the oldest went
+    assert await redis.zscore(recent, first) is not None and await redis.zscore(recent, second) is not None
+    assert await redis.zscore(recent, "older-1") is None and await redis.zscore(recent, "old-0") is None
+    assert await redis.zcard(keys.JOB_RECENT) <= RECENT_MAX
 
 
 @pytest.mark.parametrize("one_trip", [False, True], ids=["two-step", "one-trip"])

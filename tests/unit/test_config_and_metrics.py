@@ -126,3 +126,23 @@ def test_http_connections_inherit_tcp_keepalive_from_the_listener():
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
         assert client
+
+
+def test_labelled_children_are_remembered_and_count_as_before():
+    metrics = Metrics("pod-1")
+    jobs = metrics.counter("t_jobs_total", "jobs", ["topic", "state"])
+    latency = metrics.histogram("t_latency_seconds", "latency", ["topic"], buckets=[0.1, 1.0])
+    assert jobs.labels(topic="a", state="ok") is jobs.labels(topic="a", state="ok")
+    jobs.labels(topic="a", state="ok").inc()
+    jobs.labels("a", "ok").inc(2)  # positional values reach the same series
+    jobs.labels(state="ok", topic="a").inc()  # so do the names in another order
+    jobs.labels(topic="b", state="ok").inc()
+    latency.labels(topic="a").observe(0.5)
+    with pytest.raises(ValueError):  # prometheus_client's own checks still run for a new label set
+        jobs.labels(topic="a")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.exposition().decode())
+               for s in family.samples}
+    assert samples[("t_jobs_total", (("pod", "pod-1"), ("state", "ok"), ("topic", "a")))] == 4
+    assert samples[("t_jobs_total", (("pod", "pod-1"), ("state", "ok"), ("topic", "b")))] == 1
+    assert samples[("t_latency_seconds_count", (("pod", "pod-1"), ("topic", "a")))] == 1
