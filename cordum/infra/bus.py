@@ -21,7 +21,7 @@ import json
 import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import nats
 import trio
@@ -151,10 +151,13 @@ class _StreamingPull:
     """
 
     def __init__(self, bus: "Bus", stream: str, durable: str, subject: str, release: _PullRelease,
-                 send: trio.MemorySendChannel[Message], batch: int, expires: float) -> None:
+                 send: trio.MemorySendChannel[Message], batch: int, expires: float,
+                 room: Callable[[], Awaitable[int]] | None = None) -> None:
         self.bus, self.release, self.send = bus, release, send
         self.stream, self.durable, self.subject = stream, durable, subject
         self.batch = max(1, batch)
+        self.room = room
+        self.size = self.batch  # what the open request asked for
         self.expires = expires
         self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = ""
@@ -215,8 +218,11 @@ class _StreamingPull:
             if self.send.statistics().current_buffer_used > self.batch:  # the consumer is behind
                 await trio.sleep(0.005)
                 continue
+            size = self.batch
+            if self.room is not None:  # as many as the consumer can start now (waits for one)
+                size = min(self.batch, max(1, await self.room()))
             self.ended = trio.Event()
-            self.left = self.batch
+            self.left = self.size = size
             try:
                 await request()
             except Exception as exc:  # connection trouble: back off, the client reconnects
@@ -233,7 +239,7 @@ class _StreamingPull:
                 backoff = 0.0
 
     async def _request(self) -> None:
-        body = json.dumps({"batch": self.batch, "expires": int(self.expires * 1e9)}).encode()
+        body = json.dumps({"batch": self.size, "expires": int(self.expires * 1e9)}).encode()
         await self.bus._nc.publish(self.api_subject, body, reply=self.inbox)
 
 
@@ -374,9 +380,12 @@ class Bus:
 
     @asynccontextmanager
     async def consume(
-        self, subject: str, queue: str, *, batch: int = 64, fetch_timeout: float = 2.0
+        self, subject: str, queue: str, *, batch: int = 64, fetch_timeout: float = 2.0,
+        room: Callable[[], Awaitable[int]] | None = None,
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Message]]:
-        """Work distribution: each message to exactly one member of `queue`."""
+        """Work distribution: each message to exactly one member of `queue`. `room`, on a
+        JetStream subject: awaited before each pull request, it waits until the consumer can take
+        a message and says how many (at most `batch`) the request asks for."""
         if not self._uses_jetstream(subject):
             async with self.subscribe(subject, queue=queue) as receive:
                 yield receive
@@ -386,7 +395,7 @@ class Bus:
         release = _PullRelease()
         # Unbounded: what is in flight is bounded by the pull requests instead (_StreamingPull).
         send, receive = trio.open_memory_channel[Message](math.inf)
-        pull = _StreamingPull(self, stream, durable, subject, release, send, batch, fetch_timeout)
+        pull = _StreamingPull(self, stream, durable, subject, release, send, batch, fetch_timeout, room)
         await aio(self._ensure_consumer)(stream, durable, subject)
         sub = await aio(self._nc.subscribe)(self._nc.new_inbox(), cb=pull.on_message)
         pull.inbox = sub.subject

@@ -76,6 +76,7 @@ IO_TIMEOUT = 5.0  # per Redis call / result publish (spec §5.7)
 GIVE_BACK_MARGIN = 0.5  # kept before the shutdown deadline to nak the jobs still running
 RETRY_DELAY = 1.0  # nak delay when Redis or the bus failed while running a job
 AHEAD_DELAY = 5.0  # nak delay for a message the job's record (or this worker) is not ready for yet
+PULL_BATCH = 16  # at most this many messages per pull request (fewer when fewer slots are free)
 HEARTBEAT_MIN_GAP = 0.2  # load-change heartbeats: at most five a second
 LIVENESS_TTL = 30.0  # the schedulers' WORKER_TTL: silent this long, a worker's jobs go elsewhere
 
@@ -264,6 +265,7 @@ class Worker:
         self._limiter = trio.CapacityLimiter(max_parallel_jobs)
         self._jobs: dict[str, _Job] = {}
         self._jobs_changed = trio.Event()
+        self._slot_freed = trio.Event()
         self._results: RecentMap[tuple[int, bytes]] = RecentMap(result_cache_size, result_cache_ttl)
         self._early_cancels: RecentMap[str] = RecentMap(1024, result_cache_ttl)
         # Results whose saving failed (Redis trouble), by job: (attempt, result, output to store).
@@ -449,7 +451,7 @@ class Worker:
     def _job_done(self, job: _Job) -> None:
         if self._jobs.get(job.job_id) is job:
             del self._jobs[job.job_id]
-        self._limiter.release_on_behalf_of(job.token)
+        self._free_slot(job.token)
         self._jobs_changed.set()
         self._jobs_changed = trio.Event()
         self._load_changed.set()
@@ -601,9 +603,11 @@ class Worker:
 
     async def _consume(self, subject: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self._bus is not None
-        # One message per pull request: a message waiting in the bus's buffer for a free slot
-        # would not be kept alive on the durable (only running jobs and the one waiting are).
-        async with self._bus.consume(subject, subject, batch=1) as messages:
+        # A pull request asks for as many messages as there are free slots (shared by the
+        # subjects): each can start when it comes. A message waiting in the bus's buffer for a
+        # slot would not be kept alive on the durable; with none free, nothing is asked for (the
+        # job waits in the stream, where another replica may take it).
+        async with self._bus.consume(subject, subject, batch=PULL_BATCH, room=self._free_slots) as messages:
             task_status.started()
             async for msg in messages:
                 await self._accept(msg)
@@ -628,13 +632,25 @@ class Worker:
             return
         await self._acquire(msg)
         if await self._duplicate(job_id, attempt, msg):  # it came in again while we waited for a slot
-            self._limiter.release_on_behalf_of(msg)
+            self._free_slot(msg)
             return
         job = _Job(packet, msg)
         self._jobs[job_id] = job
         self._load_changed.set()
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job)
+
+    async def _free_slots(self) -> int:
+        """How many messages a pull request may ask for: the free slots, shared evenly by the
+        subjects pulled from (at least one); waits while there is none."""
+        while self._limiter.available_tokens < 1:
+            await self._slot_freed.wait()
+        return max(1, int(self._limiter.available_tokens) // max(1, len(self.subjects)))
+
+    def _free_slot(self, token: object) -> None:
+        self._limiter.release_on_behalf_of(token)
+        self._slot_freed.set()
+        self._slot_freed = trio.Event()
 
     async def _duplicate(self, job_id: str, attempt: int | None, msg: Message) -> bool:
         """Settle a message for a job this worker has run or is running (True), or let it run."""
@@ -674,7 +690,7 @@ class Worker:
                 nursery.cancel_scope.cancel()
         except BaseException:
             try:
-                self._limiter.release_on_behalf_of(msg)
+                self._free_slot(msg)
             except RuntimeError:
                 pass  # it never got the slot
             msg.give_back()  # intake stopped while it waited: back to the stream at once

@@ -330,6 +330,32 @@ async def test_max_parallel_jobs_bounds_concurrent_handlers(settings, redis, bus
         assert [json.loads(await redis.get(f"res:{job_id}")) for job_id in ids] == list(range(6))
 
 
+async def test_a_full_worker_leaves_further_jobs_in_the_stream(settings, redis, bus):
+    # Pull requests ask for the free slots only: a job this worker could not start now stays
+    # in the stream (another replica may take it) instead of waiting here undelivered-to-others.
+    worker = Worker(unique("w"), settings=settings, max_parallel_jobs=2)
+    started: list[int] = []
+
+    @worker.handler()
+    async def slow(job: JobContext) -> int:
+        started.append(job.input)
+        await trio.sleep(1.5)
+        return job.input
+
+    async with taps(bus, subjects.RESULT) as (results,), running(worker):
+        ids = [(await submit(redis, bus, worker.direct_subject, i)).job_request.job_id for i in range(6)]
+        with trio.fail_after(10):
+            while len(started) < 2:
+                await trio.sleep(0.02)
+        await trio.sleep(0.3)  # time for a further pull, were one made
+        pending, delivered = await bus.consumer_backlog(worker.direct_subject, worker.direct_subject)
+        assert (len(started), delivered, pending) == (2, 2, 4)
+        for job_id in ids:
+            _, result = await results.result(job_id)
+            assert result.status == job_pb2.JOB_STATUS_SUCCEEDED
+        assert sorted(started) == list(range(6))
+
+
 async def test_drain_finishes_short_jobs_and_gives_back_long_ones(settings, redis, bus):
     worker_id = unique("w")
     first = Worker(worker_id, settings=settings)
