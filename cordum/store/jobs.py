@@ -169,6 +169,9 @@ def _encode(value: Any) -> str:
 JSON_FIELDS = frozenset({"labels", "risk_tags", "requires", "safety_remediations", "safety_constraints"})
 
 
+SCAN_FIELDS = ("state", "updated_at", "tenant", "worker_id")  # what scan_jobs reads of each job
+
+
 def decode_meta(raw: Mapping[str, str]) -> dict[str, Any]:
     """A meta hash as Python values (JSON fields parsed, numbers as ints)."""
     meta: dict[str, Any] = dict(raw)
@@ -627,13 +630,23 @@ class JobStore:
         return int(await self._redis.execute("SCARD", keys.tenant_active(tenant)))
 
     async def scan_jobs(self, cursor: str, count: int = 500) -> tuple[str, list[dict[str, Any]]]:
-        """One page of every job's hash, whatever the indexes say: (next cursor, metas); the
-        cursor is "0" again after the last page."""
+        """One page of every job's hash, whatever the indexes say: (next cursor, metas with the
+        fields the index upkeep follows, SCAN_FIELDS, and `id`); the cursor is "0" again after
+        the last page. Those fields only: the sweep reads hundreds of jobs a second, whole
+        hashes cost five times as much on both sides."""
         prefix = keys.job_meta("")
         cursor, names = await self._redis.scan_page(cursor, prefix + "*", count=count)
         ids = [name[len(prefix):] for name in names]
-        metas = await self.get_many(ids) if ids else []
-        return cursor, [meta for meta in metas if meta is not None]
+        if not ids:
+            return cursor, []
+        replies = await self._redis.pipeline([("HMGET", keys.job_meta(j), *SCAN_FIELDS) for j in ids])
+        metas = []
+        for job_id, values in zip(ids, replies):
+            if isinstance(values, list) and values and values[0]:  # gone meanwhile, or the read failed
+                meta = decode_meta({name: value for name, value in zip(SCAN_FIELDS, values) if value is not None})
+                meta["id"] = job_id
+                metas.append(meta)
+        return cursor, metas
 
     async def repair_indexes(self, metas: Sequence[Mapping[str, Any]], *, settled_us: int = REPAIR_SETTLE_US) -> list[str]:
         """Put live jobs back into their state index (and tenant's active set, and the in-flight

@@ -316,3 +316,22 @@ async def test_the_index_sweep_repairs_a_lost_index_entry_and_nothing_else(redis
     await redis.sadd(keys.tenant_active(tenant), finished)
     await store.repair_indexes([await store.get(finished)])
     assert not await redis.sismember(keys.tenant_active(tenant), finished)
+
+
+async def test_the_sweep_scan_reads_what_the_repair_needs(redis):
+    store = JobStore(redis)
+    tenant = unique("scan")
+    job_id = await _new_job(store, tenant=tenant)
+    await store.transition(job_id, S.DISPATCHED, tenant=tenant, fields={"worker_id": "w9"})
+    cursor, seen = "0", {}
+    while True:  # a whole walk: every job's hash, on every primary of a cluster
+        cursor, metas = await store.scan_jobs(cursor, 500)
+        seen.update((meta["id"], meta) for meta in metas)
+        if cursor == "0":
+            break
+    meta = seen[job_id]
+    assert meta == {"id": job_id, "state": "DISPATCHED", "tenant": tenant, "worker_id": "w9",
+                    "updated_at": (await store.get(job_id))["updated_at"]}
+    await redis.zrem(keys.job_index("dispatched"), job_id)
+    assert await store.repair_indexes([meta], settled_us=0) == [job_id]
+    assert await redis.zscore(keys.job_index("dispatched"), job_id) is not None
