@@ -25,21 +25,21 @@ OPENAPI_PATH = "/api/v1/openapi.json"  # public: describes the API, holds nothin
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-async def _authenticate(gw: Gateway, headers: Any, args: Any | None, address: str) -> Response | None:
-    """Set `g.principal`, or answer 401/403 (429 for an address that failed too often) in the
-    error envelope."""
+async def authenticate(gw: Gateway, headers: Any, args: Any | None, address: str) -> Principal | Response:
+    """The caller, or the answer refusing it: 401/403 (429 for an address that failed too often)
+    in the error envelope."""
     now = time.monotonic()
     wait = gw.auth_failures.blocked_for(address, now)
     if wait > 0:
         return error_response(429, "too many failed authentications from this address; try again later",
                               code="auth_rate_limited", headers={"Retry-After": str(math.ceil(wait))})
-    refused = await _check_credentials(gw, headers, args)
-    if refused is not None and refused.status_code == 401:
+    found = await _check_credentials(gw, headers, args)
+    if isinstance(found, Response) and found.status_code == 401:
         gw.auth_failures.record(address, now)
-    return refused
+    return found
 
 
-async def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
+async def _check_credentials(gw: Gateway, headers: Any, args: Any | None) -> Principal | Response:
     token = bearer_token(headers)
     if not token and args is not None and gw.oidc is not None:
         # A browser cannot set headers on a WebSocket: the dashboard offers its token the way it
@@ -72,8 +72,8 @@ def bearer_token(headers: Any) -> str:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else ""
 
 
-def _tenant_checked(principal: Principal, headers: Any, args: Any | None) -> Response | None:
-    """`principal` for this request unless it asks for another tenant (403) or a malformed one (400)."""
+def _tenant_checked(principal: Principal, headers: Any, args: Any | None) -> Principal | Response:
+    """`principal`, unless the request asks for another tenant (403) or a malformed one (400)."""
     requested = (headers.get("X-Tenant-ID") or "").strip()
     if not requested and args is not None:
         requested = (args.get("tenant_id") or args.get("tenant") or "").strip()
@@ -82,19 +82,43 @@ def _tenant_checked(principal: Principal, headers: Any, args: Any | None) -> Res
         return error_response(400, problem, code="invalid_tenant")
     if requested and requested != principal.tenant:
         return error_response(403, "tenant access denied", code="tenant_access_denied")
-    g.principal = principal
-    return None
+    return principal
 
 
-async def _rate_limit(gw: Gateway, headers: Any, args: Any | None) -> Response | None:
+async def rate_limit(gw: Gateway, who: Principal, headers: Any, args: Any | None) -> Response | None:
     """After authentication: 429 (Retry-After, error envelope) when the tenant or key is over its limit."""
     if gw.ratelimiter is None:
         return None
-    verdict = await gw.ratelimiter.check(g.principal.tenant, key_from_headers(headers, args) or "")
+    verdict = await gw.ratelimiter.check(who.tenant, key_from_headers(headers, args) or "")
     if verdict.allowed:
         return None
     return error_response(429, "rate limited", code="rate_limited",
                           headers={"Retry-After": str(verdict.retry_after)})
+
+
+async def admit(gw: Gateway, headers: Any, args: Any | None, address: str) -> tuple[Principal | None, Response | None]:
+    """Authentication, then the rate limit: (the caller if known, the answer refusing the
+    request or None). A rate-limited caller is known: its refusal is audited as its request."""
+    found = await authenticate(gw, headers, args, address)
+    if isinstance(found, Response):
+        return None, found
+    return found, await rate_limit(gw, found, headers, args)
+
+
+def count_request(gw: Gateway, method: str, rule: str, status: int, started: float | None) -> None:
+    """The request metrics of an answered HTTP request (`rule`: the route, or "unmatched")."""
+    method = method if method in HTTP_METHODS else "other"  # any word is a method to a client
+    gw.http_requests.labels(method=method, route=rule, status=str(status)).inc()
+    if started is not None:
+        gw.http_duration.labels(method=method, route=rule).observe(time.perf_counter() - started)
+
+
+def _admitted(admitted: tuple[Principal | None, Response | None]) -> Response | None:
+    """A before-request hook's answer (the refusal, or None), the caller in `g.principal`."""
+    who, refusal = admitted
+    if who is not None:
+        g.principal = who
+    return refusal
 
 
 def create_app(gw: Gateway) -> QuartTrio:
@@ -115,24 +139,20 @@ def create_app(gw: Gateway) -> QuartTrio:
             return None
         address = client_address(request.remote_addr or "", request.headers.get("X-Forwarded-For"),
                                  gw.options.trusted_proxies)
-        return await _authenticate(gw, request.headers, None, address) or await _rate_limit(gw, request.headers, None)
+        return _admitted(await admit(gw, request.headers, None, address))
 
     @app.before_websocket
     async def _ws_auth() -> Response | None:
         address = client_address(websocket.remote_addr or "", websocket.headers.get("X-Forwarded-For"),
                                  gw.options.trusted_proxies)
-        return (await _authenticate(gw, websocket.headers, websocket.args, address)
-                or await _rate_limit(gw, websocket.headers, websocket.args))
+        return _admitted(await admit(gw, websocket.headers, websocket.args, address))
 
     @app.after_request
     async def _count(response: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        method = request.method if request.method in HTTP_METHODS else "other"  # any word is a method to a client
-        gw.http_requests.labels(method=method, route=rule, status=str(response.status_code)).inc()
-        started = g.get("started")
-        if started is not None:
-            gw.http_duration.labels(method=method, route=rule).observe(time.perf_counter() - started)
-        audit.record_request(gw, response)
+        rule = request.url_rule.rule if request.url_rule is not None else ""
+        count_request(gw, request.method, rule or "unmatched", response.status_code, g.get("started"))
+        audit.record_request(gw, g.get("principal"), request.method, rule, request.path, request.view_args,
+                             response.status_code)
         return response
 
     for module in (jobs, approvals, dlq, workers, config, status, stream, workflows, memory, audit):

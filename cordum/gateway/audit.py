@@ -11,10 +11,11 @@ read and verify their tenant's chain here.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping
 
-from quart import Quart, Response, g, request
+from quart import Quart, request
 
+from cordum.gateway.auth import Principal
 from cordum.gateway.context import Gateway, caller, query_int, require
 from cordum.gateway.errors import ApiError
 from cordum.protocol import subjects
@@ -25,16 +26,16 @@ STREAM_ID = re.compile(r"\d{1,19}-\d{1,19}")  # what next_cursor holds (Redis st
 READ_ONLY_POSTS = frozenset({"/api/v1/policy/evaluate", "/api/v1/workflows/<workflow_id>/dry-run"})
 
 
-def record_request(gw: Gateway, response: Response) -> None:
+def record_request(gw: Gateway, who: Principal | None, method: str, rule: str, path: str,
+                   view_args: Mapping[str, Any] | None, status: int) -> None:
     """After a mutating request that passed authentication: who did what to which object, and how
-    it ended (refusals included: a denied attempt is worth recording too)."""
-    who = getattr(g, "principal", None)
-    rule = request.url_rule.rule if request.url_rule is not None else ""
-    if gw.audit is None or who is None or request.method not in MUTATING or rule in READ_ONLY_POSTS:
+    it ended (refusals included: a denied attempt is worth recording too). `rule`: the route
+    matched ("" for none)."""
+    if gw.audit is None or who is None or method not in MUTATING or rule in READ_ONLY_POSTS:
         return
     gw.audit.record(new_event(
-        who.tenant, "request", f"{request.method} {rule or request.path}", target=dict(request.view_args or {}),
-        status=response.status_code, principal=who.principal_id, role=who.role, key=who.key_fingerprint))
+        who.tenant, "request", f"{method} {rule or path}", target=dict(view_args or {}),
+        status=status, principal=who.principal_id, role=who.role, key=who.key_fingerprint))
 
 
 def record_decision(gw: Gateway, tenant: str, job_id: str, topic: str, verdict: str, reason: str, rule_id: str,

@@ -224,9 +224,7 @@ def require(role: str) -> Callable[[F], F]:
     def wrap(handler: F) -> F:
         @functools.wraps(handler)
         async def checked(*args: Any, **kwargs: Any) -> Any:
-            who = caller()
-            if not who.allows(role):
-                raise ApiError(403, f"role {who.role} may not do this (requires {role})", code="forbidden")
+            check_role(caller(), role)
             return await handler(*args, **kwargs)
 
         return checked  # type: ignore[return-value]
@@ -234,9 +232,19 @@ def require(role: str) -> Callable[[F], F]:
     return wrap
 
 
+def check_role(who: Principal, role: str) -> None:
+    """403 unless `who`'s role is at least `role`."""
+    if not who.allows(role):
+        raise ApiError(403, f"role {who.role} may not do this (requires {role})", code="forbidden")
+
+
 async def json_body(*, optional: bool = False) -> dict[str, Any]:
     """The request body as a JSON object; 400 naming the problem otherwise (413 if too large)."""
-    data = await request.get_data(as_text=False)
+    return body_object(await request.get_data(as_text=False), optional=optional)
+
+
+def body_object(data: bytes, *, optional: bool = False) -> dict[str, Any]:
+    """A request body as a JSON object; 400 naming the problem otherwise."""
     if not data or not data.strip():
         if optional:
             return {}

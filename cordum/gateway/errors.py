@@ -69,33 +69,33 @@ def not_found(what: str = "not found") -> ApiError:
     return ApiError(404, what)
 
 
-def install(app: Quart) -> None:
-    @app.errorhandler(ApiError)
-    async def _api_error(exc: ApiError) -> Response:
+def answer_for(exc: Exception, method: str, path: str) -> Response:
+    """The answer to an exception a request's handling raised, in the error envelope: an
+    ApiError as it says, an HTTP error by its status, the store unreachable 503, anything else
+    500 (logged, with `method` and `path`)."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.message, code=exc.code, extra=exc.extra, headers=exc.headers)
-
-    @app.errorhandler(HTTPException)
-    async def _http_error(exc: HTTPException) -> Response:
+    if isinstance(exc, HTTPException):
         status = exc.code or 500
         message = _MESSAGES.get(status) or (exc.name or "error").lower()
         headers = {}
         if status == 405 and getattr(exc, "valid_methods", None):
             headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return error_response(status, message, headers=headers)
-
-    async def _store_down(exc: Exception) -> Response:
-        log.error("http.store_unavailable", **_where(), error=repr(exc))
+    if isinstance(exc, (RedisError, *RedisUnavailable)):
+        log.error("http.store_unavailable", method=method, path=path, error=repr(exc))
         return error_response(503, "store unavailable, try again", code="store_unavailable")
+    log.error("http.handler_failed", method=method, path=path, error=repr(exc))
+    return error_response(500, "internal error")
 
-    for kind in (RedisError, *RedisUnavailable):
-        app.register_error_handler(kind, _store_down)
 
-    @app.errorhandler(Exception)
-    async def _crash(exc: Exception) -> Response:
-        if isinstance(exc, HTTPException):  # defensive: quart may route these here
-            return await _http_error(exc)
-        log.error("http.handler_failed", **_where(), error=repr(exc))
-        return error_response(500, "internal error")
+def install(app: Quart) -> None:
+    async def _answer(exc: Exception) -> Response:
+        return answer_for(exc, **_where())
+
+    # Quart picks the handler of the most specific type: each of these answers the same way.
+    for kind in (ApiError, HTTPException, RedisError, *RedisUnavailable, Exception):
+        app.register_error_handler(kind, _answer)
 
 
 def _where() -> dict[str, str]:

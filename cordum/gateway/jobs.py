@@ -399,8 +399,9 @@ def request_problems(request_msg: job_pb2.JobRequest) -> list[str]:
     return list(dict.fromkeys(validate_job_request(request_msg) + tenant_problems(request_msg)))
 
 
-async def submit_job(gw: Gateway, body: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
-    who = caller()
+async def submit_job(gw: Gateway, body: dict[str, Any], who: Principal) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """POST /api/v1/jobs for `who` (an operator or admin): (body, status, headers) of the answer;
+    ApiError for a refusal. Also served by the gateway's fast path (cordum.gateway.fastpath)."""
     tenant = who.tenant
     inp = parse_submit(body, tenant)
     inp.principal_id, inp.actor_id, inp.actor_type = bound_identity(who, inp.principal_id, inp.actor_id, inp.actor_type)
@@ -555,7 +556,7 @@ def register(app: Quart, gw: Gateway) -> None:
     @require("operator")
     async def submit() -> Any:
         body = await json_body()
-        payload, status, headers = await submit_job(gw, body)
+        payload, status, headers = await submit_job(gw, body, caller())
         return payload, status, headers
 
     @app.get("/api/v1/jobs")

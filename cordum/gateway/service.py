@@ -33,6 +33,7 @@ import secrets
 import trio
 
 from cordum.gateway.app import create_app
+from cordum.gateway.fastpath import with_submit_fast_path
 from cordum.gateway.auth import KeyRing
 from cordum.gateway.context import SERVICE, Gateway, GatewayOptions
 from cordum.gateway.dlq import cleanup_election, serve_dlq_writer
@@ -83,7 +84,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
         gw.audit = AuditLog(AuditChain(redis, hmac_key=options.audit_hmac_key), bus, transport=settings.audit_transport,
                             sender=settings.instance_id, buffer_size=options.audit_buffer_size)
         gw.audit.instrument(metrics)
-        http = HttpServer(create_app(gw), *options.http_addr, graceful_timeout=2.0,
+        http = HttpServer(with_submit_fast_path(create_app(gw), gw), *options.http_addr, graceful_timeout=2.0,
                           websocket_max_message=WS_MAX_CLIENT_MESSAGE, websocket_ping_interval=options.ws_ping_interval)
         counters = ConsumerMetrics(metrics)
         consumed = [(subjects.DLQ, subjects.QUEUE_GATEWAY)]

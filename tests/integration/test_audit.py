@@ -5,10 +5,11 @@ locally and through `sys.audit.export` with two gateway replicas exporting."""
 from __future__ import annotations
 
 import json
+import time
 
 import trio
 
-from cordum.store.audit import AuditChain, chain_key, link_hash
+from cordum.store.audit import AuditChain, Entry as AuditEntry, chain_key, link_hash
 from tests.conftest import unique
 from tests.integration import test_gateway as gateway_tests
 from tests.integration.test_gateway import ACME_ADMIN, ADMIN, ALICE, VIEWER, _eventually
@@ -101,6 +102,26 @@ async def test_the_gateway_records_requests_and_decisions_in_the_tenants_chain(s
     assert (await api.call("GET", "/api/v1/audit/events", key=VIEWER)).status == 403
     theirs = (await api.call("GET", "/api/v1/audit/events", key=ACME_ADMIN)).body["items"]
     assert all(i["tenant"] == "acme" for i in theirs) and not any(i.get("job_id") == job for i in theirs)
+
+
+async def test_a_rate_limited_request_is_audited_as_its_callers(start_gateway, redis) -> None:
+    # Memory mode: a limit this tight kept in the shared Redis would hold up later tests' tenant.
+    api = await start_gateway(API_RATE_LIMIT_RPS="0.001", API_RATE_LIMIT_BURST="2", REDIS_RATE_LIMIT="false")
+    since = time.time()
+    job = (await api.submit(key=ALICE)).body["job_id"]
+    assert (await api.call("POST", f"/api/v1/jobs/{job}/cancel", key=ALICE)).status == 200
+    assert (await api.submit(key=ALICE)).status == 429  # the gateway's submit fast path
+    assert (await api.call("POST", f"/api/v1/jobs/{job}/cancel", key=ALICE)).status == 429  # through the app
+    chain = AuditChain(redis)
+
+    async def refusals():
+        entries, _ = await chain.page("default", limit=200)
+        found = [e for e in map(AuditEntry.view, entries)
+                 if e.get("status") == 429 and e.get("principal") == "alice" and e["ts"] >= since]
+        return found if len(found) >= 2 else None
+
+    refused = sorted((e["action"], e.get("target", {})) for e in await _eventually(refusals))
+    assert refused == [("POST /api/v1/jobs", {}), ("POST /api/v1/jobs/<job_id>/cancel", {"job_id": job})]
 
 
 async def test_exported_events_reach_the_chain_once_whichever_replica_exports(start_gateway) -> None:

@@ -237,6 +237,50 @@ async def test_submit_allowed_persists_and_publishes(api: Api, bus, redis) -> No
     assert 'route="/api/v1/jobs"' in metrics
 
 
+def _chunked(port: int, path: str, body: bytes, headers: dict[str, str]) -> Reply:
+    """A request whose body comes chunked (no Content-Length): the submit fast path leaves it to
+    the Quart app, so the two ways of answering can be compared."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, body=iter([body]), headers=headers, encode_chunked=True)
+        resp = conn.getresponse()
+        return Reply(resp.status, resp.headers, resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("case", ["accepted", "approval", "denied", "throttled", "bad_json", "not_object",
+                                  "no_key", "bad_key", "viewer", "other_tenant", "invalid_topic"])
+async def test_submit_answers_alike_on_the_fast_path_and_through_the_app(api: Api, case: str) -> None:
+    body = {"accepted": {"prompt": "hi"}, "approval": {"prompt": "hi", "topic": "job.deploy.x"},
+            "denied": {"prompt": "hi", "topic": "job.vault.read"},
+            "throttled": {"prompt": "hi", "capability": "bulk.export"},
+            "other_tenant": {"prompt": "hi"}, "invalid_topic": {"prompt": "hi", "topic": "not a topic"}}
+    raw = {"bad_json": b'{"prompt": ', "not_object": b'["prompt"]'}.get(case) or json.dumps(
+        body.get(case, {"prompt": "hi"})).encode()
+    headers = {"Content-Type": "application/json", "X-API-Key": {"no_key": "", "bad_key": "nope" * 5,
+                                                                   "viewer": VIEWER}.get(case, ALICE)}
+    if case == "other_tenant":
+        headers["X-Tenant-ID"] = "acme"
+    if not headers["X-API-Key"]:
+        del headers["X-API-Key"]
+    fast = await api.call("POST", "/api/v1/jobs", raw=raw, key=None, headers=headers)
+    app = await trio.to_thread.run_sync(_chunked, api.port, "/api/v1/jobs", raw, headers)
+    assert fast.status == app.status, (fast.raw, app.raw)
+    assert fast.headers["Content-Type"] == app.headers["Content-Type"] == "application/json"
+    assert int(fast.headers["Content-Length"]) == len(fast.raw)
+    assert sorted(k.lower() for k in fast.headers if k.lower() not in ("date",)) == \
+        sorted(k.lower() for k in app.headers if k.lower() not in ("date", "transfer-encoding"))
+    ids = ("job_id", "trace_id")  # each submit makes a job of its own
+    same = {k: v for k, v in fast.body.items() if k not in ids}
+    assert same == {k: v for k, v in app.body.items() if k not in ids}
+    assert fast.headers.get("X-Trace-Id") == fast.body.get("trace_id")
+    if "job_id" not in fast.body:  # nothing was made: the answers are the same bytes
+        assert fast.raw == app.raw
+    if case == "accepted":
+        assert fast.status == 200 and fast.raw.endswith(b"\n") and b": " not in fast.raw  # Quart's compact JSON
+
+
 async def test_submit_denied_goes_to_dlq(api: Api, redis) -> None:
     reply = await api.submit(topic="job.vault.read")
     assert reply.status == 403, reply.raw
