@@ -35,6 +35,7 @@ log = get_logger("audit")
 
 BUFFER_SIZE = 1000
 RETRY_S = 1.0
+LINGER_S = 0.05  # how long the writer waits, once an event came, for more to append with it
 EVENT_CODE = "audit.event"
 
 
@@ -66,8 +67,9 @@ def event_of(packet: BusPacket) -> dict[str, Any] | None:
 
 class AuditLog:
     def __init__(self, chain: AuditChain, bus: Bus | None, *, transport: str = "local", sender: str = "",
-                 buffer_size: int = BUFFER_SIZE) -> None:
+                 buffer_size: int = BUFFER_SIZE, linger: float = LINGER_S) -> None:
         self.chain = chain
+        self.linger = linger
         self.bus = bus
         self.transport = transport
         self.sender = sender
@@ -111,6 +113,9 @@ class AuditLog:
                 if not self._buffer:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
+                    # Let more events join the batch: every replica's writer races for its tenant
+                    # chain's head, and one append an event each lost most races under load.
+                    await trio.sleep(self.linger)
                 await self.flush()
                 if self._buffer and self.last_error:
                     await trio.sleep(RETRY_S)

@@ -123,6 +123,7 @@ class AuditChain:
     async def append(self, tenant: str, events: Sequence[tuple[str, float, Mapping[str, Any]]]) -> int:
         """Append (id, ts, event) in order, skipping ids the chain has already; how many were new."""
         key, ids = chain_key(tenant), ids_key(tenant)
+        texts = [canonical(event) for _, _, event in events]  # what a lost race leaves to redo: the links
         for attempt in range(MAX_CAS_TRIES):
             if attempt:  # lost the race for the head: step aside a random moment, or two writers
                 await trio.sleep(random.uniform(0, 0.002 * attempt))  # in lock-step starve one of them
@@ -138,12 +139,11 @@ class AuditChain:
             seen = {event_id for (event_id, _, _), score in zip(events, known) if score is not None}
             args: list[Any] = [head_hash, self.max_entries]
             prev, seq, added = head_hash, head_seq, 0
-            for event_id, ts, event in events:
+            for (event_id, ts, _), text in zip(events, texts):
                 if event_id in seen:
                     continue
                 seen.add(event_id)
                 seq += 1
-                text = canonical(event)
                 digest = link_hash(self.hmac_key, prev, seq, text)
                 args += [event_id, seq, repr(ts), text, prev, digest]
                 prev, added = digest, added + 1

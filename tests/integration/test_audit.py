@@ -9,6 +9,7 @@ import time
 
 import trio
 
+from cordum.runtime.audit import AuditLog, new_event
 from cordum.store.audit import AuditChain, Entry as AuditEntry, chain_key, link_hash
 from tests.conftest import unique
 from tests.integration import test_gateway as gateway_tests
@@ -56,6 +57,30 @@ async def test_concurrent_writers_keep_one_unbroken_chain(redis) -> None:
         nursery.start_soon(write, writers[1], "b")
     result = await writers[0].verify(tenant)
     assert result.valid and result.checked == 50 and result.head_seq == 50
+
+
+async def test_events_recorded_close_together_are_appended_together(redis) -> None:
+    class Counting(AuditChain):
+        appends = 0
+
+        async def append(self, tenant, events):
+            Counting.appends += 1
+            return await super().append(tenant, events)
+
+    tenant = unique("t")
+    audit = AuditLog(Counting(redis), None, linger=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(audit.run)
+        for i in range(5):  # a burst: what one busy moment of a replica records
+            audit.record(new_event(tenant, "test", f"act {i}"))
+            await trio.sleep(0.01)
+        with trio.fail_after(10):
+            while audit.written < 5:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert Counting.appends == 1
+    entries, _ = await audit.chain.page(tenant, limit=10)
+    assert [e.event["action"] for e in reversed(entries)] == [f"act {i}" for i in range(5)]
 
 
 async def test_verification_finds_a_removed_or_changed_entry(redis) -> None:
