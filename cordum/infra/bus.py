@@ -21,7 +21,7 @@ import json
 import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
 import nats
 import trio
@@ -139,6 +139,18 @@ class Message:
             self._settle("nak")
 
 
+class PullRoom(Protocol):
+    """How much a consumer can take, for pull requests that ask for no more than that."""
+
+    async def claim(self, most: int) -> int:
+        """Wait until the consumer can start a message; hold and return how many (1 to `most`)
+        the next request asks for. Each message delivered gives one back (the consumer's own
+        accounting); `unclaim` the rest."""
+
+    def unclaim(self, count: int) -> None:
+        """A request ended with `count` of what it asked for undelivered."""
+
+
 class _StreamingPull:
     """A durable's messages, pulled a batch at a time and handed over as they arrive.
 
@@ -152,12 +164,13 @@ class _StreamingPull:
 
     def __init__(self, bus: "Bus", stream: str, durable: str, subject: str, release: _PullRelease,
                  send: trio.MemorySendChannel[Message], batch: int, expires: float,
-                 room: Callable[[], Awaitable[int]] | None = None) -> None:
+                 room: "PullRoom | None" = None) -> None:
         self.bus, self.release, self.send = bus, release, send
         self.stream, self.durable, self.subject = stream, durable, subject
         self.batch = max(1, batch)
         self.room = room
         self.size = self.batch  # what the open request asked for
+        self.delivered = 0  # of it, delivered so far
         self.expires = expires
         self.api_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = ""
@@ -178,6 +191,7 @@ class _StreamingPull:
         if not raw.reply:
             return
         self.left -= 1
+        self.delivered += 1
         if self.left <= 0:
             self._end()
         try:
@@ -218,25 +232,34 @@ class _StreamingPull:
             if self.send.statistics().current_buffer_used > self.batch:  # the consumer is behind
                 await trio.sleep(0.005)
                 continue
-            size = self.batch
-            if self.room is not None:  # as many as the consumer can start now (waits for one)
-                size = min(self.batch, max(1, await self.room()))
+            # As many as the consumer can start now (waits for one), held for this request.
+            size = self.batch if self.room is None else await self.room.claim(self.batch)
             self.ended = trio.Event()
             self.left = self.size = size
+            self.delivered = 0
             try:
                 await request()
             except Exception as exc:  # connection trouble: back off, the client reconnects
+                self._unclaim()
                 log.warning("bus.fetch_failed", subject=self.api_subject, error=repr(exc))
                 await trio.sleep(1)
                 continue
-            with trio.move_on_after(self.expires + 1.0) as waited:
-                await self.ended.wait()
+            try:
+                with trio.move_on_after(self.expires + 1.0) as waited:
+                    await self.ended.wait()
+            finally:
+                self._unclaim()
             if waited.cancelled_caught and not self.release.closing:
                 # Not even the expiry's 408 came back: the request was lost (a reconnect) or the
                 # durable is gone (deleted before the request reached it). Check before asking again.
                 self.refused = "no answer"
             elif not self.refused:
                 backoff = 0.0
+
+    def _unclaim(self) -> None:
+        """The request ended (or never went out): what it did not deliver is not coming."""
+        if self.room is not None:
+            self.room.unclaim(self.size - self.delivered)
 
     async def _request(self) -> None:
         body = json.dumps({"batch": self.size, "expires": int(self.expires * 1e9)}).encode()
@@ -381,11 +404,10 @@ class Bus:
     @asynccontextmanager
     async def consume(
         self, subject: str, queue: str, *, batch: int = 64, fetch_timeout: float = 2.0,
-        room: Callable[[], Awaitable[int]] | None = None,
+        room: "PullRoom | None" = None,
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Message]]:
         """Work distribution: each message to exactly one member of `queue`. `room`, on a
-        JetStream subject: awaited before each pull request, it waits until the consumer can take
-        a message and says how many (at most `batch`) the request asks for."""
+        JetStream subject: what each pull request asks for (see PullRoom) instead of `batch`."""
         if not self._uses_jetstream(subject):
             async with self.subscribe(subject, queue=queue) as receive:
                 yield receive

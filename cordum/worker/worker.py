@@ -204,6 +204,39 @@ def _memory_percent() -> float:
         return 0.0
 
 
+class _SlotRoom:
+    """What this worker's pull requests ask for (bus.PullRoom): its free job slots, less the
+    messages asked for and not yet arrived, shared evenly by the subjects it pulls from."""
+
+    def __init__(self, limiter: trio.CapacityLimiter, subjects: Callable[[], int]) -> None:
+        self._limiter = limiter
+        self._subjects = subjects
+        self._expected = 0  # asked for, not yet arrived (or known not to come)
+        self._changed = trio.Event()
+
+    def free(self) -> int:
+        return int(self._limiter.available_tokens) - self._expected
+
+    async def claim(self, most: int) -> int:
+        while self.free() < 1:
+            changed = self._changed
+            await changed.wait()
+        count = min(most, max(1, self.free() // max(1, self._subjects())))
+        self._expected += count
+        return count
+
+    def unclaim(self, count: int) -> None:
+        self._expected = max(0, self._expected - count)
+        self.changed()
+
+    def arrived(self) -> None:
+        self._expected = max(0, self._expected - 1)
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+
 class Worker:
     def __init__(
         self,
@@ -265,7 +298,7 @@ class Worker:
         self._limiter = trio.CapacityLimiter(max_parallel_jobs)
         self._jobs: dict[str, _Job] = {}
         self._jobs_changed = trio.Event()
-        self._slot_freed = trio.Event()
+        self._room = _SlotRoom(self._limiter, lambda: len(self.subjects))
         self._results: RecentMap[tuple[int, bytes]] = RecentMap(result_cache_size, result_cache_ttl)
         self._early_cancels: RecentMap[str] = RecentMap(1024, result_cache_ttl)
         # Results whose saving failed (Redis trouble), by job: (attempt, result, output to store).
@@ -607,13 +640,14 @@ class Worker:
         # subjects): each can start when it comes. A message waiting in the bus's buffer for a
         # slot would not be kept alive on the durable; with none free, nothing is asked for (the
         # job waits in the stream, where another replica may take it).
-        async with self._bus.consume(subject, subject, batch=PULL_BATCH, room=self._free_slots) as messages:
+        async with self._bus.consume(subject, subject, batch=PULL_BATCH, room=self._room) as messages:
             task_status.started()
             async for msg in messages:
                 await self._accept(msg)
 
     async def _accept(self, msg: Message) -> None:
         self.stats.received += 1
+        self._room.arrived()
         try:
             packet = decode(msg.data)
         except PacketError as exc:
@@ -640,17 +674,9 @@ class Worker:
         assert self._nursery is not None
         self._nursery.start_soon(self._run_job, job)
 
-    async def _free_slots(self) -> int:
-        """How many messages a pull request may ask for: the free slots, shared evenly by the
-        subjects pulled from (at least one); waits while there is none."""
-        while self._limiter.available_tokens < 1:
-            await self._slot_freed.wait()
-        return max(1, int(self._limiter.available_tokens) // max(1, len(self.subjects)))
-
     def _free_slot(self, token: object) -> None:
         self._limiter.release_on_behalf_of(token)
-        self._slot_freed.set()
-        self._slot_freed = trio.Event()
+        self._room.changed()
 
     async def _duplicate(self, job_id: str, attempt: int | None, msg: Message) -> bool:
         """Settle a message for a job this worker has run or is running (True), or let it run."""
