@@ -94,6 +94,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *,
                   watch_breaker(metrics, breaker)]
 
         async with trio.open_nursery() as nursery:
+            await nursery.start(gw.leases.keep_all)  # renews approvals' and the cleanup leader's leases
             taps = trio.CancelScope()
 
             async def run_taps(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -14,6 +14,7 @@ against paused holders.
 
 from __future__ import annotations
 
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -70,6 +71,8 @@ class Lease:
     lost: bool = False
     giving_back: bool = False  # its release is on its way: no longer renewed (Leases.release_later)
     released: bool = False  # a release's reply came back: nothing left to release
+    renew_at: float = 0.0  # trio clock: when its keeper renews it next
+    looking: bool = False  # the shared keeper is renewing it now
     _body: trio.CancelScope | None = field(default=None, repr=False)
 
     @property
@@ -85,6 +88,14 @@ class Leases:
         self._acquire = redis.script(_ACQUIRE)
         self._renew = redis.script(_RENEW)
         self._release = redis.script(_RELEASE)
+        self._init_keeper()
+
+    def _init_keeper(self) -> None:
+        # The shared keeper (keep_all): the leases it keeps, by id, and when it looks next.
+        self._kept: dict[int, Lease] = {}
+        self._keeper_on = False
+        self._keeper_looks_at = math.inf
+        self._keeper_kick = trio.Event()
 
     async def try_acquire(self, key: str, ttl: float) -> Lease | None:
         holder = holder_token(self._instance_id)
@@ -164,21 +175,31 @@ class Leases:
 
     @asynccontextmanager
     async def holding(self, lease: Lease) -> AsyncIterator[Lease]:
-        """Keep an acquired lease for the body (see `hold`)."""
+        """Keep an acquired lease for the body (see `hold`): by the shared keeper when it runs
+        (`keep_all`), else by a task of its own."""
         try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    with trio.CancelScope() as body:
-                        lease._body = body
-                        nursery.start_soon(self.keep, lease)
+            if self._keeper_on:
+                with trio.CancelScope() as body:
+                    lease._body = body
+                    self._keep_shared(lease)
+                    try:
                         yield lease
-                    nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The keeper never raises, so a group holds the body's one exception: give the
-                # caller that exception itself, as if no nursery were involved.
-                if len(group.exceptions) == 1:
-                    raise group.exceptions[0] from None
-                raise
+                    finally:
+                        self._kept.pop(id(lease), None)
+            else:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        with trio.CancelScope() as body:
+                            lease._body = body
+                            nursery.start_soon(self.keep, lease)
+                            yield lease
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    # The keeper never raises, so a group holds the body's one exception: give
+                    # the caller that exception itself, as if no nursery were involved.
+                    if len(group.exceptions) == 1:
+                        raise group.exceptions[0] from None
+                    raise
         finally:
             if not lease.lost and not lease.released:  # (a release that never came back: again)
                 with close_scope(2):
@@ -191,24 +212,76 @@ class Leases:
 
     async def keep(self, lease: Lease) -> None:
         """Renew until cancelled; on loss, mark the lease and cancel its body."""
-        interval = lease.ttl / 3
-        next_renewal = trio.current_time() + interval
+        lease.renew_at = trio.current_time() + lease.ttl / 3
         while True:
-            await trio.sleep_until(min(next_renewal, lease.valid_until))
-            if lease.giving_back or lease.released:
+            await trio.sleep_until(min(lease.renew_at, lease.valid_until))
+            if not await self._look(lease):
                 return
-            if trio.current_time() >= lease.valid_until:
-                self._lose(lease, "validity ran out before a renewal succeeded")
-                return
-            try:
-                with trio.move_on_at(lease.valid_until):
-                    if not await self.renew(lease):
-                        self._lose(lease, "lease held by another holder or expired")
-                        return
-                next_renewal = trio.current_time() + interval
-            except (RedisError, *RedisUnavailable) as exc:
-                log.warning("lease.renew_failed", key=lease.key, error=repr(exc))
-                next_renewal = trio.current_time() + min(interval / 4, 0.5)
+
+    async def _look(self, lease: Lease) -> bool:
+        """A kept lease's renewal (or its loss, once its validity ran out); whether to go on
+        keeping it. Sets `renew_at` for the next look."""
+        if lease.giving_back or lease.released:
+            return False
+        if trio.current_time() >= lease.valid_until:
+            self._lose(lease, "validity ran out before a renewal succeeded")
+            return False
+        interval = lease.ttl / 3
+        try:
+            with trio.move_on_at(lease.valid_until):
+                if not await self.renew(lease):
+                    self._lose(lease, "lease held by another holder or expired")
+                    return False
+            lease.renew_at = trio.current_time() + interval
+        except (RedisError, *RedisUnavailable) as exc:
+            log.warning("lease.renew_failed", key=lease.key, error=repr(exc))
+            lease.renew_at = trio.current_time() + min(interval / 4, 0.5)
+        return True
+
+    async def keep_all(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep every lease held through `holding` from this one task while it runs: a held lease
+        costs an entry here instead of a task and a nursery of its own (the scheduler holds two
+        per job, for milliseconds each). Renewals run concurrently, each bounded by its lease's
+        validity. When this stops, the leases it kept are lost (their bodies cancelled): nobody
+        would renew them."""
+        self._keeper_on = True
+        task_status.started()
+        try:
+            async with trio.open_nursery() as looks:
+                while True:
+                    now, looks_at = trio.current_time(), math.inf
+                    for lease in list(self._kept.values()):
+                        if lease.looking:
+                            continue
+                        due = min(lease.renew_at, lease.valid_until)
+                        if due <= now:
+                            lease.looking = True
+                            looks.start_soon(self._look_shared, lease)
+                        else:
+                            looks_at = min(looks_at, due)
+                    self._keeper_looks_at = looks_at
+                    self._keeper_kick = trio.Event()
+                    with trio.move_on_at(looks_at):
+                        await self._keeper_kick.wait()
+        finally:
+            self._keeper_on = False
+            for lease in list(self._kept.values()):
+                self._lose(lease, "the lease keeper stopped")
+
+    def _keep_shared(self, lease: Lease) -> None:
+        lease.renew_at = trio.current_time() + lease.ttl / 3
+        self._kept[id(lease)] = lease
+        if min(lease.renew_at, lease.valid_until) < self._keeper_looks_at:
+            self._keeper_kick.set()  # it sleeps past this lease's first renewal
+
+    async def _look_shared(self, lease: Lease) -> None:
+        try:
+            going = await self._look(lease)
+        finally:
+            lease.looking = False
+        if not going:
+            self._kept.pop(id(lease), None)
+        self._keeper_kick.set()
 
     def _lose(self, lease: Lease, why: str) -> None:
         lease.lost = True

@@ -127,6 +127,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
             await pools.load()
 
         async with trio.open_nursery() as nursery:
+            await nursery.start(leases.keep_all)  # renews held job locks until the process ends
             await nursery.start(http.serve)
             await nursery.start(serve_registration, redis, NAME, settings.instance_id)
             await nursery.start(engine.audit.run)

@@ -80,6 +80,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         backlog = ConsumerBacklog(metrics, bus, [(c.subject, subjects.QUEUE_WORKFLOW_ENGINE) for c in consumers])
 
         async with trio.open_nursery() as nursery:
+            await nursery.start(leases.keep_all)  # renews held run locks until the process ends
             await nursery.start(http.serve)
             await nursery.start(serve_registration, redis, NAME, settings.instance_id)
             for consumer in consumers:

@@ -83,6 +83,26 @@ async def test_losing_the_lease_cancels_the_protected_work(redis):
     assert not reached_end
 
 
+async def test_the_shared_keeper_renews_and_steps_down_like_a_lease_s_own(redis):
+    leases, rival = Leases(redis, "holder"), Leases(redis, "rival")
+    kept, lost = unique("cordum:test:lock"), unique("cordum:test:lock")
+    reached_end = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leases.keep_all)
+        async with leases.hold(kept, 0.6) as lease:
+            await trio.sleep(1.5)  # 2.5 TTLs: only renewal keeps it
+            assert await redis.get(kept) == lease.value
+            assert await rival.try_acquire(kept, 1) is None
+            with pytest.raises(LeaseLost):
+                async with leases.hold(lost, 0.6):
+                    await redis.delete(lost)  # gone: the next renewal finds out, the body stops
+                    await trio.sleep(5)
+                    reached_end = True
+        assert await redis.get(kept) is None  # released on exit
+        assert not reached_end and leases._kept == {}
+        nursery.cancel_scope.cancel()
+
+
 async def test_stale_holder_fenced_write_is_rejected(redis):
     # The job's own lock, as the scheduler takes it; the job store checks the fence on every write.
     a, b = Leases(redis, "paused"), Leases(redis, "successor")

@@ -10,13 +10,14 @@ import pytest
 import trio
 import trio.testing
 
-from cordum.runtime.lease import Lease, Leases
+from cordum.runtime.lease import Lease, LeaseLost, Leases
 
 
 class ScriptedLeases(Leases):
-    def __init__(self, outcomes: list[object]) -> None:  # no Redis: renew is scripted
+    def __init__(self, outcomes: list[object]) -> None:  # no Redis: renew (and release) scripted
         self.outcomes = outcomes
         self.renewals: list[float] = []
+        self._init_keeper()
 
     async def renew(self, lease: Lease) -> bool:
         sent = trio.current_time()
@@ -27,6 +28,10 @@ class ScriptedLeases(Leases):
         if outcome:
             lease.valid_until = sent + lease.ttl - lease.margin
         return bool(outcome)
+
+    async def release(self, lease: Lease) -> bool:
+        lease.released = True
+        return True
 
 
 def _lease(ttl: float) -> Lease:
@@ -80,3 +85,60 @@ async def test_one_failed_renewal_is_retried_without_losing_the_lease(clock):
     assert not lease.lost
     assert leases.renewals[0] == pytest.approx(3.0)
     assert leases.renewals[1] < 4.0  # retried quickly, not a whole interval later
+
+
+# ---- the shared keeper (Leases.keep_all): the same timing, from one task ----------------------
+
+
+async def _held_by_the_shared_keeper(leases: ScriptedLeases, lease: Lease, body_seconds: float) -> bool:
+    """Hold `lease` under `keep_all` for `body_seconds`; whether the body ran to its end."""
+    finished = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leases.keep_all)
+        try:
+            async with leases.holding(lease):
+                await trio.sleep(body_seconds)
+                finished = True
+        except LeaseLost:
+            pass
+        nursery.cancel_scope.cancel()
+    return finished
+
+
+async def test_the_shared_keeper_renews_every_third_of_the_ttl(clock):
+    leases = ScriptedLeases([])
+    lease = _lease(30.0)
+    assert await _held_by_the_shared_keeper(leases, lease, 95)
+    assert not lease.lost
+    gaps = [b - a for a, b in zip([0.0] + leases.renewals, leases.renewals)]
+    assert len(gaps) == 9 and all(gap == pytest.approx(10.0) for gap in gaps)
+
+
+async def test_the_shared_keeper_stops_the_body_before_expiry_when_redis_is_unreachable(clock):
+    leases = ScriptedLeases([ConnectionError("redis down")] * 1000)
+    lease = _lease(30.0)
+    assert not await _held_by_the_shared_keeper(leases, lease, 100)
+    assert lease.lost
+    assert trio.current_time() == pytest.approx(30.0 - lease.margin)
+    assert len(leases.renewals) > 5
+
+
+async def test_the_shared_keeper_keeps_many_leases_each_on_its_own_time(clock):
+    leases = ScriptedLeases([])
+    long_ = _lease(30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leases.keep_all)
+
+        async def hold(lease: Lease) -> None:
+            async with leases.holding(lease):
+                await trio.sleep(20)
+
+        nursery.start_soon(hold, long_)
+        await trio.sleep(5)  # the keeper sleeps until the long lease's first renewal (t=10)...
+        short = _lease(3.0)
+        nursery.start_soon(hold, short)  # ...and is woken for the short one's (t=6)
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert not short.lost and not long_.lost
+    assert leases.renewals[:3] == pytest.approx([6.0, 7.0, 8.0])  # every second: a third of 3 s
+    assert 10.0 in [pytest.approx(t) for t in leases.renewals] and leases._kept == {}
