@@ -509,10 +509,19 @@ async def submit_job(gw: Gateway, body: dict[str, Any], who: Principal) -> tuple
         await publish_request(gw, request_msg, trace_id)
     except Exception as exc:
         log.error("submit.publish_failed", job_id=job_id, error=repr(exc))
-        if reserved:  # the same submit, retried, must make a new job rather than find this failed one
-            await gw.idempotency.release_quietly(tenant, key, job_id)
+        if reserved:
+            # A request with the same key (a client's retry after its own timeout, through another
+            # gateway) may have been answered with this job already: it is not failed but left
+            # PENDING under its key, for the scheduler's pending replayer (or that retry) to queue.
+            raise ApiError(503, "job accepted but not queued yet (bus unavailable): submit again with the same "
+                           "idempotency_key to follow it", code="bus_unavailable",
+                           extra={"job_id": job_id, "trace_id": trace_id}) from None
         try:
-            await gw.jobs.transition(job_id, JobState.FAILED, fields={"failure_reason": "publish to bus failed"})
+            await gw.jobs.transition(job_id, JobState.FAILED, allowed_from=[JobState.PENDING],
+                                     fields={"failure_reason": "publish to bus failed"})
+        except InvalidTransition:  # it moved on: the publish reached the scheduler after all (no ack came)
+            gw.submitted.labels(outcome="accepted").inc()
+            return _accepted(job_id, trace_id)
         except Exception as store_exc:
             log.error("submit.fail_mark_failed", job_id=job_id, error=repr(store_exc))
         raise ApiError(503, "job could not be queued (bus unavailable), try again", code="bus_unavailable",
@@ -545,7 +554,21 @@ async def _duplicate(gw: Gateway, holder: str, tenant: str,
     extra: dict[str, Any] = {}
     if meta.get("state") == JobState.APPROVAL_REQUIRED.value:
         extra = {"status": "approval_required", "reason": meta.get("safety_reason", "")}
+    if meta.get("state") == JobState.PENDING.value:
+        await _queue_again(gw, holder, trace_id)
     return _accepted(holder, trace_id, **extra)
+
+
+async def _queue_again(gw: Gateway, job_id: str, trace_id: str) -> None:
+    """Publish a PENDING job's request once more (a retried submit found it): its first publish
+    may have failed (the bus away), and the stream drops a repeat of one that landed (same message
+    id). A failure leaves it to the scheduler's pending replayer."""
+    try:
+        request = await gw.jobs.get_request(job_id)
+        if request is not None:
+            await publish_request(gw, request, trace_id)
+    except Exception as exc:
+        log.warning("submit.queue_again_failed", job_id=job_id, error=repr(exc))
 
 
 # ---- routes -------------------------------------------------------------------------------------

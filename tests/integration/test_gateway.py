@@ -1195,20 +1195,34 @@ async def test_submit_refuses_what_the_scheduler_or_protobuf_would_reject(api: A
     assert (await api.submit(key=ALICE, max_input_tokens=2**31 - 1, max_total_tokens=10**10)).status == 200
 
 
+async def test_a_submit_the_bus_refused_fails_unless_its_key_may_have_answered_it(api: Api, bus, redis,
+                                                                                    monkeypatch) -> None:
+    # Without a key: the job FAILED (nobody was told of it but this caller, who gets 503).
+    _break_publish(monkeypatch, api.gw, subjects.SUBMIT)
+    plain = await api.submit()
+    assert plain.status == 503 and plain.body["code"] == "bus_unavailable", plain.raw
+    assert (await api.job(plain.body["job_id"]))["state"] == "FAILED"
+    # With a key: a retry of the same submit (through another gateway, after the client's own
+    # timeout) may have been answered with this job already, so it is not failed: it stays PENDING
+    # under its key, and the same submit again answers it and queues it.
+    key = unique("k-pub")
+    failed = await api.submit(idempotency_key=key)
+    assert failed.status == 503 and failed.body["code"] == "bus_unavailable", failed.raw
+    job_id = failed.body["job_id"]
+    assert (await api.job(job_id))["state"] == "PENDING"
+    assert await redis.get(keys.idempotency("default", key)) == job_id
+    monkeypatch.undo()
+    async with bus.consume(subjects.SUBMIT, unique("q")) as messages:
+        again = await api.submit(idempotency_key=key)
+        assert again.status == 200 and again.body["job_id"] == job_id, again.raw
+        _, packet = await _next_request(messages, job_id)  # queued by the retry
+    assert packet.job_request.job_id == job_id
+
+
 async def test_idempotency_key_is_released_when_the_job_never_ran(start_gateway, redis, monkeypatch) -> None:
     from cordum.store.jobs import IDEMPOTENCY_TTL
 
     api = await start_gateway()
-    # publish fails → FAILED, 503; the same submit again makes a new job
-    _break_publish(monkeypatch, api.gw, subjects.SUBMIT)
-    failed = await api.submit(idempotency_key="k-pub")
-    assert failed.status == 503, failed.raw
-    monkeypatch.undo()
-    assert await redis.get(keys.idempotency("default", "k-pub")) is None
-    again = await api.submit(idempotency_key="k-pub")
-    assert again.status == 200 and again.body["job_id"] != failed.body["job_id"]
-    assert (await api.job(again.body["job_id"]))["state"] == "PENDING"
-
     # a key whose job does not exist is stale: released, and the submit proceeds as a new one
     await redis.set(keys.idempotency("default", "k-ghost"), "ghost-job", ex=IDEMPOTENCY_TTL - 3600)
     fresh = await api.submit(idempotency_key="k-ghost")
