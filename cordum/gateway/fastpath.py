@@ -7,14 +7,17 @@ steps the app runs for the route, through the functions the app's hooks use: adm
 (`app.admit`: authentication, tenant header, rate limit), the operator role, the body as a JSON
 object, `jobs.submit_job`, the error envelope (`errors.answer_for`), the request metrics and the
 audit record. What it does not take on goes to the app untouched: a body without a
-Content-Length (chunked) or over the limit, a header that is not UTF-8. A refusal or an error is
-the app's own answer (the same `Response`), sent from here.
+Content-Length (chunked) or over the limit. A refusal or an error is the app's own answer (the
+same `Response`), sent from here.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any, Awaitable, Callable
+
+import trio
+from werkzeug.exceptions import RequestTimeout
 
 from cordum.gateway import audit
 from cordum.gateway.app import admit, count_request
@@ -38,8 +41,8 @@ class RequestHeaders:
 
     def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
         values: dict[str, str] = {}
-        for name, value in raw:
-            values.setdefault(name.decode().lower(), value.decode())
+        for name, value in raw:  # latin-1, as Quart reads them
+            values.setdefault(name.decode("latin1").lower(), value.decode("latin1"))
         self._values = values
 
     def get(self, name: str, default: str | None = None) -> str | None:
@@ -53,34 +56,38 @@ def with_submit_fast_path(app: Any, gw: Gateway) -> Asgi:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != SUBMIT or scope.get("root_path"):
             await app(scope, receive, send)
             return
+        headers = RequestHeaders(scope["headers"])
         try:
-            headers = RequestHeaders(scope["headers"])
             length = int(headers.get("content-length") or "")
-        except ValueError:  # not UTF-8 (UnicodeDecodeError), or no usable Content-Length
+        except ValueError:  # none (a chunked body), or not a number
             length = -1
         if not 0 <= length <= MAX_BODY:
             await app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # gone before it finished sending: nobody to answer, nothing done
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_BODY:  # more than it announced: the app answers it (413)
-                await app(scope, _replay(chunks, message.get("more_body", False), receive), send)
-                return
-            if not message.get("more_body", False):
-                break
-        await _submit(app, gw, scope, headers, b"".join(chunks), send)
+        with trio.move_on_after(app.config["BODY_TIMEOUT"]):  # Quart's limit: then 408, as there
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # gone before it finished sending: nobody to answer, nothing done
+                chunk = message.get("body", b"")
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY:  # more than it announced: the app answers it (413)
+                    await app(scope, _replay(chunks, message.get("more_body", False), receive), send)
+                    return
+                if not message.get("more_body", False):
+                    await _submit(app, gw, scope, headers, b"".join(chunks), send)
+                    return
+        await _submit(app, gw, scope, headers, None, send)
 
     return serve
 
 
-async def _submit(app: Any, gw: Gateway, scope: Scope, headers: RequestHeaders, body: bytes, send: Send) -> None:
+async def _submit(app: Any, gw: Gateway, scope: Scope, headers: RequestHeaders, body: bytes | None,
+                  send: Send) -> None:
+    """Answer a submit; `body` None: it did not arrive in time (admitted, it is a 408)."""
     started = time.perf_counter()
     client = scope.get("client") or ("", 0)
     address = client_address(client[0] or "", headers.get("X-Forwarded-For"), gw.options.trusted_proxies)
@@ -92,6 +99,8 @@ async def _submit(app: Any, gw: Gateway, scope: Scope, headers: RequestHeaders, 
         else:
             assert who is not None
             check_role(who, "operator")
+            if body is None:
+                raise RequestTimeout()
             payload, status, extra = await submit_job(gw, body_object(body), who)
             answer = app.json.response(payload)  # what Quart makes of the route's (body, status, headers)
             answer.status_code = status

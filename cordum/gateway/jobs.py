@@ -554,9 +554,15 @@ async def _duplicate(gw: Gateway, holder: str, tenant: str,
     extra: dict[str, Any] = {}
     if meta.get("state") == JobState.APPROVAL_REQUIRED.value:
         extra = {"status": "approval_required", "reason": meta.get("safety_reason", "")}
-    if meta.get("state") == JobState.PENDING.value:
+    if meta.get("state") == JobState.PENDING.value and now_us() - int(meta.get("updated_at") or 0) < REQUEUE_WITHIN_US:
         await _queue_again(gw, holder, trace_id)
     return _accepted(holder, trace_id, **extra)
+
+
+# A retried submit re-publishes a PENDING job only this soon after it was created: within the
+# stream's duplicate window a repeat of a publish that landed is dropped; an older PENDING job is
+# the scheduler's pending replayer's to queue again.
+REQUEUE_WITHIN_US = 60 * 1_000_000
 
 
 async def _queue_again(gw: Gateway, job_id: str, trace_id: str) -> None:

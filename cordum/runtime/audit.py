@@ -113,9 +113,10 @@ class AuditLog:
                 if not self._buffer:
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
-                    # Let more events join the batch: every replica's writer races for its tenant
-                    # chain's head, and one append an event each lost most races under load.
-                    await trio.sleep(self.linger)
+                    if self.transport == "local":
+                        # Let more events join the batch: every replica's writer races for its
+                        # tenant chain's head, and one append an event each lost most races.
+                        await trio.sleep(self.linger)
                 await self.flush()
                 if self._buffer and self.last_error:
                     await trio.sleep(RETRY_S)

@@ -73,6 +73,7 @@ class Lease:
     released: bool = False  # a release's reply came back: nothing left to release
     renew_at: float = 0.0  # trio clock: when its keeper renews it next
     looking: bool = False  # the shared keeper is renewing it now
+    unkept: bool = False  # the shared keeper stopped while it was held: its body was stopped
     _body: trio.CancelScope | None = field(default=None, repr=False)
 
     @property
@@ -186,6 +187,7 @@ class Leases:
                         yield lease
                     finally:
                         self._kept.pop(id(lease), None)
+                        lease.giving_back = True  # a renewal still in flight must not count as a loss
             else:
                 try:
                     async with trio.open_nursery() as nursery:
@@ -207,7 +209,7 @@ class Leases:
                         await self.release(lease)
                     except (RedisError, *RedisUnavailable) as exc:
                         log.warning("lease.release_failed", key=lease.key, error=repr(exc))
-        if lease.lost:
+        if lease.lost or lease.unkept:
             raise LeaseLost(lease.key)
 
     async def keep(self, lease: Lease) -> None:
@@ -230,7 +232,8 @@ class Leases:
         try:
             with trio.move_on_at(lease.valid_until):
                 if not await self.renew(lease):
-                    self._lose(lease, "lease held by another holder or expired")
+                    if not (lease.giving_back or lease.released):  # (not: released meanwhile, as it should be)
+                        self._lose(lease, "lease held by another holder or expired")
                     return False
             lease.renew_at = trio.current_time() + interval
         except (RedisError, *RedisUnavailable) as exc:
@@ -242,8 +245,8 @@ class Leases:
         """Keep every lease held through `holding` from this one task while it runs: a held lease
         costs an entry here instead of a task and a nursery of its own (the scheduler holds two
         per job, for milliseconds each). Renewals run concurrently, each bounded by its lease's
-        validity. When this stops, the leases it kept are lost (their bodies cancelled): nobody
-        would renew them."""
+        validity. When this stops, the bodies of the leases it kept are cancelled (nobody would
+        renew them) and raise LeaseLost; `holding` releases the leases."""
         self._keeper_on = True
         task_status.started()
         try:
@@ -265,8 +268,10 @@ class Leases:
                         await self._keeper_kick.wait()
         finally:
             self._keeper_on = False
-            for lease in list(self._kept.values()):
-                self._lose(lease, "the lease keeper stopped")
+            for lease in list(self._kept.values()):  # nobody renews them now: their bodies stop
+                lease.unkept = True  # (and `holding` releases them, as they were not lost)
+                if lease._body is not None:
+                    lease._body.cancel()
 
     def _keep_shared(self, lease: Lease) -> None:
         lease.renew_at = trio.current_time() + lease.ttl / 3
@@ -277,6 +282,9 @@ class Leases:
     async def _look_shared(self, lease: Lease) -> None:
         try:
             going = await self._look(lease)
+        except Exception as exc:  # not Redis's (that is retried): this lease only, not the keeper
+            self._lose(lease, f"renewal failed: {exc!r}")
+            going = False
         finally:
             lease.looking = False
         if not going:

@@ -205,36 +205,54 @@ def _memory_percent() -> float:
 
 
 class _SlotRoom:
-    """What this worker's pull requests ask for (bus.PullRoom): its free job slots, less the
-    messages asked for and not yet arrived, shared evenly by the subjects it pulls from."""
+    """What this worker's pull requests ask for: its free job slots, shared evenly by the
+    subjects it pulls from. A subject asks for nothing while its own requests already cover every
+    slot not running a job (its messages asked for, on their way, would take them), so a full
+    worker asks for nothing; what other subjects asked for only makes its requests smaller, so an
+    idle subject's open request never holds a busy one off (at most one message per subject may
+    then wait for a slot, kept alive meanwhile)."""
 
     def __init__(self, limiter: trio.CapacityLimiter, subjects: Callable[[], int]) -> None:
         self._limiter = limiter
         self._subjects = subjects
-        self._expected = 0  # asked for, not yet arrived (or known not to come)
+        self._expected: dict[str, int] = {}  # per subject: asked for, not yet arrived
         self._changed = trio.Event()
 
-    def free(self) -> int:
-        return int(self._limiter.available_tokens) - self._expected
+    def of(self, subject: str) -> "_SubjectRoom":
+        """The bus.PullRoom of `subject`'s pull requests."""
+        return _SubjectRoom(self, subject)
 
-    async def claim(self, most: int) -> int:
-        while self.free() < 1:
+    async def claim(self, subject: str, most: int) -> int:
+        while int(self._limiter.available_tokens) - self._expected.get(subject, 0) < 1:
             changed = self._changed
             await changed.wait()
-        count = min(most, max(1, self.free() // max(1, self._subjects())))
-        self._expected += count
+        free = int(self._limiter.available_tokens) - sum(self._expected.values())
+        count = min(most, max(1, free // max(1, self._subjects())))
+        self._expected[subject] = self._expected.get(subject, 0) + count
         return count
 
-    def unclaim(self, count: int) -> None:
-        self._expected = max(0, self._expected - count)
+    def unclaim(self, subject: str, count: int) -> None:
+        self._expected[subject] = max(0, self._expected.get(subject, 0) - count)
         self.changed()
 
-    def arrived(self) -> None:
-        self._expected = max(0, self._expected - 1)
+    def arrived(self, subject: str) -> None:
+        """A message of `subject` was taken off its channel (a slot is taken for it next)."""
+        self._expected[subject] = max(0, self._expected.get(subject, 0) - 1)
 
     def changed(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+
+class _SubjectRoom:
+    def __init__(self, room: _SlotRoom, subject: str) -> None:
+        self._room, self._subject = room, subject
+
+    async def claim(self, most: int) -> int:
+        return await self._room.claim(self._subject, most)
+
+    def unclaim(self, count: int) -> None:
+        self._room.unclaim(self._subject, count)
 
 
 class Worker:
@@ -640,14 +658,14 @@ class Worker:
         # subjects): each can start when it comes. A message waiting in the bus's buffer for a
         # slot would not be kept alive on the durable; with none free, nothing is asked for (the
         # job waits in the stream, where another replica may take it).
-        async with self._bus.consume(subject, subject, batch=PULL_BATCH, room=self._room) as messages:
+        async with self._bus.consume(subject, subject, batch=PULL_BATCH, room=self._room.of(subject)) as messages:
             task_status.started()
             async for msg in messages:
+                self._room.arrived(subject)
                 await self._accept(msg)
 
     async def _accept(self, msg: Message) -> None:
         self.stats.received += 1
-        self._room.arrived()
         try:
             packet = decode(msg.data)
         except PacketError as exc:

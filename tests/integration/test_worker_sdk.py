@@ -356,6 +356,31 @@ async def test_a_full_worker_leaves_further_jobs_in_the_stream(settings, redis, 
         assert sorted(started) == list(range(6))
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+async def test_an_idle_topic_holds_no_slot_from_the_direct_subject(settings, redis, bus, slots):
+    # Two subjects (direct + topic) share the slots: the topic's open pull request, idle, must
+    # not keep the direct subject's jobs from starting (every slot busy, no job left waiting).
+    worker = Worker(unique("w"), "default", ["job.default"], settings=settings, max_parallel_jobs=slots)
+    now = {"running": 0, "peak": 0}
+
+    @worker.handler()
+    async def tracked(job: JobContext) -> int:
+        now["running"] += 1
+        now["peak"] = max(now["peak"], now["running"])
+        await trio.sleep(0.5)
+        now["running"] -= 1
+        return job.input
+
+    async with taps(bus, subjects.RESULT) as (results,), running(worker):
+        await trio.sleep(2.5)  # the topic's first (idle) pull request expires and is renewed
+        ids = [(await submit(redis, bus, worker.direct_subject, i)).job_request.job_id for i in range(3 * slots)]
+        with trio.fail_after(20):
+            for job_id in ids:
+                _, result = await results.result(job_id)
+                assert result.status == job_pb2.JOB_STATUS_SUCCEEDED
+        assert now["peak"] == slots
+
+
 async def test_drain_finishes_short_jobs_and_gives_back_long_ones(settings, redis, bus):
     worker_id = unique("w")
     first = Worker(worker_id, settings=settings)

@@ -142,3 +142,49 @@ async def test_the_shared_keeper_keeps_many_leases_each_on_its_own_time(clock):
     assert not short.lost and not long_.lost
     assert leases.renewals[:3] == pytest.approx([6.0, 7.0, 8.0])  # every second: a third of 3 s
     assert 10.0 in [pytest.approx(t) for t in leases.renewals] and leases._kept == {}
+
+
+async def test_a_renewal_still_in_flight_when_the_body_ends_is_no_loss(clock):
+    class SlowLeases(ScriptedLeases):
+        async def renew(self, lease: Lease) -> bool:
+            await trio.sleep(1.0)  # the body ends (and its lease is released) meanwhile
+            self.renewals.append(trio.current_time())
+            return False  # as Redis answers a renewal that comes after the release
+
+    leases = SlowLeases([])
+    lease = _lease(3.0)  # first renewal at t=1, its answer at t=2
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leases.keep_all)
+        async with leases.holding(lease):  # raises LeaseLost if the late answer counted as a loss
+            await trio.sleep(1.5)
+        await trio.sleep(1.5)  # the keeper, still running, gets the renewal's answer
+        nursery.cancel_scope.cancel()
+    assert not lease.lost and lease.released and leases.renewals == pytest.approx([2.0])
+
+
+async def test_when_the_shared_keeper_stops_the_bodies_stop_and_the_leases_are_released(clock):
+    leases = ScriptedLeases([])
+    lease = _lease(30.0)
+    outcome: list[str] = []
+
+    async def hold() -> None:
+        try:
+            async with leases.holding(lease):
+                await trio.sleep(100)
+                outcome.append("finished")
+        except LeaseLost:
+            outcome.append("lost")
+
+    async with trio.open_nursery() as nursery:
+        keeper = trio.CancelScope()
+
+        async def keep(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with keeper:
+                await leases.keep_all(task_status=task_status)
+
+        await nursery.start(keep)
+        nursery.start_soon(hold)
+        await trio.sleep(5)
+        keeper.cancel()  # the keeper alone stops (a crash of it, say)
+    assert outcome == ["lost"] and lease.released and not lease.lost
+    assert trio.current_time() == pytest.approx(5.0)
