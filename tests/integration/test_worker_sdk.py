@@ -309,18 +309,25 @@ async def test_a_duplicate_delivery_runs_the_handler_once(settings, redis, bus):
         assert worker.stats.duplicates == 2 and worker.stats.handler_runs == 2
 
 
-async def test_max_parallel_jobs_bounds_concurrent_handlers(settings, redis, bus):
-    worker = Worker(unique("w"), settings=settings, max_parallel_jobs=2)
+def _track_concurrency(worker: Worker, seconds: float) -> dict[str, int]:
+    """A handler that takes `seconds` and echoes its input; the returned counts say how many ran at
+    once (`running` now, `peak` at most)."""
     now = {"running": 0, "peak": 0}
 
     @worker.handler()
     async def tracked(job: JobContext) -> int:
         now["running"] += 1
         now["peak"] = max(now["peak"], now["running"])
-        await trio.sleep(0.2)
+        await trio.sleep(seconds)
         now["running"] -= 1
         return job.input
 
+    return now
+
+
+async def test_max_parallel_jobs_bounds_concurrent_handlers(settings, redis, bus):
+    worker = Worker(unique("w"), settings=settings, max_parallel_jobs=2)
+    now = _track_concurrency(worker, 0.2)
     async with taps(bus, subjects.RESULT) as (results,), running(worker):
         ids = [(await submit(redis, bus, worker.direct_subject, i)).job_request.job_id for i in range(6)]
         for job_id in ids:
@@ -361,16 +368,7 @@ async def test_an_idle_topic_holds_no_slot_from_the_direct_subject(settings, red
     # Two subjects (direct + topic) share the slots: the topic's open pull request, idle, must
     # not keep the direct subject's jobs from starting (every slot busy, no job left waiting).
     worker = Worker(unique("w"), "default", ["job.default"], settings=settings, max_parallel_jobs=slots)
-    now = {"running": 0, "peak": 0}
-
-    @worker.handler()
-    async def tracked(job: JobContext) -> int:
-        now["running"] += 1
-        now["peak"] = max(now["peak"], now["running"])
-        await trio.sleep(0.5)
-        now["running"] -= 1
-        return job.input
-
+    now = _track_concurrency(worker, 0.5)
     async with taps(bus, subjects.RESULT) as (results,), running(worker):
         await trio.sleep(2.5)  # the topic's first (idle) pull request expires and is renewed
         ids = [(await submit(redis, bus, worker.direct_subject, i)).job_request.job_id for i in range(3 * slots)]
