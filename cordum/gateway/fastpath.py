@@ -64,25 +64,37 @@ def with_submit_fast_path(app: Any, gw: Gateway) -> Asgi:
         if not 0 <= length <= MAX_BODY:
             await app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        with trio.move_on_after(app.config["BODY_TIMEOUT"]):  # Quart's limit: then 408, as there
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return  # gone before it finished sending: nobody to answer, nothing done
-                chunk = message.get("body", b"")
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_BODY:  # more than it announced: the app answers it (413)
-                    await app(scope, _replay(chunks, message.get("more_body", False), receive), send)
-                    return
-                if not message.get("more_body", False):
-                    await _submit(app, gw, scope, headers, b"".join(chunks), send)
-                    return
-        await _submit(app, gw, scope, headers, None, send)
+        outcome, chunks, more = await read_body(receive, app.config["BODY_TIMEOUT"])
+        if outcome == "gone":
+            return  # gone before it finished sending: nobody to answer, nothing done
+        if outcome == "over":  # more than it announced: the app answers it (413)
+            await app(scope, _replay(chunks, more, receive), send)
+            return
+        await _submit(app, gw, scope, headers, b"".join(chunks) if outcome == "whole" else None, send)
 
     return serve
+
+
+async def read_body(receive: Receive, timeout: float) -> tuple[str, list[bytes], bool]:
+    """A request's body, read for at most `timeout` s (Quart's BODY_TIMEOUT: later it is a 408,
+    as there): ("whole" | "over" (past MAX_BODY) | "gone" (the client left) | "late", the chunks
+    read, whether more was to come)."""
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(timeout):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return "gone", chunks, False
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            more = bool(message.get("more_body", False))
+            if size > MAX_BODY:
+                return "over", chunks, more
+            if not more:
+                return "whole", chunks, False
+    return "late", chunks, True
 
 
 async def _submit(app: Any, gw: Gateway, scope: Scope, headers: RequestHeaders, body: bytes | None,

@@ -8,6 +8,7 @@ import json
 import time
 
 import trio
+import trio.testing
 
 from cordum.runtime.audit import AuditLog, new_event
 from cordum.store.audit import AuditChain, Entry as AuditEntry, chain_key, link_hash
@@ -68,12 +69,12 @@ async def test_events_recorded_close_together_are_appended_together(redis) -> No
             return await super().append(tenant, events)
 
     tenant = unique("t")
-    audit = AuditLog(Counting(redis), None, linger=1.0)
+    audit = AuditLog(Counting(redis), None, linger=2.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(audit.run)
         for i in range(5):  # a burst: what one busy moment of a replica records
             audit.record(new_event(tenant, "test", f"act {i}"))
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # the writer saw it (without a linger: wrote it)
         with trio.fail_after(10):
             while audit.written < 5:
                 await trio.sleep(0.02)

@@ -342,11 +342,12 @@ async def test_a_full_worker_leaves_further_jobs_in_the_stream(settings, redis, 
     # in the stream (another replica may take it) instead of waiting here undelivered-to-others.
     worker = Worker(unique("w"), settings=settings, max_parallel_jobs=2)
     started: list[int] = []
+    held = trio.Event()  # the jobs run until the check is made, however slow the machine
 
     @worker.handler()
     async def slow(job: JobContext) -> int:
         started.append(job.input)
-        await trio.sleep(1.5)
+        await held.wait()
         return job.input
 
     async with taps(bus, subjects.RESULT) as (results,), running(worker):
@@ -357,6 +358,7 @@ async def test_a_full_worker_leaves_further_jobs_in_the_stream(settings, redis, 
         await trio.sleep(0.3)  # time for a further pull, were one made
         pending, delivered = await bus.consumer_backlog(worker.direct_subject, worker.direct_subject)
         assert (len(started), delivered, pending) == (2, 2, 4)
+        held.set()
         for job_id in ids:
             _, result = await results.result(job_id)
             assert result.status == job_pb2.JOB_STATUS_SUCCEEDED
