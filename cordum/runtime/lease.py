@@ -49,8 +49,7 @@ end
 return 0
 """
 
-# Fence counters outlive any record they protect (job data is kept for days, not weeks).
-FENCE_TTL_MS = 30 * 24 * 3600 * 1000
+FENCE_TTL_MS = keys.FENCE_TTL_MS
 
 
 class LeaseUnavailable(Exception):

@@ -58,6 +58,10 @@ def rate_limit_tat(tenant: str, limit: str) -> str:
     return "cordum:rl:{" + tag + "}:" + limit
 
 
+# Fence counters outlive any record they protect (job data is kept for days, not weeks).
+FENCE_TTL_MS = 30 * 24 * 3600 * 1000
+
+
 def fence_counter(lock_key: str) -> str:
     """The fencing-token counter of a lock. Tagged with the whole lock key, so it hashes to the
     lock's own slot (a key without braces hashes as a whole) and one script can touch both."""
