@@ -106,7 +106,7 @@ fi
 # Services start from bytecode even where PYTHONDONTWRITEBYTECODE is set (many shells and images
 # set it): otherwise every process compiled our modules at each start, about a second of CPU and a
 # few MB of memory it kept. Quick when nothing changed (only modified files are compiled again).
-"$VENV/bin/python" -m compileall -q -j 0 cordum >/dev/null
+"$VENV/bin/python" -m compileall -q -j 0 cordum
 
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/nats-server" ]; then

@@ -23,7 +23,7 @@ class Dispatched:
     worker_id: str
     attempt: int
     trace_id: str
-    at_us: int  # when it was recorded DISPATCHED
+    at_us: int  # when it was recorded RUNNING (the dispatch published)
 
 
 class RecentDispatches:
@@ -40,8 +40,8 @@ class RecentDispatches:
         while len(self._sent) > self._capacity:
             del self._sent[next(iter(self._sent))]
 
-    def take(self, job_id: str) -> Dispatched | None:
-        return self._sent.pop(job_id, None)
+    def peek(self, job_id: str) -> Dispatched | None:
+        return self._sent.get(job_id)
 
     def forget(self, job_id: str) -> None:
         self._sent.pop(job_id, None)

@@ -37,7 +37,7 @@ from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topi
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import (
-    ConditionFailed, InvalidTransition, JobNotFound, JobStore, LockHeld, now_us, result_from_json,
+    ConditionFailed, InvalidTransition, JobNotFound, JobStore, LockHeld, StaleFence, now_us, result_from_json,
 )
 from cordum.store.jobstate import (
     MAX_SCHEDULING_RETRIES, RETRY_LOCK_BUSY_S, RETRY_NO_WORKERS_S, RETRY_SAFETY_THROTTLE_S, TERMINAL, JobState,
@@ -276,9 +276,11 @@ class Engine:
             log.debug("scheduler.invalid_result", job_id=result.job_id, problems=problems)
             return
         attempt = subjects.attempt_of(msg.headers)
-        sent = self.dispatches.take(result.job_id)
-        if sent is not None and await self._apply_plain_success(result, sent, attempt):
-            return
+        sent = self.dispatches.peek(result.job_id)
+        if sent is not None and _plain_success_of(result, sent, attempt):
+            self.dispatches.forget(result.job_id)
+            if await self._apply_plain_success(result, sent):
+                return
         lease, meta = await self._lock_and_read(result.job_id)
         known = None if meta is UNREAD else meta
         await self._locked(result.job_id, lambda lease: self.apply_result(result, lease, attempt=attempt, meta=known,
@@ -396,9 +398,6 @@ class Engine:
             fields = {**fields, **self.output.dispatch_fields(str(fields.get("safety_snapshot", "")))}
         dispatched = await self.store.transition(job_id, S.DISPATCHED, fence=fence, tenant=tenant, after=after,
                                                  fields={**fields, "worker_id": worker_id})
-        if not self.store.on_cluster and fields.get(CHECK_FIELD) != DUE:
-            self.dispatches.remember(job_id, Dispatched(tenant, request.topic, worker_id, dispatched.attempts,
-                                                        packet.trace_id or job_id, now_us()))
         try:
             await self.send_to_worker(request, worker_id, packet.trace_id or job_id, dispatched.attempts)
         except TimeoutError as exc:
@@ -407,13 +406,18 @@ class Engine:
             log.warning("scheduler.dispatch_unconfirmed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             return
         except Exception as exc:
-            self.dispatches.forget(job_id)
             self.metrics.dispatch_rollback.labels(topic=request.topic).inc()
             await self.store.transition(job_id, S.SCHEDULED, fence=fence, tenant=tenant, event={"rollback": repr(exc)},
                                         after=self.store.inflight_commands(worker_id, job_id, done=True))
             log.warning("scheduler.dispatch_failed", job_id=job_id, worker_id=worker_id, error=repr(exc))
             raise Retry(backoff_delay(dispatched.attempts, rand=random.random()), "dispatch publish failed") from None
-        await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant, along=self._release_along(lease))
+        confirmed = await self._confirm_dispatch(job_id, request.topic, worker_id, fence, tenant,
+                                                 along=self._release_along(lease))
+        # Remembered once the lock is given back (in the confirmation's round trip): a result that
+        # came sooner took the locked path, which waited for the lock instead of finding it held.
+        if confirmed and not self.store.on_cluster and fields.get(CHECK_FIELD) != DUE:
+            self.dispatches.remember(job_id, Dispatched(tenant, request.topic, worker_id, dispatched.attempts,
+                                                        packet.trace_id or job_id, now_us()))
         self.metrics.latency.labels(topic=request.topic).observe(trio.current_time() - started)
         log.debug("job.dispatched", job_id=job_id, trace_id=packet.trace_id or job_id, worker_id=worker_id,
                   attempt=dispatched.attempts)
@@ -427,14 +431,17 @@ class Engine:
                                headers={subjects.ATTEMPT_HEADER: str(attempt)})
 
     async def _confirm_dispatch(self, job_id: str, topic: str, worker_id: str, fence: int, tenant: str, *,
-                                along: Callable[[], Callable[[], Awaitable[Any]]] | None = None) -> None:
+                                along: Callable[[], Callable[[], Awaitable[Any]]] | None = None) -> bool:
+        """RUNNING, now that the dispatch is published; False when the job had moved on already."""
         self.registry.dispatched(worker_id)
         try:
             await self.store.transition(job_id, S.RUNNING, fence=fence, allowed_from=[S.DISPATCHED], tenant=tenant,
                                         along=along)
+            moved = True
         except InvalidTransition:
-            pass  # the worker was faster: its result already moved the job on
+            moved = False  # the worker was faster: its result already moved the job on
         self.metrics.dispatched.labels(topic=topic).inc()
+        return moved
 
     async def redispatch(self, job_id: str, lease: Lease) -> bool:
         """Re-send a job left DISPATCHED without confirmation (its publish timed out, or its
@@ -473,15 +480,12 @@ class Engine:
 
     # ---- results ----------------------------------------------------------------------------
 
-    async def _apply_plain_success(self, result: JobResult, sent: Dispatched, attempt: int | None) -> bool:
-        """A success from the worker this replica sent the job to, for the attempt it sent: written
-        in one script, made only if the job is still DISPATCHED or RUNNING with that attempt and
-        worker, no output check is due and nobody holds its lock (one round trip where the locked
-        path takes two, and three scripts fewer). False when any of that is not so: nothing was
-        written, and the locked path decides."""
-        if (result.status != JobStatus.JOB_STATUS_SUCCEEDED or result.worker_id != sent.worker_id
-                or (attempt is not None and attempt != sent.attempt)):
-            return False
+    async def _apply_plain_success(self, result: JobResult, sent: Dispatched) -> bool:
+        """A success from the worker this replica sent the job to, for the attempt it sent
+        (`_plain_success_of`): written in one script, made only if the job is still DISPATCHED or
+        RUNNING with that attempt and worker, no output check is due and nobody holds its lock
+        (one round trip where the locked path takes two, and three scripts fewer). False when any
+        of that is not so: nothing was written, and the locked path decides."""
         job_id = result.job_id
         after = [*self.store.worker_history_commands(result.worker_id, job_id),
                  *self.store.inflight_commands(sent.worker_id, job_id, done=True)]
@@ -491,7 +495,7 @@ class Engine:
                 allowed_from=[S.DISPATCHED, S.RUNNING], unlocked=keys.job_lock(job_id),
                 expect={"attempts": sent.attempt, "worker_id": sent.worker_id, CHECK_FIELD: ""},
             )
-        except (LockHeld, InvalidTransition, ConditionFailed, JobNotFound):
+        except (LockHeld, InvalidTransition, ConditionFailed, JobNotFound, StaleFence):
             return False
         self.metrics.completed.labels(topic=sent.topic, status=JobStatus.Name(result.status)).inc()
         self.metrics.finished.labels(topic=sent.topic, state=S.SUCCEEDED.value).inc()
@@ -702,6 +706,13 @@ class Engine:
             raise
         await self.store.set_fields(job_id, {"dlq_pending": ""})
         await self.store.run_repeatable(self.store.dlq_pending_commands(job_id, pending=False))
+
+
+def _plain_success_of(result: JobResult, sent: Dispatched, attempt: int | None) -> bool:
+    """A success from the worker the job was sent to, for the attempt sent (a worker that names
+    no attempt is taken at its word by the script's check of the stored attempt)."""
+    return (result.status == JobStatus.JOB_STATUS_SUCCEEDED and result.worker_id == sent.worker_id
+            and (attempt is None or attempt == sent.attempt))
 
 
 def _result_fields(result: JobResult) -> dict:
