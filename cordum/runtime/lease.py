@@ -49,9 +49,6 @@ end
 return 0
 """
 
-FENCE_TTL_MS = keys.FENCE_TTL_MS
-
-
 class LeaseUnavailable(Exception):
     """Someone else holds the lease."""
 
@@ -100,7 +97,7 @@ class Leases:
     async def try_acquire(self, key: str, ttl: float) -> Lease | None:
         holder = holder_token(self._instance_id)
         sent = trio.current_time()
-        fence = int(await self._acquire([key, keys.fence_counter(key)], [holder, _ms(ttl), FENCE_TTL_MS]))
+        fence = int(await self._acquire([key, keys.fence_counter(key)], [holder, _ms(ttl), keys.FENCE_TTL_MS]))
         return _granted(key, holder, fence, ttl, sent)
 
     def try_acquire_later(self, key: str, ttl: float) -> Callable[[], Awaitable[Lease | None]]:
@@ -109,7 +106,7 @@ class Leases:
         when the server lacks the script; `try_acquire` then loads it."""
         holder = holder_token(self._instance_id)
         sent = trio.current_time()
-        reply = self._acquire.call_later([key, keys.fence_counter(key)], [holder, _ms(ttl), FENCE_TTL_MS])
+        reply = self._acquire.call_later([key, keys.fence_counter(key)], [holder, _ms(ttl), keys.FENCE_TTL_MS])
 
         async def lease() -> Lease | None:
             return _granted(key, holder, int(await reply()), ttl, sent)

@@ -129,6 +129,9 @@ class SchedulerMetrics:
         self.lock_wait = metrics.histogram(
             "cordum_scheduler_job_lock_wait_seconds", "Time to get a job's lock (with its record, when read together)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.one_step = metrics.counter(
+            "cordum_scheduler_results_one_step_total",
+            "Worker successes written in one step by the replica that dispatched the job, without its lock")
         self.lock_abandoned = metrics.counter(
             "cordum_scheduler_job_lock_abandoned_total", "Job locks lost mid-work (their renewal failed): the work is retried")
         self.stale_jobs = metrics.gauge(
@@ -487,16 +490,16 @@ class Engine:
         (one round trip where the locked path takes two, and three scripts fewer). False when any
         of that is not so: nothing was written, and the locked path decides."""
         job_id = result.job_id
-        after = [*self.store.worker_history_commands(result.worker_id, job_id),
-                 *self.store.inflight_commands(sent.worker_id, job_id, done=True)]
         try:
             moved = await self.store.transition(
-                job_id, S.SUCCEEDED, fields=_result_fields(result), tenant=sent.tenant, after=after,
+                job_id, S.SUCCEEDED, fields=_result_fields(result), tenant=sent.tenant,
+                after=self._result_after(result, sent.worker_id),
                 allowed_from=[S.DISPATCHED, S.RUNNING], unlocked=keys.job_lock(job_id),
                 expect={"attempts": sent.attempt, "worker_id": sent.worker_id, CHECK_FIELD: ""},
             )
         except (LockHeld, InvalidTransition, ConditionFailed, JobNotFound, StaleFence):
             return False
+        self.metrics.one_step.inc()
         self.metrics.completed.labels(topic=sent.topic, status=JobStatus.Name(result.status)).inc()
         self.metrics.finished.labels(topic=sent.topic, state=S.SUCCEEDED.value).inc()
         self.metrics.ran(sent.topic, {"updated_at": sent.at_us}, moved.previous)
@@ -504,6 +507,12 @@ class Engine:
         log.debug("job.result_applied", job_id=job_id, trace_id=sent.trace_id, state=S.SUCCEEDED.value,
                   worker_id=result.worker_id)
         return True
+
+    def _result_after(self, result: JobResult, dispatched_to: str) -> list[tuple]:
+        """The index upkeep of a result: the worker's history gains the job, and the in-flight
+        list of the worker it was dispatched to loses it."""
+        return [*self.store.worker_history_commands(result.worker_id, result.job_id),
+                *self.store.inflight_commands(dispatched_to, result.job_id, done=True)]
 
     async def apply_result(self, result: JobResult, lease: Lease, *, attempt: int | None = None,
                            meta: dict | None = None, release_early: bool = False) -> bool:
@@ -544,8 +553,7 @@ class Engine:
         fields = _result_fields(result)
         if target is S.RETRYING:
             target, code, reason, fields = self._plan_retry(meta, current, code, reason, fields)
-        after = [*self.store.worker_history_commands(result.worker_id, job_id),
-                 *self.store.inflight_commands(meta.get("worker_id", ""), job_id, done=True)]
+        after = self._result_after(result, meta.get("worker_id", ""))
         outcome, unchecked = None, False
         if meta.get(CHECK_FIELD) == DUE:
             if target is not S.SUCCEEDED:

@@ -29,6 +29,28 @@ async def test_allowed_job_is_dispatched_once_and_succeeds(spawn, tmp_path, redi
     assert meta["safety_decision"] == "ALLOW" and meta["safety_rule_id"] == "allow-default"
 
 
+async def test_a_dispatching_replica_writes_its_jobs_successes_in_one_step(spawn, tmp_path, redis, bus):
+    """Through real processes: the scheduler remembers what it dispatched and writes the worker's
+    success without taking the job's lock (a result that beat the dispatch's confirmation takes
+    the locked path instead, so a few jobs, of which at least one must take the one step)."""
+    stack = await job_path(spawn, tmp_path)
+    store = JobStore(redis)
+    for _ in range(5):
+        job_id = await submit_direct(store, bus, context={"prompt": "one step"})
+        meta = await wait_state(store, job_id, {"SUCCEEDED"})
+        assert meta["worker_id"] == "worker-1"
+        assert [e["state"] for e in await store.events(job_id)] == ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+    assert await redis.get(keys.job_lock(job_id)) is None
+
+    async def one_step() -> float:
+        text = await trio.to_thread.run_sync(http_get, stack.http_ports["scheduler-1"], "/metrics")
+        return metric(text, "cordum_scheduler_results_one_step_total")
+
+    with trio.fail_after(30):  # counted just after the write the test saw
+        while await one_step() < 1:
+            await trio.sleep(0.05)
+
+
 async def _next_dlq_event(events, job_id: str):
     with trio.fail_after(10):
         while True:
