@@ -68,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # This driver runs in the bench venv, without our package installed; these two modules of it are
 # standard library only, so they are imported from the checkout instead of copied here.
 sys.path.insert(0, str(ROOT))
-from cordum.dev.servers import free_block  # noqa: E402
+from cordum.dev.servers import free_block, free_port  # noqa: E402
 from cordum.dev.topology import BLOCK_SIZE  # noqa: E402  (every port of a topology lives in B..B+BLOCK_SIZE-1)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMEOUT", "DENIED", "OUTPUT_QUARANTINED")
@@ -370,12 +370,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def say(*parts: Any) -> None:
     print("bench:", *parts, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def proc_sample(pid: int) -> dict[str, float] | None:

@@ -17,12 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ephemeral_low(default: int = 32768) -> int:
     """The lowest port the kernel hands out for outgoing connections (Linux: ip_local_port_range)."""
     try:
@@ -32,28 +26,41 @@ def _ephemeral_low(default: int = 32768) -> int:
         return default
 
 
+_handed_out: set[int] = set()  # ports given to a caller by this process: never given twice
+
+
 def free_block(size: int) -> int:
-    """A base port whose whole block of `size` loopback ports is free right now. Taken below the
-    ephemeral range when there is room: a port in that range that is free now can be taken at any
-    moment as the local port of some outgoing connection (a Redis client, say) before the
-    topology's service binds it."""
+    """A base port whose whole block of `size` loopback ports is free right now and was not handed
+    out before by this process. Taken below the ephemeral range when there is room: a port in that
+    range that is free now can be taken at any moment as the local port of some outgoing connection
+    (a Redis client, say) before the service it was meant for binds it (a CI run failed so: a
+    kernel's gRPC port, free when asked for, was in use a second later)."""
     low = _ephemeral_low()
     first, last = (10000, low - size) if low - size > 10000 + size else (20000, 60000 - size)
-    for _ in range(50):
-        base = random.randrange(first, last, 2)
+    for _ in range(200):
+        base = random.randrange(first, last)
+        block = range(base, base + size)
+        if _handed_out.intersection(block):
+            continue
         socks: list[socket.socket] = []
         try:
-            for port in range(base, base + size):
+            for port in block:
                 sock = socket.socket()
                 socks.append(sock)
                 sock.bind(("127.0.0.1", port))
-            return base
         except OSError:
             continue
         finally:
             for sock in socks:
                 sock.close()
+        _handed_out.update(block)
+        return base
     raise RuntimeError(f"no free block of {size} loopback ports")
+
+
+def free_port() -> int:
+    """A loopback port free right now, outside the ephemeral range (see free_block)."""
+    return free_block(1)
 
 
 def wait_for_port(port: int, *, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:

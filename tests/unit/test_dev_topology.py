@@ -234,3 +234,17 @@ def test_the_echo_workers_count_their_runs_unless_told_not_to() -> None:
     assert {counted.get(f"worker-{i}").env["ECHO_EXECUTIONS_KEY"] for i in (1, 2)} == {topo.DEV_EXECUTIONS_KEY}
     quiet = topo.build(workers=1, api_key="secret", echo_executions_key="")
     assert quiet.get("worker-1").env["ECHO_EXECUTIONS_KEY"] == ""
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() -> None:
+    # A port in the ephemeral range that is free when asked for can become a client's local port
+    # before the service binds it (a CI run lost a kernel so); and two callers must not share one.
+    from cordum.dev.servers import _ephemeral_low, free_port
+
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+    low = _ephemeral_low()
+    if low > 10_100:
+        assert max(ports) < low
+    base = free_block(8)
+    assert not set(range(base, base + 8)) & set(ports)
