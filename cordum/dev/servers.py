@@ -26,36 +26,48 @@ def _ephemeral_low(default: int = 32768) -> int:
         return default
 
 
-_handed_out: set[int] = set()  # ports given to a caller by this process: never given twice
+_cursor: int | None = None  # where this process's next block starts: ports go out in turn
 
 
 def free_block(size: int) -> int:
-    """A base port whose whole block of `size` loopback ports is free right now and was not handed
-    out before by this process. Taken below the ephemeral range when there is room: a port in that
-    range that is free now can be taken at any moment as the local port of some outgoing connection
-    (a Redis client, say) before the service it was meant for binds it (a CI run failed so: a
-    kernel's gRPC port, free when asked for, was in use a second later)."""
+    """A base port whose whole block of `size` loopback ports is free right now.
+
+    Taken below the ephemeral range when there is room: a port in that range that is free now can
+    be taken at any moment as the local port of some outgoing connection (a Redis client, say)
+    before the service it was meant for binds it (a CI run failed so). Blocks go out in turn from a
+    random start, wrapping at the end, so a port this process handed out is not handed out again
+    until the whole range has gone round (a set of every port given, tried first, fragmented the
+    range until a suite could find no block of 144)."""
+    global _cursor
     low = _ephemeral_low()
     first, last = (10000, low - size) if low - size > 10000 + size else (20000, 60000 - size)
-    for _ in range(200):
-        base = random.randrange(first, last)
-        block = range(base, base + size)
-        if _handed_out.intersection(block):
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in block:
-                sock = socket.socket()
-                socks.append(sock)
+    if _cursor is None or not first <= _cursor < last:
+        _cursor = random.randrange(first, last)
+    for _ in range(last - first):
+        base = _cursor
+        busy = _first_busy_port(base, size)
+        if busy is None:
+            _cursor = base + size if base + size < last else first
+            return base
+        _cursor = busy + 1 if busy + 1 < last else first
+    raise RuntimeError(f"no free block of {size} loopback ports in {first}..{last + size - 1}")
+
+
+def _first_busy_port(base: int, size: int) -> int | None:
+    """The first port of base..base+size-1 that cannot be bound now, None when all can."""
+    socks: list[socket.socket] = []
+    try:
+        for port in range(base, base + size):
+            sock = socket.socket()
+            socks.append(sock)
+            try:
                 sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        _handed_out.update(block)
-        return base
-    raise RuntimeError(f"no free block of {size} loopback ports")
+            except OSError:
+                return port
+        return None
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def free_port() -> int:
