@@ -32,6 +32,7 @@ from cordum.runtime.log import get_logger
 from cordum.safety.client import SafetyClient, SafetyDecision, Verdict
 from cordum.scheduler.dispatches import Dispatched, RecentDispatches
 from cordum.scheduler.registry import WorkerRegistry
+from cordum.scheduler.reuse import NewestSnapshot, newest_snapshot_later, stored_decision
 from cordum.runtime.audit import AuditLog, new_event
 from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
 from cordum.store import keys
@@ -62,6 +63,7 @@ S = JobState
 @dataclass
 class EngineConfig:
     fail_open: bool = False  # POLICY_CHECK_FAIL_MODE=open: dispatch when the kernel is unreachable
+    reuse_submit_decision: bool = True  # SCHEDULER_REUSE_SUBMIT_DECISION (cordum/scheduler/reuse.py)
 
 
 class _TopicBounded:
@@ -129,6 +131,9 @@ class SchedulerMetrics:
         self.lock_wait = metrics.histogram(
             "cordum_scheduler_job_lock_wait_seconds", "Time to get a job's lock (with its record, when read together)",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.decisions_reused = metrics.counter(
+            "cordum_scheduler_safety_decisions_reused_total",
+            "Jobs dispatched under their submit-time policy decision, the policy that made it being the newest loaded")
         self.one_step = metrics.counter(
             "cordum_scheduler_results_one_step_total",
             "Worker successes written in one step by the replica that dispatched the job, without its lock")
@@ -255,9 +260,19 @@ class Engine:
                 await self._locked(request.job_id, lambda lease: self._reject(request, problems, lease))
             return
         started = trio.current_time()
+        newest = self._newest_snapshot_later()
         lease, meta = await self._lock_and_read(request.job_id)
-        await self._locked(request.job_id, lambda lease: self._handle_request(packet, request, lease, started, meta),
+        await self._locked(request.job_id,
+                           lambda lease: self._handle_request(packet, request, lease, started, meta, newest),
                            lease=lease)
+
+    def _newest_snapshot_later(self) -> NewestSnapshot | None:
+        """The newest policy snapshot any kernel loaded, queued for the next Redis round trip (the
+        one that takes the job's lock); awaited only when a stored decision could be reused. None
+        where nothing is reused (turned off; on a cluster the list lives on another node)."""
+        if not self.config.reuse_submit_decision or self.store.on_cluster:
+            return None
+        return newest_snapshot_later(self.store.redis)
 
     async def _reject(self, request: JobRequest, problems: list[str], lease: Lease) -> None:
         meta = await self.store.get(request.job_id)
@@ -300,15 +315,15 @@ class Engine:
     # ---- submit -----------------------------------------------------------------------------
 
     async def _handle_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float,
-                              meta: Any = UNREAD) -> None:
+                              meta: Any = UNREAD, newest: NewestSnapshot | None = None) -> None:
         try:
-            await self._process_request(packet, request, lease, started, meta)
+            await self._process_request(packet, request, lease, started, meta, newest)
         except InvalidTransition as exc:
             # The job moved on meanwhile (cancelled through the API, say): nothing left to do.
             log.info("scheduler.request_superseded", job_id=request.job_id, error=str(exc))
 
     async def _process_request(self, packet: BusPacket, request: JobRequest, lease: Lease, started: float,
-                               meta: Any = UNREAD) -> None:
+                               meta: Any = UNREAD, newest: NewestSnapshot | None = None) -> None:
         job_id, fence = request.job_id, lease.fence
         if meta is UNREAD:
             meta = await self.store.get(job_id)
@@ -335,7 +350,7 @@ class Engine:
                                f"gave up after {MAX_SCHEDULING_RETRIES} scheduling attempts")
             return
 
-        decision = await self._safety(request, meta, tenant)
+        decision, reused = await self._safety(request, meta, tenant, newest)
         if self.audit is not None:
             self.audit.record(new_event(tenant, "policy_decision", "dispatch", job_id=job_id, topic=request.topic,
                                         verdict=decision.verdict.value, reason=decision.reason,
@@ -348,6 +363,9 @@ class Engine:
             self.metrics.fail_open.labels(topic=request.topic).inc()
             decided: dict = {"safety_bypassed": True}
             recorded: list = []
+        elif reused:  # the stored fields stand as written; the job's trace shows it was reused
+            decided = {}
+            recorded = self.store.decision_commands(job_id, {**_decision_record(decision), "reused": True})
         else:
             # Written together with the state change that follows the decision: no extra round trip.
             decided = _decision_fields(decision)
@@ -388,17 +406,17 @@ class Engine:
                                         fence=fence)
             raise Retry(RETRY_NO_WORKERS_S, str(exc)) from None
         await self._dispatch(packet, request, worker.worker_id, lease, started, tenant=tenant, fields=decided,
-                             after=recorded, due_us=due_us)
+                             after=recorded, due_us=due_us, snapshot=decision.snapshot)
 
     async def _dispatch(self, packet: BusPacket, request: JobRequest, worker_id: str, lease: Lease, started: float,
-                        *, tenant: str, fields: dict, after: list, due_us: int = 0) -> None:
+                        *, tenant: str, fields: dict, after: list, due_us: int = 0, snapshot: str = "") -> None:
         job_id, fence = request.job_id, lease.fence
         # DISPATCHED is written before the publish: a redelivered submit then finds the job
         # dispatched and does nothing, so a job is never sent twice by the scheduler. (The
         # spec's SCHEDULED step in between is skipped: it would cost a write and tell nothing.)
         after = [*after, *self.store.inflight_commands(worker_id, job_id, done=False)]
         if self.output is not None:  # is its output to be checked before anyone relies on it?
-            fields = {**fields, **self.output.dispatch_fields(str(fields.get("safety_snapshot", "")))}
+            fields = {**fields, **self.output.dispatch_fields(snapshot)}
         dispatched = await self.store.transition(job_id, S.DISPATCHED, fence=fence, tenant=tenant, after=after,
                                                  fields={**fields, "worker_id": worker_id})
         try:
@@ -471,15 +489,22 @@ class Engine:
                            fields={**decided, "worker_id": SENDER})
         self.metrics.finished.labels(topic=request.topic, state=S.SUCCEEDED.value).inc()
 
-    async def _safety(self, request: JobRequest, meta: dict, tenant: str) -> SafetyDecision:
+    async def _safety(self, request: JobRequest, meta: dict, tenant: str,
+                      newest: NewestSnapshot | None = None) -> tuple[SafetyDecision, bool]:
+        """The policy's decision for dispatching the job, and whether it is the stored one reused."""
         if _approved(request, meta):
-            return SafetyDecision(Verdict.ALLOW, "approval granted")
+            return SafetyDecision(Verdict.ALLOW, "approval granted"), False
+        if newest is not None and meta.get("safety_snapshot"):
+            stored = stored_decision(meta, await newest())
+            if stored is not None:
+                self.metrics.decisions_reused.inc()
+                return stored, True
         check = PolicyCheckRequest(
             job_id=request.job_id, topic=request.topic, tenant=tenant, priority=request.priority,
             budget=request.budget, principal_id=request.principal_id, labels=dict(request.labels),
             memory_id=request.memory_id, meta=request.meta,
         )
-        return await self.safety.check(check)
+        return await self.safety.check(check), False
 
     # ---- results ----------------------------------------------------------------------------
 

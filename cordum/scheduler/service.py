@@ -64,6 +64,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     safety_addrs = env_value(settings, "SAFETY_KERNEL_ADDR", "localhost:50051", parse_kernel_addrs)
     safety_tls = kernel_client_tls(settings)
     fail_mode = env_value(settings, "POLICY_CHECK_FAIL_MODE", "closed", _fail_mode)
+    reuse_decision = env_value(settings, "SCHEDULER_REUSE_SUBMIT_DECISION", "true", parse_bool)
     output_settings = OutputSettings(
         enabled=env_value(settings, "OUTPUT_POLICY_ENABLED", "true", parse_bool),
         fail_closed=env_value(settings, "OUTPUT_POLICY_FAIL_MODE", "open", _fail_mode) == "closed",
@@ -97,7 +98,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         engine = Engine(
             store=JobStore(redis), bus=bus, leases=leases, safety=safety,
             registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics, pools.current),
-            config=EngineConfig(fail_open=fail_mode == "open"),
+            config=EngineConfig(fail_open=fail_mode == "open", reuse_submit_decision=reuse_decision),
         )
         engine.audit = AuditLog(AuditChain(redis, hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode()),
                                 bus, transport=settings.audit_transport, sender=settings.instance_id)

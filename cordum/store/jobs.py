@@ -548,6 +548,10 @@ class JobStore:
     def on_cluster(self) -> bool:
         return self._redis.cluster
 
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
     async def get_many(self, job_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         raws = await self._redis.pipeline([("HGETALL", keys.job_meta(j)) for j in job_ids])
         found: list[dict[str, Any] | None] = []

@@ -182,13 +182,16 @@ async def job_path(spawn, tmp_path: Path, *, worker: bool = True, **env: str) ->
 
 
 async def submit_direct(store: JobStore, bus, topic: str = "job.default", tenant: str = "default",
-                        context: object = None, job_id: str | None = None, labels: dict | None = None) -> str:
-    """What the gateway does for an allowed job: persist it PENDING with its context, publish it."""
+                        context: object = None, job_id: str | None = None, labels: dict | None = None,
+                        fields: dict | None = None) -> str:
+    """What the gateway does for an allowed job: persist it PENDING with its context (and
+    `fields`, the gateway's submit-time decision say), publish it."""
     job_id = job_id or str(uuid.uuid4())
     request = JobRequest(job_id=job_id, topic=topic, tenant_id=tenant, context_ptr=f"redis://ctx:{job_id}",
                          labels=labels or {})
     await store.create(job_id, JobState.PENDING, request=request,
-                       fields={"topic": topic, "tenant": tenant, "trace_id": job_id, "labels": labels or {}},
+                       fields={"topic": topic, "tenant": tenant, "trace_id": job_id, "labels": labels or {},
+                               **(fields or {})},
                        context={"prompt": "test"} if context is None else context)
     packet = new_packet(request, sender_id="test", trace_id=job_id)
     await bus.publish(subjects.SUBMIT, encode(packet), msg_id=f"jobreq:{job_id}")

@@ -9,10 +9,13 @@ import trio
 from cordum.agent.v1.job_pb2 import JobResult
 from cordum.protocol.packets import decode, encode, new_packet
 from cordum.store import keys
+from cordum.safety.policy import parse_policy
 from cordum.store.jobs import JobStore
 from cordum.worker.echo import read_executions
 from tests.conftest import unique
-from tests.integration.stack import EXECUTIONS_KEY, Stack, http_get, job_path, metric, submit_direct, wait_state
+from tests.integration.stack import (
+    EXECUTIONS_KEY, POLICY, Stack, http_get, job_path, metric, submit_direct, wait_state,
+)
 from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
 
@@ -49,6 +52,44 @@ async def test_a_dispatching_replica_writes_its_jobs_successes_in_one_step(spawn
     with trio.fail_after(30):  # counted just after the write the test saw
         while await one_step() < 1:
             await trio.sleep(0.05)
+
+
+async def test_a_submit_time_allow_is_reused_only_while_its_policy_is_the_newest(spawn, tmp_path, redis, bus):
+    """The scheduler dispatches under the decision stored at submit when the policy that made it
+    is the newest any kernel loaded, without asking the kernel again; made under an older policy,
+    it is checked again and the policy in force decides. Both jobs go to `job.danger`, which the
+    policy denies: only the check tells them apart."""
+    stack = await job_path(spawn, tmp_path)
+    store = JobStore(redis)
+    current = parse_policy(POLICY).snapshot
+    with trio.fail_after(30):  # the kernel records its snapshot in Redis once it has loaded it
+        while await redis.execute("ZREVRANGE", keys.SAFETY_SNAPSHOTS, 0, 0) != [current]:
+            await trio.sleep(0.05)
+    stored = {"safety_decision": "ALLOW", "safety_rule_id": "allow-default", "safety_reason": "checked at submit"}
+    stale = await submit_direct(store, bus, topic="job.danger", fields={**stored, "safety_snapshot": "v0:older"})
+    meta = await wait_state(store, stale, {"DENIED", "SUCCEEDED"})
+    assert meta["state"] == "DENIED" and meta["safety_snapshot"] == current
+    assert meta["failure_reason"] == "dangerous work is not allowed"
+
+    fresh = await submit_direct(store, bus, topic="job.danger", fields={**stored, "safety_snapshot": current})
+    meta = await wait_state(store, fresh, {"DENIED", "SUCCEEDED"})
+    assert meta["state"] == "SUCCEEDED" and meta["safety_reason"] == "checked at submit"
+    decisions = [json.loads(d) for d in await redis.execute("LRANGE", keys.job_decisions(fresh), 0, -1)]
+    assert [(d["by"], d["decision"], d.get("reused")) for d in decisions] == [("cordum-scheduler", "ALLOW", True)]
+    text = await trio.to_thread.run_sync(http_get, stack.http_ports["scheduler-1"], "/metrics")
+    assert metric(text, "cordum_scheduler_safety_decisions_reused_total") == 1
+
+
+async def test_decisions_are_not_reused_when_turned_off(spawn, tmp_path, redis, bus):
+    await job_path(spawn, tmp_path, SCHEDULER_REUSE_SUBMIT_DECISION="false")
+    store = JobStore(redis)
+    current = parse_policy(POLICY).snapshot
+    with trio.fail_after(30):
+        while await redis.execute("ZREVRANGE", keys.SAFETY_SNAPSHOTS, 0, 0) != [current]:
+            await trio.sleep(0.05)
+    job_id = await submit_direct(store, bus, topic="job.danger",
+                                 fields={"safety_decision": "ALLOW", "safety_snapshot": current})
+    assert (await wait_state(store, job_id, {"DENIED", "SUCCEEDED"}))["state"] == "DENIED"
 
 
 async def _next_dlq_event(events, job_id: str):
