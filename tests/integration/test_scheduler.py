@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import trio
 
@@ -14,7 +15,7 @@ from cordum.store.jobs import JobStore
 from cordum.worker.echo import read_executions
 from tests.conftest import unique
 from tests.integration.stack import (
-    EXECUTIONS_KEY, POLICY, Stack, http_get, job_path, metric, submit_direct, wait_state,
+    EXECUTIONS_KEY, POLICY, Stack, gateway_stack, http_get, job_path, metric, submit_direct, wait_state,
 )
 from tests.integration.stack import nats_server, redis_server  # noqa: F401  (servers of its own)
 
@@ -54,6 +55,15 @@ async def test_a_dispatching_replica_writes_its_jobs_successes_in_one_step(spawn
             await trio.sleep(0.05)
 
 
+async def _policy_recorded(redis) -> str:
+    """The test policy's snapshot, once the kernel has recorded it in Redis as the newest loaded."""
+    current = parse_policy(POLICY).snapshot
+    with trio.fail_after(30):  # the kernel records it just after loading: generous for a loaded CI machine
+        while await redis.execute("ZREVRANGE", keys.SAFETY_SNAPSHOTS, 0, 0) != [current]:
+            await trio.sleep(0.05)
+    return current
+
+
 async def test_a_submit_time_allow_is_reused_only_while_its_policy_is_the_newest(spawn, tmp_path, redis, bus):
     """The scheduler dispatches under the decision stored at submit when the policy that made it
     is the newest any kernel loaded, without asking the kernel again; made under an older policy,
@@ -61,10 +71,7 @@ async def test_a_submit_time_allow_is_reused_only_while_its_policy_is_the_newest
     policy denies: only the check tells them apart."""
     stack = await job_path(spawn, tmp_path)
     store = JobStore(redis)
-    current = parse_policy(POLICY).snapshot
-    with trio.fail_after(30):  # the kernel records its snapshot in Redis once it has loaded it
-        while await redis.execute("ZREVRANGE", keys.SAFETY_SNAPSHOTS, 0, 0) != [current]:
-            await trio.sleep(0.05)
+    current = await _policy_recorded(redis)
     stored = {"safety_decision": "ALLOW", "safety_rule_id": "allow-default", "safety_reason": "checked at submit"}
     stale = await submit_direct(store, bus, topic="job.danger", fields={**stored, "safety_snapshot": "v0:older"})
     meta = await wait_state(store, stale, {"DENIED", "SUCCEEDED"})
@@ -80,13 +87,34 @@ async def test_a_submit_time_allow_is_reused_only_while_its_policy_is_the_newest
     assert metric(text, "cordum_scheduler_safety_decisions_reused_total") == 1
 
 
+async def test_the_gateways_submit_time_allow_is_the_one_the_scheduler_reuses(spawn, tmp_path, redis):
+    """End to end: what the gateway stores at submit is what the scheduler finds reusable (the
+    snapshot the kernel answers with is the one it records in Redis), so the job's decision log
+    holds the gateway's decision and the scheduler's reuse of it, and the job succeeds."""
+    key = "reuse-admin-key-0123456789abcdef"
+    stack = Stack.create(spawn, tmp_path, CORDUM_API_KEY=key, CORDUM_ENV="dev")
+    base = await gateway_stack(stack)
+    current = await _policy_recorded(redis)
+
+    def submit() -> dict:
+        request = urllib.request.Request(f"{base}/api/v1/jobs", data=json.dumps({"prompt": "reuse"}).encode(),
+                                         method="POST", headers={"X-API-Key": key, "X-Tenant-ID": "default",
+                                                                 "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    job_id = (await trio.to_thread.run_sync(submit))["job_id"]
+    meta = await wait_state(JobStore(redis), job_id, {"SUCCEEDED", "FAILED", "DENIED"})
+    assert meta["state"] == "SUCCEEDED" and meta["safety_snapshot"] == current
+    decisions = [json.loads(d) for d in await redis.execute("LRANGE", keys.job_decisions(job_id), 0, -1)]
+    assert [(d["by"], d["decision"], d.get("reused")) for d in decisions] == [
+        ("api-gateway", "ALLOW", None), ("cordum-scheduler", "ALLOW", True)]
+
+
 async def test_decisions_are_not_reused_when_turned_off(spawn, tmp_path, redis, bus):
     await job_path(spawn, tmp_path, SCHEDULER_REUSE_SUBMIT_DECISION="false")
     store = JobStore(redis)
-    current = parse_policy(POLICY).snapshot
-    with trio.fail_after(30):
-        while await redis.execute("ZREVRANGE", keys.SAFETY_SNAPSHOTS, 0, 0) != [current]:
-            await trio.sleep(0.05)
+    current = await _policy_recorded(redis)
     job_id = await submit_direct(store, bus, topic="job.danger",
                                  fields={"safety_decision": "ALLOW", "safety_snapshot": current})
     assert (await wait_state(store, job_id, {"DENIED", "SUCCEEDED"}))["state"] == "DENIED"
