@@ -503,6 +503,13 @@ class Batcher(Generic[T, R]):
     def submit_nowait(self, item: T) -> None:
         self._enqueue(item, None)
 
+    def submit_from_host(self, item: T) -> None:
+        """`submit_nowait` from a callback on the host loop: wakes the flusher without a trip
+        through Trio's wake-up socket, and wakes Trio only if the flusher is waiting for items."""
+        if not self._wakeup.is_set():
+            host_wakes_trio()
+        self._enqueue(item, None)
+
     def submit_later(self, item: T) -> Callable[[], Awaitable[R]]:
         """Queue `item` now; await the returned function for its result later. Items queued
         before the caller's next checkpoint go in one batch, in the order queued (one round trip

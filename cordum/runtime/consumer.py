@@ -10,6 +10,10 @@
   and `on_poison` (e.g. a DLQ write) runs first, so the message is recorded rather than dropped.
 - Handlers run concurrently up to `concurrency`; a message is acked only after its handler
   returned, so a replica that dies mid-handler leaves it to be redelivered to another.
+- `skip(body)`, if given, names the messages the handler would drop unread: they are acked (and
+  counted as handled) where they arrive, without a task or a Trio wake-up (`bus.Skip`).
+- `linger` (seconds, with `skip`): while only skipped messages come, a queue-group consumer takes
+  them in batches every `linger` (`Bus.consume`); a message it handles is late by at most that.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Awaitable, Callable
 import trio
 
 from cordum.agent.v1.buspacket_pb2 import BusPacket
-from cordum.infra.bus import Bus, Message
+from cordum.infra.bus import Bus, Message, Skip
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import RedisError, RedisUnavailable
 from cordum.protocol.packets import PacketError, decode
@@ -68,15 +72,21 @@ class PacketConsumer:
     def __init__(
         self, bus: Bus, subject: str, handler: Handler, counters: ConsumerMetrics, *,
         queue: str | None = None, concurrency: int = 64, max_deliveries: int = 20, on_poison: PoisonHook | None = None,
+        skip: Skip | None = None, linger: float = 0.0,
     ) -> None:
         self.bus, self.subject, self.handler, self.counters = bus, subject, handler, counters
         self.queue, self.max_deliveries, self.on_poison = queue, max_deliveries, on_poison
+        self.skip = None if skip is None else _counted(skip, counters.handled.labels(subject=subject))
+        self.linger = linger
         self._limiter = trio.CapacityLimiter(concurrency)
         self._intake = trio.CancelScope()
         self._done = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        source = self.bus.consume(self.subject, self.queue) if self.queue else self.bus.subscribe(self.subject)
+        if self.queue:
+            source = self.bus.consume(self.subject, self.queue, skip=self.skip, linger=self.linger)
+        else:
+            source = self.bus.subscribe(self.subject, skip=self.skip)
         try:
             async with trio.open_nursery() as handlers:
                 with self._intake:
@@ -98,6 +108,15 @@ class PacketConsumer:
     async def stop(self) -> None:
         self._intake.cancel()
         await self._done.wait()
+
+
+def _counted(skip: Skip, handled) -> Skip:
+    def counted(data: bytes) -> bool:
+        if skip(data):
+            handled.inc()
+            return True
+        return False
+    return counted
 
 
 async def serve_packets(

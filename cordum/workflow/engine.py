@@ -47,7 +47,7 @@ from cordum.infra.bus import Bus
 from cordum.infra.metrics import BoundedLabel, Metrics
 from cordum.infra.redis import Redis
 from cordum.protocol import subjects
-from cordum.protocol.packets import encode, new_packet
+from cordum.protocol.packets import PacketError, decode, encode, new_packet
 from cordum.protocol.pointers import context_key, ptr
 from cordum.runtime.consumer import Retry
 from cordum.runtime.lease import Lease, LeaseLost, Leases
@@ -156,6 +156,26 @@ def _superseded(result: Any, attempt: int | None, current: str | None, worker: s
         log.info("workflow.other_worker_result", job_id=result.job_id, worker_id=result.worker_id, current=worker)
         return True
     return False
+
+
+def _no_step_outcome(packet: BusPacket) -> bool:
+    """True for a ``sys.job.result`` packet that decides no workflow step: another payload, a job
+    that is not a step's (its id does not parse as one), or a FAILED_RETRYABLE attempt (the
+    scheduler retries the job itself, and its final failure comes on ``sys.job.dlq``)."""
+    if packet.WhichOneof("payload") != "job_result":
+        return True
+    result = packet.job_result
+    return result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE or rs.parse_job_id(result.job_id) is None
+
+
+def skips_result(data: bytes) -> bool:
+    """The result consumer's `skip` (``bus.Skip``): most results on the bus are of plain jobs,
+    acked where they arrive instead of waking the engine. Undecodable bytes are not skipped: the
+    consumer counts and terminates them."""
+    try:
+        return _no_step_outcome(decode(data))
+    except PacketError:
+        return False
 
 
 def status_name(status: int) -> str:
@@ -422,11 +442,9 @@ class WorkflowEngine(StepHandlers):
         """``sys.job.result`` consumer. A FAILED_RETRYABLE result is not the step's outcome: the
         scheduler retries that job itself (same job id, next attempt), and its final failure
         reaches us on ``sys.job.dlq`` (or through the reconciler)."""
-        if packet.WhichOneof("payload") != "job_result":
+        if _no_step_outcome(packet):
             return
         result = packet.job_result
-        if result.status == JobStatus.JOB_STATUS_FAILED_RETRYABLE or rs.parse_job_id(result.job_id) is None:
-            return
         current, worker, check, stored_ptr, checked_hash = await self.redis.execute(
             "HMGET", keys.job_meta(result.job_id), "attempts", "worker_id", output_check.CHECK_FIELD, "result_ptr",
             output_check.HASH_FIELD)

@@ -12,7 +12,7 @@ from cordum.infra.config import load_settings
 from cordum.infra.metrics import Metrics
 from cordum.infra.redis import ResponseError, open_redis
 from cordum.protocol.packets import decode, encode, new_packet
-from cordum.runtime.consumer import ConsumerMetrics, Retry, serve_packets
+from cordum.runtime.consumer import ConsumerMetrics, PacketConsumer, Retry, serve_packets
 from tests.conftest import unique
 
 
@@ -119,6 +119,78 @@ async def test_nak_with_delay_redelivers_and_term_does_not(bus):
         assert [s[1] for s in retried] == [1, 2]
         assert retried[1][2] - retried[0][2] >= 0.45  # redelivered after the delay, not at once
         assert [s[1] for s in seen if s[0] == b"poison"] == [1]
+
+
+async def test_skipped_messages_are_acked_where_they_arrive_and_never_reach_the_handler(bus, settings):
+    queue, metrics = unique("q"), Metrics(settings.instance_id)
+    seen: list[str] = []
+
+    async def handler(packet, msg) -> None:
+        seen.append(packet.job_result.job_id)
+
+    def skip(data: bytes) -> bool:
+        job_id = decode(data).job_result.job_id
+        if job_id.startswith("boom"):
+            raise RuntimeError("a faulty skip test")  # decides nothing: the handler gets it
+        return job_id.startswith("skip")
+
+    consumer = PacketConsumer(bus, "sys.job.result", handler, ConsumerMetrics(metrics), queue=queue, skip=skip)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(consumer.run)
+        for job_id in ("skip-1", "keep-1", "skip-2", "boom-1", "keep-2", "skip-3"):
+            await bus.publish("sys.job.result", encode(new_packet(JobResult(job_id=job_id, status=5), sender_id="w")))
+        await bus.publish("sys.job.result", b"\xff not a packet")  # the skip test raises: not skipped
+        with trio.fail_after(15):
+            while len(seen) < 3 or await bus.consumer_backlog("sys.job.result", queue) != (0, 0):
+                await trio.sleep(0.05)  # all seven settled: none waits for its ack
+        await consumer.stop()
+    assert sorted(seen) == ["boom-1", "keep-1", "keep-2"]
+    samples = {(s.name, s.labels.get("subject")): s.value
+               for family in text_string_to_metric_families(metrics.exposition().decode()) for s in family.samples}
+    assert samples[("cordum_bus_messages_handled_total", "sys.job.result")] == 6.0  # 3 skipped, 3 handled
+    assert samples[("cordum_bus_malformed_packets_total", "sys.job.result")] == 1.0
+
+
+async def test_a_consumer_that_claims_room_cannot_skip(bus):
+    class Room:
+        async def claim(self, most: int) -> int:
+            return most
+
+        def unclaim(self, count: int) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="cannot skip"):
+        async with bus.consume("sys.job.result", unique("q"), room=Room(), skip=lambda data: True):
+            pass
+    with pytest.raises(ValueError, match="linger is for consumers that skip"):
+        async with bus.consume("sys.job.result", unique("q"), linger=0.01):
+            pass
+
+
+async def test_a_lingering_consumer_waits_only_after_skipped_messages(bus):
+    queue, linger = unique("q"), 1.0
+    skip = lambda data: data.startswith(b"skip")  # noqa: E731
+
+    async def publish_and_time(data: bytes, messages) -> float:
+        started = trio.current_time()
+        await bus.publish("sys.job.cancel", data)
+        with trio.fail_after(10):
+            msg = await messages.receive()
+        assert msg.data == data
+        await msg.ack()
+        return trio.current_time() - started
+
+    async with bus.consume("sys.job.cancel", queue, skip=skip, linger=linger) as messages:
+        await trio.sleep(0.2)  # its first request is waiting
+        assert await publish_and_time(b"keep-idle", messages) < linger  # an idle stream: at once
+        await bus.publish("sys.job.cancel", b"skip-1")  # taken by the waiting request, skipped
+        # The next request lingers: a message behind skipped ones waits for it.
+        assert await publish_and_time(b"keep-after-skipped", messages) >= 0.8 * linger
+        # ... and one behind a message that was taken does not.
+        assert await publish_and_time(b"keep-after-kept", messages) < linger
+        with trio.fail_after(15):
+            while await bus.consumer_backlog("sys.job.cancel", queue) != (0, 0):
+                await trio.sleep(0.05)  # the skipped one was acked too
 
 
 @pytest.mark.parametrize("batch, published", [

@@ -500,3 +500,33 @@ def test_mark_dispatched_refuses():
     done, _ = rs.cancel(run, now=1)
     with pytest.raises(ValueError):
         rs.mark_dispatched(w, done, "a", 1)
+
+
+# ---- which results the engine's consumer acks unread ----------------------------------------
+
+
+@pytest.mark.parametrize("job_id, status, skipped", [
+    ("8f3c2a", "SUCCEEDED", True),  # a plain job: no run's step
+    ("run-1:fetch@1", "SUCCEEDED", False),  # a step's success
+    ("run-1:fetch[2]@3", "FAILED", False),  # a fan-out step's failure
+    ("run-1:fetch@1", "CANCELLED", False),
+    ("run-1:fetch@1", "FAILED_RETRYABLE", True),  # the scheduler retries it itself
+    ("run-1:fetch@0", "SUCCEEDED", True),  # attempt 0 names no step job
+])
+def test_the_result_consumer_skips_only_results_that_decide_no_step(job_id, status, skipped):
+    from cordum.agent.v1.job_pb2 import JobResult, JobStatus
+    from cordum.protocol.packets import encode, new_packet
+    from cordum.workflow.engine import skips_result
+
+    packet = new_packet(JobResult(job_id=job_id, status=JobStatus.Value("JOB_STATUS_" + status)), sender_id="w")
+    assert skips_result(encode(packet)) is skipped
+
+
+def test_the_result_consumer_skips_other_payloads_but_never_malformed_bytes():
+    from cordum.agent.v1.heartbeat_pb2 import Heartbeat
+    from cordum.protocol.packets import encode, new_packet
+    from cordum.workflow.engine import skips_result
+
+    assert skips_result(encode(new_packet(Heartbeat(worker_id="w"), sender_id="w"))) is True
+    assert skips_result(b"\xff not a packet") is False  # left to the consumer: counted, terminated
+    assert skips_result(b"") is False
