@@ -17,6 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from cordum.infra import keepalive
 from cordum.infra.metrics import CONTENT_TYPE, Metrics
 from cordum.runtime.log import get_logger
 
@@ -150,6 +151,8 @@ class HttpServer:
         self.port: int | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        keepalive.install()
+
         async def started_hook(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
             await hypercorn_serve(self.app, self.config, shutdown_trigger=self._stop.wait, task_status=task_status)
 
