@@ -177,22 +177,12 @@ class _StreamingPull:
     next one goes out, once the consumer has taken all but `batch` of what it was handed. A
     message costs one delivery and one ack: no request of its own, no empty reply, no bridge
     crossing (the inbox callback feeds the Trio channel directly).
-
-    With `linger` (seconds), for a consumer that `skip`s most of a busy stream (the workflow
-    engine on every job's result): after a request that brought messages, all of them skipped, the
-    next one waits `linger` and then takes, without waiting (`no_wait`), what gathered meanwhile, so
-    a stream of skipped messages costs two wake-ups per `linger` instead of one per message. After
-    a request that brought a message the consumer takes, or none, the next one asks for a single
-    message and waits: a message that matters is late by at most `linger`, and only when it follows
-    skipped ones that closely.
     """
 
     def __init__(self, bus: "Bus", stream: str, durable: str, subject: str, release: _PullRelease,
                  send: trio.MemorySendChannel[Message], batch: int, expires: float,
-                 room: "PullRoom | None" = None, skip: Skip | None = None, linger: float = 0.0) -> None:
-        self.bus, self.release, self.send, self.skip, self.linger = bus, release, send, skip, linger
-        self.no_wait = False  # the open request takes what is there and ends
-        self.taken = 0  # of what the open request delivered, messages not skipped
+                 room: "PullRoom | None" = None, skip: Skip | None = None) -> None:
+        self.bus, self.release, self.send, self.skip = bus, release, send, skip
         self.stream, self.durable, self.subject = stream, durable, subject
         self.batch = max(1, batch)
         self.room = room
@@ -217,13 +207,11 @@ class _StreamingPull:
             return
         if not raw.reply:
             return
-        skipped = _skips(self.skip, raw.data)
         self.left -= 1
         self.delivered += 1
-        self.taken += not skipped
         if self.left <= 0:
             self._end()
-        if skipped:
+        if _skips(self.skip, raw.data):
             try:
                 self.bus._acks.submit_from_host(_Action("ack", raw))
             except trio.ClosedResourceError:
@@ -267,17 +255,11 @@ class _StreamingPull:
             if self.send.statistics().current_buffer_used > self.batch:  # the consumer is behind
                 await trio.sleep(0.005)
                 continue
-            # The last request brought messages, and all were skipped: let more gather.
-            self.no_wait = bool(self.linger) and self.delivered > 0 and not self.taken
-            if self.no_wait:
-                await trio.sleep(self.linger)  # let more gather for the next request
             # As many as the consumer can start now (waits for one), held for this request.
             size = self.batch if self.room is None else await self.room.claim(self.batch)
-            if self.linger and not self.no_wait:
-                size = 1  # idle: the first message alone, at once, then lingering takes the rest
             self.ended = trio.Event()
             self.left = self.size = size
-            self.delivered = self.taken = 0
+            self.delivered = 0
             try:
                 await request()
             except Exception as exc:  # connection trouble: back off, the client reconnects
@@ -303,12 +285,7 @@ class _StreamingPull:
             self.room.unclaim(self.size - self.delivered)
 
     async def _request(self) -> None:
-        ask: dict[str, Any] = {"batch": self.size}
-        if self.no_wait:
-            ask["no_wait"] = True
-        else:
-            ask["expires"] = int(self.expires * 1e9)
-        body = json.dumps(ask).encode()
+        body = json.dumps({"batch": self.size, "expires": int(self.expires * 1e9)}).encode()
         await self.bus._nc.publish(self.api_subject, body, reply=self.inbox)
 
 
@@ -453,16 +430,13 @@ class Bus:
     @asynccontextmanager
     async def consume(
         self, subject: str, queue: str, *, batch: int = 64, fetch_timeout: float = 2.0,
-        room: "PullRoom | None" = None, skip: Skip | None = None, linger: float = 0.0,
+        room: "PullRoom | None" = None, skip: Skip | None = None,
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Message]]:
         """Work distribution: each message to exactly one member of `queue`. `room`, on a
         JetStream subject: what each pull request asks for (see PullRoom) instead of `batch`.
-        `skip`: messages the consumer would drop unread are acked without reaching it (`Skip`).
-        `linger`: a stream of skipped messages is taken in batches (see _StreamingPull)."""
+        `skip`: messages the consumer would drop unread are acked without reaching it (`Skip`)."""
         if room is not None and skip is not None:
             raise ValueError("a consumer that claims room cannot skip messages it never sees")
-        if linger and skip is None:
-            raise ValueError("linger is for consumers that skip messages")
         if not self._uses_jetstream(subject):
             async with self.subscribe(subject, queue=queue, skip=skip) as receive:
                 yield receive
@@ -472,7 +446,7 @@ class Bus:
         release = _PullRelease()
         # Unbounded: what is in flight is bounded by the pull requests instead (_StreamingPull).
         send, receive = trio.open_memory_channel[Message](math.inf)
-        pull = _StreamingPull(self, stream, durable, subject, release, send, batch, fetch_timeout, room, skip, linger)
+        pull = _StreamingPull(self, stream, durable, subject, release, send, batch, fetch_timeout, room, skip)
         await aio(self._ensure_consumer)(stream, durable, subject)
         sub = await aio(self._nc.subscribe)(self._nc.new_inbox(), cb=pull.on_message)
         pull.inbox = sub.subject

@@ -12,8 +12,6 @@
   returned, so a replica that dies mid-handler leaves it to be redelivered to another.
 - `skip(body)`, if given, names the messages the handler would drop unread: they are acked (and
   counted as handled) where they arrive, without a task or a Trio wake-up (`bus.Skip`).
-- `linger` (seconds, with `skip`): while only skipped messages come, a queue-group consumer takes
-  them in batches every `linger` (`Bus.consume`); a message it handles is late by at most that.
 """
 
 from __future__ import annotations
@@ -72,19 +70,18 @@ class PacketConsumer:
     def __init__(
         self, bus: Bus, subject: str, handler: Handler, counters: ConsumerMetrics, *,
         queue: str | None = None, concurrency: int = 64, max_deliveries: int = 20, on_poison: PoisonHook | None = None,
-        skip: Skip | None = None, linger: float = 0.0,
+        skip: Skip | None = None,
     ) -> None:
         self.bus, self.subject, self.handler, self.counters = bus, subject, handler, counters
         self.queue, self.max_deliveries, self.on_poison = queue, max_deliveries, on_poison
         self.skip = None if skip is None else _counted(skip, counters.handled.labels(subject=subject))
-        self.linger = linger
         self._limiter = trio.CapacityLimiter(concurrency)
         self._intake = trio.CancelScope()
         self._done = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.queue:
-            source = self.bus.consume(self.subject, self.queue, skip=self.skip, linger=self.linger)
+            source = self.bus.consume(self.subject, self.queue, skip=self.skip)
         else:
             source = self.bus.subscribe(self.subject, skip=self.skip)
         try:

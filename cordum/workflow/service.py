@@ -9,8 +9,7 @@
         └── gauges            consumer backlog (every 15 s)
 
 Results drive runs: each result is processed by exactly one replica (the queue group), under the
-run's fenced lock; results of jobs that are no run's steps are acked as they arrive, unhandled,
-and while only those come, the consumer takes them in batches every `WORKFLOW_ENGINE_RESULT_LINGER`. The scheduler keeps its own durable on `sys.job.result`, so both see every
+run's fenced lock; results of jobs that are no run's steps are acked as they arrive, unhandled. The scheduler keeps its own durable on `sys.job.result`, so both see every
 result. Shutdown follows the guide: cancel context (intake stops, handlers finish, loops end) →
 HTTP drain. Timers stay in `cordum:wf:delay:timers` for the other replicas' poller, run locks
 expire by TTL.
@@ -47,13 +46,6 @@ STAGES = ("cancel context", "http drain")
 log = get_logger("workflow.service")
 
 
-def _linger(raw: str) -> float:
-    value = parse_duration(raw)
-    if value > 1.0:
-        raise ValueError("expected a duration of at most 1s (a step's result may wait that long)")
-    return value
-
-
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
@@ -66,7 +58,6 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
     scan = env_value(settings, "WORKFLOW_ENGINE_SCAN_INTERVAL", "5s", parse_duration)
     scan_limit = env_value(settings, "WORKFLOW_ENGINE_RUN_SCAN_LIMIT", "200", _positive_int)
     poll = env_value(settings, "WORKFLOW_ENGINE_DELAY_POLL_INTERVAL", "1s", parse_duration)
-    linger = env_value(settings, "WORKFLOW_ENGINE_RESULT_LINGER", "20ms", _linger)
 
     metrics = Metrics(settings.instance_id)
     counters = ConsumerMetrics(metrics)
@@ -84,7 +75,7 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         http = HttpServer(probe_app(NAME, metrics, health), *http_addr)
         consumers = [
             PacketConsumer(bus, subjects.RESULT, engine.on_result, counters, queue=subjects.QUEUE_WORKFLOW_ENGINE,
-                           skip=skips_result, linger=linger),
+                           skip=skips_result),
             PacketConsumer(bus, subjects.DLQ, engine.on_dlq, counters, queue=subjects.QUEUE_WORKFLOW_ENGINE),
         ]
         backlog = ConsumerBacklog(metrics, bus, [(c.subject, subjects.QUEUE_WORKFLOW_ENGINE) for c in consumers])

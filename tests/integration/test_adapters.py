@@ -162,35 +162,6 @@ async def test_a_consumer_that_claims_room_cannot_skip(bus):
     with pytest.raises(ValueError, match="cannot skip"):
         async with bus.consume("sys.job.result", unique("q"), room=Room(), skip=lambda data: True):
             pass
-    with pytest.raises(ValueError, match="linger is for consumers that skip"):
-        async with bus.consume("sys.job.result", unique("q"), linger=0.01):
-            pass
-
-
-async def test_a_lingering_consumer_waits_only_after_skipped_messages(bus):
-    queue, linger = unique("q"), 1.0
-    skip = lambda data: data.startswith(b"skip")  # noqa: E731
-
-    async def publish_and_time(data: bytes, messages) -> float:
-        started = trio.current_time()
-        await bus.publish("sys.job.cancel", data)
-        with trio.fail_after(10):
-            msg = await messages.receive()
-        assert msg.data == data
-        await msg.ack()
-        return trio.current_time() - started
-
-    async with bus.consume("sys.job.cancel", queue, skip=skip, linger=linger) as messages:
-        await trio.sleep(0.2)  # its first request is waiting
-        assert await publish_and_time(b"keep-idle", messages) < linger  # an idle stream: at once
-        await bus.publish("sys.job.cancel", b"skip-1")  # taken by the waiting request, skipped
-        # The next request lingers: a message behind skipped ones waits for it.
-        assert await publish_and_time(b"keep-after-skipped", messages) >= 0.8 * linger
-        # ... and one behind a message that was taken does not.
-        assert await publish_and_time(b"keep-after-kept", messages) < linger
-        with trio.fail_after(15):
-            while await bus.consumer_backlog("sys.job.cancel", queue) != (0, 0):
-                await trio.sleep(0.05)  # the skipped one was acked too
 
 
 @pytest.mark.parametrize("batch, published", [

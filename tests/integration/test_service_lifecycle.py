@@ -139,19 +139,6 @@ def test_bad_environment_variable_stops_the_service_with_a_clear_error(spawn):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("value, problem", [
-    ("5s", "expected a duration of at most 1s"),
-    ("soon", "expected a duration such as 30s"),
-])
-def test_a_result_linger_out_of_range_stops_the_workflow_engine(spawn, server_env, value, problem):
-    proc = spawn("wf-bad-linger", ["-m", "cordum.workflow.service"],
-                 env={**server_env, "WORKFLOW_ENGINE_RESULT_LINGER": value})
-    assert proc.wait(30) == 2
-    err = "\n".join(proc.lines("err"))
-    assert f"WORKFLOW_ENGINE_RESULT_LINGER={value!r} is invalid: {problem}" in err
-    assert "Traceback" not in err
-
-
 async def test_grpc_drain_refuses_new_calls_and_finishes_in_flight_ones():
     from cordum.infra.grpc import GrpcServer, RpcError
     from tests.procs.demo_service import SlowKernel
