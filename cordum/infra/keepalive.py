@@ -1,6 +1,6 @@
 """hypercorn's keep-alive timeout without a task started and cancelled around every request.
 
-hypercorn's Trio worker (0.17/0.18) closes a connection left idle for `keep_alive_timeout` with a
+hypercorn's Trio worker (0.18) closes a connection left idle for `keep_alive_timeout` with a
 task (`TrioSingleTask`) that it starts, through `nursery.start`, each time the connection goes idle
 and cancels each time a request comes in: two task starts and a cancellation per request, about
 90 µs of CPU a request on a 2-core VM, a fifth of what a bare ASGI app costs there in all. It
