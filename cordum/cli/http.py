@@ -16,7 +16,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import httpx
+from cordum.infra.lazy import skip_optional
+
+# httpx's command-line client imports rich, click and pygments if they are installed (half of the
+# time `import httpx` takes, 6 MB); nothing here runs it.
+skip_optional("httpx._main")
+
+import httpx  # noqa: E402
 
 # Exit codes (documented in `cordumctl --help`).
 EXIT_OK = 0

@@ -4,7 +4,7 @@ client they call.
 Every tool call and resource read is one gateway REST call made with the caller's credential:
 over stdio the configured API key, over HTTP the key the request carried (`cordum.mcp.http` puts
 it in the ASGI scope), so the gateway scopes the answer to that key's tenant. The client is
-cordumctl's (`cordum.cli.http`, stdlib urllib) run in a worker thread: one short request per call,
+cordumctl's (`cordum.cli.http`, a blocking httpx client) run in a worker thread: one short request per call,
 abandoned if the caller is cancelled, bounded by the request timeout.
 
 Errors: a gateway error becomes a tool result with `isError` naming the HTTP status and the
@@ -83,7 +83,7 @@ class GatewayClient:
             response = client.request(call.method, call.path, query=call.query, body=body, headers=headers)
             return Reply(response.body, dict(response.headers))
 
-        # urllib blocks: a thread per call, left to finish on its own (its timeout bounds it)
+        # The client blocks: a thread per call, left to finish on its own (its timeout bounds it)
         # when the MCP request is cancelled.
         with trio.move_on_after(self.timeout + 5):
             return await trio.to_thread.run_sync(send, abandon_on_cancel=True, limiter=limiter)

@@ -20,6 +20,12 @@ from typing import Sequence
 
 import trio
 
+from cordum.infra.lazy import skip_optional
+
+# The SDK's transports import sse_starlette, which patches uvicorn's exit handler if uvicorn is
+# installed (2 MB of imports); this process serves on hypercorn and never starts uvicorn.
+skip_optional("uvicorn")
+
 from cordum.infra.config import ConfigError, Settings, load_settings
 from cordum.infra.http import HttpServer, probe_app
 from cordum.infra.metrics import Metrics
