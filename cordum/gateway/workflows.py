@@ -156,10 +156,11 @@ def build_definition(text: str, doc: dict[str, Any], tenant: str, who: str,
     )
 
 
-def stored_workflow(doc: dict[str, Any]) -> Workflow:
-    """A stored definition parsed again; one that no longer parses is a 409 naming the problem."""
+def stored_workflow(doc: dict[str, Any], parse: Callable[..., Workflow] = parse_workflow) -> Workflow:
+    """A stored definition parsed again (`parse`: the engine's, which keeps what it parsed); one
+    that no longer parses is a 409 naming the problem."""
     try:
-        return parse_workflow(doc, origin=f"workflow {doc.get('id', '')}")
+        return parse(doc, origin=f"workflow {doc.get('id', '')}")
     except DefinitionError as exc:
         raise ApiError(409, f"stored workflow is invalid: {exc}", code="invalid_workflow") from None
 
@@ -255,7 +256,7 @@ async def start_run(gw: Gateway, workflow_id: str) -> tuple[dict[str, Any], int,
     run_input = await json_body(optional=True)
     key = idempotency_key()
     dry_run = query_bool("dry_run")
-    workflow = stored_workflow(await find_definition(gw, workflow_id, who.tenant))
+    workflow = stored_workflow(await find_definition(gw, workflow_id, who.tenant), gw.workflow_engine.parsed)
     problems = input_problems(workflow.input_schema, run_input)
     if problems:
         raise ApiError(400, f"invalid run input: {problems[0]}", code="invalid_input", extra={"problems": problems})

@@ -319,7 +319,7 @@ class WorkflowEngine(StepHandlers):
             if len(self._followed) >= DEFINITION_CACHE * 16:
                 self._followed.clear()
             self._followed[run_id] = definition
-        return Run.from_dict(doc)
+        return Run.from_dict(doc, copy_values=False)  # just decoded: nobody else holds it
 
     async def load_workflow(self, run: Run) -> Workflow | None:
         """The workflow ``run`` follows: the definition kept with it when it was created (read
@@ -331,9 +331,17 @@ class WorkflowEngine(StepHandlers):
             if doc is None:
                 return None
             text = json.dumps(doc, sort_keys=True)
+        return self._parse(text, json.loads(text), f"workflow {run.workflow_id}")
+
+    def parsed(self, doc: Mapping[str, Any], origin: str) -> Workflow:
+        """A stored definition parsed, once per text (its canonical JSON costs a twentieth of a
+        parse); DefinitionError as `parse_workflow`."""
+        return self._parse(json.dumps(doc, sort_keys=True), doc, origin)
+
+    def _parse(self, text: str, doc: Mapping[str, Any], origin: str) -> Workflow:
         workflow = self._parsed.get(text)
         if workflow is None:
-            workflow = parse_workflow(json.loads(text), origin=f"workflow {run.workflow_id}")
+            workflow = parse_workflow(doc, origin=origin)
             if len(self._parsed) >= DEFINITION_CACHE:
                 self._parsed.clear()
             self._parsed[text] = workflow
@@ -346,7 +354,7 @@ class WorkflowEngine(StepHandlers):
         step jobs are indexed already."""
         indexed = {sr.job_id for sr in before.steps.values() if sr.job_id} if before is not None else ()
         try:
-            previous = await self.store.update_run(run.to_dict(), fence=fence, timeline=timeline,
+            previous = await self.store.update_run(run.to_dict(copy_values=False), fence=fence, timeline=timeline,
                                                    indexed_jobs=indexed)
         except RunFenceStale as exc:
             log.warning("workflow.stale_fence", run_id=run.id, fence=exc.fence, held=exc.held)
@@ -410,7 +418,7 @@ class WorkflowEngine(StepHandlers):
         doc = await self.store.get_definition(workflow_id, tenant=tenant)
         if doc is None:
             raise LookupError(f"workflow {workflow_id} not found")
-        parse_workflow(doc, origin=f"workflow {workflow_id}")  # refuse a definition that no longer parses
+        self.parsed(doc, f"workflow {workflow_id}")  # refuse a definition that no longer parses
         now = self.clock()
         run = Run(id=str(uuid.uuid4()), workflow_id=workflow_id, org_id=tenant,
                   team_id=str(doc.get("team_id") or ""), input=dict(input or {}), created_at=now,
@@ -633,7 +641,7 @@ class WorkflowEngine(StepHandlers):
         doc = await self.store.get_run(run_id)
         if doc is None:
             return 0
-        run = Run.from_dict(doc)
+        run = Run.from_dict(doc, copy_values=False)
         if not run.terminal:
             return 0
         sent = 0

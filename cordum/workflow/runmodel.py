@@ -76,6 +76,12 @@ _STEP_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[0-9]+\])*$")
 #: ``parent[i]`` → (parent, i): for_each items and loop iterations
 CHILD_PATH = re.compile(r"^(.*)\[([0-9]+)\]$")
 
+_copy = copy.deepcopy
+
+
+def _same(value: Any) -> Any:
+    return value
+
 
 # --- model -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -105,7 +111,9 @@ class StepRun:
     #: the child run of a subworkflow step
     child_run_id: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, copy_values: bool = True) -> dict[str, Any]:
+        """The step's JSON object; `copy_values=False` shares the values (see `Run.to_dict`)."""
+        dup = _copy if copy_values else _same
         out: dict[str, Any] = {"step_id": self.step_id, "status": self.status}
         for name in _STEP_RUN_FIELDS[2:]:
             value = getattr(self, name)
@@ -117,16 +125,17 @@ class StepRun:
                 if name == "children" and not value:
                     continue
                 value = list(value)
-            out[name] = copy.deepcopy(value)
+            out[name] = dup(value)
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> StepRun:
+    def from_dict(cls, data: Mapping[str, Any], *, copy_values: bool = True) -> StepRun:
+        dup = _copy if copy_values else _same
         kw: dict[str, Any] = {}
         for name in _STEP_RUN_FIELDS:
             if name not in data or data[name] is None:
                 continue
-            value = copy.deepcopy(data[name])
+            value = dup(data[name])
             if name in ("children", "resolved_items"):
                 value = tuple(value)
             kw[name] = value
@@ -195,30 +204,38 @@ class Run:
         """The StepRun at ``path``, or a fresh pending one when the step has not started."""
         return self.steps.get(path) or StepRun(step_id=path)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, copy_values: bool = True) -> dict[str, Any]:
+        """The run document. Its values are copies, so that what a caller does with the document
+        never reaches this (frozen) run; `copy_values=False` shares them instead, for a caller that
+        only serializes the document (the engine's save: a copy would cost several times the
+        JSON encoding of a run with many steps)."""
+        dup = _copy if copy_values else _same
         out: dict[str, Any] = {}
         for name in _RUN_FIELDS:
             value = getattr(self, name)
             if name == "steps":
-                out[name] = {path: sr.to_dict() for path, sr in value.items()}
+                out[name] = {path: sr.to_dict(copy_values=copy_values) for path, sr in value.items()}
             elif name in ("id", "workflow_id", "status", "input", "context"):
-                out[name] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+                out[name] = dup(dict(value) if isinstance(value, Mapping) else value)
             elif value is None or (name in _RUN_OMIT_EMPTY and not value):
                 continue
             else:
-                out[name] = copy.deepcopy(value)
+                out[name] = dup(value)
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Run:
+    def from_dict(cls, data: Mapping[str, Any], *, copy_values: bool = True) -> Run:
+        """The run a document describes; `copy_values=False` takes the document's values as they
+        are, for a document nobody else holds (one just decoded from JSON)."""
+        dup = _copy if copy_values else _same
         kw: dict[str, Any] = {}
         for name in _RUN_FIELDS:
             if name not in data or data[name] is None:
                 continue
             if name == "steps":
-                kw[name] = {p: StepRun.from_dict(s) for p, s in data[name].items()}
+                kw[name] = {p: StepRun.from_dict(s, copy_values=copy_values) for p, s in data[name].items()}
             else:
-                kw[name] = copy.deepcopy(data[name])
+                kw[name] = dup(data[name])
         return cls(**kw)
 
 

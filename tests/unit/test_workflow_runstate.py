@@ -385,6 +385,24 @@ def test_to_dict_from_dict_round_trip():
     assert StepRun.from_dict(StepRun(step_id="s", output="").to_dict()).output == ""
 
 
+def test_documents_copy_their_values_unless_told_to_share_them():
+    w = wf({"a": step(), "b": step("a")})
+    run, _ = rs.start(new_run(metadata={"m": [1]}), 0)
+    run, _ = rs.mark_dispatched(w, run, "a", 0)
+    run, _ = rs.apply_result(w, run, "run1:a@1", "SUCCEEDED", {"out": [1, 2]}, None, 1)
+    copied, shared = run.to_dict(), run.to_dict(copy_values=False)
+    assert copied == shared
+    assert copied["steps"]["a"]["output"] is not run.steps["a"].output
+    assert shared["steps"]["a"]["output"] is run.steps["a"].output and shared["metadata"] is run.metadata
+    copied["steps"]["a"]["output"]["out"].append(3)  # a caller's change never reaches the run
+    assert run.steps["a"].output == {"out": [1, 2]}
+    doc = json.loads(json.dumps(shared))
+    taken, fresh = Run.from_dict(doc, copy_values=False), Run.from_dict(doc)
+    assert taken == fresh == run
+    assert taken.steps["a"].output is doc["steps"]["a"]["output"]
+    assert fresh.steps["a"].output is not doc["steps"]["a"]["output"]
+
+
 def test_from_dict_minimal():
     run = Run.from_dict({"id": "r", "workflow_id": "w"})
     assert run.status == "pending" and run.steps == {} and run.to_dict()["steps"] == {}
@@ -530,3 +548,18 @@ def test_the_result_consumer_skips_other_payloads_but_never_malformed_bytes():
     assert skips_result(encode(new_packet(Heartbeat(worker_id="w"), sender_id="w"))) is True
     assert skips_result(b"\xff not a packet") is False  # left to the consumer: counted, terminated
     assert skips_result(b"") is False
+
+
+# ---- stored definitions, parsed once per text ------------------------------------------------
+def test_the_engine_parses_a_stored_definition_once_per_text():
+    from cordum.workflow.definition import DefinitionError
+    from cordum.workflow.engine import WorkflowEngine
+
+    engine = WorkflowEngine(store=None, jobs=None, bus=None, leases=None, redis=None)  # parsing does no I/O
+    doc = {"id": "w", "steps": {"a": {"type": "worker", "topic": "job.default"}}}
+    first = engine.parsed(doc, "workflow w")
+    assert engine.parsed(json.loads(json.dumps(doc)), "workflow w") is first  # the same text: kept
+    changed = {**doc, "steps": {"b": {"type": "worker", "topic": "job.default"}}}
+    assert list(engine.parsed(changed, "workflow w").steps) == ["b"]
+    with pytest.raises(DefinitionError):
+        engine.parsed({"id": "w", "steps": {"a": {"type": "no-such-type"}}}, "workflow w")
