@@ -35,6 +35,7 @@ from cordum.scheduler.registry import WorkerRegistry
 from cordum.scheduler.reuse import NewestSnapshot, newest_snapshot_later, stored_decision
 from cordum.runtime.audit import AuditLog, new_event
 from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
+from cordum.scheduler.waiting import WaitingJobs
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
 from cordum.store.jobs import (
@@ -64,6 +65,9 @@ S = JobState
 class EngineConfig:
     fail_open: bool = False  # POLICY_CHECK_FAIL_MODE=open: dispatch when the kernel is unreachable
     reuse_submit_decision: bool = True  # SCHEDULER_REUSE_SUBMIT_DECISION (cordum/scheduler/reuse.py)
+    # How long a job found waiting for a worker is answered from memory (cordum/scheduler/waiting.py);
+    # the service keeps it at most a third of SCHEDULER_PENDING_AGE.
+    route_wait_refresh: float = 10.0
 
 
 class _TopicBounded:
@@ -178,6 +182,7 @@ class Engine:
         self.audit: AuditLog | None = None  # policy decisions go to the tenant's audit chain
         self.output: OutputReview | None = None  # the output policy (scheduler.output), when enabled
         self.dispatches = RecentDispatches()  # for applying a plain success in one step (on_result)
+        self.waiting = WaitingJobs(config.route_wait_refresh)  # jobs seen waiting for a worker (on_submit)
 
     # ---- locking ----------------------------------------------------------------------------
 
@@ -260,11 +265,21 @@ class Engine:
                 await self._locked(request.job_id, lambda lease: self._reject(request, problems, lease))
             return
         started = trio.current_time()
+        if self.waiting.recent(request.job_id, started) and self._unroutable(request, started):
+            raise Retry(RETRY_NO_WORKERS_S, "still no worker for it")  # seen waiting moments ago
         newest = self._newest_snapshot_later()
         lease, meta = await self._lock_and_read(request.job_id)
         await self._locked(request.job_id,
                            lambda lease: self._handle_request(packet, request, lease, started, meta, newest),
                            lease=lease)
+
+    def _unroutable(self, request: JobRequest, now: float) -> bool:
+        try:
+            pick_worker(self.pools(), self.registry.alive(now), topic=request.topic,
+                        requires=request.meta.requires, labels=request.labels)
+        except NoRoute:
+            return True
+        return False
 
     def _newest_snapshot_later(self) -> NewestSnapshot | None:
         """The newest policy snapshot any kernel loaded, queued for the next Redis round trip (the
@@ -399,12 +414,15 @@ class Engine:
             worker = pick_worker(self.pools(), self.registry.alive(trio.current_time()), topic=request.topic,
                                  requires=request.meta.requires, labels=request.labels)
         except NoRoute as exc:
-            # Nothing can run it right now: it stays PENDING and this message comes back shortly.
-            # The mark tells the replayer the job is not lost, so it adds no second copy.
+            # Nothing can run it right now: it stays PENDING and this message comes back shortly
+            # (answered from memory until the next refresh: `waiting`). The mark tells the
+            # replayer the job is not lost, so it adds no second copy.
             log.info("scheduler.no_route", job_id=job_id, code=exc.code, reason=str(exc))
             await self.store.set_fields(job_id, {**decided, "route_wait_at": now_us(), "route_wait_reason": exc.code},
                                         fence=fence)
+            self.waiting.note(job_id, trio.current_time())
             raise Retry(RETRY_NO_WORKERS_S, str(exc)) from None
+        self.waiting.forget(job_id)
         await self._dispatch(packet, request, worker.worker_id, lease, started, tenant=tenant, fields=decided,
                              after=recorded, due_us=due_us, snapshot=decision.snapshot)
 

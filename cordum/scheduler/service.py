@@ -98,7 +98,8 @@ async def serve(settings: Settings, lifecycle: Lifecycle, *, task_status=trio.TA
         engine = Engine(
             store=JobStore(redis), bus=bus, leases=leases, safety=safety,
             registry=registry, pools=pools.current, metrics=SchedulerMetrics(metrics, pools.current),
-            config=EngineConfig(fail_open=fail_mode == "open", reuse_submit_decision=reuse_decision),
+            config=EngineConfig(fail_open=fail_mode == "open", reuse_submit_decision=reuse_decision,
+                                route_wait_refresh=min(10.0, timeouts.pending_age / 3)),
         )
         engine.audit = AuditLog(AuditChain(redis, hmac_key=(settings.extra.get("CORDUM_AUDIT_HMAC_KEY") or "").strip().encode()),
                                 bus, transport=settings.audit_transport, sender=settings.instance_id)

@@ -191,6 +191,30 @@ async def test_a_job_waits_for_a_worker_and_runs_when_one_arrives(spawn, tmp_pat
     await wait_state(store, job_id, {"SUCCEEDED"}, timeout=20)
 
 
+async def test_a_job_waiting_for_a_worker_is_answered_from_memory_between_refreshes(spawn, tmp_path, redis, bus):
+    # SCHEDULER_PENDING_AGE 60 s: a waiting job takes the whole path every 10 s, and is redelivered
+    # every 2 s (RETRY_NO_WORKERS_S) in between.
+    stack = await job_path(spawn, tmp_path, worker=False, SCHEDULER_PENDING_AGE="60s")
+    store = JobStore(redis)
+    job_id = await submit_direct(store, bus)
+
+    async def marked() -> str:
+        while not (mark := (await store.get(job_id) or {}).get("route_wait_at")):
+            await trio.sleep(0.05)
+        return mark
+
+    with trio.fail_after(20):
+        first = await marked()
+    await trio.sleep(5)  # two redeliveries at least, well inside the 10 s
+    meta = await store.get(job_id)
+    assert meta["state"] == "PENDING" and meta["route_wait_at"] == first  # not written again
+    log = stack.procs["scheduler-1"].out.read_text() + stack.procs["scheduler-1"].err.read_text()
+    assert log.count('"scheduler.no_route"') == 1
+    stack.worker()
+    await wait_state(store, job_id, {"SUCCEEDED"}, timeout=30)
+    assert await read_executions(redis, EXECUTIONS_KEY, [job_id]) == {job_id: 1}
+
+
 async def test_two_schedulers_dispatch_each_of_200_jobs_exactly_once(spawn, tmp_path, redis, bus):
     stack = Stack.create(spawn, tmp_path)
     stack.kernel()
