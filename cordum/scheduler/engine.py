@@ -416,8 +416,10 @@ class Engine:
         except NoRoute as exc:
             # Nothing can run it right now: it stays PENDING and this message comes back shortly
             # (answered from memory until the next refresh: `waiting`). The mark tells the
-            # replayer the job is not lost, so it adds no second copy.
-            log.info("scheduler.no_route", job_id=job_id, code=exc.code, reason=str(exc))
+            # replayer the job is not lost, so it adds no second copy. Logged when the job starts
+            # waiting; its refreshes only at debug level (a backlog would fill the log).
+            say = log.debug if meta.get("route_wait_at") else log.info
+            say("scheduler.no_route", job_id=job_id, code=exc.code, reason=str(exc))
             await self.store.set_fields(job_id, {**decided, "route_wait_at": now_us(), "route_wait_reason": exc.code},
                                         fence=fence)
             self.waiting.note(job_id, trio.current_time())

@@ -215,6 +215,20 @@ async def test_a_job_waiting_for_a_worker_is_answered_from_memory_between_refres
     assert await read_executions(redis, EXECUTIONS_KEY, [job_id]) == {job_id: 1}
 
 
+async def test_a_waiting_job_is_logged_once_however_often_it_is_refreshed(spawn, tmp_path, redis, bus):
+    stack = await job_path(spawn, tmp_path, worker=False)  # SCHEDULER_PENDING_AGE 3 s: refreshed every 1 s
+    store = JobStore(redis)
+    job_id = await submit_direct(store, bus)
+    marks: set[str] = set()
+    with trio.fail_after(30):
+        while len(marks) < 3:  # the first pass and two refreshes, each renewing the replayer's mark
+            if mark := (await store.get(job_id) or {}).get("route_wait_at"):
+                marks.add(mark)
+            await trio.sleep(0.05)
+    log = stack.procs["scheduler-1"].out.read_text() + stack.procs["scheduler-1"].err.read_text()
+    assert log.count('"scheduler.no_route"') == 1 and (await store.get(job_id))["state"] == "PENDING"
+
+
 async def test_two_schedulers_dispatch_each_of_200_jobs_exactly_once(spawn, tmp_path, redis, bus):
     stack = Stack.create(spawn, tmp_path)
     stack.kernel()
