@@ -34,7 +34,7 @@ from cordum.scheduler.dispatches import Dispatched, RecentDispatches
 from cordum.scheduler.registry import WorkerRegistry
 from cordum.scheduler.reuse import NewestSnapshot, newest_snapshot_later, stored_decision
 from cordum.runtime.audit import AuditLog, new_event
-from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, pick_worker, topic_label
+from cordum.scheduler.routing import NO_POOLS, NoRoute, Pools, WorkerInfo, pick_worker, topic_label
 from cordum.scheduler.waiting import WaitingJobs
 from cordum.store import keys
 from cordum.store.dlq import dlq_packet
@@ -273,10 +273,14 @@ class Engine:
                            lambda lease: self._handle_request(packet, request, lease, started, meta, newest),
                            lease=lease)
 
+    def _route(self, request: JobRequest, now: float) -> WorkerInfo:
+        """The worker to run it (pure: the pools and the live workers this replica knows); NoRoute."""
+        return pick_worker(self.pools(), self.registry.alive(now), topic=request.topic,
+                           requires=request.meta.requires, labels=request.labels)
+
     def _unroutable(self, request: JobRequest, now: float) -> bool:
         try:
-            pick_worker(self.pools(), self.registry.alive(now), topic=request.topic,
-                        requires=request.meta.requires, labels=request.labels)
+            self._route(request, now)
         except NoRoute:
             return True
         return False
@@ -411,8 +415,7 @@ class Engine:
         if budget_ms > 0 and not meta.get("deadline_unix"):
             await self.store.set_deadline(job_id, now_us() + budget_ms * 1000, fence=fence)
         try:
-            worker = pick_worker(self.pools(), self.registry.alive(trio.current_time()), topic=request.topic,
-                                 requires=request.meta.requires, labels=request.labels)
+            worker = self._route(request, trio.current_time())
         except NoRoute as exc:
             # Nothing can run it right now: it stays PENDING and this message comes back shortly
             # (answered from memory until the next refresh: `waiting`). The mark tells the

@@ -10,9 +10,9 @@
 
 Results drive runs: each result is processed by exactly one replica (the queue group), under the
 run's fenced lock; results of jobs that are no run's steps are acked as they arrive, unhandled.
-The scheduler keeps its own durable on `sys.job.result`, so both see every result. Shutdown follows the guide: cancel context (intake stops, handlers finish, loops end) →
-HTTP drain. Timers stay in `cordum:wf:delay:timers` for the other replicas' poller, run locks
-expire by TTL.
+The scheduler keeps its own durable on `sys.job.result`, so both see every result. Shutdown
+follows the guide: cancel context (intake stops, handlers finish, loops end) → HTTP drain. Timers
+stay in `cordum:wf:delay:timers` for the other replicas' poller, run locks expire by TTL.
 """
 
 from __future__ import annotations

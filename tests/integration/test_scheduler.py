@@ -207,7 +207,10 @@ async def test_a_job_waiting_for_a_worker_is_answered_from_memory_between_refres
         first = await marked()
     await trio.sleep(5)  # two redeliveries at least, well inside the 10 s
     meta = await store.get(job_id)
-    assert meta["state"] == "PENDING" and meta["route_wait_at"] == first  # not written again
+    # Not written again (the previous code wrote it at each redelivery, 2 s apart); a test stalled
+    # past the refresh may see the refresh's mark, never an earlier one.
+    later = meta["route_wait_at"]
+    assert meta["state"] == "PENDING" and (later == first or int(later) - int(first) >= 9_000_000)
     log = stack.procs["scheduler-1"].out.read_text() + stack.procs["scheduler-1"].err.read_text()
     assert log.count('"scheduler.no_route"') == 1
     stack.worker()
