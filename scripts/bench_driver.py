@@ -31,6 +31,11 @@ Ours, for each replica count R:
     has no monitoring port, so server-internal traffic not routed to subscribers is not seen.
   - log lines per job per replica (lines appended to its log), scheduler dispatch latency (the
     scheduler's own histogram: mean).
+Floor (scripts/bench_floor.py, --no-floor skips it): four processes of the project's Python doing
+per job only the guide's messages on our stack (HTTP submit through hypercorn, a Redis write per
+hop, JetStream publishes with acks and acked pull consumers, the workflow engine's queue on
+sys.job.result), nothing else; same clients, warm-up and passes; end times from a sorted set.
+Its CPU per job is what ours could come down to without leaving the stack or the guide.
 Peers (scripts/bench_peers.py): Celery and Dramatiq on a fresh redis-server, same N and C.
 Ceiling: redis-benchmark (-q -n 100000 -P 1, 50 clients) for the commands one job uses plus an EVAL
 like a state transition, on a fresh redis-server; NATS core publish/consume and JetStream publish
@@ -404,10 +409,11 @@ def machine_info() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
-def start_server(argv: list[str], port: int, log: Path, timeout: float = 20) -> subprocess.Popen:
+def start_server(argv: list[str], port: int, log: Path, timeout: float = 20,
+                 env: Mapping[str, str] | None = None) -> subprocess.Popen:
     sink = log.open("ab")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env=None if env is None else dict(env))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -1061,6 +1067,89 @@ def profile_pass(args: argparse.Namespace, topo: Topology, clients: Clients, cli
 # ==== peers and ceiling ===========================================================================
 
 
+FLOOR_DONE = "floor:done"  # scripts/bench_floor.py: job id -> end time (s)
+FLOOR_READY, FLOOR_CONSUMERS = "floor:ready", 4  # its consumers, once they exist
+
+
+def run_floor(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The floor (scripts/bench_floor.py): the guide's messages alone on our stack, with the same
+    clients, warm-up and passes as ours; CPU per job per process."""
+    import redis
+
+    run_dir = Path(tempfile.mkdtemp(prefix="floor-", dir=workdir))
+    procs: dict[str, subprocess.Popen] = {}
+    say(f"floor: starting in {run_dir}")
+    try:
+        procs["redis"], redis_port = start_redis(run_dir)
+        procs["nats"], nats_port = start_nats(run_dir, args.project_python)
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+               "NATS_URL": f"nats://127.0.0.1:{nats_port}", "FLOOR_PORT": str(port),
+               "PYTHONPATH": str(ROOT)}
+        script = str(ROOT / "scripts" / "bench_floor.py")
+        for role in ("scheduler", "worker", "engine"):
+            with (run_dir / f"{role}.log").open("ab") as sink:
+                procs[role] = subprocess.Popen([args.project_python, script, role], env=env, stdin=subprocess.DEVNULL,
+                                               stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        procs["gateway"] = start_server([args.project_python, script, "gateway"], port, run_dir / "gateway.log",
+                                        timeout=60, env=env)
+        client = redis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+        clients = Clients([f"http://127.0.0.1:{port}"], "floor", args.clients)
+        deadline = time.monotonic() + 60
+        while client.scard(FLOOR_READY) < FLOOR_CONSUMERS:  # their consumers take new messages only
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs.values()):
+                raise RuntimeError(f"the floor's consumers did not start (logs in {run_dir})")
+            time.sleep(0.05)
+
+        def wait(n: int) -> int:
+            last, since = -1, time.monotonic()
+            while True:
+                done = client.zcard(FLOOR_DONE)
+                if done >= n:
+                    return done
+                if done != last:
+                    last, since = done, time.monotonic()
+                elif time.monotonic() - since > args.stall_timeout:
+                    return done
+                time.sleep(0.02)
+
+        clients.run(count=WARMUP_JOBS)
+        if wait(WARMUP_JOBS) < WARMUP_JOBS:
+            raise RuntimeError(f"the floor's warm-up jobs did not finish (logs in {run_dir})")
+        time.sleep(0.3)
+        before = {name: proc_sample(proc.pid) for name, proc in procs.items()}
+        passes, total = [], WARMUP_JOBS
+        for k in range(args.repeat):
+            sent = clients.run(count=args.jobs)
+            total += len(sent["ids"])
+            wait(total)
+            ends = [e for e in client.zmscore(FLOOR_DONE, sent["ids"]) if e is not None] if sent["ids"] else []
+            end = max(ends) if ends else time.time()
+            passes.append({"submitted": len(sent["ids"]), "finished": len(ends),
+                           "jobs_per_s": steady_throughput(ends),
+                           "jobs_per_s_whole": throughput(len(sent["ids"]), sent["first_send"], end)})
+            say(f"floor: pass {k + 1}/{args.repeat}: steady {fmt(passes[-1]['jobs_per_s'])} jobs/s")
+        after = {name: proc_sample(proc.pid) for name, proc in procs.items()}
+        n = sum(p["submitted"] for p in passes)
+        per_kind = {}
+        for name in procs:
+            b, a = before.get(name), after.get(name)
+            if b and a:
+                per_kind[name] = {"cpu_ms_per_job": per_job((a["cpu_s"] - b["cpu_s"]) * 1000, n),
+                                  "peak_rss_mb_max": a.get("VmHWM", 0) / 2**20}
+        steady = median_pass(passes)
+        return {"jobs": args.jobs, "repeat": args.repeat, "submitted": n,
+                "finished": sum(p["finished"] for p in passes), "jobs_per_s": steady["median"],
+                "jobs_per_s_spread": steady["spread"], "passes": passes, "per_kind": per_kind,
+                "jobs_per_s_whole_run": median_pass(passes, "jobs_per_s_whole")["median"],
+                "cpu_ms_per_job_all": sum(k["cpu_ms_per_job"] or 0 for k in per_kind.values())}
+    finally:
+        for proc in procs.values():
+            stop_process(proc)
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def run_peer_passes(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, Any]:
     """--repeat runs of a peer (each on a fresh Redis, after its warm-up); the run with the median
     steady-state rate is reported, with every run's figures."""
@@ -1228,6 +1317,10 @@ def report_text(data: Mapping[str, Any]) -> str:
                      r["submit_to_dispatch_ms"]["p95"], r["submit_to_dispatch_ms"]["p99"],
                      r["submit_to_terminal_ms"]["p50"], r["submit_to_terminal_ms"]["p95"],
                      r["submit_to_terminal_ms"]["p99"], r["cpu_ms_per_job_all"]])
+    floor = data.get("floor")
+    if floor:
+        rows.append(["floor", "error: " + floor["error"][:60]] + [""] * 7 if "error" in floor else
+                    ["floor", floor["jobs_per_s"], "", "", "", "", "", "", floor["cpu_ms_per_job_all"]])
     for p in data.get("peers", []):
         if "error" in p:
             rows.append([p["peer"], "error"] + [""] * 7)
@@ -1242,6 +1335,13 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = the "
                    "serving side: all our service processes incl. redis and nats / the peer's worker processes and "
                    "redis; clients and producers not included)")
+    if floor and "error" not in floor:
+        out.append("")
+        out.append(f"floor (scripts/bench_floor.py: the guide's messages alone, no policy, checks, audit or "
+                   f"metrics): {floor['submitted']} jobs in {floor['repeat']} passes; {passes_text(floor)}; CPU ms/job "
+                   + ", ".join(f"{name} {fmt(v['cpu_ms_per_job'], 2)}" for name, v in floor["per_kind"].items())
+                   + "; peak RSS MB " + ", ".join(f"{name} {fmt(v['peak_rss_mb_max'])}"
+                                                  for name, v in floor["per_kind"].items()))
     for r in ours:
         if "error" in r:
             continue
@@ -1405,6 +1505,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peers", action="store_true", help="skip Celery and Dramatiq")
     parser.add_argument("--peers", default="celery,dramatiq", help="which peers (default %(default)s)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip redis-benchmark and the NATS rates")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the floor (scripts/bench_floor.py: the guide's messages alone on our stack)")
     parser.add_argument("--no-nats-tap", dest="nats_tap", action="store_false",
                         help="skip the pass that counts NATS messages with a `>` subscriber")
     parser.add_argument("--celery-concurrency", type=int, default=2)
@@ -1468,6 +1570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"ours, {replicas} replica(s) failed: {exc!r}")
                     data["ours"].append({"replicas": replicas, "bridge": bridge, "output_rules": output_rules,
                                          "error": repr(exc)})
+        if args.floor and not args.workflows_only:
+            try:
+                data["floor"] = run_floor(args, work)
+            except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
+                say(f"floor failed: {exc!r}")
+                data["floor"] = {"error": repr(exc)}
         if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:
@@ -1478,6 +1586,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p in data["peers"]:
                 if "error" not in r and "error" not in p:
                     data["ratios"][f"{ours_label(r)} vs {p['peer']}"] = ratio(r["jobs_per_s"], p["jobs_per_s"])
+        floor = data.get("floor") or {}
+        if floor and "error" not in floor:
+            for p in data["peers"]:
+                if "error" not in p:
+                    data["ratios"][f"floor vs {p['peer']}"] = ratio(floor["jobs_per_s"], p["jobs_per_s"])
+            for r in data["ours"]:
+                if "error" not in r:
+                    data["ratios"][f"{ours_label(r)} vs floor"] = ratio(r["jobs_per_s"], floor["jobs_per_s"])
         if not args.no_workflows:
             data["workflows"] = workflows().run_figure(args, work)
         if not args.no_ceiling and not args.workflows_only:
