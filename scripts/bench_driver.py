@@ -31,11 +31,13 @@ Ours, for each replica count R:
     has no monitoring port, so server-internal traffic not routed to subscribers is not seen.
   - log lines per job per replica (lines appended to its log), scheduler dispatch latency (the
     scheduler's own histogram: mean).
-Floor (scripts/bench_floor.py, --no-floor skips it): four processes of the project's Python doing
-per job only the guide's messages on our stack (HTTP submit through hypercorn, a Redis write per
-hop, JetStream publishes with acks and acked pull consumers, the workflow engine's queue on
-sys.job.result), nothing else; same clients, warm-up and passes; end times from a sorted set.
-Its CPU per job is what ours could come down to without leaving the stack or the guide.
+Floor (scripts/bench_floor.py, --no-floor skips it), for each replica count R: R of each of four
+processes of the project's Python doing per job only the guide's messages on our stack (HTTP
+submit through hypercorn, a Redis write per hop, JetStream publishes with acks and acked pull
+consumers, the workflow engine's queue on sys.job.result), nothing else; same clients, warm-up and
+passes; end times from a sorted set. Its CPU per job is what ours could come down to without
+leaving the stack or the guide; floor r=2 against floor r=1 is what two replicas of everything on
+this machine cost the stack itself.
 Peers (scripts/bench_peers.py): Celery and Dramatiq on a fresh redis-server, same N and C.
 Ceiling: redis-benchmark (-q -n 100000 -P 1, 50 clients) for the commands one job uses plus an EVAL
 like a state transition, on a fresh redis-server; NATS core publish/consume and JetStream publish
@@ -1071,32 +1073,35 @@ FLOOR_DONE = "floor:done"  # scripts/bench_floor.py: job id -> end time (s)
 FLOOR_READY, FLOOR_CONSUMERS = "floor:ready", 4  # its consumers, once they exist
 
 
-def run_floor(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """The floor (scripts/bench_floor.py): the guide's messages alone on our stack, with the same
-    clients, warm-up and passes as ours; CPU per job per process."""
+def run_floor(args: argparse.Namespace, workdir: Path, replicas: int = 1) -> dict[str, Any]:
+    """The floor (scripts/bench_floor.py) with `replicas` of each role: the guide's messages alone
+    on our stack, with the same clients, warm-up and passes as ours; CPU per job per process."""
     import redis
 
     run_dir = Path(tempfile.mkdtemp(prefix="floor-", dir=workdir))
     procs: dict[str, subprocess.Popen] = {}
-    say(f"floor: starting in {run_dir}")
+    say(f"floor, {replicas} replica(s): starting in {run_dir}")
     try:
         procs["redis"], redis_port = start_redis(run_dir)
         procs["nats"], nats_port = start_nats(run_dir, args.project_python)
-        port = free_port()
         env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-               "NATS_URL": f"nats://127.0.0.1:{nats_port}", "FLOOR_PORT": str(port),
-               "PYTHONPATH": str(ROOT)}
+               "NATS_URL": f"nats://127.0.0.1:{nats_port}", "PYTHONPATH": str(ROOT)}
         script = str(ROOT / "scripts" / "bench_floor.py")
-        for role in ("scheduler", "worker", "engine"):
-            with (run_dir / f"{role}.log").open("ab") as sink:
-                procs[role] = subprocess.Popen([args.project_python, script, role], env=env, stdin=subprocess.DEVNULL,
-                                               stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        procs["gateway"] = start_server([args.project_python, script, "gateway"], port, run_dir / "gateway.log",
-                                        timeout=60, env=env)
+        for k in range(1, replicas + 1):
+            for role in ("scheduler", "worker", "engine"):
+                with (run_dir / f"{role}-{k}.log").open("ab") as sink:
+                    procs[f"{role}-{k}"] = subprocess.Popen(
+                        [args.project_python, script, role], env=env, stdin=subprocess.DEVNULL, stdout=sink,
+                        stderr=subprocess.STDOUT, start_new_session=True)
+        ports = [free_port() for _ in range(replicas)]
+        for k, port in enumerate(ports, 1):
+            procs[f"gateway-{k}"] = start_server([args.project_python, script, "gateway"], port,
+                                                 run_dir / f"gateway-{k}.log", timeout=60,
+                                                 env={**env, "FLOOR_PORT": str(port)})
         client = redis.Redis.from_url(f"redis://127.0.0.1:{redis_port}/0")
-        clients = Clients([f"http://127.0.0.1:{port}"], "floor", args.clients)
+        clients = Clients([f"http://127.0.0.1:{port}" for port in ports], "floor", args.clients)
         deadline = time.monotonic() + 60
-        while client.scard(FLOOR_READY) < FLOOR_CONSUMERS:  # their consumers take new messages only
+        while client.scard(FLOOR_READY) < FLOOR_CONSUMERS * replicas:  # their consumers take new messages only
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs.values()):
                 raise RuntimeError(f"the floor's consumers did not start (logs in {run_dir})")
             time.sleep(0.05)
@@ -1128,17 +1133,21 @@ def run_floor(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             passes.append({"submitted": len(sent["ids"]), "finished": len(ends),
                            "jobs_per_s": steady_throughput(ends),
                            "jobs_per_s_whole": throughput(len(sent["ids"]), sent["first_send"], end)})
-            say(f"floor: pass {k + 1}/{args.repeat}: steady {fmt(passes[-1]['jobs_per_s'])} jobs/s")
+            say(f"floor, {replicas} replica(s): pass {k + 1}/{args.repeat}: steady "
+                f"{fmt(passes[-1]['jobs_per_s'])} jobs/s")
         after = {name: proc_sample(proc.pid) for name, proc in procs.items()}
         n = sum(p["submitted"] for p in passes)
-        per_kind = {}
+        per_kind: dict[str, dict[str, float]] = {}
         for name in procs:
             b, a = before.get(name), after.get(name)
-            if b and a:
-                per_kind[name] = {"cpu_ms_per_job": per_job((a["cpu_s"] - b["cpu_s"]) * 1000, n),
-                                  "peak_rss_mb_max": a.get("VmHWM", 0) / 2**20}
+            if b and a:  # the replicas of a role together (`scheduler-1`, `scheduler-2` → scheduler)
+                kind = per_kind.setdefault(name.split("-")[0], {"cpu_s": 0.0, "peak_rss_mb_max": 0.0})
+                kind["cpu_s"] += a["cpu_s"] - b["cpu_s"]
+                kind["peak_rss_mb_max"] = max(kind["peak_rss_mb_max"], a.get("VmHWM", 0) / 2**20)
+        for kind in per_kind.values():
+            kind["cpu_ms_per_job"] = per_job(kind.pop("cpu_s") * 1000, n)
         steady = median_pass(passes)
-        return {"jobs": args.jobs, "repeat": args.repeat, "submitted": n,
+        return {"replicas": replicas, "jobs": args.jobs, "repeat": args.repeat, "submitted": n,
                 "finished": sum(p["finished"] for p in passes), "jobs_per_s": steady["median"],
                 "jobs_per_s_spread": steady["spread"], "passes": passes, "per_kind": per_kind,
                 "jobs_per_s_whole_run": median_pass(passes, "jobs_per_s_whole")["median"],
@@ -1317,10 +1326,10 @@ def report_text(data: Mapping[str, Any]) -> str:
                      r["submit_to_dispatch_ms"]["p95"], r["submit_to_dispatch_ms"]["p99"],
                      r["submit_to_terminal_ms"]["p50"], r["submit_to_terminal_ms"]["p95"],
                      r["submit_to_terminal_ms"]["p99"], r["cpu_ms_per_job_all"]])
-    floor = data.get("floor")
-    if floor:
-        rows.append(["floor", "error: " + floor["error"][:60]] + [""] * 7 if "error" in floor else
-                    ["floor", floor["jobs_per_s"], "", "", "", "", "", "", floor["cpu_ms_per_job_all"]])
+    for floor in data.get("floor") or []:
+        label = f"floor r={floor['replicas']}"
+        rows.append([label, "error: " + floor["error"][:60]] + [""] * 7 if "error" in floor else
+                    [label, floor["jobs_per_s"], "", "", "", "", "", "", floor["cpu_ms_per_job_all"]])
     for p in data.get("peers", []):
         if "error" in p:
             rows.append([p["peer"], "error"] + [""] * 7)
@@ -1335,10 +1344,13 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append("  (ms; disp = submit→dispatch, end = submit→terminal for ours, enqueue→done for peers; CPU = the "
                    "serving side: all our service processes incl. redis and nats / the peer's worker processes and "
                    "redis; clients and producers not included)")
-    if floor and "error" not in floor:
+    for floor in data.get("floor") or []:
+        if "error" in floor:
+            continue
         out.append("")
-        out.append(f"floor (scripts/bench_floor.py: the guide's messages alone, no policy, checks, audit or "
-                   f"metrics): {floor['submitted']} jobs in {floor['repeat']} passes; {passes_text(floor)}; CPU ms/job "
+        out.append(f"floor r={floor['replicas']} (scripts/bench_floor.py: the guide's messages alone, no policy, "
+                   f"checks, audit or metrics; {floor['replicas']} replica(s) per role): {floor['submitted']} jobs in "
+                   f"{floor['repeat']} passes; {passes_text(floor)}; CPU ms/job "
                    + ", ".join(f"{name} {fmt(v['cpu_ms_per_job'], 2)}" for name, v in floor["per_kind"].items())
                    + "; peak RSS MB " + ", ".join(f"{name} {fmt(v['peak_rss_mb_max'])}"
                                                   for name, v in floor["per_kind"].items()))
@@ -1556,7 +1568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     data: dict[str, Any] = {"machine": machine_info(), "jobs": args.jobs, "clients": args.clients,
                             "rate": args.rate or None, "ours": [],
-                            "peers": [], "ratios": {}, "ceiling": {}}
+                            "peers": [], "ratios": {}, "ceiling": {}, "floor": []}
     work = Path(tempfile.mkdtemp(prefix="cordum-bench-"))
     try:
         for bridge in args.bridge_list:
@@ -1570,12 +1582,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"ours, {replicas} replica(s) failed: {exc!r}")
                     data["ours"].append({"replicas": replicas, "bridge": bridge, "output_rules": output_rules,
                                          "error": repr(exc)})
-        if args.floor and not args.workflows_only:
+        for replicas in (args.replica_counts if args.floor and not args.workflows_only else []):
             try:
-                data["floor"] = run_floor(args, work)
+                data["floor"].append(run_floor(args, work, replicas))
             except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
-                say(f"floor failed: {exc!r}")
-                data["floor"] = {"error": repr(exc)}
+                say(f"floor, {replicas} replica(s) failed: {exc!r}")
+                data["floor"].append({"replicas": replicas, "error": repr(exc)})
         if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:
@@ -1586,14 +1598,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for p in data["peers"]:
                 if "error" not in r and "error" not in p:
                     data["ratios"][f"{ours_label(r)} vs {p['peer']}"] = ratio(r["jobs_per_s"], p["jobs_per_s"])
-        floor = data.get("floor") or {}
-        if floor and "error" not in floor:
+        floors = {f["replicas"]: f for f in data["floor"] if "error" not in f}
+        for f in floors.values():
             for p in data["peers"]:
                 if "error" not in p:
-                    data["ratios"][f"floor vs {p['peer']}"] = ratio(floor["jobs_per_s"], p["jobs_per_s"])
-            for r in data["ours"]:
-                if "error" not in r:
-                    data["ratios"][f"{ours_label(r)} vs floor"] = ratio(r["jobs_per_s"], floor["jobs_per_s"])
+                    data["ratios"][f"floor r={f['replicas']} vs {p['peer']}"] = ratio(f["jobs_per_s"], p["jobs_per_s"])
+        if 1 in floors and 2 in floors:
+            data["ratios"]["floor r=2 vs floor r=1"] = ratio(floors[2]["jobs_per_s"], floors[1]["jobs_per_s"])
+        for r in data["ours"]:
+            if "error" not in r and r["replicas"] in floors and not r.get("bridge") and not r.get("output_rules"):
+                data["ratios"][f"{ours_label(r)} vs floor r={r['replicas']}"] = ratio(
+                    r["jobs_per_s"], floors[r["replicas"]]["jobs_per_s"])
         if not args.no_workflows:
             data["workflows"] = workflows().run_figure(args, work)
         if not args.no_ceiling and not args.workflows_only:

@@ -42,7 +42,7 @@ from cordum.infra.redis import Redis, open_redis  # noqa: E402
 from cordum.protocol import subjects  # noqa: E402
 
 DONE = "floor:done"  # job id -> end time (s): what the driver reads
-READY = "floor:ready"  # the consumers that exist; jobs are sent once all CONSUMERS are in it
+READY = "floor:ready"  # the consumers that exist; jobs are sent once all are (CONSUMERS per replica)
 CONSUMERS = 4
 WORKER = subjects.worker_subject("floor")
 
@@ -67,7 +67,7 @@ async def consume(bus: Bus, redis: Redis, subject: str, queue: str,
     skip = (lambda data: True) if handle is None else None
     async with trio.open_nursery() as handlers:
         async with bus.consume(subject, queue, skip=skip) as messages:
-            await redis.execute("SADD", READY, f"{queue}:{subject}")
+            await redis.execute("SADD", READY, f"{queue}:{subject}:{os.getpid()}")
             async for msg in messages:
                 await limiter.acquire_on_behalf_of(msg)
                 handlers.start_soon(one, msg)

@@ -200,16 +200,16 @@ def test_report_text_renders_a_minimal_run() -> None:
     text = bench.report_text(data)
     assert "cordum r=1" in text and "celery" in text and "r=1 vs celery 0.50" in text
     assert "floor" not in text
-    data["floor"] = {"submitted": 4, "repeat": 2, "jobs_per_s": 8.0, "cpu_ms_per_job_all": 1.25,
+    data["floor"] = [{"replicas": 1, "submitted": 4, "repeat": 2, "jobs_per_s": 8.0, "cpu_ms_per_job_all": 1.25,
                      "passes": [{"jobs_per_s": 7.0}, {"jobs_per_s": 9.0}], "jobs_per_s_spread": 0.25,
                      "per_kind": {"gateway": {"cpu_ms_per_job": 0.75, "peak_rss_mb_max": 50.0},
-                                  "nats": {"cpu_ms_per_job": 0.5, "peak_rss_mb_max": 30.0}}}
+                                  "nats": {"cpu_ms_per_job": 0.5, "peak_rss_mb_max": 30.0}}},
+                     {"replicas": 2, "error": "RuntimeError('no gateway')"}]
     text = bench.report_text(data)
-    row = next(line for line in text.splitlines() if line.lstrip("| ").startswith("floor "))
+    row = next(line for line in text.splitlines() if line.lstrip("| ").startswith("floor r=1 "))
     assert "8" in row and "1.2" in row  # jobs/s and CPU ms/job in the systems table
     assert "CPU ms/job gateway 0.75, nats 0.50" in text and "passes: 7.0, 9.0" in text
-    data["floor"] = {"error": "RuntimeError('no gateway')"}
-    assert "error: RuntimeError('no gateway')" in bench.report_text(data)
+    assert "error: RuntimeError('no gateway')" in text  # the failed r=2 run, in its row
 
 
 # ---- the workflow figure (scripts/bench_workflows.py) -------------------------------------------
