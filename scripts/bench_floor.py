@@ -1,9 +1,10 @@
 """The floor of the job path: what the guide's messages alone cost on this stack (issue 11).
 
-`scripts/bench --floor` runs these four processes side by side with ours and the peers. Per job
-they do only what any implementation of the scaling guide must do on the fixed stack (hypercorn's
-Trio worker, redis-py, nats-py, Trio in guest mode on uvloop, the same `Bus` and `Redis` wrappers
-as the services) and nothing else: no policy check, no validation, no audit, no metrics, no logs.
+`scripts/bench` runs these four processes (R of each, for each replica count R of the run; not
+with `--no-floor`) side by side with ours and the peers. Per job they do only what any
+implementation of the scaling guide must do on the fixed stack (hypercorn's Trio worker, redis-py,
+nats-py, Trio in guest mode on uvloop, the same `Bus` and `Redis` wrappers as the services) and
+nothing else: no policy check, no validation, no audit, no metrics, no logs.
 
 - gateway: `POST /api/v1/jobs` from a bare ASGI app: one Redis write (the job's hash), one
   JetStream publish on `sys.job.submit` (returns once the stream stored it), 202 `{"job_id"}`;
