@@ -1071,6 +1071,11 @@ def profile_pass(args: argparse.Namespace, topo: Topology, clients: Clients, cli
 
 FLOOR_DONE = "floor:done"  # scripts/bench_floor.py: job id -> end time (s)
 FLOOR_READY, FLOOR_CONSUMERS = "floor:ready", 4  # its consumers, once they exist
+FLOOR_PARTS = ("store", "lock", "packets")  # what --floor-with may put back in (bench_floor.PARTS)
+
+
+def floor_label(f: Mapping[str, Any]) -> str:
+    return f"floor r={f['replicas']}" + (f" +{f['with']}" if f.get("with") else "")
 
 
 def run_floor(args: argparse.Namespace, workdir: Path, replicas: int = 1) -> dict[str, Any]:
@@ -1085,7 +1090,7 @@ def run_floor(args: argparse.Namespace, workdir: Path, replicas: int = 1) -> dic
         procs["redis"], redis_port = start_redis(run_dir)
         procs["nats"], nats_port = start_nats(run_dir, args.project_python)
         env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-               "NATS_URL": f"nats://127.0.0.1:{nats_port}", "PYTHONPATH": str(ROOT)}
+               "NATS_URL": f"nats://127.0.0.1:{nats_port}", "PYTHONPATH": str(ROOT), "FLOOR_WITH": args.floor_with}
         script = str(ROOT / "scripts" / "bench_floor.py")
         for k in range(1, replicas + 1):
             for role in ("scheduler", "worker", "engine"):
@@ -1147,7 +1152,7 @@ def run_floor(args: argparse.Namespace, workdir: Path, replicas: int = 1) -> dic
         for kind in per_kind.values():
             kind["cpu_ms_per_job"] = per_job(kind.pop("cpu_s") * 1000, n)
         steady = median_pass(passes)
-        return {"replicas": replicas, "jobs": args.jobs, "repeat": args.repeat, "submitted": n,
+        return {"replicas": replicas, "with": args.floor_with, "jobs": args.jobs, "repeat": args.repeat, "submitted": n,
                 "finished": sum(p["finished"] for p in passes), "jobs_per_s": steady["median"],
                 "jobs_per_s_spread": steady["spread"], "passes": passes, "per_kind": per_kind,
                 "jobs_per_s_whole_run": median_pass(passes, "jobs_per_s_whole")["median"],
@@ -1327,7 +1332,7 @@ def report_text(data: Mapping[str, Any]) -> str:
                      r["submit_to_terminal_ms"]["p50"], r["submit_to_terminal_ms"]["p95"],
                      r["submit_to_terminal_ms"]["p99"], r["cpu_ms_per_job_all"]])
     for floor in data.get("floor") or []:
-        label = f"floor r={floor['replicas']}"
+        label = floor_label(floor)
         rows.append([label, "error: " + floor["error"][:60]] + [""] * 7 if "error" in floor else
                     [label, floor["jobs_per_s"], "", "", "", "", "", "", floor["cpu_ms_per_job_all"]])
     for p in data.get("peers", []):
@@ -1348,8 +1353,9 @@ def report_text(data: Mapping[str, Any]) -> str:
         if "error" in floor:
             continue
         out.append("")
-        out.append(f"floor r={floor['replicas']} (scripts/bench_floor.py: the guide's messages alone, no policy, "
-                   f"checks, audit or metrics; {floor['replicas']} replica(s) per role): {floor['submitted']} jobs in "
+        alone = f"with ours: {floor['with']}" if floor.get("with") else "no policy, checks, audit or metrics"
+        out.append(f"{floor_label(floor)} (scripts/bench_floor.py: the guide's messages alone, {alone}; "
+                   f"{floor['replicas']} replica(s) per role): {floor['submitted']} jobs in "
                    f"{floor['repeat']} passes; {passes_text(floor)}; CPU ms/job "
                    + ", ".join(f"{name} {fmt(v['cpu_ms_per_job'], 2)}" for name, v in floor["per_kind"].items())
                    + "; peak RSS MB " + ", ".join(f"{name} {fmt(v['peak_rss_mb_max'])}"
@@ -1519,6 +1525,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ceiling", action="store_true", help="skip redis-benchmark and the NATS rates")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the floor (scripts/bench_floor.py: the guide's messages alone on our stack)")
+    parser.add_argument("--floor-with", default="",
+                        help=f"put parts of ours back into the floor, comma separated: {', '.join(FLOOR_PARTS)} "
+                             "(lock needs store), to measure what each costs")
     parser.add_argument("--no-nats-tap", dest="nats_tap", action="store_false",
                         help="skip the pass that counts NATS messages with a `>` subscriber")
     parser.add_argument("--celery-concurrency", type=int, default=2)
@@ -1551,6 +1560,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--wf-runs and --wf-idle-runs must be >= 0, --wf-clients and --wf-replicas > 0")
     if args.workflows_only and args.no_workflows:
         parser.error("--workflows-only and --no-workflows exclude each other")
+    parts = [p.strip() for p in args.floor_with.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in FLOOR_PARTS]
+    if unknown:
+        parser.error(f"--floor-with: unknown part(s) {', '.join(unknown)} ({', '.join(FLOOR_PARTS)})")
+    if "lock" in parts and "store" not in parts:
+        parser.error("--floor-with: lock needs store (the lock fences the store's writes)")
+    args.floor_with = ",".join(parts)
     return args
 
 
@@ -1587,7 +1603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data["floor"].append(run_floor(args, work, replicas))
             except Exception as exc:  # noqa: BLE001 - reported, the rest of the run goes on
                 say(f"floor, {replicas} replica(s) failed: {exc!r}")
-                data["floor"].append({"replicas": replicas, "error": repr(exc)})
+                data["floor"].append({"replicas": replicas, "with": args.floor_with, "error": repr(exc)})
         if not args.no_peers and not args.workflows_only:
             for peer in [p.strip() for p in args.peers.split(",") if p.strip()]:
                 try:
@@ -1602,12 +1618,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in floors.values():
             for p in data["peers"]:
                 if "error" not in p:
-                    data["ratios"][f"floor r={f['replicas']} vs {p['peer']}"] = ratio(f["jobs_per_s"], p["jobs_per_s"])
+                    data["ratios"][f"{floor_label(f)} vs {p['peer']}"] = ratio(f["jobs_per_s"], p["jobs_per_s"])
         if 1 in floors and 2 in floors:
-            data["ratios"]["floor r=2 vs floor r=1"] = ratio(floors[2]["jobs_per_s"], floors[1]["jobs_per_s"])
+            data["ratios"][f"{floor_label(floors[2])} vs {floor_label(floors[1])}"] = ratio(
+                floors[2]["jobs_per_s"], floors[1]["jobs_per_s"])
         for r in data["ours"]:
             if "error" not in r and r["replicas"] in floors and not r.get("bridge") and not r.get("output_rules"):
-                data["ratios"][f"{ours_label(r)} vs floor r={r['replicas']}"] = ratio(
+                data["ratios"][f"{ours_label(r)} vs {floor_label(floors[r['replicas']])}"] = ratio(
                     r["jobs_per_s"], floors[r["replicas"]]["jobs_per_s"])
         if not args.no_workflows:
             data["workflows"] = workflows().run_figure(args, work)

@@ -17,7 +17,15 @@ nothing else: no policy check, no validation, no audit, no metrics, no logs.
 So its CPU per job is a lower bound for ours: what is left to take out of a governed job without
 leaving the stack or the guide's subjects.
 
-    python scripts/bench_floor.py gateway|scheduler|worker|engine   (env REDIS_URL, NATS_URL, FLOOR_PORT)
+FLOOR_WITH (`scripts/bench --floor-with`) puts pieces of ours back in, to measure what each costs:
+- `store`: our JobStore instead of the bare writes: the job created PENDING with its request
+  snapshot, then DISPATCHED before the dispatch's publish, RUNNING after it, SUCCEEDED on the
+  result, each with the spec's state key, indexes and event list (jobpath §2.4);
+- `lock` (with `store`): the scheduler holds the job's lock from the submit's first read to the
+  RUNNING write (released in its round trip), and fences its writes with it;
+- `packets`: BusPackets (protobuf) on the bus instead of bare job ids.
+
+    python scripts/bench_floor.py gateway|scheduler|worker|engine   (env REDIS_URL, NATS_URL, FLOOR_PORT, FLOOR_WITH)
 """
 
 from __future__ import annotations
@@ -35,25 +43,121 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
+from cordum.agent.v1.job_pb2 import JobRequest, JobResult, JobStatus  # noqa: E402
 from cordum.infra.aio import run_with_bridge  # noqa: E402
 from cordum.infra.bus import Bus, Message, open_bus  # noqa: E402
 from cordum.infra.config import load_settings  # noqa: E402
 from cordum.infra.http import HttpServer  # noqa: E402
 from cordum.infra.redis import Redis, open_redis  # noqa: E402
 from cordum.protocol import subjects  # noqa: E402
+from cordum.protocol.packets import decode, encode, job_id_of, new_packet  # noqa: E402
+from cordum.runtime.lease import Lease, Leases  # noqa: E402
+from cordum.store import keys  # noqa: E402
+from cordum.store.jobs import InvalidTransition, JobStore  # noqa: E402
+from cordum.store.jobstate import JobState  # noqa: E402
 
 DONE = "floor:done"  # job id -> end time (s): what the driver reads
 READY = "floor:ready"  # the consumers that exist; jobs are sent once all are (CONSUMERS per replica)
 CONSUMERS = 4
 WORKER = subjects.worker_subject("floor")
+PARTS = ("store", "lock", "packets")
+TENANT, TOPIC = "default", "job.default"
+
+
+def parse_parts(raw: str) -> frozenset[str]:
+    """FLOOR_WITH's comma-separated parts of ours to put back in."""
+    parts = frozenset(p.strip() for p in raw.split(",") if p.strip())
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise ValueError(f"FLOOR_WITH: unknown part(s) {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    if "lock" in parts and "store" not in parts:
+        raise ValueError("FLOOR_WITH: 'lock' needs 'store' (the lock fences the store's writes)")
+    return parts
 
 
 def job_key(job_id: str) -> str:
     return f"floor:job:{job_id}"
 
 
-async def consume(bus: Bus, redis: Redis, subject: str, queue: str,
-                  handle: Callable[[Message], Awaitable[None]] | None) -> None:
+class Floor:
+    """One role's connections and the parts of ours it runs with."""
+
+    def __init__(self, redis: Redis, bus: Bus, parts: frozenset[str]) -> None:
+        self.redis, self.bus, self.parts = redis, bus, parts
+        self.store = JobStore(redis) if "store" in parts else None
+        self.leases = Leases(redis, f"floor-{os.getpid()}") if "lock" in parts else None
+
+    def job_id(self, data: bytes) -> str:
+        return (job_id_of(decode(data)) or "") if "packets" in self.parts else data.decode()
+
+    async def submit(self, body: bytes) -> str:
+        job_id = uuid.uuid4().hex
+        request = JobRequest(job_id=job_id, topic=TOPIC, tenant_id=TENANT)
+        if self.store is not None:
+            await self.store.create(job_id, JobState.PENDING, request=request,
+                                    fields={"tenant": TENANT, "topic": TOPIC, "trace_id": job_id})
+        else:
+            await self.redis.execute("HSET", job_key(job_id), "state", "PENDING", "request", body)
+        data = encode(new_packet(request, sender_id="floor-gateway", trace_id=job_id)) \
+            if "packets" in self.parts else job_id.encode()
+        await self.bus.publish(subjects.SUBMIT, data, msg_id=f"submit:{job_id}")
+        return job_id
+
+    async def on_submit(self, msg: Message) -> None:
+        job_id = self.job_id(msg.data)
+        lease: Lease | None = None
+        if self.leases is not None:  # the lock, with the job's record read in its round trip
+            granted = self.leases.try_acquire_later(keys.job_lock(job_id), 30)
+            read = self.redis.execute_later("HGETALL", keys.job_meta(job_id))
+            lease = await granted()
+            await read()
+            if lease is None:
+                await msg.nak(0.05)
+                return
+        fence = lease.fence if lease is not None else 0
+        if "packets" in self.parts:
+            data = encode(new_packet(decode(msg.data).job_request, sender_id="floor-scheduler", trace_id=job_id))
+        else:
+            data = msg.data
+        if self.store is not None:
+            await self.store.transition(job_id, JobState.DISPATCHED, fence=fence, tenant=TENANT)
+        else:
+            await self.redis.execute("HSET", job_key(job_id), "state", "DISPATCHED")
+        await self.bus.publish(WORKER, data, msg_id=f"dispatch:{job_id}")
+        if self.store is not None:
+            release = (lambda: self.leases.release_later(lease)) if lease is not None else None  # type: ignore[union-attr]
+            try:
+                await self.store.transition(job_id, JobState.RUNNING, fence=fence, tenant=TENANT,
+                                            allowed_from=[JobState.DISPATCHED], along=release)
+            except InvalidTransition:
+                pass  # the worker's result was faster
+        await msg.ack()
+
+    async def on_result(self, msg: Message) -> None:
+        job_id = self.job_id(msg.data)
+        if self.store is not None:
+            await self.store.transition(job_id, JobState.SUCCEEDED, tenant=TENANT)
+            await self.redis.execute("ZADD", DONE, time.time(), job_id)
+        else:
+            state = self.redis.execute_later("HSET", job_key(job_id), "state", "SUCCEEDED")
+            ended = self.redis.execute_later("ZADD", DONE, time.time(), job_id)
+            await state()
+            await ended()
+        await msg.ack()
+
+    async def on_job(self, msg: Message) -> None:
+        job_id = self.job_id(msg.data)
+        await self.redis.execute("HSET", job_key(job_id), "result", "{}")
+        if "packets" in self.parts:
+            result = JobResult(job_id=job_id, status=JobStatus.JOB_STATUS_SUCCEEDED, worker_id="floor")
+            data = encode(new_packet(result, sender_id="floor-worker", trace_id=job_id))
+        else:
+            data = msg.data
+        await self.bus.publish(subjects.RESULT, data, msg_id=f"result:{job_id}")
+        await msg.ack()
+
+
+async def consume(floor: Floor, subject: str, queue: str, handle: Callable[[Message], Awaitable[None]] | None) -> None:
     """A task per message, at most 64 at a time, as the services' consumers; `handle=None`: every
     message is acked unread on the asyncio side (the workflow engine's `skip`). Once its durable
     consumer exists (it takes new messages only), it adds itself to READY."""
@@ -67,14 +171,14 @@ async def consume(bus: Bus, redis: Redis, subject: str, queue: str,
 
     skip = (lambda data: True) if handle is None else None
     async with trio.open_nursery() as handlers:
-        async with bus.consume(subject, queue, skip=skip) as messages:
-            await redis.execute("SADD", READY, f"{queue}:{subject}:{os.getpid()}")
+        async with floor.bus.consume(subject, queue, skip=skip) as messages:
+            await floor.redis.execute("SADD", READY, f"{queue}:{subject}:{os.getpid()}")
             async for msg in messages:
                 await limiter.acquire_on_behalf_of(msg)
                 handlers.start_soon(one, msg)
 
 
-def asgi_submit(redis: Redis, bus: Bus) -> Callable[..., Awaitable[None]]:
+def asgi_submit(floor: Floor) -> Callable[..., Awaitable[None]]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -90,10 +194,7 @@ def asgi_submit(redis: Redis, bus: Bus) -> Callable[..., Awaitable[None]]:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        job_id = uuid.uuid4().hex
-        await redis.execute("HSET", job_key(job_id), "state", "PENDING", "request", body)
-        await bus.publish(subjects.SUBMIT, job_id.encode(), msg_id=f"submit:{job_id}")
-        data = json.dumps({"job_id": job_id}).encode()
+        data = json.dumps({"job_id": await floor.submit(body)}).encode()
         await send({"type": "http.response.start", "status": 202,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
@@ -101,44 +202,33 @@ def asgi_submit(redis: Redis, bus: Bus) -> Callable[..., Awaitable[None]]:
     return app
 
 
-async def main(role: str) -> None:
+async def main(role: str, parts: frozenset[str]) -> None:
     settings = load_settings(os.environ)
     async with open_redis(settings) as redis, open_bus(settings, name=f"floor-{role}") as bus:
+        floor = Floor(redis, bus, parts)
+        if floor.leases is not None:  # loads the lock's scripts (the `_later` calls cannot)
+            warm = await floor.leases.try_acquire(f"floor:warm:{os.getpid()}", 5)
+            if warm is not None:
+                await floor.leases.release(warm)
         if role == "gateway":
-            await HttpServer(asgi_submit(redis, bus), "127.0.0.1", int(os.environ["FLOOR_PORT"])).serve()
+            await HttpServer(asgi_submit(floor), "127.0.0.1", int(os.environ["FLOOR_PORT"])).serve()
             return
-
-        async def on_submit(msg: Message) -> None:
-            job_id = msg.data.decode()
-            await redis.execute("HSET", job_key(job_id), "state", "DISPATCHED")
-            await bus.publish(WORKER, msg.data, msg_id=f"dispatch:{job_id}")
-            await msg.ack()
-
-        async def on_result(msg: Message) -> None:
-            job_id = msg.data.decode()
-            state = redis.execute_later("HSET", job_key(job_id), "state", "SUCCEEDED")
-            ended = redis.execute_later("ZADD", DONE, time.time(), job_id)
-            await state()
-            await ended()
-            await msg.ack()
-
-        async def on_job(msg: Message) -> None:
-            job_id = msg.data.decode()
-            await redis.execute("HSET", job_key(job_id), "result", "{}")
-            await bus.publish(subjects.RESULT, msg.data, msg_id=f"result:{job_id}")
-            await msg.ack()
-
         async with trio.open_nursery() as nursery:
             if role == "scheduler":
-                nursery.start_soon(consume, bus, redis, subjects.SUBMIT, "cordum-scheduler", on_submit)
-                nursery.start_soon(consume, bus, redis, subjects.RESULT, "cordum-scheduler", on_result)
+                nursery.start_soon(consume, floor, subjects.SUBMIT, "cordum-scheduler", floor.on_submit)
+                nursery.start_soon(consume, floor, subjects.RESULT, "cordum-scheduler", floor.on_result)
             elif role == "worker":
-                nursery.start_soon(consume, bus, redis, WORKER, "floor-worker", on_job)
+                nursery.start_soon(consume, floor, WORKER, "floor-worker", floor.on_job)
             elif role == "engine":
-                nursery.start_soon(consume, bus, redis, subjects.RESULT, "cordum-workflow-engine", None)
-            else:
-                raise SystemExit(f"unknown role {role!r}: gateway, scheduler, worker or engine")
+                nursery.start_soon(consume, floor, subjects.RESULT, "cordum-workflow-engine", None)
 
 
 if __name__ == "__main__":
-    run_with_bridge(main, sys.argv[1] if len(sys.argv) > 1 else "")
+    role = sys.argv[1] if len(sys.argv) > 1 else ""
+    if role not in ("gateway", "scheduler", "worker", "engine"):
+        sys.exit(f"usage: bench_floor.py gateway|scheduler|worker|engine (not {role!r})")
+    try:
+        chosen = parse_parts(os.environ.get("FLOOR_WITH", ""))
+    except ValueError as exc:
+        sys.exit(str(exc))
+    run_with_bridge(main, role, chosen)

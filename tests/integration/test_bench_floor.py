@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import redis as redis_sync
 
 from cordum.dev.servers import free_port, start_nats, start_redis
@@ -32,11 +33,13 @@ def _wait_for_port(port: int, procs: list, timeout: float = 120) -> None:
     raise AssertionError(f"the floor's gateway did not listen on :{port}")
 
 
-def test_the_floor_carries_each_job_through_every_hop(tmp_path: Path, spawn) -> None:
+@pytest.mark.parametrize("parts", ["", "store,lock,packets"])
+def test_the_floor_carries_each_job_through_every_hop(tmp_path: Path, spawn, parts: str) -> None:
     redis_server, nats_server = start_redis(tmp_path / "redis"), start_nats(tmp_path / "nats")
     try:
         port = free_port()
-        env = {"REDIS_URL": redis_server.url, "NATS_URL": nats_server.url, "FLOOR_PORT": str(port)}
+        env = {"REDIS_URL": redis_server.url, "NATS_URL": nats_server.url, "FLOOR_PORT": str(port),
+               "FLOOR_WITH": parts}
         procs = [spawn(f"floor-{role}", [SCRIPT, role], env=env) for role in ("scheduler", "worker", "engine", "gateway")]
         _wait_for_port(port, procs)
         client = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
@@ -58,8 +61,17 @@ def test_the_floor_carries_each_job_through_every_hop(tmp_path: Path, spawn) -> 
         assert sorted(client.zrange("floor:done", 0, -1)) == sorted(ids)
         for job_id in ids:
             job = client.hgetall(f"floor:job:{job_id}")
-            # written by the gateway (request), the worker (result) and the scheduler (state)
-            assert job == {"state": "SUCCEEDED", "request": '{"prompt": "x"}', "result": "{}"}
+            if not parts:
+                # written by the gateway (request), the worker (result) and the scheduler (state)
+                assert job == {"state": "SUCCEEDED", "request": '{"prompt": "x"}', "result": "{}"}
+                continue
+            assert job == {"result": "{}"}  # the worker's; the rest is in the job store's record
+            meta = client.hgetall(f"job:meta:{job_id}")
+            assert meta["state"] == "SUCCEEDED" and meta["tenant"] == "default"
+            assert int(meta["_fence"]) >= 1  # the DISPATCHED write was fenced by the scheduler's lock
+            states = [json.loads(e)["state"] for e in client.lrange(f"job:events:{job_id}", 0, -1)]
+            assert states[:2] == ["PENDING", "DISPATCHED"] and states[-1] == "SUCCEEDED"
+            assert client.exists(f"cordum:scheduler:job:{job_id}") == 0  # the lock, released with RUNNING
     finally:
         nats_server.stop()
         redis_server.stop()

@@ -435,3 +435,29 @@ def test_median_pass_and_spread() -> None:
     assert bench.median_pass([{"jobs_per_s": None}])["median"] is None
     assert "median steady state of 3 passes: 90.0, 110, 100" in bench.passes_text({**got, "jobs_per_s": 100.0,
                                                                                      "passes": passes, "jobs_per_s_spread": 0.2})
+
+
+# ---- the floor (scripts/bench_floor.py) ---------------------------------------------------------
+
+_floor_spec = importlib.util.spec_from_file_location("bench_floor", PATH.parent / "bench_floor.py")
+floor = importlib.util.module_from_spec(_floor_spec)
+_floor_spec.loader.exec_module(floor)
+
+
+def test_floor_parts_parse_and_refuse_what_they_cannot_run() -> None:
+    assert floor.parse_parts("") == frozenset()
+    assert floor.parse_parts(" store, lock ,packets") == {"store", "lock", "packets"}
+    with pytest.raises(ValueError, match="unknown part.*audit"):
+        floor.parse_parts("store,audit")
+    with pytest.raises(ValueError, match="'lock' needs 'store'"):
+        floor.parse_parts("lock")
+    assert bench.FLOOR_PARTS == floor.PARTS  # the driver checks --floor-with against the same names
+
+
+def test_driver_checks_floor_with_and_labels_the_floor_runs() -> None:
+    assert bench.parse_args(["--floor-with", " packets , store"]).floor_with == "packets,store"
+    for bad in ("store,audit", "lock"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--floor-with", bad])
+    assert bench.floor_label({"replicas": 2, "with": ""}) == "floor r=2"
+    assert bench.floor_label({"replicas": 1, "with": "store,lock"}) == "floor r=1 +store,lock"
