@@ -37,7 +37,8 @@ submit through hypercorn, a Redis write per hop, JetStream publishes with acks a
 consumers, the workflow engine's queue on sys.job.result), nothing else; same clients, warm-up and
 passes; end times from a sorted set. Its CPU per job is what ours could come down to without
 leaving the stack or the guide; floor r=2 against floor r=1 is what two replicas of everything on
-this machine cost the stack itself.
+this machine cost the stack itself. --floor-with store,lock,packets puts those parts of ours back
+into it (the job store, the scheduler's job lock, protobuf packets) to measure what each costs.
 Peers (scripts/bench_peers.py): Celery and Dramatiq on a fresh redis-server, same N and C.
 Ceiling: redis-benchmark (-q -n 100000 -P 1, 50 clients) for the commands one job uses plus an EVAL
 like a state transition, on a fresh redis-server; NATS core publish/consume and JetStream publish
