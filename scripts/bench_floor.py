@@ -47,7 +47,7 @@ from cordum.agent.v1.job_pb2 import JobRequest, JobResult, JobStatus  # noqa: E4
 from cordum.infra.aio import run_with_bridge  # noqa: E402
 from cordum.infra.bus import Bus, Message, open_bus  # noqa: E402
 from cordum.infra.config import load_settings  # noqa: E402
-from cordum.infra.http import HttpServer  # noqa: E402
+from cordum.infra.http import HttpServer, answer_lifespan  # noqa: E402
 from cordum.infra.redis import Redis, open_redis  # noqa: E402
 from cordum.protocol import subjects  # noqa: E402
 from cordum.protocol.packets import decode, encode, job_id_of, new_packet  # noqa: E402
@@ -104,7 +104,8 @@ class Floor:
         return job_id
 
     async def on_submit(self, msg: Message) -> None:
-        job_id = self.job_id(msg.data)
+        packet = decode(msg.data) if "packets" in self.parts else None
+        job_id = (job_id_of(packet) or "") if packet is not None else msg.data.decode()
         lease: Lease | None = None
         if self.leases is not None:  # the lock, with the job's record read in its round trip
             granted = self.leases.try_acquire_later(keys.job_lock(job_id), 30)
@@ -115,8 +116,8 @@ class Floor:
                 await msg.nak(0.05)
                 return
         fence = lease.fence if lease is not None else 0
-        if "packets" in self.parts:
-            data = encode(new_packet(decode(msg.data).job_request, sender_id="floor-scheduler", trace_id=job_id))
+        if packet is not None:
+            data = encode(new_packet(packet.job_request, sender_id="floor-scheduler", trace_id=job_id))
         else:
             data = msg.data
         if self.store is not None:
@@ -135,9 +136,9 @@ class Floor:
 
     async def on_result(self, msg: Message) -> None:
         job_id = self.job_id(msg.data)
-        if self.store is not None:
-            await self.store.transition(job_id, JobState.SUCCEEDED, tenant=TENANT)
-            await self.redis.execute("ZADD", DONE, time.time(), job_id)
+        if self.store is not None:  # the end time in the transition's script: one round trip, as bare
+            await self.store.transition(job_id, JobState.SUCCEEDED, tenant=TENANT,
+                                        after=[("ZADD", DONE, time.time(), job_id)])
         else:
             state = self.redis.execute_later("HSET", job_key(job_id), "state", "SUCCEEDED")
             ended = self.redis.execute_later("ZADD", DONE, time.time(), job_id)
@@ -181,11 +182,7 @@ async def consume(floor: Floor, subject: str, queue: str, handle: Callable[[Mess
 def asgi_submit(floor: Floor) -> Callable[..., Awaitable[None]]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await answer_lifespan(receive, send)
         if scope["type"] != "http":
             return
         body = b""

@@ -38,18 +38,22 @@ async def health_body(service: str, metrics: Metrics, health: HealthCheck | None
     return body, 200 if body["status"] in ("ok", "healthy") else 503
 
 
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """The ASGI lifespan of an app with nothing to start or stop: startup and shutdown acknowledged."""
+    while True:
+        message = await receive()
+        if message["type"] in ("lifespan.startup", "lifespan.shutdown"):
+            await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 def probe_app(service: str, metrics: Metrics, health: HealthCheck | None = None) -> Callable[..., Awaitable[None]]:
     """An ASGI app with `/health` and `/metrics` only."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         if scope["type"] != "http":
             return
         path, method = scope.get("path", ""), scope.get("method", "GET")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from cordum.infra import keepalive
-from cordum.infra.http import HttpServer
+from cordum.infra.http import HttpServer, answer_lifespan
 
 REQUEST = b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n", b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n"
 SLOW_STARTED: dict[str, trio.Event] = {}  # set once the app serves /slow
@@ -13,11 +13,8 @@ SLOW_STARTED: dict[str, trio.Event] = {}  # set once the app serves /slow
 
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["path"] == "/slow":
         SLOW_STARTED["event"].set()
         await trio.sleep(1.0)
