@@ -375,3 +375,50 @@ async def test_commands_queued_later_share_one_round_trip_in_order(redis):
     await script([key + ":n"], [1])  # loaded
     bump, peek = script.call_later([key + ":n"], [5]), redis.execute_later("GET", key + ":n")
     assert (await bump(), await peek()) == (6, "6")
+
+
+async def test_pipelines_read_replies_as_redis_py_s_own_pipeline_does(redis):
+    # Our pipelines on one server skip redis-py's Pipeline object (cordum.infra.redis
+    # _lean_pipeline); every reply must still come back converted as redis-py converts it.
+    from cordum.infra.aio import aio
+
+    def commands(key: str) -> list[tuple]:
+        return [("HSET", key + ":h", "a", "1", "b", "2"), ("HGETALL", key + ":h"), ("SET", key, "v", "NX"),
+                ("SET", key, "w", "NX"), ("ZADD", key + ":z", 1, "x", 2.5, "y"),
+                ("ZRANGE", key + ":z", 0, -1, "WITHSCORES"), ("INCR", key), ("GET", key), ("exists", key),
+                ("SMEMBERS", key + ":none"), ("CONFIG GET", "maxmemory-policy"), ("HGETALL", key + ":none"),
+                ("EVAL", "return {1, 'two', false}", 0), ("PING",)]
+
+    async def redis_pys(key: str) -> list:
+        pipe = redis._client.pipeline(transaction=False)
+        for command in commands(key):
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)
+
+    ours = await redis.pipeline(commands(unique("ours")))
+    theirs = await aio(redis_pys)(unique("theirs"))
+    assert [str(r) if isinstance(r, Exception) else r for r in ours] == \
+        [str(r) if isinstance(r, Exception) else r for r in theirs]
+    assert ours[1] == {"a": "1", "b": "2"} and ours[2] is True and ours[3] is None
+    assert "not an integer" in str(ours[6]) and isinstance(ours[6], ResponseError)
+    assert ours[5] == theirs[5] and ours[5][1][1] == 2.5
+
+
+async def test_a_connection_that_dies_mid_pipeline_fails_that_call_only(redis):
+    from cordum.infra.redis import RedisUnavailable
+
+    key = unique("killed")
+    done = failures = 0  # increments made; calls that lost their connection
+    for _ in range(5):
+        own = await redis.execute("CLIENT", "ID")
+        try:  # the server ends the connection after the KILL's reply: GET's never comes
+            await redis.pipeline([("INCR", key), ("CLIENT", "KILL", "ID", own, "SKIPME", "no"), ("GET", key)])
+        except RedisUnavailable:
+            failures += 1
+        done += 1  # the INCR ran before the kill
+        assert await redis.pipeline([("INCR", key), ("GET", key)]) == [done + 1, str(done + 1)]
+        done += 1
+    assert failures == 5
+    assert await redis.execute("GET", key) == str(done)  # nothing lost, nothing applied twice
+    in_use, _, _ = redis.pool_usage()
+    assert in_use == 0  # every connection went back to the pool, the broken ones too
