@@ -91,6 +91,9 @@ ResponseError = _ResponseError
 CrossSlotError = (_ClusterCrossSlotError, _RedisClusterException)
 
 Command = Sequence[Any]
+# How long a batch or pipeline waits for Redis before it fails (as a connection error: callers
+# retry or redeliver), like redis-py 8's default socket timeout.
+OP_TIMEOUT = 5.0
 _BLOCKING = {"BLPOP", "BRPOP", "BLMOVE", "BZPOPMIN", "BZPOPMAX", "BLMPOP", "BZMPOP", "XREAD", "XREADGROUP", "WAIT"}
 
 
@@ -156,16 +159,14 @@ class Redis:
     ) -> None:
         self._client = client
         self._pool = pool
+        # Read on every transition: isinstance on redis-py's generic cluster class is slow.
+        self.cluster = isinstance(client, RedisCluster)
         self._gate = _Gate(max_in_flight)
         self._batcher: Batcher[Command, Any] = Batcher("redis", self._execute_batch, max_batch=256)
         # redis-py's reply converters (HGETALL → dict, SET → bool, …) in a plain dict: its own is
         # case-insensitive, a Python-level lookup per reply.
         self._reply_callbacks = {str(name).upper(): fn for name, fn in client.response_callbacks.items()}
         self.round_trips = 0  # counted for the benchmark's per-job figures
-
-    @property
-    def cluster(self) -> bool:
-        return isinstance(self._client, RedisCluster)
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         # Commands are looked up once and cached as Trio-awaitable wrappers.
@@ -309,13 +310,19 @@ async def _lean_pipeline(pool: aredis.ConnectionPool, callbacks: dict[str, Calla
     on a broken connection), without its per-call bookkeeping: redis-py 8 prepares HIMPORT field
     sets and records OpenTelemetry durations around every pipeline, a third of a pipeline's CPU
     for commands we never send. Cancelled or broken mid-way, the connection disconnects itself
-    (redis-py's own handling), so the pool redials it instead of handing it out half-read."""
+    (redis-py's own handling), so the pool redials it instead of handing it out half-read.
+
+    One deadline (OP_TIMEOUT) for the write and every reply, where redis-py's socket timeout
+    would start a task for the write and a timer for each reply (see _make_client)."""
     connection = await pool.get_connection()
     try:
-        return await connection.retry.call_with_retry(
-            lambda: _send_and_read(connection, callbacks, commands),
-            lambda error: connection.disconnect(),
-        )
+        async with asyncio.timeout(OP_TIMEOUT):
+            return await connection.retry.call_with_retry(
+                lambda: _send_and_read(connection, callbacks, commands),
+                lambda error: connection.disconnect(),
+            )
+    except TimeoutError:  # the deadline cancelled the read or write: the connection dropped itself
+        raise _TimeoutError(f"Redis did not answer {len(commands)} command(s) within {OP_TIMEOUT:g} s") from None
     finally:
         await pool.release(connection)
 
@@ -446,6 +453,11 @@ def _make_client(settings: Settings) -> tuple[aredis.Redis, aredis.BlockingConne
         # that died unnoticed, fails its next command, which the caller treats as any Redis
         # error (a consumer redelivers, an HTTP request answers 503); it is redialled after.
         health_check_interval=0,
+        # No socket timeout: redis-py 8's default (5 s) starts a task around every write and a
+        # timer around every reply read. Batches and pipelines, nearly all our traffic, get one
+        # deadline each instead (_lean_pipeline, OP_TIMEOUT); a single redis-py call waits as
+        # redis-py 7 did, until the server answers or the caller is cancelled.
+        socket_timeout=None,
         client_name=f"cordum:{settings.instance_id}",  # CLIENT LIST shows which replica is which
         # REDIS_USERNAME/REDIS_PASSWORD; credentials in the URL, if any, take precedence
         **_password_options(settings),

@@ -422,3 +422,17 @@ async def test_a_connection_that_dies_mid_pipeline_fails_that_call_only(redis):
     assert await redis.execute("GET", key) == str(done)  # nothing lost, nothing applied twice
     in_use, _, _ = redis.pool_usage()
     assert in_use == 0  # every connection went back to the pool, the broken ones too
+
+
+async def test_a_pipeline_redis_does_not_answer_in_time_fails_and_frees_its_connection(redis, monkeypatch):
+    import cordum.infra.redis as infra_redis
+
+    monkeypatch.setattr(infra_redis, "OP_TIMEOUT", 0.2)
+    key = unique("slow")
+    started = trio.current_time()
+    with pytest.raises(infra_redis.RedisUnavailable, match="did not answer 2 command"):
+        await redis.pipeline([("SET", key, "1"), ("BLPOP", unique("empty"), 10)])  # a reply 10 s away
+    assert trio.current_time() - started < 5  # well before the reply
+    assert await redis.pipeline([("INCR", key), ("GET", key)]) == [2, "2"]  # the SET ran; a new connection
+    in_use, _, _ = redis.pool_usage()
+    assert in_use == 0
