@@ -166,6 +166,7 @@ class Redis:
         # redis-py's reply converters (HGETALL → dict, SET → bool, …) in a plain dict: its own is
         # case-insensitive, a Python-level lookup per reply.
         self._reply_callbacks = {str(name).upper(): fn for name, fn in client.response_callbacks.items()}
+        self._held = _HeldConnection(pool, self._reply_callbacks) if pool is not None and _POOL is _CountingPool else None
         self.round_trips = 0  # counted for the benchmark's per-job figures
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
@@ -205,6 +206,8 @@ class Redis:
 
     async def _execute_batch(self, commands: list[Command]) -> list[Any]:
         self.round_trips += 1
+        if self._held is not None:
+            return await self._held.run(commands)
         return await self._gate.run(self._run_pipeline, commands, False)
 
     async def pipeline(self, commands: Sequence[Command], *, transaction: bool = False) -> list[Any]:
@@ -298,9 +301,74 @@ class Redis:
         await aio(self._close)()
 
     async def _close(self) -> None:
+        if self._held is not None:
+            await self._held.close()
         await self._client.aclose()
         if self._pool is not None:
             await self._pool.disconnect()
+
+
+class _HeldConnection:
+    """The auto-pipeline's connection, kept from one batch to the next while batches keep coming.
+
+    Taking a connection from redis-py's pool and giving it back costs about as much CPU as a small
+    batch's own round trip (a condition lock, a timer, its observability hooks). The batcher sends
+    one batch at a time, so it keeps its connection while it is busy, and gives it back once no
+    batch came for HOLD_S, or at once when the pool has none left for other callers (the next batch
+    takes one again: nobody waits on the batcher for longer than a batch). A second sender (the
+    batcher's rare send from a caller's own task, during a shutdown) goes through the pool.
+    A connection Redis closed while held is redialled before the next batch, as the pool would."""
+
+    HOLD_S = 0.005
+
+    def __init__(self, pool: Any, callbacks: dict[str, Callable[..., Any]]) -> None:
+        self._pool = pool
+        self._callbacks = callbacks
+        self._connection: Any = None
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        if self._busy:
+            return await _lean_pipeline(self._pool, self._callbacks, commands)
+        self._busy = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            connection = self._connection
+            if connection is None:
+                connection = self._connection = await self._pool.get_connection()
+            else:
+                reader = getattr(connection, "_reader", None)
+                if reader is not None and reader.at_eof():  # closed by the server since the last batch
+                    await connection.disconnect()  # the write below dials a new one
+                if not connection.is_connected:
+                    self._pool.misses += 1  # a dial, as the pool counts its own (pool_stats)
+            return await _deadlined(connection, self._callbacks, commands)
+        finally:
+            self._busy = False
+            if self._connection is not None:
+                if self._pool.can_get_connection():
+                    self._timer = asyncio.get_running_loop().call_later(self.HOLD_S, self._let_go)
+                else:
+                    self._let_go()
+
+    def _let_go(self) -> None:
+        self._timer = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            task = asyncio.ensure_future(self._pool.release(connection))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._let_go()
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
 
 
 async def _lean_pipeline(pool: aredis.ConnectionPool, callbacks: dict[str, Callable[..., Any]],
@@ -316,6 +384,13 @@ async def _lean_pipeline(pool: aredis.ConnectionPool, callbacks: dict[str, Calla
     would start a task for the write and a timer for each reply (see _make_client)."""
     connection = await pool.get_connection()
     try:
+        return await _deadlined(connection, callbacks, commands)
+    finally:
+        await pool.release(connection)
+
+
+async def _deadlined(connection: Any, callbacks: dict[str, Callable[..., Any]], commands: Sequence[Command]) -> list[Any]:
+    try:
         async with asyncio.timeout(OP_TIMEOUT):
             return await connection.retry.call_with_retry(
                 lambda: _send_and_read(connection, callbacks, commands),
@@ -323,8 +398,6 @@ async def _lean_pipeline(pool: aredis.ConnectionPool, callbacks: dict[str, Calla
             )
     except TimeoutError:  # the deadline cancelled the read or write: the connection dropped itself
         raise _TimeoutError(f"Redis did not answer {len(commands)} command(s) within {OP_TIMEOUT:g} s") from None
-    finally:
-        await pool.release(connection)
 
 
 async def _send_and_read(connection: Any, callbacks: dict[str, Callable[..., Any]],

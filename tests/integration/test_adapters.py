@@ -410,7 +410,7 @@ async def test_a_connection_that_dies_mid_pipeline_fails_that_call_only(redis):
     key = unique("killed")
     done = failures = 0  # increments made; calls that lost their connection
     for _ in range(5):
-        own = await redis.execute("CLIENT", "ID")
+        own = (await redis.pipeline([("CLIENT", "ID")]))[0]  # the pool hands the same one out next (LIFO)
         try:  # the server ends the connection after the KILL's reply: GET's never comes
             await redis.pipeline([("INCR", key), ("CLIENT", "KILL", "ID", own, "SKIPME", "no"), ("GET", key)])
         except RedisUnavailable:
@@ -420,8 +420,7 @@ async def test_a_connection_that_dies_mid_pipeline_fails_that_call_only(redis):
         done += 1
     assert failures == 5
     assert await redis.execute("GET", key) == str(done)  # nothing lost, nothing applied twice
-    in_use, _, _ = redis.pool_usage()
-    assert in_use == 0  # every connection went back to the pool, the broken ones too
+    assert loaned(redis) == 0  # every connection went back to the pool, the broken ones too
 
 
 async def test_a_pipeline_redis_does_not_answer_in_time_fails_and_frees_its_connection(redis, monkeypatch):
@@ -434,5 +433,44 @@ async def test_a_pipeline_redis_does_not_answer_in_time_fails_and_frees_its_conn
         await redis.pipeline([("SET", key, "1"), ("BLPOP", unique("empty"), 10)])  # a reply 10 s away
     assert trio.current_time() - started < 5  # well before the reply
     assert await redis.pipeline([("INCR", key), ("GET", key)]) == [2, "2"]  # the SET ran; a new connection
+    assert loaned(redis) == 0
+
+
+def loaned(redis) -> int:
+    """Connections out of the pool, but for the one the auto-pipeline keeps between batches."""
     in_use, _, _ = redis.pool_usage()
-    assert in_use == 0
+    return in_use - (redis._held._connection is not None)
+
+
+async def test_the_auto_pipeline_keeps_its_connection_and_redials_one_redis_closed(redis, monkeypatch):
+    from cordum.infra.redis import _HeldConnection
+
+    monkeypatch.setattr(_HeldConnection, "HOLD_S", 60.0)
+    own = await redis.execute("CLIENT", "ID")
+    assert await redis.execute("CLIENT", "ID") == own  # batch after batch on one connection
+    in_use, _, _ = redis.pool_usage()
+    assert in_use == 1 and loaned(redis) == 0  # out of the pool while held, and only that one
+    await redis.pipeline([("CLIENT", "KILL", "ID", own)])  # from another connection of the pool
+    misses = redis.pool_stats()["misses"]
+    await trio.sleep(0.2)  # for the closed socket to reach the client's loop
+    assert await redis.execute("PING") is True  # redialled before the batch, not failed on it
+    assert await redis.execute("CLIENT", "ID") != own
+    assert redis.pool_stats()["misses"] == misses + 1  # the dial is counted as the pool's are
+
+
+async def test_the_auto_pipeline_gives_its_connection_back_when_idle_or_needed(server_env, monkeypatch):
+    from cordum.infra.redis import _HeldConnection
+
+    settings = load_settings({**server_env, "REDIS_POOL_SIZE": "2", "REDIS_MIN_IDLE_CONNS": "0",
+                              "CORDUM_INSTANCE_ID": unique("held")})
+    async with open_redis(settings) as client:
+        await client.execute("PING")
+        await trio.sleep(0.1)  # idle past the hold (5 ms)
+        assert client.pool_usage()[0] == 0
+        monkeypatch.setattr(_HeldConnection, "HOLD_S", 60.0)  # from here on only need gives it back
+        async with trio.open_nursery() as nursery:  # the pool's other connection, taken meanwhile
+            nursery.start_soon(client.execute, "BLPOP", unique("empty"), "0.3")
+            await trio.sleep(0.05)
+            await client.execute("PING")  # the pool is now empty: the batch gives its connection back
+            await trio.sleep(0.01)
+            assert client.pool_usage()[0] == 1  # only the BLPOP's
