@@ -390,13 +390,17 @@ async def _lean_pipeline(pool: aredis.ConnectionPool, callbacks: dict[str, Calla
 
 
 async def _deadlined(connection: Any, callbacks: dict[str, Callable[..., Any]], commands: Sequence[Command]) -> list[Any]:
+    deadline = asyncio.timeout(OP_TIMEOUT)
     try:
-        async with asyncio.timeout(OP_TIMEOUT):
+        async with deadline:
             return await connection.retry.call_with_retry(
                 lambda: _send_and_read(connection, callbacks, commands),
                 lambda error: connection.disconnect(),
             )
-    except TimeoutError:  # the deadline cancelled the read or write: the connection dropped itself
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        # The deadline cancelled the read or write: the connection dropped itself.
         raise _TimeoutError(f"Redis did not answer {len(commands)} command(s) within {OP_TIMEOUT:g} s") from None
 
 
