@@ -452,7 +452,9 @@ async def test_the_auto_pipeline_keeps_its_connection_and_redials_one_redis_clos
     assert in_use == 1 and loaned(redis) == 0  # out of the pool while held, and only that one
     await redis.pipeline([("CLIENT", "KILL", "ID", own)])  # from another connection of the pool
     misses = redis.pool_stats()["misses"]
-    await trio.sleep(0.2)  # for the closed socket to reach the client's loop
+    with trio.fail_after(30):  # until the closed socket reached the client's loop
+        while not redis._held._connection._reader.at_eof():
+            await trio.sleep(0.01)
     assert await redis.execute("PING") is True  # redialled before the batch, not failed on it
     assert await redis.execute("CLIENT", "ID") != own
     assert redis.pool_stats()["misses"] == misses + 1  # the dial is counted as the pool's are
@@ -465,12 +467,38 @@ async def test_the_auto_pipeline_gives_its_connection_back_when_idle_or_needed(s
                               "CORDUM_INSTANCE_ID": unique("held")})
     async with open_redis(settings) as client:
         await client.execute("PING")
-        await trio.sleep(0.1)  # idle past the hold (5 ms)
-        assert client.pool_usage()[0] == 0
+        await until(lambda: client.pool_usage()[0] == 0)  # idle past the hold (5 ms): given back
         monkeypatch.setattr(_HeldConnection, "HOLD_S", 60.0)  # from here on only need gives it back
         async with trio.open_nursery() as nursery:  # the pool's other connection, taken meanwhile
-            nursery.start_soon(client.execute, "BLPOP", unique("empty"), "0.3")
-            await trio.sleep(0.05)
+            nursery.start_soon(client.execute, "BLPOP", unique("empty"), "60")
+            await until(lambda: client.pool_usage()[0] == 1)
             await client.execute("PING")  # the pool is now empty: the batch gives its connection back
+            await until(lambda: client.pool_usage()[0] == 1)  # only the BLPOP's (held: 2, for 60 s)
+            nursery.cancel_scope.cancel()
+
+
+async def until(condition, timeout: float = 30) -> None:
+    """Wait until `condition()` holds (a loaded machine may take its time; never forever)."""
+    with trio.fail_after(timeout):
+        while not condition():
             await trio.sleep(0.01)
-            assert client.pool_usage()[0] == 1  # only the BLPOP's
+
+
+async def test_a_second_sender_while_the_auto_pipeline_is_busy_uses_its_own_connection(redis):
+    # The batcher sends one batch at a time; only its send from a caller's own task (a shutdown)
+    # can overlap a batch in flight, and must not write on the held connection meanwhile.
+    from cordum.infra.aio import aio
+
+    key = unique("second")
+    ended: list[str] = []
+
+    async def send(name: str, commands: list[tuple]) -> None:
+        await aio(redis._held.run)(commands)
+        ended.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, "slow", [("BLPOP", key, "1")])  # the held connection, busy for 1 s
+        await until(lambda: redis._held._busy)
+        nursery.start_soon(send, "fast", [("SET", key + ":x", "1"), ("GET", key + ":x")])
+    assert ended == ["fast", "slow"]  # not queued behind the BLPOP on one connection
+    assert loaned(redis) == 0

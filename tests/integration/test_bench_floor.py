@@ -16,6 +16,7 @@ import pytest
 import redis as redis_sync
 
 from cordum.dev.servers import free_port, start_nats, start_redis
+from cordum.store import keys
 
 SCRIPT = str(Path(__file__).resolve().parents[2] / "scripts" / "bench_floor.py")
 
@@ -71,7 +72,7 @@ def test_the_floor_carries_each_job_through_every_hop(tmp_path: Path, spawn, par
             assert int(meta["_fence"]) >= 1  # the DISPATCHED write was fenced by the scheduler's lock
             states = [json.loads(e)["state"] for e in client.lrange(f"job:events:{job_id}", 0, -1)]
             assert states[:2] == ["PENDING", "DISPATCHED"] and states[-1] == "SUCCEEDED"
-            assert client.exists(f"cordum:scheduler:job:{job_id}") == 0  # the lock, released with RUNNING
+            assert client.exists(keys.job_lock(job_id)) == 0  # the lock, released with RUNNING
     finally:
         nats_server.stop()
         redis_server.stop()
