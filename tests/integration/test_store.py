@@ -287,6 +287,55 @@ async def test_the_store_counts_attempts_by_the_pure_rule(redis):
     assert (await store.transition(job_id, S.RUNNING)).attempts == 2
 
 
+async def _footprint(redis, job_id: str, tenant: str) -> dict:
+    """Everything the store wrote for a job, with its id replaced by "<job>" (to compare two jobs)."""
+    def plain(value):
+        return json.loads(json.dumps(value).replace(job_id, "<job>"))
+    sorted_sets = [keys.job_index(state.value) for state in S] + [
+        keys.JOB_RECENT, keys.JOB_DEADLINE, keys.tenant_recent(tenant),
+        keys.tenant_state_index(tenant, S.APPROVAL_REQUIRED.value)]
+    return plain({
+        "meta": await redis.hgetall(keys.job_meta(job_id)),
+        "state": await redis.get(keys.job_state(job_id)),
+        "events": await redis.lrange(keys.job_events(job_id), 0, -1),
+        "ttls": [await redis.ttl(key) > 0 for key in (keys.job_meta(job_id), keys.job_state(job_id), keys.job_events(job_id))],
+        "scores": {key: await redis.zscore(key, job_id) for key in sorted_sets},
+        "active": await redis.sismember(keys.tenant_active(tenant), job_id),
+    })
+
+
+async def test_the_one_trip_form_writes_exactly_what_the_two_step_form_writes(redis, monkeypatch):
+    """The script makes the index upkeep itself from its keys on one server; on a cluster (and
+    without a known tenant) the same writes follow it as commands. Both must leave the same
+    record, move after move: through approval, a fence, an event's context, a deadline."""
+    store = JobStore(redis)
+    tenant = unique("forms")
+    prints = []
+    for one_trip in (False, True):
+        clock = iter(range(1_700_000_000_000_000, 1_800_000_000_000_000, 1000))  # the same times for both
+        monkeypatch.setattr("cordum.store.jobs.now_us", lambda clock=clock: next(clock))
+        job_id = await _new_job(store, tenant=tenant, deadline_unix=1_900_000_000_000_000)
+        await redis.zadd(keys.JOB_DEADLINE, {job_id: 1_900_000_000_000_000})
+        known = {"tenant": tenant} if one_trip else {}
+        await store.transition(job_id, S.APPROVAL_REQUIRED, **known)
+        await store.transition(job_id, S.PENDING, event={"approved_by": "ops"}, **known)
+        await store.transition(job_id, S.DISPATCHED, fence=3, fields={"worker_id": "w-1"}, **known)
+        await store.transition(job_id, S.RUNNING, fence=3, allowed_from=[S.DISPATCHED], **known)
+        await store.transition(job_id, S.SUCCEEDED, fence=4, fields={"result_ptr": "redis://res:" + job_id}, **known)
+        prints.append(await _footprint(redis, job_id, tenant))
+    two_step, one_trip = prints
+    events = [json.loads(e) for e in one_trip["events"]]
+    assert one_trip == two_step
+    # and what both wrote is the spec's record (a check that the comparison compares something)
+    assert [e["state"] for e in events] == ["PENDING", "APPROVAL_REQUIRED", "PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED"]
+    assert events[2]["ctx"] == {"approved_by": "ops"}
+    assert one_trip["meta"]["state"] == one_trip["state"] == "SUCCEEDED" and one_trip["meta"]["_fence"] == "4"
+    assert one_trip["meta"]["attempts"] == "1" and one_trip["ttls"] == [True, True, True]
+    assert {key for key, score in one_trip["scores"].items() if score is not None} == {
+        keys.job_index("succeeded"), keys.JOB_RECENT, keys.tenant_recent(tenant)}
+    assert not one_trip["active"]
+
+
 async def test_the_index_sweep_repairs_a_lost_index_entry_and_nothing_else(redis):
     """A live job missing from its state index (a lost write) is put back; a job that finished
     after the sweep read it, or that changed moments ago, is left alone: putting those back would
