@@ -26,20 +26,20 @@ from cordum.store.jobs import result_from_json, result_to_json
 
 # KEYS[1] job:meta:<id>; ARGV[1] attempt ("" = the job's current one); ARGV[2] worker id
 _CLAIM = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local state, attempts, stored, stored_attempt, claim =
+  unpack(redis.call('HMGET', KEYS[1], 'state', 'attempts', 'run_result', 'run_result_attempt', 'run_claim'))
 if not state then return {'MISSING', '', ''} end
-local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
+attempts = attempts or '0'
 local attempt = ARGV[1]
 if attempt == '' then attempt = attempts end
 if tonumber(attempt) > tonumber(attempts) then return {'AHEAD', state, attempts} end
 if attempt ~= attempts then return {'SUPERSEDED', state, attempts} end
-local stored = redis.call('HGET', KEYS[1], 'run_result')
-if stored and redis.call('HGET', KEYS[1], 'run_result_attempt') == attempt then
+if stored and stored_attempt == attempt then
   return {'FINISHED', state, stored, attempt}
 end
 if state ~= 'DISPATCHED' and state ~= 'RUNNING' then return {'NOT_RUNNABLE', state, attempts} end
 local mine = ARGV[2] .. ':' .. attempt
-local claim = redis.call('HGET', KEYS[1], 'run_claim') or ''
+claim = claim or ''
 if claim ~= '' and claim ~= mine and string.match(claim, ':(%d+)$') == attempt then
   return {'TAKEN', state, claim}
 end
