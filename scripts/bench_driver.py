@@ -181,6 +181,31 @@ def median_pass(passes: Sequence[Mapping[str, Any]], key: str = "jobs_per_s") ->
             "values": [p.get(key) for p in passes]}
 
 
+PEERS = ("celery", "dramatiq")
+
+
+def paired_ratios(ours: Sequence[float | None], peer: Sequence[float | None]) -> list[float | None]:
+    """Ours against a peer, pass by pass, when the passes alternate peer, ours, peer, ..., peer
+    (`peer` one longer than `ours`): each pass of ours against the mean of the peer's passes just
+    before and just after it. The machine's speed drifts by a third within minutes here; a drift
+    that is steady over the minute around a pass cancels out of its ratio."""
+    if len(peer) != len(ours) + 1:
+        raise ValueError(f"{len(ours)} passes of ours need {len(ours) + 1} of the peer around them, not {len(peer)}")
+    out: list[float | None] = []
+    for k, rate in enumerate(ours):
+        before, after = peer[k], peer[k + 1]
+        out.append(ratio(rate, (before + after) / 2) if before and after else None)
+    return out
+
+
+def median_of(values: Sequence[float | None]) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return None
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
 def throughput(n: int, start_s: float, end_s: float) -> float | None:
     """Jobs per second over [start, end] (seconds); None when the span is not positive."""
     span = end_s - start_s
@@ -1212,6 +1237,52 @@ def run_peer(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, An
     }
 
 
+def run_paired(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, Any]:
+    """Ours (1 replica) and a peer in alternating passes, peer first and last, ours' topology kept
+    up (idle) through the peer's passes: the ratio of each pass of ours to the peer's passes around
+    it (`paired_ratios`), and their median. Throughput only: the CPU and latency figures come
+    from the runs above."""
+    import redis
+
+    topo = Topology(args, 1)
+    say(f"paired with {peer}: starting ours (1 replica) in {topo.dir}")
+    topo.up()
+    try:
+        client = redis.Redis.from_url(topo.state["redis_url"])
+        clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
+        watch = TerminalWatch(client)
+        clients.run(count=WARMUP_JOBS)
+        if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
+            raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
+        peer_runs, ours_rates = [run_peer(args, peer, workdir)], []
+        for k in range(args.repeat):
+            watch = TerminalWatch(client)
+            sent = clients.run(count=args.jobs)
+            watch.wait(len(sent["ids"]), args.stall_timeout)
+            ours_rates.append(steady_throughput(job_latencies(read_timelines(client, sent["ids"]))["terminal_s"]))
+            peer_runs.append(run_peer(args, peer, workdir))
+            say(f"paired with {peer}: pass {k + 1}/{args.repeat}: ours {fmt(ours_rates[-1])} jobs/s between "
+                f"{peer}'s {fmt(peer_runs[-2].get('jobs_per_s'))} and {fmt(peer_runs[-1].get('jobs_per_s'))}")
+    finally:
+        topo.down()
+    failed = next((r for r in peer_runs if "error" in r), None)
+    if failed:
+        return {"peer": peer, "error": failed["error"]}
+    peer_rates = [r["jobs_per_s"] for r in peer_runs]
+    ratios = paired_ratios(ours_rates, peer_rates)
+    return {"peer": peer, "ours_jobs_per_s": ours_rates, "peer_jobs_per_s": peer_rates, "ratios": ratios,
+            "ratio": median_of(ratios)}
+
+
+def paired_text(paired: Mapping[str, Any]) -> str:
+    if "error" in paired:
+        return f"paired with {paired['peer']} failed: {paired['error'][-400:]}"
+    return (f"paired passes, ours r=1 vs {paired['peer']} (alternating, {paired['peer']} first and last): median "
+            f"ratio {fmt(paired['ratio'], 2)}; per pass " + ", ".join(fmt(v, 2) for v in paired["ratios"])
+            + f" (ours {', '.join(fmt(v) for v in paired['ours_jobs_per_s'])} jobs/s; {paired['peer']} "
+            + ", ".join(fmt(v) for v in paired["peer_jobs_per_s"]) + ")")
+
+
 REDIS_TESTS = "set,get,hset,zadd,lpush,rpush,sadd,incr"
 TRANSITION_LUA = ("local c = redis.call('HGET', KEYS[1], 'state') or '' "
                   "redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2]) return c")
@@ -1432,6 +1503,8 @@ def report_text(data: Mapping[str, Any]) -> str:
         out.append("")
         out.append("ratios ours/peer (jobs/s; >1 = ours faster):  " + "; ".join(
             f"{k} {fmt(v, 2)}" for k, v in data["ratios"].items()))
+    if data.get("paired"):
+        out.append(paired_text(data["paired"]))
     ceiling = data.get("ceiling") or {}
     if ceiling.get("redis"):
         c = ceiling["redis"]
@@ -1523,6 +1596,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     parser.add_argument("--no-peers", action="store_true", help="skip Celery and Dramatiq")
     parser.add_argument("--peers", default="celery,dramatiq", help="which peers (default %(default)s)")
+    parser.add_argument("--paired", default="celery",
+                        help="a peer to run in alternating passes with ours (1 replica), for a ratio the machine's "
+                             "drifting speed does not move: 'off' to skip (default %(default)s; not with --no-peers)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip redis-benchmark and the NATS rates")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the floor (scripts/bench_floor.py: the guide's messages alone on our stack)")
@@ -1567,6 +1643,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--floor-with: unknown part(s) {', '.join(unknown)} ({', '.join(FLOOR_PARTS)})")
     if "lock" in parts and "store" not in parts:
         parser.error("--floor-with: lock needs store (the lock fences the store's writes)")
+    if args.paired.strip().lower() not in ("off", "", *PEERS):
+        parser.error(f"--paired: {args.paired!r} is not one of {', '.join(PEERS)} or off")
     args.floor_with = ",".join(parts)
     return args
 
@@ -1611,6 +1689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     data["peers"].append(run_peer_passes(args, peer, work))
                 except Exception as exc:  # noqa: BLE001
                     data["peers"].append({"peer": peer, "error": repr(exc)})
+        if not args.no_peers and not args.workflows_only and args.paired.strip().lower() not in ("", "off"):
+            try:
+                data["paired"] = run_paired(args, args.paired.strip(), work)
+            except Exception as exc:  # noqa: BLE001
+                data["paired"] = {"peer": args.paired.strip(), "error": repr(exc)}
         for r in data["ours"]:
             for p in data["peers"]:
                 if "error" not in r and "error" not in p:

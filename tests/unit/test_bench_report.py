@@ -210,6 +210,9 @@ def test_report_text_renders_a_minimal_run() -> None:
     assert "8" in row and "1.2" in row  # jobs/s and CPU ms/job in the systems table
     assert "CPU ms/job gateway 0.75, nats 0.50" in text and "passes: 7.0, 9.0" in text
     assert "error: RuntimeError('no gateway')" in text  # the failed r=2 run, in its row
+    data["paired"] = {"peer": "celery", "ours_jobs_per_s": [3.0], "peer_jobs_per_s": [5.0, 7.0], "ratios": [0.5],
+                      "ratio": 0.5}
+    assert "paired passes, ours r=1 vs celery" in bench.report_text(data)
 
 
 # ---- the workflow figure (scripts/bench_workflows.py) -------------------------------------------
@@ -461,3 +464,27 @@ def test_driver_checks_floor_with_and_labels_the_floor_runs() -> None:
             bench.parse_args(["--floor-with", bad])
     assert bench.floor_label({"replicas": 2, "with": ""}) == "floor r=2"
     assert bench.floor_label({"replicas": 1, "with": "store,lock"}) == "floor r=1 +store,lock"
+
+
+def test_paired_ratios_set_each_pass_of_ours_against_the_peer_passes_around_it() -> None:
+    # The machine slowing down steadily: the peer's rate falls 600 -> 400 over the run, ours with it.
+    peer = [600.0, 550.0, 500.0, 450.0]
+    ours = [0.5 * 575, 0.5 * 525, 0.5 * 475]
+    assert bench.paired_ratios(ours, peer) == pytest.approx([0.5, 0.5, 0.5])
+    # Compared to the peer's median pass instead, the drift shows up as a spread of 0.46-0.55.
+    assert bench.ratio(ours[0], 525.0) == pytest.approx(0.548, abs=0.001)
+    assert bench.paired_ratios([300.0, None], [600.0, 0.0, 500.0]) == [None, None]  # a pass that says nothing
+    with pytest.raises(ValueError):
+        bench.paired_ratios([1.0, 2.0], [1.0, 2.0])
+    assert bench.median_of([0.4, None, 0.6, 0.5]) == 0.5 and bench.median_of([0.4, 0.6]) == 0.5
+    assert bench.median_of([None]) is None
+
+
+def test_the_report_shows_the_paired_ratio_and_the_driver_refuses_an_unknown_peer() -> None:
+    paired = {"peer": "celery", "ours_jobs_per_s": [300.0, 320.0], "peer_jobs_per_s": [600.0, 620.0, 640.0],
+              "ratios": [0.49, 0.51], "ratio": 0.5}
+    assert "median ratio 0.50; per pass 0.49, 0.51" in bench.paired_text(paired)
+    assert "failed: boom" in bench.paired_text({"peer": "celery", "error": "boom"})
+    assert bench.parse_args(["--paired", "dramatiq"]).paired == "dramatiq"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--paired", "rq"])
