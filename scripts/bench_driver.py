@@ -930,9 +930,21 @@ def ours_label(r: Mapping[str, Any]) -> str:
             + (" +output-rules" if r.get("output_rules") else ""))
 
 
-def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "", output_rules: bool = False) -> dict[str, Any]:
+def warmed_up(args: argparse.Namespace, topo: Topology) -> tuple[Any, Clients]:
+    """A Redis client on the topology's Redis and the submitting clients, after the warm-up jobs
+    (not counted) have finished."""
     import redis
 
+    client = redis.Redis.from_url(topo.state["redis_url"])
+    clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
+    watch = TerminalWatch(client)
+    clients.run(count=WARMUP_JOBS)
+    if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
+        raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
+    return client, clients
+
+
+def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "", output_rules: bool = False) -> dict[str, Any]:
     topo = Topology(args, replicas, bridge, output_rules)
     say(f"ours, {replicas} replica(s){' on ' + bridge if bridge else ''}{' with output rules' if output_rules else ''}: "
         f"starting the topology in {topo.dir}")
@@ -944,12 +956,7 @@ def run_ours(args: argparse.Namespace, replicas: int, bridge: str = "", output_r
                               "workers_seen": [{k: w.get(k) for k in ("worker_id", "max_parallel_jobs", "pool")}
                                                for w in topo.workers_seen]}
     try:
-        client = redis.Redis.from_url(topo.state["redis_url"])
-        clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
-        watch = TerminalWatch(client)
-        clients.run(count=WARMUP_JOBS)
-        if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
-            raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
+        client, clients = warmed_up(args, topo)
         time.sleep(0.3)
         if args.idle_jobs:
             result["idle"] = idle_probe(clients, client, args.idle_jobs)
@@ -1242,18 +1249,11 @@ def run_paired(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, 
     up (idle) through the peer's passes: the ratio of each pass of ours to the peer's passes around
     it (`paired_ratios`), and their median. Throughput only: the CPU and latency figures come
     from the runs above."""
-    import redis
-
     topo = Topology(args, 1)
     say(f"paired with {peer}: starting ours (1 replica) in {topo.dir}")
     topo.up()
     try:
-        client = redis.Redis.from_url(topo.state["redis_url"])
-        clients = Clients(topo.state["gateways"], topo.api_key, args.clients)
-        watch = TerminalWatch(client)
-        clients.run(count=WARMUP_JOBS)
-        if watch.wait(WARMUP_JOBS, 60) < WARMUP_JOBS:
-            raise RuntimeError(f"warm-up jobs did not finish; logs in {topo.dir}/logs (use --keep)")
+        client, clients = warmed_up(args, topo)
         peer_runs, ours_rates = [run_peer(args, peer, workdir)], []
         for k in range(args.repeat):
             watch = TerminalWatch(client)
