@@ -1258,7 +1258,8 @@ def run_paired(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, 
         for k in range(args.repeat):
             watch = TerminalWatch(client)
             sent = clients.run(count=args.jobs)
-            watch.wait(len(sent["ids"]), args.stall_timeout)
+            if watch.wait(len(sent["ids"]), args.stall_timeout) < len(sent["ids"]):
+                raise RuntimeError(f"paired pass {k + 1}: not every job finished; logs in {topo.dir}/logs (use --keep)")
             ours_rates.append(steady_throughput(job_latencies(read_timelines(client, sent["ids"]))["terminal_s"]))
             peer_runs.append(run_peer(args, peer, workdir))
             say(f"paired with {peer}: pass {k + 1}/{args.repeat}: ours {fmt(ours_rates[-1])} jobs/s between "
@@ -1643,7 +1644,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--floor-with: unknown part(s) {', '.join(unknown)} ({', '.join(FLOOR_PARTS)})")
     if "lock" in parts and "store" not in parts:
         parser.error("--floor-with: lock needs store (the lock fences the store's writes)")
-    if args.paired.strip().lower() not in ("off", "", *PEERS):
+    args.paired = args.paired.strip().lower()
+    if args.paired not in ("off", "", *PEERS):
         parser.error(f"--paired: {args.paired!r} is not one of {', '.join(PEERS)} or off")
     args.floor_with = ",".join(parts)
     return args
@@ -1689,11 +1691,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     data["peers"].append(run_peer_passes(args, peer, work))
                 except Exception as exc:  # noqa: BLE001
                     data["peers"].append({"peer": peer, "error": repr(exc)})
-        if not args.no_peers and not args.workflows_only and args.paired.strip().lower() not in ("", "off"):
+        if not args.no_peers and not args.workflows_only and args.paired not in ("", "off"):
             try:
-                data["paired"] = run_paired(args, args.paired.strip(), work)
+                data["paired"] = run_paired(args, args.paired, work)
             except Exception as exc:  # noqa: BLE001
-                data["paired"] = {"peer": args.paired.strip(), "error": repr(exc)}
+                data["paired"] = {"peer": args.paired, "error": repr(exc)}
         for r in data["ours"]:
             for p in data["peers"]:
                 if "error" not in r and "error" not in p:

@@ -485,6 +485,6 @@ def test_the_report_shows_the_paired_ratio_and_the_driver_refuses_an_unknown_pee
               "ratios": [0.49, 0.51], "ratio": 0.5}
     assert "median ratio 0.50; per pass 0.49, 0.51" in bench.paired_text(paired)
     assert "failed: boom" in bench.paired_text({"peer": "celery", "error": "boom"})
-    assert bench.parse_args(["--paired", "dramatiq"]).paired == "dramatiq"
+    assert bench.parse_args(["--paired", " Dramatiq"]).paired == "dramatiq"
     with pytest.raises(SystemExit):
         bench.parse_args(["--paired", "rq"])
