@@ -198,14 +198,6 @@ def paired_ratios(ours: Sequence[float | None], peer: Sequence[float | None]) ->
     return out
 
 
-def median_of(values: Sequence[float | None]) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    if not known:
-        return None
-    mid = len(known) // 2
-    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
-
-
 def throughput(n: int, start_s: float, end_s: float) -> float | None:
     """Jobs per second over [start, end] (seconds); None when the span is not positive."""
     span = end_s - start_s
@@ -1272,7 +1264,7 @@ def run_paired(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, 
     peer_rates = [r["jobs_per_s"] for r in peer_runs]
     ratios = paired_ratios(ours_rates, peer_rates)
     return {"peer": peer, "ours_jobs_per_s": ours_rates, "peer_jobs_per_s": peer_rates, "ratios": ratios,
-            "ratio": median_of(ratios)}
+            "ratio": percentile([r for r in ratios if r is not None], 50)}
 
 
 def paired_text(paired: Mapping[str, Any]) -> str:

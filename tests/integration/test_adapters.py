@@ -432,6 +432,7 @@ async def test_a_pipeline_redis_does_not_answer_in_time_fails_and_frees_its_conn
     with pytest.raises(infra_redis.RedisUnavailable, match="did not answer 2 command"):
         await redis.pipeline([("SET", key, "1"), ("BLPOP", unique("empty"), 10)])  # a reply 10 s away
     assert trio.current_time() - started < 5  # well before the reply
+    monkeypatch.setattr(infra_redis, "OP_TIMEOUT", 30.0)  # what follows is not to race 0.2 s on a loaded machine
     assert await redis.pipeline([("INCR", key), ("GET", key)]) == [2, "2"]  # the SET ran; a new connection
     assert loaned(redis) == 0
 
@@ -484,11 +485,13 @@ async def until(condition, timeout: float = 30) -> None:
             await trio.sleep(0.01)
 
 
-async def test_a_second_sender_while_the_auto_pipeline_is_busy_uses_its_own_connection(redis):
+async def test_a_second_sender_while_the_auto_pipeline_is_busy_uses_its_own_connection(redis, monkeypatch):
     # The batcher sends one batch at a time; only its send from a caller's own task (a shutdown)
     # can overlap a batch in flight, and must not write on the held connection meanwhile.
+    import cordum.infra.redis as infra_redis
     from cordum.infra.aio import aio
 
+    monkeypatch.setattr(infra_redis, "OP_TIMEOUT", 120.0)  # the BLPOP below outlives the default
     key = unique("second")
     ended: list[str] = []
 
@@ -497,8 +500,10 @@ async def test_a_second_sender_while_the_auto_pipeline_is_busy_uses_its_own_conn
         ended.append(name)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(send, "slow", [("BLPOP", key, "1")])  # the held connection, busy for 1 s
+        nursery.start_soon(send, "slow", [("BLPOP", key, "60")])  # the held connection, busy until pushed
         await until(lambda: redis._held._busy)
-        nursery.start_soon(send, "fast", [("SET", key + ":x", "1"), ("GET", key + ":x")])
-    assert ended == ["fast", "slow"]  # not queued behind the BLPOP on one connection
+        with trio.fail_after(30):  # queued behind the BLPOP on one connection, it would wait 60 s
+            await send("fast", [("SET", key + ":x", "1"), ("GET", key + ":x")])
+        await redis.execute("RPUSH", key, "go")  # now let the slow one end
+    assert ended == ["fast", "slow"]
     assert loaned(redis) == 0
