@@ -1248,6 +1248,8 @@ def run_paired(args: argparse.Namespace, peer: str, workdir: Path) -> dict[str, 
         client, clients = warmed_up(args, topo)
         peer_runs, ours_rates = [run_peer(args, peer, workdir)], []
         for k in range(args.repeat):
+            if "error" in peer_runs[-1]:
+                break  # no ratio can come of the passes left: reported below
             watch = TerminalWatch(client)
             sent = clients.run(count=args.jobs)
             if watch.wait(len(sent["ids"]), args.stall_timeout) < len(sent["ids"]):

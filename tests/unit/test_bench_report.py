@@ -489,3 +489,26 @@ def test_the_report_shows_the_paired_ratio_and_the_driver_refuses_an_unknown_pee
     assert bench.parse_args(["--paired", " Dramatiq"]).paired == "dramatiq"
     with pytest.raises(SystemExit):
         bench.parse_args(["--paired", "rq"])
+
+
+def test_paired_passes_stop_at_the_first_failed_peer_pass(monkeypatch, tmp_path) -> None:
+    # A failed peer pass leaves no ratio to compute: the passes after it would only cost minutes.
+    class Topo:
+        dir, downs = tmp_path, 0
+
+        def __init__(self, args, replicas):
+            pass
+
+        def up(self):
+            pass
+
+        def down(self):
+            Topo.downs += 1
+
+    runs: list[str] = []
+    monkeypatch.setattr(bench, "Topology", Topo)
+    monkeypatch.setattr(bench, "warmed_up", lambda args, topo: (None, None))  # ours is never asked to run
+    monkeypatch.setattr(bench, "run_peer", lambda args, peer, workdir: runs.append(peer) or {"error": "boom"})
+    args = bench.parse_args(["--repeat", "3"])
+    assert bench.run_paired(args, "celery", tmp_path) == {"peer": "celery", "error": "boom"}
+    assert runs == ["celery"] and Topo.downs == 1
